@@ -1,0 +1,49 @@
+"""lightning_sharing: explicit, verified, atomic distributed checkpoints driven by sharing patterns.
+
+Example:
+    >>> from lightning_sharing import CheckpointCoordinator, RNGState, SharingPattern, StateComponent
+    >>> coordinator = CheckpointCoordinator([StateComponent("rng", RNGState(), SharingPattern.PER_RANK)])
+"""
+
+from lightning_sharing.coordinator import CheckpointCoordinator
+from lightning_sharing.errors import (
+    CheckpointError,
+    ComponentDeclarationError,
+    CorruptCheckpointError,
+    DistributedCheckpointError,
+    ManifestError,
+    ReplicationMismatchError,
+    TopologyMismatchError,
+    UnsupportedStateError,
+)
+from lightning_sharing.loading import LoadResult
+from lightning_sharing.manifest import CheckpointManifest, ComponentManifest, FileEntry
+from lightning_sharing.rng import RNGState
+from lightning_sharing.storage import find_latest_checkpoint
+from lightning_sharing.topology import Topology
+from lightning_sharing.types import SharingPattern, StateComponent, ValidationLevel
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointCoordinator",
+    "CheckpointError",
+    "CheckpointManifest",
+    "ComponentDeclarationError",
+    "ComponentManifest",
+    "CorruptCheckpointError",
+    "DistributedCheckpointError",
+    "FileEntry",
+    "LoadResult",
+    "ManifestError",
+    "RNGState",
+    "ReplicationMismatchError",
+    "SharingPattern",
+    "StateComponent",
+    "Topology",
+    "TopologyMismatchError",
+    "UnsupportedStateError",
+    "ValidationLevel",
+    "__version__",
+    "find_latest_checkpoint",
+]

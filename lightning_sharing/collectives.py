@@ -1,0 +1,161 @@
+"""The few collectives the coordinator uses, and the agreement step that prevents hangs.
+
+Every function here is collective: every rank calls it, in the same order, unconditionally.
+Without an initialised process group they degrade to single-process behaviour.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Mapping
+from typing import Any
+
+import torch.distributed as dist
+
+from lightning_sharing.errors import ComponentDeclarationError, DistributedCheckpointError
+from lightning_sharing.topology import Topology
+
+__all__ = [
+    "agree",
+    "all_gather_object",
+    "broadcast_object",
+    "gather_topology",
+    "get_rank",
+    "get_world_size",
+    "resolve_process_groups",
+]
+
+log = logging.getLogger(__name__)
+
+
+def _active() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    """Global rank, 0 when not distributed."""
+    return dist.get_rank() if _active() else 0
+
+
+def get_world_size() -> int:
+    """World size, 1 when not distributed."""
+    return dist.get_world_size() if _active() else 1
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, indexed by rank (pickled: only pass plain data produced by this package)."""
+    if not _active() or dist.get_world_size() == 1:
+        return [obj]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s ``obj`` on every rank."""
+    if not _active() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def _describe(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"
+
+
+def agree(local_error: BaseException | None, phase: str) -> None:
+    """Turn a failure on any rank into an error on every rank.
+
+    Each rank passes the exception its own work raised (or None). All ranks exchange the outcome;
+    if any rank failed, every rank raises ``DistributedCheckpointError`` naming the failing ranks
+    and their messages, chained to the local exception where there is one. The local exception is
+    never dropped: it is the ``__cause__`` on the rank that raised it.
+    """
+    outcome = None if local_error is None else _describe(local_error)
+    outcomes = all_gather_object(outcome)
+    failures = {rank: msg for rank, msg in enumerate(outcomes) if msg is not None}
+    if not failures:
+        return
+    # Show the first failing rank's message in full; others are listed by rank.
+    first_rank = min(failures)
+    if len(failures) == 1:
+        message = f"{phase} failed on rank {first_rank}: {failures[first_rank]}"
+    else:
+        detail = "; ".join(f"rank {r}: {m}" for r, m in sorted(failures.items()))
+        message = f"{phase} failed on ranks {sorted(failures)}: {detail}"
+    if local_error is None:
+        raise DistributedCheckpointError(message, failures)
+    raise DistributedCheckpointError(message, failures) from local_error
+
+
+def resolve_process_groups(process_groups: Any) -> dict[str, Any]:
+    """Normalise ``process_groups`` (None, a name->ProcessGroup mapping, or a DeviceMesh)."""
+    if process_groups is None:
+        return {}
+    names = getattr(process_groups, "mesh_dim_names", None)
+    if names is not None or type(process_groups).__name__ == "DeviceMesh":
+        if not names:
+            raise ComponentDeclarationError(
+                "a DeviceMesh passed as process_groups needs mesh_dim_names, e.g. "
+                "init_device_mesh('cpu', (2, 2), mesh_dim_names=('dp', 'pp'))"
+            )
+        return {name: process_groups.get_group(name) for name in names}
+    if isinstance(process_groups, Mapping):
+        return {str(name): group for name, group in process_groups.items()}
+    raise ComponentDeclarationError(
+        "process_groups must be None, a dict of name -> ProcessGroup, or a DeviceMesh; "
+        f"got {type(process_groups).__name__}"
+    )
+
+
+def _local_node_id() -> Any:
+    # torchrun sets GROUP_RANK (the node's rank); Lightning and SLURM set NODE_RANK / SLURM_NODEID.
+    for var in ("GROUP_RANK", "NODE_RANK", "SLURM_NODEID"):
+        value = os.environ.get(var)
+        if value is not None and value.strip().lstrip("-").isdigit():
+            return ("env", int(value))
+    return ("host", socket.gethostname())
+
+
+def _group_members(group: Any) -> list[int]:
+    return sorted(int(r) for r in dist.get_process_group_ranks(group))
+
+
+def gather_topology(process_groups: Mapping[str, Any]) -> Topology:
+    """Collect the job's topology from every rank (collective).
+
+    Each rank reports its node id and the members of each named group it was given; the result is
+    identical on every rank. A rank that lacks a group name, or is not a member of the group it
+    passed, makes every rank raise.
+    """
+    if not _active():
+        return Topology.build(1, group_members={name: [[0]] for name in process_groups})
+    local_error: BaseException | None = None
+    report: dict[str, Any] = {"node": None, "groups": {}}
+    try:
+        report["node"] = _local_node_id()
+        rank = dist.get_rank()
+        for name, group in process_groups.items():
+            members = _group_members(group)
+            if rank not in members:
+                raise ComponentDeclarationError(
+                    f"process group {name!r} passed on rank {rank} has members {members}, which do "
+                    "not include this rank; pass the group this rank belongs to"
+                )
+            report["groups"][name] = members
+    except Exception as exc:  # made an error on every rank by agree() just below
+        local_error = exc
+    agree(local_error, "collecting the topology")
+    reports = all_gather_object(report)
+    names = [sorted(rep["groups"]) for rep in reports]
+    if any(n != names[0] for n in names):
+        listing = ", ".join(f"rank {r}: {n}" for r, n in enumerate(names))
+        raise ComponentDeclarationError(
+            f"ranks passed different process group names ({listing}); every rank must pass the same names"
+        )
+    node_ids = [rep["node"] for rep in reports]
+    group_members = {name: [rep["groups"][name] for rep in reports] for name in names[0]}
+    return Topology.build(len(reports), node_of_rank=node_ids, group_members=group_members)

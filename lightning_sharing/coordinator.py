@@ -1,0 +1,372 @@
+"""``CheckpointCoordinator``: save and load declared state from exactly the right ranks.
+
+Saving runs plan -> validate -> write -> agree -> commit; loading runs read manifest -> apply the
+loading rules -> verify files -> load. Every step that can fail on one rank ends in an agreement
+collective, so a failure anywhere becomes an error everywhere instead of a hang.
+
+Example (run on every rank, e.g. under ``torchrun``):
+    >>> coordinator = CheckpointCoordinator([
+    ...     StateComponent("model", model, SharingPattern.REPLICATED, validate_replication=True),
+    ...     StateComponent("optimizer", optimizer, SharingPattern.REPLICATED),
+    ...     StateComponent("rng", RNGState(), SharingPattern.PER_RANK),
+    ... ])                                                            # doctest: +SKIP
+    >>> coordinator.save_checkpoint("checkpoints/step=100.ckpt")     # doctest: +SKIP
+    >>> coordinator.load_checkpoint("checkpoints/step=100.ckpt")     # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+
+from lightning_sharing.codec import encode_state
+from lightning_sharing.collectives import (
+    agree,
+    all_gather_object,
+    broadcast_object,
+    gather_topology,
+    get_rank,
+    resolve_process_groups,
+)
+from lightning_sharing.errors import CheckpointError, ComponentDeclarationError, CorruptCheckpointError
+from lightning_sharing.loading import LoadResult, check_listed_files, plan_load
+from lightning_sharing.manifest import MANIFEST_NAME, CheckpointManifest, ComponentManifest, FileEntry
+from lightning_sharing.payload import (
+    DEFAULT_MAX_SHARD_SIZE,
+    index_name,
+    read_index,
+    read_payload,
+    tree_name,
+    write_merged_index,
+    write_payload,
+)
+from lightning_sharing.rules import Placement, placement_for_reader, placements
+from lightning_sharing.storage import (
+    commit_directory,
+    file_checksum,
+    fsync_tree,
+    remove_stale_staging,
+    staging_path,
+    verify_file,
+    write_bytes_durable,
+)
+from lightning_sharing.topology import Topology
+from lightning_sharing.types import SharingPattern, StateComponent, check_unique_keys
+from lightning_sharing.validation import check_replication
+
+__all__ = ["CheckpointCoordinator", "LoadResult"]
+
+log = logging.getLogger(__name__)
+
+PathT = TypeVar("PathT", str, os.PathLike)
+_VERIFY_MODES = ("checksum", "size")
+
+
+class CheckpointCoordinator:
+    """Saves and loads a set of ``StateComponent``s according to their sharing patterns.
+
+    Args:
+        components: the declared state; keys must be unique.
+        process_groups: ``{name: ProcessGroup}`` with the group *this rank* belongs to for each
+            name, or a ``DeviceMesh`` whose dimension names become group names.
+        max_shard_size: the largest safetensors shard, in bytes.
+        verify: ``"checksum"`` (default) checks every file read against the manifest's checksum;
+            ``"size"`` only compares sizes, for very large checkpoints on trusted storage.
+
+    Both ``save_checkpoint`` and ``load_checkpoint`` are collective: every rank must call them.
+    """
+
+    def __init__(
+        self,
+        components: Iterable[StateComponent],
+        process_groups: Any = None,
+        *,
+        max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+        verify: str = "checksum",
+    ) -> None:
+        self.components = check_unique_keys(components)
+        self.process_groups = resolve_process_groups(process_groups)
+        for component in self.components:
+            name = component.process_group_name
+            if name is not None and name not in self.process_groups:
+                known = ", ".join(sorted(self.process_groups)) or "none were passed"
+                raise ComponentDeclarationError(
+                    f"component {component.key!r} uses process group {name!r}, which no one provided "
+                    f"(process_groups: {known}); pass it in process_groups or as a DeviceMesh dimension"
+                )
+        if max_shard_size < 1:
+            raise ComponentDeclarationError(f"max_shard_size must be positive, got {max_shard_size}")
+        self.max_shard_size = int(max_shard_size)
+        self.verify = _check_verify(verify)
+        self._topology: Topology | None = None
+
+    # ------------------------------------------------------------------ shared steps
+    def _declaration(self) -> list[tuple[str, str, str | None, str]]:
+        return [(c.key, c.sharing_pattern.value, c.process_group_name, c.effective_validation.value)
+                for c in self.components]
+
+    def _prepare(self) -> Topology:
+        """Collective: gather the topology once and check that every rank declared the same state."""
+        if self._topology is None:
+            self._topology = gather_topology(self.process_groups)
+        declarations = all_gather_object(self._declaration())
+        for rank, declaration in enumerate(declarations):
+            if declaration != declarations[0]:
+                raise ComponentDeclarationError(
+                    f"rank {rank} declared components {declaration} but rank 0 declared "
+                    f"{declarations[0]}; every rank must declare the same keys, patterns and groups"
+                )
+        return self._topology
+
+    def _placements(self, component: StateComponent, topology: Topology) -> tuple[Placement, ...]:
+        return placements(component.key, component.sharing_pattern, topology, component.process_group_name)
+
+    @property
+    def topology(self) -> Topology | None:
+        """The topology gathered at the first save or load (None before that)."""
+        return self._topology
+
+    # ------------------------------------------------------------------ save
+    def save_checkpoint(self, path: PathT, *, step: int | None = None,
+                        metadata: dict[str, Any] | None = None) -> PathT:
+        """Collective: write a complete checkpoint directory at ``path`` atomically; returns ``path``.
+
+        ``step`` is recorded in the manifest (``find_latest_checkpoint`` orders by it) and
+        ``metadata`` (JSON-serialisable) is stored with it. An existing checkpoint at ``path`` is
+        replaced only once the new one is complete.
+        """
+        started = time.perf_counter()
+        topology = self._prepare()
+        rank = get_rank()
+        target = Path(os.path.abspath(os.fspath(path)))
+        targets = all_gather_object(str(target))
+        if len(set(targets)) > 1:
+            raise ComponentDeclarationError(f"ranks passed different checkpoint paths: {targets}")
+        token = broadcast_object(uuid.uuid4().hex if rank == 0 else None)
+        staging = staging_path(target, token)
+        committed = False
+        try:
+            self._create_staging(staging, rank)
+            states = self._collect_states(topology, rank)
+            for component in self.components:
+                if component.effective_validation.value != "none":
+                    check_replication(component.key, states[component.key], component.effective_validation,
+                                      writer=self._placements(component, topology)[0].writer)
+            written = self._write_files(staging, topology, rank, states)
+            del states
+            all_written = all_gather_object(written)
+            error: BaseException | None = None
+            if rank == 0:
+                try:
+                    self._commit(staging, target, token, topology, all_written, step, metadata)
+                except Exception as exc:  # made an error on every rank by agree() just below
+                    error = exc
+            agree(error, f"committing checkpoint {target}")
+            committed = True
+        finally:
+            if not committed and rank == 0 and staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+        log.info("saved checkpoint %s in %.2fs", target, time.perf_counter() - started)
+        return path
+
+    def _create_staging(self, staging: Path, rank: int) -> None:
+        error: BaseException | None = None
+        if rank == 0:
+            try:
+                staging.parent.mkdir(parents=True, exist_ok=True)
+                remove_stale_staging(staging.parent)
+                staging.mkdir()
+            except Exception as exc:  # made an error on every rank by agree() just below
+                error = exc
+        agree(error, f"creating the staging directory {staging}")
+
+    def _collect_states(self, topology: Topology, rank: int) -> dict[str, Any]:
+        states: dict[str, Any] = {}
+        error: BaseException | None = None
+        try:
+            for component in self.components:
+                writes = any(p.writer == rank for p in self._placements(component, topology))
+                if writes or component.effective_validation.value != "none":
+                    states[component.key] = _with_context(component.key, "state_dict()",
+                                                          component.stateful.state_dict)
+        except Exception as exc:  # made an error on every rank by agree() just below
+            error = exc
+        agree(error, "collecting state dicts")
+        return states
+
+    def _write_files(self, staging: Path, topology: Topology, rank: int,
+                     states: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+        """Write this rank's copies; returns ``{key: [copy record, ...]}`` for the manifest."""
+        written: dict[str, list[dict[str, Any]]] = {}
+        error: BaseException | None = None
+        try:
+            for component in self.components:
+                for placement in self._placements(component, topology):
+                    if placement.writer != rank:
+                        continue
+                    record = _with_context(component.key, "writing",
+                                           lambda c=component, p=placement: self._write_copy(staging, c, p, states))
+                    written.setdefault(component.key, []).append(record)
+        except Exception as exc:  # made an error on every rank by agree() just below
+            error = exc
+        agree(error, "writing checkpoint files")
+        return written
+
+    def _write_copy(self, staging: Path, component: StateComponent, placement: Placement,
+                    states: dict[str, Any]) -> dict[str, Any]:
+        encoded = encode_state(states[component.key], component.key)
+        rank = get_rank()
+        files = write_payload(staging, placement.stem, encoded, self.max_shard_size)
+        entries = [FileEntry(rel, (staging / rel).stat().st_size, file_checksum(staging / rel), rank)
+                   for rel in files]
+        index = read_index(staging / index_name(placement.stem)) if encoded.flat else None
+        return {"stem": placement.stem, "files": entries, "index": index}
+
+    def _commit(self, staging: Path, target: Path, token: str, topology: Topology,
+                all_written: list[dict[str, list[dict[str, Any]]]], step: int | None,
+                metadata: dict[str, Any] | None) -> None:
+        components: dict[str, ComponentManifest] = {}
+        for component in self.components:
+            copies = [copy for per_rank in all_written for copy in per_rank.get(component.key, [])]
+            copies.sort(key=lambda c: c["stem"])
+            files = [entry for copy in copies for entry in copy["files"]]
+            merged = self._merged_index(staging, component, copies)
+            if merged is not None:
+                files.append(FileEntry(merged, (staging / merged).stat().st_size,
+                                       file_checksum(staging / merged), 0))
+            plan = self._placements(component, topology)
+            components[component.key] = ComponentManifest(
+                key=component.key,
+                sharing_pattern=component.sharing_pattern.value,
+                ranks=sorted(p.writer for p in plan),
+                group_name=component.process_group_name,
+                replicated_across=_replicated_across(component, plan),
+                required=component.required,
+                storage="tree" if any(tree_name(c["stem"]) in {f.path for f in c["files"]} for c in copies)
+                else "tensors",
+                validation=component.effective_validation.value,
+                files=files,
+                metadata=dict(component.metadata),
+            )
+        manifest = CheckpointManifest(
+            world_size=topology.world_size,
+            topology=topology.to_json(),
+            components=components,
+            created_at=datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            step=step,
+            library_version=_library_version(),
+            torch_version=torch.__version__,
+            metadata=dict(metadata or {}),
+        )
+        text = manifest.dumps()  # fails here, before anything is committed, if metadata is not JSON
+        fsync_tree(staging)
+        write_bytes_durable(staging / MANIFEST_NAME, text.encode("utf-8"))
+        commit_directory(staging, target, token)
+
+    def _merged_index(self, staging: Path, component: StateComponent,
+                      copies: list[dict[str, Any]]) -> str | None:
+        """For multi-copy tensor-only components with disjoint names (pipeline stages), one index."""
+        if component.sharing_pattern in (SharingPattern.GLOBAL, SharingPattern.REPLICATED) or not copies:
+            return None
+        if any(copy["index"] is None for copy in copies):
+            return None
+        names = [name for copy in copies for name in copy["index"]["weight_map"]]
+        if len(names) != len(set(names)):
+            return None
+        return write_merged_index(staging, component.key, [(c["stem"], c["index"]) for c in copies])
+
+    # ------------------------------------------------------------------ load
+    def load_checkpoint(self, path: str | os.PathLike[str], strict: bool = True, *,
+                        verify: str | None = None) -> LoadResult:
+        """Collective: load every declared component this rank reads from the checkpoint at ``path``.
+
+        ``strict=True`` refuses missing required components, undeclared saved components, changed
+        patterns and topology changes for rank-specific state; ``strict=False`` skips them and
+        reports them in the returned ``LoadResult.skipped``. Files are verified against the
+        manifest before they are read (``verify="checksum"`` or ``"size"``).
+        """
+        mode = _check_verify(verify or self.verify)
+        topology = self._prepare()
+        rank = get_rank()
+        root = Path(os.fspath(path))
+        error: BaseException | None = None
+        result = LoadResult(path=root)
+        to_load = []
+        try:
+            manifest = CheckpointManifest.load(root)
+            check_listed_files(root, manifest)
+            plan = plan_load(manifest, self.components, topology, strict)
+            to_load, result.skipped, result.manifest = plan.to_load, plan.skipped, manifest
+        except Exception as exc:  # made an error on every rank by agree() just below
+            error = exc
+        agree(error, f"reading checkpoint {root}")
+        for key, reason in result.skipped.items():
+            log.warning("checkpoint %s: skipped component %r (%s)", root, key, reason)
+        error = None
+        try:
+            for component, saved in to_load:
+                _with_context(component.key, "loading",
+                              lambda c=component, s=saved: self._load_component(root, c, s, topology, rank, mode))
+                result.loaded.append(component.key)
+        except Exception as exc:  # made an error on every rank by agree() just below
+            error = exc
+        agree(error, f"loading checkpoint {root}")
+        return result
+
+    def _load_component(self, root: Path, component: StateComponent, saved: ComponentManifest,
+                        topology: Topology, rank: int, mode: str) -> None:
+        placement = placement_for_reader(self._placements(component, topology), rank)
+        entries = {entry.path: entry for entry in saved.files}
+
+        def open_file(rel: str) -> Path:
+            if rel not in entries:
+                raise CorruptCheckpointError(
+                    f"component {component.key!r} needs {rel}, which the manifest does not list"
+                )
+            return verify_file(root, entries[rel], mode, component.key)
+
+        available = set(entries)
+        if not any(p.startswith(placement.stem) for p in available):
+            raise CorruptCheckpointError(f"component {component.key!r}: the checkpoint has no copy {placement.stem}")
+        flat = tree_name(placement.stem) not in available
+        state = read_payload(placement.stem, available, open_file, flat)
+        component.stateful.load_state_dict(state)
+
+
+def _with_context(key: str, action: str, fn: Any) -> Any:
+    """Run ``fn``; re-raise any failure as a ``CheckpointError`` that names the component."""
+    try:
+        return fn()
+    except CheckpointError:
+        raise
+    except Exception as exc:
+        raise CheckpointError(f"component {key!r}: {action} failed: {type(exc).__name__}: {exc}") from exc
+
+
+def _replicated_across(component: StateComponent, plan: tuple[Placement, ...]) -> list[Any] | None:
+    if component.sharing_pattern is SharingPattern.REPLICATED:
+        return list(plan[0].readers)
+    if component.sharing_pattern is SharingPattern.PER_GROUP:
+        return [list(p.readers) for p in plan]
+    return None
+
+
+def _library_version() -> str:
+    from lightning_sharing import __version__  # the package imports this module
+
+    return __version__
+
+
+def _check_verify(mode: str) -> str:
+    if mode not in _VERIFY_MODES:
+        raise ComponentDeclarationError(f"verify={mode!r} must be one of {_VERIFY_MODES}")
+    return mode

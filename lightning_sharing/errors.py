@@ -1,0 +1,58 @@
+"""Exception types raised by lightning_sharing.
+
+Every refusal the package makes is one of these, so callers can catch ``CheckpointError``
+and know it came from checkpoint logic rather than from their own code.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CheckpointError",
+    "ComponentDeclarationError",
+    "CorruptCheckpointError",
+    "DistributedCheckpointError",
+    "ManifestError",
+    "ReplicationMismatchError",
+    "TopologyMismatchError",
+    "UnsupportedStateError",
+]
+
+
+class CheckpointError(RuntimeError):
+    """Base class of every error raised by lightning_sharing."""
+
+
+class ComponentDeclarationError(CheckpointError, ValueError):
+    """A ``StateComponent`` declaration (or a set of them) is invalid."""
+
+
+class ManifestError(CheckpointError):
+    """The manifest is missing, unreadable, of an unknown version, or inconsistent."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A checkpoint file is missing, truncated, altered, or not listed in the manifest."""
+
+
+class TopologyMismatchError(CheckpointError):
+    """Rank-specific state was saved under a different topology than the current one."""
+
+
+class ReplicationMismatchError(CheckpointError):
+    """State declared REPLICATED differs between ranks."""
+
+
+class UnsupportedStateError(CheckpointError, TypeError):
+    """A state dict holds a value that cannot be stored without pickle."""
+
+
+class DistributedCheckpointError(CheckpointError):
+    """A checkpoint operation failed on one or more ranks; raised on every rank.
+
+    Attributes:
+        failures: maps each failing global rank to its error message.
+    """
+
+    def __init__(self, message: str, failures: dict[int, str] | None = None) -> None:
+        super().__init__(message)
+        self.failures: dict[int, str] = dict(failures or {})

@@ -1,0 +1,89 @@
+"""``RNGState``: the random number generators of this process, as a stateful component.
+
+Declare it PER_RANK: every rank draws its own random numbers (dropout masks, shuffles).
+
+Example:
+    >>> from lightning_sharing import RNGState, SharingPattern, StateComponent
+    >>> StateComponent("rng", RNGState(), SharingPattern.PER_RANK).key
+    'rng'
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from typing import Any
+
+import torch
+
+__all__ = ["RNGState"]
+
+log = logging.getLogger(__name__)
+
+
+class RNGState:
+    """Python ``random``, NumPy's global generator, torch's CPU generator and every CUDA device's.
+
+    The state dict holds only tensors, ints, floats, strings and tuples, so it is stored without
+    pickle and loads under ``torch.load(weights_only=True)`` rules too.
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        """Capture the current state of every generator."""
+        version, internal, gauss = random.getstate()
+        state: dict[str, Any] = {
+            "python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
+            "torch": torch.get_rng_state(),
+        }
+        numpy_state = _numpy_state()
+        if numpy_state is not None:
+            state["numpy"] = numpy_state
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = list(torch.cuda.get_rng_state_all())
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore every generator captured by ``state_dict()``."""
+        py = state_dict["python"]
+        random.setstate((int(py["version"]), tuple(int(v) for v in py["state"].tolist()), py["gauss"]))
+        torch.set_rng_state(state_dict["torch"])
+        if "numpy" in state_dict:
+            _set_numpy_state(state_dict["numpy"])
+        cuda_states = state_dict.get("cuda")
+        if cuda_states:
+            if torch.cuda.is_available() and torch.cuda.device_count() == len(cuda_states):
+                torch.cuda.set_rng_state_all(cuda_states)
+            else:
+                log.warning(
+                    "checkpoint holds RNG state for %d CUDA devices but %d are visible here; "
+                    "CUDA generators were not restored",
+                    len(cuda_states), torch.cuda.device_count() if torch.cuda.is_available() else 0,
+                )
+
+
+def _numpy_state() -> dict[str, Any] | None:
+    try:
+        import numpy as np
+    except ImportError:
+        return None
+    name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    return {
+        "bit_generator": str(name),
+        "keys": torch.from_numpy(keys.astype(np.int64)),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "cached_gaussian": float(cached),
+    }
+
+
+def _set_numpy_state(state: dict[str, Any]) -> None:
+    try:
+        import numpy as np
+    except ImportError:
+        log.warning("checkpoint holds NumPy RNG state but NumPy is not installed; skipped")
+        return
+    keys = state["keys"].numpy().astype(np.uint32)
+    np.random.set_state(
+        (state["bit_generator"], keys, int(state["pos"]), int(state["has_gauss"]),
+         float(state["cached_gaussian"]))
+    )

@@ -1,0 +1,192 @@
+"""Declarations: how a piece of training state is shared across ranks.
+
+Example:
+    >>> import torch
+    >>> from lightning_sharing import SharingPattern, StateComponent
+    >>> model = torch.nn.Linear(2, 2)
+    >>> StateComponent("model", model, SharingPattern.REPLICATED, validate_replication=True)
+    StateComponent(key='model', sharing_pattern=REPLICATED, ...)
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Protocol, runtime_checkable
+
+from lightning_sharing.errors import ComponentDeclarationError
+
+__all__ = [
+    "SharingPattern",
+    "StateComponent",
+    "Stateful",
+    "ValidationLevel",
+    "check_unique_keys",
+]
+
+# Keys become directory and file names inside the checkpoint, so keep them path-safe.
+_KEY_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-]{0,127}$")
+_RESERVED_KEYS = {"checkpoint_manifest"}
+
+
+class SharingPattern(str, Enum):
+    """How one piece of state is distributed across ranks (see the rule table in docs/patterns.md)."""
+
+    GLOBAL = "global"
+    PER_RANK = "per_rank"
+    REPLICATED = "replicated"
+    PER_GROUP = "per_group"
+    PER_NODE = "per_node"
+
+    def __repr__(self) -> str:
+        return self.name
+
+    @classmethod
+    def parse(cls, value: SharingPattern | str) -> SharingPattern:
+        """Accept an enum member, its value (``"per_rank"``) or its name (``"PER_RANK"``)."""
+        return _parse_enum(cls, value, "sharing_pattern")
+
+
+class ValidationLevel(str, Enum):
+    """How thoroughly REPLICATED state is compared across ranks before it is saved.
+
+    - ``NONE``: no comparison.
+    - ``QUICK``: structure, dtypes, shapes and a strided sample of every tensor's bytes.
+    - ``TENSOR``: a full-content hash of every tensor and every non-tensor value.
+    - ``FULL``: byte-for-byte comparison of every tensor against the writing rank's copy.
+    """
+
+    NONE = "none"
+    QUICK = "quick"
+    TENSOR = "tensor"
+    FULL = "full"
+
+    def __repr__(self) -> str:
+        return self.name
+
+    @classmethod
+    def parse(cls, value: ValidationLevel | str) -> ValidationLevel:
+        """Accept an enum member, its value (``"quick"``) or its name (``"QUICK"``)."""
+        return _parse_enum(cls, value, "validation_level")
+
+
+def _parse_enum(cls: Any, value: Any, what: str) -> Any:
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, str):
+        for member in cls:
+            if value.lower() in (member.value, member.name.lower()):
+                return member
+    choices = ", ".join(m.name for m in cls)
+    raise ComponentDeclarationError(f"{what}={value!r} is not one of {choices}")
+
+
+@runtime_checkable
+class Stateful(Protocol):
+    """Anything with ``state_dict()`` and ``load_state_dict(state)``."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> Any: ...
+
+
+@dataclass
+class StateComponent:
+    """One piece of training state and the way it is shared across ranks.
+
+    Args:
+        key: unique name; becomes the file stem inside the checkpoint.
+        stateful: any object with ``state_dict()`` and ``load_state_dict()``.
+        sharing_pattern: a ``SharingPattern`` (or its string value).
+        process_group_name: the named group for ``PER_GROUP`` (required there, refused elsewhere).
+        required: when False, a checkpoint without this component still loads.
+        validate_replication: compare the state across ranks before saving (REPLICATED only).
+        validation_level: how thoroughly to compare (default ``QUICK``).
+        metadata: free-form JSON-serialisable information recorded in the manifest.
+
+    Example:
+        >>> import torch
+        >>> opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)
+        >>> StateComponent("optimizer", opt, "replicated").sharing_pattern
+        REPLICATED
+    """
+
+    key: str
+    stateful: Any
+    sharing_pattern: SharingPattern
+    process_group_name: str | None = None
+    required: bool = True
+    validate_replication: bool = False
+    validation_level: ValidationLevel = ValidationLevel.QUICK
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.key, str) or not _KEY_RE.match(self.key):
+            raise ComponentDeclarationError(
+                f"StateComponent key {self.key!r} is invalid: use 1-128 letters, digits, '_' and '-' "
+                "(it becomes a file name inside the checkpoint)"
+            )
+        if self.key in _RESERVED_KEYS:
+            raise ComponentDeclarationError(f"StateComponent key {self.key!r} is reserved")
+        self.sharing_pattern = SharingPattern.parse(self.sharing_pattern)
+        self.validation_level = ValidationLevel.parse(self.validation_level)
+        if not (callable(getattr(self.stateful, "state_dict", None))
+                and callable(getattr(self.stateful, "load_state_dict", None))):
+            raise ComponentDeclarationError(
+                f"StateComponent {self.key!r}: stateful of type {type(self.stateful).__name__} has no "
+                "state_dict()/load_state_dict(); wrap it in an object that provides both"
+            )
+        if self.sharing_pattern is SharingPattern.PER_GROUP:
+            if not self.process_group_name:
+                raise ComponentDeclarationError(
+                    f"StateComponent {self.key!r} is PER_GROUP but has no process_group_name; name the "
+                    "group (a key of process_groups or a DeviceMesh dimension name)"
+                )
+            if not isinstance(self.process_group_name, str) or not _KEY_RE.match(self.process_group_name):
+                raise ComponentDeclarationError(
+                    f"StateComponent {self.key!r}: process_group_name {self.process_group_name!r} must be "
+                    "1-128 letters, digits, '_' and '-' (it becomes part of a file name)"
+                )
+        elif self.process_group_name is not None:
+            raise ComponentDeclarationError(
+                f"StateComponent {self.key!r}: process_group_name={self.process_group_name!r} only "
+                f"applies to PER_GROUP, not {self.sharing_pattern.name}"
+            )
+        if self.validate_replication and self.sharing_pattern is not SharingPattern.REPLICATED:
+            raise ComponentDeclarationError(
+                f"StateComponent {self.key!r}: validate_replication=True needs sharing_pattern "
+                f"REPLICATED, got {self.sharing_pattern.name}; state that differs across ranks cannot "
+                "be checked for equality"
+            )
+        if not isinstance(self.metadata, dict):
+            raise ComponentDeclarationError(f"StateComponent {self.key!r}: metadata must be a dict")
+
+    @property
+    def effective_validation(self) -> ValidationLevel:
+        """The level actually applied at save time (``NONE`` unless validation is enabled)."""
+        return self.validation_level if self.validate_replication else ValidationLevel.NONE
+
+    def __repr__(self) -> str:
+        group = f", process_group_name={self.process_group_name!r}" if self.process_group_name else ""
+        return (f"StateComponent(key={self.key!r}, sharing_pattern={self.sharing_pattern!r}{group}, "
+                f"required={self.required}, ...)")
+
+
+def check_unique_keys(components: Iterable[StateComponent]) -> list[StateComponent]:
+    """Return the components as a list, refusing duplicate keys and non-``StateComponent`` items."""
+    result: list[StateComponent] = []
+    seen: set[str] = set()
+    for component in components:
+        if not isinstance(component, StateComponent):
+            raise ComponentDeclarationError(
+                f"expected StateComponent, got {type(component).__name__}: {component!r}"
+            )
+        if component.key in seen:
+            raise ComponentDeclarationError(
+                f"duplicate StateComponent key {component.key!r}: every component needs its own key"
+            )
+        seen.add(component.key)
+        result.append(component)
+    return result
