@@ -89,6 +89,7 @@ class _Encoder:
         return name
 
     def _unique(self, name: str) -> str:
+        name = name or "tensor"
         candidate, n = name, 1
         while candidate in self.tensors or candidate in self.ties:
             candidate, n = f"{name}~{n}", n + 1
@@ -118,12 +119,12 @@ class _Encoder:
         if _is_numpy_scalar(value):
             return self.encode(value.item(), path, name)
         if isinstance(value, tuple):
-            return {"__tuple__": [self.encode(v, f"{path}[{i}]", f"{name}.{i}") for i, v in enumerate(value)]}
+            return {"__tuple__": [self.encode(v, f"{path}[{i}]", _join(name, i)) for i, v in enumerate(value)]}
         if isinstance(value, list):
-            return [self.encode(v, f"{path}[{i}]", f"{name}.{i}") for i, v in enumerate(value)]
+            return [self.encode(v, f"{path}[{i}]", _join(name, i)) for i, v in enumerate(value)]
         if isinstance(value, Mapping):
             return {"__dict__": [
-                [self.encode(k, f"{path} key", f"{name}.key"), self.encode(v, f"{path}[{k!r}]", f"{name}.{k}")]
+                [self.encode(k, f"{path} key", _join(name, "key")), self.encode(v, f"{path}[{k!r}]", _join(name, k))]
                 for k, v in value.items()
             ]}
         raise UnsupportedStateError(
@@ -131,6 +132,11 @@ class _Encoder:
             f"{type(value).__qualname__}, which cannot be stored without pickle; return tensors, numbers, "
             "strings, bytes, lists, tuples or dicts from state_dict()"
         )
+
+
+def _join(name: str, part: Any) -> str:
+    """Tensor names are dotted paths, like a module's parameter names: ``state.0.exp_avg``."""
+    return f"{name}.{part}" if name else str(part)
 
 
 def _numpy_array_type() -> Any:
@@ -156,7 +162,7 @@ def encode_state(state: Any, component: str = "?") -> EncodedState:
         for name, tensor in state.items():
             encoder.add_tensor(name, tensor, f"state[{name!r}]")
         return EncodedState(tree=None, tensors=encoder.tensors, ties=encoder.ties, flat=True)
-    tree = encoder.encode(state, "state", "state")
+    tree = encoder.encode(state, "state", "")
     return EncodedState(tree=tree, tensors=encoder.tensors, ties=encoder.ties, flat=False)
 
 
