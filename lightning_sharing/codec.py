@@ -101,7 +101,8 @@ class _Encoder:
         if isinstance(value, int):
             return value
         if isinstance(value, float):
-            return value if math.isfinite(value) else {"__float__": repr(value)}
+            # float() first: numpy's float64 is a float whose repr is "np.float64(nan)".
+            return float(value) if math.isfinite(value) else {"__float__": repr(float(value))}
         if isinstance(value, torch.Tensor):
             return {"__tensor__": self.add_tensor(name, value, path)}
         if isinstance(value, torch.dtype):
@@ -114,7 +115,13 @@ class _Encoder:
             return {"__bytes__": base64.b64encode(bytes(value)).decode("ascii")}
         ndarray = _numpy_array_type()
         if ndarray is not None and isinstance(value, ndarray):
-            tensor = torch.from_numpy(value.copy())
+            try:
+                tensor = torch.from_numpy(value.astype(value.dtype.newbyteorder("="), copy=True))
+            except (TypeError, ValueError) as exc:
+                raise UnsupportedStateError(
+                    f"component {self.component!r}: numpy array at {path} has dtype {value.dtype}, which "
+                    "cannot be stored as a tensor; convert it to a numeric array or a list"
+                ) from exc
             return {"__ndarray__": self.add_tensor(name, tensor, path)}
         if _is_numpy_scalar(value):
             return self.encode(value.item(), path, name)

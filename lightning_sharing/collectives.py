@@ -14,7 +14,11 @@ from typing import Any
 
 import torch.distributed as dist
 
-from lightning_sharing.errors import ComponentDeclarationError, DistributedCheckpointError
+from lightning_sharing.errors import (
+    CheckpointError,
+    ComponentDeclarationError,
+    distributed_error_class,
+)
 from lightning_sharing.topology import Topology
 
 __all__ = [
@@ -74,9 +78,9 @@ def agree(local_error: BaseException | None, phase: str) -> None:
     and their messages, chained to the local exception where there is one. The local exception is
     never dropped: it is the ``__cause__`` on the rank that raised it.
     """
-    outcome = None if local_error is None else _describe(local_error)
+    outcome = None if local_error is None else (_kind(local_error), _describe(local_error))
     outcomes = all_gather_object(outcome)
-    failures = {rank: msg for rank, msg in enumerate(outcomes) if msg is not None}
+    failures = {rank: out[1] for rank, out in enumerate(outcomes) if out is not None}
     if not failures:
         return
     # Show the first failing rank's message in full; others are listed by rank.
@@ -86,9 +90,22 @@ def agree(local_error: BaseException | None, phase: str) -> None:
     else:
         detail = "; ".join(f"rank {r}: {m}" for r, m in sorted(failures.items()))
         message = f"{phase} failed on ranks {sorted(failures)}: {detail}"
+    kinds = {out[0] for out in outcomes if out is not None}
+    error_class = distributed_error_class(kinds.pop() if len(kinds) == 1 else None)
     if local_error is None:
-        raise DistributedCheckpointError(message, failures)
-    raise DistributedCheckpointError(message, failures) from local_error
+        raise error_class(message, failures)
+    raise error_class(message, failures) from local_error
+
+
+def _kind(error: BaseException) -> str | None:
+    """The name of the package error class ``error`` is (or is caused by), if any."""
+    seen = 0
+    current: BaseException | None = error
+    while current is not None and seen < 8:
+        if isinstance(current, CheckpointError) and type(current).__module__ == CheckpointError.__module__:
+            return type(current).__name__
+        current, seen = current.__cause__, seen + 1
+    return None
 
 
 def resolve_process_groups(process_groups: Any) -> dict[str, Any]:

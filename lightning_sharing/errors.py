@@ -49,6 +49,10 @@ class UnsupportedStateError(CheckpointError, TypeError):
 class DistributedCheckpointError(CheckpointError):
     """A checkpoint operation failed on one or more ranks; raised on every rank.
 
+    When every failing rank raised the same lightning_sharing error type (say
+    ``CorruptCheckpointError``), the error raised on every rank is an instance of that type too,
+    so ``except CorruptCheckpointError`` works on all ranks, failing or not.
+
     Attributes:
         failures: maps each failing global rank to its error message.
     """
@@ -56,3 +60,21 @@ class DistributedCheckpointError(CheckpointError):
     def __init__(self, message: str, failures: dict[int, str] | None = None) -> None:
         super().__init__(message)
         self.failures: dict[int, str] = dict(failures or {})
+
+
+_COMBINED: dict[type, type] = {}
+
+
+def distributed_error_class(kind: str | None) -> type[DistributedCheckpointError]:
+    """``DistributedCheckpointError``, combined with the package error class named ``kind`` if any."""
+    base = globals().get(kind or "")
+    if not (isinstance(base, type) and issubclass(base, CheckpointError)) or issubclass(
+        base, DistributedCheckpointError
+    ) or base is CheckpointError:
+        return DistributedCheckpointError
+    if base not in _COMBINED:
+        _COMBINED[base] = type(f"Distributed{base.__name__}", (DistributedCheckpointError, base), {
+            "__module__": __name__,
+            "__doc__": f"A {base.__name__} on one or more ranks, raised on every rank.",
+        })
+    return _COMBINED[base]

@@ -1,20 +1,19 @@
 #!/usr/bin/env bash
 # Creates .venv (if missing) and installs lightning_sharing with its dev extras.
-# The CPU torch wheel is installed first so that no CUDA packages are pulled on CPU-only machines;
-# set LIGHTNING_SHARING_TORCH="torch==2.13.0" (or another spec) to choose a different build.
+# torch==2.13.0 is installed first, on its own: on a CPU machine set up as ours this resolves to the
+# local CPU wheel, whereas letting pip resolve a bare "torch" requirement pulls GBs of CUDA packages.
+# Override with LIGHTNING_SHARING_TORCH (e.g. "torch==2.13.0" from a CUDA index on a GPU machine).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --upgrade pip >/dev/null
+# pip's exit status is kept; only the noise about this machine's empty local index folders is dropped.
+pip_install() { .venv/bin/python -m pip install -q "$@" 2> >(grep -v "^WARNING: Location" >&2); }
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
-
-    .venv/bin/python -m pip install -q "${LIGHTNING_SHARING_TORCH:-torch==2.13.0}"
-
-
-
-
+  pip_install "${LIGHTNING_SHARING_TORCH:-torch==2.13.0}"
 fi
-.venv/bin/python -m pip install -q -e ".[dev]"
+pip_install -e ".[dev]"
+.venv/bin/python -c "import torch, lightning, safetensors, lightning_sharing" \
+  || { echo "setup failed: see pip output above" >&2; exit 1; }

@@ -156,8 +156,9 @@ def test_per_node_one_file_per_node_read_by_that_node(tmp_path: Path) -> None:
     with pytest.raises(WorkerFailed) as failure:
         run_distributed(_per_node_worker, 4, str(tmp_path), "load")
     assert sorted(failure.value.errors) == [0, 1, 2, 3]
-    for _, message, _ in failure.value.errors.values():
-        assert "TopologyMismatchError" in message and "'cache'" in message
+    for kind, message, _ in failure.value.errors.values():
+        assert kind == "DistributedTopologyMismatchError"  # catchable as TopologyMismatchError
+        assert "'cache'" in message
         assert "[[0, 1], [2, 3]]" in message and "[[0, 1, 2, 3]]" in message
 
 
