@@ -209,6 +209,11 @@ class CheckpointCoordinator:
         written: dict[str, list[dict[str, Any]]] = {}
         error: BaseException | None = None
         try:
+            if not staging.is_dir():
+                raise CheckpointError(
+                    f"rank {rank} cannot see the staging directory {staging} that rank 0 created: the "
+                    "checkpoint directory must be on a filesystem shared by all ranks"
+                )
             for component in self.components:
                 for placement in self._placements(component, topology):
                     if placement.writer != rank:
@@ -234,6 +239,7 @@ class CheckpointCoordinator:
     def _commit(self, staging: Path, target: Path, token: str, topology: Topology,
                 all_written: list[dict[str, list[dict[str, Any]]]], step: int | None,
                 metadata: dict[str, Any] | None) -> None:
+        _check_visible(staging, all_written)
         components: dict[str, ComponentManifest] = {}
         for component in self.components:
             copies = [copy for per_rank in all_written for copy in per_rank.get(component.key, [])]
@@ -309,6 +315,13 @@ class CheckpointCoordinator:
         except Exception as exc:  # made an error on every rank by agree() just below
             error = exc
         agree(error, f"reading checkpoint {root}")
+        identities = all_gather_object((os.path.abspath(root), result.manifest.created_at if result.manifest else ""))
+        if len(set(identities)) > 1:
+            listing = "; ".join(f"rank {r}: {p} (saved {c})" for r, (p, c) in enumerate(identities))
+            raise CheckpointError(
+                f"ranks are loading different checkpoints ({listing}); every rank must load the same one "
+                "(choose it on rank 0 and broadcast it, or pass the same path everywhere)"
+            )
         for key, reason in result.skipped.items():
             log.warning("checkpoint %s: skipped component %r (%s)", root, key, reason)
         error = None
@@ -350,6 +363,23 @@ def _with_context(key: str, action: str, fn: Any) -> Any:
         raise
     except Exception as exc:
         raise CheckpointError(f"component {key!r}: {action} failed: {type(exc).__name__}: {exc}") from exc
+
+
+def _check_visible(staging: Path, all_written: list[dict[str, list[dict[str, Any]]]]) -> None:
+    """Rank 0 must see every file the other ranks wrote, at the size they wrote it."""
+    for per_rank in all_written:
+        for copies in per_rank.values():
+            for copy in copies:
+                for entry in copy["files"]:
+                    path = staging / entry.path
+                    size = path.stat().st_size if path.is_file() else None
+                    if size != entry.size:
+                        raise CheckpointError(
+                            f"rank 0 sees {entry.path} written by rank {entry.rank} "
+                            f"{'missing' if size is None else f'with {size} bytes, not {entry.size}'}: the "
+                            "checkpoint directory must be on a filesystem shared by all ranks, with "
+                            "close-to-open consistency"
+                        )
 
 
 def _replicated_across(component: StateComponent, plan: tuple[Placement, ...]) -> list[Any] | None:

@@ -130,3 +130,22 @@ def test_ranks_declaring_different_components_all_raise(tmp_path: Path) -> None:
     for kind, message, _ in failure.value.errors.values():
         assert kind == "ComponentDeclarationError"
         assert "rank 1 declared" in message and "per_rank" in message
+
+
+def _different_paths_worker(rank: int, world_size: int, root: str):
+    from lightning_sharing import CheckpointCoordinator, SharingPattern, StateComponent
+
+    coordinator = CheckpointCoordinator([StateComponent("box", Box(), SharingPattern.REPLICATED)])
+    coordinator.save_checkpoint(Path(root) / "step=1.ckpt", step=1)
+    coordinator.save_checkpoint(Path(root) / "step=2.ckpt", step=2)
+    # e.g. each rank ran find_latest_checkpoint() while a save was landing and saw another listing
+    coordinator.load_checkpoint(Path(root) / f"step={rank + 1}.ckpt")
+
+
+def test_ranks_loading_different_checkpoints_all_raise(tmp_path: Path) -> None:
+    with pytest.raises(WorkerFailed) as failure:
+        run_distributed(_different_paths_worker, 2, str(tmp_path), timeout=90)
+    assert sorted(failure.value.errors) == [0, 1]
+    for _, message, _ in failure.value.errors.values():
+        assert "ranks are loading different checkpoints" in message
+        assert "step=1.ckpt" in message and "step=2.ckpt" in message
