@@ -16,7 +16,6 @@ Example (run on every rank, e.g. under ``torchrun``):
 
 from __future__ import annotations
 
-import datetime
 import logging
 import os
 import shutil
@@ -25,8 +24,6 @@ import uuid
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, TypeVar
-
-import torch
 
 from lightning_sharing.codec import encode_state
 from lightning_sharing.collectives import (
@@ -37,30 +34,27 @@ from lightning_sharing.collectives import (
     get_rank,
     resolve_process_groups,
 )
+from lightning_sharing.commit import build_manifest, commit_checkpoint
 from lightning_sharing.errors import CheckpointError, ComponentDeclarationError, CorruptCheckpointError
 from lightning_sharing.loading import LoadResult, check_listed_files, plan_load
-from lightning_sharing.manifest import MANIFEST_NAME, CheckpointManifest, ComponentManifest, FileEntry
+from lightning_sharing.manifest import CheckpointManifest, ComponentManifest, FileEntry
 from lightning_sharing.payload import (
     DEFAULT_MAX_SHARD_SIZE,
     index_name,
     read_index,
     read_payload,
     tree_name,
-    write_merged_index,
     write_payload,
 )
 from lightning_sharing.rules import Placement, placement_for_reader, placements
 from lightning_sharing.storage import (
-    commit_directory,
     file_checksum,
-    fsync_tree,
     remove_stale_staging,
     staging_path,
     verify_file,
-    write_bytes_durable,
 )
 from lightning_sharing.topology import Topology
-from lightning_sharing.types import SharingPattern, StateComponent, check_unique_keys
+from lightning_sharing.types import StateComponent, check_unique_keys
 from lightning_sharing.validation import check_replication
 
 __all__ = ["CheckpointCoordinator", "LoadResult"]
@@ -167,7 +161,8 @@ class CheckpointCoordinator:
             error: BaseException | None = None
             if rank == 0:
                 try:
-                    self._commit(staging, target, token, topology, all_written, step, metadata)
+                    manifest = build_manifest(self.components, topology, staging, all_written, step, metadata)
+                    commit_checkpoint(staging, target, token, manifest)
                 except Exception as exc:  # made an error on every rank by agree() just below
                     error = exc
             agree(error, f"committing checkpoint {target}")
@@ -235,60 +230,6 @@ class CheckpointCoordinator:
                    for rel in files]
         index = read_index(staging / index_name(placement.stem)) if encoded.flat else None
         return {"stem": placement.stem, "files": entries, "index": index}
-
-    def _commit(self, staging: Path, target: Path, token: str, topology: Topology,
-                all_written: list[dict[str, list[dict[str, Any]]]], step: int | None,
-                metadata: dict[str, Any] | None) -> None:
-        _check_visible(staging, all_written)
-        components: dict[str, ComponentManifest] = {}
-        for component in self.components:
-            copies = [copy for per_rank in all_written for copy in per_rank.get(component.key, [])]
-            copies.sort(key=lambda c: c["stem"])
-            files = [entry for copy in copies for entry in copy["files"]]
-            merged = self._merged_index(staging, component, copies)
-            if merged is not None:
-                files.append(FileEntry(merged, (staging / merged).stat().st_size,
-                                       file_checksum(staging / merged), 0))
-            plan = self._placements(component, topology)
-            components[component.key] = ComponentManifest(
-                key=component.key,
-                sharing_pattern=component.sharing_pattern.value,
-                ranks=sorted(p.writer for p in plan),
-                group_name=component.process_group_name,
-                replicated_across=_replicated_across(component, plan),
-                required=component.required,
-                storage="tree" if any(tree_name(c["stem"]) in {f.path for f in c["files"]} for c in copies)
-                else "tensors",
-                validation=component.effective_validation.value,
-                files=files,
-                metadata=dict(component.metadata),
-            )
-        manifest = CheckpointManifest(
-            world_size=topology.world_size,
-            topology=topology.to_json(),
-            components=components,
-            created_at=datetime.datetime.now(datetime.timezone.utc).isoformat(),
-            step=step,
-            library_version=_library_version(),
-            torch_version=torch.__version__,
-            metadata=dict(metadata or {}),
-        )
-        text = manifest.dumps()  # fails here, before anything is committed, if metadata is not JSON
-        fsync_tree(staging)
-        write_bytes_durable(staging / MANIFEST_NAME, text.encode("utf-8"))
-        commit_directory(staging, target, token)
-
-    def _merged_index(self, staging: Path, component: StateComponent,
-                      copies: list[dict[str, Any]]) -> str | None:
-        """For multi-copy tensor-only components with disjoint names (pipeline stages), one index."""
-        if component.sharing_pattern in (SharingPattern.GLOBAL, SharingPattern.REPLICATED) or not copies:
-            return None
-        if any(copy["index"] is None for copy in copies):
-            return None
-        names = [name for copy in copies for name in copy["index"]["weight_map"]]
-        if len(names) != len(set(names)):
-            return None
-        return write_merged_index(staging, component.key, [(c["stem"], c["index"]) for c in copies])
 
     # ------------------------------------------------------------------ load
     def load_checkpoint(self, path: str | os.PathLike[str], strict: bool = True, *,
@@ -363,37 +304,6 @@ def _with_context(key: str, action: str, fn: Any) -> Any:
         raise
     except Exception as exc:
         raise CheckpointError(f"component {key!r}: {action} failed: {type(exc).__name__}: {exc}") from exc
-
-
-def _check_visible(staging: Path, all_written: list[dict[str, list[dict[str, Any]]]]) -> None:
-    """Rank 0 must see every file the other ranks wrote, at the size they wrote it."""
-    for per_rank in all_written:
-        for copies in per_rank.values():
-            for copy in copies:
-                for entry in copy["files"]:
-                    path = staging / entry.path
-                    size = path.stat().st_size if path.is_file() else None
-                    if size != entry.size:
-                        raise CheckpointError(
-                            f"rank 0 sees {entry.path} written by rank {entry.rank} "
-                            f"{'missing' if size is None else f'with {size} bytes, not {entry.size}'}: the "
-                            "checkpoint directory must be on a filesystem shared by all ranks, with "
-                            "close-to-open consistency"
-                        )
-
-
-def _replicated_across(component: StateComponent, plan: tuple[Placement, ...]) -> list[Any] | None:
-    if component.sharing_pattern is SharingPattern.REPLICATED:
-        return list(plan[0].readers)
-    if component.sharing_pattern is SharingPattern.PER_GROUP:
-        return [list(p.readers) for p in plan]
-    return None
-
-
-def _library_version() -> str:
-    from lightning_sharing import __version__  # the package imports this module
-
-    return __version__
 
 
 def _check_verify(mode: str) -> str:

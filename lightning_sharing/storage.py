@@ -172,13 +172,22 @@ def commit_directory(staging: Path, target: Path, token: str) -> None:
         return
     if _rename_exchange(staging, target):
         fsync_dir(target.parent)
-        shutil.rmtree(staging)  # now holds the previous checkpoint
+        _remove_previous(staging)  # now holds the previous checkpoint
         return
     replaced = _replaced_path(target, token)
     os.rename(target, replaced)
     os.rename(staging, target)
     fsync_dir(target.parent)
-    shutil.rmtree(replaced)
+    _remove_previous(replaced)
+
+
+def _remove_previous(path: Path) -> None:
+    # The new checkpoint is already committed: failing to delete the old one must not fail the save.
+    # Its hidden name makes the next save's remove_stale_staging() delete it.
+    try:
+        shutil.rmtree(path)
+    except OSError as exc:
+        log.warning("could not remove the replaced checkpoint %s (%s); the next save removes it", path, exc)
 
 
 def checkpoint_step(path: Path, manifest: CheckpointManifest | None = None) -> int:
