@@ -5,6 +5,7 @@ Example:
     >>> coordinator = CheckpointCoordinator([StateComponent("rng", RNGState(), SharingPattern.PER_RANK)])
 """
 
+from lightning_sharing.checkpoint_io import SharingCheckpointIO
 from lightning_sharing.coordinator import CheckpointCoordinator
 from lightning_sharing.errors import (
     CheckpointError,
@@ -16,16 +17,20 @@ from lightning_sharing.errors import (
     TopologyMismatchError,
     UnsupportedStateError,
 )
+from lightning_sharing.lightning_layout import BuiltinState
 from lightning_sharing.loading import LoadResult
 from lightning_sharing.manifest import CheckpointManifest, ComponentManifest, FileEntry
+from lightning_sharing.metrics import MetricState
 from lightning_sharing.rng import RNGState
 from lightning_sharing.storage import find_latest_checkpoint
+from lightning_sharing.strategy import SharingStrategy
 from lightning_sharing.topology import Topology
 from lightning_sharing.types import SharingPattern, StateComponent, ValidationLevel
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BuiltinState",
     "CheckpointCoordinator",
     "CheckpointError",
     "CheckpointManifest",
@@ -36,9 +41,12 @@ __all__ = [
     "FileEntry",
     "LoadResult",
     "ManifestError",
+    "MetricState",
     "RNGState",
     "ReplicationMismatchError",
+    "SharingCheckpointIO",
     "SharingPattern",
+    "SharingStrategy",
     "StateComponent",
     "Topology",
     "TopologyMismatchError",

@@ -6,10 +6,12 @@ Without an initialised process group they degrade to single-process behaviour.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
-from collections.abc import Mapping
+import threading
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch.distributed as dist
@@ -28,14 +30,33 @@ __all__ = [
     "gather_topology",
     "get_rank",
     "get_world_size",
+    "local_only",
     "resolve_process_groups",
 ]
 
 log = logging.getLogger(__name__)
 
 
+_LOCAL = threading.local()
+
+
 def _active() -> bool:
-    return dist.is_available() and dist.is_initialized()
+    return dist.is_available() and dist.is_initialized() and not getattr(_LOCAL, "only", False)
+
+
+@contextlib.contextmanager
+def local_only() -> Iterator[None]:
+    """Within this block this process acts alone: world size 1, rank 0, no collectives.
+
+    For rank-local calls made by frameworks on one rank only (e.g. Lightning's spawn launcher
+    saving the final weights from rank 0), where a collective would hang.
+    """
+    previous = getattr(_LOCAL, "only", False)
+    _LOCAL.only = True
+    try:
+        yield
+    finally:
+        _LOCAL.only = previous
 
 
 def get_rank() -> int:

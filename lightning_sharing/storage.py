@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import shutil
+import uuid
 from pathlib import Path
 
 import xxhash
@@ -33,6 +34,7 @@ __all__ = [
     "fsync_dir",
     "fsync_tree",
     "list_checkpoint_files",
+    "remove_checkpoint",
     "remove_stale_staging",
     "staging_path",
     "verify_file",
@@ -43,7 +45,7 @@ log = logging.getLogger(__name__)
 
 CHECKSUM_ALGORITHM = "xxh3_128"
 _CHUNK = 8 * 1024 * 1024
-_TEMP_RE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>staging|replaced)-[0-9a-f]{32}$")
+_TEMP_RE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>staging|replaced|removing)-[0-9a-f]{32}$")
 _STEP_RE = re.compile(r"step[=_-]?(\d+)")
 _LAST_INT_RE = re.compile(r"(\d+)(?!.*\d)")
 
@@ -188,6 +190,25 @@ def _remove_previous(path: Path) -> None:
         shutil.rmtree(path)
     except OSError as exc:
         log.warning("could not remove the replaced checkpoint %s (%s); the next save removes it", path, exc)
+
+
+def remove_checkpoint(path: str | os.PathLike[str]) -> None:
+    """Delete a checkpoint so that it is never seen half-deleted.
+
+    A directory is first renamed to a hidden name (one atomic step: it stops being a checkpoint),
+    then deleted; an interrupted deletion is finished by the next save's cleanup. A symbolic link
+    is removed, not what it points to.
+    """
+    target = Path(path)
+    if target.is_symlink() or target.is_file():
+        target.unlink()
+        return
+    if not target.is_dir():
+        return
+    doomed = target.parent / f".{target.name}.removing-{uuid.uuid4().hex}"
+    os.rename(target, doomed)
+    fsync_dir(target.parent)
+    shutil.rmtree(doomed)
 
 
 def checkpoint_step(path: Path, manifest: CheckpointManifest | None = None) -> int:

@@ -1,0 +1,52 @@
+"""``MetricState``: checkpoint a torchmetrics metric's accumulated state, exactly and without syncing.
+
+A torchmetrics ``Metric``'s own ``state_dict()`` is empty unless ``metric.persistent(True)`` was
+called, and under DDP it may sync across ranks. ``MetricState`` saves this rank's raw accumulators
+(every registered state, including list states) and the update count, so a resumed run computes
+the same value. Declare it PER_RANK: each rank accumulates its own share.
+
+Example:
+    >>> import torchmetrics
+    >>> from lightning_sharing import MetricState, SharingPattern, StateComponent
+    >>> metric = torchmetrics.MeanMetric()
+    >>> StateComponent("train_loss_mean", MetricState(metric), SharingPattern.PER_RANK).key
+    'train_loss_mean'
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+__all__ = ["MetricState"]
+
+
+class MetricState:
+    """Stateful view of a torchmetrics ``Metric``'s accumulated (unsynced) state."""
+
+    def __init__(self, metric: Any) -> None:
+        if not hasattr(metric, "_defaults") or not hasattr(metric, "_update_count"):
+            raise TypeError(f"MetricState expects a torchmetrics Metric, got {type(metric).__name__}")
+        self.metric = metric
+
+    def state_dict(self) -> dict[str, Any]:
+        states = {}
+        for name in self.metric._defaults:
+            value = getattr(self.metric, name)
+            states[name] = [t.detach().clone() for t in value] if isinstance(value, list) else value.detach().clone()
+        return {"states": states, "update_count": int(self.metric._update_count)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        unknown = set(state["states"]) - set(self.metric._defaults)
+        if unknown:
+            raise KeyError(f"metric {type(self.metric).__name__} has no states {sorted(unknown)}")
+        for name, value in state["states"].items():
+            current = getattr(self.metric, name)
+            device = current[0].device if isinstance(current, list) and current else getattr(current, "device", None)
+            if isinstance(value, list):
+                setattr(self.metric, name, [torch.as_tensor(v).to(device) if device else v for v in value])
+            else:
+                setattr(self.metric, name, value.to(device) if device is not None else value)
+        self.metric._update_count = int(state["update_count"])
+        self.metric._computed = None

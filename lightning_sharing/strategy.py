@@ -1,0 +1,234 @@
+"""``SharingStrategy``: Lightning's DDP strategy with lightning_sharing checkpoints.
+
+``pl.Trainer(strategy=SharingStrategy())`` (or ``strategy="sharing"`` once ``lightning_sharing`` is
+imported) and nothing else changes: ``ModelCheckpoint``, ``trainer.save_checkpoint`` and
+``trainer.fit(ckpt_path=...)`` write and read directory checkpoints in which every piece of state is
+saved from the right ranks (see ``lightning_layout`` for the built-in components). Modules and
+datamodules add or re-declare components in ``configure_state_components()`` and name process groups
+in ``configure_process_groups()``.
+
+Example:
+    >>> import lightning.pytorch as pl
+    >>> from lightning_sharing import SharingStrategy
+    >>> trainer = pl.Trainer(strategy=SharingStrategy(), accelerator="cpu", devices=2)  # doctest: +SKIP
+    >>> trainer.fit(model, ckpt_path="last")                                            # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
+from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
+from torch.utils.data import DistributedSampler
+
+from lightning_sharing.checkpoint_io import SharingCheckpointIO, refuse_storage_options
+from lightning_sharing.coordinator import CheckpointCoordinator
+from lightning_sharing.errors import ComponentDeclarationError
+from lightning_sharing.lightning_layout import (
+    BUILTIN_KEYS,
+    ValueHolder,
+    builtin_components,
+    check_user_components,
+)
+from lightning_sharing.payload import DEFAULT_MAX_SHARD_SIZE
+from lightning_sharing.rng import RNGState
+from lightning_sharing.types import StateComponent, ValidationLevel, check_unique_keys
+
+__all__ = ["SharingStrategy"]
+
+log = logging.getLogger(__name__)
+
+
+class SharingStrategy(DDPStrategy):
+    """DDP whose checkpoints are lightning_sharing directories, saved and restored on every rank.
+
+    Args:
+        process_groups: named groups for PER_GROUP components: a dict of this rank's
+            ``ProcessGroup`` per name, a ``DeviceMesh``, or a callable returning either (called once,
+            on every rank, after the default process group exists). Defaults to the module's or
+            datamodule's ``configure_process_groups()``.
+        validation_level: replication check of the model weights at each save (default QUICK).
+        max_shard_size: the largest safetensors shard, in bytes.
+        verify: ``"checksum"`` (default) or ``"size"``: how files are checked on load.
+        **kwargs: everything ``DDPStrategy`` accepts.
+
+    Example:
+        >>> trainer = pl.Trainer(strategy=SharingStrategy(validation_level="tensor"), devices=2)  # doctest: +SKIP
+    """
+
+    strategy_name = "sharing"
+
+    def __init__(self, *, process_groups: Any = None, validation_level: ValidationLevel | str = ValidationLevel.QUICK,
+                 max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, verify: str = "checksum", **kwargs: Any) -> None:
+        if kwargs.get("checkpoint_io") is None:
+            kwargs["checkpoint_io"] = SharingCheckpointIO(
+                max_shard_size=max_shard_size, verify=verify, validation_level=validation_level)
+        super().__init__(**kwargs)
+        self._process_groups_arg = process_groups
+        self._process_groups: Any = None
+        self._groups_resolved = False
+        self._pending_rng: Any = None
+        self._rng_at_first_batch = False
+
+    @property
+    def sharing_io(self) -> SharingCheckpointIO:
+        """The strategy's CheckpointIO, which must be a ``SharingCheckpointIO``."""
+        io = self.checkpoint_io
+        if not isinstance(io, SharingCheckpointIO):
+            raise ComponentDeclarationError(
+                f"SharingStrategy needs a SharingCheckpointIO, but the Trainer gave it {type(io).__name__}; "
+                "remove the other CheckpointIO plugin or pass SharingCheckpointIO(...)"
+            )
+        return io
+
+    # ------------------------------------------------------------------ declarations
+    def _hook_owners(self) -> list[Any]:
+        module = self.lightning_module
+        trainer = getattr(module, "_trainer", None) if module is not None else None
+        datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
+        return [obj for obj in (module, datamodule) if obj is not None]
+
+    def _resolve_process_groups(self) -> Any:
+        if not self._groups_resolved:
+            groups = self._process_groups_arg
+            if groups is None:
+                for owner in self._hook_owners():
+                    hook = getattr(owner, "configure_process_groups", None)
+                    if callable(hook):
+                        groups = hook()
+                        break
+            elif callable(groups) and not hasattr(groups, "mesh_dim_names"):
+                groups = groups()
+            self._process_groups, self._groups_resolved = groups, True
+        return self._process_groups
+
+    def declared_components(self) -> tuple[list[StateComponent], dict[str, StateComponent]]:
+        """The user's own components and their re-declarations of built-ins, from the hooks."""
+        declared: list[StateComponent] = []
+        for owner in self._hook_owners():
+            hook = getattr(owner, "configure_state_components", None)
+            if not callable(hook):
+                continue
+            result = hook()
+            if result is None:
+                continue
+            if isinstance(result, StateComponent) or not isinstance(result, (list, tuple)):
+                raise ComponentDeclarationError(
+                    f"{type(owner).__name__}.configure_state_components() must return a list of StateComponent, "
+                    f"got {type(result).__name__}"
+                )
+            declared.extend(result)
+        declared = check_unique_keys(declared)
+        overrides = check_user_components(declared)
+        return [c for c in declared if c.key not in overrides], overrides
+
+    def _check_declarations(self) -> None:
+        """Build the full component set once, so wrong declarations fail at fit start."""
+        user, overrides = self.declared_components()
+        holders = {key: ValueHolder() for key in BUILTIN_KEYS}
+        components = builtin_components(list(BUILTIN_KEYS), holders, overrides, self.sharing_io.validation_level)
+        CheckpointCoordinator(components + user, self._resolve_process_groups())
+
+    def setup(self, trainer: Any) -> None:
+        super().setup(trainer)
+        self._check_declarations()
+
+    # ------------------------------------------------------------------ save / load / remove
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        """Collective: every rank saves its share of the checkpoint (Lightning calls this on all ranks)."""
+        refuse_storage_options(storage_options)
+        user, overrides = self.declared_components()
+        self.sharing_io.save_sharded(checkpoint, filepath, user, self._resolve_process_groups(), overrides)
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """Collective: restore user components in place and return Lightning's checkpoint dict."""
+        user, overrides = self.declared_components()
+        checkpoint, rng = self.sharing_io.load_sharded(checkpoint_path, user, self._resolve_process_groups(),
+                                                       overrides)
+        if rng is not None:
+            # Applied now (so an epoch-boundary resume creates its data iterator from the saved
+            # state) and again before the first batch of a mid-epoch resume (see on_train_start).
+            RNGState().load_state_dict(rng)
+            self._pending_rng = rng
+        return checkpoint
+
+    # ------------------------------------------------------------------ resume timing
+    def process_dataloader(self, dataloader: object) -> object:
+        dataloader = super().process_dataloader(dataloader)
+        module = self.lightning_module
+        trainer = getattr(module, "_trainer", None) if module is not None else None
+        if trainer is not None and trainer.training:
+            _replace_shuffle_wrapper(dataloader)
+            # Lightning creates the first data iterator of a fit (in FitLoop.setup_data) before it calls
+            # set_epoch on the sampler, so a run resumed in epoch e would replay epoch 0's shuffle. Set
+            # the epoch the loop is in before that iterator exists (the same value Lightning sets later).
+            _set_sampler_epoch(dataloader, trainer.fit_loop.epoch_progress.current.processed)
+        return dataloader
+
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        if self._pending_rng is None:
+            return
+        trainer = self.lightning_module.trainer
+        # A mid-epoch resume re-creates the epoch's data iterator, which the interrupted run had
+        # created before it saved; re-apply the saved RNG after that, right before the first batch.
+        self._rng_at_first_batch = bool(trainer.fit_loop.restarted_mid_epoch)
+        if not self._rng_at_first_batch:
+            self._pending_rng = None
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_start(batch, batch_idx)
+        if self._pending_rng is not None and self._rng_at_first_batch:
+            RNGState().load_state_dict(self._pending_rng)
+            self._pending_rng = None
+
+    def teardown(self) -> None:
+        self._pending_rng = None
+        super().teardown()
+
+
+def _set_sampler_epoch(dataloader: object, epoch: int) -> None:
+    samplers = {id(s): s for s in (getattr(dataloader, "sampler", None),
+                                   getattr(getattr(dataloader, "batch_sampler", None), "sampler", None))
+                if s is not None}
+    for sampler in samplers.values():
+        set_epoch = getattr(sampler, "set_epoch", None)
+        if callable(set_epoch):
+            set_epoch(epoch)
+
+
+def _replace_shuffle_wrapper(dataloader: object) -> None:
+    """Give a shuffled stateful loader an epoch-seeded ``DistributedSampler`` instead of Lightning's wrapper.
+
+    Lightning injects ``DistributedSampler`` only for torch's own Random/SequentialSampler. torchdata's
+    ``StatefulDataLoader(shuffle=True)`` has its own RandomSampler, so Lightning wraps it in a
+    ``DistributedSamplerWrapper`` whose order is drawn from the global RNG whenever an iterator is
+    created, which a mid-epoch resume cannot reproduce. A plain shuffle is equivalent to
+    ``DistributedSampler(shuffle=True)``, whose order depends only on (seed, epoch).
+    """
+    batch_sampler = getattr(dataloader, "batch_sampler", None)
+    wrapper = getattr(batch_sampler, "sampler", None)
+    if not isinstance(wrapper, DistributedSamplerWrapper):
+        return
+    inner = getattr(wrapper.dataset, "_sampler", None)
+    # Lightning itself does the same for torch's RandomSampler (ignoring its generator).
+    plain_shuffle = (type(inner).__name__ == "RandomSampler" and not getattr(inner, "replacement", True)
+                     and getattr(inner, "_num_samples", 0) is None)
+    dataset = getattr(dataloader, "dataset", None)
+    if not plain_shuffle or dataset is None:
+        return
+    batch_sampler.sampler = DistributedSampler(dataset, num_replicas=wrapper.num_replicas, rank=wrapper.rank,
+                                               shuffle=True, seed=wrapper.seed, drop_last=wrapper.drop_last)
+    log.debug("replaced DistributedSamplerWrapper(RandomSampler) with DistributedSampler(shuffle=True, seed=%d)",
+              wrapper.seed)
+
+
+def _register(registry: Any = StrategyRegistry) -> None:
+    if "sharing" not in registry:
+        registry.register("sharing", SharingStrategy,
+                          description="DDP with lightning_sharing checkpoints (explicit sharing patterns)")
+
+
+_register()
