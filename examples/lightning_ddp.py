@@ -48,7 +48,7 @@ class TinyRegression(pl.LightningModule):
         self.loss_mean.update(loss.detach())
         return loss
 
-    def configure_optimizers(self):  # noqa: ANN201 - Lightning's flexible return type
+    def configure_optimizers(self):
         optimizer = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr)
         warmup, total = self.hparams.warmup, self.hparams.total
 
@@ -94,7 +94,8 @@ def dump_final_state(module: TinyRegression, trainer: pl.Trainer, out: Path) -> 
     tensors["metric.weight"] = module.loss_mean.weight.clone()
     save_file(tensors, out / f"final-rank{rank}.safetensors")
     scheduler = trainer.lr_scheduler_configs[0].scheduler.state_dict()
-    summary = {"global_step": trainer.global_step, "scheduler": {k: v for k, v in scheduler.items() if k != "lr_lambdas"},
+    summary = {"global_step": trainer.global_step,
+               "scheduler": {k: v for k, v in scheduler.items() if k != "lr_lambdas"},
                "metric_compute": float(module.loss_mean.compute())}
     (out / f"final-rank{rank}.json").write_text(json.dumps(summary, indent=1))
 
