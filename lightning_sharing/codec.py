@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import math
+import pathlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,8 +29,6 @@ from lightning_sharing.errors import CorruptCheckpointError, UnsupportedStateErr
 
 __all__ = ["EncodedState", "decode_state", "encode_state", "is_flat_tensor_dict"]
 
-_TAGS = ("__tensor__", "__ndarray__", "__tuple__", "__dict__", "__float__", "__bytes__", "__dtype__",
-         "__size__", "__device__")
 
 
 @dataclass
@@ -111,6 +110,8 @@ class _Encoder:
             return {"__size__": list(value)}
         if isinstance(value, torch.device):
             return {"__device__": str(value)}
+        if isinstance(value, pathlib.PurePath):
+            return {"__path__": str(value)}
         if isinstance(value, (bytes, bytearray)):
             return {"__bytes__": base64.b64encode(bytes(value)).decode("ascii")}
         ndarray = _numpy_array_type()
@@ -137,7 +138,7 @@ class _Encoder:
         raise UnsupportedStateError(
             f"component {self.component!r}: value at {path} has type {type(value).__module__}."
             f"{type(value).__qualname__}, which cannot be stored without pickle; return tensors, numbers, "
-            "strings, bytes, lists, tuples or dicts from state_dict()"
+            "strings, bytes, paths, lists, tuples or dicts from state_dict()"
         )
 
 
@@ -216,6 +217,8 @@ def _decode(node: Any, tensors: Mapping[str, torch.Tensor], ties: Mapping[str, s
             return dtype
         if tag == "__size__" and isinstance(payload, list):
             return torch.Size(int(v) for v in payload)
+        if tag == "__path__" and isinstance(payload, str):
+            return pathlib.Path(payload)
         if tag == "__device__" and isinstance(payload, str):
             return torch.device(payload)
     raise CorruptCheckpointError(f"unrecognised node {str(node)[:200]!r} in state structure")

@@ -147,7 +147,8 @@ class SharingStrategy(DDPStrategy):
         user, overrides = self.declared_components()
         checkpoint, rng = self.sharing_io.load_sharded(checkpoint_path, user, self._resolve_process_groups(),
                                                        overrides)
-        if rng is not None:
+        fitting = getattr(getattr(self.lightning_module, "trainer", None), "state", None)
+        if rng is not None and getattr(getattr(fitting, "fn", None), "value", None) == "fit":
             # Applied now (so an epoch-boundary resume creates its data iterator from the saved
             # state) and again before the first batch of a mid-epoch resume (see on_train_start).
             RNGState().load_state_dict(rng)

@@ -611,3 +611,12 @@ def test_unsupported_state_refused_at_save_and_nothing_is_left(tmp_path):
     assert "'trainer'" in message and "state['callback']" in message
     assert isinstance(info.value.__cause__, UnsupportedStateError)
     assert os.listdir(tmp_path) == []  # no target, no staging directory
+
+
+def test_paths_round_trip_as_paths() -> None:
+    # Callbacks and hyper-parameters often hold pathlib paths: stored as strings, restored as Path.
+    state = {"dirpath": Path("/runs/ckpts"), "relative": Path("a/b.txt"), "plain": "a/b.txt"}
+    encoded = encode_state(state)
+    decoded = decode_state(json.loads(json.dumps(encoded.tree)), encoded.tensors, encoded.ties)
+    assert decoded == state
+    assert isinstance(decoded["dirpath"], Path) and isinstance(decoded["plain"], str)
