@@ -75,10 +75,16 @@ class SharingCheckpointIO(CheckpointIO):
 
     def save_sharded(self, checkpoint: Mapping[str, Any], path: str | os.PathLike[str],
                      user_components: list[StateComponent], process_groups: Any,
-                     overrides: Mapping[str, StateComponent]) -> None:
-        """Collective: save Lightning's checkpoint dict plus the user's components."""
+                     overrides: Mapping[str, StateComponent], unreplicated: frozenset[str] = frozenset()) -> None:
+        """Collective: save Lightning's checkpoint dict plus the user's components.
+
+        ``unreplicated`` names model entries that may differ between ranks (buffers such as
+        BatchNorm statistics): one copy is saved, but they are left out of the replication check.
+        """
         parts = split_checkpoint(checkpoint)
         holders: dict[str, Any] = {key: ValueHolder(value) for key, value in parts.items()}
+        if "model" in holders:
+            holders["model"].exempt = unreplicated
         holders["rng"] = RNGState()
         keys = [key for key in BUILTIN_KEYS if key in holders]
         components = builtin_components(keys, holders, overrides, self.validation_level) + list(user_components)
@@ -109,9 +115,7 @@ class SharingCheckpointIO(CheckpointIO):
         holders = {key: ValueHolder() for key in keys}
         declared = {**saved, **overrides}
         components = builtin_components(keys, holders, declared, ValidationLevel.NONE) + list(user_components)
-        result = self._coordinator(components, process_groups).load_checkpoint(path, strict=strict)
-        for key, reason in result.skipped.items():
-            log.warning("not restored from %s: %r (%s)", path, key, reason)
+        self._coordinator(components, process_groups).load_checkpoint(path, strict=strict)
         parts = {key: holder.value for key, holder in holders.items() if holder.loaded and key != "rng"}
         rng = holders["rng"].value if "rng" in holders and holders["rng"].loaded else None
         return join_checkpoint(parts), rng

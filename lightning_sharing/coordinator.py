@@ -141,6 +141,7 @@ class CheckpointCoordinator:
         started = time.perf_counter()
         topology = self._prepare()
         rank = get_rank()
+        _refuse_url(path)
         target = Path(os.path.abspath(os.fspath(path)))
         targets = all_gather_object(str(target))
         if len(set(targets)) > 1:
@@ -153,7 +154,8 @@ class CheckpointCoordinator:
             states = self._collect_states(topology, rank)
             for component in self.components:
                 if component.effective_validation.value != "none":
-                    check_replication(component.key, states[component.key], component.effective_validation,
+                    check_replication(component.key, _replicated_view(component, states[component.key]),
+                                      component.effective_validation,
                                       writer=self._placements(component, topology)[0].writer)
             written = self._write_files(staging, topology, rank, states)
             del states
@@ -244,6 +246,7 @@ class CheckpointCoordinator:
         mode = _check_verify(verify or self.verify)
         topology = self._prepare()
         rank = get_rank()
+        _refuse_url(path)
         root = Path(os.fspath(path))
         error: BaseException | None = None
         result = LoadResult(path=root)
@@ -304,6 +307,25 @@ def _with_context(key: str, action: str, fn: Any) -> Any:
         raise
     except Exception as exc:
         raise CheckpointError(f"component {key!r}: {action} failed: {type(exc).__name__}: {exc}") from exc
+
+
+def _refuse_url(path: Any) -> None:
+    if "://" in os.fspath(path):
+        raise ComponentDeclarationError(
+            f"{os.fspath(path)!r} is a URL; lightning_sharing writes directories on a filesystem every rank "
+            "can see (local or a mounted shared filesystem), so pass a filesystem path"
+        )
+
+
+def _replicated_view(component: StateComponent, state: Any) -> Any:
+    """The part of ``state`` that must be identical on every rank.
+
+    A stateful may define ``replicated_view(state)`` to exclude entries that legitimately differ
+    between ranks although one copy is saved (e.g. BatchNorm running statistics under DDP, which
+    DDP overwrites from rank 0 at the next forward).
+    """
+    view = getattr(component.stateful, "replicated_view", None)
+    return view(state) if callable(view) else state
 
 
 def _check_verify(mode: str) -> str:

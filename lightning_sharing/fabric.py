@@ -11,9 +11,11 @@ How the values of Fabric's ``state`` dict are declared:
 value                                                  component
 =====================================================  ============================================================
 ``StateComponent``                                     used as declared (its ``key`` must equal the dict key)
-``nn.Module`` (also Fabric-wrapped, DDP, compiled)     ``REPLICATED``, validated across ranks at ``QUICK``; saved as
+``nn.Module`` (also Fabric-wrapped, DDP, compiled)     ``REPLICATED``, validated across ranks at ``QUICK`` (not if
+                                                       it has BatchNorm running statistics: those differ across
+                                                       ranks, and rank 0's copy is the one DDP broadcasts); saved as
                                                        the unwrapped module's state dict (no ``module.`` prefixes)
-``torchmetrics.Metric``                                ``PER_RANK``: a metric accumulates each rank's own values
+``torchmetrics`` ``Metric`` or ``MetricCollection``    ``PER_RANK``: a metric accumulates each rank's own values
 ``Optimizer`` (also Fabric-wrapped)                    ``REPLICATED``
 ``DataLoader`` with ``state_dict()`` (torchdata's      ``PER_RANK``: each rank reads its own shard of the data
 ``StatefulDataLoader``)
@@ -85,6 +87,9 @@ RNG_KEY = "rng"
 REGISTRY_NAME = "sharing"
 # state keys whose int value becomes the manifest's step (``find_latest_checkpoint`` orders by it)
 _STEP_KEYS = ("step", "global_step")
+
+# buffers that BatchNorm/InstanceNorm update from the local batch in every forward
+_RUNNING_STATS = ("running_mean", "running_var")
 
 _FilterFn = Callable[[str, Any], bool]
 
@@ -339,8 +344,13 @@ class FabricSharingStrategy(DDPStrategy):
         if isinstance(value, nn.Module):
             if _is_metric(value):
                 return StateComponent(key, value, SharingPattern.PER_RANK)
+            validate = not _has_running_stats(value)
+            if not validate:
+                log.info("state[%r]: not validating replication: its normalization layers update running statistics "
+                         "from each rank's own batches, so they differ across ranks; rank 0's copy is saved (the one "
+                         "DDP broadcasts at the next forward)", key)
             return StateComponent(key, _ModuleState(self, value, strict), SharingPattern.REPLICATED,
-                                  validate_replication=True, validation_level=ValidationLevel.QUICK)
+                                  validate_replication=validate, validation_level=ValidationLevel.QUICK)
         if isinstance(value, Optimizer):
             if callable(getattr(value, "consolidate_state_dict", None)):
                 raise ComponentDeclarationError(
@@ -462,12 +472,17 @@ def _is_stateful(value: Any) -> bool:
             and callable(getattr(value, "load_state_dict", None)))
 
 
+def _has_running_stats(module: nn.Module) -> bool:
+    """True if ``module`` holds BatchNorm-style running statistics (updated in every forward, per rank)."""
+    return any(name.rsplit(".", 1)[-1] in _RUNNING_STATS for name, _ in module.named_buffers())
+
+
 def _is_metric(module: nn.Module) -> bool:
     try:
-        from torchmetrics import Metric
+        from torchmetrics import Metric, MetricCollection
     except ImportError:  # torchmetrics is optional here
         return False
-    return isinstance(module, Metric)
+    return isinstance(module, (Metric, MetricCollection))
 
 
 def _register(cls: type[FabricSharingStrategy], registry: _StrategyRegistry) -> None:

@@ -55,11 +55,20 @@ _DEFAULT_PATTERNS = {
 
 
 class ValueHolder:
-    """A stateful that saves a given value and keeps what it is loaded with."""
+    """A stateful that saves a given value and keeps what it is loaded with.
 
-    def __init__(self, value: Any = None) -> None:
+    ``exempt`` names entries left out of the replication check (see ``replicated_view``).
+    """
+
+    def __init__(self, value: Any = None, exempt: frozenset[str] = frozenset()) -> None:
         self.value = value
         self.loaded = False
+        self.exempt = exempt
+
+    def replicated_view(self, state: Any) -> Any:
+        if not self.exempt or not isinstance(state, Mapping):
+            return state
+        return {k: v for k, v in state.items() if k not in self.exempt}
 
     def state_dict(self) -> Any:
         return self.value

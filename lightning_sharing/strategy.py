@@ -52,6 +52,9 @@ class SharingStrategy(DDPStrategy):
         validation_level: replication check of the model weights at each save (default QUICK).
         max_shard_size: the largest safetensors shard, in bytes.
         verify: ``"checksum"`` (default) or ``"size"``: how files are checked on load.
+        strict: the loading rules on resume (see docs/patterns.md). ``False`` skips what cannot be
+            loaded (undeclared or missing components, rank-specific state saved under another
+            topology), logging each skip, instead of refusing the checkpoint.
         **kwargs: everything ``DDPStrategy`` accepts.
 
     Example:
@@ -61,11 +64,13 @@ class SharingStrategy(DDPStrategy):
     strategy_name = "sharing"
 
     def __init__(self, *, process_groups: Any = None, validation_level: ValidationLevel | str = ValidationLevel.QUICK,
-                 max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, verify: str = "checksum", **kwargs: Any) -> None:
+                 max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, verify: str = "checksum", strict: bool = True,
+                 **kwargs: Any) -> None:
         if kwargs.get("checkpoint_io") is None:
             kwargs["checkpoint_io"] = SharingCheckpointIO(
                 max_shard_size=max_shard_size, verify=verify, validation_level=validation_level)
         super().__init__(**kwargs)
+        self.strict = strict
         self._process_groups_arg = process_groups
         self._process_groups: Any = None
         self._groups_resolved = False
@@ -140,13 +145,20 @@ class SharingStrategy(DDPStrategy):
         """Collective: every rank saves its share of the checkpoint (Lightning calls this on all ranks)."""
         refuse_storage_options(storage_options)
         user, overrides = self.declared_components()
-        self.sharing_io.save_sharded(checkpoint, filepath, user, self._resolve_process_groups(), overrides)
+        self.sharing_io.save_sharded(checkpoint, filepath, user, self._resolve_process_groups(), overrides,
+                                     unreplicated=self._buffer_names())
+
+    def _buffer_names(self) -> frozenset[str]:
+        # Buffers (BatchNorm running statistics, counters) are updated from each rank's own batch and
+        # only made equal by DDP's broadcast at the next forward: save rank 0's, but don't require equality.
+        module = self.lightning_module
+        return frozenset(name for name, _ in module.named_buffers()) if module is not None else frozenset()
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         """Collective: restore user components in place and return Lightning's checkpoint dict."""
         user, overrides = self.declared_components()
         checkpoint, rng = self.sharing_io.load_sharded(checkpoint_path, user, self._resolve_process_groups(),
-                                                       overrides)
+                                                       overrides, strict=self.strict)
         fitting = getattr(getattr(self.lightning_module, "trainer", None), "state", None)
         if rng is not None and getattr(getattr(fitting, "fn", None), "value", None) == "fit":
             # Applied now (so an epoch-boundary resume creates its data iterator from the saved

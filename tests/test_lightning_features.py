@@ -69,7 +69,9 @@ def test_spawn_launcher_returns_final_weights_through_the_checkpoint_io(tmp_path
     run_process([SCRIPT, "spawn", "--out", str(out)], tmp_path / "spawn.log")
     (result,) = _results(out, 1)
     assert result == {"parent_weights_equal_saved": True,
-                      "keys": ["net.0.bias", "net.0.weight", "net.2.bias", "net.2.weight"]}
+                      "keys": ["net.0.bias", "net.0.weight", "net.1.bias", "net.1.num_batches_tracked",
+                               "net.1.running_mean", "net.1.running_var", "net.1.weight", "net.3.bias",
+                               "net.3.weight"]}
 
 
 def test_two_nodes_under_torchrun_save_and_resume_per_node_state(tmp_path: Path) -> None:

@@ -77,3 +77,33 @@ def test_divergence_is_named_on_every_rank(tmp_path: Path, case: str, component:
         assert f"ranks {ranks} differ from rank 0" in message
         assert path in message
     assert list(tmp_path.iterdir()) == []  # nothing committed, no staging left behind
+
+
+def _exempt_worker(rank: int, world_size: int, root: str):
+    from lightning_sharing import CheckpointCoordinator, ReplicationMismatchError, SharingPattern, StateComponent
+    from lightning_sharing.lightning_layout import ValueHolder
+
+    outcomes = []
+    for differing in ("running_mean", "weight"):
+        state = {"weight": torch.ones(3), "running_mean": torch.zeros(3)}
+        state[differing] = state[differing] + rank  # rank 1 differs in one entry
+        holder = ValueHolder(state, exempt=frozenset({"running_mean"}))
+        component = StateComponent("model", holder, SharingPattern.REPLICATED, validate_replication=True,
+                                   validation_level="tensor")
+        try:
+            CheckpointCoordinator([component]).save_checkpoint(Path(root) / f"{differing}.ckpt")
+            outcomes.append(None)
+        except ReplicationMismatchError as exc:
+            outcomes.append(str(exc))
+    return outcomes
+
+
+def test_replicated_view_exempts_entries_from_the_check_but_saves_them(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    results = run_distributed(_exempt_worker, 2, str(tmp_path))
+    for exempt_ok, weight_error in results:
+        assert exempt_ok is None  # buffers (e.g. BatchNorm statistics) may differ: rank 0's copy is saved
+        assert weight_error is not None and "'weight' on ranks [1]" in weight_error
+    saved = load_file(tmp_path / "running_mean.ckpt" / "model-00001-of-00001.safetensors")
+    assert torch.equal(saved["running_mean"], torch.zeros(3))
