@@ -86,10 +86,10 @@ class Module(pl.LightningModule):
         ]
 
 
-def loader() -> StatefulDataLoader:
+def loader(shuffle: bool = True) -> StatefulDataLoader:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(64, 4, generator=g)
-    return StatefulDataLoader(torch.utils.data.TensorDataset(x, x.sum(1, keepdim=True)), batch_size=4, shuffle=True)
+    return StatefulDataLoader(torch.utils.data.TensorDataset(x, x.sum(1, keepdim=True)), batch_size=4, shuffle=shuffle)
 
 
 def trainer(args: argparse.Namespace, max_steps: int, callbacks: list | None = None, **kwargs: Any) -> pl.Trainer:
@@ -119,9 +119,11 @@ def features(args: argparse.Namespace) -> None:
         result["storage_options_error"] = None
     except TypeError as exc:
         result["storage_options_error"] = str(exc)
-    result["validate_weights"] = t.validate(module, dataloaders=loader(), ckpt_path=args.out / "weights.ckpt",
+    # Unshuffled, so that the two validations average the same batches in the same order.
+    result["validate_weights"] = t.validate(module, dataloaders=loader(False), ckpt_path=args.out / "weights.ckpt",
                                             verbose=False)[0]["val_loss"]
-    result["validate_best"] = t.validate(module, dataloaders=loader(), ckpt_path="best", verbose=False)[0]["val_loss"]
+    result["validate_best"] = t.validate(module, dataloaders=loader(False), ckpt_path="best",
+                                         verbose=False)[0]["val_loss"]
 
     # A new Trainer resumes from "last" (a symlink to the newest step checkpoint) and continues.
     resumed = Module()
