@@ -181,6 +181,7 @@ def main() -> None:
             log(f"step {progress.step}: loss {mean_loss.item():.5f}, saved {path}")
         if progress.step == args.stop_after:
             log(f"stopping after step {progress.step} without saving it (simulated interruption)")
+            dist.barrier()  # leave together: tearing gloo down while a peer still uses it can hang the exit
             dist.destroy_process_group()
             return
 
@@ -191,6 +192,7 @@ def main() -> None:
                         "loss_sum": repr(progress.loss_sum)})
     digest = hashlib.sha256(b"".join(t.numpy().tobytes() for t in weights.values())).hexdigest()
     log(f"FINAL {digest}")
+    dist.barrier()  # leave together: tearing gloo down while a peer still uses it can hang the exit
     dist.destroy_process_group()
 
 

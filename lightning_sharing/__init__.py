@@ -17,6 +17,7 @@ from lightning_sharing.errors import (
     TopologyMismatchError,
     UnsupportedStateError,
 )
+from lightning_sharing.fabric import FabricSharingStrategy
 from lightning_sharing.lightning_layout import BuiltinState
 from lightning_sharing.loading import LoadResult
 from lightning_sharing.manifest import CheckpointManifest, ComponentManifest, FileEntry
@@ -38,6 +39,7 @@ __all__ = [
     "ComponentManifest",
     "CorruptCheckpointError",
     "DistributedCheckpointError",
+    "FabricSharingStrategy",
     "FileEntry",
     "LoadResult",
     "ManifestError",

@@ -11,11 +11,16 @@ How the values of Fabric's ``state`` dict are declared:
 value                                                  component
 =====================================================  ============================================================
 ``StateComponent``                                     used as declared (its ``key`` must equal the dict key)
-``nn.Module`` (also Fabric-wrapped, DDP, compiled)     ``REPLICATED``, validated across ranks at ``QUICK`` (not if
-                                                       it has BatchNorm running statistics: those differ across
-                                                       ranks, and rank 0's copy is the one DDP broadcasts); saved as
+``nn.Module`` (also Fabric-wrapped, DDP, compiled)     ``REPLICATED``; its parameters are validated across ranks
+                                                       at ``QUICK``, its buffers are not (BatchNorm running
+                                                       statistics follow each rank's batches; rank 0's copy, the
+                                                       one DDP broadcasts at the next forward, is saved); saved as
                                                        the unwrapped module's state dict (no ``module.`` prefixes)
-``torchmetrics`` ``Metric`` or ``MetricCollection``    ``PER_RANK``: a metric accumulates each rank's own values
+``torchmetrics`` ``Metric``                            ``PER_RANK`` through ``MetricState``: this rank's raw
+                                                       accumulators and update count (``persistent`` or not)
+``torchmetrics`` ``MetricCollection``                  ``PER_RANK``, its own ``state_dict()`` (call
+                                                       ``persistent(True)`` on it, or declare a ``MetricState`` per
+                                                       metric)
 ``Optimizer`` (also Fabric-wrapped)                    ``REPLICATED``
 ``DataLoader`` with ``state_dict()`` (torchdata's      ``PER_RANK``: each rank reads its own shard of the data
 ``StatefulDataLoader``)
@@ -30,7 +35,7 @@ The strategy adds its own components to every save and load: those passed as ``c
 ``"rng"`` are therefore reserved for stateful values. Plain values are taken from rank 0: declare a ``PER_RANK``
 ``StateComponent`` for values that differ between ranks.
 
-Example (``fabric run``, ``torchrun``, or Fabric's own launcher with ``devices=2``):
+Example (under ``torchrun``, or with Fabric's own launcher and ``devices=2``):
     >>> from lightning.fabric import Fabric
     >>> from lightning_sharing import FabricSharingStrategy
     >>> fabric = Fabric(accelerator="cpu", devices=2, strategy=FabricSharingStrategy())    # doctest: +SKIP
@@ -49,7 +54,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any, Literal
 
@@ -69,8 +74,19 @@ from torch.utils.data import DataLoader
 
 from lightning_sharing.coordinator import CheckpointCoordinator
 from lightning_sharing.errors import CheckpointError, ComponentDeclarationError
+from lightning_sharing.fabric_state import (
+    Filtered,
+    FilterFn,
+    ModuleState,
+    check_filter,
+    filtered,
+    is_stateful,
+    metric_kind,
+)
+from lightning_sharing.lightning_layout import ValueHolder
 from lightning_sharing.loading import LoadResult
 from lightning_sharing.manifest import CheckpointManifest
+from lightning_sharing.metrics import MetricState
 from lightning_sharing.payload import DEFAULT_MAX_SHARD_SIZE
 from lightning_sharing.rng import RNGState
 from lightning_sharing.types import SharingPattern, StateComponent, ValidationLevel, check_unique_keys
@@ -88,10 +104,6 @@ REGISTRY_NAME = "sharing"
 # state keys whose int value becomes the manifest's step (``find_latest_checkpoint`` orders by it)
 _STEP_KEYS = ("step", "global_step")
 
-# buffers that BatchNorm/InstanceNorm update from the local batch in every forward
-_RUNNING_STATS = ("running_mean", "running_var")
-
-_FilterFn = Callable[[str, Any], bool]
 
 
 class FabricSharingStrategy(DDPStrategy):
@@ -185,7 +197,7 @@ class FabricSharingStrategy(DDPStrategy):
         path: str | os.PathLike[str],
         state: dict[str, Any],
         storage_options: Any | None = None,
-        filter: dict[str, _FilterFn] | None = None,
+        filter: dict[str, FilterFn] | None = None,
     ) -> None:
         """Collective: save ``state`` as a ``lightning_sharing`` checkpoint directory at ``path`` (every rank calls it).
 
@@ -209,10 +221,10 @@ class FabricSharingStrategy(DDPStrategy):
                 f"FabricSharingStrategy.save_checkpoint expects state to be a dict of name -> object, got "
                 f"{type(state).__name__}; e.g. fabric.save(path, {{'model': model, 'optimizer': optimizer}})"
             )
-        filters = _check_filter(filter, state)
+        filters = check_filter(filter, state)
         components, plain = self._declare(state, filters, strict=True, loading=False)
         if plain:
-            components.append(StateComponent(EXTRA_KEY, _PlainValues(plain), SharingPattern.GLOBAL))
+            components.append(StateComponent(EXTRA_KEY, ValueHolder(plain), SharingPattern.GLOBAL))
         step = next((plain[k] for k in _STEP_KEYS if type(plain.get(k)) is int), None)
         log.debug("saving %s with components %s", path, [(c.key, c.sharing_pattern.name) for c in components])
         self._coordinator(components).save_checkpoint(path, step=step)
@@ -267,12 +279,12 @@ class FabricSharingStrategy(DDPStrategy):
             )
         full = not state
         components, plain = self._declare(state or {}, {}, strict=strict, loading=True)
-        extra = _Capture()
+        extra = ValueHolder()
         components.append(StateComponent(EXTRA_KEY, extra, SharingPattern.GLOBAL, required=False))
-        captures: dict[str, _Capture] = {}
+        captures: dict[str, ValueHolder] = {}
         if full:
             for key, pattern, group in self._saved_components(path, {c.key for c in components}):
-                captures[key] = _Capture()
+                captures[key] = ValueHolder()
                 components.append(StateComponent(key, captures[key], pattern, process_group_name=group))
         result = self._coordinator(components).load_checkpoint(path, strict=strict, verify=None)
         self.last_load_result = result
@@ -302,7 +314,7 @@ class FabricSharingStrategy(DDPStrategy):
             components.append(StateComponent(RNG_KEY, self._rng_state, SharingPattern.PER_RANK, required=not loading))
         return components
 
-    def _declare(self, state: Mapping[str, Any], filters: Mapping[str, _FilterFn], strict: bool,
+    def _declare(self, state: Mapping[str, Any], filters: Mapping[str, FilterFn], strict: bool,
                  loading: bool) -> tuple[list[StateComponent], dict[str, Any]]:
         """Map Fabric's ``state`` to components; returns them (with the strategy's own) and the plain values."""
         components = self._strategy_components(loading)
@@ -313,7 +325,7 @@ class FabricSharingStrategy(DDPStrategy):
                 raise ComponentDeclarationError(f"state keys must be strings, got {key!r}")
             component = self._component_for(key, value, strict)
             if component is None:
-                plain[key] = _filtered(value, filters.get(key))
+                plain[key] = filtered(value, filters.get(key))
                 continue
             if key == EXTRA_KEY or key in own:
                 what = "the plain values of state" if key == EXTRA_KEY else (
@@ -324,7 +336,7 @@ class FabricSharingStrategy(DDPStrategy):
                     "use another key"
                 )
             if key in filters:
-                component = dataclasses.replace(component, stateful=_Filtered(component.stateful, filters[key]))
+                component = dataclasses.replace(component, stateful=Filtered(component.stateful, filters[key]))
             components.append(component)
         return check_unique_keys(components), plain
 
@@ -338,19 +350,17 @@ class FabricSharingStrategy(DDPStrategy):
                 )
             stateful = _unwrap_objects(value.stateful)
             if isinstance(stateful, DistributedDataParallel):
-                stateful = _ModuleState(self, stateful, strict)
+                stateful = ModuleState(self, stateful, strict)
             return value if stateful is value.stateful else dataclasses.replace(value, stateful=stateful)
         value = _unwrap_objects(value)
         if isinstance(value, nn.Module):
-            if _is_metric(value):
+            kind = metric_kind(value)
+            if kind == "metric":  # its raw accumulators and update count, whether persistent or not
+                return StateComponent(key, MetricState(value), SharingPattern.PER_RANK)
+            if kind == "collection":
                 return StateComponent(key, value, SharingPattern.PER_RANK)
-            validate = not _has_running_stats(value)
-            if not validate:
-                log.info("state[%r]: not validating replication: its normalization layers update running statistics "
-                         "from each rank's own batches, so they differ across ranks; rank 0's copy is saved (the one "
-                         "DDP broadcasts at the next forward)", key)
-            return StateComponent(key, _ModuleState(self, value, strict), SharingPattern.REPLICATED,
-                                  validate_replication=validate, validation_level=ValidationLevel.QUICK)
+            return StateComponent(key, ModuleState(self, value, strict), SharingPattern.REPLICATED,
+                                  validate_replication=True, validation_level=ValidationLevel.QUICK)
         if isinstance(value, Optimizer):
             if callable(getattr(value, "consolidate_state_dict", None)):
                 raise ComponentDeclarationError(
@@ -359,7 +369,7 @@ class FabricSharingStrategy(DDPStrategy):
                     "one in a StateComponent with the pattern that fits its state"
                 )
             return StateComponent(key, value, SharingPattern.REPLICATED)
-        if _is_stateful(value):
+        if is_stateful(value):
             pattern = SharingPattern.PER_RANK if isinstance(value, DataLoader) else SharingPattern.REPLICATED
             return StateComponent(key, value, pattern)
         return None
@@ -390,99 +400,6 @@ class FabricSharingStrategy(DDPStrategy):
     def _coordinator(self, components: list[StateComponent]) -> CheckpointCoordinator:
         return CheckpointCoordinator(components, self._process_groups(), max_shard_size=self._max_shard_size,
                                      verify=self._verify)
-
-
-# ---------------------------------------------------------------------- statefuls used by the strategy
-class _ModuleState:
-    """A module's state dict as the strategy sees it (DDP unwrapped), loaded with the call's ``strict``."""
-
-    def __init__(self, strategy: DDPStrategy, module: nn.Module, strict: bool) -> None:
-        self._strategy, self._module, self._strict = strategy, module, strict
-
-    def state_dict(self) -> dict[str, Any]:
-        return self._strategy.get_module_state_dict(self._module)
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._strategy.load_module_state_dict(self._module, state_dict, strict=self._strict)
-
-
-class _PlainValues:
-    """The plain values of ``state``, saved as one GLOBAL component."""
-
-    def __init__(self, values: dict[str, Any]) -> None:
-        self._values = values
-
-    def state_dict(self) -> dict[str, Any]:
-        return self._values
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # pragma: no cover - saving only
-        self._values = state_dict
-
-
-class _Capture:
-    """Receives a saved state instead of restoring an object (plain values, ``state=None``)."""
-
-    def __init__(self) -> None:
-        self.value: Any = None
-        self.loaded = False
-
-    def state_dict(self) -> Any:
-        return self.value
-
-    def load_state_dict(self, state_dict: Any) -> None:
-        self.value, self.loaded = state_dict, True
-
-
-class _Filtered:
-    """Saves only the top-level items of ``stateful.state_dict()`` that ``keep(name, value)`` accepts."""
-
-    def __init__(self, stateful: Any, keep: _FilterFn) -> None:
-        self._stateful, self._keep = stateful, keep
-
-    def state_dict(self) -> Any:
-        return _filtered(self._stateful.state_dict(), self._keep)
-
-    def load_state_dict(self, state_dict: Any) -> Any:
-        return self._stateful.load_state_dict(state_dict)
-
-
-def _filtered(value: Any, keep: _FilterFn | None) -> Any:
-    if keep is None or not isinstance(value, Mapping):
-        return value
-    return {k: v for k, v in value.items() if keep(k, v)}
-
-
-def _check_filter(filter: Any, state: Mapping[str, Any]) -> dict[str, _FilterFn]:
-    """Fabric's own checks on ``filter`` (repeated for direct calls of ``save_checkpoint``)."""
-    if filter is None:
-        return {}
-    if not isinstance(filter, Mapping):
-        raise TypeError(f"Filter should be a dictionary, given {filter!r}")
-    unknown = set(filter) - set(state)
-    if unknown:
-        raise ValueError(f"The filter keys {unknown} are not present in the state keys {set(state)}.")
-    for key, fn in filter.items():
-        if not callable(fn):
-            raise TypeError(f"Expected `fabric.save(filter=...)` for key {key!r} to be a callable, given {fn!r}")
-    return dict(filter)
-
-
-def _is_stateful(value: Any) -> bool:
-    return (not isinstance(value, type) and callable(getattr(value, "state_dict", None))
-            and callable(getattr(value, "load_state_dict", None)))
-
-
-def _has_running_stats(module: nn.Module) -> bool:
-    """True if ``module`` holds BatchNorm-style running statistics (updated in every forward, per rank)."""
-    return any(name.rsplit(".", 1)[-1] in _RUNNING_STATS for name, _ in module.named_buffers())
-
-
-def _is_metric(module: nn.Module) -> bool:
-    try:
-        from torchmetrics import Metric, MetricCollection
-    except ImportError:  # torchmetrics is optional here
-        return False
-    return isinstance(module, (Metric, MetricCollection))
 
 
 def _register(cls: type[FabricSharingStrategy], registry: _StrategyRegistry) -> None:
