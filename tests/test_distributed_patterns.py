@@ -198,3 +198,35 @@ def test_global_and_replicated_load_at_another_world_size(tmp_path: Path) -> Non
         assert torch.equal(weights, torch.arange(4.0) * 3)
         assert progress_label == "progress-from-0"
         assert rng_label == f"rng{rank}"  # untouched: not loaded from another rank's file
+
+
+def _pipeline_worker(rank: int, world_size: int, root: str):
+    from lightning_sharing import CheckpointCoordinator, SharingPattern, StateComponent
+
+    torch.manual_seed(rank)
+    # Each rank holds one pipeline stage; parameter names are disjoint across ranks.
+    stage = torch.nn.ModuleDict({f"layers_{rank}": torch.nn.Linear(4, 4)})
+    CheckpointCoordinator([StateComponent("model", stage, SharingPattern.PER_RANK)]).save_checkpoint(
+        Path(root) / "pipe.ckpt")
+    return {k: v.clone() for k, v in stage.state_dict().items()}
+
+
+def test_pipeline_stages_merge_into_one_hugging_face_index(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    stages = run_distributed(_pipeline_worker, 2, str(tmp_path))
+    root = tmp_path / "pipe.ckpt"
+    index = json.loads((root / "model.safetensors.index.json").read_text())
+    assert index["weight_map"] == {
+        "layers_0.weight": "model/rank-00000-00001-of-00001.safetensors",
+        "layers_0.bias": "model/rank-00000-00001-of-00001.safetensors",
+        "layers_1.weight": "model/rank-00001-00001-of-00001.safetensors",
+        "layers_1.bias": "model/rank-00001-00001-of-00001.safetensors",
+    }
+    # The whole model loads from the index alone, with plain safetensors.
+    whole = {}
+    for file in sorted(set(index["weight_map"].values())):
+        whole.update(load_file(root / file))
+    expected = {**stages[0], **stages[1]}
+    assert whole.keys() == expected.keys() and all(torch.equal(whole[k], expected[k]) for k in expected)
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in expected.values())

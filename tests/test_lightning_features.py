@@ -46,6 +46,12 @@ def test_model_checkpoint_save_validate_and_resume(tmp_path: Path) -> None:
     assert "optimizer" not in weights.components and "model" in weights.components
     assert full.components["optimizer"].validation == "tensor"  # re-declared through BuiltinState
     assert full.components["cache"].sharing_pattern == "per_node"
+    # From the datamodule's configure_state_components(), and a group from configure_process_groups().
+    assert full.components["dm_epochs"].sharing_pattern == "global"
+    assert full.components["group_state"].group_name == "everyone"
+    assert full.topology["groups"] == {"everyone": [[0, 1]]}
+    # The datamodule's counter (1 at the save) was restored, then its train_dataloader() ran once more.
+    assert result["dm_epochs_after_resume"] == 2
     saved = load_file(out / "weights.ckpt" / "model-00001-of-00001.safetensors")
     same = load_file(out / "manual.ckpt" / "model-00001-of-00001.safetensors")
     assert saved.keys() == same.keys() and all(torch.equal(saved[k], same[k]) for k in saved)

@@ -65,3 +65,13 @@ def test_killed_and_resumed_run_matches_uninterrupted_run(tmp_path: Path, device
         summary = json.loads((killed / f"final-rank{rank}.json").read_text())
         assert summary == json.loads((reference / f"final-rank{rank}.json").read_text())
         assert summary["global_step"] == STEPS and summary["scheduler"]["last_epoch"] == STEPS
+
+
+def test_single_device_example_runs_and_resumes(tmp_path: Path) -> None:
+    script = str(ROOT / "examples" / "lightning_single_device.py")
+    first = run([script, "--out", str(tmp_path), "--max-steps", "10"], tmp_path / "first.log")
+    assert "global_step=10; last.ckpt holds step 10:" in first
+    second = run([script, "--out", str(tmp_path), "--max-steps", "15", "--resume"], tmp_path / "second.log")
+    assert "Restored all states from the checkpoint" in second
+    assert "global_step=15; last.ckpt holds step 15:" in second
+    assert "  rng        per_rank" in second and "  model      replicated" in second

@@ -71,6 +71,11 @@ class Module(pl.LightningModule):
         x, y = batch
         self.log("val_loss", nn.functional.mse_loss(self.net(x), y), sync_dist=True)
 
+    def configure_process_groups(self) -> dict[str, Any]:
+        import torch.distributed as dist
+
+        return {"everyone": dist.group.WORLD}
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=0.01)
 
@@ -79,11 +84,41 @@ class Module(pl.LightningModule):
             return [StateComponent("data_shard", NodeCache(), SharingPattern.PER_GROUP, process_group_name="tp")]
         return [
             StateComponent("seen", MetricState(self.seen), SharingPattern.PER_RANK),
+            # One copy per instance of the group named in configure_process_groups() (here: all ranks).
+            StateComponent("group_state", Counter(), SharingPattern.PER_GROUP, process_group_name="everyone"),
             StateComponent("cache", self.cache, SharingPattern.PER_NODE),
             # Re-declare a built-in: the scheduler-free optimizer is still REPLICATED, now checked at TENSOR level.
             StateComponent("optimizer", BuiltinState(), SharingPattern.REPLICATED, validate_replication=True,
                            validation_level="tensor"),
         ]
+
+
+class Counter:
+    """A tiny stateful: how many times an epoch started."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"count": self.count}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.count = int(state["count"])
+
+
+class DataModule(pl.LightningDataModule):
+    """Declares state of its own (GLOBAL) next to the module's components."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.epochs_started = Counter()
+
+    def train_dataloader(self) -> StatefulDataLoader:
+        self.epochs_started.count += 1
+        return loader()
+
+    def configure_state_components(self) -> list[StateComponent]:
+        return [StateComponent("dm_epochs", self.epochs_started, SharingPattern.GLOBAL)]
 
 
 def loader(shuffle: bool = True) -> StatefulDataLoader:
@@ -109,7 +144,7 @@ def features(args: argparse.Namespace) -> None:
                                save_last="link")
     t = trainer(args, 12, [callback])
     module = Module()
-    t.fit(module, train_dataloaders=loader())
+    t.fit(module, datamodule=DataModule())
     result: dict[str, Any] = {"best": callback.best_model_path, "last": callback.last_model_path,
                               "best_k": sorted(callback.best_k_models), "global_step": t.global_step}
     t.save_checkpoint(args.out / "manual.ckpt")
@@ -129,10 +164,11 @@ def features(args: argparse.Namespace) -> None:
     resumed = Module()
     t2 = trainer(args, 15, [ModelCheckpoint(dirpath=ckpt_dir, monitor="train_loss", save_top_k=2,
                                             every_n_train_steps=3, save_last="link")])
-    t2.fit(resumed, train_dataloaders=loader(), ckpt_path="last")
+    datamodule = DataModule()
+    t2.fit(resumed, datamodule=datamodule, ckpt_path="last")
     result.update(resumed_from=str(t2.ckpt_path), resumed_step=t2.global_step,
                   seen_after_resume=float(resumed.seen.compute()), cache_loaded_from=resumed.cache.loaded_from,
-                  latest=str(find_latest_checkpoint(ckpt_dir)))
+                  latest=str(find_latest_checkpoint(ckpt_dir)), dm_epochs_after_resume=datamodule.epochs_started.count)
     write(args.out, t.global_rank, result)
 
 
