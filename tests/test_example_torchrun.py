@@ -9,15 +9,11 @@ Every launch has a timeout, so a hang fails the test instead of blocking it.
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
-import socket
 import subprocess
-import sys
-import time
 from pathlib import Path
 
+import launch
 import pytest
 import torch
 from safetensors import safe_open
@@ -25,59 +21,29 @@ from safetensors.torch import load_file
 
 from lightning_sharing import CheckpointManifest, find_latest_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
-EXAMPLE = ROOT / "examples" / "torchrun_core.py"
+EXAMPLE = launch.ROOT / "examples" / "torchrun_core.py"
 TIMEOUT_S = 120
 STEPS, SAVE_EVERY, STOP_AFTER = 12, 3, 7
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
-    return env
-
-
 def _launch(log: Path, launcher_args: list[str], example_args: list[str]) -> subprocess.Popen:
-    """Start one torchrun agent (its workers are its children); output goes to ``log``."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", *launcher_args, str(EXAMPLE), *example_args]
-    with open(log, "w") as handle:
-        return subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=handle, stderr=subprocess.STDOUT)
+    """Start one torchrun agent (its workers are its children, in its session); output goes to ``log``."""
+    return launch.start(["-m", "torch.distributed.run", *launcher_args, str(EXAMPLE), *example_args], log)
 
 
 def _wait(procs: list[subprocess.Popen], logs: list[Path]) -> list[str]:
-    """Wait for every agent; on timeout stop them (SIGTERM lets torchrun stop its workers) and fail."""
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        for proc in procs:
-            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        pytest.fail(f"torchrun did not finish within {TIMEOUT_S}s (hang?):\n" + "\n".join(
-            f"--- {log}\n{log.read_text()[-4000:]}" for log in logs))
+    """Wait for every agent (killing them all on timeout) and require exit code 0 from each."""
+    codes = launch.wait(procs, logs, TIMEOUT_S)
     outputs = [log.read_text() for log in logs]
-    for proc, log, output in zip(procs, logs, outputs, strict=True):
-        assert proc.returncode == 0, f"torchrun failed with exit code {proc.returncode} ({log}):\n{output[-6000:]}"
+    for code, log, output in zip(codes, logs, outputs, strict=True):
+        assert code == 0, f"torchrun failed with exit code {code} ({log}):\n{output[-6000:]}"
     return outputs
 
 
 def _run(out: Path, tag: str, *extra: str) -> str:
     """One single-node launch with two processes; returns its output (also kept in ``{out}-{tag}.log``)."""
     log = out.parent / f"{out.name}-{tag}.log"
-    launcher = ["--nproc_per_node=2", f"--master_port={_free_port()}"]
+    launcher = ["--nproc_per_node=2", f"--master_port={launch.free_port()}"]
     args = ["--out", str(out), "--steps", str(STEPS), "--save-every", str(SAVE_EVERY), *extra]
     return _wait([_launch(log, launcher, args)], [log])[0]
 
@@ -166,7 +132,7 @@ def test_two_simulated_nodes_each_resume_their_own_per_node_copy(tmp_path: Path)
     out = tmp_path / "nodes"
 
     def launch_both(tag: str, *extra: str) -> list[str]:
-        port = _free_port()  # node 0's agent serves the rendezvous store on it; node 1 connects to it
+        port = launch.free_port()  # node 0's agent serves the rendezvous store on it; node 1 connects to it
         logs = [tmp_path / f"{tag}-node{k}.log" for k in (0, 1)]
         procs = [
             _launch(logs[k], ["--nnodes=2", f"--node_rank={k}", "--nproc_per_node=1", "--master_addr=127.0.0.1",
