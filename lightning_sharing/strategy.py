@@ -17,6 +17,8 @@ Example:
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 from typing import Any
 
 from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
@@ -24,16 +26,19 @@ from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from torch.utils.data import DistributedSampler
 
 from lightning_sharing.checkpoint_io import SharingCheckpointIO, refuse_storage_options
+from lightning_sharing.collectives import broadcast_object, get_rank
 from lightning_sharing.coordinator import CheckpointCoordinator
-from lightning_sharing.errors import ComponentDeclarationError
+from lightning_sharing.errors import ComponentDeclarationError, CorruptCheckpointError, ManifestError
 from lightning_sharing.lightning_layout import (
     BUILTIN_KEYS,
     ValueHolder,
     builtin_components,
     check_user_components,
 )
+from lightning_sharing.manifest import CheckpointManifest
 from lightning_sharing.payload import DEFAULT_MAX_SHARD_SIZE
 from lightning_sharing.rng import RNGState
+from lightning_sharing.storage import checkpoint_step
 from lightning_sharing.types import StateComponent, ValidationLevel, check_unique_keys
 
 __all__ = ["SharingStrategy"]
@@ -52,6 +57,9 @@ class SharingStrategy(DDPStrategy):
         validation_level: replication check of the model weights at each save (default QUICK).
         max_shard_size: the largest safetensors shard, in bytes.
         verify: ``"checksum"`` (default) or ``"size"``: how files are checked on load.
+        fallback: when the checkpoint to resume from is corrupt or incomplete, resume from the newest
+            other complete checkpoint in the same directory instead of failing (logged as an error).
+            Off by default: a damaged checkpoint is an error unless you opt in.
         strict: the loading rules on resume (see docs/patterns.md). ``False`` skips what cannot be
             loaded (undeclared or missing components, rank-specific state saved under another
             topology), logging each skip, instead of refusing the checkpoint.
@@ -65,12 +73,13 @@ class SharingStrategy(DDPStrategy):
 
     def __init__(self, *, process_groups: Any = None, validation_level: ValidationLevel | str = ValidationLevel.QUICK,
                  max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, verify: str = "checksum", strict: bool = True,
-                 **kwargs: Any) -> None:
+                 fallback: bool = False, **kwargs: Any) -> None:
         if kwargs.get("checkpoint_io") is None:
             kwargs["checkpoint_io"] = SharingCheckpointIO(
                 max_shard_size=max_shard_size, verify=verify, validation_level=validation_level)
         super().__init__(**kwargs)
         self.strict = strict
+        self.fallback = fallback
         self._process_groups_arg = process_groups
         self._process_groups: Any = None
         self._groups_resolved = False
@@ -157,8 +166,17 @@ class SharingStrategy(DDPStrategy):
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         """Collective: restore user components in place and return Lightning's checkpoint dict."""
         user, overrides = self.declared_components()
-        checkpoint, rng = self.sharing_io.load_sharded(checkpoint_path, user, self._resolve_process_groups(),
-                                                       overrides, strict=self.strict)
+        groups = self._resolve_process_groups()
+        try:
+            checkpoint, rng = self.sharing_io.load_sharded(checkpoint_path, user, groups, overrides,
+                                                           strict=self.strict)
+        except (CorruptCheckpointError, ManifestError) as exc:
+            # Every rank raised this same error (the agreement step), so every rank gets here.
+            if not self.fallback:
+                log.error("%s cannot be loaded; SharingStrategy(fallback=True) would resume from the previous "
+                          "complete checkpoint in %s instead", checkpoint_path, Path(checkpoint_path).parent)
+                raise
+            checkpoint, rng = self._load_previous(checkpoint_path, exc, user, groups, overrides)
         fitting = getattr(getattr(self.lightning_module, "trainer", None), "state", None)
         if rng is not None and getattr(getattr(fitting, "fn", None), "value", None) == "fit":
             # Applied now (so an epoch-boundary resume creates its data iterator from the saved
@@ -166,6 +184,21 @@ class SharingStrategy(DDPStrategy):
             RNGState().load_state_dict(rng)
             self._pending_rng = rng
         return checkpoint
+
+    def _load_previous(self, failed: Any, error: BaseException, user: list[StateComponent], groups: Any,
+                       overrides: dict[str, StateComponent]) -> tuple[dict[str, Any], Any]:
+        """Resume from the newest other complete checkpoint beside ``failed`` (chosen on rank 0)."""
+        candidates = broadcast_object(_previous_checkpoints(Path(failed)) if get_rank() == 0 else None)
+        for candidate in candidates:
+            log.error("FALLING BACK: %s could not be loaded (%s); resuming from %s instead", failed, error, candidate)
+            try:
+                return self.sharing_io.load_sharded(candidate, user, groups, overrides, strict=self.strict)
+            except (CorruptCheckpointError, ManifestError) as exc:  # agreed on every rank, like above
+                error = exc
+        raise CorruptCheckpointError(
+            f"{failed} could not be loaded and no other complete checkpoint beside it loads either "
+            f"(tried {candidates}); last error: {error}"
+        ) from error
 
     # ------------------------------------------------------------------ resume timing
     def process_dataloader(self, dataloader: object) -> object:
@@ -200,6 +233,27 @@ class SharingStrategy(DDPStrategy):
     def teardown(self) -> None:
         self._pending_rng = None
         super().teardown()
+
+
+def _previous_checkpoints(failed: Path) -> list[str]:
+    """Complete checkpoints beside ``failed``, newest first by step, not newer than it, itself excluded."""
+    failed_real = os.path.realpath(failed)
+    try:
+        limit = CheckpointManifest.load(failed).step
+    except ManifestError:
+        limit = None
+    found = []
+    for entry in failed.parent.iterdir() if failed.parent.is_dir() else ():
+        if entry.name.startswith(".") or entry.is_symlink() or os.path.realpath(entry) == failed_real:
+            continue
+        try:
+            manifest = CheckpointManifest.load(entry)
+        except ManifestError:
+            continue
+        step = checkpoint_step(entry, manifest)
+        if limit is None or step <= limit:
+            found.append(((step, manifest.created_at), str(entry)))
+    return [path for _, path in sorted(found, reverse=True)]
 
 
 def _set_sampler_epoch(dataloader: object, epoch: int) -> None:

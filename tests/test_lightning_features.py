@@ -100,3 +100,19 @@ def test_two_nodes_under_torchrun_save_and_resume_per_node_state(tmp_path: Path)
     cache = {(f.path, f.rank) for f in manifest.components["cache"].files}
     assert {rank for path, rank in cache if path.startswith("cache/node-00000")} == {0}
     assert {rank for path, rank in cache if path.startswith("cache/node-00001")} == {1}
+
+
+def test_corrupt_last_checkpoint_is_an_error_unless_fallback_is_chosen(tmp_path: Path) -> None:
+    out = tmp_path / "fallback"
+    log = tmp_path / "fallback.log"
+    run_process([SCRIPT, "fallback", "--out", str(out)], log)
+    for result in _results(out, 2):
+        error = result["default_error"]
+        assert error.startswith("DistributedCorruptCheckpointError: loading checkpoint ")
+        assert "last.ckpt failed on ranks [0, 1]" in error
+        assert "component 'model', file model-00001-of-00001.safetensors (written by rank 0)" in error
+        # With SharingStrategy(fallback=True): resumed from the intact step-10 checkpoint, not from scratch.
+        assert result["fallback_start_step"] == 10 and result["fallback_step"] == 12
+    output = log.read_text()
+    assert "SharingStrategy(fallback=True) would resume from the previous complete checkpoint" in output
+    assert "FALLING BACK:" in output and "resuming from" in output and "step=10.ckpt instead" in output

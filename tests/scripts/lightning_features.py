@@ -6,6 +6,7 @@ Modes:
     bad-declaration  a PER_GROUP component naming a group nobody provides: must fail when fit starts.
     spawn            the spawn launcher: final weights travel back to the parent through the CheckpointIO.
     nodes            run under torchrun --nnodes=2: a PER_NODE component, saved then resumed.
+    fallback         a corrupt last.ckpt: an error by default, the previous checkpoint with fallback=True.
 Each mode writes OUT/result-rank{r}.json for the test to check.
 """
 
@@ -208,9 +209,44 @@ def nodes(args: argparse.Namespace) -> None:
                                     "global_step": t.global_step, "world_size": t.world_size})
 
 
+class StartStep(pl.Callback):
+    """Records the global step training (re)starts at."""
+
+    step: int | None = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.step = trainer.global_step
+
+
+def fallback(args: argparse.Namespace) -> None:
+    ckpt_dir = args.out / "checkpoints"
+    t = trainer(args, 10, [ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=5, save_top_k=-1, save_last=True)])
+    t.fit(Module(), train_dataloaders=loader())
+    if t.is_global_zero:  # damage last.ckpt (a copy of the step-10 checkpoint): one flipped byte
+        shard = ckpt_dir / "last.ckpt" / "model-00001-of-00001.safetensors"
+        data = bytearray(shard.read_bytes())
+        data[-1] ^= 0xFF
+        shard.write_bytes(bytes(data))
+    t.strategy.barrier()
+    result: dict[str, Any] = {}
+    def callbacks() -> list:  # "last" is looked up in the ModelCheckpoint's directory
+        return [ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=50, save_top_k=-1)]
+
+    try:
+        trainer(args, 12, callbacks()).fit(Module(), train_dataloaders=loader(), ckpt_path="last")
+        result["default_error"] = None
+    except Exception as exc:  # the test checks type and message
+        result["default_error"] = f"{type(exc).__name__}: {exc}"
+    start = StartStep()
+    t3 = trainer(args, 12, [*callbacks(), start], strategy=SharingStrategy(fallback=True))
+    t3.fit(Module(), train_dataloaders=loader(), ckpt_path="last")
+    result.update(fallback_start_step=start.step, fallback_step=t3.global_step)
+    write(args.out, t3.global_rank, result)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["features", "bad-declaration", "spawn", "nodes"])
+    parser.add_argument("mode", choices=["features", "bad-declaration", "spawn", "nodes", "fallback"])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--devices", type=int, default=2)
     parser.add_argument("--nodes", type=int, default=1)
@@ -218,7 +254,9 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(3)
-    {"features": features, "bad-declaration": bad_declaration, "spawn": spawn, "nodes": nodes}[args.mode](args)
+    modes = {"features": features, "bad-declaration": bad_declaration, "spawn": spawn, "nodes": nodes,
+             "fallback": fallback}
+    modes[args.mode](args)
 
 
 if __name__ == "__main__":
