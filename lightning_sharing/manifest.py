@@ -20,7 +20,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lightning_sharing.errors import ManifestError
+from lightning_sharing.errors import ComponentDeclarationError, ManifestError
+from lightning_sharing.topology import Topology
 from lightning_sharing.types import SharingPattern
 
 __all__ = [
@@ -118,13 +119,14 @@ class ComponentManifest:
     def from_json(cls, key: str, data: Any) -> ComponentManifest:
         _expect(isinstance(data, dict), f"component {key!r} is not an object")
         pattern = data.get("sharing_pattern")
-        _expect(pattern in {p.value for p in SharingPattern},
+        _expect(isinstance(pattern, str) and pattern in {p.value for p in SharingPattern},
                 f"component {key!r}: unknown sharing_pattern {pattern!r}")
         ranks = data.get("ranks")
-        _expect(isinstance(ranks, list) and all(isinstance(r, int) for r in ranks),
+        _expect(isinstance(ranks, list) and all(isinstance(r, int) and not isinstance(r, bool) for r in ranks),
                 f"component {key!r}: ranks {ranks!r} is not a list of integers")
         storage = data.get("storage", "tree")
-        _expect(storage in ("tree", "tensors"), f"component {key!r}: unknown storage kind {storage!r}")
+        _expect(isinstance(storage, str) and storage in ("tree", "tensors"),
+                f"component {key!r}: unknown storage kind {storage!r}")
         files = data.get("files", [])
         _expect(isinstance(files, list), f"component {key!r}: files is not a list")
         group = data.get("group_name")
@@ -190,6 +192,12 @@ class CheckpointManifest:
         _expect(isinstance(components, dict), "the manifest has no components object")
         topology = data.get("topology")
         _expect(isinstance(topology, dict), "the manifest has no topology object")
+        try:
+            parsed_topology = Topology.from_json(topology)
+        except ComponentDeclarationError as exc:
+            raise ManifestError(f"invalid manifest: {exc}") from exc
+        _expect(parsed_topology.world_size == world_size,
+                f"topology world_size {parsed_topology.world_size} differs from world_size {world_size}")
         step = data.get("step")
         _expect(step is None or (isinstance(step, int) and not isinstance(step, bool)),
                 f"step {step!r} is not an integer")

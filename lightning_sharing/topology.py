@@ -105,7 +105,7 @@ class Topology:
                     for name, inst in dict(data.get("groups", {})).items()
                 },
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError, AttributeError) as exc:
             raise ComponentDeclarationError(f"malformed topology record: {exc}") from exc
 
     def describe(self, group: str | None = None) -> str:
