@@ -149,3 +149,50 @@ def test_ranks_loading_different_checkpoints_all_raise(tmp_path: Path) -> None:
     for _, message, _ in failure.value.errors.values():
         assert "ranks are loading different checkpoints" in message
         assert "step=1.ckpt" in message and "step=2.ckpt" in message
+
+
+class _DiesOnRank1:
+    """A stateful whose state_dict() kills rank 1's process outright (no exception, no cleanup)."""
+
+    def state_dict(self):
+        import os
+
+        import torch.distributed as dist
+
+        if dist.get_rank() == 1:
+            os._exit(3)
+        return {"x": torch.ones(2)}
+
+    def load_state_dict(self, state) -> None:
+        raise AssertionError("never loaded")
+
+
+def _dying_rank_worker(rank: int, world_size: int, root: str):
+    from lightning_sharing import CheckpointCoordinator, CheckpointManifest, SharingPattern, StateComponent
+    from lightning_sharing.cli import verify_checkpoint
+
+    box = Box(f"rank{rank}", torch.full((2,), float(rank)))
+    CheckpointCoordinator([StateComponent("box", box, SharingPattern.PER_RANK)]).save_checkpoint(
+        Path(root) / "last.ckpt", step=1)
+    components = [StateComponent("box", box, SharingPattern.PER_RANK),
+                  StateComponent("dies", _DiesOnRank1(), SharingPattern.PER_RANK)]
+    started = time.monotonic()
+    try:
+        CheckpointCoordinator(components).save_checkpoint(Path(root) / "last.ckpt", step=2)
+    except Exception as exc:  # the test inspects what the surviving rank saw
+        # The process group is broken now: check the old checkpoint without collectives.
+        _, problems = verify_checkpoint(Path(root) / "last.ckpt")
+        step = CheckpointManifest.load(Path(root) / "last.ckpt").step
+        return (type(exc).__name__, str(exc), time.monotonic() - started, problems, step,
+                sorted(p.name for p in Path(root).iterdir()))
+    return None
+
+
+def test_a_rank_dying_mid_save_makes_the_others_raise_not_hang(tmp_path: Path) -> None:
+    with pytest.raises(WorkerFailed) as failure:
+        run_distributed(_dying_rank_worker, 2, str(tmp_path), timeout=90)
+    assert failure.value.errors == {1: ("ProcessDied", "exit code 3", "")}
+    kind, message, _elapsed, problems, step, entries = failure.value.results[0]
+    assert kind == "RuntimeError" and "Connection" in message  # gloo reports the lost peer
+    assert problems == [] and step == 1  # the previous checkpoint is intact and still the one at last.ckpt
+    assert entries == ["last.ckpt"]  # rank 0 removed the staging directory of the failed save
