@@ -29,6 +29,7 @@ from lightning_sharing.manifest import MANIFEST_NAME, CheckpointManifest, FileEn
 __all__ = [
     "CHECKSUM_ALGORITHM",
     "commit_directory",
+    "complete_checkpoints",
     "file_checksum",
     "find_latest_checkpoint",
     "fsync_dir",
@@ -219,6 +220,28 @@ def checkpoint_step(path: Path, manifest: CheckpointManifest | None = None) -> i
     return int(match.group(1)) if match else -1
 
 
+def complete_checkpoints(directory: str | os.PathLike[str]) -> list[tuple[Path, int]]:
+    """Every *complete* checkpoint directly under ``directory`` as ``(path, step)``, newest first.
+
+    A checkpoint is complete when its manifest exists and parses. Checkpoints are ordered by step,
+    then by the manifest's creation time. Hidden entries (staging leftovers) and symlinks are ignored.
+    """
+    root = Path(directory)
+    if not root.is_dir():
+        return []
+    found: list[tuple[tuple[int, str, str], Path]] = []
+    for entry in root.iterdir():
+        if entry.name.startswith(".") or entry.is_symlink() or not entry.is_dir():
+            continue
+        try:
+            manifest = CheckpointManifest.load(entry)
+        except ManifestError as exc:
+            log.debug("skipping %s: %s", entry, exc)
+            continue
+        found.append(((checkpoint_step(entry, manifest), manifest.created_at, entry.name), entry))
+    return [(path, key[0]) for key, path in sorted(found, key=lambda item: item[0], reverse=True)]
+
+
 def find_latest_checkpoint(directory: str | os.PathLike[str]) -> Path | None:
     """The newest *complete* checkpoint directly under ``directory``, by step; None if there is none.
 
@@ -229,23 +252,8 @@ def find_latest_checkpoint(directory: str | os.PathLike[str]) -> Path | None:
         >>> find_latest_checkpoint("checkpoints")          # doctest: +SKIP
         PosixPath('checkpoints/step=1500.ckpt')
     """
-    root = Path(directory)
-    if not root.is_dir():
-        return None
-    best: tuple[int, str, str] | None = None
-    best_path: Path | None = None
-    for entry in root.iterdir():
-        if entry.name.startswith(".") or entry.is_symlink() or not entry.is_dir():
-            continue
-        try:
-            manifest = CheckpointManifest.load(entry)
-        except ManifestError as exc:
-            log.debug("skipping %s: %s", entry, exc)
-            continue
-        key = (checkpoint_step(entry, manifest), manifest.created_at, entry.name)
-        if best is None or key > best:
-            best, best_path = key, entry
-    return best_path
+    found = complete_checkpoints(directory)
+    return found[0][0] if found else None
 
 
 def list_checkpoint_files(root: Path) -> list[str]:

@@ -38,7 +38,7 @@ from lightning_sharing.lightning_layout import (
 from lightning_sharing.manifest import CheckpointManifest
 from lightning_sharing.payload import DEFAULT_MAX_SHARD_SIZE
 from lightning_sharing.rng import RNGState
-from lightning_sharing.storage import checkpoint_step
+from lightning_sharing.storage import complete_checkpoints
 from lightning_sharing.types import StateComponent, ValidationLevel, check_unique_keys
 
 __all__ = ["SharingStrategy"]
@@ -242,18 +242,8 @@ def _previous_checkpoints(failed: Path) -> list[str]:
         limit = CheckpointManifest.load(failed).step
     except ManifestError:
         limit = None
-    found = []
-    for entry in failed.parent.iterdir() if failed.parent.is_dir() else ():
-        if entry.name.startswith(".") or entry.is_symlink() or os.path.realpath(entry) == failed_real:
-            continue
-        try:
-            manifest = CheckpointManifest.load(entry)
-        except ManifestError:
-            continue
-        step = checkpoint_step(entry, manifest)
-        if limit is None or step <= limit:
-            found.append(((step, manifest.created_at), str(entry)))
-    return [path for _, path in sorted(found, reverse=True)]
+    return [str(path) for path, step in complete_checkpoints(failed.parent)
+            if os.path.realpath(path) != failed_real and (limit is None or step <= limit)]
 
 
 def _set_sampler_epoch(dataloader: object, epoch: int) -> None:
