@@ -55,7 +55,7 @@ from lightning_sharing.storage import (
 )
 from lightning_sharing.topology import Topology
 from lightning_sharing.types import StateComponent, check_unique_keys
-from lightning_sharing.validation import check_replication
+from lightning_sharing.validation import check_replication, replicated_view
 
 __all__ = ["CheckpointCoordinator", "LoadResult"]
 
@@ -154,7 +154,7 @@ class CheckpointCoordinator:
             states = self._collect_states(topology, rank)
             for component in self.components:
                 if component.effective_validation.value != "none":
-                    check_replication(component.key, _replicated_view(component, states[component.key]),
+                    check_replication(component.key, replicated_view(component.stateful, states[component.key]),
                                       component.effective_validation,
                                       writer=self._placements(component, topology)[0].writer)
             written = self._write_files(staging, topology, rank, states)
@@ -315,17 +315,6 @@ def _refuse_url(path: Any) -> None:
             f"{os.fspath(path)!r} is a URL; lightning_sharing writes directories on a filesystem every rank "
             "can see (local or a mounted shared filesystem), so pass a filesystem path"
         )
-
-
-def _replicated_view(component: StateComponent, state: Any) -> Any:
-    """The part of ``state`` that must be identical on every rank.
-
-    A stateful may define ``replicated_view(state)`` to exclude entries that legitimately differ
-    between ranks although one copy is saved (e.g. BatchNorm running statistics under DDP, which
-    DDP overwrites from rank 0 at the next forward).
-    """
-    view = getattr(component.stateful, "replicated_view", None)
-    return view(state) if callable(view) else state
 
 
 def _check_verify(mode: str) -> str:

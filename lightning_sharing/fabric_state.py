@@ -9,6 +9,8 @@ from lightning.fabric.strategies import DDPStrategy
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from lightning_sharing.validation import replicated_view
+
 __all__ = ["Filtered", "ModuleState", "check_filter", "filtered", "is_stateful", "metric_kind"]
 
 FilterFn = Callable[[str, Any], bool]
@@ -45,8 +47,7 @@ class Filtered:
         return filtered(self._stateful.state_dict(), self._keep)
 
     def replicated_view(self, state: Any) -> Any:
-        view = getattr(self._stateful, "replicated_view", None)
-        return view(state) if callable(view) else state
+        return replicated_view(self._stateful, state)
 
     def load_state_dict(self, state_dict: Any) -> Any:
         return self._stateful.load_state_dict(state_dict)

@@ -18,16 +18,27 @@ import torch
 import torch.distributed as dist
 import xxhash
 
-from lightning_sharing.codec import encode_state
+from lightning_sharing.codec import EncodedState, encode_state
 from lightning_sharing.collectives import agree, all_gather_object, get_world_size
 from lightning_sharing.errors import ReplicationMismatchError
 from lightning_sharing.types import ValidationLevel
 
-__all__ = ["check_replication", "state_digests"]
+__all__ = ["check_replication", "replicated_view", "state_digests"]
 
 _QUICK_SAMPLES = 64
 _STRUCTURE = "<structure: keys and non-tensor values>"
 _MAX_LISTED = 8
+
+
+def replicated_view(stateful: Any, state: Any) -> Any:
+    """The part of ``state`` that must be identical on every rank.
+
+    A stateful may define ``replicated_view(state)`` to exclude entries that legitimately differ
+    between ranks although one copy is saved (e.g. BatchNorm running statistics under DDP, which
+    DDP overwrites from rank 0 at the next forward).
+    """
+    view = getattr(stateful, "replicated_view", None)
+    return view(state) if callable(view) else state
 
 
 def _as_bytes(tensor: torch.Tensor) -> torch.Tensor:
@@ -48,13 +59,14 @@ def _tensor_digest(tensor: torch.Tensor, level: ValidationLevel) -> str:
 
 def state_digests(state: Any, level: ValidationLevel) -> dict[str, str]:
     """Per-path digests of ``state`` (one for the structure, one per stored tensor)."""
-    encoded = encode_state(state, "validation")
-    structure = json.dumps([encoded.tree, sorted(encoded.ties.items())], sort_keys=True, default=str)
-    digests = {_STRUCTURE: xxhash.xxh3_128_hexdigest(structure.encode())}
-    if encoded.flat:
-        digests[_STRUCTURE] = xxhash.xxh3_128_hexdigest(
-            json.dumps([sorted(encoded.tensors), sorted(encoded.ties.items())]).encode()
-        )
+    return _digests(encode_state(state, "validation"), level)
+
+
+def _digests(encoded: EncodedState, level: ValidationLevel) -> dict[str, str]:
+    # A flat state's structure is its tensor names; a tree's is the tree with its non-tensor values.
+    shape = [sorted(encoded.tensors), sorted(encoded.ties.items())] if encoded.flat else \
+        [encoded.tree, sorted(encoded.ties.items())]
+    digests = {_STRUCTURE: xxhash.xxh3_128_hexdigest(json.dumps(shape, sort_keys=True, default=str).encode())}
     for name, tensor in encoded.tensors.items():
         if level is ValidationLevel.FULL:
             digests[name] = f"{tensor.dtype}|{tuple(tensor.shape)}"
@@ -91,9 +103,8 @@ def _raise_mismatch(key: str, level: ValidationLevel, writer: int, diverging: di
     )
 
 
-def _full_compare(digests: dict[str, str], state: Any, writer: int) -> list[str]:
+def _full_compare(digests: dict[str, str], tensors: dict[str, torch.Tensor], writer: int) -> list[str]:
     """Broadcast each tensor's bytes from ``writer`` and return the paths that differ here."""
-    tensors = encode_state(state, "validation").tensors
     device = torch.device("cpu")
     if "nccl" in str(dist.get_backend()):
         device = torch.device("cuda", torch.cuda.current_device())
@@ -114,8 +125,11 @@ def check_replication(key: str, state: Any, level: ValidationLevel, writer: int 
         return
     error: BaseException | None = None
     digests: dict[str, str] = {}
+    tensors: dict[str, torch.Tensor] = {}
     try:
-        digests = state_digests(state, level)
+        encoded = encode_state(state, "validation")
+        tensors = encoded.tensors
+        digests = _digests(encoded, level)
     except Exception as exc:  # made an error on every rank by agree() just below
         error = exc
     agree(error, f"replication check of component {key!r}")
@@ -124,7 +138,7 @@ def check_replication(key: str, state: Any, level: ValidationLevel, writer: int 
         _raise_mismatch(key, level, writer, _differences(all_gather_object(digests), writer))
     if level is not ValidationLevel.FULL:
         return
-    differing = _full_compare(digests, state, writer)
+    differing = _full_compare(digests, tensors, writer)
     per_rank = all_gather_object(differing)
     diverging: dict[str, list[int]] = {}
     for rank, paths in enumerate(per_rank):
