@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from lightning_sharing._faults import fault_point
 from lightning_sharing.errors import CheckpointError
 from lightning_sharing.manifest import MANIFEST_NAME, CheckpointManifest, ComponentManifest, FileEntry
 from lightning_sharing.payload import tree_name, write_merged_index
@@ -69,8 +70,11 @@ def commit_checkpoint(staging: Path, target: Path, token: str, manifest: Checkpo
     """Make the staging directory durable, write the manifest last, and rename it into place."""
     text = manifest.dumps()  # fails here, before anything is committed, if metadata is not JSON
     fsync_tree(staging)
+    fault_point("commit:manifest")
     write_bytes_durable(staging / MANIFEST_NAME, text.encode("utf-8"))
+    fault_point("commit:rename")
     commit_directory(staging, target, token)
+    fault_point("commit:renamed")
 
 
 def _merged_index(staging: Path, component: StateComponent, copies: list[dict[str, Any]]) -> str | None:

@@ -25,6 +25,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from lightning_sharing._faults import fault_point
 from lightning_sharing.codec import encode_state
 from lightning_sharing.collectives import (
     agree,
@@ -211,6 +212,7 @@ class CheckpointCoordinator:
                     f"rank {rank} cannot see the staging directory {staging} that rank 0 created: the "
                     "checkpoint directory must be on a filesystem shared by all ranks"
                 )
+            fault_point("save:start")
             for component in self.components:
                 for placement in self._placements(component, topology):
                     if placement.writer != rank:
@@ -218,6 +220,7 @@ class CheckpointCoordinator:
                     record = _with_context(component.key, "writing",
                                            lambda c=component, p=placement: self._write_copy(staging, c, p, states))
                     written.setdefault(component.key, []).append(record)
+            fault_point("save:written")
         except Exception as exc:  # made an error on every rank by agree() just below
             error = exc
         agree(error, "writing checkpoint files")

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import xxhash
 
+from lightning_sharing._faults import fault_point
 from lightning_sharing.errors import CheckpointError, CorruptCheckpointError, ManifestError
 from lightning_sharing.manifest import MANIFEST_NAME, CheckpointManifest, FileEntry
 
@@ -95,7 +96,10 @@ def write_bytes_durable(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` and fsync it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as handle:
-        handle.write(data)
+        half = len(data) // 2
+        handle.write(data[:half])
+        fault_point("save:write")
+        handle.write(data[half:])
         handle.flush()
         os.fsync(handle.fileno())
 
@@ -270,6 +274,7 @@ def list_checkpoint_files(root: Path) -> list[str]:
 
 def verify_file(root: Path, entry: FileEntry, mode: str, component: str) -> Path:
     """Check a file against its manifest entry (``mode``: ``"checksum"``, ``"size"`` or ``"none"``)."""
+    fault_point("load:read")
     path = root / entry.path
     where = f"component {component!r}, file {entry.path} (written by rank {entry.rank})"
     if path.is_symlink():
