@@ -9,7 +9,8 @@ process reaches that point (1-based; default: the first time):
 - ``RANK``: a global rank, or ``*`` for every rank;
 - ``ACTION``: ``kill`` (SIGKILL this process), ``exit`` (``os._exit(3)``), ``raise`` (a
   ``RuntimeError``), ``enospc`` / ``eio`` (an ``OSError`` with that errno, as a full disk or a
-  failing device would raise).
+  failing device would raise), ``hang`` (block forever, sockets open: a stuck peer, which the
+  others only detect through the process group's timeout).
 
 Example:
     LIGHTNING_SHARING_FAULTS="save:write@1:enospc,commit:rename@0:kill#2"
@@ -21,6 +22,7 @@ import errno
 import os
 import signal
 import threading
+import time
 from collections import Counter
 
 __all__ = ["FAULTS_ENV", "FAULT_POINTS", "fault_point"]
@@ -35,7 +37,7 @@ FAULT_POINTS = (
     "commit:renamed",   # rank 0, the new checkpoint is in place, before the ranks hear of it
     "load:read",        # every rank, before a file of the checkpoint is read
 )
-_ACTIONS = ("kill", "exit", "raise", "enospc", "eio")
+_ACTIONS = ("kill", "exit", "raise", "enospc", "eio", "hang")
 _hits: Counter[str] = Counter()
 _lock = threading.Lock()
 
@@ -82,6 +84,9 @@ def fault_point(point: str) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
         if action == "exit":
             os._exit(3)
+        if action == "hang":
+            while True:
+                time.sleep(3600)
         if action == "raise":
             raise RuntimeError(f"injected fault at {point} on rank {rank}")
         code = errno.ENOSPC if action == "enospc" else errno.EIO

@@ -24,6 +24,7 @@ from lightning_sharing.errors import (
 from lightning_sharing.topology import Topology
 
 __all__ = [
+    "active",
     "agree",
     "all_gather_object",
     "broadcast_object",
@@ -38,6 +39,11 @@ log = logging.getLogger(__name__)
 
 
 _LOCAL = threading.local()
+
+
+def active() -> bool:
+    """True when collectives run: a process group is initialised and we are not in ``local_only()``."""
+    return _active()
 
 
 def _active() -> bool:
@@ -69,12 +75,15 @@ def get_world_size() -> int:
     return dist.get_world_size() if _active() else 1
 
 
-def all_gather_object(obj: Any) -> list[Any]:
-    """Every rank's ``obj``, indexed by rank (pickled: only pass plain data produced by this package)."""
-    if not _active() or dist.get_world_size() == 1:
+def all_gather_object(obj: Any, group: Any = None) -> list[Any]:
+    """Every rank's ``obj``, indexed by rank (pickled: only pass plain data produced by this package).
+
+    ``group`` must span every rank (the background saver's own group); None is the default group.
+    """
+    if not _active() or dist.get_world_size(group) == 1:
         return [obj]
-    gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, obj)
+    gathered: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, obj, group=group)
     return gathered
 
 
@@ -91,16 +100,17 @@ def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
-def agree(local_error: BaseException | None, phase: str) -> None:
+def agree(local_error: BaseException | None, phase: str, group: Any = None) -> None:
     """Turn a failure on any rank into an error on every rank.
 
     Each rank passes the exception its own work raised (or None). All ranks exchange the outcome;
     if any rank failed, every rank raises ``DistributedCheckpointError`` naming the failing ranks
     and their messages, chained to the local exception where there is one. The local exception is
-    never dropped: it is the ``__cause__`` on the rank that raised it.
+    never dropped: it is the ``__cause__`` on the rank that raised it. ``group``: as for
+    ``all_gather_object``.
     """
     outcome = None if local_error is None else (_kind(local_error), _describe(local_error))
-    outcomes = all_gather_object(outcome)
+    outcomes = all_gather_object(outcome, group)
     failures = {rank: out[1] for rank, out in enumerate(outcomes) if out is not None}
     if not failures:
         return

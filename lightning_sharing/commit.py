@@ -36,7 +36,8 @@ def build_manifest(components: list[StateComponent], topology: Topology, staging
     for component in components:
         copies = sorted((c for per_rank in written for c in per_rank.get(component.key, [])),
                         key=lambda c: c["stem"])
-        files = [entry for copy in copies for entry in copy["files"]]
+        _check_same_layout(component.key, copies)
+        files = sorted((entry for copy in copies for entry in copy["files"]), key=lambda e: e.path)
         merged = _merged_index(staging, component, copies)
         if merged is not None:
             files.append(FileEntry(merged, (staging / merged).stat().st_size, file_checksum(staging / merged), 0))
@@ -45,7 +46,7 @@ def build_manifest(components: list[StateComponent], topology: Topology, staging
         records[component.key] = ComponentManifest(
             key=component.key,
             sharing_pattern=component.sharing_pattern.value,
-            ranks=sorted(p.writer for p in plan),
+            ranks=sorted({entry.rank for entry in files} or {p.writer for p in plan}),
             group_name=component.process_group_name,
             replicated_across=_replicated_across(component, plan),
             required=component.required,
@@ -87,6 +88,20 @@ def _merged_index(staging: Path, component: StateComponent, copies: list[dict[st
     if len(names) != len(set(names)):
         return None
     return write_merged_index(staging, component.key, [(c["stem"], c["index"]) for c in copies])
+
+
+def _check_same_layout(key: str, copies: list[dict[str, Any]]) -> None:
+    """The ranks sharing the writing of one copy must have planned the same tensors and shards."""
+    layouts: dict[str, str] = {}
+    for copy in copies:
+        expected = layouts.setdefault(copy["stem"], copy["layout"])
+        if copy["layout"] != expected:
+            writers = sorted({e.rank for c in copies if c["stem"] == copy["stem"] for e in c["files"]})
+            raise CheckpointError(
+                f"component {key!r}: the ranks writing parts of {copy['stem']} ({writers}) hold different tensor "
+                "names, shapes or dtypes, so it is not replicated; declare it PER_RANK, or make the ranks agree "
+                "(validate_replication=True names the differences)"
+            )
 
 
 def _check_visible(staging: Path, all_written: WrittenCopies) -> None:

@@ -25,9 +25,14 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import torch
+import torch.distributed as dist
+
 from lightning_sharing._faults import fault_point
+from lightning_sharing.async_save import BackgroundSaver
 from lightning_sharing.codec import encode_state
 from lightning_sharing.collectives import (
+    active,
     agree,
     all_gather_object,
     broadcast_object,
@@ -38,25 +43,15 @@ from lightning_sharing.collectives import (
 from lightning_sharing.commit import build_manifest, commit_checkpoint
 from lightning_sharing.errors import CheckpointError, ComponentDeclarationError, CorruptCheckpointError
 from lightning_sharing.loading import LoadResult, check_listed_files, plan_load
-from lightning_sharing.manifest import CheckpointManifest, ComponentManifest, FileEntry
-from lightning_sharing.payload import (
-    DEFAULT_MAX_SHARD_SIZE,
-    index_name,
-    read_index,
-    read_payload,
-    tree_name,
-    write_payload,
-)
+from lightning_sharing.manifest import CheckpointManifest, ComponentManifest
+from lightning_sharing.payload import DEFAULT_MAX_SHARD_SIZE, read_payload, tree_name
 from lightning_sharing.rules import Placement, placement_for_reader, placements
-from lightning_sharing.storage import (
-    file_checksum,
-    remove_stale_staging,
-    staging_path,
-    verify_file,
-)
+from lightning_sharing.storage import check_algorithm, remove_stale_staging, staging_path, verify_file
+from lightning_sharing.tensor_files import read_tensor_file
 from lightning_sharing.topology import Topology
 from lightning_sharing.types import StateComponent, check_unique_keys
 from lightning_sharing.validation import check_replication, replicated_view
+from lightning_sharing.write_plan import CopyPlan, plan_copy, write_copy
 
 __all__ = ["CheckpointCoordinator", "LoadResult"]
 
@@ -76,6 +71,10 @@ class CheckpointCoordinator:
         max_shard_size: the largest safetensors shard, in bytes.
         verify: ``"checksum"`` (default) checks every file read against the manifest's checksum;
             ``"size"`` only compares sizes, for very large checkpoints on trusted storage.
+        async_save: ``True`` makes ``save_checkpoint`` return once the state is staged (copied),
+            writing and committing it on a background thread; pass a ``BackgroundSaver`` to share
+            one (and its memory bound) between coordinators. The next save, a load and ``wait()``
+            wait for a pending save and raise its failure on every rank.
 
     Both ``save_checkpoint`` and ``load_checkpoint`` are collective: every rank must call them.
     """
@@ -87,6 +86,7 @@ class CheckpointCoordinator:
         *,
         max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
         verify: str = "checksum",
+        async_save: bool | BackgroundSaver = False,
     ) -> None:
         self.components = check_unique_keys(components)
         self.process_groups = resolve_process_groups(process_groups)
@@ -103,6 +103,12 @@ class CheckpointCoordinator:
         self.max_shard_size = int(max_shard_size)
         self.verify = _check_verify(verify)
         self._topology: Topology | None = None
+        if isinstance(async_save, BackgroundSaver):
+            self._saver: BackgroundSaver | None = async_save
+        elif isinstance(async_save, bool):
+            self._saver = BackgroundSaver() if async_save else None
+        else:
+            raise ComponentDeclarationError(f"async_save must be a bool or a BackgroundSaver, got {async_save!r}")
 
     # ------------------------------------------------------------------ shared steps
     def _declaration(self) -> list[tuple[str, str, str | None, str]]:
@@ -137,9 +143,13 @@ class CheckpointCoordinator:
 
         ``step`` is recorded in the manifest (``find_latest_checkpoint`` orders by it) and
         ``metadata`` (JSON-serialisable) is stored with it. An existing checkpoint at ``path`` is
-        replaced only once the new one is complete.
+        replaced only once the new one is complete. With ``async_save``, this returns once the state
+        is staged; ``wait()`` returns once it is committed.
         """
         started = time.perf_counter()
+        saver = self._saver if self._saver is not None and _may_run_in_background() else None
+        if saver is not None:
+            saver.make_room()  # raises a failed earlier save's error, on every rank
         topology = self._prepare()
         rank = get_rank()
         _refuse_url(path)
@@ -149,39 +159,42 @@ class CheckpointCoordinator:
             raise ComponentDeclarationError(f"ranks passed different checkpoint paths: {targets}")
         token = broadcast_object(uuid.uuid4().hex if rank == 0 else None)
         staging = staging_path(target, token)
-        committed = False
+        group = saver.group() if saver is not None else None
+        submitted = False
         try:
-            self._create_staging(staging, rank)
-            states = self._collect_states(topology, rank)
-            for component in self.components:
-                if component.effective_validation.value != "none":
-                    check_replication(component.key, replicated_view(component.stateful, states[component.key]),
-                                      component.effective_validation,
-                                      writer=self._placements(component, topology)[0].writer)
-            written = self._write_files(staging, topology, rank, states)
-            del states
-            all_written = all_gather_object(written)
-            error: BaseException | None = None
-            if rank == 0:
-                try:
-                    manifest = build_manifest(self.components, topology, staging, all_written, step, metadata)
-                    commit_checkpoint(staging, target, token, manifest)
-                except Exception as exc:  # made an error on every rank by agree() just below
-                    error = exc
-            agree(error, f"committing checkpoint {target}")
-            committed = True
+            self._create_staging(staging, rank, saver)
+            plans = self._plan_files(topology, rank)
+
+            def finish() -> None:
+                self._finish_save(staging, target, token, plans, topology, step, metadata, group, started)
+
+            if saver is None:
+                finish()
+            else:
+                staged = self._stage(plans, saver)
+                saver.submit(target, staging, finish, staged)
+                log.info("staged checkpoint %s in %.2fs; writing it in the background", target,
+                         time.perf_counter() - started)
+            submitted = True
         finally:
-            if not committed and rank == 0 and staging.exists():
+            if not submitted and rank == 0 and staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)
-        log.info("saved checkpoint %s in %.2fs", target, time.perf_counter() - started)
         return path
 
-    def _create_staging(self, staging: Path, rank: int) -> None:
+    def wait(self) -> None:
+        """Block until this coordinator's pending asynchronous saves are committed; raise a failure.
+
+        Every rank gets the same outcome. A no-op without ``async_save``.
+        """
+        if self._saver is not None:
+            self._saver.wait()
+
+    def _create_staging(self, staging: Path, rank: int, saver: BackgroundSaver | None) -> None:
         error: BaseException | None = None
         if rank == 0:
             try:
                 staging.parent.mkdir(parents=True, exist_ok=True)
-                remove_stale_staging(staging.parent)
+                remove_stale_staging(staging.parent, keep=saver.pending_staging if saver is not None else ())
                 staging.mkdir()
             except Exception as exc:  # made an error on every rank by agree() just below
                 error = exc
@@ -192,7 +205,7 @@ class CheckpointCoordinator:
         error: BaseException | None = None
         try:
             for component in self.components:
-                writes = any(p.writer == rank for p in self._placements(component, topology))
+                writes = any(rank in p.writers for p in self._placements(component, topology))
                 if writes or component.effective_validation.value != "none":
                     states[component.key] = _with_context(component.key, "state_dict()",
                                                           component.stateful.state_dict)
@@ -201,9 +214,71 @@ class CheckpointCoordinator:
         agree(error, "collecting state dicts")
         return states
 
-    def _write_files(self, staging: Path, topology: Topology, rank: int,
-                     states: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
-        """Write this rank's copies; returns ``{key: [copy record, ...]}`` for the manifest."""
+    def _plan_files(self, topology: Topology, rank: int) -> list[tuple[str, CopyPlan]]:
+        """Collect, validate and encode the state; decide which files this rank writes."""
+        states = self._collect_states(topology, rank)
+        for component in self.components:
+            if component.effective_validation.value != "none":
+                check_replication(component.key, replicated_view(component.stateful, states[component.key]),
+                                  component.effective_validation,
+                                  writer=self._placements(component, topology)[0].writer)
+        plans: list[tuple[str, CopyPlan]] = []
+        error: BaseException | None = None
+        try:
+            for component in self.components:
+                for placement in self._placements(component, topology):
+                    if rank not in placement.writers:
+                        continue
+                    encoded = _with_context(component.key, "encoding",
+                                            lambda c=component: encode_state(states[c.key], c.key))
+                    plans.append((component.key, plan_copy(placement.stem, encoded, placement.writers,
+                                                           placement.writer, rank, self.max_shard_size)))
+        except Exception as exc:  # made an error on every rank by agree() just below
+            error = exc
+        agree(error, "encoding state")
+        return plans
+
+    def _stage(self, plans: list[tuple[str, CopyPlan]], saver: BackgroundSaver) -> list[torch.Tensor]:
+        """Copy the tensors this rank writes, so training may change the originals while they are written."""
+        staged: list[torch.Tensor] = []
+        error: BaseException | None = None
+        try:
+            for _, plan in plans:
+                for job in plan.jobs:
+                    if job.tensors is not None:
+                        job.tensors = saver.stage(job.tensors)
+                        staged.extend(job.tensors.values())
+        except Exception as exc:  # made an error on every rank by agree() just below
+            error = exc
+        agree(error, "staging state for an asynchronous save")
+        return staged
+
+    def _finish_save(self, staging: Path, target: Path, token: str, plans: list[tuple[str, CopyPlan]],
+                     topology: Topology, step: int | None, metadata: dict[str, Any] | None, group: Any,
+                     started: float) -> None:
+        """Write this rank's files, agree, and commit on rank 0 (in the background for async saves)."""
+        rank = get_rank()
+        committed = False
+        try:
+            written = self._write_files(staging, plans, rank, group)
+            all_written = all_gather_object(written, group)
+            error: BaseException | None = None
+            if rank == 0:
+                try:
+                    manifest = build_manifest(self.components, topology, staging, all_written, step, metadata)
+                    commit_checkpoint(staging, target, token, manifest)
+                except Exception as exc:  # made an error on every rank by agree() just below
+                    error = exc
+            agree(error, f"committing checkpoint {target}", group)
+            committed = True
+        finally:
+            if not committed and rank == 0 and staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+        log.info("saved checkpoint %s in %.2fs", target, time.perf_counter() - started)
+
+    def _write_files(self, staging: Path, plans: list[tuple[str, CopyPlan]], rank: int,
+                     group: Any) -> dict[str, list[dict[str, Any]]]:
+        """Write this rank's files; returns ``{key: [copy record, ...]}`` for the manifest."""
         written: dict[str, list[dict[str, Any]]] = {}
         error: BaseException | None = None
         try:
@@ -213,28 +288,15 @@ class CheckpointCoordinator:
                     "checkpoint directory must be on a filesystem shared by all ranks"
                 )
             fault_point("save:start")
-            for component in self.components:
-                for placement in self._placements(component, topology):
-                    if placement.writer != rank:
-                        continue
-                    record = _with_context(component.key, "writing",
-                                           lambda c=component, p=placement: self._write_copy(staging, c, p, states))
-                    written.setdefault(component.key, []).append(record)
+            for key, plan in plans:
+                entries = _with_context(key, "writing", lambda p=plan: write_copy(staging, p, rank))
+                written.setdefault(key, []).append(
+                    {"stem": plan.stem, "files": entries, "index": plan.index, "layout": plan.layout_digest})
             fault_point("save:written")
         except Exception as exc:  # made an error on every rank by agree() just below
             error = exc
-        agree(error, "writing checkpoint files")
+        agree(error, "writing checkpoint files", group)
         return written
-
-    def _write_copy(self, staging: Path, component: StateComponent, placement: Placement,
-                    states: dict[str, Any]) -> dict[str, Any]:
-        encoded = encode_state(states[component.key], component.key)
-        rank = get_rank()
-        files = write_payload(staging, placement.stem, encoded, self.max_shard_size)
-        entries = [FileEntry(rel, (staging / rel).stat().st_size, file_checksum(staging / rel), rank)
-                   for rel in files]
-        index = read_index(staging / index_name(placement.stem)) if encoded.flat else None
-        return {"stem": placement.stem, "files": entries, "index": index}
 
     # ------------------------------------------------------------------ load
     def load_checkpoint(self, path: str | os.PathLike[str], strict: bool = True, *,
@@ -247,6 +309,7 @@ class CheckpointCoordinator:
         manifest before they are read (``verify="checksum"`` or ``"size"``).
         """
         mode = _check_verify(verify or self.verify)
+        self.wait()  # a pending save of this very checkpoint must be complete before it is read
         topology = self._prepare()
         rank = get_rank()
         _refuse_url(path)
@@ -294,11 +357,31 @@ class CheckpointCoordinator:
                 )
             return verify_file(root, entries[rel], mode, component.key)
 
+        def read_tensors(rel: str) -> dict[str, torch.Tensor]:
+            path = open_file_sized(rel)
+            entry = entries[rel]
+            try:
+                return read_tensor_file(path, entry.checksum if mode == "checksum" else None)
+            except CorruptCheckpointError as exc:
+                raise CorruptCheckpointError(
+                    f"component {component.key!r}, file {rel} (written by rank {entry.rank}): {exc}") from exc
+
+        def open_file_sized(rel: str) -> Path:
+            if rel not in entries:
+                raise CorruptCheckpointError(
+                    f"component {component.key!r} needs {rel}, which the manifest does not list"
+                )
+            # The checksum is verified while the file is read (one pass), so check only the size here.
+            if mode == "checksum":
+                check_algorithm(entries[rel], component.key)
+                return verify_file(root, entries[rel], "size", component.key)
+            return verify_file(root, entries[rel], mode, component.key)
+
         available = set(entries)
         if not any(p.startswith(placement.stem) for p in available):
             raise CorruptCheckpointError(f"component {component.key!r}: the checkpoint has no copy {placement.stem}")
         flat = tree_name(placement.stem) not in available
-        state = read_payload(placement.stem, available, open_file, flat)
+        state = read_payload(placement.stem, available, open_file, read_tensors, flat)
         component.stateful.load_state_dict(state)
 
 
@@ -310,6 +393,12 @@ def _with_context(key: str, action: str, fn: Any) -> Any:
         raise
     except Exception as exc:
         raise CheckpointError(f"component {key!r}: {action} failed: {type(exc).__name__}: {exc}") from exc
+
+
+def _may_run_in_background() -> bool:
+    # Inside local_only() (a rank-local save on one rank), a background thread would run real
+    # collectives that the other ranks never join: such saves stay synchronous.
+    return active() or not (dist.is_available() and dist.is_initialized())
 
 
 def _refuse_url(path: Any) -> None:

@@ -225,6 +225,11 @@ class CheckpointManifest:
         if not Path(checkpoint_dir).is_dir():
             raise ManifestError(f"{checkpoint_dir} is not a checkpoint directory (it does not exist "
                                 "or is not a directory)")
+        if path.is_symlink():
+            raise ManifestError(
+                f"{path} is a symbolic link; a checkpoint's manifest must be a regular file inside it "
+                "(refusing a checkpoint that may have been tampered with)"
+            )
         if not path.is_file():
             raise ManifestError(
                 f"{path} is missing: {checkpoint_dir} is not a complete lightning_sharing checkpoint "
@@ -235,11 +240,14 @@ class CheckpointManifest:
             raise ManifestError(f"{path} is {size} bytes, over the {MAX_MANIFEST_BYTES}-byte limit for a manifest")
         try:
             data = json.loads(path.read_bytes().decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except ValueError as exc:  # bad UTF-8, bad JSON, or an integer too long to convert
             raise ManifestError(f"{path} is not valid JSON ({exc}); the checkpoint is corrupt") from exc
         except RecursionError as exc:
             raise ManifestError(f"{path} is nested too deeply to be a manifest") from exc
-        return cls.from_json(data)
+        try:
+            return cls.from_json(data)
+        except ManifestError as exc:  # name the file: "invalid manifest: ..." alone does not say which
+            raise ManifestError(f"{path}: {exc}") from exc
 
 
 def _expect(condition: bool, message: str) -> None:

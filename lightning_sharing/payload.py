@@ -8,8 +8,11 @@ For a copy with stem ``S`` (e.g. ``model`` or ``rng/rank-00001``) the files are:
   exactly as Hugging Face writes it, so ``transformers`` and plain ``safetensors`` can read it;
 - ``S.json``: the structure of a non-flat state (optimizer, scheduler, RNG), tensors by reference.
 
+Writing is planned in ``write_plan`` and streamed by ``tensor_files``; this module names the files
+and reads a copy back.
+
 Example:
-    >>> files = write_payload(Path("ckpt"), "model", encode_state(model.state_dict()))  # doctest: +SKIP
+    >>> state = read_payload("model", listed, open_file, read_tensors, flat=True)  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -22,20 +25,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
-from lightning_sharing.codec import EncodedState, decode_state
+from lightning_sharing.codec import decode_state
 from lightning_sharing.errors import CorruptCheckpointError
-from lightning_sharing.storage import fsync_file, write_bytes_durable
+from lightning_sharing.storage import write_bytes_durable
 
 __all__ = [
     "DEFAULT_MAX_SHARD_SIZE",
     "index_name",
+    "json_bytes",
+    "read_index",
     "read_payload",
     "tree_name",
     "write_merged_index",
-    "write_payload",
 ]
 
 DEFAULT_MAX_SHARD_SIZE = 5_000_000_000  # Hugging Face's default "5GB"
@@ -57,50 +59,9 @@ def _shard_re(stem: str) -> re.Pattern[str]:
     return re.compile(re.escape(posixpath.basename(stem)) + r"-\d{5}-of-\d{5}\.safetensors")
 
 
-def _plan_shards(tensors: dict[str, torch.Tensor], max_shard_size: int) -> list[list[str]]:
-    shards: list[list[str]] = [[]]
-    used = 0
-    for name, tensor in tensors.items():
-        size = tensor.numel() * tensor.element_size()
-        if shards[-1] and used + size > max_shard_size:
-            shards.append([])
-            used = 0
-        shards[-1].append(name)
-        used += size
-    return shards
-
-
-def _json_bytes(data: Any) -> bytes:
+def json_bytes(data: Any) -> bytes:
+    """Compact, strict JSON (NaN and infinities are refused)."""
     return json.dumps(data, indent=None, separators=(",", ":"), allow_nan=False).encode("utf-8")
-
-
-def write_payload(root: Path, stem: str, encoded: EncodedState, max_shard_size: int) -> list[str]:
-    """Write one copy under ``root``; returns the relative paths written (each fsynced)."""
-    written: list[str] = []
-    (root / stem).parent.mkdir(parents=True, exist_ok=True)
-    if encoded.tensors:
-        shards = _plan_shards(encoded.tensors, max_shard_size)
-        weight_map: dict[str, str] = {}
-        total = 0
-        for number, names in enumerate(shards, start=1):
-            rel = f"{stem}-{number:05d}-of-{len(shards):05d}.safetensors"
-            chunk = {name: encoded.tensors[name].detach().cpu().contiguous() for name in names}
-            save_file(chunk, str(root / rel), metadata={"format": "pt"})
-            fsync_file(root / rel)
-            written.append(rel)
-            for name, tensor in chunk.items():
-                weight_map[name] = posixpath.basename(rel)
-                total += tensor.numel() * tensor.element_size()
-        metadata: dict[str, Any] = {"total_size": total, "format": "pt"}
-        if encoded.ties:
-            metadata["tied"] = dict(encoded.ties)
-        write_bytes_durable(root / index_name(stem), _json_bytes({"metadata": metadata, "weight_map": weight_map}))
-        written.append(index_name(stem))
-    if not encoded.flat:
-        body = {"format": TREE_FORMAT, "version": 1, "tree": encoded.tree, "ties": encoded.ties}
-        write_bytes_durable(root / tree_name(stem), _json_bytes(body))
-        written.append(tree_name(stem))
-    return written
 
 
 def write_merged_index(root: Path, key: str, indexes: Iterable[tuple[str, dict[str, Any]]]) -> str:
@@ -121,7 +82,7 @@ def write_merged_index(root: Path, key: str, indexes: Iterable[tuple[str, dict[s
     if tied:
         metadata["tied"] = tied
     rel = index_name(key)
-    write_bytes_durable(root / rel, _json_bytes({"metadata": metadata, "weight_map": weight_map}))
+    write_bytes_durable(root / rel, json_bytes({"metadata": metadata, "weight_map": weight_map}))
     return rel
 
 
@@ -144,11 +105,13 @@ def read_index(path: Path) -> dict[str, Any]:
     return index
 
 
-def read_payload(stem: str, available: set[str], open_file: Callable[[str], Path], flat: bool) -> Any:
+def read_payload(stem: str, available: set[str], open_file: Callable[[str], Path],
+                 read_tensors: Callable[[str], dict[str, torch.Tensor]], flat: bool) -> Any:
     """Read one copy back into a state dict.
 
     ``available`` holds the component's files as listed in the manifest; ``open_file(rel)`` returns
-    the verified path of a listed file (and refuses anything else).
+    the verified path of a listed file and ``read_tensors(rel)`` the verified tensors of a listed
+    shard (both refuse anything else).
     """
     tensors: dict[str, torch.Tensor] = {}
     ties: dict[str, str] = {}
@@ -162,11 +125,7 @@ def read_payload(stem: str, available: set[str], open_file: Callable[[str], Path
                     f"index {index_name(stem)} points to {file!r}, which is not a shard of {stem}"
                 )
             rel = posixpath.join(folder, file) if folder else file
-            try:
-                loaded = load_file(str(open_file(rel)))
-            except SafetensorError as exc:
-                raise CorruptCheckpointError(f"safetensors file {rel} cannot be read: {exc}") from exc
-            tensors.update(loaded)
+            tensors.update(read_tensors(rel))
         missing = sorted(set(index["weight_map"]) - set(tensors))
         if missing:
             raise CorruptCheckpointError(f"tensors {missing[:5]} listed in {index_name(stem)} are in no shard")

@@ -33,11 +33,21 @@ __all__ = ["Placement", "placement_for_reader", "placements", "rank_specific"]
 
 @dataclass(frozen=True)
 class Placement:
-    """One copy of a component: the file stem, the rank that writes it, the ranks that read it."""
+    """One copy of a component: the file stem, the rank that writes it, the ranks that read it.
+
+    ``spread`` lists the ranks among which the copy's tensor shards are divided when every reader
+    holds the same state (REPLICATED); empty means the ``writer`` writes the whole copy.
+    """
 
     stem: str
     writer: int
     readers: tuple[int, ...]
+    spread: tuple[int, ...] = ()
+
+    @property
+    def writers(self) -> tuple[int, ...]:
+        """Every rank that writes part of this copy; ``writer`` (the lead) writes its index and structure."""
+        return self.spread or (self.writer,)
 
 
 def _instances(pattern: SharingPattern, topology: Topology, group: str | None) -> Instances:
@@ -76,8 +86,11 @@ def placements(
     instances = _instances(pattern, topology, group)
     # The writer is the lowest global rank of its instance: rank 0 for single-copy patterns,
     # local rank 0 for nodes (ranks are numbered node by node), the group leader for groups.
+    # REPLICATED state is identical on every rank, so writing its one copy is shared among them.
+    spread = pattern is SharingPattern.REPLICATED and topology.world_size > 1
     return tuple(
-        Placement(stem=_stem(key, pattern, index, group), writer=min(inst), readers=tuple(sorted(inst)))
+        Placement(stem=_stem(key, pattern, index, group), writer=min(inst), readers=tuple(sorted(inst)),
+                  spread=tuple(sorted(inst)) if spread else ())
         for index, inst in enumerate(instances)
     )
 

@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import uuid
+from collections.abc import Collection
 from pathlib import Path
 
 import xxhash
@@ -26,9 +27,11 @@ import xxhash
 from lightning_sharing._faults import fault_point
 from lightning_sharing.errors import CheckpointError, CorruptCheckpointError, ManifestError
 from lightning_sharing.manifest import MANIFEST_NAME, CheckpointManifest, FileEntry
+from lightning_sharing.tensor_files import CHECKSUM_ALGORITHM
 
 __all__ = [
     "CHECKSUM_ALGORITHM",
+    "check_algorithm",
     "commit_directory",
     "complete_checkpoints",
     "file_checksum",
@@ -45,7 +48,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-CHECKSUM_ALGORITHM = "xxh3_128"
 _CHUNK = 8 * 1024 * 1024
 _TEMP_RE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>staging|replaced|removing)-[0-9a-f]{32}$")
 _STEP_RE = re.compile(r"step[=_-]?(\d+)")
@@ -113,8 +115,10 @@ def _replaced_path(target: Path, token: str) -> Path:
     return target.parent / f".{target.name}.replaced-{token}"
 
 
-def remove_stale_staging(parent: Path) -> list[Path]:
+def remove_stale_staging(parent: Path, keep: Collection[Path] = ()) -> list[Path]:
     """Delete leftovers of interrupted saves in ``parent``; returns what was removed.
+
+    ``keep`` lists staging directories still in use (saves pending in the background).
 
     A ``.replaced-`` directory whose target is missing is the previous checkpoint caught between
     the two renames of a non-atomic replace: it is moved back rather than deleted.
@@ -124,7 +128,7 @@ def remove_stale_staging(parent: Path) -> list[Path]:
         return removed
     for entry in sorted(parent.iterdir()):
         match = _TEMP_RE.match(entry.name)
-        if not match or not entry.is_dir() or entry.is_symlink():
+        if not match or not entry.is_dir() or entry.is_symlink() or entry in keep:
             continue
         target = parent / match["name"]
         if match["kind"] == "replaced" and not os.path.lexists(target):
@@ -272,6 +276,16 @@ def list_checkpoint_files(root: Path) -> list[str]:
     return sorted(found)
 
 
+def check_algorithm(entry: FileEntry, component: str) -> None:
+    """Refuse a manifest entry whose checksum algorithm this version does not know."""
+    algorithm = entry.checksum.split(":", 1)[0]
+    if algorithm != CHECKSUM_ALGORITHM:
+        raise CorruptCheckpointError(
+            f"component {component!r}, file {entry.path} (written by rank {entry.rank}) uses checksum algorithm "
+            f"{algorithm!r}, which is unknown"
+        )
+
+
 def verify_file(root: Path, entry: FileEntry, mode: str, component: str) -> Path:
     """Check a file against its manifest entry (``mode``: ``"checksum"``, ``"size"`` or ``"none"``)."""
     fault_point("load:read")
@@ -293,9 +307,7 @@ def verify_file(root: Path, entry: FileEntry, mode: str, component: str) -> Path
             "was altered after the save"
         )
     if mode == "checksum":
-        algorithm = entry.checksum.split(":", 1)[0]
-        if algorithm != CHECKSUM_ALGORITHM:
-            raise CorruptCheckpointError(f"{where} uses checksum algorithm {algorithm!r}, which is unknown")
+        check_algorithm(entry, component)
         actual = file_checksum(path)
         if actual != entry.checksum:
             raise CorruptCheckpointError(

@@ -37,6 +37,7 @@ from lightning_sharing.lightning_layout import (
 )
 from lightning_sharing.manifest import CheckpointManifest
 from lightning_sharing.payload import DEFAULT_MAX_SHARD_SIZE
+from lightning_sharing.preemption import PreemptionHandler
 from lightning_sharing.rng import RNGState
 from lightning_sharing.storage import complete_checkpoints
 from lightning_sharing.types import StateComponent, ValidationLevel, check_unique_keys
@@ -63,6 +64,11 @@ class SharingStrategy(DDPStrategy):
         strict: the loading rules on resume (see docs/patterns.md). ``False`` skips what cannot be
             loaded (undeclared or missing components, rank-specific state saved under another
             topology), logging each skip, instead of refusing the checkpoint.
+        preemption_checkpoint: on SIGTERM every rank stops after the same step and this final checkpoint is
+            written (exit status 0): ``True`` (default) beside the ModelCheckpoint's checkpoints, where
+            ``ckpt_path="last"`` finds it when ``save_last`` is set (Lightning's ``hpc_ckpt_{n}.ckpt`` under
+            ``SLURMEnvironment(auto_requeue=True)``); a ``.ckpt`` path (``{step}``/``{epoch}`` filled in) or a
+            directory; ``False``: stop without it. See ``lightning_sharing.preemption``.
         **kwargs: everything ``DDPStrategy`` accepts.
 
     Example:
@@ -73,13 +79,15 @@ class SharingStrategy(DDPStrategy):
 
     def __init__(self, *, process_groups: Any = None, validation_level: ValidationLevel | str = ValidationLevel.QUICK,
                  max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, verify: str = "checksum", strict: bool = True,
-                 fallback: bool = False, **kwargs: Any) -> None:
+                 fallback: bool = False, preemption_checkpoint: bool | str | os.PathLike[str] | None = True,
+                 **kwargs: Any) -> None:
         if kwargs.get("checkpoint_io") is None:
             kwargs["checkpoint_io"] = SharingCheckpointIO(
                 max_shard_size=max_shard_size, verify=verify, validation_level=validation_level)
         super().__init__(**kwargs)
         self.strict = strict
         self.fallback = fallback
+        self.preemption = PreemptionHandler(preemption_checkpoint)
         self._process_groups_arg = process_groups
         self._process_groups: Any = None
         self._groups_resolved = False
@@ -148,6 +156,18 @@ class SharingStrategy(DDPStrategy):
     def setup(self, trainer: Any) -> None:
         super().setup(trainer)
         self._check_declarations()
+
+    # ------------------------------------------------------------------ preemption (see preemption.py)
+    def setup_environment(self) -> None:
+        super().setup_environment()
+        trainer = getattr(self.lightning_module, "_trainer", None) if self.lightning_module is not None else None
+        if trainer is not None:  # before Lightning registers its signal handlers for this stage
+            self.preemption.attach(trainer)
+
+    def on_exception(self, exception: BaseException) -> None:
+        """Called by Lightning on every rank that raised; writes the final checkpoint for an agreed SIGTERM only."""
+        super().on_exception(exception)
+        self.preemption.on_exception(exception)
 
     # ------------------------------------------------------------------ save / load / remove
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:

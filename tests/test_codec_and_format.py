@@ -25,7 +25,9 @@ from lightning_sharing import (
     UnsupportedStateError,
 )
 from lightning_sharing.codec import decode_state, encode_state, is_flat_tensor_dict
-from lightning_sharing.payload import read_payload, write_payload
+from lightning_sharing.payload import read_payload
+from lightning_sharing.tensor_files import read_tensor_file
+from lightning_sharing.write_plan import plan_copy, write_copy
 
 # --------------------------------------------------------------------------- helpers
 
@@ -87,8 +89,10 @@ def json_round_trip(state: Any) -> Any:
 def disk_round_trip(state: Any, root: Path, stem: str = "comp", max_shard_size: int = 10**9) -> Any:
     """encode -> safetensors shards + JSON files on disk -> read back -> decode."""
     enc = encode_state(state, stem)
-    written = write_payload(root, stem, enc, max_shard_size)
-    return read_payload(stem, set(written), lambda rel: root / rel, enc.flat)
+    entries = write_copy(root, plan_copy(stem, enc, (0,), 0, 0, max_shard_size), rank=0)
+    checksums = {e.path: e.checksum for e in entries}
+    return read_payload(stem, set(checksums), lambda rel: root / rel,
+                        lambda rel: read_tensor_file(root / rel, checksums[rel]), enc.flat)
 
 
 def round_trips(state: Any, root: Path) -> list[Any]:

@@ -48,14 +48,15 @@ def _components(rank: int):
 
 
 def _record_writes(monkeypatch_target, log: list[str]):
-    """Wrap the coordinator's payload writer so each rank records the stems it wrote itself."""
-    original = monkeypatch_target.write_payload
+    """Wrap the coordinator's copy writer so each rank records the stems it wrote files of itself."""
+    original = monkeypatch_target.write_copy
 
-    def recording(root, stem, encoded, max_shard_size):
-        log.append(stem)
-        return original(root, stem, encoded, max_shard_size)
+    def recording(root, plan, rank):
+        if plan.jobs:
+            log.append(plan.stem)
+        return original(root, plan, rank)
 
-    monkeypatch_target.write_payload = recording
+    monkeypatch_target.write_copy = recording
 
 
 def _dp_pp_worker(rank: int, world_size: int, root: str, use_mesh: bool):

@@ -25,7 +25,7 @@ def _model_components(rank: int, seed: int):
 
 
 def _mid_write_worker(rank: int, world_size: int, root: str):
-    import lightning_sharing.payload as payload
+    import lightning_sharing.write_plan as write_plan
     from lightning_sharing import CheckpointCoordinator, DistributedCheckpointError
 
     target = Path(root) / "last.ckpt"
@@ -38,16 +38,16 @@ def _mid_write_worker(rank: int, world_size: int, root: str):
         model.weight.add_(1.0)
     box.values += 5
     if rank == 1:
-        original = payload.save_file
+        original = write_plan.write_tensor_file
 
-        def half_then_fail(tensors, filename, metadata=None):
-            original(tensors, filename, metadata=metadata)
+        def half_then_fail(filename, tensors, metadata=None):
+            original(filename, tensors, metadata)
             size = Path(filename).stat().st_size
             with open(filename, "r+b") as handle:
                 handle.truncate(size // 2)
             raise OSError(28, "No space left on device (injected)")
 
-        payload.save_file = half_then_fail
+        write_plan.write_tensor_file = half_then_fail
     started = time.monotonic()
     try:
         CheckpointCoordinator(components).save_checkpoint(target, step=2)

@@ -1,0 +1,209 @@
+"""Safetensors files written and read in one streaming pass, with the checksum computed on the way.
+
+The files are standard safetensors (an 8-byte little-endian header length, a JSON header padded
+with spaces to a multiple of 8, then the tensors' bytes), readable by ``safetensors.torch.load_file``.
+Writing streams each tensor's memory straight to the file in chunks, so a save needs no serialized
+copy of the state, and hashes each chunk while it is still in the CPU cache. Reading reads each
+tensor straight into its own freshly allocated memory, hashing as it goes: the bytes are read once
+and nothing is returned unless the whole file matches its checksum. File writes, reads and the xxh3 hash all
+release the GIL, so a background save does not stall a training thread.
+
+Example:
+    >>> size, checksum = write_tensor_file(Path("model-00001-of-00001.safetensors"), {"w": torch.ones(2)})
+    >>> tensors = read_tensor_file(Path("model-00001-of-00001.safetensors"), checksum)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Mapping
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+import xxhash
+
+from lightning_sharing._faults import fault_point
+from lightning_sharing.errors import CheckpointError, CorruptCheckpointError
+
+__all__ = ["CHECKSUM_ALGORITHM", "bytes_checksum", "nbytes", "read_tensor_file", "write_tensor_file"]
+
+CHECKSUM_ALGORITHM = "xxh3_128"
+_CHUNK = 16 * 1024 * 1024
+_MAX_HEADER = 100 * 1024 * 1024
+_DTYPE_NAMES: dict[torch.dtype, str] = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL", torch.complex64: "C64", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}
+for _name in ("uint16", "uint32", "uint64"):  # unsigned types newer than torch 2.3
+    if hasattr(torch, _name):
+        _DTYPE_NAMES[getattr(torch, _name)] = f"U{_name[4:]}"
+_DTYPES = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
+
+
+def nbytes(tensor: torch.Tensor) -> int:
+    """Bytes of a tensor's data."""
+    return tensor.numel() * tensor.element_size()
+
+
+def bytes_checksum(data: bytes) -> str:
+    """``"xxh3_128:<hex>"`` of a byte string (the same as the file checksum of a file holding it)."""
+    return f"{CHECKSUM_ALGORITHM}:{xxhash.xxh3_128(data).hexdigest()}"
+
+
+def _byte_view(tensor: torch.Tensor) -> memoryview:
+    flat = tensor.detach().reshape(-1)
+    if flat.device.type != "cpu":
+        flat = flat.cpu()
+    return memoryview(flat.contiguous().view(torch.uint8).numpy())
+
+
+def _header(tensors: Mapping[str, torch.Tensor], order: list[str], metadata: Mapping[str, str]) -> bytes:
+    header: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name in order:
+        tensor = tensors[name]
+        if tensor.dtype not in _DTYPE_NAMES:
+            raise CheckpointError(f"tensor {name!r} has dtype {tensor.dtype}, which safetensors cannot store")
+        size = nbytes(tensor)
+        header[name] = {"dtype": _DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)  # keeps the data 8-byte aligned, as safetensors does
+    return struct.pack("<Q", len(text)) + text
+
+
+def _write_all(fd: int, view: memoryview, digest: xxhash.xxh3_128) -> None:
+    for start in range(0, len(view), _CHUNK):
+        chunk = view[start:start + _CHUNK]
+        done = 0
+        while done < len(chunk):
+            done += os.write(fd, chunk[done:])
+        digest.update(chunk)
+
+
+def write_tensor_file(path: Path, tensors: Mapping[str, torch.Tensor],
+                      metadata: Mapping[str, str] | None = None) -> tuple[int, str]:
+    """Write ``tensors`` as a safetensors file and fsync it; returns ``(size, checksum)``.
+
+    Tensors are laid out largest element size first, so every tensor is aligned in the file.
+    """
+    order = sorted(tensors, key=lambda name: (-tensors[name].element_size(), name))
+    header = _header(tensors, order, metadata or {"format": "pt"})
+    digest = xxhash.xxh3_128()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        _write_all(fd, memoryview(header), digest)
+        fault_point("save:write")
+        for name in order:
+            if tensors[name].numel():
+                _write_all(fd, _byte_view(tensors[name]), digest)
+        os.fsync(fd)
+        size = os.fstat(fd).st_size
+    finally:
+        os.close(fd)
+    return size, f"{CHECKSUM_ALGORITHM}:{digest.hexdigest()}"
+
+
+def _entry_layout(name: str, entry: object, data_size: int) -> tuple[torch.dtype, list[int], int, int]:
+    if not isinstance(entry, dict):
+        raise ValueError(f"entry {name!r} is not an object")
+    dtype = _DTYPES.get(entry.get("dtype"))  # type: ignore[arg-type]
+    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    if dtype is None:
+        raise ValueError(f"tensor {name!r} has unknown dtype {entry.get('dtype')!r}")
+    if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+        raise ValueError(f"tensor {name!r} has a malformed shape {shape!r}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+            and 0 <= offsets[0] <= offsets[1] <= data_size):
+        raise ValueError(f"tensor {name!r} has data offsets {offsets!r} outside the file")
+    numel = 1
+    for dim in shape:
+        numel *= dim
+    if offsets[1] - offsets[0] != numel * torch.empty((), dtype=dtype).element_size():
+        raise ValueError(f"tensor {name!r}: data offsets {offsets} do not match shape {shape} and dtype {dtype}")
+    return dtype, shape, offsets[0], offsets[1]
+
+
+def _read_into(handle: BinaryIO, view: memoryview, digest: xxhash.xxh3_128, path: Path) -> None:
+    done = 0
+    while done < len(view):
+        got = handle.readinto(view[done:done + _CHUNK])
+        if not got:
+            raise CorruptCheckpointError(f"{path.name} ended early while being read (truncated?)")
+        digest.update(view[done:done + got])
+        done += got
+
+
+def _parse_header(raw: bytes, data_size: int) -> list[tuple[str, torch.dtype, list[int], int, int]]:
+    header = json.loads(raw.decode("utf-8"))
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
+    layout = sorted(((*_entry_layout(name, entry, data_size), name) for name, entry in header.items()
+                     if name != "__metadata__"), key=lambda item: item[2])
+    position = 0
+    for _, _, begin, end, name in layout:
+        if begin != position:
+            raise ValueError(f"tensor {name!r} starts at {begin}, not {position}: the data has a gap or overlap")
+        position = end
+    if position != data_size:
+        raise ValueError(f"the tensors cover {position} bytes but the file holds {data_size}")
+    return [(name, dtype, shape, begin, end) for dtype, shape, begin, end, name in layout]
+
+
+def read_tensor_file(path: Path, checksum: str | None = None) -> dict[str, torch.Tensor]:
+    """Read a safetensors file in one pass into freshly allocated tensors, verifying ``checksum``.
+
+    Each tensor is read straight into its own memory while the file is hashed; nothing is returned
+    unless the whole file matches ``checksum`` (when given). Raises ``CorruptCheckpointError``
+    naming the file for a wrong checksum or a malformed file.
+    """
+    digest = xxhash.xxh3_128()
+    tensors: dict[str, torch.Tensor] = {}
+    with open(path, "rb", buffering=0) as handle:
+        size = os.fstat(handle.fileno()).st_size
+        try:
+            prefix = bytearray(8)
+            _read_into(handle, memoryview(prefix), digest, path)
+            (length,) = struct.unpack("<Q", prefix)
+            if length > min(_MAX_HEADER, size - 8):
+                raise ValueError(f"header length {length} exceeds the file or {_MAX_HEADER} bytes")
+            raw = bytearray(length)
+            _read_into(handle, memoryview(raw), digest, path)
+            layout = _parse_header(bytes(raw), size - 8 - length)
+        except (ValueError, UnicodeDecodeError, RecursionError, CorruptCheckpointError) as exc:
+            _raise_checksum_mismatch(path, checksum)
+            raise CorruptCheckpointError(f"safetensors file {path.name} cannot be read: {exc}") from exc
+        for name, dtype, shape, _, _ in layout:
+            tensor = torch.empty(shape, dtype=dtype)
+            if tensor.numel():
+                _read_into(handle, memoryview(tensor.reshape(-1).view(torch.uint8).numpy()), digest, path)
+            tensors[name] = tensor
+    if checksum is not None:
+        actual = f"{CHECKSUM_ALGORITHM}:{digest.hexdigest()}"
+        if actual != checksum:
+            raise CorruptCheckpointError(
+                f"{path.name} has checksum {actual} but the manifest records {checksum}: the file is corrupt "
+                "(altered after the save)"
+            )
+    return tensors
+
+
+def _raise_checksum_mismatch(path: Path, checksum: str | None) -> None:
+    """For an unreadable file, report a checksum mismatch (the more useful message) if there is one."""
+    if checksum is None:
+        return
+    digest = xxhash.xxh3_128()
+    with open(path, "rb", buffering=0) as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    actual = f"{CHECKSUM_ALGORITHM}:{digest.hexdigest()}"
+    if actual != checksum:
+        raise CorruptCheckpointError(
+            f"{path.name} has checksum {actual} but the manifest records {checksum}: the file is corrupt "
+            "(altered after the save)"
+        )
