@@ -108,6 +108,7 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=5, help="checkpoint every N training steps")
     parser.add_argument("--kill-at-step", type=int, default=0)
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--async-save", action="store_true", help="write checkpoints in the background")
     args = parser.parse_args()
 
     pl.seed_everything(7, workers=True)
@@ -117,7 +118,7 @@ def main() -> None:
     if args.kill_at_step:
         callbacks.append(KillAtStep(args.kill_at_step))
     trainer = pl.Trainer(
-        strategy=SharingStrategy(),
+        strategy=SharingStrategy(async_save=args.async_save),
         accelerator="cpu",
         devices=args.devices,
         max_steps=args.max_steps,

@@ -5,6 +5,7 @@ Example:
     >>> coordinator = CheckpointCoordinator([StateComponent("rng", RNGState(), SharingPattern.PER_RANK)])
 """
 
+from lightning_sharing.async_save import BackgroundSaver
 from lightning_sharing.checkpoint_io import SharingCheckpointIO
 from lightning_sharing.coordinator import CheckpointCoordinator
 from lightning_sharing.errors import (
@@ -31,6 +32,7 @@ from lightning_sharing.types import SharingPattern, StateComponent, ValidationLe
 __version__ = "0.1.0"
 
 __all__ = [
+    "BackgroundSaver",
     "BuiltinState",
     "CheckpointCoordinator",
     "CheckpointError",

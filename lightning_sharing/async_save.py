@@ -65,6 +65,7 @@ class BackgroundSaver:
         self._pool: dict[_PoolKey, list[torch.Tensor]] = {}
         self._lock = threading.Lock()
         self._last_failed = False
+        self._cleanups: list[Future[None]] = []  # retention deletions queued behind saves (failures are logged)
 
     # ------------------------------------------------------------------ state
     @property
@@ -160,6 +161,7 @@ class BackgroundSaver:
 
         future = self._executor.submit(run_if_saved)
         future.add_done_callback(_log_failure(what))
+        self._cleanups.append(future)
 
     def _wait_oldest(self) -> None:
         target, _, future = self._pending.pop(0)
@@ -170,9 +172,17 @@ class BackgroundSaver:
             raise error
 
     def wait(self) -> None:
-        """Block until every pending save is committed; raise the first failure (on every rank)."""
-        while self._pending:
-            self._wait_oldest()
+        """Block until every pending save is committed; raise the first failure (on every rank).
+
+        Deletions queued behind the saves (``after_pending``) are finished too; their failures are logged.
+        """
+        try:
+            while self._pending:
+                self._wait_oldest()
+        finally:
+            cleanups, self._cleanups = self._cleanups, []
+            for future in cleanups:
+                future.exception()  # waits; _log_failure has reported a failure
 
     def poll(self) -> None:
         """Collective: if every rank's pending saves are done, surface their outcome (raise a failure).

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 from lightning.fabric.plugins import CheckpointIO
 
+from lightning_sharing.async_save import BackgroundSaver
 from lightning_sharing.collectives import agree, get_world_size, local_only
 from lightning_sharing.coordinator import CheckpointCoordinator
 from lightning_sharing.lightning_layout import (
@@ -59,19 +61,41 @@ class SharingCheckpointIO(CheckpointIO):
         verify: ``"checksum"`` (default) or ``"size"``: how files are checked on load.
         validation_level: replication check applied to the model weights at save time
             (``ValidationLevel.QUICK`` by default; ``NONE`` turns it off).
+        async_save: save in the background: a save returns once the state is copied, and is
+            written and committed while training goes on (see ``SharingStrategy``).
+        max_pending_saves: with ``async_save``, how many saves may be in flight; each holds one
+            staged copy of the state this rank writes (default 1: at most one copy).
     """
 
     def __init__(self, *, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, verify: str = "checksum",
-                 validation_level: ValidationLevel | str = ValidationLevel.QUICK) -> None:
+                 validation_level: ValidationLevel | str = ValidationLevel.QUICK, async_save: bool = False,
+                 max_pending_saves: int = 1) -> None:
         self.max_shard_size = max_shard_size
         self.verify = verify
         self.validation_level = ValidationLevel.parse(validation_level)
+        self.saver = BackgroundSaver(max_pending_saves) if async_save else None
         self._warned_rank_local = False
 
     # ------------------------------------------------------------------ collective (SharingStrategy)
     def _coordinator(self, components: list[StateComponent], process_groups: Any) -> CheckpointCoordinator:
         return CheckpointCoordinator(components, process_groups, max_shard_size=self.max_shard_size,
-                                     verify=self.verify)
+                                     verify=self.verify, async_save=self.saver or False)
+
+    # ------------------------------------------------------------------ asynchronous saves
+    def wait(self) -> None:
+        """Block until pending background saves are committed; raise a failed one's error (every rank)."""
+        if self.saver is not None:
+            self.saver.wait()
+
+    def poll(self) -> None:
+        """Collective while a save is pending: surface its outcome once every rank's save is done."""
+        if self.saver is not None:
+            self.saver.poll()
+
+    def teardown(self) -> None:
+        """Called by Lightning at the end of a stage: waits for pending saves, then stops the background thread."""
+        if self.saver is not None:
+            self.saver.close()
 
     def save_sharded(self, checkpoint: Mapping[str, Any], path: str | os.PathLike[str],
                      user_components: list[StateComponent], process_groups: Any,
@@ -98,6 +122,7 @@ class SharingCheckpointIO(CheckpointIO):
                      process_groups: Any, overrides: Mapping[str, StateComponent],
                      strict: bool = True) -> tuple[dict[str, Any], Any]:
         """Collective: load the user's components in place; return Lightning's dict and this rank's RNG state."""
+        self.wait()
         error: BaseException | None = None
         keys: list[str] = []
         saved: dict[str, StateComponent] = {}
@@ -139,6 +164,7 @@ class SharingCheckpointIO(CheckpointIO):
     def load_checkpoint(self, path: str | os.PathLike[str], map_location: Any | None = None,
                         weights_only: bool | None = None) -> dict[str, Any]:
         """Rank-local load (no collectives): rank-specific state saved under another topology is skipped."""
+        self.wait()
         with local_only():
             manifest = CheckpointManifest.load(path)
             if _RAW_KEY in manifest.components:
@@ -149,6 +175,23 @@ class SharingCheckpointIO(CheckpointIO):
             checkpoint, _ = self.load_sharded(path, [], None, {}, strict=False)
             return checkpoint
 
-    def remove_checkpoint(self, path: str | os.PathLike[str]) -> None:
-        """Delete a checkpoint directory atomically (it is never seen half-deleted)."""
-        remove_checkpoint(path)
+    def remove_checkpoint(self, path: str | os.PathLike[str], keep: Callable[[Path], str | None] | None = None) -> None:
+        """Delete a checkpoint directory atomically (it is never seen half-deleted).
+
+        While a background save is pending, the deletion waits until that save has committed, and is
+        skipped if it fails, so retention never removes the last good checkpoint. ``keep(path)``,
+        evaluated when the deletion runs, may return a reason to keep the checkpoint instead.
+        """
+        target = Path(path)
+
+        def remove() -> None:
+            reason = keep(target) if keep is not None else None
+            if reason:
+                log.warning("not removing checkpoint %s: %s", target, reason)
+                return
+            remove_checkpoint(target)
+
+        if self.saver is not None:
+            self.saver.after_pending(remove, f"removing checkpoint {target}")
+        else:
+            remove()

@@ -91,15 +91,17 @@ def _merged_index(staging: Path, component: StateComponent, copies: list[dict[st
 
 
 def _check_same_layout(key: str, copies: list[dict[str, Any]]) -> None:
-    """The ranks sharing the writing of one copy must have planned the same tensors and shards."""
-    layouts: dict[str, str] = {}
+    """Ranks given shards of a copy by its lead writer must have planned the same tensors and shards."""
+    leads = {copy["stem"]: copy for copy in copies if copy["shard_writers"]}
     for copy in copies:
-        expected = layouts.setdefault(copy["stem"], copy["layout"])
-        if copy["layout"] != expected:
-            writers = sorted({e.rank for c in copies if c["stem"] == copy["stem"] for e in c["files"]})
+        lead = leads.get(copy["stem"])
+        if lead is None or copy is lead or copy["rank"] not in lead["shard_writers"]:
+            continue
+        if copy["layout"] != lead["layout"]:
             raise CheckpointError(
-                f"component {key!r}: the ranks writing parts of {copy['stem']} ({writers}) hold different tensor "
-                "names, shapes or dtypes, so it is not replicated; declare it PER_RANK, or make the ranks agree "
+                f"component {key!r}: rank {copy['rank']} and rank {lead['rank']} hold different tensor names, "
+                f"shapes or dtypes for {copy['stem']}, so it is not replicated and its shards cannot be split "
+                "between them; declare it PER_RANK (or GLOBAL if only rank 0 holds it), or make the ranks agree "
                 "(validate_replication=True names the differences)"
             )
 

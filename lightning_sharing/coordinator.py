@@ -291,7 +291,8 @@ class CheckpointCoordinator:
             for key, plan in plans:
                 entries = _with_context(key, "writing", lambda p=plan: write_copy(staging, p, rank))
                 written.setdefault(key, []).append(
-                    {"stem": plan.stem, "files": entries, "index": plan.index, "layout": plan.layout_digest})
+                    {"stem": plan.stem, "files": entries, "index": plan.index, "layout": plan.layout_digest,
+                     "rank": rank, "shard_writers": plan.shard_writers})
             fault_point("save:written")
         except Exception as exc:  # made an error on every rank by agree() just below
             error = exc

@@ -72,6 +72,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
+from lightning_sharing.async_save import BackgroundSaver
 from lightning_sharing.coordinator import CheckpointCoordinator
 from lightning_sharing.errors import CheckpointError, ComponentDeclarationError
 from lightning_sharing.fabric_state import (
@@ -123,6 +124,9 @@ class FabricSharingStrategy(DDPStrategy):
             and restore them on load when the checkpoint has them.
         max_shard_size: the largest safetensors shard in bytes.
         verify: ``"checksum"`` (default) or ``"size"``: how files are checked before they are read.
+        async_save, max_pending_saves: as for ``CheckpointCoordinator``/``SharingStrategy``: ``fabric.save``
+            returns once the state is copied; the next save, ``fabric.load``, ``wait_for_checkpoint()`` and
+            teardown wait for it and raise its failure on every rank.
 
     Example:
         >>> from lightning.fabric import Fabric
@@ -151,6 +155,8 @@ class FabricSharingStrategy(DDPStrategy):
         rng: bool = True,
         max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
         verify: str = "checksum",
+        async_save: bool = False,
+        max_pending_saves: int = 1,
         **kwargs: Any,
     ) -> None:
         super().__init__(
@@ -182,6 +188,7 @@ class FabricSharingStrategy(DDPStrategy):
         CheckpointCoordinator([], max_shard_size=max_shard_size, verify=verify)
         self._max_shard_size = int(max_shard_size)
         self._verify = verify
+        self._saver = BackgroundSaver(max_pending_saves) if async_save else None
         #: What the last ``load_checkpoint`` of a checkpoint directory loaded and skipped (with reasons).
         self.last_load_result: LoadResult | None = None
 
@@ -263,6 +270,7 @@ class FabricSharingStrategy(DDPStrategy):
             >>> remainder                                                                          # doctest: +SKIP
             {'step': 5}
         """
+        self.wait_for_checkpoint()
         if os.path.isfile(path):
             log.info("%s is a file, not a lightning_sharing checkpoint directory: loading it as DDPStrategy does", path)
             return super().load_checkpoint(path, state=state, strict=strict, weights_only=weights_only)
@@ -399,7 +407,17 @@ class FabricSharingStrategy(DDPStrategy):
 
     def _coordinator(self, components: list[StateComponent]) -> CheckpointCoordinator:
         return CheckpointCoordinator(components, self._process_groups(), max_shard_size=self._max_shard_size,
-                                     verify=self._verify)
+                                     verify=self._verify, async_save=self._saver or False)
+
+    def wait_for_checkpoint(self) -> None:
+        """Block until pending ``async_save`` saves are committed; raise a failed one's error on every rank."""
+        if self._saver is not None:
+            self._saver.wait()
+
+    def teardown(self) -> None:
+        if self._saver is not None:
+            self._saver.close()
+        super().teardown()
 
 
 def _register(cls: type[FabricSharingStrategy], registry: _StrategyRegistry) -> None:

@@ -16,12 +16,16 @@ After every optimizer step (``on_train_batch_end`` of the last micro-batch), all
 flags (one tiny collective), so every rank acts at the same step:
 
 - requeue signal: every rank saves Lightning's ``hpc_ckpt_{n}.ckpt`` (the name a requeued job resumes
-  from with ``ckpt_path=None`` or ``"hpc"``), rank 0 runs ``scontrol requeue``, training goes on (once
-  per ``fit``: the copies of the signal that reach other ranks later are not a second request);
+  from with ``ckpt_path=None`` or ``"hpc"``) after the step, or after its validation when one follows;
+  rank 0 runs ``scontrol requeue``; training goes on. Once per ``fit``: the copies of the signal that
+  reach other ranks later are not a second request.
 - SIGTERM: every rank sets Lightning's ``received_sigterm`` at that step; Lightning finishes the step
   (validation included) and raises ``SIGTERMException`` on every rank at the same place, where
   ``SharingStrategy.on_exception`` writes the final checkpoint. ``SIGTERMException`` is a ``SystemExit``
-  without a code: every process exits with status 0. Any other exception never triggers a save.
+  without a code: every process exits with status 0. Any other exception never triggers a save. At the
+  last step of an epoch the stop moves to the first step of the next one: Lightning raises there only
+  after counting the epoch as completed, a state from which it resumes by skipping the next epoch. A
+  SIGTERM during the very last step of training lets training finish normally.
 
 Where the final checkpoint goes (``SharingStrategy(preemption_checkpoint=...)``):
 

@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import uuid
 from collections.abc import Collection
 from pathlib import Path
@@ -41,6 +42,7 @@ __all__ = [
     "list_checkpoint_files",
     "remove_checkpoint",
     "remove_stale_staging",
+    "rmtree_missing_ok",
     "staging_path",
     "verify_file",
     "write_bytes_durable",
@@ -106,6 +108,19 @@ def write_bytes_durable(path: Path, data: bytes) -> None:
         os.fsync(handle.fileno())
 
 
+def rmtree_missing_ok(path: Path) -> None:
+    """Delete a directory tree; entries that vanish meanwhile (another cleanup got them) are fine."""
+
+    def ignore_missing(_function: object, _path: str, error: BaseException) -> None:
+        if not isinstance(error, FileNotFoundError):
+            raise error
+
+    if sys.version_info >= (3, 12):
+        shutil.rmtree(path, onexc=ignore_missing)
+    else:
+        shutil.rmtree(path, onerror=lambda f, p, info: ignore_missing(f, p, info[1]))
+
+
 def staging_path(target: Path, token: str) -> Path:
     """The hidden staging directory for ``target`` (``token`` is 32 hex digits)."""
     return target.parent / f".{target.name}.staging-{token}"
@@ -136,7 +151,7 @@ def remove_stale_staging(parent: Path, keep: Collection[Path] = ()) -> list[Path
             os.rename(entry, target)
             continue
         log.info("removing stale checkpoint staging directory %s", entry)
-        shutil.rmtree(entry)
+        rmtree_missing_ok(entry)
         removed.append(entry)
     return removed
 
@@ -196,7 +211,7 @@ def _remove_previous(path: Path) -> None:
     # The new checkpoint is already committed: failing to delete the old one must not fail the save.
     # Its hidden name makes the next save's remove_stale_staging() delete it.
     try:
-        shutil.rmtree(path)
+        rmtree_missing_ok(path)
     except OSError as exc:
         log.warning("could not remove the replaced checkpoint %s (%s); the next save removes it", path, exc)
 
@@ -217,7 +232,7 @@ def remove_checkpoint(path: str | os.PathLike[str]) -> None:
     doomed = target.parent / f".{target.name}.removing-{uuid.uuid4().hex}"
     os.rename(target, doomed)
     fsync_dir(target.parent)
-    shutil.rmtree(doomed)
+    rmtree_missing_ok(doomed)
 
 
 def checkpoint_step(path: Path, manifest: CheckpointManifest | None = None) -> int:

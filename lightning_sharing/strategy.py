@@ -61,6 +61,13 @@ class SharingStrategy(DDPStrategy):
         fallback: when the checkpoint to resume from is corrupt or incomplete, resume from the newest
             other complete checkpoint in the same directory instead of failing (logged as an error).
             Off by default: a damaged checkpoint is an error unless you opt in.
+        async_save: save in the background. ``trainer.save_checkpoint`` (and ``ModelCheckpoint``) return
+            once the state is copied; files are written and committed while training continues. A failed
+            background save raises on every rank at the next step boundary; the next save, a load, the
+            end of ``fit`` and teardown wait for a pending save; checkpoints that retention removes are
+            removed only after the newer save has committed.
+        max_pending_saves: with ``async_save``, how many saves may be in flight at once; each holds one
+            copy of the state this rank writes (default 1: staging memory is at most one copy).
         strict: the loading rules on resume (see docs/patterns.md). ``False`` skips what cannot be
             loaded (undeclared or missing components, rank-specific state saved under another
             topology), logging each skip, instead of refusing the checkpoint.
@@ -79,14 +86,17 @@ class SharingStrategy(DDPStrategy):
 
     def __init__(self, *, process_groups: Any = None, validation_level: ValidationLevel | str = ValidationLevel.QUICK,
                  max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, verify: str = "checksum", strict: bool = True,
-                 fallback: bool = False, preemption_checkpoint: bool | str | os.PathLike[str] | None = True,
+                 fallback: bool = False, async_save: bool = False, max_pending_saves: int = 1,
+                 preemption_checkpoint: bool | str | os.PathLike[str] | None = True,
                  **kwargs: Any) -> None:
         if kwargs.get("checkpoint_io") is None:
             kwargs["checkpoint_io"] = SharingCheckpointIO(
-                max_shard_size=max_shard_size, verify=verify, validation_level=validation_level)
+                max_shard_size=max_shard_size, verify=verify, validation_level=validation_level,
+                async_save=async_save, max_pending_saves=max_pending_saves)
         super().__init__(**kwargs)
         self.strict = strict
         self.fallback = fallback
+        self._resumed_from: str | None = None
         self.preemption = PreemptionHandler(preemption_checkpoint)
         self._process_groups_arg = process_groups
         self._process_groups: Any = None
@@ -190,6 +200,7 @@ class SharingStrategy(DDPStrategy):
         try:
             checkpoint, rng = self.sharing_io.load_sharded(checkpoint_path, user, groups, overrides,
                                                            strict=self.strict)
+            self._resumed_from = os.path.realpath(checkpoint_path)
         except (CorruptCheckpointError, ManifestError) as exc:
             # Every rank raised this same error (the agreement step), so every rank gets here.
             if not self.fallback:
@@ -212,7 +223,9 @@ class SharingStrategy(DDPStrategy):
         for candidate in candidates:
             log.error("FALLING BACK: %s could not be loaded (%s); resuming from %s instead", failed, error, candidate)
             try:
-                return self.sharing_io.load_sharded(candidate, user, groups, overrides, strict=self.strict)
+                loaded = self.sharing_io.load_sharded(candidate, user, groups, overrides, strict=self.strict)
+                self._resumed_from = os.path.realpath(candidate)
+                return loaded
             except (CorruptCheckpointError, ManifestError) as exc:  # agreed on every rank, like above
                 error = exc
         raise CorruptCheckpointError(
@@ -246,13 +259,37 @@ class SharingStrategy(DDPStrategy):
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         super().on_train_batch_start(batch, batch_idx)
+        self.sharing_io.poll()  # a failed background save raises here, on every rank at the same step
         if self._pending_rng is not None and self._rng_at_first_batch:
             RNGState().load_state_dict(self._pending_rng)
             self._pending_rng = None
 
+    def on_train_end(self) -> None:
+        super().on_train_end()
+        self.sharing_io.wait()  # fit returns only once every checkpoint it started is committed
+
     def teardown(self) -> None:
         self._pending_rng = None
-        super().teardown()
+        super().teardown()  # tears down the CheckpointIO, which waits for pending saves
+
+    # ------------------------------------------------------------------ retention
+    def remove_checkpoint(self, filepath: Any) -> None:
+        """Rank 0 deletes a checkpoint that retention (``ModelCheckpoint`` top-k) no longer wants.
+
+        The newest complete checkpoint in its directory and the checkpoint this run resumed from are
+        kept (logged); with ``async_save`` the deletion waits until the pending save has committed.
+        """
+        if self.is_global_zero:
+            self.sharing_io.remove_checkpoint(filepath, keep=self._reason_to_keep)
+
+    def _reason_to_keep(self, path: Path) -> str | None:
+        real = os.path.realpath(path)
+        if self._resumed_from is not None and real == self._resumed_from:
+            return "training resumed from it"
+        newest = complete_checkpoints(path.parent)
+        if newest and os.path.realpath(newest[0][0]) == real:
+            return "it is the newest complete checkpoint in its directory"
+        return None
 
 
 def _previous_checkpoints(failed: Path) -> list[str]:

@@ -51,6 +51,7 @@ class CopyPlan:
     jobs: list[FileJob] = field(default_factory=list)
     index: dict[str, Any] | None = None  # the copy's safetensors index (lead writer, tensor-only copies)
     layout_digest: str = ""
+    shard_writers: list[int] = field(default_factory=list)  # ranks the lead's plan gives shards to
 
 
 def _plan_shards(tensors: dict[str, torch.Tensor], shard_size: int) -> list[list[str]]:
@@ -98,6 +99,7 @@ def plan_copy(stem: str, encoded: EncodedState, spread: tuple[int, ...], lead: i
     plan.layout_digest = xxhash.xxh3_64(json_bytes([layout, encoded.ties, encoded.flat])).hexdigest()
     if rank != lead:
         return plan
+    plan.shard_writers = sorted(set(owners))
     if tensors:
         metadata: dict[str, Any] = {"total_size": total, "format": "pt"}
         if encoded.ties:

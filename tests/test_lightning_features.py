@@ -116,3 +116,23 @@ def test_corrupt_last_checkpoint_is_an_error_unless_fallback_is_chosen(tmp_path:
     output = log.read_text()
     assert "SharingStrategy(fallback=True) would resume from the previous complete checkpoint" in output
     assert "FALLING BACK:" in output and "resuming from" in output and "step=10.ckpt instead" in output
+
+
+def test_async_save_with_keep_last_k_retention_and_resume(tmp_path: Path) -> None:
+    out = tmp_path / "async"
+    run_process([SCRIPT, "async-retention", "--out", str(out)], tmp_path / "async.log")
+    results = _results(out, 2)
+    assert results[0] == results[1]
+    result = results[0]
+    ckpts = out / "checkpoints"
+    # keep-last-2 under async_save: older checkpoints were removed only after newer ones committed,
+    # and fit() returned with everything committed.
+    assert result["after_first"] == ["step=10.ckpt", "step=8.ckpt"]
+    # The resume from step=8 kept it (never delete what training resumed from); the resumed run's own
+    # step-10 save (step=10-v1) was rotated out; the first run's step=10 is not this run's to delete.
+    assert result["resumed_at"] == 8 and result["global_step"] == 14
+    assert result["after_resume"] == ["step=10.ckpt", "step=12.ckpt", "step=14.ckpt", "step=8.ckpt"]
+    assert Path(result["latest"]).name == "step=14.ckpt"
+    for name in result["after_resume"]:
+        assert CheckpointManifest.load(ckpts / name).world_size == 2
+    assert not [p for p in out.rglob(".*")]  # no staging or half-removed leftovers

@@ -7,6 +7,8 @@ Modes:
     spawn            the spawn launcher: final weights travel back to the parent through the CheckpointIO.
     nodes            run under torchrun --nnodes=2: a PER_NODE component, saved then resumed.
     fallback         a corrupt last.ckpt: an error by default, the previous checkpoint with fallback=True.
+    async-retention  async_save=True with keep-last-2 (ModelCheckpoint top-k on "step"), then a resume from an
+                     older checkpoint, which retention must not delete.
 Each mode writes OUT/result-rank{r}.json for the test to check.
 """
 
@@ -244,9 +246,32 @@ def fallback(args: argparse.Namespace) -> None:
     write(args.out, t3.global_rank, result)
 
 
+def async_retention(args: argparse.Namespace) -> None:
+    ckpt_dir = args.out / "checkpoints"
+
+    def keep_last_two() -> ModelCheckpoint:
+        return ModelCheckpoint(dirpath=ckpt_dir, filename="{step}", every_n_train_steps=2, save_top_k=2,
+                               monitor="step", mode="max")
+
+    t = trainer(args, 10, [keep_last_two()], strategy=SharingStrategy(async_save=True))
+    t.fit(Module(), train_dataloaders=loader())
+    # fit() returned: every save it started is committed, and rank 0's removals behind them are done.
+    t.strategy.barrier()
+    after_first = sorted(p.name for p in ckpt_dir.iterdir())
+    resumed = trainer(args, 14, [keep_last_two(), start := StartStep()], strategy=SharingStrategy(async_save=True))
+    resumed.fit(Module(), train_dataloaders=loader(), ckpt_path=ckpt_dir / "step=8.ckpt")
+    resumed.strategy.barrier()
+    write(args.out, t.global_rank, {
+        "after_first": after_first, "after_resume": sorted(p.name for p in ckpt_dir.iterdir()),
+        "resumed_at": start.step, "global_step": resumed.global_step,
+        "latest": str(find_latest_checkpoint(ckpt_dir)),
+    })
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["features", "bad-declaration", "spawn", "nodes", "fallback"])
+    parser.add_argument("mode", choices=["features", "bad-declaration", "spawn", "nodes", "fallback",
+                                         "async-retention"])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--devices", type=int, default=2)
     parser.add_argument("--nodes", type=int, default=1)
@@ -255,7 +280,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(3)
     modes = {"features": features, "bad-declaration": bad_declaration, "spawn": spawn, "nodes": nodes,
-             "fallback": fallback}
+             "fallback": fallback, "async-retention": async_retention}
     modes[args.mode](args)
 
 
