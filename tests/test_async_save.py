@@ -83,7 +83,7 @@ def _failure_worker(rank: int, world_size: int, root: str):
 
     from lightning_sharing import CheckpointCoordinator, DistributedCheckpointError
 
-    model, box, components = _components(rank, seed=1)
+    model, _box, components = _components(rank, seed=1)
     coordinator = CheckpointCoordinator(components, async_save=True)
     coordinator.save_checkpoint(Path(root) / "step=1.ckpt", step=1)
     coordinator.wait()
@@ -117,7 +117,7 @@ def test_background_failure_raises_on_every_rank_at_the_same_step(tmp_path: Path
     results = run_distributed(_failure_worker, 2, str(tmp_path), timeout=90)
     steps = {raised_at for raised_at, *_ in results}
     assert len(steps) == 1 and None not in steps, f"ranks raised at different steps: {results}"
-    for raised_at, message, pending_after, intact in results:
+    for _step, message, pending_after, intact in results:
         assert "writing checkpoint files failed on rank 1" in message
         assert "Input/output error (injected at save:write on rank 1)" in message
         assert not pending_after and intact
