@@ -358,11 +358,13 @@ class CheckpointCoordinator:
                 )
             return verify_file(root, entries[rel], mode, component.key)
 
+        live = _live_tensors(component)
+
         def read_tensors(rel: str) -> dict[str, torch.Tensor]:
             path = open_file_sized(rel)
             entry = entries[rel]
             try:
-                return read_tensor_file(path, entry.checksum if mode == "checksum" else None)
+                return read_tensor_file(path, entry.checksum if mode == "checksum" else None, into=live)
             except CorruptCheckpointError as exc:
                 raise CorruptCheckpointError(
                     f"component {component.key!r}, file {rel} (written by rank {entry.rank}): {exc}") from exc
@@ -394,6 +396,18 @@ def _with_context(key: str, action: str, fn: Any) -> Any:
         raise
     except Exception as exc:
         raise CheckpointError(f"component {key!r}: {action} failed: {type(exc).__name__}: {exc}") from exc
+
+
+def _live_tensors(component: StateComponent) -> dict[str, torch.Tensor]:
+    """A module's or optimizer's current tensors by their names in the checkpoint, to be read into in place.
+
+    ``load_state_dict`` then copies each tensor onto itself, which torch skips: a load reads the bytes
+    once, straight into the parameters and optimizer moments, without allocating a second copy.
+    """
+    stateful = component.stateful
+    if not isinstance(stateful, (torch.nn.Module, torch.optim.Optimizer)):
+        return {}
+    return encode_state(stateful.state_dict(), component.key).tensors
 
 
 def _may_run_in_background() -> bool:

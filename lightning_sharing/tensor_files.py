@@ -155,12 +155,15 @@ def _parse_header(raw: bytes, data_size: int) -> list[tuple[str, torch.dtype, li
     return [(name, dtype, shape, begin, end) for dtype, shape, begin, end, name in layout]
 
 
-def read_tensor_file(path: Path, checksum: str | None = None) -> dict[str, torch.Tensor]:
+def read_tensor_file(path: Path, checksum: str | None = None,
+                     into: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Read a safetensors file in one pass into freshly allocated tensors, verifying ``checksum``.
 
     Each tensor is read straight into its own memory while the file is hashed; nothing is returned
-    unless the whole file matches ``checksum`` (when given). Raises ``CorruptCheckpointError``
-    naming the file for a wrong checksum or a malformed file.
+    unless the whole file matches ``checksum`` (when given). ``into`` may map names to existing
+    contiguous CPU tensors of the same shape and dtype (the live parameters): those are read into
+    in place, which saves an allocation and a copy; if the file then proves corrupt, they hold part
+    of it. Raises ``CorruptCheckpointError`` naming the file for a wrong checksum or a malformed file.
     """
     digest = xxhash.xxh3_128()
     tensors: dict[str, torch.Tensor] = {}
@@ -179,7 +182,7 @@ def read_tensor_file(path: Path, checksum: str | None = None) -> dict[str, torch
             _raise_checksum_mismatch(path, checksum)
             raise CorruptCheckpointError(f"safetensors file {path.name} cannot be read: {exc}") from exc
         for name, dtype, shape, _, _ in layout:
-            tensor = torch.empty(shape, dtype=dtype)
+            tensor = _destination(into, name, dtype, shape)
             if tensor.numel():
                 _read_into(handle, memoryview(tensor.reshape(-1).view(torch.uint8).numpy()), digest, path)
             tensors[name] = tensor
@@ -191,6 +194,15 @@ def read_tensor_file(path: Path, checksum: str | None = None) -> dict[str, torch
                 "(altered after the save)"
             )
     return tensors
+
+
+def _destination(into: Mapping[str, torch.Tensor] | None, name: str, dtype: torch.dtype,
+                 shape: list[int]) -> torch.Tensor:
+    existing = into.get(name) if into is not None else None
+    if (existing is not None and existing.device.type == "cpu" and existing.dtype == dtype
+            and list(existing.shape) == shape and existing.is_contiguous() and existing.numel()):
+        return existing.detach()
+    return torch.empty(shape, dtype=dtype)
 
 
 def _raise_checksum_mismatch(path: Path, checksum: str | None) -> None:

@@ -21,6 +21,7 @@ from lightning_sharing import (
     CheckpointError,
     CheckpointManifest,
     RNGState,
+    SharingPattern,
     StateComponent,
     UnsupportedStateError,
 )
@@ -624,3 +625,28 @@ def test_paths_round_trip_as_paths() -> None:
     decoded = decode_state(json.loads(json.dumps(encoded.tree)), encoded.tensors, encoded.ties)
     assert decoded == state
     assert isinstance(decoded["dirpath"], Path) and isinstance(decoded["plain"], str)
+
+
+def test_load_reads_straight_into_live_parameters_and_optimizer_moments(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 2))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(4, 8)).sum().backward()
+    optimizer.step()
+    components = [StateComponent("model", model, SharingPattern.REPLICATED),
+                  StateComponent("optimizer", optimizer, SharingPattern.REPLICATED)]
+    CheckpointCoordinator(components).save_checkpoint(tmp_path / "c.ckpt")
+    saved_model = {k: v.clone() for k, v in model.state_dict().items()}
+    saved_moments = [optimizer.state[p]["exp_avg"].clone() for p in model.parameters()]
+
+    model(torch.randn(4, 8)).sum().backward()
+    optimizer.step()  # changes weights and moments
+    addresses = [t.data_ptr() for t in model.state_dict().values()]
+    moments = [optimizer.state[p]["exp_avg"] for p in model.parameters()]
+    CheckpointCoordinator(components).load_checkpoint(tmp_path / "c.ckpt")
+
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in saved_model.items())
+    assert [t.data_ptr() for t in model.state_dict().values()] == addresses  # no second copy was made
+    for param, live, saved in zip(model.parameters(), moments, saved_moments, strict=True):
+        restored = optimizer.state[param]["exp_avg"]
+        assert restored.data_ptr() == live.data_ptr() and torch.equal(restored, saved)
