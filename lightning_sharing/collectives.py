@@ -19,6 +19,7 @@ import torch.distributed as dist
 from lightning_sharing.errors import (
     CheckpointError,
     ComponentDeclarationError,
+    DistributedCheckpointError,
     distributed_error_class,
 )
 from lightning_sharing.topology import Topology
@@ -75,16 +76,31 @@ def get_world_size() -> int:
     return dist.get_world_size() if _active() else 1
 
 
-def all_gather_object(obj: Any, group: Any = None) -> list[Any]:
+def all_gather_object(obj: Any, group: Any = None, phase: str = "exchanging checkpoint data") -> list[Any]:
     """Every rank's ``obj``, indexed by rank (pickled: only pass plain data produced by this package).
 
     ``group`` must span every rank (the background saver's own group); None is the default group.
+    A peer that died or stopped answering raises ``DistributedCheckpointError`` naming ``phase``.
     """
     if not _active() or dist.get_world_size(group) == 1:
         return [obj]
     gathered: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(gathered, obj, group=group)
+    with _peer_failures(phase):
+        dist.all_gather_object(gathered, obj, group=group)
     return gathered
+
+
+@contextlib.contextmanager
+def _peer_failures(phase: str) -> Iterator[None]:
+    """Re-raise a failed collective (torch's DistBackendError, a timeout) saying what was going on."""
+    try:
+        yield
+    except RuntimeError as exc:
+        raise DistributedCheckpointError(
+            f"{phase} failed on rank {dist.get_rank()}: the ranks could not communicate ({type(exc).__name__}: "
+            f"{exc}); another rank probably crashed, was killed or is stuck (the process group's timeout "
+            "bounds the wait)"
+        ) from exc
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:
@@ -92,7 +108,8 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     if not _active() or dist.get_world_size() == 1:
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=src)
+    with _peer_failures("broadcasting checkpoint data"):
+        dist.broadcast_object_list(box, src=src)
     return box[0]
 
 
@@ -110,7 +127,7 @@ def agree(local_error: BaseException | None, phase: str, group: Any = None) -> N
     ``all_gather_object``.
     """
     outcome = None if local_error is None else (_kind(local_error), _describe(local_error))
-    outcomes = all_gather_object(outcome, group)
+    outcomes = all_gather_object(outcome, group, phase=phase)
     failures = {rank: out[1] for rank, out in enumerate(outcomes) if out is not None}
     if not failures:
         return

@@ -41,7 +41,12 @@ from lightning_sharing.collectives import (
     resolve_process_groups,
 )
 from lightning_sharing.commit import build_manifest, commit_checkpoint
-from lightning_sharing.errors import CheckpointError, ComponentDeclarationError, CorruptCheckpointError
+from lightning_sharing.errors import (
+    CheckpointError,
+    ComponentDeclarationError,
+    CorruptCheckpointError,
+    DistributedCheckpointError,
+)
 from lightning_sharing.loading import LoadResult, check_listed_files, plan_load
 from lightning_sharing.manifest import CheckpointManifest, ComponentManifest
 from lightning_sharing.payload import DEFAULT_MAX_SHARD_SIZE, read_payload, tree_name
@@ -389,11 +394,15 @@ class CheckpointCoordinator:
 
 
 def _with_context(key: str, action: str, fn: Any) -> Any:
-    """Run ``fn``; re-raise any failure as a ``CheckpointError`` that names the component."""
+    """Run ``fn``; re-raise any failure as a ``CheckpointError`` (of the same kind) that names the component."""
     try:
         return fn()
-    except CheckpointError:
+    except DistributedCheckpointError:
         raise
+    except CheckpointError as exc:
+        if f"component {key!r}" in str(exc):
+            raise
+        raise type(exc)(f"component {key!r}: {action} failed: {exc}") from exc
     except Exception as exc:
         raise CheckpointError(f"component {key!r}: {action} failed: {type(exc).__name__}: {exc}") from exc
 

@@ -273,7 +273,9 @@ class FabricSharingStrategy(DDPStrategy):
         self.wait_for_checkpoint()
         if os.path.isfile(path):
             log.info("%s is a file, not a lightning_sharing checkpoint directory: loading it as DDPStrategy does", path)
-            return super().load_checkpoint(path, state=state, strict=strict, weights_only=weights_only)
+            # Never unpickle arbitrary objects by default, whatever torch's own default is (False before 2.6).
+            safe = True if weights_only is None else weights_only
+            return super().load_checkpoint(path, state=state, strict=strict, weights_only=safe)
         if isinstance(state, (nn.Module, Optimizer)):
             raise TypeError(
                 f"{path} is a lightning_sharing checkpoint directory, but a single {type(state).__name__} was "

@@ -91,7 +91,7 @@ def _read_json(path: Path, what: str) -> Any:
         raise CorruptCheckpointError(f"{what} {path} is larger than {_MAX_JSON_BYTES} bytes")
     try:
         return json.loads(path.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, or an integer too long to convert
         raise CorruptCheckpointError(f"{what} {path} is not valid JSON: {exc}") from exc
 
 

@@ -175,6 +175,9 @@ class PreemptionHandler:
         epoch_loop = trainer.fit_loop.epoch_loop
         if self.stopping or epoch_loop._should_accumulate():
             return
+        if self.requeue_after_validation:  # the validation expected after the last step did not come
+            self.requeue_after_validation = False
+            self._requeue(trainer, save=True)
         if self.stop_next:  # agreed one step ago, at the end of an epoch
             sigterm, requeue = True, False
         else:
@@ -285,6 +288,9 @@ class PreemptionHandler:
         """
         path, link = broadcast_object((path, link) if trainer.is_global_zero else None)
         trainer.save_checkpoint(path, weights_only=False)
+        wait = getattr(getattr(trainer.strategy, "checkpoint_io", None), "wait", None)
+        if callable(wait):  # with async_save: committed before anything links to it, or the process exits
+            wait()
         if link is not None:
             if trainer.is_global_zero:
                 _point_link(Path(link), Path(path))
