@@ -35,7 +35,6 @@ from lightning_sharing.collectives import (
     active,
     agree,
     all_gather_object,
-    broadcast_object,
     gather_topology,
     get_rank,
     resolve_process_groups,
@@ -120,18 +119,22 @@ class CheckpointCoordinator:
         return [(c.key, c.sharing_pattern.value, c.process_group_name, c.effective_validation.value)
                 for c in self.components]
 
-    def _prepare(self) -> Topology:
-        """Collective: gather the topology once and check that every rank declared the same state."""
+    def _prepare(self, extra: Any = None) -> tuple[Topology, list[Any]]:
+        """Collective: gather the topology once and check that every rank declared the same state.
+
+        ``extra`` rides along in the same exchange; every rank's ``extra`` is returned, by rank.
+        """
         if self._topology is None:
             self._topology = gather_topology(self.process_groups)
-        declarations = all_gather_object(self._declaration())
+        gathered = all_gather_object((self._declaration(), extra), phase="comparing declarations")
+        declarations = [declaration for declaration, _ in gathered]
         for rank, declaration in enumerate(declarations):
             if declaration != declarations[0]:
                 raise ComponentDeclarationError(
                     f"rank {rank} declared components {declaration} but rank 0 declared "
                     f"{declarations[0]}; every rank must declare the same keys, patterns and groups"
                 )
-        return self._topology
+        return self._topology, [item for _, item in gathered]
 
     def _placements(self, component: StateComponent, topology: Topology) -> tuple[Placement, ...]:
         return placements(component.key, component.sharing_pattern, topology, component.process_group_name)
@@ -155,35 +158,28 @@ class CheckpointCoordinator:
         saver = self._saver if self._saver is not None and _may_run_in_background() else None
         if saver is not None:
             saver.make_room()  # raises a failed earlier save's error, on every rank
-        topology = self._prepare()
-        rank = get_rank()
         _refuse_url(path)
         target = Path(os.path.abspath(os.fspath(path)))
-        targets = all_gather_object(str(target))
-        if len(set(targets)) > 1:
-            raise ComponentDeclarationError(f"ranks passed different checkpoint paths: {targets}")
-        token = broadcast_object(uuid.uuid4().hex if rank == 0 else None)
+        topology, proposals = self._prepare(extra=(str(target), uuid.uuid4().hex))
+        if len({proposed_target for proposed_target, _ in proposals}) > 1:
+            raise ComponentDeclarationError(
+                f"ranks passed different checkpoint paths: {[t for t, _ in proposals]}")
+        token = proposals[0][1]  # rank 0's
         staging = staging_path(target, token)
         group = saver.group() if saver is not None else None
-        submitted = False
-        try:
-            self._create_staging(staging, rank, saver)
-            plans = self._plan_files(topology, rank)
+        rank = get_rank()
+        plans = self._plan_files(topology, rank, saver)
 
-            def finish() -> None:
-                self._finish_save(staging, target, token, plans, topology, step, metadata, group, started)
+        def finish() -> None:
+            self._finish_save(staging, target, token, plans, topology, step, metadata, group, started)
 
-            if saver is None:
-                finish()
-            else:
-                staged = self._stage(plans, saver)
-                saver.submit(target, staging, finish, staged)
-                log.info("staged checkpoint %s in %.2fs; writing it in the background", target,
-                         time.perf_counter() - started)
-            submitted = True
-        finally:
-            if not submitted and rank == 0 and staging.exists():
-                shutil.rmtree(staging, ignore_errors=True)
+        if saver is None:
+            finish()
+        else:
+            saver.submit(target, staging, finish, [t for _, plan in plans for job in plan.jobs
+                                                   for t in (job.tensors or {}).values()])
+            log.info("staged checkpoint %s in %.2fs; writing it in the background", target,
+                     time.perf_counter() - started)
         return path
 
     def wait(self) -> None:
@@ -194,69 +190,65 @@ class CheckpointCoordinator:
         if self._saver is not None:
             self._saver.wait()
 
-    def _create_staging(self, staging: Path, rank: int, saver: BackgroundSaver | None) -> None:
+    def _create_staging(self, staging: Path, rank: int, group: Any) -> None:
         error: BaseException | None = None
         if rank == 0:
             try:
                 staging.parent.mkdir(parents=True, exist_ok=True)
-                remove_stale_staging(staging.parent, keep=saver.pending_staging if saver is not None else ())
+                # Saves run one at a time (the background ones in order), so any other staging
+                # directory here is a leftover of an interrupted save.
+                remove_stale_staging(staging.parent)
                 staging.mkdir()
             except Exception as exc:  # made an error on every rank by agree() just below
                 error = exc
-        agree(error, f"creating the staging directory {staging}")
+        agree(error, f"creating the staging directory {staging}", group)
 
     def _collect_states(self, topology: Topology, rank: int) -> dict[str, Any]:
         states: dict[str, Any] = {}
-        error: BaseException | None = None
-        try:
-            for component in self.components:
-                writes = any(rank in p.writers for p in self._placements(component, topology))
-                if writes or component.effective_validation.value != "none":
-                    states[component.key] = _with_context(component.key, "state_dict()",
-                                                          component.stateful.state_dict)
-        except Exception as exc:  # made an error on every rank by agree() just below
-            error = exc
-        agree(error, "collecting state dicts")
+        for component in self.components:
+            writes = any(rank in p.writers for p in self._placements(component, topology))
+            if writes or component.effective_validation.value != "none":
+                states[component.key] = _with_context(component.key, "state_dict()", component.stateful.state_dict)
         return states
 
-    def _plan_files(self, topology: Topology, rank: int) -> list[tuple[str, CopyPlan]]:
-        """Collect, validate and encode the state; decide which files this rank writes."""
-        states = self._collect_states(topology, rank)
-        for component in self.components:
-            if component.effective_validation.value != "none":
+    def _plan_files(self, topology: Topology, rank: int, saver: BackgroundSaver | None) -> list[tuple[str, CopyPlan]]:
+        """Collect, validate and encode the state, decide which files this rank writes, and (async) stage them.
+
+        One agreement step covers it all, plus one more before validation when a component is validated.
+        """
+        plans: list[tuple[str, CopyPlan]] = []
+        error: BaseException | None = None
+        states: dict[str, Any] = {}
+        validated = [c for c in self.components if c.effective_validation.value != "none"]
+        try:
+            states = self._collect_states(topology, rank)
+        except Exception as exc:  # made an error on every rank by agree() below
+            error = exc
+        if validated:
+            agree(error, "collecting state dicts")
+            for component in validated:
                 check_replication(component.key, replicated_view(component.stateful, states[component.key]),
                                   component.effective_validation,
                                   writer=self._placements(component, topology)[0].writer)
-        plans: list[tuple[str, CopyPlan]] = []
-        error: BaseException | None = None
         try:
+            if error is not None:
+                raise error
             for component in self.components:
                 for placement in self._placements(component, topology):
-                    if rank not in placement.writers:
-                        continue
-                    encoded = _with_context(component.key, "encoding",
-                                            lambda c=component: encode_state(states[c.key], c.key))
-                    plans.append((component.key, plan_copy(placement.stem, encoded, placement.writers,
-                                                           placement.writer, rank, self.max_shard_size)))
+                    if rank in placement.writers:
+                        encoded = _with_context(component.key, "encoding",
+                                                lambda c=component: encode_state(states[c.key], c.key))
+                        plans.append((component.key, plan_copy(placement.stem, encoded, placement.writers,
+                                                               placement.writer, rank, self.max_shard_size)))
+            if saver is not None:  # copy what this rank writes: training may change the originals meanwhile
+                for _, plan in plans:
+                    for job in plan.jobs:
+                        if job.tensors is not None:
+                            job.tensors = saver.stage(job.tensors)
         except Exception as exc:  # made an error on every rank by agree() just below
             error = exc
-        agree(error, "encoding state")
+        agree(error, "preparing the checkpoint (collecting, encoding and staging state)")
         return plans
-
-    def _stage(self, plans: list[tuple[str, CopyPlan]], saver: BackgroundSaver) -> list[torch.Tensor]:
-        """Copy the tensors this rank writes, so training may change the originals while they are written."""
-        staged: list[torch.Tensor] = []
-        error: BaseException | None = None
-        try:
-            for _, plan in plans:
-                for job in plan.jobs:
-                    if job.tensors is not None:
-                        job.tensors = saver.stage(job.tensors)
-                        staged.extend(job.tensors.values())
-        except Exception as exc:  # made an error on every rank by agree() just below
-            error = exc
-        agree(error, "staging state for an asynchronous save")
-        return staged
 
     def _finish_save(self, staging: Path, target: Path, token: str, plans: list[tuple[str, CopyPlan]],
                      topology: Topology, step: int | None, metadata: dict[str, Any] | None, group: Any,
@@ -265,6 +257,7 @@ class CheckpointCoordinator:
         rank = get_rank()
         committed = False
         try:
+            self._create_staging(staging, rank, group)
             written = self._write_files(staging, plans, rank, group)
             all_written = all_gather_object(written, group)
             error: BaseException | None = None
@@ -316,7 +309,7 @@ class CheckpointCoordinator:
         """
         mode = _check_verify(verify or self.verify)
         self.wait()  # a pending save of this very checkpoint must be complete before it is read
-        topology = self._prepare()
+        topology, _ = self._prepare()
         rank = get_rank()
         _refuse_url(path)
         root = Path(os.fspath(path))

@@ -92,7 +92,7 @@ def test_state_dict_failure_on_one_rank_raises_on_all(tmp_path: Path) -> None:
     assert sorted(failure.value.errors) == [0, 1, 2]
     for kind, message, _ in failure.value.errors.values():
         assert kind == "DistributedCheckpointError"
-        assert "collecting state dicts failed on rank 2" in message
+        assert "preparing the checkpoint (collecting, encoding and staging state) failed on rank 2" in message
         assert "injected state_dict failure" in message and "'flaky'" in message
     assert list(tmp_path.iterdir()) == []
 
