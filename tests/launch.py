@@ -36,6 +36,39 @@ def start(args: list[str], log: Path) -> subprocess.Popen:
                                 stderr=subprocess.STDOUT, start_new_session=True)
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (torchrun starts its workers in sessions of their own)."""
+    found: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return found
+    for task in tasks:
+        try:
+            children = Path(f"/proc/{pid}/task/{task}/children").read_text().split()
+        except OSError:
+            continue
+        for child in map(int, children):
+            found += [child, *_descendants(child)]
+    return found
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL ``pid``'s process group and every descendant, wherever its session."""
+    for victim in _descendants(pid):
+        try:
+            if os.getpgid(victim) == victim:  # a session/group leader: take its own workers with it
+                os.killpg(victim, signal.SIGKILL)
+            else:
+                os.kill(victim, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 def wait(procs: list[subprocess.Popen], logs: list[Path], timeout: float) -> list[int]:
     """Wait for every process; on timeout kill every process group and raise with the logs."""
     deadline = time.monotonic() + timeout
@@ -44,10 +77,7 @@ def wait(procs: list[subprocess.Popen], logs: list[Path], timeout: float) -> lis
             proc.wait(timeout=max(1.0, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
         for proc in procs:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            kill_tree(proc.pid)
             proc.wait()
         tails = "\n".join(f"--- {log}\n{log.read_text()[-4000:]}" for log in logs)
         raise AssertionError(f"did not finish within {timeout}s (hang?):\n{tails}") from None
@@ -62,8 +92,5 @@ def run(args: list[str], log: Path, timeout: float = 150, expect: int | None = 0
     if expect is not None:
         assert code == expect, f"exit code {code}, expected {expect} ({log}):\n{output[-6000:]}"
     # Workers started by Lightning's launcher are in the same session: make sure none outlives the run.
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    kill_tree(proc.pid)
     return output
