@@ -69,7 +69,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning_sharing.collectives import broadcast_object
 from lightning_sharing.storage import remove_checkpoint
 
-__all__ = ["PREEMPTED_NAME", "PreemptionHandler", "hpc_checkpoint_path"]
+__all__ = ["PREEMPTED_NAME", "PreemptionHandler", "hpc_checkpoint_path", "requeue_slurm_job"]
 
 log = logging.getLogger(__name__)
 
