@@ -51,7 +51,11 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _CHUNK = 8 * 1024 * 1024
-_TEMP_RE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>staging|replaced|removing)-[0-9a-f]{32}$")
+# Staging and removal directories carry no checkpoint name (".staging-<hex>", ".removing-<hex>"): Lightning
+# reads version numbers out of any name containing "hpc_ckpt_", so a leftover named after one would mislead
+# its SLURM auto-resume. Only a ".NAME.replaced-<hex>" directory needs its name, to be moved back.
+# Older versions named all three ".NAME.KIND-<hex>"; those are recognised too.
+_TEMP_RE = re.compile(r"^\.(?:(?P<name>.+)\.)?(?P<kind>staging|replaced|removing)-[0-9a-f]{32}$")
 _STEP_RE = re.compile(r"step[=_-]?(\d+)")
 _LAST_INT_RE = re.compile(r"(\d+)(?!.*\d)")
 
@@ -122,8 +126,8 @@ def rmtree_missing_ok(path: Path) -> None:
 
 
 def staging_path(target: Path, token: str) -> Path:
-    """The hidden staging directory for ``target`` (``token`` is 32 hex digits)."""
-    return target.parent / f".{target.name}.staging-{token}"
+    """The hidden staging directory for ``target``, beside it (``token`` is 32 hex digits)."""
+    return target.parent / f".staging-{token}"
 
 
 def _replaced_path(target: Path, token: str) -> Path:
@@ -145,8 +149,8 @@ def remove_stale_staging(parent: Path, keep: Collection[Path] = ()) -> list[Path
         match = _TEMP_RE.match(entry.name)
         if not match or not entry.is_dir() or entry.is_symlink() or entry in keep:
             continue
-        target = parent / match["name"]
-        if match["kind"] == "replaced" and not os.path.lexists(target):
+        if match["kind"] == "replaced" and match["name"] and not os.path.lexists(parent / match["name"]):
+            target = parent / match["name"]
             log.warning("restoring %s from %s (a replace was interrupted)", target, entry)
             os.rename(entry, target)
             continue
@@ -229,7 +233,7 @@ def remove_checkpoint(path: str | os.PathLike[str]) -> None:
         return
     if not target.is_dir():
         return
-    doomed = target.parent / f".{target.name}.removing-{uuid.uuid4().hex}"
+    doomed = target.parent / f".removing-{uuid.uuid4().hex}"
     os.rename(target, doomed)
     fsync_dir(target.parent)
     rmtree_missing_ok(doomed)

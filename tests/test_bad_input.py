@@ -663,3 +663,17 @@ def test_per_rank_state_from_another_world_size(saved):
     result = coordinator.load_checkpoint(path, strict=False)
     assert result.loaded == ["model", "optimizer"]  # REPLICATED state loads at any world size
     assert list(result.skipped) == ["rng"] and "topology changed" in result.skipped["rng"]
+
+
+def test_staging_and_removal_names_carry_no_checkpoint_name(tmp_path: Path) -> None:
+    # Lightning's SLURM auto-resume reads digits out of any name containing "hpc_ckpt_": a leftover of an
+    # interrupted save of hpc_ckpt_3.ckpt must not look like version 3 (or 30123...).
+    from lightning_sharing.storage import remove_checkpoint, remove_stale_staging, staging_path
+
+    staging = staging_path(tmp_path / "hpc_ckpt_3.ckpt", "0123456789abcdef" * 2)
+    assert staging.parent == tmp_path and staging.name == ".staging-0123456789abcdef0123456789abcdef"
+    staging.mkdir()
+    (tmp_path / "hpc_ckpt_2.ckpt").mkdir()
+    remove_checkpoint(tmp_path / "hpc_ckpt_2.ckpt")
+    assert remove_stale_staging(tmp_path) == [staging]
+    assert list(tmp_path.iterdir()) == []
