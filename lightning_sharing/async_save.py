@@ -61,7 +61,7 @@ class BackgroundSaver:
         self._executor: ThreadPoolExecutor | None = None
         self._group: Any = None
         self._group_ready = False
-        self._pending: list[tuple[Path, Path, Future[None]]] = []
+        self._pending: list[tuple[Path, Future[None]]] = []
         self._pool: dict[_PoolKey, list[torch.Tensor]] = {}
         self._lock = threading.Lock()
         self._last_failed = False
@@ -71,12 +71,7 @@ class BackgroundSaver:
     @property
     def pending_targets(self) -> list[Path]:
         """Targets of the saves started and not yet waited for, oldest first."""
-        return [target for target, _, _ in self._pending]
-
-    @property
-    def pending_staging(self) -> set[Path]:
-        """Staging directories of pending saves (a new save must not clean them up)."""
-        return {staging for _, staging, _ in self._pending}
+        return [target for target, _ in self._pending]
 
     def has_pending(self) -> bool:
         """True while a started save has not been waited for (the same on every rank)."""
@@ -127,8 +122,11 @@ class BackgroundSaver:
         while len(self._pending) >= self.max_pending:
             self._wait_oldest()
 
-    def submit(self, target: Path, staging: Path, work: Callable[[], None], staged: list[torch.Tensor]) -> None:
-        """Run ``work`` (which writes and commits ``target`` via ``staging``) in the background, in order."""
+    def submit(self, target: Path, work: Callable[[], None], staged: list[torch.Tensor]) -> None:
+        """Run ``work`` (which writes and commits ``target``) in the background, after earlier saves.
+
+        ``staged`` are the staging buffers the save holds; they are reused once it has committed.
+        """
         self.make_room()
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lightning_sharing-save")
@@ -142,7 +140,7 @@ class BackgroundSaver:
             self._last_failed = False
             self._recycle(staged)
 
-        self._pending.append((target, staging, self._executor.submit(run)))
+        self._pending.append((target, self._executor.submit(run)))
 
     def after_pending(self, action: Callable[[], None], what: str) -> None:
         """Run ``action`` once every pending save has committed; skip it if the save before it failed.
@@ -164,7 +162,7 @@ class BackgroundSaver:
         self._cleanups.append(future)
 
     def _wait_oldest(self) -> None:
-        target, _, future = self._pending.pop(0)
+        target, future = self._pending.pop(0)
         error = future.exception()
         if error is not None:
             log.error("the background save of %s failed: %s", target, error)
@@ -192,7 +190,7 @@ class BackgroundSaver:
         """
         if not self._pending:
             return
-        done = all(future.done() for _, _, future in self._pending)
+        done = all(future.done() for _, future in self._pending)
         if active() and dist.get_world_size() > 1:
             device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
             flag = torch.tensor([1 if done else 0], dtype=torch.int32, device=device)

@@ -176,7 +176,7 @@ class CheckpointCoordinator:
         if saver is None:
             finish()
         else:
-            saver.submit(target, staging, finish, [t for _, plan in plans for job in plan.jobs
+            saver.submit(target, finish, [t for _, plan in plans for job in plan.jobs
                                                    for t in (job.tensors or {}).values()])
             log.info("staged checkpoint %s in %.2fs; writing it in the background", target,
                      time.perf_counter() - started)

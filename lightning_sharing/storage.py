@@ -20,7 +20,6 @@ import re
 import shutil
 import sys
 import uuid
-from collections.abc import Collection
 from pathlib import Path
 
 import xxhash
@@ -134,10 +133,11 @@ def _replaced_path(target: Path, token: str) -> Path:
     return target.parent / f".{target.name}.replaced-{token}"
 
 
-def remove_stale_staging(parent: Path, keep: Collection[Path] = ()) -> list[Path]:
+def remove_stale_staging(parent: Path) -> list[Path]:
     """Delete leftovers of interrupted saves in ``parent``; returns what was removed.
 
-    ``keep`` lists staging directories still in use (saves pending in the background).
+    Called before a save, when no other save to ``parent`` is in progress (background saves run one
+    at a time and create their staging directory themselves).
 
     A ``.replaced-`` directory whose target is missing is the previous checkpoint caught between
     the two renames of a non-atomic replace: it is moved back rather than deleted.
@@ -147,7 +147,7 @@ def remove_stale_staging(parent: Path, keep: Collection[Path] = ()) -> list[Path
         return removed
     for entry in sorted(parent.iterdir()):
         match = _TEMP_RE.match(entry.name)
-        if not match or not entry.is_dir() or entry.is_symlink() or entry in keep:
+        if not match or not entry.is_dir() or entry.is_symlink():
             continue
         if match["kind"] == "replaced" and match["name"] and not os.path.lexists(parent / match["name"]):
             target = parent / match["name"]
