@@ -1,4 +1,4 @@
-"""CUDA checks (skipped without a GPU; CI has none). Not yet run on a GPU: see the closing note."""
+"""CUDA checks (skipped without a GPU; CI has none). Not yet run on a GPU: see the closing notes."""
 
 from __future__ import annotations
 
@@ -38,3 +38,18 @@ def test_cuda_model_optimizer_and_rng_round_trip(tmp_path: Path) -> None:
     assert all(torch.equal(state[i]["exp_avg"], fresh_state[i]["exp_avg"].to(state[i]["exp_avg"].device))
                for i in state)
     assert torch.equal(torch.rand(8, device="cuda"), expected_draw)  # CUDA generator restored too
+
+
+def test_async_save_stages_cuda_tensors_in_pinned_memory(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(64, 64).cuda()
+    coordinator = CheckpointCoordinator([StateComponent("model", model, SharingPattern.REPLICATED)], async_save=True)
+    coordinator.save_checkpoint(tmp_path / "a.ckpt")
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model.weight.zero_()  # training goes on: the staged copy is what gets written
+    coordinator.wait()
+    fresh = torch.nn.Linear(64, 64).cuda()
+    CheckpointCoordinator([StateComponent("model", fresh, SharingPattern.REPLICATED)]).load_checkpoint(
+        tmp_path / "a.ckpt")
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in expected.items())
