@@ -25,7 +25,6 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
-import torch
 import torch.distributed as dist
 
 from lightning_sharing._faults import fault_point
@@ -40,18 +39,17 @@ from lightning_sharing.collectives import (
     resolve_process_groups,
 )
 from lightning_sharing.commit import build_manifest, commit_checkpoint
+from lightning_sharing.component_reader import load_component
 from lightning_sharing.errors import (
     CheckpointError,
     ComponentDeclarationError,
-    CorruptCheckpointError,
     DistributedCheckpointError,
 )
 from lightning_sharing.loading import LoadResult, check_listed_files, plan_load
-from lightning_sharing.manifest import CheckpointManifest, ComponentManifest
-from lightning_sharing.payload import DEFAULT_MAX_SHARD_SIZE, read_payload, tree_name
+from lightning_sharing.manifest import CheckpointManifest
+from lightning_sharing.payload import DEFAULT_MAX_SHARD_SIZE
 from lightning_sharing.rules import Placement, placement_for_reader, placements
-from lightning_sharing.storage import check_algorithm, remove_stale_staging, staging_path, verify_file
-from lightning_sharing.tensor_files import read_tensor_file
+from lightning_sharing.storage import remove_stale_staging, staging_path
 from lightning_sharing.topology import Topology
 from lightning_sharing.types import StateComponent, check_unique_keys
 from lightning_sharing.validation import check_replication, replicated_view
@@ -337,54 +335,13 @@ class CheckpointCoordinator:
         try:
             for component, saved in to_load:
                 _with_context(component.key, "loading",
-                              lambda c=component, s=saved: self._load_component(root, c, s, topology, rank, mode))
+                              lambda c=component, s=saved: load_component(
+                                  root, c, s, placement_for_reader(self._placements(c, topology), rank), mode))
                 result.loaded.append(component.key)
         except Exception as exc:  # made an error on every rank by agree() just below
             error = exc
         agree(error, f"loading checkpoint {root}")
         return result
-
-    def _load_component(self, root: Path, component: StateComponent, saved: ComponentManifest,
-                        topology: Topology, rank: int, mode: str) -> None:
-        placement = placement_for_reader(self._placements(component, topology), rank)
-        entries = {entry.path: entry for entry in saved.files}
-
-        def open_file(rel: str) -> Path:
-            if rel not in entries:
-                raise CorruptCheckpointError(
-                    f"component {component.key!r} needs {rel}, which the manifest does not list"
-                )
-            return verify_file(root, entries[rel], mode, component.key)
-
-        live = _live_tensors(component)
-
-        def read_tensors(rel: str) -> dict[str, torch.Tensor]:
-            path = open_file_sized(rel)
-            entry = entries[rel]
-            try:
-                return read_tensor_file(path, entry.checksum if mode == "checksum" else None, into=live)
-            except CorruptCheckpointError as exc:
-                raise CorruptCheckpointError(
-                    f"component {component.key!r}, file {rel} (written by rank {entry.rank}): {exc}") from exc
-
-        def open_file_sized(rel: str) -> Path:
-            if rel not in entries:
-                raise CorruptCheckpointError(
-                    f"component {component.key!r} needs {rel}, which the manifest does not list"
-                )
-            # The checksum is verified while the file is read (one pass), so check only the size here.
-            if mode == "checksum":
-                check_algorithm(entries[rel], component.key)
-                return verify_file(root, entries[rel], "size", component.key)
-            return verify_file(root, entries[rel], mode, component.key)
-
-        available = set(entries)
-        if not any(p.startswith(placement.stem) for p in available):
-            raise CorruptCheckpointError(f"component {component.key!r}: the checkpoint has no copy {placement.stem}")
-        flat = tree_name(placement.stem) not in available
-        state = read_payload(placement.stem, available, open_file, read_tensors, flat)
-        component.stateful.load_state_dict(state)
-
 
 def _with_context(key: str, action: str, fn: Any) -> Any:
     """Run ``fn``; re-raise any failure as a ``CheckpointError`` (of the same kind) that names the component."""
@@ -398,18 +355,6 @@ def _with_context(key: str, action: str, fn: Any) -> Any:
         raise type(exc)(f"component {key!r}: {action} failed: {exc}") from exc
     except Exception as exc:
         raise CheckpointError(f"component {key!r}: {action} failed: {type(exc).__name__}: {exc}") from exc
-
-
-def _live_tensors(component: StateComponent) -> dict[str, torch.Tensor]:
-    """A module's or optimizer's current tensors by their names in the checkpoint, to be read into in place.
-
-    ``load_state_dict`` then copies each tensor onto itself, which torch skips: a load reads the bytes
-    once, straight into the parameters and optimizer moments, without allocating a second copy.
-    """
-    stateful = component.stateful
-    if not isinstance(stateful, (torch.nn.Module, torch.optim.Optimizer)):
-        return {}
-    return encode_state(stateful.state_dict(), component.key).tensors
 
 
 def _may_run_in_background() -> bool:
