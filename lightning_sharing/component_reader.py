@@ -19,7 +19,7 @@ import torch
 from lightning_sharing.codec import encode_state
 from lightning_sharing.errors import CorruptCheckpointError
 from lightning_sharing.manifest import ComponentManifest, FileEntry
-from lightning_sharing.payload import read_payload, tree_name
+from lightning_sharing.payload import index_name, read_payload, tree_name
 from lightning_sharing.rules import Placement
 from lightning_sharing.storage import check_algorithm, verify_file
 from lightning_sharing.tensor_files import read_tensor_file
@@ -59,6 +59,11 @@ def load_component(root: Path, component: StateComponent, saved: ComponentManife
     if not any(p.startswith(placement.stem) for p in available):
         raise CorruptCheckpointError(f"component {key!r}: the checkpoint has no copy {placement.stem}")
     flat = tree_name(placement.stem) not in available
+    merged = index_name(key)
+    if merged in available and merged != index_name(placement.stem):
+        # The merged index of per-rank copies (for Hugging Face readers) is not read here, but a damaged
+        # one is still a damaged checkpoint: refuse it like any other file.
+        open_file(merged)
     component.stateful.load_state_dict(read_payload(placement.stem, available, open_file, read_tensors, flat))
 
 
