@@ -54,7 +54,7 @@ from lightning_sharing.cli import verify_checkpoint
 WORLD = 2
 SAVE_POINTS = ("save:start", "save:write", "save:written", "commit:manifest", "commit:rename", "commit:renamed")
 RANK0_ONLY = frozenset({"commit:manifest", "commit:rename", "commit:renamed"})
-TEMP_RE = re.compile(r"^\..+\.(staging|replaced|removing)-[0-9a-f]{32}$")
+TEMP_RE = re.compile(r"^\.(?:.+\.)?(staging|replaced|removing)-[0-9a-f]{32}$")
 NEVER = "load:read@99:raise"  # a valid fault spec that never fires: makes _faults count the points it passes
 
 # --------------------------------------------------------------------------- deterministic state
