@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import struct
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import BinaryIO
@@ -77,7 +79,53 @@ def _header(tensors: Mapping[str, torch.Tensor], order: list[str], metadata: Map
     return struct.pack("<Q", len(text)) + text
 
 
-def _write_all(fd: int, view: memoryview, digest: xxhash.xxh3_128) -> None:
+class _OverlappedDigest:
+    """xxh3-128 of a stream of chunks, computed on a helper thread while the caller reads or writes the next.
+
+    Chunks are hashed in the order given. Both the file I/O and xxhash release the GIL, so on a machine
+    with a spare core hashing costs almost nothing on top of the I/O. A thread per file (not a pool):
+    it must also work in processes forked from this one. Files smaller than a few chunks hash inline.
+    """
+
+    def __init__(self, size: int) -> None:
+        self._digest = xxhash.xxh3_128()
+        self._queue: queue.SimpleQueue[memoryview | None] | None = None
+        self._thread: threading.Thread | None = None
+        if size >= 4 * _CHUNK:
+            self._queue = queue.SimpleQueue()
+            self._thread = threading.Thread(target=self._run, name="lightning_sharing-hash", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        assert self._queue is not None
+        while (chunk := self._queue.get()) is not None:
+            self._digest.update(chunk)
+
+    def update(self, chunk: memoryview) -> None:
+        if self._queue is None:
+            self._digest.update(chunk)
+        else:
+            self._queue.put(chunk)
+
+    def close(self) -> None:
+        """Wait until every chunk given so far is hashed (and stop the helper thread)."""
+        if self._queue is not None and self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._queue = None
+
+    def checksum(self) -> str:
+        self.close()
+        return f"{CHECKSUM_ALGORITHM}:{self._digest.hexdigest()}"
+
+    def __enter__(self) -> _OverlappedDigest:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _write_all(fd: int, view: memoryview, digest: _OverlappedDigest) -> None:
     for start in range(0, len(view), _CHUNK):
         chunk = view[start:start + _CHUNK]
         done = 0
@@ -94,19 +142,20 @@ def write_tensor_file(path: Path, tensors: Mapping[str, torch.Tensor],
     """
     order = sorted(tensors, key=lambda name: (-tensors[name].element_size(), name))
     header = _header(tensors, order, metadata or {"format": "pt"})
-    digest = xxhash.xxh3_128()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        _write_all(fd, memoryview(header), digest)
-        fault_point("save:write")
-        for name in order:
-            if tensors[name].numel():
-                _write_all(fd, _byte_view(tensors[name]), digest)
+        with _OverlappedDigest(sum(nbytes(t) for t in tensors.values())) as digest:
+            _write_all(fd, memoryview(header), digest)
+            fault_point("save:write")
+            for name in order:
+                if tensors[name].numel():
+                    _write_all(fd, _byte_view(tensors[name]), digest)
+            checksum = digest.checksum()
         os.fsync(fd)
         size = os.fstat(fd).st_size
     finally:
         os.close(fd)
-    return size, f"{CHECKSUM_ALGORITHM}:{digest.hexdigest()}"
+    return size, checksum
 
 
 def _entry_layout(name: str, entry: object, data_size: int) -> tuple[torch.dtype, list[int], int, int]:
@@ -129,7 +178,7 @@ def _entry_layout(name: str, entry: object, data_size: int) -> tuple[torch.dtype
     return dtype, shape, offsets[0], offsets[1]
 
 
-def _read_into(handle: BinaryIO, view: memoryview, digest: xxhash.xxh3_128, path: Path) -> None:
+def _read_into(handle: BinaryIO, view: memoryview, digest: _OverlappedDigest, path: Path) -> None:
     done = 0
     while done < len(view):
         got = handle.readinto(view[done:done + _CHUNK])
@@ -165,9 +214,9 @@ def read_tensor_file(path: Path, checksum: str | None = None,
     in place, which saves an allocation and a copy; if the file then proves corrupt, they hold part
     of it. Raises ``CorruptCheckpointError`` naming the file for a wrong checksum or a malformed file.
     """
-    digest = xxhash.xxh3_128()
     tensors: dict[str, torch.Tensor] = {}
-    with open(path, "rb", buffering=0) as handle:
+    with open(path, "rb", buffering=0) as handle, \
+            _OverlappedDigest(os.fstat(handle.fileno()).st_size) as digest:
         size = os.fstat(handle.fileno()).st_size
         try:
             prefix = bytearray(8)
@@ -186,8 +235,8 @@ def read_tensor_file(path: Path, checksum: str | None = None,
             if tensor.numel():
                 _read_into(handle, memoryview(tensor.reshape(-1).view(torch.uint8).numpy()), digest, path)
             tensors[name] = tensor
+        actual = digest.checksum()
     if checksum is not None:
-        actual = f"{CHECKSUM_ALGORITHM}:{digest.hexdigest()}"
         if actual != checksum:
             raise CorruptCheckpointError(
                 f"{path.name} has checksum {actual} but the manifest records {checksum}: the file is corrupt "

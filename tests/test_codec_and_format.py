@@ -650,3 +650,23 @@ def test_load_reads_straight_into_live_parameters_and_optimizer_moments(tmp_path
     for param, live, saved in zip(model.parameters(), moments, saved_moments, strict=True):
         restored = optimizer.state[param]["exp_avg"]
         assert restored.data_ptr() == live.data_ptr() and torch.equal(restored, saved)
+
+
+def test_large_file_hashed_alongside_the_io_has_the_checksum_of_its_bytes(tmp_path: Path) -> None:
+    from lightning_sharing.storage import file_checksum
+    from lightning_sharing.tensor_files import write_tensor_file
+
+    path = tmp_path / "big.safetensors"
+    tensors = {"a": torch.arange(18_000_000, dtype=torch.float32), "b": torch.ones(3, dtype=torch.int64)}
+    size, checksum = write_tensor_file(path, tensors)  # 72 MB: hashed on the helper thread
+    assert size == path.stat().st_size and checksum == file_checksum(path)
+    back = read_tensor_file(path, checksum)
+    assert torch.equal(back["a"], tensors["a"]) and torch.equal(back["b"], tensors["b"])
+    assert load_file(path).keys() == tensors.keys()  # plain safetensors reads it
+    with open(path, "r+b") as handle:
+        handle.seek(size // 2)
+        byte = handle.read(1)
+        handle.seek(size // 2)
+        handle.write(bytes([byte[0] ^ 0x01]))
+    with pytest.raises(CheckpointError, match=r"has checksum .* but the manifest records"):
+        read_tensor_file(path, checksum)
