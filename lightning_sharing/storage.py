@@ -68,15 +68,6 @@ def file_checksum(path: str | os.PathLike[str]) -> str:
     return f"{CHECKSUM_ALGORITHM}:{digest.hexdigest()}"
 
 
-def fsync_file(path: str | os.PathLike[str]) -> None:
-    """Flush a file's data to stable storage."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def fsync_dir(path: str | os.PathLike[str]) -> None:
     """Flush a directory's entries (new names, renames) to stable storage."""
     try:
