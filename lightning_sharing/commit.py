@@ -15,12 +15,13 @@ import torch
 
 from lightning_sharing._faults import fault_point
 from lightning_sharing.errors import CheckpointError
-from lightning_sharing.manifest import MANIFEST_NAME, CheckpointManifest, ComponentManifest, FileEntry
-from lightning_sharing.payload import tree_name, write_merged_index
+from lightning_sharing.manifest import MANIFEST_NAME, CheckpointManifest, ComponentManifest
+from lightning_sharing.payload import index_name, json_bytes, merged_index, tree_name
 from lightning_sharing.rules import Placement, placements
-from lightning_sharing.storage import commit_directory, file_checksum, fsync_tree, write_bytes_durable
+from lightning_sharing.storage import commit_directory, fsync_tree, write_bytes_durable
 from lightning_sharing.topology import Topology
 from lightning_sharing.types import SharingPattern, StateComponent
+from lightning_sharing.write_plan import CopyPlan, FileJob, write_copy
 
 __all__ = ["WrittenCopies", "build_manifest", "commit_checkpoint"]
 
@@ -38,9 +39,9 @@ def build_manifest(components: list[StateComponent], topology: Topology, staging
                         key=lambda c: c["stem"])
         _check_same_layout(component.key, copies)
         files = sorted((entry for copy in copies for entry in copy["files"]), key=lambda e: e.path)
-        merged = _merged_index(staging, component, copies)
+        merged = _merged_index(component, copies)
         if merged is not None:
-            files.append(FileEntry(merged, (staging / merged).stat().st_size, file_checksum(staging / merged), 0))
+            files.extend(write_copy(staging, CopyPlan(component.key, jobs=[merged]), rank=0))
         plan = placements(component.key, component.sharing_pattern, topology, component.process_group_name)
         has_tree = any(tree_name(c["stem"]) in {f.path for f in c["files"]} for c in copies)
         records[component.key] = ComponentManifest(
@@ -78,7 +79,7 @@ def commit_checkpoint(staging: Path, target: Path, token: str, manifest: Checkpo
     fault_point("commit:renamed")
 
 
-def _merged_index(staging: Path, component: StateComponent, copies: list[dict[str, Any]]) -> str | None:
+def _merged_index(component: StateComponent, copies: list[dict[str, Any]]) -> FileJob | None:
     """For multi-copy tensor-only components with disjoint names (pipeline stages), one HF index."""
     if component.sharing_pattern in (SharingPattern.GLOBAL, SharingPattern.REPLICATED) or not copies:
         return None
@@ -87,7 +88,8 @@ def _merged_index(staging: Path, component: StateComponent, copies: list[dict[st
     names = [name for copy in copies for name in copy["index"]["weight_map"]]
     if len(names) != len(set(names)):
         return None
-    return write_merged_index(staging, component.key, [(c["stem"], c["index"]) for c in copies])
+    index = merged_index([(c["stem"], c["index"]) for c in copies])
+    return FileJob(index_name(component.key), data=json_bytes(index))
 
 
 def _check_same_layout(key: str, copies: list[dict[str, Any]]) -> None:

@@ -28,16 +28,15 @@ import torch
 
 from lightning_sharing.codec import decode_state
 from lightning_sharing.errors import CorruptCheckpointError
-from lightning_sharing.storage import write_bytes_durable
 
 __all__ = [
     "DEFAULT_MAX_SHARD_SIZE",
     "index_name",
     "json_bytes",
+    "merged_index",
     "read_index",
     "read_payload",
     "tree_name",
-    "write_merged_index",
 ]
 
 DEFAULT_MAX_SHARD_SIZE = 5_000_000_000  # Hugging Face's default "5GB"
@@ -64,10 +63,10 @@ def json_bytes(data: Any) -> bytes:
     return json.dumps(data, indent=None, separators=(",", ":"), allow_nan=False).encode("utf-8")
 
 
-def write_merged_index(root: Path, key: str, indexes: Iterable[tuple[str, dict[str, Any]]]) -> str:
-    """Write ``{key}.safetensors.index.json`` covering several copies whose tensor names are disjoint.
+def merged_index(indexes: Iterable[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+    """One Hugging Face index (``{key}.safetensors.index.json``) covering copies with disjoint tensor names.
 
-    ``indexes`` holds ``(stem, index_json)`` for each copy; returns the relative path written.
+    ``indexes`` holds ``(stem, index_json)`` for each copy; the weight map points into their folders.
     """
     weight_map: dict[str, str] = {}
     tied: dict[str, str] = {}
@@ -81,9 +80,7 @@ def write_merged_index(root: Path, key: str, indexes: Iterable[tuple[str, dict[s
     metadata: dict[str, Any] = {"total_size": total, "format": "pt"}
     if tied:
         metadata["tied"] = tied
-    rel = index_name(key)
-    write_bytes_durable(root / rel, json_bytes({"metadata": metadata, "weight_map": weight_map}))
-    return rel
+    return {"metadata": metadata, "weight_map": weight_map}
 
 
 def _read_json(path: Path, what: str) -> Any:

@@ -22,12 +22,10 @@ import sys
 import uuid
 from pathlib import Path
 
-import xxhash
-
 from lightning_sharing._faults import fault_point
 from lightning_sharing.errors import CheckpointError, CorruptCheckpointError, ManifestError
 from lightning_sharing.manifest import MANIFEST_NAME, CheckpointManifest, FileEntry
-from lightning_sharing.tensor_files import CHECKSUM_ALGORITHM
+from lightning_sharing.tensor_files import CHECKSUM_ALGORITHM, file_checksum
 
 __all__ = [
     "CHECKSUM_ALGORITHM",
@@ -49,7 +47,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_CHUNK = 8 * 1024 * 1024
 # Staging and removal directories carry no checkpoint name (".staging-<hex>", ".removing-<hex>"): Lightning
 # reads version numbers out of any name containing "hpc_ckpt_", so a leftover named after one would mislead
 # its SLURM auto-resume. Only a ".NAME.replaced-<hex>" directory needs its name, to be moved back.
@@ -57,15 +54,6 @@ _CHUNK = 8 * 1024 * 1024
 _TEMP_RE = re.compile(r"^\.(?:(?P<name>.+)\.)?(?P<kind>staging|replaced|removing)-[0-9a-f]{32}$")
 _STEP_RE = re.compile(r"step[=_-]?(\d+)")
 _LAST_INT_RE = re.compile(r"(\d+)(?!.*\d)")
-
-
-def file_checksum(path: str | os.PathLike[str]) -> str:
-    """``"xxh3_128:<hex>"`` of a file's bytes, read in chunks."""
-    digest = xxhash.xxh3_128()
-    with open(path, "rb", buffering=0) as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return f"{CHECKSUM_ALGORITHM}:{digest.hexdigest()}"
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:

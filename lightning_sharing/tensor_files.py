@@ -30,7 +30,7 @@ import xxhash
 from lightning_sharing._faults import fault_point
 from lightning_sharing.errors import CheckpointError, CorruptCheckpointError
 
-__all__ = ["CHECKSUM_ALGORITHM", "bytes_checksum", "nbytes", "read_tensor_file", "write_tensor_file"]
+__all__ = ["CHECKSUM_ALGORITHM", "bytes_checksum", "file_checksum", "nbytes", "read_tensor_file", "write_tensor_file"]
 
 CHECKSUM_ALGORITHM = "xxh3_128"
 _CHUNK = 16 * 1024 * 1024
@@ -49,6 +49,15 @@ _DTYPES = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
 def nbytes(tensor: torch.Tensor) -> int:
     """Bytes of a tensor's data."""
     return tensor.numel() * tensor.element_size()
+
+
+def file_checksum(path: str | os.PathLike[str]) -> str:
+    """``"xxh3_128:<hex>"`` of a file's bytes, read in chunks."""
+    digest = xxhash.xxh3_128()
+    with open(path, "rb", buffering=0) as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return f"{CHECKSUM_ALGORITHM}:{digest.hexdigest()}"
 
 
 def bytes_checksum(data: bytes) -> str:
@@ -237,11 +246,7 @@ def read_tensor_file(path: Path, checksum: str | None = None,
             tensors[name] = tensor
         actual = digest.checksum()
     if checksum is not None:
-        if actual != checksum:
-            raise CorruptCheckpointError(
-                f"{path.name} has checksum {actual} but the manifest records {checksum}: the file is corrupt "
-                "(altered after the save)"
-            )
+        _check_checksum(path, actual, checksum)
     return tensors
 
 
@@ -256,15 +261,13 @@ def _destination(into: Mapping[str, torch.Tensor] | None, name: str, dtype: torc
 
 def _raise_checksum_mismatch(path: Path, checksum: str | None) -> None:
     """For an unreadable file, report a checksum mismatch (the more useful message) if there is one."""
-    if checksum is None:
-        return
-    digest = xxhash.xxh3_128()
-    with open(path, "rb", buffering=0) as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    actual = f"{CHECKSUM_ALGORITHM}:{digest.hexdigest()}"
-    if actual != checksum:
+    if checksum is not None:
+        _check_checksum(path, file_checksum(path), checksum)
+
+
+def _check_checksum(path: Path, actual: str, expected: str) -> None:
+    if actual != expected:
         raise CorruptCheckpointError(
-            f"{path.name} has checksum {actual} but the manifest records {checksum}: the file is corrupt "
+            f"{path.name} has checksum {actual} but the manifest records {expected}: the file is corrupt "
             "(altered after the save)"
         )
