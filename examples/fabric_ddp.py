@@ -38,7 +38,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from torchmetrics.aggregation import MeanMetric
 
 from lightning_sharing import find_latest_checkpoint
-from lightning_sharing.fabric import FabricSharingStrategy
+from lightning_sharing.fabric.strategy import FabricSharingStrategy
 
 SEED, SAMPLES, FEATURES, BATCH = 1234, 40, 8, 4  # 2 ranks: 5 batches per epoch per rank
 

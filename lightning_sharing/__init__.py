@@ -5,9 +5,11 @@ Example:
     >>> coordinator = CheckpointCoordinator([StateComponent("rng", RNGState(), SharingPattern.PER_RANK)])
 """
 
-from lightning_sharing.async_save import BackgroundSaver
-from lightning_sharing.checkpoint_io import SharingCheckpointIO
-from lightning_sharing.coordinator import CheckpointCoordinator
+from lightning_sharing.core.declarations import SharingPattern, StateComponent, ValidationLevel
+from lightning_sharing.core.topology import Topology
+from lightning_sharing.distributed.async_save import BackgroundSaver
+from lightning_sharing.engine.coordinator import CheckpointCoordinator
+from lightning_sharing.engine.load_plan import LoadResult
 from lightning_sharing.errors import (
     CheckpointError,
     ComponentDeclarationError,
@@ -18,16 +20,14 @@ from lightning_sharing.errors import (
     TopologyMismatchError,
     UnsupportedStateError,
 )
-from lightning_sharing.fabric import FabricSharingStrategy
-from lightning_sharing.lightning_layout import BuiltinState
-from lightning_sharing.loading import LoadResult
-from lightning_sharing.manifest import CheckpointManifest, ComponentManifest, FileEntry
-from lightning_sharing.metrics import MetricState
-from lightning_sharing.rng import RNGState
-from lightning_sharing.storage import find_latest_checkpoint
-from lightning_sharing.strategy import SharingStrategy
-from lightning_sharing.topology import Topology
-from lightning_sharing.types import SharingPattern, StateComponent, ValidationLevel
+from lightning_sharing.fabric.strategy import FabricSharingStrategy
+from lightning_sharing.format.manifest import CheckpointManifest, ComponentManifest, FileEntry
+from lightning_sharing.lightning.checkpoint_io import SharingCheckpointIO
+from lightning_sharing.lightning.layout import BuiltinState
+from lightning_sharing.lightning.strategy import SharingStrategy
+from lightning_sharing.statefuls.metrics import MetricState
+from lightning_sharing.statefuls.rng import RNGState
+from lightning_sharing.storage.local import find_latest_checkpoint
 
 __version__ = "0.1.0"
 

@@ -21,11 +21,11 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from lightning_sharing.engine.load_plan import check_listed_files
 from lightning_sharing.errors import CheckpointError, CorruptCheckpointError, ManifestError
-from lightning_sharing.loading import check_listed_files
-from lightning_sharing.manifest import CheckpointManifest
-from lightning_sharing.payload import read_index
-from lightning_sharing.storage import verify_file
+from lightning_sharing.format.layout import read_index
+from lightning_sharing.format.manifest import CheckpointManifest
+from lightning_sharing.storage.local import verify_file
 
 __all__ = ["Problem", "main", "verify_checkpoint"]
 

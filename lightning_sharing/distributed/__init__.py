@@ -1,0 +1,1 @@
+"""distributed layer (see docs/architecture.md)."""

@@ -1,0 +1,221 @@
+"""Asynchronous saves: training resumes once the state is copied; writing and committing run behind it.
+
+A ``BackgroundSaver`` owns one worker thread per process and a process group of its own (gloo),
+so the collectives of a save in the background never interleave with training's collectives.
+Saves run one after another in the order they were started, identically on every rank; each ends
+in an agreement step on the saver's group, so every rank's save succeeds or fails together.
+
+Memory: each pending save holds one staged copy of the tensors this rank writes. At most
+``max_pending`` saves are pending (default 1: at most one copy of the state); starting another
+first waits for the oldest. Staging buffers are reused from save to save, so steady-state saves
+allocate nothing.
+
+Errors: a failed background save is never lost. It is raised, on every rank, by the next call that
+waits: the next save, a load, ``wait()``, or ``poll()`` (which Lightning's strategy calls at each
+step boundary).
+
+Example:
+    >>> saver = BackgroundSaver()
+    >>> coordinator = CheckpointCoordinator(components, async_save=saver)   # doctest: +SKIP
+    >>> coordinator.save_checkpoint("ckpt/step=100.ckpt", step=100)         # returns once staged
+    >>> saver.wait()                                                         # committed (or raises)
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from lightning_sharing.distributed.collectives import active
+from lightning_sharing.errors import ComponentDeclarationError
+
+__all__ = ["BackgroundSaver"]
+
+log = logging.getLogger(__name__)
+
+_PoolKey = tuple[tuple[int, ...], torch.dtype, bool]
+
+
+class BackgroundSaver:
+    """Runs the write-and-commit half of checkpoint saves on a background thread.
+
+    Args:
+        max_pending: how many saves may be in flight at once; each holds one staged copy of the
+            tensors this rank writes. The default, 1, bounds staging memory to one copy of the state.
+
+    ``poll()`` and the first ``submit()`` are collective; ``wait()`` is per rank but every rank gets
+    the same outcome.
+    """
+
+    def __init__(self, max_pending: int = 1) -> None:
+        if not isinstance(max_pending, int) or isinstance(max_pending, bool) or max_pending < 1:
+            raise ComponentDeclarationError(f"max_pending must be a positive integer, got {max_pending!r}")
+        self.max_pending = max_pending
+        self._executor: ThreadPoolExecutor | None = None
+        self._group: Any = None
+        self._group_ready = False
+        self._pending: list[tuple[Path, Future[None]]] = []
+        self._pool: dict[_PoolKey, list[torch.Tensor]] = {}
+        self._lock = threading.Lock()
+        self._last_failed = False
+        self._cleanups: list[Future[None]] = []  # retention deletions queued behind saves (failures are logged)
+
+    # ------------------------------------------------------------------ state
+    @property
+    def pending_targets(self) -> list[Path]:
+        """Targets of the saves started and not yet waited for, oldest first."""
+        return [target for target, _ in self._pending]
+
+    def has_pending(self) -> bool:
+        """True while a started save has not been waited for (the same on every rank)."""
+        return bool(self._pending)
+
+    def group(self) -> Any:
+        """Collective on first use: the saver's own process group over every rank (None if not distributed)."""
+        if not self._group_ready:
+            if active() and dist.get_world_size() > 1:
+                # A separate gloo group: the background thread's collectives must not share a
+                # communicator with training, and gloo works for CPU objects under any backend.
+                self._group = dist.new_group(backend="gloo")
+            self._group_ready = True
+        return self._group
+
+    # ------------------------------------------------------------------ staging
+    def stage(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Copies of ``tensors`` on the CPU, in reused buffers, that training cannot change."""
+        staged: dict[str, torch.Tensor] = {}
+        uses_cuda = False
+        with self._lock:
+            for name, tensor in tensors.items():
+                tensor = tensor.detach()
+                on_gpu = tensor.device.type == "cuda"
+                key: _PoolKey = (tuple(tensor.shape), tensor.dtype, on_gpu)
+                free = self._pool.get(key)
+                if free:
+                    buffer = free.pop()
+                else:
+                    buffer = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=on_gpu)
+                buffer.copy_(tensor, non_blocking=on_gpu)
+                uses_cuda = uses_cuda or on_gpu
+                staged[name] = buffer
+        if uses_cuda:
+            torch.cuda.synchronize()
+        return staged
+
+    def _recycle(self, buffers: list[torch.Tensor]) -> None:
+        with self._lock:
+            self._pool.clear()  # buffers of earlier shapes are dropped: at most one save's worth is kept
+            for buffer in buffers:
+                key = (tuple(buffer.shape), buffer.dtype, buffer.is_pinned())
+                self._pool.setdefault(key, []).append(buffer)
+
+    # ------------------------------------------------------------------ running saves
+    def make_room(self) -> None:
+        """Before staging a new save: wait until fewer than ``max_pending`` saves are pending."""
+        while len(self._pending) >= self.max_pending:
+            self._wait_oldest()
+
+    def submit(self, target: Path, work: Callable[[], None], staged: list[torch.Tensor]) -> None:
+        """Run ``work`` (which writes and commits ``target``) in the background, after earlier saves.
+
+        ``staged`` are the staging buffers the save holds; they are reused once it has committed.
+        """
+        self.make_room()
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lightning_sharing-save")
+
+        def run() -> None:
+            try:
+                work()
+            except BaseException:
+                self._last_failed = True
+                raise
+            self._last_failed = False
+            self._recycle(staged)
+
+        self._pending.append((target, self._executor.submit(run)))
+
+    def after_pending(self, action: Callable[[], None], what: str) -> None:
+        """Run ``action`` once every pending save has committed; skip it if the save before it failed.
+
+        Used for retention: an older checkpoint is deleted only after its successor is complete.
+        """
+        if not self._pending or self._executor is None:
+            action()
+            return
+
+        def run_if_saved() -> None:
+            if self._last_failed:
+                log.warning("not %s: the checkpoint save before it failed", what)
+                return
+            action()
+
+        future = self._executor.submit(run_if_saved)
+        future.add_done_callback(_log_failure(what))
+        self._cleanups.append(future)
+
+    def _wait_oldest(self) -> None:
+        target, future = self._pending.pop(0)
+        error = future.exception()
+        if error is not None:
+            log.error("the background save of %s failed: %s", target, error)
+            self._pending.clear()  # later saves ran after a failure; their outcome is reported by wait()
+            raise error
+
+    def wait(self) -> None:
+        """Block until every pending save is committed; raise the first failure (on every rank).
+
+        Deletions queued behind the saves (``after_pending``) are finished too; their failures are logged.
+        """
+        try:
+            while self._pending:
+                self._wait_oldest()
+        finally:
+            cleanups, self._cleanups = self._cleanups, []
+            for future in cleanups:
+                future.exception()  # waits; _log_failure has reported a failure
+
+    def poll(self) -> None:
+        """Collective: if every rank's pending saves are done, surface their outcome (raise a failure).
+
+        Cheap while nothing is pending (no communication). The decision is agreed among ranks, so
+        every rank raises at the same step boundary.
+        """
+        if not self._pending:
+            return
+        done = all(future.done() for _, future in self._pending)
+        if active() and dist.get_world_size() > 1:
+            device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+            flag = torch.tensor([1 if done else 0], dtype=torch.int32, device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            done = bool(flag.item())
+        if done:
+            self.wait()
+
+    def close(self) -> None:
+        """Wait for pending saves, then stop the worker thread (the saver can be used again after)."""
+        try:
+            self.wait()
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+                self._executor = None
+            with self._lock:
+                self._pool.clear()
+
+
+def _log_failure(what: str) -> Callable[[Future[None]], None]:
+    def report(future: Future[None]) -> None:
+        error = future.exception()
+        if error is not None:
+            log.error("%s failed in the background: %s", what, error)
+
+    return report
+

@@ -1,0 +1,148 @@
+"""Replication validation: prove that REPLICATED state really is identical on every rank.
+
+Each rank digests its state locally; the digests are exchanged so every rank reaches the same
+verdict, and a mismatch raises ``ReplicationMismatchError`` on all ranks naming the component,
+the tensor paths and the diverging ranks. ``FULL`` compares bytes against the writer's copy
+instead of hashes.
+
+Example:
+    >>> check_replication("model", model.state_dict(), ValidationLevel.TENSOR)   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import xxhash
+
+from lightning_sharing.core.declarations import ValidationLevel
+from lightning_sharing.distributed.collectives import agree, all_gather_object, get_world_size
+from lightning_sharing.errors import ReplicationMismatchError
+from lightning_sharing.format.codec import EncodedState, encode_state
+
+__all__ = ["check_replication", "replicated_view", "state_digests"]
+
+_QUICK_SAMPLES = 64
+_STRUCTURE = "<structure: keys and non-tensor values>"
+_MAX_LISTED = 8
+
+
+def replicated_view(stateful: Any, state: Any) -> Any:
+    """The part of ``state`` that must be identical on every rank.
+
+    A stateful may define ``replicated_view(state)`` to exclude entries that legitimately differ
+    between ranks although one copy is saved (e.g. BatchNorm running statistics under DDP, which
+    DDP overwrites from rank 0 at the next forward).
+    """
+    view = getattr(stateful, "replicated_view", None)
+    return view(state) if callable(view) else state
+
+
+def _as_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor's raw bytes as a flat uint8 CPU tensor (works for every dtype, bfloat16 too)."""
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    return flat.view(torch.uint8) if flat.numel() else torch.empty(0, dtype=torch.uint8)
+
+
+def _tensor_digest(tensor: torch.Tensor, level: ValidationLevel) -> str:
+    head = f"{tensor.dtype}|{tuple(tensor.shape)}|"
+    if level is ValidationLevel.QUICK and tensor.numel() > _QUICK_SAMPLES:
+        flat = tensor.detach().reshape(-1)
+        positions = torch.linspace(0, flat.numel() - 1, _QUICK_SAMPLES, device=flat.device).long()
+        data = _as_bytes(flat[positions])
+        return head + xxhash.xxh3_64_hexdigest(data.numpy().tobytes())
+    return head + xxhash.xxh3_128_hexdigest(memoryview(_as_bytes(tensor).numpy()))
+
+
+def state_digests(state: Any, level: ValidationLevel) -> dict[str, str]:
+    """Per-path digests of ``state`` (one for the structure, one per stored tensor)."""
+    return _digests(encode_state(state, "validation"), level)
+
+
+def _digests(encoded: EncodedState, level: ValidationLevel) -> dict[str, str]:
+    # A flat state's structure is its tensor names; a tree's is the tree with its non-tensor values.
+    shape = [sorted(encoded.tensors), sorted(encoded.ties.items())] if encoded.flat else \
+        [encoded.tree, sorted(encoded.ties.items())]
+    digests = {_STRUCTURE: xxhash.xxh3_128_hexdigest(json.dumps(shape, sort_keys=True, default=str).encode())}
+    for name, tensor in encoded.tensors.items():
+        if level is ValidationLevel.FULL:
+            digests[name] = f"{tensor.dtype}|{tuple(tensor.shape)}"
+        else:
+            digests[name] = _tensor_digest(tensor, level)
+    return digests
+
+
+def _combined(digests: dict[str, str]) -> str:
+    return xxhash.xxh3_128_hexdigest(json.dumps(sorted(digests.items())).encode())
+
+
+def _differences(per_rank: list[dict[str, str]], writer: int) -> dict[str, list[int]]:
+    reference = per_rank[writer]
+    diverging: dict[str, list[int]] = {}
+    for rank, digests in enumerate(per_rank):
+        if rank == writer:
+            continue
+        for path in sorted(set(reference) | set(digests)):
+            if reference.get(path) != digests.get(path):
+                diverging.setdefault(path, []).append(rank)
+    return diverging
+
+
+def _raise_mismatch(key: str, level: ValidationLevel, writer: int, diverging: dict[str, list[int]]) -> None:
+    ranks = sorted({r for rs in diverging.values() for r in rs})
+    listed = "; ".join(f"{path!r} on ranks {rs}" for path, rs in list(diverging.items())[:_MAX_LISTED])
+    more = f" (and {len(diverging) - _MAX_LISTED} more)" if len(diverging) > _MAX_LISTED else ""
+    raise ReplicationMismatchError(
+        f"REPLICATED component {key!r} differs across ranks (validation level {level.name}): ranks "
+        f"{ranks} differ from rank {writer}, the writing rank, at {listed}{more}. REPLICATED state must be "
+        "identical on every rank: if it legitimately differs, declare it PER_RANK (or PER_GROUP); "
+        "otherwise the ranks diverged (missed gradient sync, different seeds, nondeterministic updates)"
+    )
+
+
+def _full_compare(digests: dict[str, str], tensors: dict[str, torch.Tensor], writer: int) -> list[str]:
+    """Broadcast each tensor's bytes from ``writer`` and return the paths that differ here."""
+    device = torch.device("cpu")
+    if "nccl" in str(dist.get_backend()):
+        device = torch.device("cuda", torch.cuda.current_device())
+    differing = []
+    for name in sorted(n for n in digests if n != _STRUCTURE):
+        mine = _as_bytes(tensors[name]).to(device)
+        theirs = mine.clone()
+        dist.broadcast(theirs, src=writer)
+        if not torch.equal(mine, theirs):
+            differing.append(name)
+    return differing
+
+
+def check_replication(key: str, state: Any, level: ValidationLevel, writer: int = 0) -> None:
+    """Collective: raise ``ReplicationMismatchError`` on every rank if ``state`` differs anywhere."""
+    level = ValidationLevel.parse(level)
+    if level is ValidationLevel.NONE or get_world_size() == 1:
+        return
+    error: BaseException | None = None
+    digests: dict[str, str] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    try:
+        encoded = encode_state(state, "validation")
+        tensors = encoded.tensors
+        digests = _digests(encoded, level)
+    except Exception as exc:  # made an error on every rank by agree() just below
+        error = exc
+    agree(error, f"replication check of component {key!r}")
+    combined = all_gather_object(_combined(digests))
+    if len(set(combined)) > 1:
+        _raise_mismatch(key, level, writer, _differences(all_gather_object(digests), writer))
+    if level is not ValidationLevel.FULL:
+        return
+    differing = _full_compare(digests, tensors, writer)
+    per_rank = all_gather_object(differing)
+    diverging: dict[str, list[int]] = {}
+    for rank, paths in enumerate(per_rank):
+        for path in paths:
+            diverging.setdefault(path, []).append(rank)
+    if diverging:
+        _raise_mismatch(key, level, writer, diverging)

@@ -1,0 +1,145 @@
+"""Deciding what to load from a checkpoint: the strict/non-strict rules and the topology check.
+
+Pure functions of the manifest, the declarations and the current topology, so every rank
+reaches the same decisions without talking to the others.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lightning_sharing.core.declarations import SharingPattern, StateComponent
+from lightning_sharing.core.rules import rank_specific
+from lightning_sharing.core.topology import Topology
+from lightning_sharing.errors import (
+    ComponentDeclarationError,
+    CorruptCheckpointError,
+    TopologyMismatchError,
+)
+from lightning_sharing.format.manifest import CheckpointManifest, ComponentManifest
+from lightning_sharing.storage.local import list_checkpoint_files
+
+__all__ = ["LoadPlan", "LoadResult", "check_listed_files", "plan_load"]
+
+
+@dataclass
+class LoadResult:
+    """What ``load_checkpoint`` did: the components loaded and those skipped, with the reason."""
+
+    path: Path
+    loaded: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    manifest: CheckpointManifest | None = None
+
+
+@dataclass
+class LoadPlan:
+    """Components to load (with their saved record) and components skipped (with the reason)."""
+
+    to_load: list[tuple[StateComponent, ComponentManifest]] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+def _topology_problem(component: StateComponent, saved: Topology, current: Topology) -> str | None:
+    pattern = component.sharing_pattern
+    if pattern is SharingPattern.PER_RANK and saved.world_size != current.world_size:
+        return f"it was saved at world_size={saved.world_size}; this run has world_size={current.world_size}"
+    if pattern is SharingPattern.PER_NODE and saved.nodes != current.nodes:
+        return (f"it was saved with nodes {[list(n) for n in saved.nodes]}; this run has "
+                f"{[list(n) for n in current.nodes]}")
+    if pattern is SharingPattern.PER_GROUP:
+        name = component.process_group_name or ""
+        before, now = saved.groups.get(name), current.groups.get(name)
+        if before != now:
+            shown = [list(i) for i in before] if before is not None else "absent"
+            return (f"group {name!r} was saved as {shown}; this run has "
+                    f"{[list(i) for i in now or ()]}")
+    return None
+
+
+def plan_load(manifest: CheckpointManifest, components: list[StateComponent], current: Topology,
+              strict: bool) -> LoadPlan:
+    """Apply the loading rules; raises on what ``strict`` refuses, records skips otherwise."""
+    plan = LoadPlan()
+    saved_topology = Topology.from_json(manifest.topology)
+    declared = {c.key for c in components}
+    undeclared = sorted(set(manifest.components) - declared)
+    if undeclared:
+        if strict:
+            raise ComponentDeclarationError(
+                f"the checkpoint holds components {undeclared} that are not declared here; declare "
+                "them, or load with strict=False to ignore them"
+            )
+        for key in undeclared:
+            plan.skipped[key] = "in the checkpoint but not declared"
+    for component in components:
+        saved = manifest.components.get(component.key)
+        if saved is None:
+            reason = "not in the checkpoint"
+            if component.required and strict:
+                raise ComponentDeclarationError(
+                    f"required component {component.key!r} is not in the checkpoint (it holds "
+                    f"{sorted(manifest.components)}); mark it required=False, or load with strict=False"
+                )
+            plan.skipped[component.key] = reason
+            continue
+        problem = None
+        if saved.sharing_pattern != component.sharing_pattern.value:
+            problem = (f"it was saved as {saved.pattern.name} but is declared "
+                       f"{component.sharing_pattern.name}")
+        elif saved.group_name != component.process_group_name:
+            problem = (f"it was saved for group {saved.group_name!r} but is declared for group "
+                       f"{component.process_group_name!r}")
+        if problem is not None:
+            if strict:
+                raise ComponentDeclarationError(
+                    f"component {component.key!r}: {problem}; declare the pattern it was saved with, "
+                    "or load with strict=False to skip it"
+                )
+            plan.skipped[component.key] = problem
+            continue
+        if rank_specific(component.sharing_pattern):
+            problem = _topology_problem(component, saved_topology, current)
+            if problem is not None:
+                if strict:
+                    raise TopologyMismatchError(
+                        f"component {component.key!r} is {component.sharing_pattern.name} and {problem}. "
+                        f"Saved topology: {saved_topology.describe(component.process_group_name)}; current "
+                        f"topology: {current.describe(component.process_group_name)}. Rank-specific state "
+                        "cannot be redistributed automatically: resume with the same layout, or load "
+                        "with strict=False to skip it (it keeps its current value)"
+                    )
+                plan.skipped[component.key] = f"topology changed: {problem}"
+                continue
+        plan.to_load.append((component, saved))
+    return plan
+
+
+def _allowed_file_re(key: str) -> re.Pattern[str]:
+    return re.compile(
+        re.escape(key)
+        + r"(/[A-Za-z0-9_\-]+-\d{5})?(\.json|\.safetensors\.index\.json|-\d{5}-of-\d{5}\.safetensors)"
+    )
+
+
+def check_listed_files(root: Path, manifest: CheckpointManifest) -> None:
+    """Refuse files the format never writes, and files on disk that the manifest does not list."""
+    for key, component in manifest.components.items():
+        allowed = _allowed_file_re(key)
+        for entry in component.files:
+            if not allowed.fullmatch(entry.path):
+                raise CorruptCheckpointError(
+                    f"component {key!r} lists {entry.path!r}, which is not a file lightning_sharing "
+                    "writes (only .json and .safetensors); refusing a checkpoint that may carry "
+                    "executable content such as a pickle"
+                )
+    listed = {f.path for f in manifest.all_files()}
+    unlisted = [p for p in list_checkpoint_files(root) if p not in listed]
+    if unlisted:
+        raise CorruptCheckpointError(
+            f"{root} holds files the manifest does not list: {unlisted[:10]}; a checkpoint must hold "
+            "exactly what was saved (remove the extra files if you added them, otherwise the checkpoint "
+            "was tampered with or mixed with another)"
+        )

@@ -1,0 +1,141 @@
+"""One copy of a component on disk: Hugging Face sharded safetensors plus, for trees, a JSON file.
+
+For a copy with stem ``S`` (e.g. ``model`` or ``rng/rank-00001``) the files are:
+
+- ``S-00001-of-0000N.safetensors``: the tensors, at most ``max_shard_size`` bytes per shard
+  (a single larger tensor gets a shard of its own);
+- ``S.safetensors.index.json``: ``{"metadata": {"total_size": ..., "tied": {...}}, "weight_map": ...}``
+  exactly as Hugging Face writes it, so ``transformers`` and plain ``safetensors`` can read it;
+- ``S.json``: the structure of a non-flat state (optimizer, scheduler, RNG), tensors by reference.
+
+Writing is planned in ``write_plan`` and streamed by ``tensor_files``; this module names the files
+and reads a copy back.
+
+Example:
+    >>> state = read_payload("model", listed, open_file, read_tensors, flat=True)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import re
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lightning_sharing.errors import CorruptCheckpointError
+from lightning_sharing.format.codec import decode_state
+
+__all__ = [
+    "DEFAULT_MAX_SHARD_SIZE",
+    "index_name",
+    "json_bytes",
+    "merged_index",
+    "read_index",
+    "read_payload",
+    "tree_name",
+]
+
+DEFAULT_MAX_SHARD_SIZE = 5_000_000_000  # Hugging Face's default "5GB"
+TREE_FORMAT = "lightning_sharing.tree"
+_MAX_JSON_BYTES = 256 * 1024 * 1024
+
+
+def index_name(stem: str) -> str:
+    """Relative path of the safetensors index of copy ``stem``."""
+    return f"{stem}.safetensors.index.json"
+
+
+def tree_name(stem: str) -> str:
+    """Relative path of the JSON structure of copy ``stem``."""
+    return f"{stem}.json"
+
+
+def _shard_re(stem: str) -> re.Pattern[str]:
+    return re.compile(re.escape(posixpath.basename(stem)) + r"-\d{5}-of-\d{5}\.safetensors")
+
+
+def json_bytes(data: Any) -> bytes:
+    """Compact, strict JSON (NaN and infinities are refused)."""
+    return json.dumps(data, indent=None, separators=(",", ":"), allow_nan=False).encode("utf-8")
+
+
+def merged_index(indexes: Iterable[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+    """One Hugging Face index (``{key}.safetensors.index.json``) covering copies with disjoint tensor names.
+
+    ``indexes`` holds ``(stem, index_json)`` for each copy; the weight map points into their folders.
+    """
+    weight_map: dict[str, str] = {}
+    tied: dict[str, str] = {}
+    total = 0
+    for stem, index in indexes:
+        folder = posixpath.dirname(stem)
+        for name, file in index["weight_map"].items():
+            weight_map[name] = posixpath.join(folder, file) if folder else file
+        tied.update(index["metadata"].get("tied", {}))
+        total += int(index["metadata"]["total_size"])
+    metadata: dict[str, Any] = {"total_size": total, "format": "pt"}
+    if tied:
+        metadata["tied"] = tied
+    return {"metadata": metadata, "weight_map": weight_map}
+
+
+def _read_json(path: Path, what: str) -> Any:
+    if path.stat().st_size > _MAX_JSON_BYTES:
+        raise CorruptCheckpointError(f"{what} {path} is larger than {_MAX_JSON_BYTES} bytes")
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, or an integer too long to convert
+        raise CorruptCheckpointError(f"{what} {path} is not valid JSON: {exc}") from exc
+
+
+def read_index(path: Path) -> dict[str, Any]:
+    """Read and shape-check a safetensors index file."""
+    index = _read_json(path, "safetensors index")
+    if not (isinstance(index, dict) and isinstance(index.get("weight_map"), dict)
+            and isinstance(index.get("metadata", {}), dict)):
+        raise CorruptCheckpointError(f"safetensors index {path} has no weight_map object")
+    index.setdefault("metadata", {})
+    return index
+
+
+def read_payload(stem: str, available: set[str], open_file: Callable[[str], Path],
+                 read_tensors: Callable[[str], dict[str, torch.Tensor]], flat: bool) -> Any:
+    """Read one copy back into a state dict.
+
+    ``available`` holds the component's files as listed in the manifest; ``open_file(rel)`` returns
+    the verified path of a listed file and ``read_tensors(rel)`` the verified tensors of a listed
+    shard (both refuse anything else).
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    ties: dict[str, str] = {}
+    if index_name(stem) in available:
+        index = read_index(open_file(index_name(stem)))
+        shard_re = _shard_re(stem)
+        folder = posixpath.dirname(stem)
+        for file in sorted(set(index["weight_map"].values())):
+            if not isinstance(file, str) or not shard_re.fullmatch(file):
+                raise CorruptCheckpointError(
+                    f"index {index_name(stem)} points to {file!r}, which is not a shard of {stem}"
+                )
+            rel = posixpath.join(folder, file) if folder else file
+            tensors.update(read_tensors(rel))
+        missing = sorted(set(index["weight_map"]) - set(tensors))
+        if missing:
+            raise CorruptCheckpointError(f"tensors {missing[:5]} listed in {index_name(stem)} are in no shard")
+        raw_ties = index["metadata"].get("tied", {})
+        ties = {str(k): str(v) for k, v in raw_ties.items()} if isinstance(raw_ties, dict) else {}
+    if flat:
+        if not tensors:
+            raise CorruptCheckpointError(f"copy {stem} is stored as tensors but has no safetensors index")
+        return decode_state(None, tensors, ties, flat=True)
+    body = _read_json(open_file(tree_name(stem)), "state structure")
+    if not (isinstance(body, dict) and body.get("format") == TREE_FORMAT and body.get("version") == 1):
+        raise CorruptCheckpointError(f"{tree_name(stem)} is not a lightning_sharing state structure (version 1)")
+    tree_ties = body.get("ties") or {}
+    if not isinstance(tree_ties, dict):
+        raise CorruptCheckpointError(f"{tree_name(stem)} has a malformed ties table")
+    return decode_state(body.get("tree"), tensors, {**ties, **tree_ties}, flat=False)

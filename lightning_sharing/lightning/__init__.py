@@ -1,0 +1,1 @@
+"""lightning layer (see docs/architecture.md)."""

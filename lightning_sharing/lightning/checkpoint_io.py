@@ -1,0 +1,197 @@
+"""``SharingCheckpointIO``: Lightning's CheckpointIO plugin for lightning_sharing directory checkpoints.
+
+``SharingStrategy`` drives it collectively (``save_sharded`` / ``load_sharded`` on every rank).
+Lightning also calls the plain CheckpointIO methods on a single rank in a few places (the spawn
+launcher saves the final weights from rank 0 and reads them back in the parent process); those
+calls act alone, without collectives, so they never hang.
+
+Example:
+    >>> import lightning.pytorch as pl
+    >>> from lightning_sharing import SharingCheckpointIO, SharingStrategy
+    >>> trainer = pl.Trainer(strategy=SharingStrategy(checkpoint_io=SharingCheckpointIO(verify="size")))
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from lightning.fabric.plugins import CheckpointIO
+
+from lightning_sharing.core.declarations import SharingPattern, StateComponent, ValidationLevel
+from lightning_sharing.distributed.async_save import BackgroundSaver
+from lightning_sharing.distributed.collectives import agree, get_world_size, local_only
+from lightning_sharing.engine.coordinator import CheckpointCoordinator
+from lightning_sharing.format.layout import DEFAULT_MAX_SHARD_SIZE
+from lightning_sharing.format.manifest import CheckpointManifest
+from lightning_sharing.lightning.layout import (
+    BUILTIN_KEYS,
+    ValueHolder,
+    builtin_components,
+    join_checkpoint,
+    split_checkpoint,
+)
+from lightning_sharing.statefuls.rng import RNGState
+from lightning_sharing.storage.local import remove_checkpoint
+
+__all__ = ["SharingCheckpointIO"]
+
+log = logging.getLogger(__name__)
+
+_RAW_KEY = "raw"  # a plain dict saved by a rank-local call (e.g. the spawn launcher's weights)
+
+
+def refuse_storage_options(storage_options: Any) -> None:
+    """lightning_sharing writes local/shared-filesystem directories and takes no storage options."""
+    if storage_options is not None:
+        raise TypeError(
+            f"storage_options={storage_options!r} is not supported by lightning_sharing: checkpoints are "
+            "directories on a filesystem every rank can see; configure the path instead"
+        )
+
+
+class SharingCheckpointIO(CheckpointIO):
+    """Writes and reads lightning_sharing checkpoints for Lightning.
+
+    Args:
+        max_shard_size: the largest safetensors shard, in bytes.
+        verify: ``"checksum"`` (default) or ``"size"``: how files are checked on load.
+        validation_level: replication check applied to the model weights at save time
+            (``ValidationLevel.QUICK`` by default; ``NONE`` turns it off).
+        async_save: save in the background: a save returns once the state is copied, and is
+            written and committed while training goes on (see ``SharingStrategy``).
+        max_pending_saves: with ``async_save``, how many saves may be in flight; each holds one
+            staged copy of the state this rank writes (default 1: at most one copy).
+    """
+
+    def __init__(self, *, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, verify: str = "checksum",
+                 validation_level: ValidationLevel | str = ValidationLevel.QUICK, async_save: bool = False,
+                 max_pending_saves: int = 1) -> None:
+        self.max_shard_size = max_shard_size
+        self.verify = verify
+        self.validation_level = ValidationLevel.parse(validation_level)
+        self.saver = BackgroundSaver(max_pending_saves) if async_save else None
+        self._warned_rank_local = False
+
+    # ------------------------------------------------------------------ collective (SharingStrategy)
+    def _coordinator(self, components: list[StateComponent], process_groups: Any) -> CheckpointCoordinator:
+        return CheckpointCoordinator(components, process_groups, max_shard_size=self.max_shard_size,
+                                     verify=self.verify, async_save=self.saver or False)
+
+    # ------------------------------------------------------------------ asynchronous saves
+    def wait(self) -> None:
+        """Block until pending background saves are committed; raise a failed one's error (every rank)."""
+        if self.saver is not None:
+            self.saver.wait()
+
+    def poll(self) -> None:
+        """Collective while a save is pending: surface its outcome once every rank's save is done."""
+        if self.saver is not None:
+            self.saver.poll()
+
+    def teardown(self) -> None:
+        """Called by Lightning at the end of a stage: waits for pending saves, then stops the background thread."""
+        if self.saver is not None:
+            self.saver.close()
+
+    def save_sharded(self, checkpoint: Mapping[str, Any], path: str | os.PathLike[str],
+                     user_components: list[StateComponent], process_groups: Any,
+                     overrides: Mapping[str, StateComponent], unreplicated: frozenset[str] = frozenset()) -> None:
+        """Collective: save Lightning's checkpoint dict plus the user's components.
+
+        ``unreplicated`` names model entries that may differ between ranks (buffers such as
+        BatchNorm statistics): one copy is saved, but they are left out of the replication check.
+        """
+        parts = split_checkpoint(checkpoint)
+        holders: dict[str, Any] = {key: ValueHolder(value) for key, value in parts.items()}
+        if "model" in holders:
+            holders["model"].exempt = unreplicated
+        holders["rng"] = RNGState()
+        keys = [key for key in BUILTIN_KEYS if key in holders]
+        components = builtin_components(keys, holders, overrides, self.validation_level) + list(user_components)
+        metadata = {"lightning": {key: checkpoint[key] for key in ("epoch", "global_step", "pytorch-lightning_version")
+                                  if key in checkpoint}}
+        step = checkpoint.get("global_step")
+        self._coordinator(components, process_groups).save_checkpoint(
+            path, step=step if isinstance(step, int) else None, metadata=metadata)
+
+    def load_sharded(self, path: str | os.PathLike[str], user_components: list[StateComponent],
+                     process_groups: Any, overrides: Mapping[str, StateComponent],
+                     strict: bool = True) -> tuple[dict[str, Any], Any]:
+        """Collective: load the user's components in place; return Lightning's dict and this rank's RNG state."""
+        self.wait()
+        error: BaseException | None = None
+        keys: list[str] = []
+        saved: dict[str, StateComponent] = {}
+        try:
+            manifest = CheckpointManifest.load(path)
+            if _RAW_KEY in manifest.components and not set(manifest.components) & set(BUILTIN_KEYS):
+                raise ValueError(f"{path} holds a raw state dict, not a Lightning training checkpoint")
+            keys = [key for key in BUILTIN_KEYS if key in manifest.components]
+            # A built-in that the user does not re-declare is read the way it was saved.
+            saved = {key: StateComponent(key, ValueHolder(), manifest.components[key].pattern,
+                                         manifest.components[key].group_name) for key in keys}
+        except Exception as exc:  # made an error on every rank by agree() just below
+            error = exc
+        agree(error, f"reading checkpoint {path}")
+        holders = {key: ValueHolder() for key in keys}
+        declared = {**saved, **overrides}
+        components = builtin_components(keys, holders, declared, ValidationLevel.NONE) + list(user_components)
+        self._coordinator(components, process_groups).load_checkpoint(path, strict=strict)
+        parts = {key: holder.value for key, holder in holders.items() if holder.loaded and key != "rng"}
+        rng = holders["rng"].value if "rng" in holders and holders["rng"].loaded else None
+        return join_checkpoint(parts), rng
+
+    # ------------------------------------------------------------------ Lightning's CheckpointIO API
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike[str],
+                        storage_options: Any | None = None) -> None:
+        """Rank-local save (no collectives): used by Lightning outside ``SharingStrategy``'s own saves."""
+        refuse_storage_options(storage_options)
+        if get_world_size() > 1 and not self._warned_rank_local and "state_dict" in checkpoint:
+            log.warning("SharingCheckpointIO.save_checkpoint was called on one rank only: per-rank state of the "
+                        "other ranks is not saved. Use SharingStrategy to save every rank's state.")
+            self._warned_rank_local = True
+        with local_only():
+            if "state_dict" in checkpoint and "pytorch-lightning_version" in checkpoint:
+                self.save_sharded(checkpoint, path, [], None, {})
+            else:
+                component = StateComponent(_RAW_KEY, ValueHolder(dict(checkpoint)), SharingPattern.GLOBAL)
+                self._coordinator([component], None).save_checkpoint(path)
+
+    def load_checkpoint(self, path: str | os.PathLike[str], map_location: Any | None = None,
+                        weights_only: bool | None = None) -> dict[str, Any]:
+        """Rank-local load (no collectives): rank-specific state saved under another topology is skipped."""
+        self.wait()
+        with local_only():
+            manifest = CheckpointManifest.load(path)
+            if _RAW_KEY in manifest.components:
+                holder = ValueHolder()
+                self._coordinator([StateComponent(_RAW_KEY, holder, SharingPattern.GLOBAL)], None).load_checkpoint(
+                    path, strict=False)
+                return dict(holder.value)
+            checkpoint, _ = self.load_sharded(path, [], None, {}, strict=False)
+            return checkpoint
+
+    def remove_checkpoint(self, path: str | os.PathLike[str], keep: Callable[[Path], str | None] | None = None) -> None:
+        """Delete a checkpoint directory atomically (it is never seen half-deleted).
+
+        While a background save is pending, the deletion waits until that save has committed, and is
+        skipped if it fails, so retention never removes the last good checkpoint. ``keep(path)``,
+        evaluated when the deletion runs, may return a reason to keep the checkpoint instead.
+        """
+        target = Path(path)
+
+        def remove() -> None:
+            reason = keep(target) if keep is not None else None
+            if reason:
+                log.warning("not removing checkpoint %s: %s", target, reason)
+                return
+            remove_checkpoint(target)
+
+        if self.saver is not None:
+            self.saver.after_pending(remove, f"removing checkpoint {target}")
+        else:
+            remove()

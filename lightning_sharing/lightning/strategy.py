@@ -1,0 +1,348 @@
+"""``SharingStrategy``: Lightning's DDP strategy with lightning_sharing checkpoints.
+
+``pl.Trainer(strategy=SharingStrategy())`` (or ``strategy="sharing"`` once ``lightning_sharing`` is
+imported) and nothing else changes: ``ModelCheckpoint``, ``trainer.save_checkpoint`` and
+``trainer.fit(ckpt_path=...)`` write and read directory checkpoints in which every piece of state is
+saved from the right ranks (see ``lightning_layout`` for the built-in components). Modules and
+datamodules add or re-declare components in ``configure_state_components()`` and name process groups
+in ``configure_process_groups()``.
+
+Example:
+    >>> import lightning.pytorch as pl
+    >>> from lightning_sharing import SharingStrategy
+    >>> trainer = pl.Trainer(strategy=SharingStrategy(), accelerator="cpu", devices=2)  # doctest: +SKIP
+    >>> trainer.fit(model, ckpt_path="last")                                            # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
+from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
+from torch.utils.data import DistributedSampler
+
+from lightning_sharing.core.declarations import StateComponent, ValidationLevel, check_unique_keys
+from lightning_sharing.distributed.collectives import broadcast_object, get_rank
+from lightning_sharing.engine.coordinator import CheckpointCoordinator
+from lightning_sharing.errors import ComponentDeclarationError, CorruptCheckpointError, ManifestError
+from lightning_sharing.format.layout import DEFAULT_MAX_SHARD_SIZE
+from lightning_sharing.format.manifest import CheckpointManifest
+from lightning_sharing.lightning.checkpoint_io import SharingCheckpointIO, refuse_storage_options
+from lightning_sharing.lightning.layout import (
+    BUILTIN_KEYS,
+    ValueHolder,
+    builtin_components,
+    check_user_components,
+)
+from lightning_sharing.lightning.preemption import PreemptionHandler
+from lightning_sharing.statefuls.rng import RNGState
+from lightning_sharing.storage.local import complete_checkpoints
+
+__all__ = ["SharingStrategy"]
+
+log = logging.getLogger(__name__)
+
+
+class SharingStrategy(DDPStrategy):
+    """DDP whose checkpoints are lightning_sharing directories, saved and restored on every rank.
+
+    Args:
+        process_groups: named groups for PER_GROUP components: a dict of this rank's
+            ``ProcessGroup`` per name, a ``DeviceMesh``, or a callable returning either (called once,
+            on every rank, after the default process group exists). Defaults to the module's or
+            datamodule's ``configure_process_groups()``.
+        validation_level: replication check of the model weights at each save (default QUICK).
+        max_shard_size: the largest safetensors shard, in bytes.
+        verify: ``"checksum"`` (default) or ``"size"``: how files are checked on load.
+        fallback: when the checkpoint to resume from is corrupt or incomplete, resume from the newest
+            other complete checkpoint in the same directory instead of failing (logged as an error).
+            Off by default: a damaged checkpoint is an error unless you opt in.
+        async_save: save in the background. ``trainer.save_checkpoint`` (and ``ModelCheckpoint``) return
+            once the state is copied; files are written and committed while training continues. A failed
+            background save raises on every rank at the next step boundary; the next save, a load, the
+            end of ``fit`` and teardown wait for a pending save; checkpoints that retention removes are
+            removed only after the newer save has committed.
+        max_pending_saves: with ``async_save``, how many saves may be in flight at once; each holds one
+            copy of the state this rank writes (default 1: staging memory is at most one copy).
+        strict: the loading rules on resume (see docs/patterns.md). ``False`` skips what cannot be
+            loaded (undeclared or missing components, rank-specific state saved under another
+            topology), logging each skip, instead of refusing the checkpoint.
+        preemption_checkpoint: on SIGTERM every rank stops after the same step and this final checkpoint is
+            written (exit status 0): ``True`` (default) beside the ModelCheckpoint's checkpoints, where
+            ``ckpt_path="last"`` finds it when ``save_last`` is set (Lightning's ``hpc_ckpt_{n}.ckpt`` under
+            ``SLURMEnvironment(auto_requeue=True)``); a ``.ckpt`` path (``{step}``/``{epoch}`` filled in) or a
+            directory; ``False``: stop without it. See ``lightning_sharing.lightning.preemption``.
+        **kwargs: everything ``DDPStrategy`` accepts.
+
+    Example:
+        >>> trainer = pl.Trainer(strategy=SharingStrategy(validation_level="tensor"), devices=2)  # doctest: +SKIP
+    """
+
+    strategy_name = "sharing"
+
+    def __init__(self, *, process_groups: Any = None, validation_level: ValidationLevel | str = ValidationLevel.QUICK,
+                 max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, verify: str = "checksum", strict: bool = True,
+                 fallback: bool = False, async_save: bool = False, max_pending_saves: int = 1,
+                 preemption_checkpoint: bool | str | os.PathLike[str] | None = True,
+                 **kwargs: Any) -> None:
+        if kwargs.get("checkpoint_io") is None:
+            kwargs["checkpoint_io"] = SharingCheckpointIO(
+                max_shard_size=max_shard_size, verify=verify, validation_level=validation_level,
+                async_save=async_save, max_pending_saves=max_pending_saves)
+        super().__init__(**kwargs)
+        self.strict = strict
+        self.fallback = fallback
+        self._resumed_from: str | None = None
+        self.preemption = PreemptionHandler(preemption_checkpoint)
+        self._process_groups_arg = process_groups
+        self._process_groups: Any = None
+        self._groups_resolved = False
+        self._pending_rng: Any = None
+        self._rng_at_first_batch = False
+
+    @property
+    def sharing_io(self) -> SharingCheckpointIO:
+        """The strategy's CheckpointIO, which must be a ``SharingCheckpointIO``."""
+        io = self.checkpoint_io
+        if not isinstance(io, SharingCheckpointIO):
+            raise ComponentDeclarationError(
+                f"SharingStrategy needs a SharingCheckpointIO, but the Trainer gave it {type(io).__name__}; "
+                "remove the other CheckpointIO plugin or pass SharingCheckpointIO(...)"
+            )
+        return io
+
+    # ------------------------------------------------------------------ declarations
+    def _hook_owners(self) -> list[Any]:
+        module = self.lightning_module
+        trainer = getattr(module, "_trainer", None) if module is not None else None
+        datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
+        return [obj for obj in (module, datamodule) if obj is not None]
+
+    def _resolve_process_groups(self) -> Any:
+        if not self._groups_resolved:
+            groups = self._process_groups_arg
+            if groups is None:
+                for owner in self._hook_owners():
+                    hook = getattr(owner, "configure_process_groups", None)
+                    if callable(hook):
+                        groups = hook()
+                        break
+            elif callable(groups) and not hasattr(groups, "mesh_dim_names"):
+                groups = groups()
+            self._process_groups, self._groups_resolved = groups, True
+        return self._process_groups
+
+    def declared_components(self) -> tuple[list[StateComponent], dict[str, StateComponent]]:
+        """The user's own components and their re-declarations of built-ins, from the hooks."""
+        declared: list[StateComponent] = []
+        for owner in self._hook_owners():
+            hook = getattr(owner, "configure_state_components", None)
+            if not callable(hook):
+                continue
+            result = hook()
+            if result is None:
+                continue
+            if isinstance(result, StateComponent) or not isinstance(result, (list, tuple)):
+                raise ComponentDeclarationError(
+                    f"{type(owner).__name__}.configure_state_components() must return a list of StateComponent, "
+                    f"got {type(result).__name__}"
+                )
+            declared.extend(result)
+        declared = check_unique_keys(declared)
+        overrides = check_user_components(declared)
+        return [c for c in declared if c.key not in overrides], overrides
+
+    def _check_declarations(self) -> None:
+        """Build the full component set once, so wrong declarations fail at fit start."""
+        user, overrides = self.declared_components()
+        holders = {key: ValueHolder() for key in BUILTIN_KEYS}
+        components = builtin_components(list(BUILTIN_KEYS), holders, overrides, self.sharing_io.validation_level)
+        CheckpointCoordinator(components + user, self._resolve_process_groups())
+
+    def setup(self, trainer: Any) -> None:
+        super().setup(trainer)
+        self._check_declarations()
+
+    # ------------------------------------------------------------------ preemption (see preemption.py)
+    def setup_environment(self) -> None:
+        super().setup_environment()
+        trainer = getattr(self.lightning_module, "_trainer", None) if self.lightning_module is not None else None
+        if trainer is not None:  # before Lightning registers its signal handlers for this stage
+            self.preemption.attach(trainer)
+
+    def on_exception(self, exception: BaseException) -> None:
+        """Called by Lightning on every rank that raised; writes the final checkpoint for an agreed SIGTERM only."""
+        super().on_exception(exception)
+        self.preemption.on_exception(exception)
+
+    # ------------------------------------------------------------------ save / load / remove
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        """Collective: every rank saves its share of the checkpoint (Lightning calls this on all ranks)."""
+        refuse_storage_options(storage_options)
+        user, overrides = self.declared_components()
+        self.sharing_io.save_sharded(checkpoint, filepath, user, self._resolve_process_groups(), overrides,
+                                     unreplicated=self._buffer_names())
+
+    def _buffer_names(self) -> frozenset[str]:
+        # Buffers (BatchNorm running statistics, counters) are updated from each rank's own batch and
+        # only made equal by DDP's broadcast at the next forward: save rank 0's, but don't require equality.
+        module = self.lightning_module
+        return frozenset(name for name, _ in module.named_buffers()) if module is not None else frozenset()
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """Collective: restore user components in place and return Lightning's checkpoint dict."""
+        user, overrides = self.declared_components()
+        groups = self._resolve_process_groups()
+        try:
+            checkpoint, rng = self.sharing_io.load_sharded(checkpoint_path, user, groups, overrides,
+                                                           strict=self.strict)
+            self._resumed_from = os.path.realpath(checkpoint_path)
+        except (CorruptCheckpointError, ManifestError) as exc:
+            # Every rank raised this same error (the agreement step), so every rank gets here.
+            if not self.fallback:
+                log.error("%s cannot be loaded; SharingStrategy(fallback=True) would resume from the previous "
+                          "complete checkpoint in %s instead", checkpoint_path, Path(checkpoint_path).parent)
+                raise
+            checkpoint, rng = self._load_previous(checkpoint_path, exc, user, groups, overrides)
+        fitting = getattr(getattr(self.lightning_module, "trainer", None), "state", None)
+        if rng is not None and getattr(getattr(fitting, "fn", None), "value", None) == "fit":
+            # Applied now (so an epoch-boundary resume creates its data iterator from the saved
+            # state) and again before the first batch of a mid-epoch resume (see on_train_start).
+            RNGState().load_state_dict(rng)
+            self._pending_rng = rng
+        return checkpoint
+
+    def _load_previous(self, failed: Any, error: BaseException, user: list[StateComponent], groups: Any,
+                       overrides: dict[str, StateComponent]) -> tuple[dict[str, Any], Any]:
+        """Resume from the newest other complete checkpoint beside ``failed`` (chosen on rank 0)."""
+        candidates = broadcast_object(_previous_checkpoints(Path(failed)) if get_rank() == 0 else None)
+        for candidate in candidates:
+            log.error("FALLING BACK: %s could not be loaded (%s); resuming from %s instead", failed, error, candidate)
+            try:
+                loaded = self.sharing_io.load_sharded(candidate, user, groups, overrides, strict=self.strict)
+                self._resumed_from = os.path.realpath(candidate)
+                return loaded
+            except (CorruptCheckpointError, ManifestError) as exc:  # agreed on every rank, like above
+                error = exc
+        raise CorruptCheckpointError(
+            f"{failed} could not be loaded and no other complete checkpoint beside it loads either "
+            f"(tried {candidates}); last error: {error}"
+        ) from error
+
+    # ------------------------------------------------------------------ resume timing
+    def process_dataloader(self, dataloader: object) -> object:
+        dataloader = super().process_dataloader(dataloader)
+        module = self.lightning_module
+        trainer = getattr(module, "_trainer", None) if module is not None else None
+        if trainer is not None and trainer.training:
+            _replace_shuffle_wrapper(dataloader)
+            # Lightning creates the first data iterator of a fit (in FitLoop.setup_data) before it calls
+            # set_epoch on the sampler, so a run resumed in epoch e would replay epoch 0's shuffle. Set
+            # the epoch the loop is in before that iterator exists (the same value Lightning sets later).
+            _set_sampler_epoch(dataloader, trainer.fit_loop.epoch_progress.current.processed)
+        return dataloader
+
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        if self._pending_rng is None:
+            return
+        trainer = self.lightning_module.trainer
+        # A mid-epoch resume re-creates the epoch's data iterator, which the interrupted run had
+        # created before it saved; re-apply the saved RNG after that, right before the first batch.
+        self._rng_at_first_batch = bool(trainer.fit_loop.restarted_mid_epoch)
+        if not self._rng_at_first_batch:
+            self._pending_rng = None
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_start(batch, batch_idx)
+        self.sharing_io.poll()  # a failed background save raises here, on every rank at the same step
+        if self._pending_rng is not None and self._rng_at_first_batch:
+            RNGState().load_state_dict(self._pending_rng)
+            self._pending_rng = None
+
+    def on_train_end(self) -> None:
+        super().on_train_end()
+        self.sharing_io.wait()  # fit returns only once every checkpoint it started is committed
+
+    def teardown(self) -> None:
+        self._pending_rng = None
+        super().teardown()  # tears down the CheckpointIO, which waits for pending saves
+
+    # ------------------------------------------------------------------ retention
+    def remove_checkpoint(self, filepath: Any) -> None:
+        """Rank 0 deletes a checkpoint that retention (``ModelCheckpoint`` top-k) no longer wants.
+
+        The newest complete checkpoint in its directory and the checkpoint this run resumed from are
+        kept (logged); with ``async_save`` the deletion waits until the pending save has committed.
+        """
+        if self.is_global_zero:
+            self.sharing_io.remove_checkpoint(filepath, keep=self._reason_to_keep)
+
+    def _reason_to_keep(self, path: Path) -> str | None:
+        real = os.path.realpath(path)
+        if self._resumed_from is not None and real == self._resumed_from:
+            return "training resumed from it"
+        newest = complete_checkpoints(path.parent)
+        if newest and os.path.realpath(newest[0][0]) == real:
+            return "it is the newest complete checkpoint in its directory"
+        return None
+
+
+def _previous_checkpoints(failed: Path) -> list[str]:
+    """Complete checkpoints beside ``failed``, newest first by step, not newer than it, itself excluded."""
+    failed_real = os.path.realpath(failed)
+    try:
+        limit = CheckpointManifest.load(failed).step
+    except ManifestError:
+        limit = None
+    return [str(path) for path, step in complete_checkpoints(failed.parent)
+            if os.path.realpath(path) != failed_real and (limit is None or step <= limit)]
+
+
+def _set_sampler_epoch(dataloader: object, epoch: int) -> None:
+    samplers = {id(s): s for s in (getattr(dataloader, "sampler", None),
+                                   getattr(getattr(dataloader, "batch_sampler", None), "sampler", None))
+                if s is not None}
+    for sampler in samplers.values():
+        set_epoch = getattr(sampler, "set_epoch", None)
+        if callable(set_epoch):
+            set_epoch(epoch)
+
+
+def _replace_shuffle_wrapper(dataloader: object) -> None:
+    """Give a shuffled stateful loader an epoch-seeded ``DistributedSampler`` instead of Lightning's wrapper.
+
+    Lightning injects ``DistributedSampler`` only for torch's own Random/SequentialSampler. torchdata's
+    ``StatefulDataLoader(shuffle=True)`` has its own RandomSampler, so Lightning wraps it in a
+    ``DistributedSamplerWrapper`` whose order is drawn from the global RNG whenever an iterator is
+    created, which a mid-epoch resume cannot reproduce. A plain shuffle is equivalent to
+    ``DistributedSampler(shuffle=True)``, whose order depends only on (seed, epoch).
+    """
+    batch_sampler = getattr(dataloader, "batch_sampler", None)
+    wrapper = getattr(batch_sampler, "sampler", None)
+    if not isinstance(wrapper, DistributedSamplerWrapper):
+        return
+    inner = getattr(wrapper.dataset, "_sampler", None)
+    # Lightning itself does the same for torch's RandomSampler (ignoring its generator).
+    plain_shuffle = (type(inner).__name__ == "RandomSampler" and not getattr(inner, "replacement", True)
+                     and getattr(inner, "_num_samples", 0) is None)
+    dataset = getattr(dataloader, "dataset", None)
+    if not plain_shuffle or dataset is None:
+        return
+    batch_sampler.sampler = DistributedSampler(dataset, num_replicas=wrapper.num_replicas, rank=wrapper.rank,
+                                               shuffle=True, seed=wrapper.seed, drop_last=wrapper.drop_last)
+    log.debug("replaced DistributedSamplerWrapper(RandomSampler) with DistributedSampler(shuffle=True, seed=%d)",
+              wrapper.seed)
+
+
+def _register(registry: Any = StrategyRegistry) -> None:
+    if "sharing" not in registry:
+        registry.register("sharing", SharingStrategy,
+                          description="DDP with lightning_sharing checkpoints (explicit sharing patterns)")
+
+
+_register()

@@ -1,0 +1,1 @@
+"""statefuls layer (see docs/architecture.md)."""

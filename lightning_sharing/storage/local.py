@@ -1,0 +1,315 @@
+"""Files on disk: durable writes, checksums, the staging directory and the atomic commit.
+
+A checkpoint is built in a hidden staging directory beside its target and renamed into place
+once its manifest is written, so the target path only ever names a complete checkpoint.
+Replacing an existing checkpoint swaps the two directories atomically where the OS supports it
+(Linux ``renameat2(RENAME_EXCHANGE)``); elsewhere the old one is first moved aside, and a crash
+between the two renames is repaired by the next save.
+
+Example:
+    >>> latest = find_latest_checkpoint("runs/checkpoints")   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+import re
+import shutil
+import sys
+import uuid
+from pathlib import Path
+
+from lightning_sharing._faults import fault_point
+from lightning_sharing.errors import CheckpointError, CorruptCheckpointError, ManifestError
+from lightning_sharing.format.manifest import MANIFEST_NAME, CheckpointManifest, FileEntry
+from lightning_sharing.format.safetensors_io import CHECKSUM_ALGORITHM, file_checksum
+
+__all__ = [
+    "CHECKSUM_ALGORITHM",
+    "check_algorithm",
+    "commit_directory",
+    "complete_checkpoints",
+    "file_checksum",
+    "find_latest_checkpoint",
+    "fsync_dir",
+    "fsync_tree",
+    "list_checkpoint_files",
+    "remove_checkpoint",
+    "remove_stale_staging",
+    "rmtree_missing_ok",
+    "staging_path",
+    "verify_file",
+    "write_bytes_durable",
+]
+
+log = logging.getLogger(__name__)
+
+# Staging and removal directories carry no checkpoint name (".staging-<hex>", ".removing-<hex>"): Lightning
+# reads version numbers out of any name containing "hpc_ckpt_", so a leftover named after one would mislead
+# its SLURM auto-resume. Only a ".NAME.replaced-<hex>" directory needs its name, to be moved back.
+# Older versions named all three ".NAME.KIND-<hex>"; those are recognised too.
+_TEMP_RE = re.compile(r"^\.(?:(?P<name>.+)\.)?(?P<kind>staging|replaced|removing)-[0-9a-f]{32}$")
+_STEP_RE = re.compile(r"step[=_-]?(\d+)")
+_LAST_INT_RE = re.compile(r"(\d+)(?!.*\d)")
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Flush a directory's entries (new names, renames) to stable storage."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError as exc:  # some platforms cannot open directories
+        log.debug("cannot open directory %s for fsync: %s", path, exc)
+        return
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every directory below and including ``root`` (files are synced by their writers)."""
+    for dirpath, _, _ in os.walk(root):
+        fsync_dir(dirpath)
+
+
+def write_bytes_durable(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` and fsync it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as handle:
+        half = len(data) // 2
+        handle.write(data[:half])
+        fault_point("save:write")
+        handle.write(data[half:])
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def rmtree_missing_ok(path: Path) -> None:
+    """Delete a directory tree; entries that vanish meanwhile (another cleanup got them) are fine."""
+
+    def ignore_missing(_function: object, _path: str, error: BaseException) -> None:
+        if not isinstance(error, FileNotFoundError):
+            raise error
+
+    if sys.version_info >= (3, 12):
+        shutil.rmtree(path, onexc=ignore_missing)
+    else:
+        shutil.rmtree(path, onerror=lambda f, p, info: ignore_missing(f, p, info[1]))
+
+
+def staging_path(target: Path, token: str) -> Path:
+    """The hidden staging directory for ``target``, beside it (``token`` is 32 hex digits)."""
+    return target.parent / f".staging-{token}"
+
+
+def _replaced_path(target: Path, token: str) -> Path:
+    return target.parent / f".{target.name}.replaced-{token}"
+
+
+def remove_stale_staging(parent: Path) -> list[Path]:
+    """Delete leftovers of interrupted saves in ``parent``; returns what was removed.
+
+    Called before a save, when no other save to ``parent`` is in progress (background saves run one
+    at a time and create their staging directory themselves).
+
+    A ``.replaced-`` directory whose target is missing is the previous checkpoint caught between
+    the two renames of a non-atomic replace: it is moved back rather than deleted.
+    """
+    removed: list[Path] = []
+    if not parent.is_dir():
+        return removed
+    for entry in sorted(parent.iterdir()):
+        match = _TEMP_RE.match(entry.name)
+        if not match or not entry.is_dir() or entry.is_symlink():
+            continue
+        if match["kind"] == "replaced" and match["name"] and not os.path.lexists(parent / match["name"]):
+            target = parent / match["name"]
+            log.warning("restoring %s from %s (a replace was interrupted)", target, entry)
+            os.rename(entry, target)
+            continue
+        log.info("removing stale checkpoint staging directory %s", entry)
+        rmtree_missing_ok(entry)
+        removed.append(entry)
+    return removed
+
+
+def _rename_exchange(source: Path, target: Path) -> bool:
+    """Atomically swap two paths with renameat2(RENAME_EXCHANGE); False where unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    result = renameat2(at_fdcwd, os.fsencode(source), at_fdcwd, os.fsencode(target), rename_exchange)
+    if result == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, f"renameat2 exchange of {source} and {target} failed: {os.strerror(err)}")
+
+
+def _check_replaceable(target: Path) -> None:
+    if target.is_symlink() or not target.exists():
+        return
+    if target.is_dir() and ((target / MANIFEST_NAME).is_file() or not any(target.iterdir())):
+        return
+    raise CheckpointError(
+        f"refusing to replace {target}: it exists and is not a lightning_sharing checkpoint "
+        "directory; remove it or save to another path"
+    )
+
+
+def commit_directory(staging: Path, target: Path, token: str) -> None:
+    """Move the finished ``staging`` directory to ``target``, replacing an old checkpoint safely."""
+    _check_replaceable(target)
+    if target.is_symlink():
+        # e.g. a ``last.ckpt`` link left by ModelCheckpoint(save_last="link"): the link, not
+        # what it points to, is what gets replaced.
+        target.unlink()
+    if not os.path.lexists(target):
+        os.rename(staging, target)
+        fsync_dir(target.parent)
+        return
+    if _rename_exchange(staging, target):
+        fsync_dir(target.parent)
+        _remove_previous(staging)  # now holds the previous checkpoint
+        return
+    replaced = _replaced_path(target, token)
+    os.rename(target, replaced)
+    os.rename(staging, target)
+    fsync_dir(target.parent)
+    _remove_previous(replaced)
+
+
+def _remove_previous(path: Path) -> None:
+    # The new checkpoint is already committed: failing to delete the old one must not fail the save.
+    # Its hidden name makes the next save's remove_stale_staging() delete it.
+    try:
+        rmtree_missing_ok(path)
+    except OSError as exc:
+        log.warning("could not remove the replaced checkpoint %s (%s); the next save removes it", path, exc)
+
+
+def remove_checkpoint(path: str | os.PathLike[str]) -> None:
+    """Delete a checkpoint so that it is never seen half-deleted.
+
+    A directory is first renamed to a hidden name (one atomic step: it stops being a checkpoint),
+    then deleted; an interrupted deletion is finished by the next save's cleanup. A symbolic link
+    is removed, not what it points to.
+    """
+    target = Path(path)
+    if target.is_symlink() or target.is_file():
+        target.unlink()
+        return
+    if not target.is_dir():
+        return
+    doomed = target.parent / f".removing-{uuid.uuid4().hex}"
+    os.rename(target, doomed)
+    fsync_dir(target.parent)
+    rmtree_missing_ok(doomed)
+
+
+def checkpoint_step(path: Path, manifest: CheckpointManifest | None = None) -> int:
+    """The training step of a checkpoint: the manifest's, else parsed from the name, else -1."""
+    if manifest is not None and manifest.step is not None:
+        return manifest.step
+    match = _STEP_RE.search(path.name) or _LAST_INT_RE.search(path.name)
+    return int(match.group(1)) if match else -1
+
+
+def complete_checkpoints(directory: str | os.PathLike[str]) -> list[tuple[Path, int]]:
+    """Every *complete* checkpoint directly under ``directory`` as ``(path, step)``, newest first.
+
+    A checkpoint is complete when its manifest exists and parses. Checkpoints are ordered by step,
+    then by the manifest's creation time. Hidden entries (staging leftovers) and symlinks are ignored.
+    """
+    root = Path(directory)
+    if not root.is_dir():
+        return []
+    found: list[tuple[tuple[int, str, str], Path]] = []
+    for entry in root.iterdir():
+        if entry.name.startswith(".") or entry.is_symlink() or not entry.is_dir():
+            continue
+        try:
+            manifest = CheckpointManifest.load(entry)
+        except ManifestError as exc:
+            log.debug("skipping %s: %s", entry, exc)
+            continue
+        found.append(((checkpoint_step(entry, manifest), manifest.created_at, entry.name), entry))
+    return [(path, key[0]) for key, path in sorted(found, key=lambda item: item[0], reverse=True)]
+
+
+def find_latest_checkpoint(directory: str | os.PathLike[str]) -> Path | None:
+    """The newest *complete* checkpoint directly under ``directory``, by step; None if there is none.
+
+    A checkpoint is complete when its manifest exists and parses. Ties on the step are broken by
+    the manifest's creation time. Hidden entries (staging leftovers) and symlinks are ignored.
+
+    Example:
+        >>> find_latest_checkpoint("checkpoints")          # doctest: +SKIP
+        PosixPath('checkpoints/step=1500.ckpt')
+    """
+    found = complete_checkpoints(directory)
+    return found[0][0] if found else None
+
+
+def list_checkpoint_files(root: Path) -> list[str]:
+    """Every file and symlink below ``root`` as a relative POSIX path (the manifest excluded)."""
+    found: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        base = Path(dirpath).relative_to(root)
+        for name in filenames + [d for d in dirnames if (Path(dirpath) / d).is_symlink()]:
+            rel = (base / name).as_posix()
+            if rel != MANIFEST_NAME:
+                found.append(rel)
+    return sorted(found)
+
+
+def check_algorithm(entry: FileEntry, component: str) -> None:
+    """Refuse a manifest entry whose checksum algorithm this version does not know."""
+    algorithm = entry.checksum.split(":", 1)[0]
+    if algorithm != CHECKSUM_ALGORITHM:
+        raise CorruptCheckpointError(
+            f"component {component!r}, file {entry.path} (written by rank {entry.rank}) uses checksum algorithm "
+            f"{algorithm!r}, which is unknown"
+        )
+
+
+def verify_file(root: Path, entry: FileEntry, mode: str, component: str) -> Path:
+    """Check a file against its manifest entry (``mode``: ``"checksum"``, ``"size"`` or ``"none"``)."""
+    fault_point("load:read")
+    path = root / entry.path
+    where = f"component {component!r}, file {entry.path} (written by rank {entry.rank})"
+    if path.is_symlink():
+        raise CorruptCheckpointError(f"{where} is a symbolic link; checkpoint files must be regular files")
+    real_root = os.path.realpath(root)
+    if not os.path.realpath(path).startswith(real_root + os.sep):
+        raise CorruptCheckpointError(f"{where} resolves outside the checkpoint directory")
+    if not path.is_file():
+        raise CorruptCheckpointError(f"{where} is missing from {root}")
+    if mode == "none":
+        return path
+    size = path.stat().st_size
+    if size != entry.size:
+        raise CorruptCheckpointError(
+            f"{where} has {size} bytes but the manifest records {entry.size}: the file is truncated or "
+            "was altered after the save"
+        )
+    if mode == "checksum":
+        check_algorithm(entry, component)
+        actual = file_checksum(path)
+        if actual != entry.checksum:
+            raise CorruptCheckpointError(
+                f"{where} has checksum {actual} but the manifest records {entry.checksum}: the file is "
+                "corrupt (altered after the save)"
+            )
+    return path

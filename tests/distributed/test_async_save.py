@@ -1,0 +1,162 @@
+"""Asynchronous saves with real gloo processes: what is written, when it is committed, how failures surface."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import pytest
+from support.dist_harness import run_distributed
+from support.statefuls import Box
+
+from lightning_sharing import BackgroundSaver, CheckpointManifest, ComponentDeclarationError
+
+
+def _components(rank: int, seed: int):
+    import torch
+
+    from lightning_sharing import SharingPattern, StateComponent
+
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(6, 4)
+    box = Box(f"rank{rank}", torch.full((3,), float(rank + seed)))
+    return model, box, [
+        StateComponent("model", model, SharingPattern.REPLICATED, validate_replication=True),
+        StateComponent("box", box, SharingPattern.PER_RANK),
+    ]
+
+
+def _hold_writes(write_plan) -> threading.Event:
+    """Make the background writer wait until the returned event is set."""
+    release = threading.Event()
+    original = write_plan.write_tensor_file
+
+    def held(path, tensors, metadata=None):
+        assert release.wait(30), "the test never released the background writer"
+        return original(path, tensors, metadata)
+
+    write_plan.write_tensor_file = held
+    return release
+
+
+def _staged_copy_worker(rank: int, world_size: int, root: str):
+    import torch
+
+    import lightning_sharing.engine.save_plan as write_plan
+    from lightning_sharing import CheckpointCoordinator
+
+    target = Path(root) / "step=1.ckpt"
+    model, box, components = _components(rank, seed=1)
+    coordinator = CheckpointCoordinator(components, async_save=True)
+    release = _hold_writes(write_plan)
+    saved_weights = {k: v.clone() for k, v in model.state_dict().items()}
+    saved_values = box.values.clone()
+
+    coordinator.save_checkpoint(target, step=1)  # returns with the write still held
+    pending_before = (coordinator._saver.has_pending(), target.exists())
+    with torch.no_grad():  # "training" goes on and changes the state in place
+        model.weight.mul_(-3.0)
+        box.values.add_(100.0)
+    release.set()
+    coordinator.wait()
+
+    fresh_model, fresh_box, fresh = _components(rank, seed=99)
+    CheckpointCoordinator(fresh).load_checkpoint(target)
+    same_model = all(torch.equal(fresh_model.state_dict()[k], v) for k, v in saved_weights.items())
+    return pending_before, same_model, torch.equal(fresh_box.values, saved_values), fresh_box.label
+
+
+def test_async_save_writes_the_state_as_it_was_when_the_save_started(tmp_path: Path) -> None:
+    results = run_distributed(_staged_copy_worker, 2, str(tmp_path), timeout=90)
+    for rank, (pending_before, same_model, same_box, label) in enumerate(results):
+        assert pending_before == (True, False), "save_checkpoint must return before the checkpoint is committed"
+        assert same_model and same_box, f"rank {rank} loaded state changed after the save started"
+        assert label == f"rank{rank}"
+    assert CheckpointManifest.load(tmp_path / "step=1.ckpt").step == 1
+
+
+def _failure_worker(rank: int, world_size: int, root: str):
+    import time
+
+    import torch
+
+    from lightning_sharing import CheckpointCoordinator, DistributedCheckpointError
+
+    model, _box, components = _components(rank, seed=1)
+    coordinator = CheckpointCoordinator(components, async_save=True)
+    coordinator.save_checkpoint(Path(root) / "step=1.ckpt", step=1)
+    coordinator.wait()
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    os.environ["LIGHTNING_SHARING_FAULTS"] = "save:write@1:eio"
+    coordinator.save_checkpoint(Path(root) / "step=2.ckpt", step=2)  # fails later, in the background
+    raised_at, message = None, ""
+    for step in range(500):  # the training loop: one poll per step boundary
+        time.sleep(0.01)
+        try:
+            coordinator._saver.poll()
+        except DistributedCheckpointError as exc:
+            raised_at, message = step, str(exc)
+            break
+    pending_after = coordinator._saver.has_pending()
+    os.environ.pop("LIGHTNING_SHARING_FAULTS")
+
+    # The previous checkpoint is intact, and saving works again.
+    fresh_model, _, fresh = _components(rank, seed=99)
+    CheckpointCoordinator(fresh).load_checkpoint(Path(root) / "step=1.ckpt")
+    intact = all(torch.equal(fresh_model.state_dict()[k], v) for k, v in saved.items())
+    coordinator.save_checkpoint(Path(root) / "step=3.ckpt", step=3)
+    coordinator.wait()
+    return raised_at, message, pending_after, intact
+
+
+def test_background_failure_raises_on_every_rank_at_the_same_step(tmp_path: Path) -> None:
+    results = run_distributed(_failure_worker, 2, str(tmp_path), timeout=90)
+    steps = {raised_at for raised_at, *_ in results}
+    assert len(steps) == 1 and None not in steps, f"ranks raised at different steps: {results}"
+    for _step, message, pending_after, intact in results:
+        assert "writing checkpoint files failed on rank 1" in message
+        assert "Input/output error (injected at save:write on rank 1)" in message
+        assert not pending_after and intact
+    assert not (tmp_path / "step=2.ckpt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step=1.ckpt", "step=3.ckpt"]  # staging cleaned
+
+
+def _back_to_back_worker(rank: int, world_size: int, root: str):
+    import torch
+
+    from lightning_sharing import CheckpointCoordinator
+
+    model, box, components = _components(rank, seed=1)
+    saver = BackgroundSaver()
+    coordinator = CheckpointCoordinator(components, async_save=saver)
+    target = Path(root) / "last.ckpt"
+    coordinator.save_checkpoint(target, step=1)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    box.values.add_(1.0)
+    # The second save waits for the first (max_pending=1: one staged copy at most), then replaces it.
+    coordinator.save_checkpoint(target, step=2)
+    in_flight = len(saver.pending_targets)
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model.weight.zero_()
+    coordinator.load_checkpoint(target)  # waits for the pending save, then reads it
+    same = all(torch.equal(model.state_dict()[k], v) for k, v in expected.items())
+    return CheckpointManifest.load(target).step, in_flight, same, saver.has_pending()
+
+
+def test_next_save_and_load_wait_for_the_pending_save(tmp_path: Path) -> None:
+    results = run_distributed(_back_to_back_worker, 2, str(tmp_path), timeout=90)
+    for step, in_flight, same, pending in results:
+        assert in_flight == 1  # the first save had finished before the second was staged
+        assert step == 2 and same and not pending
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+
+
+def test_background_saver_rejects_a_bad_bound() -> None:
+    with pytest.raises(ComponentDeclarationError, match="max_pending must be a positive integer"):
+        BackgroundSaver(0)
