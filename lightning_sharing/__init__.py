@@ -27,7 +27,7 @@ from lightning_sharing.lightning.layout import BuiltinState
 from lightning_sharing.lightning.strategy import SharingStrategy
 from lightning_sharing.statefuls.metrics import MetricState
 from lightning_sharing.statefuls.rng import RNGState
-from lightning_sharing.storage.local import find_latest_checkpoint
+from lightning_sharing.storage import find_latest_checkpoint
 
 __version__ = "0.1.0"
 

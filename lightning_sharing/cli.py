@@ -12,20 +12,23 @@ the component, the file and the rank that wrote it.
 from __future__ import annotations
 
 import argparse
+import os
 import posixpath
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
+from lightning_sharing.core.options import VerifyMode
 from lightning_sharing.engine.load_plan import check_listed_files
 from lightning_sharing.errors import CheckpointError, CorruptCheckpointError, ManifestError
-from lightning_sharing.format.layout import read_index
+from lightning_sharing.format.layout import parse_index
 from lightning_sharing.format.manifest import CheckpointManifest
-from lightning_sharing.storage.local import verify_file
+from lightning_sharing.storage import read_manifest, store_for, verify_entry
 
 __all__ = ["Problem", "main", "verify_checkpoint"]
 
@@ -40,31 +43,34 @@ class Problem:
     message: str
 
 
-def verify_checkpoint(path: str | Path, mode: str = "checksum") -> tuple[CheckpointManifest, list[Problem]]:
-    """Check a checkpoint directory without loading it; raises ``ManifestError`` if it has no valid manifest."""
-    root = Path(path)
-    manifest = CheckpointManifest.load(root)
+def verify_checkpoint(path: str | Path, mode: VerifyMode | str = VerifyMode.CHECKSUM,
+                      storage_options: dict[str, Any] | None = None) -> tuple[CheckpointManifest, list[Problem]]:
+    """Check a checkpoint without loading it; raises ``ManifestError`` if it has no valid manifest."""
+    verify = VerifyMode.parse(mode)
+    store = store_for(path, storage_options)
+    root = store.normalize(os.fspath(path))
+    manifest = read_manifest(store, root, display=os.fspath(path))
     problems: list[Problem] = []
     try:
-        check_listed_files(root, manifest)
+        check_listed_files(store, root, manifest)
     except CorruptCheckpointError as exc:
         problems.append(Problem("-", "-", None, str(exc)))
     for key, component in manifest.components.items():
         listed = {entry.path for entry in component.files}
         for entry in component.files:
             try:
-                path_on_disk = verify_file(root, entry, mode, key)
+                location = verify_entry(store, root, entry, verify, key)
             except CorruptCheckpointError as exc:
                 problems.append(Problem(key, entry.path, entry.rank, str(exc)))
                 continue
             if entry.path.endswith(".safetensors.index.json"):
-                problems.extend(_check_index(key, entry.path, entry.rank, path_on_disk, listed))
+                problems.extend(_check_index(key, entry.path, entry.rank, store.read_bytes(location), listed))
     return manifest, problems
 
 
-def _check_index(key: str, rel: str, rank: int, path: Path, listed: set[str]) -> list[Problem]:
+def _check_index(key: str, rel: str, rank: int, raw: bytes, listed: set[str]) -> list[Problem]:
     try:
-        index = read_index(path)
+        index = parse_index(raw, rel)
     except CheckpointError as exc:
         return [Problem(key, rel, rank, str(exc))]
     folder = posixpath.dirname(rel)

@@ -13,9 +13,10 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Any, Protocol, runtime_checkable
 
+from lightning_sharing.core.patterns import SharingPattern, ValidationLevel
+from lightning_sharing.core.rules import RULES, rule
 from lightning_sharing.errors import ComponentDeclarationError
 
 __all__ = [
@@ -29,58 +30,6 @@ __all__ = [
 # Keys become directory and file names inside the checkpoint, so keep them path-safe.
 _KEY_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-]{0,127}$")
 _RESERVED_KEYS = {"checkpoint_manifest"}
-
-
-class SharingPattern(str, Enum):
-    """How one piece of state is distributed across ranks (see the rule table in docs/patterns.md)."""
-
-    GLOBAL = "global"
-    PER_RANK = "per_rank"
-    REPLICATED = "replicated"
-    PER_GROUP = "per_group"
-    PER_NODE = "per_node"
-
-    def __repr__(self) -> str:
-        return self.name
-
-    @classmethod
-    def parse(cls, value: SharingPattern | str) -> SharingPattern:
-        """Accept an enum member, its value (``"per_rank"``) or its name (``"PER_RANK"``)."""
-        return _parse_enum(cls, value, "sharing_pattern")
-
-
-class ValidationLevel(str, Enum):
-    """How thoroughly REPLICATED state is compared across ranks before it is saved.
-
-    - ``NONE``: no comparison.
-    - ``QUICK``: structure, dtypes, shapes and a strided sample of every tensor's bytes.
-    - ``TENSOR``: a full-content hash of every tensor and every non-tensor value.
-    - ``FULL``: byte-for-byte comparison of every tensor against the writing rank's copy.
-    """
-
-    NONE = "none"
-    QUICK = "quick"
-    TENSOR = "tensor"
-    FULL = "full"
-
-    def __repr__(self) -> str:
-        return self.name
-
-    @classmethod
-    def parse(cls, value: ValidationLevel | str) -> ValidationLevel:
-        """Accept an enum member, its value (``"quick"``) or its name (``"QUICK"``)."""
-        return _parse_enum(cls, value, "validation_level")
-
-
-def _parse_enum(cls: Any, value: Any, what: str) -> Any:
-    if isinstance(value, cls):
-        return value
-    if isinstance(value, str):
-        for member in cls:
-            if value.lower() in (member.value, member.name.lower()):
-                return member
-    choices = ", ".join(m.name for m in cls)
-    raise ComponentDeclarationError(f"{what}={value!r} is not one of {choices}")
 
 
 @runtime_checkable
@@ -138,11 +87,12 @@ class StateComponent:
                 f"StateComponent {self.key!r}: stateful of type {type(self.stateful).__name__} has no "
                 "state_dict()/load_state_dict(); wrap it in an object that provides both"
             )
-        if self.sharing_pattern is SharingPattern.PER_GROUP:
+        pattern_rule = rule(self.sharing_pattern)
+        if pattern_rule.needs_group:
             if not self.process_group_name:
                 raise ComponentDeclarationError(
-                    f"StateComponent {self.key!r} is PER_GROUP but has no process_group_name; name the "
-                    "group (a key of process_groups or a DeviceMesh dimension name)"
+                    f"StateComponent {self.key!r} is {self.sharing_pattern.name} but has no process_group_name; "
+                    "name the group (a key of process_groups or a DeviceMesh dimension name)"
                 )
             if not isinstance(self.process_group_name, str) or not _KEY_RE.match(self.process_group_name):
                 raise ComponentDeclarationError(
@@ -152,13 +102,13 @@ class StateComponent:
         elif self.process_group_name is not None:
             raise ComponentDeclarationError(
                 f"StateComponent {self.key!r}: process_group_name={self.process_group_name!r} only "
-                f"applies to PER_GROUP, not {self.sharing_pattern.name}"
+                f"applies to {_group_patterns()}, not {self.sharing_pattern.name}"
             )
-        if self.validate_replication and self.sharing_pattern is not SharingPattern.REPLICATED:
+        if self.validate_replication and not pattern_rule.validated:
             raise ComponentDeclarationError(
                 f"StateComponent {self.key!r}: validate_replication=True needs sharing_pattern "
-                f"REPLICATED, got {self.sharing_pattern.name}; state that differs across ranks cannot "
-                "be checked for equality"
+                f"{_validated_patterns()}, got {self.sharing_pattern.name}; state that differs across ranks "
+                "cannot be checked for equality"
             )
         if not isinstance(self.metadata, dict):
             raise ComponentDeclarationError(f"StateComponent {self.key!r}: metadata must be a dict")
@@ -172,6 +122,14 @@ class StateComponent:
         group = f", process_group_name={self.process_group_name!r}" if self.process_group_name else ""
         return (f"StateComponent(key={self.key!r}, sharing_pattern={self.sharing_pattern!r}{group}, "
                 f"required={self.required}, ...)")
+
+
+def _group_patterns() -> str:
+    return " or ".join(p.name for p, r in RULES.items() if r.needs_group)
+
+
+def _validated_patterns() -> str:
+    return " or ".join(p.name for p, r in RULES.items() if r.validated)
 
 
 def check_unique_keys(components: Iterable[StateComponent]) -> list[StateComponent]:

@@ -1,13 +1,16 @@
-"""The rule table: who writes, who reads, and which file, for each sharing pattern.
+"""The rule table: what each sharing pattern means, as data, one record per pattern.
 
-This is the only place that knows what the patterns mean. It is a pure function of the
-topology, so it is tested without any process group:
+Every other module asks this table, never the pattern itself: who writes, who reads, the file stem,
+whether the copies depend on the topology (and how a change is judged), whether a copy may be
+spread over its readers, whether it may be validated, and how the manifest records replicas.
+Adding a pattern is adding a row. The table is a pure function of the topology, tested without
+any process group:
 
 =========== ============================== ============================ ==========================
 pattern     writes                          file stem                    reads
 =========== ============================== ============================ ==========================
 GLOBAL      global rank 0                   ``{key}``                    every rank
-REPLICATED  one copy in total (rank 0)      ``{key}``                    every rank
+REPLICATED  one copy, spread over all ranks ``{key}``                    every rank
 PER_RANK    every rank                      ``{key}/rank-{r:05d}``       each rank its own
 PER_GROUP   lowest rank of each instance    ``{key}/{group}-{i:05d}``    members of that instance
 PER_NODE    local rank 0 of each node       ``{key}/node-{n:05d}``       every rank of that node
@@ -18,17 +21,41 @@ Example:
     >>> topo = Topology.build(4, group_members={"dp": [[0, 2], [1, 3]]})
     >>> [(p.stem, p.writer, p.readers) for p in placements("data", "per_group", topo, "dp")]
     [('data/dp-00000', 0, (0, 2)), ('data/dp-00001', 1, (1, 3))]
+    >>> RULES[SharingPattern.PER_RANK].rank_specific
+    True
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from enum import Enum
+from types import MappingProxyType
 
-from lightning_sharing.core.declarations import SharingPattern
+from lightning_sharing.core.patterns import SharingPattern
 from lightning_sharing.core.topology import Instances, Topology
 from lightning_sharing.errors import ComponentDeclarationError
 
-__all__ = ["Placement", "placement_for_reader", "placements", "rank_specific"]
+__all__ = [
+    "RULES",
+    "Placement",
+    "Replicas",
+    "Rule",
+    "placement_for_reader",
+    "placements",
+    "rank_specific",
+    "rule",
+    "stem_regex",
+]
+
+
+class Replicas(str, Enum):
+    """How the manifest's ``replicated_across`` records the ranks that hold each copy."""
+
+    NONE = "none"          # not recorded
+    ONE_LIST = "one_list"  # one list: the readers of the single copy
+    PER_COPY = "per_copy"  # a list per copy: the members of each instance
 
 
 @dataclass(frozen=True)
@@ -50,13 +77,55 @@ class Placement:
         return self.spread or (self.writer,)
 
 
-def _instances(pattern: SharingPattern, topology: Topology, group: str | None) -> Instances:
-    if pattern in (SharingPattern.GLOBAL, SharingPattern.REPLICATED):
-        return (tuple(range(topology.world_size)),)
-    if pattern is SharingPattern.PER_RANK:
-        return tuple((r,) for r in range(topology.world_size))
-    if pattern is SharingPattern.PER_NODE:
-        return topology.nodes
+InstancesFn = Callable[[Topology, "str | None"], Instances]
+TopologyCheck = Callable[[Topology, Topology, "str | None"], "str | None"]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What one sharing pattern means.
+
+    Attributes:
+        instances: the sets of ranks that share one copy, under a topology (and a group name).
+        stem: the copy's file stem, formatted with ``key``, ``index`` (of the instance) and ``group``.
+        needs_group: the pattern names a process group (``process_group_name`` is required).
+        topology_change: why a saved copy no longer fits the current topology (None: it fits), or
+            None when copies load under any topology.
+        spread: a copy's tensor shards are divided among its readers (they hold identical state).
+        validated: ``validate_replication`` may check that every reader holds the same state.
+        merge_index: copies holding disjoint tensor names (pipeline stages) get one merged HF index.
+        replicas: how the manifest records the ranks holding each copy.
+    """
+
+    pattern: SharingPattern
+    instances: InstancesFn
+    stem: str
+    needs_group: bool = False
+    topology_change: TopologyCheck | None = None
+    spread: bool = False
+    validated: bool = False
+    merge_index: bool = False
+    replicas: Replicas = Replicas.NONE
+
+    @property
+    def rank_specific(self) -> bool:
+        """True when the saved copies depend on the topology (so a topology change matters)."""
+        return self.topology_change is not None
+
+
+def _whole_world(topology: Topology, _group: str | None) -> Instances:
+    return (tuple(range(topology.world_size)),)
+
+
+def _each_rank(topology: Topology, _group: str | None) -> Instances:
+    return tuple((r,) for r in range(topology.world_size))
+
+
+def _each_node(topology: Topology, _group: str | None) -> Instances:
+    return topology.nodes
+
+
+def _each_group_instance(topology: Topology, group: str | None) -> Instances:
     if group is None:
         raise ComponentDeclarationError("PER_GROUP needs a process_group_name")
     if group not in topology.groups:
@@ -65,14 +134,42 @@ def _instances(pattern: SharingPattern, topology: Topology, group: str | None) -
     return topology.groups[group]
 
 
-def _stem(key: str, pattern: SharingPattern, index: int, group: str | None) -> str:
-    if pattern in (SharingPattern.GLOBAL, SharingPattern.REPLICATED):
-        return key
-    if pattern is SharingPattern.PER_RANK:
-        return f"{key}/rank-{index:05d}"
-    if pattern is SharingPattern.PER_NODE:
-        return f"{key}/node-{index:05d}"
-    return f"{key}/{group}-{index:05d}"
+def _world_size_changed(saved: Topology, now: Topology, _group: str | None) -> str | None:
+    if saved.world_size == now.world_size:
+        return None
+    return f"it was saved at world_size={saved.world_size}; this run has world_size={now.world_size}"
+
+
+def _nodes_changed(saved: Topology, now: Topology, _group: str | None) -> str | None:
+    if saved.nodes == now.nodes:
+        return None
+    return f"it was saved with nodes {[list(n) for n in saved.nodes]}; this run has {[list(n) for n in now.nodes]}"
+
+
+def _group_changed(saved: Topology, now: Topology, group: str | None) -> str | None:
+    name = group or ""
+    before, after = saved.groups.get(name), now.groups.get(name)
+    if before == after:
+        return None
+    shown = [list(i) for i in before] if before is not None else "absent"
+    return f"group {name!r} was saved as {shown}; this run has {[list(i) for i in after or ()]}"
+
+
+RULES: Mapping[SharingPattern, Rule] = MappingProxyType({rule.pattern: rule for rule in (
+    Rule(SharingPattern.GLOBAL, _whole_world, "{key}"),
+    Rule(SharingPattern.REPLICATED, _whole_world, "{key}", spread=True, validated=True, replicas=Replicas.ONE_LIST),
+    Rule(SharingPattern.PER_RANK, _each_rank, "{key}/rank-{index:05d}", topology_change=_world_size_changed,
+         merge_index=True),
+    Rule(SharingPattern.PER_GROUP, _each_group_instance, "{key}/{group}-{index:05d}", needs_group=True,
+         topology_change=_group_changed, merge_index=True, replicas=Replicas.PER_COPY),
+    Rule(SharingPattern.PER_NODE, _each_node, "{key}/node-{index:05d}", topology_change=_nodes_changed,
+         merge_index=True),
+)})
+
+
+def rule(pattern: SharingPattern | str) -> Rule:
+    """The rule of ``pattern`` (an enum member or its string)."""
+    return RULES[SharingPattern.parse(pattern)]
 
 
 def placements(
@@ -81,16 +178,17 @@ def placements(
     topology: Topology,
     group: str | None = None,
 ) -> tuple[Placement, ...]:
-    """Every copy of component ``key`` under ``topology``, in stem order."""
-    pattern = SharingPattern.parse(pattern)
-    instances = _instances(pattern, topology, group)
-    # The writer is the lowest global rank of its instance: rank 0 for single-copy patterns,
-    # local rank 0 for nodes (ranks are numbered node by node), the group leader for groups.
-    # REPLICATED state is identical on every rank, so writing its one copy is shared among them.
-    spread = pattern is SharingPattern.REPLICATED and topology.world_size > 1
+    """Every copy of component ``key`` under ``topology``, in stem order.
+
+    The writer is the lowest global rank of its instance: rank 0 for single-copy patterns, local rank 0
+    for nodes (ranks are numbered node by node), the group leader for groups.
+    """
+    pattern_rule = rule(pattern)
+    instances = pattern_rule.instances(topology, group)
+    spread = pattern_rule.spread and topology.world_size > 1
     return tuple(
-        Placement(stem=_stem(key, pattern, index, group), writer=min(inst), readers=tuple(sorted(inst)),
-                  spread=tuple(sorted(inst)) if spread else ())
+        Placement(stem=pattern_rule.stem.format(key=key, index=index, group=group), writer=min(inst),
+                  readers=tuple(sorted(inst)), spread=tuple(sorted(inst)) if spread else ())
         for index, inst in enumerate(instances)
     )
 
@@ -103,10 +201,22 @@ def placement_for_reader(all_placements: tuple[Placement, ...], rank: int) -> Pl
     raise ComponentDeclarationError(f"rank {rank} reads no copy (placements: {all_placements})")
 
 
+def stem_regex(key: str) -> str:
+    """A regular expression matching every stem any pattern gives component ``key`` (for refusing strange files)."""
+    parts = {"key": re.escape(key), "index": r"\d{5}", "group": r"[A-Za-z0-9_\-]+"}
+    alternatives = sorted({_FIELD_RE.sub(lambda m: parts[m[1]], _escape_literals(r.stem)) for r in RULES.values()})
+    return "(?:" + "|".join(alternatives) + ")"
+
+
+_FIELD_RE = re.compile(r"\{(\w+)(?::[^}]*)?\}")
+
+
+def _escape_literals(stem: str) -> str:
+    """``stem`` with its literal text regex-escaped and its ``{field}`` placeholders kept."""
+    pieces = _FIELD_RE.split(stem)
+    return "".join(re.escape(piece) if i % 2 == 0 else "{" + piece + "}" for i, piece in enumerate(pieces))
+
+
 def rank_specific(pattern: SharingPattern | str) -> bool:
     """True when the saved copies depend on the topology (so a topology change matters)."""
-    return SharingPattern.parse(pattern) in (
-        SharingPattern.PER_RANK,
-        SharingPattern.PER_GROUP,
-        SharingPattern.PER_NODE,
-    )
+    return rule(pattern).rank_specific

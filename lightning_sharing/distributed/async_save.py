@@ -31,9 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
-from lightning_sharing.distributed.collectives import active
+from lightning_sharing.distributed.collectives import all_ranks, new_gloo_group
 from lightning_sharing.errors import ComponentDeclarationError
 
 __all__ = ["BackgroundSaver"]
@@ -80,10 +79,9 @@ class BackgroundSaver:
     def group(self) -> Any:
         """Collective on first use: the saver's own process group over every rank (None if not distributed)."""
         if not self._group_ready:
-            if active() and dist.get_world_size() > 1:
-                # A separate gloo group: the background thread's collectives must not share a
-                # communicator with training, and gloo works for CPU objects under any backend.
-                self._group = dist.new_group(backend="gloo")
+            # A separate gloo group: the background thread's collectives must not share a
+            # communicator with training, and gloo works for CPU objects under any backend.
+            self._group = new_gloo_group()
             self._group_ready = True
         return self._group
 
@@ -190,12 +188,7 @@ class BackgroundSaver:
         """
         if not self._pending:
             return
-        done = all(future.done() for _, future in self._pending)
-        if active() and dist.get_world_size() > 1:
-            device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
-            flag = torch.tensor([1 if done else 0], dtype=torch.int32, device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-            done = bool(flag.item())
+        done = all_ranks(all(future.done() for _, future in self._pending), phase="polling a background save")
         if done:
             self.wait()
 

@@ -1,7 +1,15 @@
-"""The few collectives the coordinator uses, and the agreement step that prevents hangs.
+"""Every collective the package runs, and the agreement step that prevents hangs.
 
 Every function here is collective: every rank calls it, in the same order, unconditionally.
-Without an initialised process group they degrade to single-process behaviour.
+Without an initialised process group they degrade to single-process behaviour. No other module
+calls ``torch.distributed`` collectives directly.
+
+The agreement step is the one way a failure becomes an error on every rank::
+
+    with agreement("writing checkpoint files"):
+        write_my_files()            # may raise on some ranks only
+
+    chosen = on_rank_zero("choosing the checkpoint", pick_checkpoint)   # rank 0 works, all agree
 """
 
 from __future__ import annotations
@@ -11,9 +19,10 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Iterator, Mapping
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, TypeVar
 
+import torch
 import torch.distributed as dist
 
 from lightning_sharing.core.topology import Topology
@@ -27,14 +36,23 @@ from lightning_sharing.errors import (
 __all__ = [
     "active",
     "agree",
+    "agreement",
     "all_gather_object",
+    "all_ranks",
+    "any_rank",
     "broadcast_object",
+    "broadcast_tensor",
     "gather_topology",
     "get_rank",
     "get_world_size",
     "local_only",
+    "may_run_in_background",
+    "new_gloo_group",
+    "on_rank_zero",
     "resolve_process_groups",
 ]
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +82,15 @@ def local_only() -> Iterator[None]:
         yield
     finally:
         _LOCAL.only = previous
+
+
+def may_run_in_background() -> bool:
+    """False inside ``local_only()`` while a process group exists.
+
+    There a background thread would run real collectives that the other ranks never join, so such
+    saves stay synchronous.
+    """
+    return _active() or not (dist.is_available() and dist.is_initialized())
 
 
 def get_rank() -> int:
@@ -103,14 +130,61 @@ def _peer_failures(phase: str) -> Iterator[None]:
         ) from exc
 
 
-def broadcast_object(obj: Any, src: int = 0) -> Any:
-    """Rank ``src``'s ``obj`` on every rank."""
-    if not _active() or dist.get_world_size() == 1:
+def broadcast_object(obj: Any, src: int = 0, group: Any = None) -> Any:
+    """Rank ``src``'s ``obj`` on every rank (``group``: as for ``all_gather_object``)."""
+    if not _active() or dist.get_world_size(group) == 1:
         return obj
     box = [obj]
     with _peer_failures("broadcasting checkpoint data"):
-        dist.broadcast_object_list(box, src=src)
+        dist.broadcast_object_list(box, src=src, group=group)
     return box[0]
+
+
+def _collective_device() -> torch.device:
+    """Where tensors for collectives on the default group must live (NCCL takes CUDA tensors only)."""
+    if "nccl" in str(dist.get_backend()):
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def broadcast_tensor(tensor: torch.Tensor, src: int, phase: str = "comparing tensors") -> torch.Tensor:
+    """Rank ``src``'s copy of ``tensor`` (same shape and dtype everywhere), on this rank's collective device."""
+    if not _active() or dist.get_world_size() == 1:
+        return tensor
+    theirs = tensor.to(_collective_device(), copy=True)
+    with _peer_failures(phase):
+        dist.broadcast(theirs, src=src)
+    return theirs
+
+
+def _reduce_flags(flags: list[bool], op: Any, group: Any, phase: str) -> list[bool]:
+    if not _active() or dist.get_world_size(group) == 1:
+        return list(flags)
+    device = _collective_device() if group is None else torch.device("cpu")
+    values = torch.tensor([1 if flag else 0 for flag in flags], dtype=torch.int32, device=device)
+    with _peer_failures(phase):
+        dist.all_reduce(values, op=op, group=group)
+    return [bool(v) for v in values.tolist()]
+
+
+def all_ranks(flag: bool, group: Any = None, phase: str = "agreeing on a flag") -> bool:
+    """True on every rank when ``flag`` is true on every rank (one tiny all-reduce).
+
+    ``group`` must be a gloo group (CPU tensors) when given; None is the default group.
+    """
+    return _reduce_flags([flag], dist.ReduceOp.MIN, group, phase)[0]
+
+
+def any_rank(*flags: bool, group: Any = None, phase: str = "agreeing on flags") -> list[bool]:
+    """For each flag, True on every rank when it is true on some rank (one all-reduce for all of them)."""
+    return _reduce_flags(list(flags), dist.ReduceOp.MAX, group, phase)
+
+
+def new_gloo_group() -> Any:
+    """A new gloo group over every rank (None when not distributed), e.g. for a background thread's collectives."""
+    if not _active() or dist.get_world_size() == 1:
+        return None
+    return dist.new_group(backend="gloo")
 
 
 def _describe(error: BaseException) -> str:
@@ -143,6 +217,37 @@ def agree(local_error: BaseException | None, phase: str, group: Any = None) -> N
     if local_error is None:
         raise error_class(message, failures)
     raise error_class(message, failures) from local_error
+
+
+@contextlib.contextmanager
+def agreement(phase: str, group: Any = None) -> Iterator[None]:
+    """Run the block on every rank; a failure on any rank becomes the same error on every rank.
+
+    The block's own exception is caught (``Exception``, not ``BaseException``: an interrupt still
+    interrupts) and handed to ``agree()``, which every rank reaches whatever happened in the block.
+
+    Example:
+        >>> with agreement("writing checkpoint files"):   # doctest: +SKIP
+        ...     write_files()
+    """
+    error: BaseException | None = None
+    try:
+        yield
+    except Exception as exc:  # re-raised on every rank by agree() just below
+        error = exc
+    agree(error, phase, group)
+
+
+def on_rank_zero(phase: str, work: Callable[[], T], group: Any = None) -> T:
+    """Run ``work`` on rank 0 only and return its result on every rank; a failure there is raised everywhere.
+
+    ``work`` must not run collectives (it runs on one rank).
+    """
+    result: Any = None
+    with agreement(phase, group):
+        if get_rank() == 0:
+            result = work()
+    return broadcast_object(result, group=group)
 
 
 def _kind(error: BaseException) -> str | None:
@@ -198,9 +303,8 @@ def gather_topology(process_groups: Mapping[str, Any]) -> Topology:
     """
     if not _active():
         return Topology.build(1, group_members={name: [[0]] for name in process_groups})
-    local_error: BaseException | None = None
     report: dict[str, Any] = {"node": None, "groups": {}}
-    try:
+    with agreement("collecting the topology"):
         report["node"] = _local_node_id()
         rank = dist.get_rank()
         for name, group in process_groups.items():
@@ -211,9 +315,6 @@ def gather_topology(process_groups: Mapping[str, Any]) -> Topology:
                     "not include this rank; pass the group this rank belongs to"
                 )
             report["groups"][name] = members
-    except Exception as exc:  # made an error on every rank by agree() just below
-        local_error = exc
-    agree(local_error, "collecting the topology")
     reports = all_gather_object(report)
     names = [sorted(rep["groups"]) for rep in reports]
     if any(n != names[0] for n in names):

@@ -15,11 +15,10 @@ import json
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import xxhash
 
 from lightning_sharing.core.declarations import ValidationLevel
-from lightning_sharing.distributed.collectives import agree, all_gather_object, get_world_size
+from lightning_sharing.distributed.collectives import agreement, all_gather_object, broadcast_tensor, get_world_size
 from lightning_sharing.errors import ReplicationMismatchError
 from lightning_sharing.format.codec import EncodedState, encode_state
 
@@ -105,15 +104,11 @@ def _raise_mismatch(key: str, level: ValidationLevel, writer: int, diverging: di
 
 def _full_compare(digests: dict[str, str], tensors: dict[str, torch.Tensor], writer: int) -> list[str]:
     """Broadcast each tensor's bytes from ``writer`` and return the paths that differ here."""
-    device = torch.device("cpu")
-    if "nccl" in str(dist.get_backend()):
-        device = torch.device("cuda", torch.cuda.current_device())
     differing = []
     for name in sorted(n for n in digests if n != _STRUCTURE):
-        mine = _as_bytes(tensors[name]).to(device)
-        theirs = mine.clone()
-        dist.broadcast(theirs, src=writer)
-        if not torch.equal(mine, theirs):
+        mine = _as_bytes(tensors[name])
+        theirs = broadcast_tensor(mine, src=writer, phase=f"comparing {name!r} with rank {writer}")
+        if not torch.equal(mine.to(theirs.device), theirs):
             differing.append(name)
     return differing
 
@@ -123,16 +118,12 @@ def check_replication(key: str, state: Any, level: ValidationLevel, writer: int 
     level = ValidationLevel.parse(level)
     if level is ValidationLevel.NONE or get_world_size() == 1:
         return
-    error: BaseException | None = None
     digests: dict[str, str] = {}
     tensors: dict[str, torch.Tensor] = {}
-    try:
+    with agreement(f"replication check of component {key!r}"):
         encoded = encode_state(state, "validation")
         tensors = encoded.tensors
         digests = _digests(encoded, level)
-    except Exception as exc:  # made an error on every rank by agree() just below
-        error = exc
-    agree(error, f"replication check of component {key!r}")
     combined = all_gather_object(_combined(digests))
     if len(set(combined)) > 1:
         _raise_mismatch(key, level, writer, _differences(all_gather_object(digests), writer))

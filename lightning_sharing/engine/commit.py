@@ -1,49 +1,116 @@
-"""The last step of a save, on rank 0: check what the ranks wrote, build the manifest, commit.
+"""The last step of a save, on rank 0: check what the ranks wrote, then describe the checkpoint.
+
+Every rank reports what it wrote as ``WrittenCopy`` records; rank 0 checks them against each other
+(``check_same_layout``) and against the store (``check_visible``), writes the merged indexes that
+``merged_index_jobs`` plans, and builds the manifest with ``build_manifest``, a pure function. The
+store's ``commit`` then writes the manifest last and makes the checkpoint appear.
 
 Example:
-    >>> manifest = build_manifest(components, topology, staging, written_by_rank, step=500, metadata={})
-    >>> commit_checkpoint(staging, Path("ckpts/step=500.ckpt"), token, manifest)     # doctest: +SKIP
+    >>> manifest = build_manifest(components, topology, copies, extra_files, step=500, metadata={})
+    ... # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 import datetime
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from lightning_sharing._faults import fault_point
-from lightning_sharing.core.declarations import SharingPattern, StateComponent
-from lightning_sharing.core.rules import Placement, placements
+from lightning_sharing._version import __version__
+from lightning_sharing.core.declarations import StateComponent
+from lightning_sharing.core.rules import Placement, Replicas, placements, rule
 from lightning_sharing.core.topology import Topology
-from lightning_sharing.engine.save_plan import CopyPlan, FileJob, write_copy
+from lightning_sharing.engine.save_plan import FileJob
 from lightning_sharing.errors import CheckpointError
 from lightning_sharing.format.layout import index_name, json_bytes, merged_index, tree_name
-from lightning_sharing.format.manifest import MANIFEST_NAME, CheckpointManifest, ComponentManifest
-from lightning_sharing.storage.local import commit_directory, fsync_tree, write_bytes_durable
+from lightning_sharing.format.manifest import CheckpointManifest, ComponentManifest, FileEntry
+from lightning_sharing.storage.base import CheckpointStore
 
-__all__ = ["WrittenCopies", "build_manifest", "commit_checkpoint"]
-
-# Per rank: {component key: [{"stem": str, "files": [FileEntry], "index": dict | None}, ...]}
-WrittenCopies = list[dict[str, list[dict[str, Any]]]]
+__all__ = ["WrittenCopy", "build_manifest", "check_same_layout", "check_visible", "merged_index_jobs"]
 
 
-def build_manifest(components: list[StateComponent], topology: Topology, staging: Path,
-                   written: WrittenCopies, step: int | None, metadata: dict[str, Any] | None) -> CheckpointManifest:
-    """Check that rank 0 sees every reported file, write merged indexes, and describe the checkpoint."""
-    _check_visible(staging, written)
+@dataclass(frozen=True)
+class WrittenCopy:
+    """What one rank wrote of one copy of a component; sent to rank 0 for the manifest.
+
+    Attributes:
+        key: the component.
+        stem: the copy (e.g. ``model`` or ``rng/rank-00001``).
+        rank: the writing rank.
+        files: the files this rank wrote of the copy.
+        index: the copy's safetensors index, from its lead writer, when the copy is tensors only.
+        layout: a digest of the tensor names, shapes and shards this rank planned for the copy.
+        shard_writers: from the lead writer: every rank its plan gives shards of the copy to.
+    """
+
+    key: str
+    stem: str
+    rank: int
+    files: list[FileEntry]
+    index: dict[str, Any] | None = None
+    layout: str = ""
+    shard_writers: list[int] = field(default_factory=list)
+
+
+def check_visible(store: CheckpointStore, root: str, copies: list[WrittenCopy]) -> None:
+    """Rank 0 must see every file the other ranks wrote, at the size they wrote it."""
+    for copy in copies:
+        for entry in copy.files:
+            size = store.size(store.join(root, entry.path))
+            if size != entry.size:
+                raise CheckpointError(
+                    f"rank 0 sees {entry.path} written by rank {entry.rank} "
+                    f"{'missing' if size is None else f'with {size} bytes, not {entry.size}'}: the "
+                    "checkpoint directory must be on a filesystem shared by all ranks, with "
+                    "close-to-open consistency"
+                )
+
+
+def check_same_layout(key: str, copies: list[WrittenCopy]) -> None:
+    """Ranks given shards of a copy by its lead writer must have planned the same tensors and shards."""
+    leads = {copy.stem: copy for copy in copies if copy.shard_writers}
+    for copy in copies:
+        lead = leads.get(copy.stem)
+        if lead is None or copy is lead or copy.rank not in lead.shard_writers:
+            continue
+        if copy.layout != lead.layout:
+            raise CheckpointError(
+                f"component {key!r}: rank {copy.rank} and rank {lead.rank} hold different tensor names, "
+                f"shapes or dtypes for {copy.stem}, so it is not replicated and its shards cannot be split "
+                "between them; declare it PER_RANK (or GLOBAL if only rank 0 holds it), or make the ranks agree "
+                "(validate_replication=True names the differences)"
+            )
+
+
+def merged_index_jobs(components: list[StateComponent], copies: list[WrittenCopy]) -> list[tuple[str, FileJob]]:
+    """For multi-copy tensor-only components with disjoint names (pipeline stages): one HF index each."""
+    jobs = []
+    for component in components:
+        mine = sorted((c for c in copies if c.key == component.key), key=lambda c: c.stem)
+        if not rule(component.sharing_pattern).merge_index or not mine or any(c.index is None for c in mine):
+            continue
+        names = [name for copy in mine for name in copy.index["weight_map"]]  # type: ignore[index]
+        if len(names) != len(set(names)):
+            continue
+        index = merged_index([(c.stem, c.index) for c in mine])  # type: ignore[misc]
+        jobs.append((component.key, FileJob(index_name(component.key), data=json_bytes(index))))
+    return jobs
+
+
+def build_manifest(components: list[StateComponent], topology: Topology, copies: list[WrittenCopy],
+                   extra_files: dict[str, list[FileEntry]], step: int | None,
+                   metadata: dict[str, Any] | None) -> CheckpointManifest:
+    """Describe the checkpoint: every component's pattern, writers and files (``extra_files``: rank 0's own)."""
     records: dict[str, ComponentManifest] = {}
     for component in components:
-        copies = sorted((c for per_rank in written for c in per_rank.get(component.key, [])),
-                        key=lambda c: c["stem"])
-        _check_same_layout(component.key, copies)
-        files = sorted((entry for copy in copies for entry in copy["files"]), key=lambda e: e.path)
-        merged = _merged_index(component, copies)
-        if merged is not None:
-            files.extend(write_copy(staging, CopyPlan(component.key, jobs=[merged]), rank=0))
+        mine = sorted((c for c in copies if c.key == component.key), key=lambda c: c.stem)
+        check_same_layout(component.key, mine)
+        files = sorted((entry for copy in mine for entry in copy.files), key=lambda e: e.path)
+        files.extend(extra_files.get(component.key, []))
         plan = placements(component.key, component.sharing_pattern, topology, component.process_group_name)
-        has_tree = any(tree_name(c["stem"]) in {f.path for f in c["files"]} for c in copies)
+        has_tree = any(tree_name(c.stem) in {f.path for f in c.files} for c in mine)
         records[component.key] = ComponentManifest(
             key=component.key,
             sharing_pattern=component.sharing_pattern.value,
@@ -62,78 +129,16 @@ def build_manifest(components: list[StateComponent], topology: Topology, staging
         components=records,
         created_at=datetime.datetime.now(datetime.timezone.utc).isoformat(),
         step=step,
-        library_version=_library_version(),
+        library_version=__version__,
         torch_version=torch.__version__,
         metadata=dict(metadata or {}),
     )
 
 
-def commit_checkpoint(staging: Path, target: Path, token: str, manifest: CheckpointManifest) -> None:
-    """Make the staging directory durable, write the manifest last, and rename it into place."""
-    text = manifest.dumps()  # fails here, before anything is committed, if metadata is not JSON
-    fsync_tree(staging)
-    fault_point("commit:manifest")
-    write_bytes_durable(staging / MANIFEST_NAME, text.encode("utf-8"))
-    fault_point("commit:rename")
-    commit_directory(staging, target, token)
-    fault_point("commit:renamed")
-
-
-def _merged_index(component: StateComponent, copies: list[dict[str, Any]]) -> FileJob | None:
-    """For multi-copy tensor-only components with disjoint names (pipeline stages), one HF index."""
-    if component.sharing_pattern in (SharingPattern.GLOBAL, SharingPattern.REPLICATED) or not copies:
-        return None
-    if any(copy["index"] is None for copy in copies):
-        return None
-    names = [name for copy in copies for name in copy["index"]["weight_map"]]
-    if len(names) != len(set(names)):
-        return None
-    index = merged_index([(c["stem"], c["index"]) for c in copies])
-    return FileJob(index_name(component.key), data=json_bytes(index))
-
-
-def _check_same_layout(key: str, copies: list[dict[str, Any]]) -> None:
-    """Ranks given shards of a copy by its lead writer must have planned the same tensors and shards."""
-    leads = {copy["stem"]: copy for copy in copies if copy["shard_writers"]}
-    for copy in copies:
-        lead = leads.get(copy["stem"])
-        if lead is None or copy is lead or copy["rank"] not in lead["shard_writers"]:
-            continue
-        if copy["layout"] != lead["layout"]:
-            raise CheckpointError(
-                f"component {key!r}: rank {copy['rank']} and rank {lead['rank']} hold different tensor names, "
-                f"shapes or dtypes for {copy['stem']}, so it is not replicated and its shards cannot be split "
-                "between them; declare it PER_RANK (or GLOBAL if only rank 0 holds it), or make the ranks agree "
-                "(validate_replication=True names the differences)"
-            )
-
-
-def _check_visible(staging: Path, all_written: WrittenCopies) -> None:
-    """Rank 0 must see every file the other ranks wrote, at the size they wrote it."""
-    for per_rank in all_written:
-        for copies in per_rank.values():
-            for copy in copies:
-                for entry in copy["files"]:
-                    path = staging / entry.path
-                    size = path.stat().st_size if path.is_file() else None
-                    if size != entry.size:
-                        raise CheckpointError(
-                            f"rank 0 sees {entry.path} written by rank {entry.rank} "
-                            f"{'missing' if size is None else f'with {size} bytes, not {entry.size}'}: the "
-                            "checkpoint directory must be on a filesystem shared by all ranks, with "
-                            "close-to-open consistency"
-                        )
-
-
 def _replicated_across(component: StateComponent, plan: tuple[Placement, ...]) -> list[Any] | None:
-    if component.sharing_pattern is SharingPattern.REPLICATED:
+    replicas = rule(component.sharing_pattern).replicas
+    if replicas is Replicas.ONE_LIST:
         return list(plan[0].readers)
-    if component.sharing_pattern is SharingPattern.PER_GROUP:
+    if replicas is Replicas.PER_COPY:
         return [list(p.readers) for p in plan]
     return None
-
-
-def _library_version() -> str:
-    from lightning_sharing import __version__  # the package imports this module
-
-    return __version__

@@ -1,8 +1,9 @@
 """``CheckpointCoordinator``: save and load declared state from exactly the right ranks.
 
 Saving runs plan -> validate -> write -> agree -> commit; loading runs read manifest -> apply the
-loading rules -> verify files -> load. Every step that can fail on one rank ends in an agreement
-collective, so a failure anywhere becomes an error everywhere instead of a hang.
+loading rules -> verify files -> load. Files go through the ``CheckpointStore`` that holds the path.
+Every step that can fail on one rank runs inside an agreement step, so a failure anywhere becomes an
+error everywhere instead of a hang.
 
 Example (run on every rank, e.g. under ``torchrun``):
     >>> coordinator = CheckpointCoordinator([
@@ -18,49 +19,48 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
-import torch.distributed as dist
-
 from lightning_sharing._faults import fault_point
 from lightning_sharing.core.declarations import StateComponent, check_unique_keys
+from lightning_sharing.core.options import CheckpointOptions, VerifyMode
+from lightning_sharing.core.patterns import ValidationLevel
 from lightning_sharing.core.rules import Placement, placement_for_reader, placements
 from lightning_sharing.core.topology import Topology
 from lightning_sharing.distributed.async_save import BackgroundSaver
 from lightning_sharing.distributed.collectives import (
-    active,
-    agree,
+    agreement,
     all_gather_object,
     gather_topology,
     get_rank,
+    may_run_in_background,
+    on_rank_zero,
     resolve_process_groups,
 )
 from lightning_sharing.distributed.validation import check_replication, replicated_view
-from lightning_sharing.engine.commit import build_manifest, commit_checkpoint
+from lightning_sharing.engine.commit import (
+    WrittenCopy,
+    build_manifest,
+    check_visible,
+    merged_index_jobs,
+)
 from lightning_sharing.engine.load_plan import LoadResult, check_listed_files, plan_load
 from lightning_sharing.engine.reader import load_component
 from lightning_sharing.engine.save_plan import CopyPlan, plan_copy, write_copy
-from lightning_sharing.errors import (
-    CheckpointError,
-    ComponentDeclarationError,
-    DistributedCheckpointError,
-)
+from lightning_sharing.errors import CheckpointError, ComponentDeclarationError, DistributedCheckpointError
 from lightning_sharing.format.codec import encode_state
-from lightning_sharing.format.layout import DEFAULT_MAX_SHARD_SIZE
-from lightning_sharing.format.manifest import CheckpointManifest
-from lightning_sharing.storage.local import remove_stale_staging, staging_path
+from lightning_sharing.storage import CheckpointStore, is_url, read_manifest, store_for
 
 __all__ = ["CheckpointCoordinator", "LoadResult"]
 
 log = logging.getLogger(__name__)
 
 PathT = TypeVar("PathT", str, os.PathLike)
-_VERIFY_MODES = ("checksum", "size")
+_Plans = list[tuple[str, CopyPlan]]
 
 
 class CheckpointCoordinator:
@@ -70,6 +70,7 @@ class CheckpointCoordinator:
         components: the declared state; keys must be unique.
         process_groups: ``{name: ProcessGroup}`` with the group *this rank* belongs to for each
             name, or a ``DeviceMesh`` whose dimension names become group names.
+        options: a ``CheckpointOptions``; the keyword arguments below override its fields.
         max_shard_size: the largest safetensors shard, in bytes.
         verify: ``"checksum"`` (default) checks every file read against the manifest's checksum;
             ``"size"`` only compares sizes, for very large checkpoints on trusted storage.
@@ -77,6 +78,7 @@ class CheckpointCoordinator:
             writing and committing it on a background thread; pass a ``BackgroundSaver`` to share
             one (and its memory bound) between coordinators. The next save, a load and ``wait()``
             wait for a pending save and raise its failure on every rank.
+        storage_options: passed to the object-store backend of a URL path (credentials, endpoint).
 
     Both ``save_checkpoint`` and ``load_checkpoint`` are collective: every rank must call them.
     """
@@ -86,9 +88,11 @@ class CheckpointCoordinator:
         components: Iterable[StateComponent],
         process_groups: Any = None,
         *,
-        max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
-        verify: str = "checksum",
-        async_save: bool | BackgroundSaver = False,
+        options: CheckpointOptions | None = None,
+        max_shard_size: int | None = None,
+        verify: VerifyMode | str | None = None,
+        async_save: bool | BackgroundSaver | None = None,
+        storage_options: dict[str, Any] | None = None,
     ) -> None:
         self.components = check_unique_keys(components)
         self.process_groups = resolve_process_groups(process_groups)
@@ -100,17 +104,28 @@ class CheckpointCoordinator:
                     f"component {component.key!r} uses process group {name!r}, which no one provided "
                     f"(process_groups: {known}); pass it in process_groups or as a DeviceMesh dimension"
                 )
-        if max_shard_size < 1:
-            raise ComponentDeclarationError(f"max_shard_size must be positive, got {max_shard_size}")
-        self.max_shard_size = int(max_shard_size)
-        self.verify = _check_verify(verify)
-        self._topology: Topology | None = None
-        if isinstance(async_save, BackgroundSaver):
-            self._saver: BackgroundSaver | None = async_save
-        elif isinstance(async_save, bool):
-            self._saver = BackgroundSaver() if async_save else None
-        else:
+        saver = async_save if isinstance(async_save, BackgroundSaver) else None
+        if async_save is not None and saver is None and not isinstance(async_save, bool):
             raise ComponentDeclarationError(f"async_save must be a bool or a BackgroundSaver, got {async_save!r}")
+        overrides = {name: value for name, value in (("max_shard_size", max_shard_size), ("verify", verify),
+                                                     ("async_save", saver is not None or async_save))
+                     if value is not None}
+        self.options = (options or CheckpointOptions()).replace(**overrides)
+        self.storage_options = storage_options
+        self._topology: Topology | None = None
+        if saver is None and self.options.async_save:
+            saver = BackgroundSaver(self.options.max_pending_saves)
+        self._saver = saver
+
+    @property
+    def max_shard_size(self) -> int:
+        """The largest safetensors shard, in bytes."""
+        return self.options.max_shard_size
+
+    @property
+    def verify(self) -> VerifyMode:
+        """How files are checked on load."""
+        return self.options.verify
 
     # ------------------------------------------------------------------ shared steps
     def _declaration(self) -> list[tuple[str, str, str | None, str]]:
@@ -153,29 +168,27 @@ class CheckpointCoordinator:
         is staged; ``wait()`` returns once it is committed.
         """
         started = time.perf_counter()
-        saver = self._saver if self._saver is not None and _may_run_in_background() else None
+        saver = self._saver if self._saver is not None and may_run_in_background() else None
         if saver is not None:
             saver.make_room()  # raises a failed earlier save's error, on every rank
-        _refuse_url(path)
-        target = Path(os.path.abspath(os.fspath(path)))
-        topology, proposals = self._prepare(extra=(str(target), uuid.uuid4().hex))
+        store = store_for(path, self.storage_options)
+        target = store.normalize(os.fspath(path))
+        topology, proposals = self._prepare(extra=(target, uuid.uuid4().hex))
         if len({proposed_target for proposed_target, _ in proposals}) > 1:
             raise ComponentDeclarationError(
                 f"ranks passed different checkpoint paths: {[t for t, _ in proposals]}")
         token = proposals[0][1]  # rank 0's
-        staging = staging_path(target, token)
         group = saver.group() if saver is not None else None
-        rank = get_rank()
-        plans = self._plan_files(topology, rank, saver)
+        plans = self._plan_files(topology, get_rank(), saver)
 
         def finish() -> None:
-            self._finish_save(staging, target, token, plans, topology, step, metadata, group, started)
+            self._finish_save(store, target, token, plans, topology, step, metadata, group, started)
 
         if saver is None:
             finish()
         else:
-            saver.submit(target, finish, [t for _, plan in plans for job in plan.jobs
-                                                   for t in (job.tensors or {}).values()])
+            saver.submit(_display(target), finish, [t for _, plan in plans for job in plan.jobs
+                                                    for t in (job.tensors or {}).values()])
             log.info("staged checkpoint %s in %.2fs; writing it in the background", target,
                      time.perf_counter() - started)
         return path
@@ -188,49 +201,32 @@ class CheckpointCoordinator:
         if self._saver is not None:
             self._saver.wait()
 
-    def _create_staging(self, staging: Path, rank: int, group: Any) -> None:
-        error: BaseException | None = None
-        if rank == 0:
-            try:
-                staging.parent.mkdir(parents=True, exist_ok=True)
-                # Saves run one at a time (the background ones in order), so any other staging
-                # directory here is a leftover of an interrupted save.
-                remove_stale_staging(staging.parent)
-                staging.mkdir()
-            except Exception as exc:  # made an error on every rank by agree() just below
-                error = exc
-        agree(error, f"creating the staging directory {staging}", group)
-
     def _collect_states(self, topology: Topology, rank: int) -> dict[str, Any]:
         states: dict[str, Any] = {}
         for component in self.components:
             writes = any(rank in p.writers for p in self._placements(component, topology))
-            if writes or component.effective_validation.value != "none":
+            if writes or component.effective_validation is not ValidationLevel.NONE:
                 states[component.key] = _with_context(component.key, "state_dict()", component.stateful.state_dict)
         return states
 
-    def _plan_files(self, topology: Topology, rank: int, saver: BackgroundSaver | None) -> list[tuple[str, CopyPlan]]:
+    def _plan_files(self, topology: Topology, rank: int, saver: BackgroundSaver | None) -> _Plans:
         """Collect, validate and encode the state, decide which files this rank writes, and (async) stage them.
 
         One agreement step covers it all, plus one more before validation when a component is validated.
         """
-        plans: list[tuple[str, CopyPlan]] = []
-        error: BaseException | None = None
+        plans: _Plans = []
         states: dict[str, Any] = {}
-        validated = [c for c in self.components if c.effective_validation.value != "none"]
-        try:
-            states = self._collect_states(topology, rank)
-        except Exception as exc:  # made an error on every rank by agree() below
-            error = exc
+        validated = [c for c in self.components if c.effective_validation is not ValidationLevel.NONE]
+        collecting = _Attempt(lambda: states.update(self._collect_states(topology, rank)))
         if validated:
-            agree(error, "collecting state dicts")
+            with agreement("collecting state dicts"):
+                collecting.reraise()
             for component in validated:
                 check_replication(component.key, replicated_view(component.stateful, states[component.key]),
                                   component.effective_validation,
                                   writer=self._placements(component, topology)[0].writer)
-        try:
-            if error is not None:
-                raise error
+        with agreement("preparing the checkpoint (collecting, encoding and staging state)"):
+            collecting.reraise()
             for component in self.components:
                 for placement in self._placements(component, topology):
                     if rank in placement.writers:
@@ -243,61 +239,55 @@ class CheckpointCoordinator:
                     for job in plan.jobs:
                         if job.tensors is not None:
                             job.tensors = saver.stage(job.tensors)
-        except Exception as exc:  # made an error on every rank by agree() just below
-            error = exc
-        agree(error, "preparing the checkpoint (collecting, encoding and staging state)")
         return plans
 
-    def _finish_save(self, staging: Path, target: Path, token: str, plans: list[tuple[str, CopyPlan]],
-                     topology: Topology, step: int | None, metadata: dict[str, Any] | None, group: Any,
-                     started: float) -> None:
+    def _finish_save(self, store: CheckpointStore, target: str, token: str, plans: _Plans, topology: Topology,
+                     step: int | None, metadata: dict[str, Any] | None, group: Any, started: float) -> None:
         """Write this rank's files, agree, and commit on rank 0 (in the background for async saves)."""
         rank = get_rank()
+        write_root: str | None = None
         committed = False
         try:
-            self._create_staging(staging, rank, group)
-            written = self._write_files(staging, plans, rank, group)
-            all_written = all_gather_object(written, group)
-            error: BaseException | None = None
-            if rank == 0:
-                try:
-                    manifest = build_manifest(self.components, topology, staging, all_written, step, metadata)
-                    commit_checkpoint(staging, target, token, manifest)
-                except Exception as exc:  # made an error on every rank by agree() just below
-                    error = exc
-            agree(error, f"committing checkpoint {target}", group)
+            write_root = on_rank_zero(f"preparing to write {target}", lambda: store.begin_save(target, token), group)
+            written = self._write_files(store, write_root, plans, rank, group)
+            all_written: list[list[WrittenCopy]] = all_gather_object(written, group)
+            with agreement(f"committing checkpoint {_display(target)}", group):
+                if rank == 0:
+                    self._commit(store, write_root, target, token, topology,
+                                 [copy for per_rank in all_written for copy in per_rank], step, metadata)
             committed = True
         finally:
-            if not committed and rank == 0 and staging.exists():
-                shutil.rmtree(staging, ignore_errors=True)
+            if not committed and rank == 0 and write_root is not None:
+                store.abort(write_root, target)
         log.info("saved checkpoint %s in %.2fs", target, time.perf_counter() - started)
 
-    def _write_files(self, staging: Path, plans: list[tuple[str, CopyPlan]], rank: int,
-                     group: Any) -> dict[str, list[dict[str, Any]]]:
-        """Write this rank's files; returns ``{key: [copy record, ...]}`` for the manifest."""
-        written: dict[str, list[dict[str, Any]]] = {}
-        error: BaseException | None = None
-        try:
-            if not staging.is_dir():
-                raise CheckpointError(
-                    f"rank {rank} cannot see the staging directory {staging} that rank 0 created: the "
-                    "checkpoint directory must be on a filesystem shared by all ranks"
-                )
+    def _write_files(self, store: CheckpointStore, write_root: str, plans: _Plans, rank: int,
+                     group: Any) -> list[WrittenCopy]:
+        """Write this rank's files; returns what it wrote, for the manifest."""
+        written: list[WrittenCopy] = []
+        with agreement("writing checkpoint files", group):
+            store.check_write_root(write_root, rank)
             fault_point("save:start")
             for key, plan in plans:
-                entries = _with_context(key, "writing", lambda p=plan: write_copy(staging, p, rank))
-                written.setdefault(key, []).append(
-                    {"stem": plan.stem, "files": entries, "index": plan.index, "layout": plan.layout_digest,
-                     "rank": rank, "shard_writers": plan.shard_writers})
+                entries = _with_context(key, "writing", lambda p=plan: write_copy(store, write_root, p, rank))
+                written.append(WrittenCopy(key=key, stem=plan.stem, rank=rank, files=entries, index=plan.index,
+                                           layout=plan.layout_digest, shard_writers=plan.shard_writers))
             fault_point("save:written")
-        except Exception as exc:  # made an error on every rank by agree() just below
-            error = exc
-        agree(error, "writing checkpoint files", group)
         return written
+
+    def _commit(self, store: CheckpointStore, write_root: str, target: str, token: str, topology: Topology,
+                copies: list[WrittenCopy], step: int | None, metadata: dict[str, Any] | None) -> None:
+        """Rank 0: check what every rank wrote, add the merged indexes, write the manifest last, commit."""
+        check_visible(store, write_root, copies)
+        extra = {key: write_copy(store, write_root, CopyPlan(key, jobs=[job]), rank=0)
+                 for key, job in merged_index_jobs(self.components, copies)}
+        manifest = build_manifest(self.components, topology, copies, extra, step, metadata)
+        text = manifest.dumps()  # fails here, before anything is committed, if metadata is not JSON
+        store.commit(write_root, target, token, text.encode("utf-8"))
 
     # ------------------------------------------------------------------ load
     def load_checkpoint(self, path: str | os.PathLike[str], strict: bool = True, *,
-                        verify: str | None = None) -> LoadResult:
+                        verify: VerifyMode | str | None = None) -> LoadResult:
         """Collective: load every declared component this rank reads from the checkpoint at ``path``.
 
         ``strict=True`` refuses missing required components, undeclared saved components, changed
@@ -305,24 +295,20 @@ class CheckpointCoordinator:
         reports them in the returned ``LoadResult.skipped``. Files are verified against the
         manifest before they are read (``verify="checksum"`` or ``"size"``).
         """
-        mode = _check_verify(verify or self.verify)
+        mode = VerifyMode.parse(verify) if verify is not None else self.verify
         self.wait()  # a pending save of this very checkpoint must be complete before it is read
         topology, _ = self._prepare()
         rank = get_rank()
-        _refuse_url(path)
-        root = Path(os.fspath(path))
-        error: BaseException | None = None
-        result = LoadResult(path=root)
+        store = store_for(path, self.storage_options)
+        root = store.normalize(os.fspath(path))
+        result = LoadResult(path=Path(os.fspath(path)) if not is_url(path) else os.fspath(path))
         to_load = []
-        try:
-            manifest = CheckpointManifest.load(root)
-            check_listed_files(root, manifest)
+        with agreement(f"reading checkpoint {os.fspath(path)}"):
+            manifest = read_manifest(store, root, display=os.fspath(path))
+            check_listed_files(store, root, manifest)
             plan = plan_load(manifest, self.components, topology, strict)
             to_load, result.skipped, result.manifest = plan.to_load, plan.skipped, manifest
-        except Exception as exc:  # made an error on every rank by agree() just below
-            error = exc
-        agree(error, f"reading checkpoint {root}")
-        identities = all_gather_object((os.path.abspath(root), result.manifest.created_at if result.manifest else ""))
+        identities = all_gather_object((root, result.manifest.created_at if result.manifest else ""))
         if len(set(identities)) > 1:
             listing = "; ".join(f"rank {r}: {p} (saved {c})" for r, (p, c) in enumerate(identities))
             raise CheckpointError(
@@ -330,18 +316,34 @@ class CheckpointCoordinator:
                 "(choose it on rank 0 and broadcast it, or pass the same path everywhere)"
             )
         for key, reason in result.skipped.items():
-            log.warning("checkpoint %s: skipped component %r (%s)", root, key, reason)
-        error = None
-        try:
+            log.warning("checkpoint %s: skipped component %r (%s)", os.fspath(path), key, reason)
+        with agreement(f"loading checkpoint {os.fspath(path)}"):
             for component, saved in to_load:
+                placement = placement_for_reader(self._placements(component, topology), rank)
                 _with_context(component.key, "loading",
-                              lambda c=component, s=saved: load_component(
-                                  root, c, s, placement_for_reader(self._placements(c, topology), rank), mode))
+                              lambda c=component, s=saved, p=placement: load_component(store, root, c, s, p, mode))
                 result.loaded.append(component.key)
-        except Exception as exc:  # made an error on every rank by agree() just below
-            error = exc
-        agree(error, f"loading checkpoint {root}")
         return result
+
+
+class _Attempt:
+    """Run ``work`` now; keep its exception, to raise inside a later agreement step."""
+
+    def __init__(self, work: Callable[[], Any]) -> None:
+        self.error: Exception | None = None
+        try:
+            work()
+        except Exception as exc:  # re-raised by reraise() inside an agreement step
+            self.error = exc
+
+    def reraise(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+
+def _display(target: str) -> Any:
+    return Path(target) if not is_url(target) else target
+
 
 def _with_context(key: str, action: str, fn: Any) -> Any:
     """Run ``fn``; re-raise any failure as a ``CheckpointError`` (of the same kind) that names the component."""
@@ -355,23 +357,3 @@ def _with_context(key: str, action: str, fn: Any) -> Any:
         raise type(exc)(f"component {key!r}: {action} failed: {exc}") from exc
     except Exception as exc:
         raise CheckpointError(f"component {key!r}: {action} failed: {type(exc).__name__}: {exc}") from exc
-
-
-def _may_run_in_background() -> bool:
-    # Inside local_only() (a rank-local save on one rank), a background thread would run real
-    # collectives that the other ranks never join: such saves stay synchronous.
-    return active() or not (dist.is_available() and dist.is_initialized())
-
-
-def _refuse_url(path: Any) -> None:
-    if "://" in os.fspath(path):
-        raise ComponentDeclarationError(
-            f"{os.fspath(path)!r} is a URL; lightning_sharing writes directories on a filesystem every rank "
-            "can see (local or a mounted shared filesystem), so pass a filesystem path"
-        )
-
-
-def _check_verify(mode: str) -> str:
-    if mode not in _VERIFY_MODES:
-        raise ComponentDeclarationError(f"verify={mode!r} must be one of {_VERIFY_MODES}")
-    return mode

@@ -10,8 +10,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lightning_sharing.core.declarations import SharingPattern, StateComponent
-from lightning_sharing.core.rules import rank_specific
+from lightning_sharing.core.declarations import StateComponent
+from lightning_sharing.core.rules import rule, stem_regex
 from lightning_sharing.core.topology import Topology
 from lightning_sharing.errors import (
     ComponentDeclarationError,
@@ -19,7 +19,7 @@ from lightning_sharing.errors import (
     TopologyMismatchError,
 )
 from lightning_sharing.format.manifest import CheckpointManifest, ComponentManifest
-from lightning_sharing.storage.local import list_checkpoint_files
+from lightning_sharing.storage.base import CheckpointStore
 
 __all__ = ["LoadPlan", "LoadResult", "check_listed_files", "plan_load"]
 
@@ -40,23 +40,6 @@ class LoadPlan:
 
     to_load: list[tuple[StateComponent, ComponentManifest]] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
-
-
-def _topology_problem(component: StateComponent, saved: Topology, current: Topology) -> str | None:
-    pattern = component.sharing_pattern
-    if pattern is SharingPattern.PER_RANK and saved.world_size != current.world_size:
-        return f"it was saved at world_size={saved.world_size}; this run has world_size={current.world_size}"
-    if pattern is SharingPattern.PER_NODE and saved.nodes != current.nodes:
-        return (f"it was saved with nodes {[list(n) for n in saved.nodes]}; this run has "
-                f"{[list(n) for n in current.nodes]}")
-    if pattern is SharingPattern.PER_GROUP:
-        name = component.process_group_name or ""
-        before, now = saved.groups.get(name), current.groups.get(name)
-        if before != now:
-            shown = [list(i) for i in before] if before is not None else "absent"
-            return (f"group {name!r} was saved as {shown}; this run has "
-                    f"{[list(i) for i in now or ()]}")
-    return None
 
 
 def plan_load(manifest: CheckpointManifest, components: list[StateComponent], current: Topology,
@@ -100,8 +83,9 @@ def plan_load(manifest: CheckpointManifest, components: list[StateComponent], cu
                 )
             plan.skipped[component.key] = problem
             continue
-        if rank_specific(component.sharing_pattern):
-            problem = _topology_problem(component, saved_topology, current)
+        check = rule(component.sharing_pattern).topology_change
+        if check is not None:
+            problem = check(saved_topology, current, component.process_group_name)
             if problem is not None:
                 if strict:
                     raise TopologyMismatchError(
@@ -118,13 +102,10 @@ def plan_load(manifest: CheckpointManifest, components: list[StateComponent], cu
 
 
 def _allowed_file_re(key: str) -> re.Pattern[str]:
-    return re.compile(
-        re.escape(key)
-        + r"(/[A-Za-z0-9_\-]+-\d{5})?(\.json|\.safetensors\.index\.json|-\d{5}-of-\d{5}\.safetensors)"
-    )
+    return re.compile(stem_regex(key) + r"(\.json|\.safetensors\.index\.json|-\d{5}-of-\d{5}\.safetensors)")
 
 
-def check_listed_files(root: Path, manifest: CheckpointManifest) -> None:
+def check_listed_files(store: CheckpointStore, root: str, manifest: CheckpointManifest) -> None:
     """Refuse files the format never writes, and files on disk that the manifest does not list."""
     for key, component in manifest.components.items():
         allowed = _allowed_file_re(key)
@@ -136,7 +117,7 @@ def check_listed_files(root: Path, manifest: CheckpointManifest) -> None:
                     "executable content such as a pickle"
                 )
     listed = {f.path for f in manifest.all_files()}
-    unlisted = [p for p in list_checkpoint_files(root) if p not in listed]
+    unlisted = [p for p in store.list_files(root) if p not in listed]
     if unlisted:
         raise CorruptCheckpointError(
             f"{root} holds files the manifest does not list: {unlisted[:10]}; a checkpoint must hold "

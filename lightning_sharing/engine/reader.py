@@ -1,70 +1,89 @@
-"""Reading one component's copy back from a checkpoint directory, verifying every file it touches.
+"""Reading one component's copy back from a checkpoint, verifying every file it touches.
 
 Only files the manifest lists for the component are opened; each is checked against its manifest
-entry (a regular file inside the checkpoint, the recorded size, and, with ``verify="checksum"``, the
-recorded checksum). Safetensors shards are hashed while they are read, in one pass, and a module's or
-optimizer's tensors are read straight into the live tensors.
+entry (a regular file inside the checkpoint, the recorded size, and, with ``VerifyMode.CHECKSUM``,
+the recorded checksum). Every file is read once: safetensors shards are hashed while they are read,
+JSON files are hashed in memory, and a module's or optimizer's tensors are read straight into the
+live tensors.
 
 Example:
-    >>> load_component(Path("ckpt/step=10.ckpt"), component, manifest.components["model"], placement,
-    ...                mode="checksum")                                            # doctest: +SKIP
+    >>> load_component(store, root, component, manifest.components["model"], placement,
+    ...                VerifyMode.CHECKSUM)                                            # doctest: +SKIP
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from lightning_sharing.core.declarations import StateComponent
+from lightning_sharing.core.options import VerifyMode
 from lightning_sharing.core.rules import Placement
 from lightning_sharing.errors import CorruptCheckpointError
 from lightning_sharing.format.codec import encode_state
 from lightning_sharing.format.layout import index_name, read_payload, tree_name
 from lightning_sharing.format.manifest import ComponentManifest, FileEntry
-from lightning_sharing.format.safetensors_io import read_tensor_file
-from lightning_sharing.storage.local import check_algorithm, verify_file
+from lightning_sharing.format.safetensors_io import bytes_checksum, read_tensors
+from lightning_sharing.storage.base import CheckpointStore
+from lightning_sharing.storage.verify import check_algorithm, checksum_mismatch, verify_entry
 
 __all__ = ["load_component"]
 
 
-def load_component(root: Path, component: StateComponent, saved: ComponentManifest, placement: Placement,
-                   mode: str) -> None:
-    """Read the copy ``placement`` of ``component`` under ``root`` and hand it to ``load_state_dict``."""
-    key = component.key
-    entries = {entry.path: entry for entry in saved.files}
+class _ComponentFiles:
+    """The listed files of one component, each read once and verified."""
 
-    def listed(rel: str) -> FileEntry:
-        if rel not in entries:
-            raise CorruptCheckpointError(f"component {key!r} needs {rel}, which the manifest does not list")
-        return entries[rel]
+    def __init__(self, store: CheckpointStore, root: str, component: StateComponent, saved: ComponentManifest,
+                 mode: VerifyMode) -> None:
+        self.store, self.root, self.key, self.mode = store, root, component.key, mode
+        self.entries = {entry.path: entry for entry in saved.files}
+        self.live = _live_tensors(component)
 
-    def open_file(rel: str) -> Path:
-        return verify_file(root, listed(rel), mode, key)
+    def listed(self, rel: str) -> FileEntry:
+        if rel not in self.entries:
+            raise CorruptCheckpointError(f"component {self.key!r} needs {rel}, which the manifest does not list")
+        return self.entries[rel]
 
-    live = _live_tensors(component)
+    def _where(self, entry: FileEntry) -> str:
+        return f"component {self.key!r}, file {entry.path} (written by rank {entry.rank})"
 
-    def read_tensors(rel: str) -> dict[str, torch.Tensor]:
-        entry = listed(rel)
-        if mode == "checksum":  # the checksum is verified while the file is read: check the size here
-            check_algorithm(entry, key)
-        path = verify_file(root, entry, "size" if mode == "checksum" else mode, key)
+    def _open(self, rel: str) -> tuple[FileEntry, str]:
+        entry = self.listed(rel)
+        if self.mode is VerifyMode.CHECKSUM:  # the checksum is verified while the file is read
+            check_algorithm(entry, self.key)
+        return entry, verify_entry(self.store, self.root, entry, VerifyMode.SIZE, self.key)
+
+    def read_file(self, rel: str) -> bytes:
+        entry, location = self._open(rel)
+        data = self.store.read_bytes(location)
+        if self.mode is VerifyMode.CHECKSUM and bytes_checksum(data) != entry.checksum:
+            raise checksum_mismatch(self._where(entry), bytes_checksum(data), entry.checksum)
+        return data
+
+    def read_tensors(self, rel: str) -> dict[str, torch.Tensor]:
+        entry, location = self._open(rel)
+        checksum = entry.checksum if self.mode is VerifyMode.CHECKSUM else None
         try:
-            return read_tensor_file(path, entry.checksum if mode == "checksum" else None, into=live)
+            with self.store.open_read(location) as handle:
+                return read_tensors(handle, entry.size, rel.rsplit("/", 1)[-1], checksum, into=self.live)
         except CorruptCheckpointError as exc:
-            raise CorruptCheckpointError(
-                f"component {key!r}, file {rel} (written by rank {entry.rank}): {exc}") from exc
+            raise CorruptCheckpointError(f"{self._where(entry)}: {exc}") from exc
 
-    available = set(entries)
+
+def load_component(store: CheckpointStore, root: str, component: StateComponent, saved: ComponentManifest,
+                   placement: Placement, mode: VerifyMode) -> None:
+    """Read the copy ``placement`` of ``component`` under ``root`` and hand it to ``load_state_dict``."""
+    files = _ComponentFiles(store, root, component, saved, mode)
+    available = set(files.entries)
     if not any(p.startswith(placement.stem) for p in available):
-        raise CorruptCheckpointError(f"component {key!r}: the checkpoint has no copy {placement.stem}")
+        raise CorruptCheckpointError(f"component {component.key!r}: the checkpoint has no copy {placement.stem}")
     flat = tree_name(placement.stem) not in available
-    merged = index_name(key)
+    merged = index_name(component.key)
     if merged in available and merged != index_name(placement.stem):
         # The merged index of per-rank copies (for Hugging Face readers) is not read here, but a damaged
         # one is still a damaged checkpoint: refuse it like any other file.
-        open_file(merged)
-    component.stateful.load_state_dict(read_payload(placement.stem, available, open_file, read_tensors, flat))
+        files.read_file(merged)
+    state = read_payload(placement.stem, available, files.read_file, files.read_tensors, flat)
+    component.stateful.load_state_dict(state)
 
 
 def _live_tensors(component: StateComponent) -> dict[str, torch.Tensor]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 import posixpath
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,8 +24,8 @@ import xxhash
 from lightning_sharing.format.codec import EncodedState
 from lightning_sharing.format.layout import TREE_FORMAT, index_name, json_bytes, tree_name
 from lightning_sharing.format.manifest import FileEntry
-from lightning_sharing.format.safetensors_io import bytes_checksum, nbytes, write_tensor_file
-from lightning_sharing.storage.local import write_bytes_durable
+from lightning_sharing.format.safetensors_io import nbytes, write_blob, write_tensors
+from lightning_sharing.storage.base import CheckpointStore
 
 __all__ = ["MIN_SPREAD_SHARD_SIZE", "CopyPlan", "FileJob", "plan_copy", "write_copy"]
 
@@ -113,20 +112,17 @@ def plan_copy(stem: str, encoded: EncodedState, spread: tuple[int, ...], lead: i
     return plan
 
 
-def write_copy(root: Path, plan: CopyPlan, rank: int) -> list[FileEntry]:
-    """Write this rank's files of one copy under ``root`` (each fsynced); returns their manifest entries.
+def write_copy(store: CheckpointStore, root: str, plan: CopyPlan, rank: int) -> list[FileEntry]:
+    """Write this rank's files of one copy under ``root`` (each durable); returns their manifest entries.
 
     Checksums are computed from the bytes as they are written; no file is read back.
     """
     entries: list[FileEntry] = []
     for job in plan.jobs:
-        path = root / job.rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if job.tensors is not None:
-            size, checksum = write_tensor_file(path, job.tensors)
-        else:
-            data = job.data or b""
-            write_bytes_durable(path, data)
-            size, checksum = len(data), bytes_checksum(data)
+        with store.open_write(store.join(root, job.rel)) as sink:
+            if job.tensors is not None:
+                size, checksum = write_tensors(sink, job.tensors)
+            else:
+                size, checksum = write_blob(sink, job.data or b"")
         entries.append(FileEntry(job.rel, size, checksum, rank))
     return entries

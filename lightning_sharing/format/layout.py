@@ -21,7 +21,6 @@ import json
 import posixpath
 import re
 from collections.abc import Callable, Iterable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,7 +33,8 @@ __all__ = [
     "index_name",
     "json_bytes",
     "merged_index",
-    "read_index",
+    "parse_index",
+    "parse_json",
     "read_payload",
     "tree_name",
 ]
@@ -83,37 +83,38 @@ def merged_index(indexes: Iterable[tuple[str, dict[str, Any]]]) -> dict[str, Any
     return {"metadata": metadata, "weight_map": weight_map}
 
 
-def _read_json(path: Path, what: str) -> Any:
-    if path.stat().st_size > _MAX_JSON_BYTES:
-        raise CorruptCheckpointError(f"{what} {path} is larger than {_MAX_JSON_BYTES} bytes")
+def parse_json(raw: bytes, what: str, name: str) -> Any:
+    """Parse a JSON file's bytes; ``what`` and ``name`` describe it in errors."""
+    if len(raw) > _MAX_JSON_BYTES:
+        raise CorruptCheckpointError(f"{what} {name} is larger than {_MAX_JSON_BYTES} bytes")
     try:
-        return json.loads(path.read_bytes().decode("utf-8"))
+        return json.loads(raw.decode("utf-8"))
     except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, or an integer too long to convert
-        raise CorruptCheckpointError(f"{what} {path} is not valid JSON: {exc}") from exc
+        raise CorruptCheckpointError(f"{what} {name} is not valid JSON: {exc}") from exc
 
 
-def read_index(path: Path) -> dict[str, Any]:
-    """Read and shape-check a safetensors index file."""
-    index = _read_json(path, "safetensors index")
+def parse_index(raw: bytes, name: str) -> dict[str, Any]:
+    """Parse and shape-check a safetensors index file's bytes."""
+    index = parse_json(raw, "safetensors index", name)
     if not (isinstance(index, dict) and isinstance(index.get("weight_map"), dict)
             and isinstance(index.get("metadata", {}), dict)):
-        raise CorruptCheckpointError(f"safetensors index {path} has no weight_map object")
+        raise CorruptCheckpointError(f"safetensors index {name} has no weight_map object")
     index.setdefault("metadata", {})
     return index
 
 
-def read_payload(stem: str, available: set[str], open_file: Callable[[str], Path],
+def read_payload(stem: str, available: set[str], read_file: Callable[[str], bytes],
                  read_tensors: Callable[[str], dict[str, torch.Tensor]], flat: bool) -> Any:
     """Read one copy back into a state dict.
 
-    ``available`` holds the component's files as listed in the manifest; ``open_file(rel)`` returns
-    the verified path of a listed file and ``read_tensors(rel)`` the verified tensors of a listed
-    shard (both refuse anything else).
+    ``available`` holds the component's files as listed in the manifest; ``read_file(rel)`` returns
+    the verified bytes of a listed JSON file and ``read_tensors(rel)`` the verified tensors of a
+    listed shard (both refuse anything else).
     """
     tensors: dict[str, torch.Tensor] = {}
     ties: dict[str, str] = {}
     if index_name(stem) in available:
-        index = read_index(open_file(index_name(stem)))
+        index = parse_index(read_file(index_name(stem)), index_name(stem))
         shard_re = _shard_re(stem)
         folder = posixpath.dirname(stem)
         for file in sorted(set(index["weight_map"].values())):
@@ -132,7 +133,7 @@ def read_payload(stem: str, available: set[str], open_file: Callable[[str], Path
         if not tensors:
             raise CorruptCheckpointError(f"copy {stem} is stored as tensors but has no safetensors index")
         return decode_state(None, tensors, ties, flat=True)
-    body = _read_json(open_file(tree_name(stem)), "state structure")
+    body = parse_json(read_file(tree_name(stem)), "state structure", tree_name(stem))
     if not (isinstance(body, dict) and body.get("format") == TREE_FORMAT and body.get("version") == 1):
         raise CorruptCheckpointError(f"{tree_name(stem)} is not a lightning_sharing state structure (version 1)")
     tree_ties = body.get("ties") or {}

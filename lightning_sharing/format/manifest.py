@@ -17,7 +17,6 @@ import os
 import posixpath
 import re
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 from lightning_sharing.core.declarations import SharingPattern
@@ -219,35 +218,31 @@ class CheckpointManifest:
         return manifest
 
     @classmethod
-    def load(cls, checkpoint_dir: str | os.PathLike[str]) -> CheckpointManifest:
-        """Read and validate ``checkpoint_dir/checkpoint_manifest.json``."""
-        path = Path(checkpoint_dir) / MANIFEST_NAME
-        if not Path(checkpoint_dir).is_dir():
-            raise ManifestError(f"{checkpoint_dir} is not a checkpoint directory (it does not exist "
-                                "or is not a directory)")
-        if path.is_symlink():
-            raise ManifestError(
-                f"{path} is a symbolic link; a checkpoint's manifest must be a regular file inside it "
-                "(refusing a checkpoint that may have been tampered with)"
-            )
-        if not path.is_file():
-            raise ManifestError(
-                f"{path} is missing: {checkpoint_dir} is not a complete lightning_sharing checkpoint "
-                "(the save may have been interrupted); use find_latest_checkpoint() to pick a complete one"
-            )
-        size = path.stat().st_size
-        if size > MAX_MANIFEST_BYTES:
-            raise ManifestError(f"{path} is {size} bytes, over the {MAX_MANIFEST_BYTES}-byte limit for a manifest")
+    def parse(cls, raw: bytes, where: str) -> CheckpointManifest:
+        """Parse and validate a manifest's bytes; ``where`` names the file in errors."""
+        if len(raw) > MAX_MANIFEST_BYTES:
+            raise ManifestError(f"{where} is {len(raw)} bytes, over the {MAX_MANIFEST_BYTES}-byte limit for a manifest")
         try:
-            data = json.loads(path.read_bytes().decode("utf-8"))
+            data = json.loads(raw.decode("utf-8"))
         except ValueError as exc:  # bad UTF-8, bad JSON, or an integer too long to convert
-            raise ManifestError(f"{path} is not valid JSON ({exc}); the checkpoint is corrupt") from exc
+            raise ManifestError(f"{where} is not valid JSON ({exc}); the checkpoint is corrupt") from exc
         except RecursionError as exc:
-            raise ManifestError(f"{path} is nested too deeply to be a manifest") from exc
+            raise ManifestError(f"{where} is nested too deeply to be a manifest") from exc
         try:
             return cls.from_json(data)
         except ManifestError as exc:  # name the file: "invalid manifest: ..." alone does not say which
-            raise ManifestError(f"{path}: {exc}") from exc
+            raise ManifestError(f"{where}: {exc}") from exc
+
+    @classmethod
+    def load(cls, checkpoint_dir: str | os.PathLike[str], storage_options: dict[str, Any] | None = None,
+             ) -> CheckpointManifest:
+        """Read and validate ``checkpoint_dir/checkpoint_manifest.json`` (a local path or an fsspec URL)."""
+        # The storage layer sits above this module; it is imported here, at call time, so that the
+        # manifest stays a plain data module while ``CheckpointManifest.load`` remains a one-liner.
+        from lightning_sharing.storage import read_manifest, store_for
+
+        store = store_for(checkpoint_dir, storage_options)
+        return read_manifest(store, store.normalize(os.fspath(checkpoint_dir)), display=os.fspath(checkpoint_dir))
 
 
 def _expect(condition: bool, message: str) -> None:

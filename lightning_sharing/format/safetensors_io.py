@@ -22,7 +22,7 @@ import struct
 import threading
 from collections.abc import Mapping
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 import torch
 import xxhash
@@ -30,7 +30,21 @@ import xxhash
 from lightning_sharing._faults import fault_point
 from lightning_sharing.errors import CheckpointError, CorruptCheckpointError
 
-__all__ = ["CHECKSUM_ALGORITHM", "bytes_checksum", "file_checksum", "nbytes", "read_tensor_file", "write_tensor_file"]
+__all__ = [
+    "CHECKSUM_ALGORITHM",
+    "ByteSink",
+    "DescriptorSink",
+    "bytes_checksum",
+    "check_checksum",
+    "file_checksum",
+    "nbytes",
+    "read_tensor_file",
+    "read_tensors",
+    "stream_checksum",
+    "write_blob",
+    "write_tensor_file",
+    "write_tensors",
+]
 
 CHECKSUM_ALGORITHM = "xxh3_128"
 _CHUNK = 16 * 1024 * 1024
@@ -51,13 +65,18 @@ def nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
-def file_checksum(path: str | os.PathLike[str]) -> str:
-    """``"xxh3_128:<hex>"`` of a file's bytes, read in chunks."""
+def stream_checksum(handle: BinaryIO) -> str:
+    """``"xxh3_128:<hex>"`` of the rest of a binary stream, read in chunks."""
     digest = xxhash.xxh3_128()
-    with open(path, "rb", buffering=0) as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
+    while chunk := handle.read(_CHUNK):
+        digest.update(chunk)
     return f"{CHECKSUM_ALGORITHM}:{digest.hexdigest()}"
+
+
+def file_checksum(path: str | os.PathLike[str]) -> str:
+    """``"xxh3_128:<hex>"`` of a local file's bytes."""
+    with open(path, "rb", buffering=0) as handle:
+        return stream_checksum(handle)
 
 
 def bytes_checksum(data: bytes) -> str:
@@ -134,34 +153,64 @@ class _OverlappedDigest:
         self.close()
 
 
-def _write_all(fd: int, view: memoryview, digest: _OverlappedDigest) -> None:
+class ByteSink(Protocol):
+    """Where a file's bytes go (a store's writer): ``write`` takes every byte it is given."""
+
+    def write(self, data: memoryview | bytes) -> None: ...
+
+
+def _write_all(sink: ByteSink, view: memoryview, digest: _OverlappedDigest) -> int:
     for start in range(0, len(view), _CHUNK):
         chunk = view[start:start + _CHUNK]
-        done = 0
-        while done < len(chunk):
-            done += os.write(fd, chunk[done:])
+        sink.write(chunk)
         digest.update(chunk)
+    return len(view)
 
 
-def write_tensor_file(path: Path, tensors: Mapping[str, torch.Tensor],
-                      metadata: Mapping[str, str] | None = None) -> tuple[int, str]:
-    """Write ``tensors`` as a safetensors file and fsync it; returns ``(size, checksum)``.
+def write_tensors(sink: ByteSink, tensors: Mapping[str, torch.Tensor],
+                  metadata: Mapping[str, str] | None = None) -> tuple[int, str]:
+    """Stream ``tensors`` into ``sink`` as one safetensors file; returns ``(size, checksum)``.
 
     Tensors are laid out largest element size first, so every tensor is aligned in the file.
     """
     order = sorted(tensors, key=lambda name: (-tensors[name].element_size(), name))
     header = _header(tensors, order, metadata or {"format": "pt"})
+    with _OverlappedDigest(sum(nbytes(t) for t in tensors.values())) as digest:
+        size = _write_all(sink, memoryview(header), digest)
+        fault_point("save:write")
+        for name in order:
+            if tensors[name].numel():
+                size += _write_all(sink, _byte_view(tensors[name]), digest)
+        return size, digest.checksum()
+
+
+def write_blob(sink: ByteSink, data: bytes) -> tuple[int, str]:
+    """Write ``data`` (a JSON file) into ``sink``; returns ``(size, checksum)``."""
+    sink.write(data)
+    fault_point("save:write")
+    return len(data), bytes_checksum(data)
+
+
+class DescriptorSink:
+    """A ``ByteSink`` writing to an OS file descriptor (no Python-level buffering: the chunks are large)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def write(self, data: memoryview | bytes) -> None:
+        view = memoryview(data).cast("B")
+        done = 0
+        while done < len(view):
+            done += os.write(self.fd, view[done:])
+
+
+def write_tensor_file(path: Path, tensors: Mapping[str, torch.Tensor],
+                      metadata: Mapping[str, str] | None = None) -> tuple[int, str]:
+    """Write ``tensors`` as a safetensors file at a local ``path`` and fsync it; returns ``(size, checksum)``."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        with _OverlappedDigest(sum(nbytes(t) for t in tensors.values())) as digest:
-            _write_all(fd, memoryview(header), digest)
-            fault_point("save:write")
-            for name in order:
-                if tensors[name].numel():
-                    _write_all(fd, _byte_view(tensors[name]), digest)
-            checksum = digest.checksum()
+        size, checksum = write_tensors(DescriptorSink(fd), tensors, metadata)
         os.fsync(fd)
-        size = os.fstat(fd).st_size
     finally:
         os.close(fd)
     return size, checksum
@@ -187,12 +236,12 @@ def _entry_layout(name: str, entry: object, data_size: int) -> tuple[torch.dtype
     return dtype, shape, offsets[0], offsets[1]
 
 
-def _read_into(handle: BinaryIO, view: memoryview, digest: _OverlappedDigest, path: Path) -> None:
+def _read_into(handle: BinaryIO, view: memoryview, digest: _OverlappedDigest, name: str) -> None:
     done = 0
     while done < len(view):
         got = handle.readinto(view[done:done + _CHUNK])
         if not got:
-            raise CorruptCheckpointError(f"{path.name} ended early while being read (truncated?)")
+            raise CorruptCheckpointError(f"{name} ended early while being read (truncated?)")
         digest.update(view[done:done + got])
         done += got
 
@@ -213,41 +262,49 @@ def _parse_header(raw: bytes, data_size: int) -> list[tuple[str, torch.dtype, li
     return [(name, dtype, shape, begin, end) for dtype, shape, begin, end, name in layout]
 
 
-def read_tensor_file(path: Path, checksum: str | None = None,
-                     into: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """Read a safetensors file in one pass into freshly allocated tensors, verifying ``checksum``.
+def read_tensors(handle: BinaryIO, size: int, name: str, checksum: str | None = None,
+                 into: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Read a safetensors file of ``size`` bytes from ``handle`` (at its start) in one pass, verifying ``checksum``.
 
     Each tensor is read straight into its own memory while the file is hashed; nothing is returned
     unless the whole file matches ``checksum`` (when given). ``into`` may map names to existing
     contiguous CPU tensors of the same shape and dtype (the live parameters): those are read into
     in place, which saves an allocation and a copy; if the file then proves corrupt, they hold part
-    of it. Raises ``CorruptCheckpointError`` naming the file for a wrong checksum or a malformed file.
+    of it. Raises ``CorruptCheckpointError`` naming the file (``name``) for a wrong checksum or a
+    malformed file.
     """
     tensors: dict[str, torch.Tensor] = {}
-    with open(path, "rb", buffering=0) as handle, \
-            _OverlappedDigest(os.fstat(handle.fileno()).st_size) as digest:
-        size = os.fstat(handle.fileno()).st_size
+    with _OverlappedDigest(size) as digest:
         try:
             prefix = bytearray(8)
-            _read_into(handle, memoryview(prefix), digest, path)
+            _read_into(handle, memoryview(prefix), digest, name)
             (length,) = struct.unpack("<Q", prefix)
             if length > min(_MAX_HEADER, size - 8):
                 raise ValueError(f"header length {length} exceeds the file or {_MAX_HEADER} bytes")
             raw = bytearray(length)
-            _read_into(handle, memoryview(raw), digest, path)
+            _read_into(handle, memoryview(raw), digest, name)
             layout = _parse_header(bytes(raw), size - 8 - length)
         except (ValueError, UnicodeDecodeError, RecursionError, CorruptCheckpointError) as exc:
-            _raise_checksum_mismatch(path, checksum)
-            raise CorruptCheckpointError(f"safetensors file {path.name} cannot be read: {exc}") from exc
-        for name, dtype, shape, _, _ in layout:
-            tensor = _destination(into, name, dtype, shape)
+            if checksum is not None:  # for an unreadable file a checksum mismatch is the more useful message
+                handle.seek(0)
+                check_checksum(name, stream_checksum(handle), checksum)
+            raise CorruptCheckpointError(f"safetensors file {name} cannot be read: {exc}") from exc
+        for tensor_name, dtype, shape, _, _ in layout:
+            tensor = _destination(into, tensor_name, dtype, shape)
             if tensor.numel():
-                _read_into(handle, memoryview(tensor.reshape(-1).view(torch.uint8).numpy()), digest, path)
-            tensors[name] = tensor
+                _read_into(handle, memoryview(tensor.reshape(-1).view(torch.uint8).numpy()), digest, name)
+            tensors[tensor_name] = tensor
         actual = digest.checksum()
     if checksum is not None:
-        _check_checksum(path, actual, checksum)
+        check_checksum(name, actual, checksum)
     return tensors
+
+
+def read_tensor_file(path: Path, checksum: str | None = None,
+                     into: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """``read_tensors`` of a local file."""
+    with open(path, "rb", buffering=0) as handle:
+        return read_tensors(handle, os.fstat(handle.fileno()).st_size, Path(path).name, checksum, into)
 
 
 def _destination(into: Mapping[str, torch.Tensor] | None, name: str, dtype: torch.dtype,
@@ -259,15 +316,10 @@ def _destination(into: Mapping[str, torch.Tensor] | None, name: str, dtype: torc
     return torch.empty(shape, dtype=dtype)
 
 
-def _raise_checksum_mismatch(path: Path, checksum: str | None) -> None:
-    """For an unreadable file, report a checksum mismatch (the more useful message) if there is one."""
-    if checksum is not None:
-        _check_checksum(path, file_checksum(path), checksum)
-
-
-def _check_checksum(path: Path, actual: str, expected: str) -> None:
+def check_checksum(name: str, actual: str, expected: str) -> None:
+    """Raise ``CorruptCheckpointError`` naming file ``name`` when ``actual`` differs from ``expected``."""
     if actual != expected:
         raise CorruptCheckpointError(
-            f"{path.name} has checksum {actual} but the manifest records {expected}: the file is corrupt "
+            f"{name} has checksum {actual} but the manifest records {expected}: the file is corrupt "
             "(altered after the save)"
         )

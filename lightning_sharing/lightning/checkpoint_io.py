@@ -35,7 +35,7 @@ from lightning_sharing.lightning.layout import (
     split_checkpoint,
 )
 from lightning_sharing.statefuls.rng import RNGState
-from lightning_sharing.storage.local import remove_checkpoint
+from lightning_sharing.storage import remove_checkpoint
 
 __all__ = ["SharingCheckpointIO"]
 

@@ -58,16 +58,14 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-import torch
-import torch.distributed as dist
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnector
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from lightning_sharing.distributed.collectives import broadcast_object
-from lightning_sharing.storage.local import remove_checkpoint
+from lightning_sharing.distributed.collectives import agreement, any_rank, broadcast_object, on_rank_zero
+from lightning_sharing.storage import remove_checkpoint
 
 __all__ = ["PREEMPTED_NAME", "PreemptionHandler", "hpc_checkpoint_path", "requeue_slurm_job"]
 
@@ -181,7 +179,7 @@ class PreemptionHandler:
         if self.stop_next:  # agreed one step ago, at the end of an epoch
             sigterm, requeue = True, False
         else:
-            sigterm, requeue = _agree_flags(trainer, self.sigterm_received,
+            sigterm, requeue = _agree_flags(self.sigterm_received,
                                             self.requeue_received and not self.requeued)
         if requeue:
             # Once per fit: the signal reaches the ranks at different moments, and a rank that notes it only
@@ -257,7 +255,7 @@ class PreemptionHandler:
         Returns ``(path, last, link)``: ``last`` is the ModelCheckpoint's ``last`` checkpoint when the
         final checkpoint takes its role (``path`` itself, or a symlink to ``path`` when ``link``).
         """
-        path, last, link = broadcast_object(self._final_path(trainer) if trainer.is_global_zero else None)
+        path, last, link = on_rank_zero("choosing the preemption checkpoint's path", lambda: self._final_path(trainer))
         return path, last, link
 
     def _final_path(self, trainer: Any) -> tuple[str, str | None, bool]:
@@ -292,9 +290,9 @@ class PreemptionHandler:
         if callable(wait):  # with async_save: committed before anything links to it, or the process exits
             wait()
         if link is not None:
-            if trainer.is_global_zero:
-                _point_link(Path(link), Path(path))
-            trainer.strategy.barrier("preemption-link")
+            with agreement(f"pointing {link} at {path}"):
+                if trainer.is_global_zero:
+                    _point_link(Path(link), Path(path))
         self.saved_path = path
         if trainer.is_global_zero:
             log.warning("%s: saved checkpoint %s at step %d%s", reason, path, trainer.global_step,
@@ -324,14 +322,10 @@ class _PreemptionCallback(Callback):
             log.warning("SIGTERM arrived during the last step: training finished normally (no preemption checkpoint)")
 
 
-def _agree_flags(trainer: Any, sigterm: bool, requeue: bool) -> tuple[bool, bool]:
+def _agree_flags(sigterm: bool, requeue: bool) -> tuple[bool, bool]:
     """Collective: whether any rank received each signal (one all-reduce of two integers)."""
-    if not (dist.is_available() and dist.is_initialized()) or trainer.world_size <= 1:
-        return sigterm, requeue
-    flags = torch.tensor([int(sigterm), int(requeue)], dtype=torch.int32, device=trainer.strategy.root_device)
-    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    agreed = flags.tolist()
-    return bool(agreed[0]), bool(agreed[1])
+    agreed_sigterm, agreed_requeue = any_rank(sigterm, requeue, phase="agreeing on preemption signals")
+    return agreed_sigterm, agreed_requeue
 
 
 def _validates_after_this_step(trainer: Any) -> bool:

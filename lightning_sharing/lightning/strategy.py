@@ -26,7 +26,7 @@ from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from torch.utils.data import DistributedSampler
 
 from lightning_sharing.core.declarations import StateComponent, ValidationLevel, check_unique_keys
-from lightning_sharing.distributed.collectives import broadcast_object, get_rank
+from lightning_sharing.distributed.collectives import on_rank_zero
 from lightning_sharing.engine.coordinator import CheckpointCoordinator
 from lightning_sharing.errors import ComponentDeclarationError, CorruptCheckpointError, ManifestError
 from lightning_sharing.format.layout import DEFAULT_MAX_SHARD_SIZE
@@ -40,7 +40,7 @@ from lightning_sharing.lightning.layout import (
 )
 from lightning_sharing.lightning.preemption import PreemptionHandler
 from lightning_sharing.statefuls.rng import RNGState
-from lightning_sharing.storage.local import complete_checkpoints
+from lightning_sharing.storage import complete_checkpoints
 
 __all__ = ["SharingStrategy"]
 
@@ -219,7 +219,8 @@ class SharingStrategy(DDPStrategy):
     def _load_previous(self, failed: Any, error: BaseException, user: list[StateComponent], groups: Any,
                        overrides: dict[str, StateComponent]) -> tuple[dict[str, Any], Any]:
         """Resume from the newest other complete checkpoint beside ``failed`` (chosen on rank 0)."""
-        candidates = broadcast_object(_previous_checkpoints(Path(failed)) if get_rank() == 0 else None)
+        candidates = on_rank_zero(f"choosing a checkpoint to fall back to from {failed}",
+                                  lambda: _previous_checkpoints(Path(failed)))
         for candidate in candidates:
             log.error("FALLING BACK: %s could not be loaded (%s); resuming from %s instead", failed, error, candidate)
             try:

@@ -1,1 +1,39 @@
-"""storage layer (see docs/architecture.md)."""
+"""Storage backends: where checkpoints live and how a save commits there (see ``base.CheckpointStore``).
+
+``store_for(location)`` picks the backend: a local (or mounted) filesystem for plain paths and
+``file://`` URLs; other fsspec URLs need an object-store backend.
+
+Example:
+    >>> store = store_for("runs/checkpoints")
+    >>> type(store).__name__
+    'LocalStore'
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from lightning_sharing.storage.base import CheckpointStore
+from lightning_sharing.storage.discovery import complete_checkpoints, find_latest_checkpoint
+from lightning_sharing.storage.local import LocalStore
+from lightning_sharing.storage.select import is_url, store_for
+from lightning_sharing.storage.verify import read_manifest, verify_entry
+
+__all__ = [
+    "CheckpointStore",
+    "LocalStore",
+    "complete_checkpoints",
+    "find_latest_checkpoint",
+    "is_url",
+    "read_manifest",
+    "remove_checkpoint",
+    "store_for",
+    "verify_entry",
+]
+
+
+def remove_checkpoint(location: Any, storage_options: dict[str, Any] | None = None) -> None:
+    """Delete the checkpoint at ``location`` so that it is never seen half-deleted."""
+    store = store_for(location, storage_options)
+    store.remove_checkpoint(store.normalize(os.fspath(location)))

@@ -1,4 +1,4 @@
-"""Files on disk: durable writes, checksums, the staging directory and the atomic commit.
+"""The local (or shared, mounted) filesystem store: durable writes, a staging directory and an atomic rename.
 
 A checkpoint is built in a hidden staging directory beside its target and renamed into place
 once its manifest is written, so the target path only ever names a complete checkpoint.
@@ -7,7 +7,8 @@ Replacing an existing checkpoint swaps the two directories atomically where the 
 between the two renames is repaired by the next save.
 
 Example:
-    >>> latest = find_latest_checkpoint("runs/checkpoints")   # doctest: +SKIP
+    >>> store = LocalStore()
+    >>> root = store.begin_save("/tmp/ckpts/step=1.ckpt", "0" * 32)     # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -20,20 +21,20 @@ import re
 import shutil
 import sys
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 from lightning_sharing._faults import fault_point
-from lightning_sharing.errors import CheckpointError, CorruptCheckpointError, ManifestError
-from lightning_sharing.format.manifest import MANIFEST_NAME, CheckpointManifest, FileEntry
-from lightning_sharing.format.safetensors_io import CHECKSUM_ALGORITHM, file_checksum
+from lightning_sharing.errors import CheckpointError
+from lightning_sharing.format.manifest import MANIFEST_NAME
+from lightning_sharing.format.safetensors_io import DescriptorSink
+from lightning_sharing.storage.base import CheckpointStore
 
 __all__ = [
-    "CHECKSUM_ALGORITHM",
-    "check_algorithm",
+    "LocalStore",
     "commit_directory",
-    "complete_checkpoints",
-    "file_checksum",
-    "find_latest_checkpoint",
     "fsync_dir",
     "fsync_tree",
     "list_checkpoint_files",
@@ -41,8 +42,6 @@ __all__ = [
     "remove_stale_staging",
     "rmtree_missing_ok",
     "staging_path",
-    "verify_file",
-    "write_bytes_durable",
 ]
 
 log = logging.getLogger(__name__)
@@ -76,18 +75,6 @@ def fsync_tree(root: Path) -> None:
     """fsync every directory below and including ``root`` (files are synced by their writers)."""
     for dirpath, _, _ in os.walk(root):
         fsync_dir(dirpath)
-
-
-def write_bytes_durable(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` and fsync it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as handle:
-        half = len(data) // 2
-        handle.write(data[:half])
-        fault_point("save:write")
-        handle.write(data[half:])
-        handle.flush()
-        os.fsync(handle.fileno())
 
 
 def rmtree_missing_ok(path: Path) -> None:
@@ -218,50 +205,6 @@ def remove_checkpoint(path: str | os.PathLike[str]) -> None:
     rmtree_missing_ok(doomed)
 
 
-def checkpoint_step(path: Path, manifest: CheckpointManifest | None = None) -> int:
-    """The training step of a checkpoint: the manifest's, else parsed from the name, else -1."""
-    if manifest is not None and manifest.step is not None:
-        return manifest.step
-    match = _STEP_RE.search(path.name) or _LAST_INT_RE.search(path.name)
-    return int(match.group(1)) if match else -1
-
-
-def complete_checkpoints(directory: str | os.PathLike[str]) -> list[tuple[Path, int]]:
-    """Every *complete* checkpoint directly under ``directory`` as ``(path, step)``, newest first.
-
-    A checkpoint is complete when its manifest exists and parses. Checkpoints are ordered by step,
-    then by the manifest's creation time. Hidden entries (staging leftovers) and symlinks are ignored.
-    """
-    root = Path(directory)
-    if not root.is_dir():
-        return []
-    found: list[tuple[tuple[int, str, str], Path]] = []
-    for entry in root.iterdir():
-        if entry.name.startswith(".") or entry.is_symlink() or not entry.is_dir():
-            continue
-        try:
-            manifest = CheckpointManifest.load(entry)
-        except ManifestError as exc:
-            log.debug("skipping %s: %s", entry, exc)
-            continue
-        found.append(((checkpoint_step(entry, manifest), manifest.created_at, entry.name), entry))
-    return [(path, key[0]) for key, path in sorted(found, key=lambda item: item[0], reverse=True)]
-
-
-def find_latest_checkpoint(directory: str | os.PathLike[str]) -> Path | None:
-    """The newest *complete* checkpoint directly under ``directory``, by step; None if there is none.
-
-    A checkpoint is complete when its manifest exists and parses. Ties on the step are broken by
-    the manifest's creation time. Hidden entries (staging leftovers) and symlinks are ignored.
-
-    Example:
-        >>> find_latest_checkpoint("checkpoints")          # doctest: +SKIP
-        PosixPath('checkpoints/step=1500.ckpt')
-    """
-    found = complete_checkpoints(directory)
-    return found[0][0] if found else None
-
-
 def list_checkpoint_files(root: Path) -> list[str]:
     """Every file and symlink below ``root`` as a relative POSIX path (the manifest excluded)."""
     found: list[str] = []
@@ -274,42 +217,93 @@ def list_checkpoint_files(root: Path) -> list[str]:
     return sorted(found)
 
 
-def check_algorithm(entry: FileEntry, component: str) -> None:
-    """Refuse a manifest entry whose checksum algorithm this version does not know."""
-    algorithm = entry.checksum.split(":", 1)[0]
-    if algorithm != CHECKSUM_ALGORITHM:
-        raise CorruptCheckpointError(
-            f"component {component!r}, file {entry.path} (written by rank {entry.rank}) uses checksum algorithm "
-            f"{algorithm!r}, which is unknown"
-        )
 
 
-def verify_file(root: Path, entry: FileEntry, mode: str, component: str) -> Path:
-    """Check a file against its manifest entry (``mode``: ``"checksum"``, ``"size"`` or ``"none"``)."""
-    fault_point("load:read")
-    path = root / entry.path
-    where = f"component {component!r}, file {entry.path} (written by rank {entry.rank})"
-    if path.is_symlink():
-        raise CorruptCheckpointError(f"{where} is a symbolic link; checkpoint files must be regular files")
-    real_root = os.path.realpath(root)
-    if not os.path.realpath(path).startswith(real_root + os.sep):
-        raise CorruptCheckpointError(f"{where} resolves outside the checkpoint directory")
-    if not path.is_file():
-        raise CorruptCheckpointError(f"{where} is missing from {root}")
-    if mode == "none":
-        return path
-    size = path.stat().st_size
-    if size != entry.size:
-        raise CorruptCheckpointError(
-            f"{where} has {size} bytes but the manifest records {entry.size}: the file is truncated or "
-            "was altered after the save"
-        )
-    if mode == "checksum":
-        check_algorithm(entry, component)
-        actual = file_checksum(path)
-        if actual != entry.checksum:
-            raise CorruptCheckpointError(
-                f"{where} has checksum {actual} but the manifest records {entry.checksum}: the file is "
-                "corrupt (altered after the save)"
+class LocalStore(CheckpointStore):
+    """Checkpoints as directories on a filesystem every rank can see (local, or a shared mount)."""
+
+    atomic_rename = True
+
+    def normalize(self, location: str) -> str:
+        text = os.fspath(location)
+        if text.startswith("file://"):
+            text = text[len("file://"):]
+        return os.path.abspath(text)
+
+    def open_read(self, location: str) -> BinaryIO:
+        return open(location, "rb", buffering=0)
+
+    def size(self, location: str) -> int | None:
+        path = Path(location)
+        return path.stat().st_size if path.is_file() else None
+
+    def is_dir(self, location: str) -> bool:
+        return Path(location).is_dir()
+
+    def list_files(self, root: str) -> list[str]:
+        return list_checkpoint_files(Path(root))
+
+    def list_checkpoint_candidates(self, directory: str) -> list[str]:
+        root = Path(directory)
+        if not root.is_dir():
+            return []
+        return [str(entry) for entry in sorted(root.iterdir())
+                if not entry.name.startswith(".") and not entry.is_symlink() and entry.is_dir()]
+
+    def check_inside(self, root: str, rel: str) -> str | None:
+        path = Path(root) / rel
+        if path.is_symlink():
+            return "is a symbolic link; checkpoint files must be regular files"
+        if not os.path.realpath(path).startswith(os.path.realpath(root) + os.sep):
+            return "resolves outside the checkpoint directory"
+        return None
+
+    @contextmanager
+    def open_write(self, location: str) -> Iterator[DescriptorSink]:
+        path = Path(location)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            yield DescriptorSink(fd)
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            fd = -1
+            path.unlink(missing_ok=True)
+            raise
+        finally:
+            if fd >= 0:
+                os.close(fd)
+
+    def begin_save(self, target: str, token: str) -> str:
+        staging = staging_path(Path(target), token)
+        staging.parent.mkdir(parents=True, exist_ok=True)
+        # Saves run one at a time (the background ones in order), so any other staging directory
+        # here is a leftover of an interrupted save.
+        remove_stale_staging(staging.parent)
+        staging.mkdir()
+        return str(staging)
+
+    def check_write_root(self, write_root: str, rank: int) -> None:
+        if not Path(write_root).is_dir():
+            raise CheckpointError(
+                f"rank {rank} cannot see the staging directory {write_root} that rank 0 created: the "
+                "checkpoint directory must be on a filesystem shared by all ranks"
             )
-    return path
+
+    def commit(self, write_root: str, target: str, token: str, manifest: bytes) -> None:
+        staging = Path(write_root)
+        fsync_tree(staging)
+        fault_point("commit:manifest")
+        with self.open_write(str(staging / MANIFEST_NAME)) as sink:
+            sink.write(manifest)
+        fault_point("commit:rename")
+        commit_directory(staging, Path(target), token)
+        fault_point("commit:renamed")
+
+    def abort(self, write_root: str, target: str) -> None:
+        if Path(write_root).exists():
+            shutil.rmtree(write_root, ignore_errors=True)
+
+    def remove_checkpoint(self, location: str) -> None:
+        remove_checkpoint(location)

@@ -30,13 +30,13 @@ def _components(rank: int, seed: int):
 def _hold_writes(write_plan) -> threading.Event:
     """Make the background writer wait until the returned event is set."""
     release = threading.Event()
-    original = write_plan.write_tensor_file
+    original = write_plan.write_tensors
 
-    def held(path, tensors, metadata=None):
+    def held(sink, tensors, metadata=None):
         assert release.wait(30), "the test never released the background writer"
-        return original(path, tensors, metadata)
+        return original(sink, tensors, metadata)
 
-    write_plan.write_tensor_file = held
+    write_plan.write_tensors = held
     return release
 
 

@@ -51,10 +51,10 @@ def _record_writes(monkeypatch_target, log: list[str]):
     """Wrap the coordinator's copy writer so each rank records the stems it wrote files of itself."""
     original = monkeypatch_target.write_copy
 
-    def recording(root, plan, rank):
+    def recording(store, root, plan, rank):
         if plan.jobs:
             log.append(plan.stem)
-        return original(root, plan, rank)
+        return original(store, root, plan, rank)
 
     monkeypatch_target.write_copy = recording
 

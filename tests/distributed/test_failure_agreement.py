@@ -38,16 +38,26 @@ def _mid_write_worker(rank: int, world_size: int, root: str):
         model.weight.add_(1.0)
     box.values += 5
     if rank == 1:
-        original = write_plan.write_tensor_file
+        original = write_plan.write_tensors
 
-        def half_then_fail(filename, tensors, metadata=None):
-            original(filename, tensors, metadata)
-            size = Path(filename).stat().st_size
-            with open(filename, "r+b") as handle:
-                handle.truncate(size // 2)
-            raise OSError(28, "No space left on device (injected)")
+        class HalfFull:
+            """A disk that fills up halfway through the file."""
 
-        write_plan.write_tensor_file = half_then_fail
+            def __init__(self, sink, limit):
+                self.sink, self.room = sink, limit
+
+            def write(self, data):
+                data = memoryview(data)
+                self.sink.write(data[:self.room])
+                self.room -= min(self.room, len(data))
+                if self.room == 0:
+                    raise OSError(28, "No space left on device (injected)")
+
+        def half_then_fail(sink, tensors, metadata=None):
+            size, _ = original(HalfFull(type("Null", (), {"write": lambda self, d: None})(), 1 << 62), tensors)
+            return original(HalfFull(sink, size // 2), tensors, metadata)
+
+        write_plan.write_tensors = half_then_fail
     started = time.monotonic()
     try:
         CheckpointCoordinator(components).save_checkpoint(target, step=2)

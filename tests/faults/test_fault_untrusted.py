@@ -36,7 +36,7 @@ from lightning_sharing import (
 )
 from lightning_sharing.format import layout as payload_module
 from lightning_sharing.format import manifest as manifest_module
-from lightning_sharing.storage.local import file_checksum
+from lightning_sharing.format.safetensors_io import file_checksum
 
 MANIFEST = "checkpoint_manifest.json"
 

@@ -29,7 +29,7 @@ from lightning_sharing import (
     TopologyMismatchError,
     find_latest_checkpoint,
 )
-from lightning_sharing.storage.local import file_checksum
+from lightning_sharing.format.safetensors_io import file_checksum
 
 MANIFEST = "checkpoint_manifest.json"
 SHARD1 = "model-00001-of-00002.safetensors"

@@ -12,7 +12,7 @@ import torch
 
 from lightning_sharing import CheckpointCoordinator, RNGState, SharingPattern, StateComponent
 from lightning_sharing.cli import main
-from lightning_sharing.storage.local import file_checksum
+from lightning_sharing.format.safetensors_io import file_checksum
 
 
 @pytest.fixture

@@ -29,6 +29,7 @@ from lightning_sharing.engine.save_plan import plan_copy, write_copy
 from lightning_sharing.format.codec import decode_state, encode_state, is_flat_tensor_dict
 from lightning_sharing.format.layout import read_payload
 from lightning_sharing.format.safetensors_io import read_tensor_file
+from lightning_sharing.storage import LocalStore
 
 # --------------------------------------------------------------------------- helpers
 
@@ -90,9 +91,9 @@ def json_round_trip(state: Any) -> Any:
 def disk_round_trip(state: Any, root: Path, stem: str = "comp", max_shard_size: int = 10**9) -> Any:
     """encode -> safetensors shards + JSON files on disk -> read back -> decode."""
     enc = encode_state(state, stem)
-    entries = write_copy(root, plan_copy(stem, enc, (0,), 0, 0, max_shard_size), rank=0)
+    entries = write_copy(LocalStore(), str(root), plan_copy(stem, enc, (0,), 0, 0, max_shard_size), rank=0)
     checksums = {e.path: e.checksum for e in entries}
-    return read_payload(stem, set(checksums), lambda rel: root / rel,
+    return read_payload(stem, set(checksums), lambda rel: (root / rel).read_bytes(),
                         lambda rel: read_tensor_file(root / rel, checksums[rel]), enc.flat)
 
 
@@ -654,7 +655,7 @@ def test_load_reads_straight_into_live_parameters_and_optimizer_moments(tmp_path
 
 def test_large_file_hashed_alongside_the_io_has_the_checksum_of_its_bytes(tmp_path: Path) -> None:
     from lightning_sharing.format.safetensors_io import write_tensor_file
-    from lightning_sharing.storage.local import file_checksum
+    from lightning_sharing.format.safetensors_io import file_checksum
 
     path = tmp_path / "big.safetensors"
     tensors = {"a": torch.arange(18_000_000, dtype=torch.float32), "b": torch.ones(3, dtype=torch.int64)}

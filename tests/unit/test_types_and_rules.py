@@ -182,7 +182,7 @@ def test_per_group_component_with_an_unknown_group_is_refused_at_construction():
 
 def test_coordinator_option_validation():
     component = StateComponent("x", Holder(), "global")
-    with pytest.raises(ComponentDeclarationError, match=r"max_shard_size must be positive"):
+    with pytest.raises(ComponentDeclarationError, match=r"max_shard_size must be a positive integer"):
         CheckpointCoordinator([component], max_shard_size=0)
     with pytest.raises(ComponentDeclarationError, match=r"verify='md5' must be one of"):
         CheckpointCoordinator([component], verify="md5")

@@ -1,0 +1,91 @@
+"""``CheckpointOptions``: the settings every entry point shares, validated once.
+
+The coordinator, ``SharingCheckpointIO``, ``SharingStrategy`` and the Fabric strategies all take the
+same keyword arguments (``max_shard_size``, ``verify``, ``validation_level``, ``async_save``,
+``max_pending_saves``); each builds one ``CheckpointOptions`` from them and passes it down whole.
+
+Example:
+    >>> options = CheckpointOptions(verify="size", max_shard_size=2**30)
+    >>> options.verify, options.max_shard_size
+    (SIZE, 1073741824)
+    >>> CheckpointOptions(max_pending_saves=0)
+    Traceback (most recent call last):
+    ...
+    lightning_sharing.errors.ComponentDeclarationError: max_pending_saves must be a positive integer, got 0
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+from lightning_sharing.core.patterns import ValidationLevel, parse_enum
+from lightning_sharing.errors import ComponentDeclarationError
+
+__all__ = ["DEFAULT_MAX_SHARD_SIZE", "CheckpointOptions", "VerifyMode"]
+
+DEFAULT_MAX_SHARD_SIZE = 5_000_000_000  # Hugging Face's default "5GB"
+
+
+class VerifyMode(str, Enum):
+    """How files are checked against the manifest before their contents are used.
+
+    - ``CHECKSUM``: size and full checksum (the default).
+    - ``SIZE``: size only, for very large checkpoints on trusted storage (misses bit flips).
+    """
+
+    CHECKSUM = "checksum"
+    SIZE = "size"
+
+    def __repr__(self) -> str:
+        return self.name
+
+    @classmethod
+    def parse(cls, value: VerifyMode | str) -> VerifyMode:
+        """Accept an enum member, its value (``"size"``) or its name (``"SIZE"``)."""
+        try:
+            return parse_enum(cls, value, "verify")
+        except ComponentDeclarationError:
+            choices = tuple(m.value for m in cls)
+            raise ComponentDeclarationError(f"verify={value!r} must be one of {choices}") from None
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ComponentDeclarationError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class CheckpointOptions:
+    """Settings shared by every entry point.
+
+    Args:
+        max_shard_size: the largest safetensors shard, in bytes (a single larger tensor gets its own).
+        verify: how files are checked on load (``"checksum"`` or ``"size"``).
+        validation_level: the replication check applied to Lightning's model weights at each save.
+        async_save: ``save_checkpoint`` returns once the state is copied; writing and committing run
+            in the background.
+        max_pending_saves: with ``async_save``, how many saves may be in flight; each holds one copy of
+            the state this rank writes.
+    """
+
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE
+    verify: VerifyMode = VerifyMode.CHECKSUM
+    validation_level: ValidationLevel = ValidationLevel.QUICK
+    async_save: bool = False
+    max_pending_saves: int = 1
+
+    def __post_init__(self) -> None:
+        _positive_int("max_shard_size", self.max_shard_size)
+        _positive_int("max_pending_saves", self.max_pending_saves)
+        object.__setattr__(self, "verify", VerifyMode.parse(self.verify))
+        object.__setattr__(self, "validation_level", ValidationLevel.parse(self.validation_level))
+        if not isinstance(self.async_save, bool):
+            raise ComponentDeclarationError(f"async_save must be True or False, got {self.async_save!r}")
+
+    def replace(self, **changes: Any) -> CheckpointOptions:
+        """A copy with ``changes`` applied (and validated)."""
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,69 @@
+"""The vocabulary: how a piece of state is shared (``SharingPattern``) and how replicas are checked
+(``ValidationLevel``).
+
+Example:
+    >>> SharingPattern.parse("per_rank"), ValidationLevel.parse("QUICK")
+    (PER_RANK, QUICK)
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any
+
+from lightning_sharing.errors import ComponentDeclarationError
+
+__all__ = ["SharingPattern", "ValidationLevel", "parse_enum"]
+
+
+class SharingPattern(str, Enum):
+    """How one piece of state is distributed across ranks (see the rule table in docs/patterns.md)."""
+
+    GLOBAL = "global"
+    PER_RANK = "per_rank"
+    REPLICATED = "replicated"
+    PER_GROUP = "per_group"
+    PER_NODE = "per_node"
+
+    def __repr__(self) -> str:
+        return self.name
+
+    @classmethod
+    def parse(cls, value: SharingPattern | str) -> SharingPattern:
+        """Accept an enum member, its value (``"per_rank"``) or its name (``"PER_RANK"``)."""
+        return parse_enum(cls, value, "sharing_pattern")
+
+
+class ValidationLevel(str, Enum):
+    """How thoroughly REPLICATED state is compared across ranks before it is saved.
+
+    - ``NONE``: no comparison.
+    - ``QUICK``: structure, dtypes, shapes and a strided sample of every tensor's bytes.
+    - ``TENSOR``: a full-content hash of every tensor and every non-tensor value.
+    - ``FULL``: byte-for-byte comparison of every tensor against the writing rank's copy.
+    """
+
+    NONE = "none"
+    QUICK = "quick"
+    TENSOR = "tensor"
+    FULL = "full"
+
+    def __repr__(self) -> str:
+        return self.name
+
+    @classmethod
+    def parse(cls, value: ValidationLevel | str) -> ValidationLevel:
+        """Accept an enum member, its value (``"quick"``) or its name (``"QUICK"``)."""
+        return parse_enum(cls, value, "validation_level")
+
+
+def parse_enum(cls: Any, value: Any, what: str) -> Any:
+    """``value`` as a member of enum ``cls``: a member, its value or its name (any case)."""
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, str):
+        for member in cls:
+            if value.lower() in (member.value, member.name.lower()):
+                return member
+    choices = ", ".join(m.name for m in cls)
+    raise ComponentDeclarationError(f"{what}={value!r} is not one of {choices}")

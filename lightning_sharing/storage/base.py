@@ -1,0 +1,123 @@
+"""The storage backend interface: the file operations a checkpoint needs, and how a save commits.
+
+A ``CheckpointStore`` is bound to one kind of storage (a local or shared filesystem, an object
+store). Locations are strings native to it (an absolute path, or a URL) built with ``join``; the
+relative paths inside a checkpoint are POSIX paths, as the manifest records them.
+
+A save runs, for every store:
+
+1. ``begin_save(target, token)`` on rank 0: clean leftovers of interrupted saves and return the
+   *write root*, where every rank writes its files (a staging directory beside the target on a
+   filesystem with rename; the target prefix itself on a store without rename);
+2. ``check_write_root(write_root)`` on every rank: this rank can reach the write root;
+3. every rank writes its files with ``open_write`` (durable once the writer is closed);
+4. ``commit(write_root, target, token, manifest)`` on rank 0, after checking with ``size`` that
+   every rank's files arrived: write the manifest last and make the checkpoint appear at ``target``
+   in one atomic step (a rename, or a create-only put of the manifest);
+5. on any failure, ``abort(write_root, target)`` on rank 0.
+
+Example:
+    >>> store = store_for("runs/ckpt")                              # doctest: +SKIP
+    >>> with store.open_write(store.join(root, "x.json")) as sink:  # doctest: +SKIP
+    ...     sink.write(b"{}")
+"""
+
+from __future__ import annotations
+
+import posixpath
+from abc import ABC, abstractmethod
+from typing import BinaryIO, Protocol
+
+from lightning_sharing.format.safetensors_io import ByteSink
+
+__all__ = ["CheckpointStore"]
+
+
+class CheckpointStore(ABC):
+    """The operations the engine runs against where checkpoints live (see the module docstring)."""
+
+    #: True when a whole directory can be renamed atomically (the commit is a rename).
+    atomic_rename: bool = False
+
+    # ------------------------------------------------------------------ locations
+    def join(self, base: str, *parts: str) -> str:
+        """``base`` with the relative POSIX ``parts`` appended."""
+        return posixpath.join(base, *parts)
+
+    def parent(self, location: str) -> str:
+        """The directory (or prefix) holding ``location``."""
+        return posixpath.dirname(location.rstrip("/"))
+
+    def basename(self, location: str) -> str:
+        """The last part of ``location``."""
+        return posixpath.basename(location.rstrip("/"))
+
+    @abstractmethod
+    def normalize(self, location: str) -> str:
+        """The canonical form of ``location`` (an absolute path, a URL without a trailing slash)."""
+
+    # ------------------------------------------------------------------ reading
+    @abstractmethod
+    def open_read(self, location: str) -> BinaryIO:
+        """A binary file object with ``readinto``, ``seek`` and ``tell``, for reading ``location``."""
+
+    @abstractmethod
+    def size(self, location: str) -> int | None:
+        """The size of the regular file (object) at ``location``; None when there is none."""
+
+    def read_bytes(self, location: str) -> bytes:
+        """The whole content of ``location``."""
+        with self.open_read(location) as handle:
+            return handle.read()
+
+    @abstractmethod
+    def is_dir(self, location: str) -> bool:
+        """True when ``location`` is a directory (a prefix holding objects)."""
+
+    @abstractmethod
+    def list_files(self, root: str) -> list[str]:
+        """Every file below ``root`` as a sorted relative POSIX path (symbolic links included, as files)."""
+
+    @abstractmethod
+    def list_checkpoint_candidates(self, directory: str) -> list[str]:
+        """Locations of the entries directly under ``directory`` that may be checkpoints (no hidden names)."""
+
+    def check_inside(self, root: str, rel: str) -> str | None:
+        """Why ``rel`` under ``root`` is not a regular file of the checkpoint (a link, outside it), or None."""
+        return None
+
+    # ------------------------------------------------------------------ writing
+    @abstractmethod
+    def open_write(self, location: str) -> _WriterContext:
+        """A context manager yielding a ``ByteSink`` for ``location``.
+
+        Leaving the block normally makes the file durable (fsync, or a completed upload); an exception
+        discards it (as far as the store allows).
+        """
+
+    # ------------------------------------------------------------------ committing a save
+    @abstractmethod
+    def begin_save(self, target: str, token: str) -> str:
+        """Rank 0, first: remove leftovers of interrupted saves; return the write root for this save."""
+
+    @abstractmethod
+    def check_write_root(self, write_root: str, rank: int) -> None:
+        """Every rank: raise ``CheckpointError`` when this rank cannot reach ``write_root``."""
+
+    @abstractmethod
+    def commit(self, write_root: str, target: str, token: str, manifest: bytes) -> None:
+        """Rank 0, last: write ``manifest`` and make the checkpoint at ``target`` complete, atomically."""
+
+    @abstractmethod
+    def abort(self, write_root: str, target: str) -> None:
+        """Rank 0, after a failed save: remove what the save wrote (never a committed checkpoint)."""
+
+    @abstractmethod
+    def remove_checkpoint(self, location: str) -> None:
+        """Delete a checkpoint so that it is never seen half-deleted (it stops being complete first)."""
+
+
+class _WriterContext(Protocol):
+    def __enter__(self) -> ByteSink: ...
+
+    def __exit__(self, *exc: object) -> None: ...
