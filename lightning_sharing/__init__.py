@@ -1,11 +1,25 @@
 """lightning_sharing: explicit, verified, atomic distributed checkpoints driven by sharing patterns.
 
+The core (declarations, the coordinator, storage) needs only torch; the Lightning adapters
+(``SharingStrategy``, ``SharingCheckpointIO``, ``BuiltinState``, ``FabricSharingStrategy``) are
+imported when first used, so ``import lightning_sharing`` does not import Lightning. Once this package
+is imported, ``strategy="sharing"`` works in ``pl.Trainer`` and ``Fabric`` whatever the import order.
+
 Example:
     >>> from lightning_sharing import CheckpointCoordinator, RNGState, SharingPattern, StateComponent
     >>> coordinator = CheckpointCoordinator([StateComponent("rng", RNGState(), SharingPattern.PER_RANK)])
 """
 
-from lightning_sharing.core.declarations import SharingPattern, StateComponent, ValidationLevel
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from lightning_sharing import _registration
+from lightning_sharing._version import __version__
+from lightning_sharing.core.declarations import StateComponent
+from lightning_sharing.core.options import CheckpointOptions, VerifyMode
+from lightning_sharing.core.patterns import SharingPattern, ValidationLevel
 from lightning_sharing.core.topology import Topology
 from lightning_sharing.distributed.async_save import BackgroundSaver
 from lightning_sharing.engine.coordinator import CheckpointCoordinator
@@ -20,16 +34,18 @@ from lightning_sharing.errors import (
     TopologyMismatchError,
     UnsupportedStateError,
 )
-from lightning_sharing.fabric.strategy import FabricSharingStrategy
 from lightning_sharing.format.manifest import CheckpointManifest, ComponentManifest, FileEntry
-from lightning_sharing.lightning.checkpoint_io import SharingCheckpointIO
-from lightning_sharing.lightning.layout import BuiltinState
-from lightning_sharing.lightning.strategy import SharingStrategy
 from lightning_sharing.statefuls.metrics import MetricState
 from lightning_sharing.statefuls.rng import RNGState
 from lightning_sharing.storage import find_latest_checkpoint
 
-__version__ = "0.1.0"
+# Public names that need Lightning: imported on first access (PEP 562).
+_LIGHTNING_NAMES = {
+    "BuiltinState": "lightning_sharing.lightning.layout",
+    "FabricSharingStrategy": "lightning_sharing.fabric.strategy",
+    "SharingCheckpointIO": "lightning_sharing.lightning.checkpoint_io",
+    "SharingStrategy": "lightning_sharing.lightning.strategy",
+}
 
 __all__ = [
     "BackgroundSaver",
@@ -37,6 +53,7 @@ __all__ = [
     "CheckpointCoordinator",
     "CheckpointError",
     "CheckpointManifest",
+    "CheckpointOptions",
     "ComponentDeclarationError",
     "ComponentManifest",
     "CorruptCheckpointError",
@@ -56,6 +73,23 @@ __all__ = [
     "TopologyMismatchError",
     "UnsupportedStateError",
     "ValidationLevel",
+    "VerifyMode",
     "__version__",
     "find_latest_checkpoint",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LIGHTNING_NAMES.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lightning_sharing' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
+_registration.install()

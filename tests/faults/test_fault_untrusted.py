@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from support.statefuls import Holder
 from torch import nn
 
 from lightning_sharing import (
@@ -50,16 +51,6 @@ class _Evil:
     def __reduce__(self):
         return (open, (self.marker, "w"))
 
-
-class Holder:
-    def __init__(self, state) -> None:
-        self.state = state
-
-    def state_dict(self):
-        return self.state
-
-    def load_state_dict(self, state) -> None:
-        self.state = state
 
 
 def _components(seed: int) -> list[StateComponent]:
@@ -131,7 +122,7 @@ def test_pickle_file_given_as_the_checkpoint_is_never_unpickled(tmp_path: Path) 
     assert find_latest_checkpoint(evil.parent) is None
     # Fabric loads a plain file the way DDPStrategy does (fabric.load_raw): torch.load with weights_only,
     # which refuses the pickle unless the user passes weights_only=False for a file they trust.
-    with pytest.raises(Exception, match="Weights only load failed"):
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
         FabricSharingStrategy().load_checkpoint(evil, {"model": nn.Linear(3, 2)})
     assert not marker.exists()
 

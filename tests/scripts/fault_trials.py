@@ -51,6 +51,9 @@ from lightning_sharing import (
 )
 from lightning_sharing.cli import verify_checkpoint
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared support package
+from support.statefuls import Holder
+
 WORLD = 2
 SAVE_POINTS = ("save:start", "save:write", "save:written", "commit:manifest", "commit:rename", "commit:renamed")
 RANK0_ONLY = frozenset({"commit:manifest", "commit:rename", "commit:renamed"})
@@ -78,18 +81,6 @@ def state_at(step: int, rank: int) -> dict[str, Any]:
         "stage": {f"stage{rank}.weight": torch.randn(2, 2, generator=own)},
     }
 
-
-class Holder:
-    """A stateful that holds a state dict as is."""
-
-    def __init__(self, state: Any) -> None:
-        self.state = state
-
-    def state_dict(self) -> Any:
-        return self.state
-
-    def load_state_dict(self, state: Any) -> None:
-        self.state = state
 
 
 PATTERNS = {"model": SharingPattern.REPLICATED, "optim": SharingPattern.REPLICATED, "counter": SharingPattern.GLOBAL,

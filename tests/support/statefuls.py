@@ -33,3 +33,29 @@ class FailingState:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         raise AssertionError("never loaded")
+
+
+class Holder:
+    """A stateful that holds a state dict as it is."""
+
+    def __init__(self, state: Any = None) -> None:
+        self.state = state
+
+    def state_dict(self) -> Any:
+        return self.state
+
+    def load_state_dict(self, state: Any) -> None:
+        self.state = state
+
+
+class ValueState:
+    """A minimal stateful: ``{"value": value}``."""
+
+    def __init__(self, value: Any = 0) -> None:
+        self.value = value
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.value = state["value"]

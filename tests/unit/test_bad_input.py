@@ -12,10 +12,10 @@ import os
 import pickle
 import shutil
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
+from support.statefuls import ValueState
 
 from lightning_sharing import (
     CheckpointCoordinator,
@@ -38,16 +38,6 @@ LR = 0.25
 
 # --------------------------------------------------------------------------- helpers
 
-
-class Holder:
-    def __init__(self, value: Any = 0) -> None:
-        self.value = value
-
-    def state_dict(self):
-        return {"value": self.value}
-
-    def load_state_dict(self, state):
-        self.value = state["value"]
 
 
 def make_model(seed: int) -> torch.nn.Module:
@@ -436,7 +426,7 @@ def test_directory_replaced_by_symlink_outside_is_refused(saved, tmp_path):
 
 
 def _save_counter(path: Path, value: int, step: int | None = None) -> Path:
-    CheckpointCoordinator([StateComponent("counter", Holder(value), "global")]).save_checkpoint(path, step=step)
+    CheckpointCoordinator([StateComponent("counter", ValueState(value), "global")]).save_checkpoint(path, step=step)
     return path
 
 
@@ -491,7 +481,7 @@ def test_find_latest_checkpoint_nothing_there(tmp_path):
 
 
 def _load_counter(path: Path) -> int:
-    holder = Holder(-1)
+    holder = ValueState(-1)
     CheckpointCoordinator([StateComponent("counter", holder, "global")]).load_checkpoint(path)
     return holder.value
 
@@ -578,7 +568,7 @@ def model_and_counter(tmp_path) -> tuple[Path, torch.nn.Module]:
     path = tmp_path / "s.ckpt"
     CheckpointCoordinator([
         StateComponent("model", model, "replicated"),
-        StateComponent("counter", Holder(7), "replicated"),
+        StateComponent("counter", ValueState(7), "replicated"),
     ]).save_checkpoint(path)
     return path, model
 
@@ -586,8 +576,8 @@ def model_and_counter(tmp_path) -> tuple[Path, torch.nn.Module]:
 def test_missing_required_component(model_and_counter):
     path, model = model_and_counter
     fresh = make_model(1)
-    extra = Holder(5)
-    declared = [StateComponent("model", fresh, "replicated"), StateComponent("counter", Holder(), "replicated"),
+    extra = ValueState(5)
+    declared = [StateComponent("model", fresh, "replicated"), StateComponent("counter", ValueState(), "replicated"),
                 StateComponent("extra", extra, "global")]
     refused(lambda: CheckpointCoordinator(declared).load_checkpoint(path), ComponentDeclarationError,
             "required component 'extra' is not in the checkpoint", "['counter', 'model']", "required=False")
@@ -600,7 +590,7 @@ def test_missing_required_component(model_and_counter):
 
 def test_missing_optional_component_is_skipped(model_and_counter):
     path, model = model_and_counter
-    fresh, counter, extra = make_model(1), Holder(), Holder(5)
+    fresh, counter, extra = make_model(1), ValueState(), ValueState(5)
     result = CheckpointCoordinator([
         StateComponent("model", fresh, "replicated"),
         StateComponent("counter", counter, "replicated"),
@@ -626,7 +616,7 @@ def test_undeclared_component_in_the_checkpoint(model_and_counter):
 
 def test_pattern_change(model_and_counter):
     path, model = model_and_counter
-    fresh, counter = make_model(1), Holder(-3)
+    fresh, counter = make_model(1), ValueState(-3)
     declared = [StateComponent("model", fresh, "replicated"), StateComponent("counter", counter, "global")]
     refused(lambda: CheckpointCoordinator(declared).load_checkpoint(path), ComponentDeclarationError,
             "component 'counter'", "saved as REPLICATED but is declared GLOBAL")
@@ -640,10 +630,10 @@ def test_pattern_change(model_and_counter):
 
 def test_group_change(tmp_path):
     path = tmp_path / "g.ckpt"
-    CheckpointCoordinator([StateComponent("loader", Holder(1), "per_group", process_group_name="dp")],
+    CheckpointCoordinator([StateComponent("loader", ValueState(1), "per_group", process_group_name="dp")],
                           process_groups={"dp": None}).save_checkpoint(path)
     assert os.path.isfile(path / "loader" / "dp-00000.json")
-    holder = Holder(0)
+    holder = ValueState(0)
     coordinator = CheckpointCoordinator([StateComponent("loader", holder, "per_group", process_group_name="tp")],
                                         process_groups={"tp": None})
     refused(lambda: coordinator.load_checkpoint(path), ComponentDeclarationError,

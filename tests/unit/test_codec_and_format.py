@@ -654,8 +654,7 @@ def test_load_reads_straight_into_live_parameters_and_optimizer_moments(tmp_path
 
 
 def test_large_file_hashed_alongside_the_io_has_the_checksum_of_its_bytes(tmp_path: Path) -> None:
-    from lightning_sharing.format.safetensors_io import write_tensor_file
-    from lightning_sharing.format.safetensors_io import file_checksum
+    from lightning_sharing.format.safetensors_io import file_checksum, write_tensor_file
 
     path = tmp_path / "big.safetensors"
     tensors = {"a": torch.arange(18_000_000, dtype=torch.float32), "b": torch.ones(3, dtype=torch.int64)}

@@ -1,4 +1,4 @@
-"""Fuzz the manifest parser: whatever the JSON, it either parses or raises ManifestError, nothing else."""
+"""Fuzz the manifest parser: whatever the bytes or JSON, it either parses or raises ManifestError, nothing else."""
 
 from __future__ import annotations
 
@@ -43,6 +43,13 @@ def _parse(data: object) -> None:
         pass
 
 
+def _parse_bytes(raw: bytes) -> None:
+    try:
+        CheckpointManifest.parse(raw, "fuzzed manifest")
+    except ManifestError as exc:
+        assert "fuzzed manifest" in str(exc), exc  # the refusal names the file
+
+
 @settings(max_examples=300, deadline=None)
 @given(json_values)
 def test_arbitrary_json_raises_only_manifest_error(data: object) -> None:
@@ -65,3 +72,14 @@ def test_mutated_real_manifest_raises_only_manifest_error(tmp_path: Path, data: 
             parent = parent[key]
         parent[path[-1]] = data.draw(json_values)
     _parse(manifest)
+
+
+@settings(max_examples=200, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_mutated_manifest_bytes_raise_only_manifest_error(tmp_path: Path, data: st.DataObject) -> None:
+    original = json.dumps(_valid_manifest(tmp_path), indent=2).encode()
+    where = data.draw(st.integers(0, len(original)))
+    junk = data.draw(st.binary(max_size=16) | st.sampled_from([b"1" * 5000, b"[" * 100000, b"\xff\xfe", b"NaN"]))
+    cut = data.draw(st.integers(0, 16))
+    _parse_bytes(original[:where] + junk + original[where + cut:])

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from support.statefuls import ValueState
 
 from lightning_sharing import (
     CheckpointCoordinator,
@@ -18,54 +19,40 @@ from lightning_sharing import (
 )
 from lightning_sharing.core.rules import Placement, placement_for_reader, placements, rank_specific
 
-
-class Holder:
-    """A minimal stateful."""
-
-    def __init__(self, value: int = 0) -> None:
-        self.value = value
-
-    def state_dict(self):
-        return {"value": self.value}
-
-    def load_state_dict(self, state):
-        self.value = state["value"]
-
-
 # --------------------------------------------------------------------------- StateComponent
 
 
 def test_per_group_without_group_name_is_refused():
     with pytest.raises(ComponentDeclarationError, match=r"'data' is PER_GROUP but has no process_group_name"):
-        StateComponent("data", Holder(), SharingPattern.PER_GROUP)
+        StateComponent("data", ValueState(), SharingPattern.PER_GROUP)
 
 
 @pytest.mark.parametrize("group", ["a/b", "..", "", "x y"])
 def test_per_group_with_unsafe_group_name_is_refused(group):
     # "" is the same as "no group" (falsy); the others are not path-safe.
     with pytest.raises(ComponentDeclarationError, match="process_group_name"):
-        StateComponent("data", Holder(), SharingPattern.PER_GROUP, process_group_name=group)
+        StateComponent("data", ValueState(), SharingPattern.PER_GROUP, process_group_name=group)
 
 
 @pytest.mark.parametrize("pattern", ["global", "per_rank", "replicated", "per_node"])
 def test_group_name_on_a_non_group_pattern_is_refused(pattern):
     with pytest.raises(ComponentDeclarationError, match=r"only applies to PER_GROUP"):
-        StateComponent("x", Holder(), pattern, process_group_name="dp")
+        StateComponent("x", ValueState(), pattern, process_group_name="dp")
 
 
 @pytest.mark.parametrize("pattern", ["global", "per_rank", "per_node"])
 def test_validate_replication_needs_replicated(pattern):
     with pytest.raises(ComponentDeclarationError, match=r"validate_replication=True needs sharing_pattern REPLICATED"):
-        StateComponent("x", Holder(), pattern, validate_replication=True)
+        StateComponent("x", ValueState(), pattern, validate_replication=True)
     with pytest.raises(ComponentDeclarationError, match=r"got PER_GROUP"):
-        StateComponent("x", Holder(), "per_group", process_group_name="dp", validate_replication=True)
+        StateComponent("x", ValueState(), "per_group", process_group_name="dp", validate_replication=True)
 
 
 def test_validate_replication_on_replicated_is_accepted():
-    component = StateComponent("x", Holder(), "replicated", validate_replication=True, validation_level="TENSOR")
+    component = StateComponent("x", ValueState(), "replicated", validate_replication=True, validation_level="TENSOR")
     assert component.effective_validation is ValidationLevel.TENSOR
     # Without validate_replication the level is recorded but not applied.
-    assert StateComponent("y", Holder(), "replicated", validation_level="full").effective_validation \
+    assert StateComponent("y", ValueState(), "replicated", validation_level="full").effective_validation \
         is ValidationLevel.NONE
 
 
@@ -75,12 +62,12 @@ def test_validate_replication_on_replicated_is_accepted():
 )
 def test_bad_keys_are_refused(key):
     with pytest.raises(ComponentDeclarationError, match=r"StateComponent key .* (invalid|reserved)"):
-        StateComponent(key, Holder(), "global")
+        StateComponent(key, ValueState(), "global")
 
 
 @pytest.mark.parametrize("key", ["a", "model", "rng_0", "_x", "9", "a-b", "k" * 128])
 def test_good_keys_are_accepted(key):
-    assert StateComponent(key, Holder(), "global").key == key
+    assert StateComponent(key, ValueState(), "global").key == key
 
 
 class OnlyStateDict:
@@ -103,7 +90,7 @@ def test_non_stateful_object_is_refused(stateful):
 
 def test_metadata_must_be_a_dict():
     with pytest.raises(ComponentDeclarationError, match="metadata must be a dict"):
-        StateComponent("x", Holder(), "global", metadata=[1, 2])
+        StateComponent("x", ValueState(), "global", metadata=[1, 2])
 
 
 @pytest.mark.parametrize(
@@ -119,7 +106,7 @@ def test_metadata_must_be_a_dict():
     ],
 )
 def test_pattern_strings_are_accepted(text, expected):
-    component = StateComponent("x", Holder(), text)
+    component = StateComponent("x", ValueState(), text)
     assert component.sharing_pattern is expected
     assert SharingPattern.parse(text) is expected
 
@@ -130,25 +117,25 @@ def test_pattern_strings_are_accepted(text, expected):
      ("TENSOR", ValidationLevel.TENSOR), ("Full", ValidationLevel.FULL)],
 )
 def test_validation_level_strings_are_accepted(text, expected):
-    component = StateComponent("x", Holder(), "replicated", validate_replication=True, validation_level=text)
+    component = StateComponent("x", ValueState(), "replicated", validate_replication=True, validation_level=text)
     assert component.validation_level is expected
     assert component.effective_validation is expected
 
 
 def test_unknown_pattern_and_level_strings_list_the_choices():
     with pytest.raises(ComponentDeclarationError, match=r"sharing_pattern='per_host' is not one of GLOBAL, PER_RANK"):
-        StateComponent("x", Holder(), "per_host")
+        StateComponent("x", ValueState(), "per_host")
     with pytest.raises(ComponentDeclarationError, match=r"validation_level='deep' is not one of NONE, QUICK"):
-        StateComponent("x", Holder(), "replicated", validation_level="deep")
+        StateComponent("x", ValueState(), "replicated", validation_level="deep")
     with pytest.raises(ComponentDeclarationError, match=r"sharing_pattern=3"):
-        StateComponent("x", Holder(), 3)
+        StateComponent("x", ValueState(), 3)
 
 
 def test_declaration_errors_are_checkpoint_errors_and_value_errors():
     with pytest.raises(CheckpointError):
-        StateComponent("a/b", Holder(), "global")
+        StateComponent("a/b", ValueState(), "global")
     with pytest.raises(ValueError):
-        StateComponent("a/b", Holder(), "global")
+        StateComponent("a/b", ValueState(), "global")
 
 
 # --------------------------------------------------------------------------- CheckpointCoordinator construction
@@ -158,8 +145,8 @@ def test_duplicate_keys_are_refused_by_the_coordinator():
     with pytest.raises(ComponentDeclarationError, match=r"duplicate StateComponent key 'model'"):
         CheckpointCoordinator([
             StateComponent("model", torch.nn.Linear(2, 2), "replicated"),
-            StateComponent("other", Holder(), "global"),
-            StateComponent("model", Holder(), "per_rank"),
+            StateComponent("other", ValueState(), "global"),
+            StateComponent("model", ValueState(), "per_rank"),
         ])
 
 
@@ -169,7 +156,7 @@ def test_non_component_items_are_refused_by_the_coordinator():
 
 
 def test_per_group_component_with_an_unknown_group_is_refused_at_construction():
-    component = StateComponent("loader", Holder(), "per_group", process_group_name="dp")
+    component = StateComponent("loader", ValueState(), "per_group", process_group_name="dp")
     with pytest.raises(ComponentDeclarationError, match=r"process group 'dp', which no one provided") as info:
         CheckpointCoordinator([component], process_groups={"tp": object()})
     assert "'loader'" in str(info.value)
@@ -181,7 +168,7 @@ def test_per_group_component_with_an_unknown_group_is_refused_at_construction():
 
 
 def test_coordinator_option_validation():
-    component = StateComponent("x", Holder(), "global")
+    component = StateComponent("x", ValueState(), "global")
     with pytest.raises(ComponentDeclarationError, match=r"max_shard_size must be a positive integer"):
         CheckpointCoordinator([component], max_shard_size=0)
     with pytest.raises(ComponentDeclarationError, match=r"verify='md5' must be one of"):
