@@ -18,10 +18,9 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from enum import Enum
 from typing import Any
 
-from lightning_sharing.core.patterns import ValidationLevel, parse_enum
+from lightning_sharing.core.patterns import Choice, ValidationLevel, parse_enum
 from lightning_sharing.errors import ComponentDeclarationError
 
 __all__ = ["DEFAULT_MAX_SHARD_SIZE", "CheckpointOptions", "VerifyMode"]
@@ -29,7 +28,7 @@ __all__ = ["DEFAULT_MAX_SHARD_SIZE", "CheckpointOptions", "VerifyMode"]
 DEFAULT_MAX_SHARD_SIZE = 5_000_000_000  # Hugging Face's default "5GB"
 
 
-class VerifyMode(str, Enum):
+class VerifyMode(Choice):
     """How files are checked against the manifest before their contents are used.
 
     - ``CHECKSUM``: size and full checksum (the default).
@@ -38,9 +37,6 @@ class VerifyMode(str, Enum):
 
     CHECKSUM = "checksum"
     SIZE = "size"
-
-    def __repr__(self) -> str:
-        return self.name
 
     @classmethod
     def parse(cls, value: VerifyMode | str) -> VerifyMode:

@@ -13,10 +13,26 @@ from typing import Any
 
 from lightning_sharing.errors import ComponentDeclarationError
 
-__all__ = ["SharingPattern", "ValidationLevel", "parse_enum"]
+__all__ = ["Choice", "SharingPattern", "ValidationLevel", "parse_enum"]
 
 
-class SharingPattern(str, Enum):
+class Choice(str, Enum):
+    """An enum parsed from a member, its value or its name (any case); its ``repr`` is its name."""
+
+    def __repr__(self) -> str:
+        return self.name
+
+    @classmethod
+    def parse(cls, value: Any) -> Any:
+        """Accept an enum member, its value (``"per_rank"``) or its name (``"PER_RANK"``)."""
+        return parse_enum(cls, value, _snake_case(cls.__name__))
+
+
+def _snake_case(name: str) -> str:
+    return "".join(f"_{c.lower()}" if c.isupper() and i else c.lower() for i, c in enumerate(name))
+
+
+class SharingPattern(Choice):
     """How one piece of state is distributed across ranks (see the rule table in docs/patterns.md)."""
 
     GLOBAL = "global"
@@ -25,16 +41,8 @@ class SharingPattern(str, Enum):
     PER_GROUP = "per_group"
     PER_NODE = "per_node"
 
-    def __repr__(self) -> str:
-        return self.name
 
-    @classmethod
-    def parse(cls, value: SharingPattern | str) -> SharingPattern:
-        """Accept an enum member, its value (``"per_rank"``) or its name (``"PER_RANK"``)."""
-        return parse_enum(cls, value, "sharing_pattern")
-
-
-class ValidationLevel(str, Enum):
+class ValidationLevel(Choice):
     """How thoroughly REPLICATED state is compared across ranks before it is saved.
 
     - ``NONE``: no comparison.
@@ -47,14 +55,6 @@ class ValidationLevel(str, Enum):
     QUICK = "quick"
     TENSOR = "tensor"
     FULL = "full"
-
-    def __repr__(self) -> str:
-        return self.name
-
-    @classmethod
-    def parse(cls, value: ValidationLevel | str) -> ValidationLevel:
-        """Accept an enum member, its value (``"quick"``) or its name (``"QUICK"``)."""
-        return parse_enum(cls, value, "validation_level")
 
 
 def parse_enum(cls: Any, value: Any, what: str) -> Any:
