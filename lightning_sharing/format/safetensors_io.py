@@ -36,6 +36,9 @@ __all__ = [
     "DescriptorSink",
     "bytes_checksum",
     "check_checksum",
+    "dtype_from_name",
+    "dtype_name",
+    "encode_header",
     "file_checksum",
     "nbytes",
     "read_tensor_file",
@@ -58,6 +61,27 @@ for _name in ("uint16", "uint32", "uint64"):  # unsigned types newer than torch 
     if hasattr(torch, _name):
         _DTYPE_NAMES[getattr(torch, _name)] = f"U{_name[4:]}"
 _DTYPES = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The safetensors name of a torch dtype (``torch.float32`` -> ``"F32"``); ``CheckpointError`` if none."""
+    if dtype not in _DTYPE_NAMES:
+        raise CheckpointError(f"dtype {dtype} cannot be stored in safetensors")
+    return _DTYPE_NAMES[dtype]
+
+
+def dtype_from_name(name: str) -> torch.dtype | None:
+    """The torch dtype of a safetensors dtype name (``"F32"`` -> ``torch.float32``), or None if unknown."""
+    return _DTYPES.get(name)
+
+
+def encode_header(tensors: Mapping[str, torch.Tensor], order: list[str],
+                  metadata: Mapping[str, str] | None = None) -> bytes:
+    """The 8-byte length and padded JSON header of a safetensors file holding ``tensors`` in ``order``.
+
+    The data that follows must be each tensor's bytes in that order, back to back.
+    """
+    return _header(tensors, order, metadata or {})
 
 
 def nbytes(tensor: torch.Tensor) -> int:
