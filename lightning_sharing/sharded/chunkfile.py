@@ -1,0 +1,217 @@
+"""Chunk files: standard safetensors files whose every block of data carries its own checksum.
+
+A rank's chunks go into one safetensors file (plain ``safetensors.safe_open`` reads it). While the file
+is written, in the same pass, two kinds of xxh3-128 digests are computed: one of the whole file (what
+the manifest records for every file, so ``verify`` works as for any other file) and one per *block*
+of each chunk's data: block ``i`` of a chunk is its bytes ``[i * block_size, (i + 1) * block_size)``
+(the last one shorter), counted from the chunk's first byte, so blocks never straddle two chunks.
+
+A loading rank that needs bytes ``[a, b)`` of a chunk reads the blocks covering them, from
+``a // block_size`` up to ``ceil(b / block_size)``, and checks each block's digest before using any
+byte: a partial read is verified as strictly as a whole-file read, at the cost of at most one partial
+block of extra reading at each end. Where the destination is contiguous memory (the live local
+tensor), the bytes are read straight into it and only the two partial edge blocks go through
+scratch buffers.
+
+Example:
+    >>> import torch
+    >>> info = write_chunk_file(Path("chunks.safetensors"), [("w", torch.ones(4))], block_size=8)  # doctest: +SKIP
+    >>> info.entries[0].blocks  # two 8-byte blocks of the 16 bytes of w            # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import xxhash
+
+from lightning_sharing.errors import CorruptCheckpointError
+from lightning_sharing.format.safetensors_io import CHECKSUM_ALGORITHM, encode_header
+
+__all__ = [
+    "DEFAULT_BLOCK_SIZE",
+    "ByteSource",
+    "ChunkFileInfo",
+    "EntryInfo",
+    "LocalFiles",
+    "read_blocks",
+    "write_chunk_file",
+]
+
+DEFAULT_BLOCK_SIZE = 1 << 20
+_WRITE_PIECE = 16 << 20  # bytes handed to one os.write; a multiple of any block size up to it
+
+
+@dataclass(frozen=True)
+class EntryInfo:
+    """Where one chunk's data lies in its file: bytes ``[begin, begin + length)``, one digest per block."""
+
+    key: str
+    begin: int
+    length: int
+    blocks: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ChunkFileInfo:
+    """What ``write_chunk_file`` wrote: the file's size and whole-file checksum, and each entry's blocks."""
+
+    size: int
+    checksum: str
+    block_size: int
+    entries: tuple[EntryInfo, ...]
+
+
+def _byte_view(tensor: torch.Tensor) -> memoryview:
+    flat = tensor.detach().reshape(-1)
+    if flat.device.type != "cpu":
+        flat = flat.cpu()
+    return memoryview(flat.contiguous().view(torch.uint8).numpy())
+
+
+def write_chunk_file(path: Path, entries: Sequence[tuple[str, torch.Tensor]], *,
+                     block_size: int = DEFAULT_BLOCK_SIZE) -> ChunkFileInfo:
+    """Write ``entries`` (safetensors key, tensor) as one safetensors file, fsynced; digests on the way.
+
+    Entries are laid out largest element size first, so every tensor is aligned in the file.
+    ``block_size`` must be a positive multiple of 8 (so a block edge never splits an element).
+    """
+    if block_size <= 0 or block_size % 8:
+        raise ValueError(f"block_size must be a positive multiple of 8, not {block_size}")
+    tensors = dict(entries)
+    if len(tensors) != len(entries):
+        raise ValueError("write_chunk_file: duplicate entry keys")
+    order = sorted(tensors, key=lambda key: (-tensors[key].element_size(), key))
+    header = encode_header(tensors, order, {"format": "pt", "lightning_sharing": "sharded-chunks"})
+    whole = xxhash.xxh3_128()
+    infos: list[EntryInfo] = []
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        _write(fd, memoryview(header))
+        whole.update(header)
+        position = len(header)
+        piece = max(block_size, _WRITE_PIECE - _WRITE_PIECE % block_size)
+        for key in order:
+            view = _byte_view(tensors[key]) if tensors[key].numel() else memoryview(b"")
+            blocks = []
+            for start in range(0, len(view), piece):
+                part = view[start:start + piece]
+                _write(fd, part)
+                whole.update(part)
+                blocks.extend(xxhash.xxh3_128(part[b:b + block_size]).hexdigest()
+                              for b in range(0, len(part), block_size))
+            infos.append(EntryInfo(key, position, len(view), tuple(blocks)))
+            position += len(view)
+        os.fsync(fd)
+        size = os.fstat(fd).st_size
+    finally:
+        os.close(fd)
+    by_key = {info.key: info for info in infos}
+    return ChunkFileInfo(size, f"{CHECKSUM_ALGORITHM}:{whole.hexdigest()}", block_size,
+                         tuple(by_key[key] for key, _ in entries))
+
+
+def _write(fd: int, view: memoryview) -> None:
+    done = 0
+    while done < len(view):
+        done += os.write(fd, view[done:])
+
+
+class ByteSource(Protocol):
+    """Ranged reads of checkpoint files by relative path (a local directory, or an object store)."""
+
+    def size(self, path: str) -> int:
+        """The file's size in bytes."""
+
+    def read_into(self, path: str, offset: int, buffers: Sequence[memoryview]) -> None:
+        """Fill ``buffers``, in order, with the file's bytes from ``offset`` on; raise if the file ends first."""
+
+
+class LocalFiles:
+    """A ``ByteSource`` over a local checkpoint directory; keeps each file open until ``close()``.
+
+    Example:
+        >>> with LocalFiles(Path("step=5.ckpt")) as files:        # doctest: +SKIP
+        ...     files.size("model/chunks-00000.safetensors")
+    """
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+        self._fds: dict[str, int] = {}
+
+    def _fd(self, path: str) -> int:
+        if path not in self._fds:
+            try:
+                self._fds[path] = os.open(self.root / path, os.O_RDONLY)
+            except FileNotFoundError:
+                raise CorruptCheckpointError(f"chunk file {path} is missing from {self.root}") from None
+        return self._fds[path]
+
+    def size(self, path: str) -> int:
+        return os.fstat(self._fd(path)).st_size
+
+    def read_into(self, path: str, offset: int, buffers: Sequence[memoryview]) -> None:
+        fd = self._fd(path)
+        pending = [b for b in buffers if len(b)]
+        while pending:
+            got = os.preadv(fd, pending, offset)
+            if got <= 0:
+                raise CorruptCheckpointError(f"chunk file {path} ended at byte {offset}, before the data the "
+                                             "index records (truncated?)")
+            offset += got
+            while pending and got >= len(pending[0]):
+                got -= len(pending[0])
+                pending.pop(0)
+            if got:
+                pending[0] = pending[0][got:]
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self) -> LocalFiles:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def read_blocks(source: ByteSource, path: str, begin: int, length: int, block_size: int, blocks: Sequence[str],
+                start: int, end: int, into: memoryview | None, what: str) -> torch.Tensor | None:
+    """Read bytes ``[start, end)`` of the chunk at ``[begin, begin + length)`` of ``path``, verified.
+
+    Reads the whole blocks covering the range and checks every one against ``blocks`` before
+    returning. With ``into`` (``end - start`` bytes of contiguous memory) the range is read straight
+    into it and None is returned; otherwise a uint8 tensor holding the range is returned. ``what``
+    names the tensor and chunk in errors. If a block proves corrupt, ``into`` may hold part of it.
+    """
+    first, last = start // block_size, -(-end // block_size)
+    low, high = first * block_size, min(last * block_size, length)
+    scratch: torch.Tensor | None = None
+    if into is None:
+        scratch = torch.empty(high - low, dtype=torch.uint8)
+        segments = [(low, memoryview(scratch.numpy()))]
+    else:
+        segments = [(low, memoryview(bytearray(start - low))), (start, into),
+                    (end, memoryview(bytearray(high - end)))]
+    source.read_into(path, begin + low, [view for _, view in segments])
+    for block in range(first, last):
+        block_start, block_end = block * block_size, min((block + 1) * block_size, length)
+        digest = xxhash.xxh3_128()
+        for seg_start, view in segments:
+            lo, hi = max(block_start, seg_start), min(block_end, seg_start + len(view))
+            if lo < hi:
+                digest.update(view[lo - seg_start:hi - seg_start])
+        if digest.hexdigest() != blocks[block]:
+            raise CorruptCheckpointError(
+                f"{what}: block {block} (bytes {begin + block_start}-{begin + block_end} of {path}) has checksum "
+                f"{CHECKSUM_ALGORITHM}:{digest.hexdigest()} but the index records {CHECKSUM_ALGORITHM}:"
+                f"{blocks[block]}: the file is corrupt (altered after the save)"
+            )
+    return None if scratch is None else scratch[start - low:end - low]

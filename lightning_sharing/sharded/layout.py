@@ -1,0 +1,256 @@
+"""Where the pieces of a sharded tensor live: its global shape, dtype, and the box each rank holds.
+
+A ``DTensor`` on a ``DeviceMesh`` is split by its placements: ``Shard(d)`` (and FSDP2's
+``_StridedShard(d, split_factor)``, which shards right to left) cuts tensor dim ``d`` along a mesh
+dim, ``Replicate()`` copies it. Every rank can work out, for *every* coordinate of the mesh, which
+box of the global tensor that coordinate holds, from DTensor's own per-placement arithmetic
+(``Shard.local_shard_size_and_offset``, ``_StridedShard.local_shard_size_and_offset``), with no
+communication. Coordinates that differ only along ``Replicate`` dims hold the same box: one *chunk*
+with several holders (so do the matching ranks of other slices of the mesh a DTensor's mesh was cut
+from). A plain tensor is one chunk, the whole tensor, held by every rank of the component's group
+(the replicas of a DDP model).
+
+Example:
+    >>> import torch
+    >>> layout = tensor_layout("w", torch.zeros(4, 3), rank=0, group_ranks=(0, 1))
+    >>> layout.local, [c.holders for c in layout.chunks]
+    (Box(offsets=(0, 0), sizes=(4, 3)), [(0, 1)])
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from lightning_sharing.errors import UnsupportedStateError
+
+__all__ = ["Box", "Chunk", "TensorLayout", "is_dtensor", "local_tensor", "tensor_layout"]
+
+
+@dataclass(frozen=True)
+class Box:
+    """A rectangular piece of a tensor: ``offsets`` and ``sizes`` per dim (both empty for a 0-d tensor)."""
+
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.sizes)
+
+    def intersect(self, other: Box) -> Box | None:
+        """The common part of two boxes of the same tensor, or None if they do not overlap."""
+        offsets, sizes = [], []
+        for o1, s1, o2, s2 in zip(self.offsets, self.sizes, other.offsets, other.sizes, strict=True):
+            lo, hi = max(o1, o2), min(o1 + s1, o2 + s2)
+            if hi <= lo:
+                return None
+            offsets.append(lo)
+            sizes.append(hi - lo)
+        return Box(tuple(offsets), tuple(sizes))
+
+    def relative_to(self, origin: Box) -> Box:
+        """This box with offsets counted from ``origin``'s corner."""
+        return Box(tuple(o - b for o, b in zip(self.offsets, origin.offsets, strict=True)), self.sizes)
+
+    def slices(self) -> tuple[slice, ...]:
+        return tuple(slice(o, o + s) for o, s in zip(self.offsets, self.sizes, strict=True))
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One distinct non-empty piece of a tensor in the job and the global ranks that hold a copy of it."""
+
+    box: Box
+    holders: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class TensorLayout:
+    """A tensor's global shape and dtype, the box this rank holds, and every non-empty chunk in the job."""
+
+    name: str
+    global_shape: tuple[int, ...]
+    dtype: torch.dtype
+    local: Box
+    chunks: tuple[Chunk, ...]
+    placements: str
+
+    @property
+    def element_size(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+
+def is_dtensor(value: object) -> bool:
+    """True for a ``torch.distributed.tensor.DTensor`` (without importing it where it is not loaded)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch built without distributed support has no DTensor
+        return False
+    return isinstance(value, DTensor)
+
+
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The memory this rank holds of ``tensor``: ``to_local()`` of a DTensor, the tensor itself otherwise.
+
+    Detached, so it can be read into in place; it shares storage with the live parameter.
+    """
+    with torch.no_grad():
+        if is_dtensor(tensor):
+            return tensor.detach().to_local()
+        return tensor.detach()
+
+
+def tensor_layout(name: str, tensor: torch.Tensor, *, rank: int, group_ranks: Sequence[int]) -> TensorLayout:
+    """The layout of one state tensor as seen from global ``rank``.
+
+    ``group_ranks`` are the global ranks over which the component's state is spread (the world,
+    or one pipeline stage's ranks). They hold a plain tensor whole. A DTensor is held by the ranks of
+    its mesh and, when that mesh is a slice of a bigger mesh (FSDP's ``mesh["dp"]`` inside a
+    ``("dp", "tp")`` mesh, for parameters that tensor parallelism left alone), by the matching ranks
+    of every other slice of it within ``group_ranks`` as well: they hold the same tensor there.
+
+    Raises ``UnsupportedStateError`` for a ``Partial`` placement (a pending reduction, not data), a
+    placement this module does not know, a rank outside the tensor's mesh, or a placement combination
+    that gives a rank a non-contiguous piece.
+    """
+    group = tuple(sorted(set(group_ranks)))
+    if not is_dtensor(tensor):
+        shape = tuple(tensor.shape)
+        box = Box((0,) * len(shape), shape)
+        chunks = (Chunk(box, group),) if box.numel and group else ()
+        return TensorLayout(name, shape, tensor.dtype, box, chunks, "plain")
+    mesh = tensor.device_mesh
+    placements = tuple(tensor.placements)
+    shape = tuple(tensor.shape)
+    ranks = tuple(int(r) for r in mesh.mesh.flatten().tolist())
+    described = f"{placements} on a mesh of shape {tuple(mesh.shape)}"
+    if rank not in ranks:
+        raise UnsupportedStateError(
+            f"tensor {name!r} is a DTensor on mesh ranks {list(ranks)}, which do not include this rank "
+            f"({rank}); a SHARDED component may hold only DTensors whose mesh includes the rank holding them"
+        )
+    try:
+        boxes = _mesh_boxes(shape, tuple(mesh.shape), placements)
+    except UnsupportedStateError as exc:
+        raise UnsupportedStateError(f"tensor {name!r}: {exc}") from None
+    local = boxes[ranks.index(rank)]
+    _check_against_dtensor(name, tensor, local, described)
+    replicas = _replicas(mesh, ranks, rank)
+    members = set(group)
+    holders: dict[Box, set[int]] = {}
+    for box, holding in zip(boxes, replicas, strict=True):
+        if box.numel:
+            holders.setdefault(box, set()).update(r for r in holding if r in members)
+    chunks = tuple(Chunk(box, tuple(sorted(rs))) for box, rs in sorted(holders.items(), key=lambda kv: kv[0].offsets)
+                   if rs)
+    return TensorLayout(name, shape, tensor.dtype, local, chunks, described)
+
+
+def _replicas(mesh: object, ranks: tuple[int, ...], rank: int) -> tuple[tuple[int, ...], ...]:
+    """For each coordinate of ``mesh`` (row-major), the global ranks holding it: its own rank, and the
+    ranks at the same place of every other slice of the root mesh that ``mesh`` was cut from."""
+    root = mesh._get_root_mesh() if hasattr(mesh, "_get_root_mesh") else mesh  # type: ignore[attr-defined]
+    root_ranks = tuple(int(r) for r in root.mesh.flatten().tolist())
+    if root is mesh or root_ranks == ranks:
+        return tuple((r,) for r in ranks)
+    table = _slice_table(tuple(root.mesh.shape), root_ranks, ranks)
+    if table is None or rank not in table[ranks.index(rank)]:
+        raise UnsupportedStateError(
+            f"a DTensor's mesh (ranks {list(ranks)}) is not a slice of its root mesh (ranks {list(root_ranks)}); "
+            "cannot tell which other ranks hold the same pieces"
+        )
+    return table
+
+
+@functools.lru_cache(maxsize=1024)
+def _slice_table(root_shape: tuple[int, ...], root_ranks: tuple[int, ...],
+                 ranks: tuple[int, ...]) -> tuple[tuple[int, ...], ...] | None:
+    # The root dims along which the slice's ranks vary are the slice's dims (flattened ones included);
+    # every root rank with the same coordinates along those dims sits at the same place of its slice.
+    coordinates = dict(zip(root_ranks, itertools.product(*(range(n) for n in root_shape)), strict=True))
+    if not all(r in coordinates for r in ranks):
+        return None
+    own = [coordinates[r] for r in ranks]
+    varying = [d for d in range(len(root_shape)) if len({c[d] for c in own}) > 1]
+    place = {tuple(c[d] for d in varying): i for i, c in enumerate(own)}
+    if len(place) != len(ranks):
+        return None
+    holders: list[list[int]] = [[] for _ in ranks]
+    for r in root_ranks:
+        i = place.get(tuple(coordinates[r][d] for d in varying))
+        if i is not None:
+            holders[i].append(r)
+    return tuple(tuple(h) for h in holders)
+
+
+def _check_against_dtensor(name: str, tensor: torch.Tensor, local: Box, described: str) -> None:
+    """The box computed here must be what DTensor itself reports for this rank and what it holds."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    sizes, offsets = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)
+    held = tuple(tensor.to_local().shape)
+    same_offsets = tuple(offsets) == local.offsets or local.numel == 0
+    if tuple(sizes) != local.sizes or held != local.sizes or not same_offsets:
+        raise UnsupportedStateError(
+            f"tensor {name!r} ({described}): this rank holds a local piece of shape {held}, DTensor reports "
+            f"shape {tuple(sizes)} at offsets {tuple(offsets)}, but its placements give shape {local.sizes} at "
+            f"offsets {local.offsets}; this layout is not supported (redistribute it to Shard/Replicate placements)"
+        )
+
+
+@functools.lru_cache(maxsize=4096)
+def _mesh_boxes(shape: tuple[int, ...], mesh_shape: tuple[int, ...], placements: tuple[object, ...]) -> tuple[Box, ...]:
+    """The box held at every mesh coordinate, in row-major coordinate order (the order of ``mesh.mesh``).
+
+    Cached: a model has few distinct (shape, mesh, placements) triples, and a job many ranks.
+    """
+    return tuple(_box_at(shape, mesh_shape, coordinate, placements)
+                 for coordinate in itertools.product(*(range(n) for n in mesh_shape)))
+
+
+def _box_at(shape: tuple[int, ...], mesh_shape: tuple[int, ...], coordinate: tuple[int, ...],
+            placements: tuple[object, ...]) -> Box:
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.placement_types import _StridedShard, _StridedShardOffsetMode
+
+    # The global indices held along each tensor dim, narrowed placement by placement, left to right,
+    # as DTensor applies them (a _StridedShard encodes right-to-left sharding in this order).
+    held: list[Sequence[int]] = [range(n) for n in shape]
+    for mesh_dim, placement in enumerate(placements):
+        parts, index = mesh_shape[mesh_dim], coordinate[mesh_dim]
+        if isinstance(placement, Replicate):
+            continue
+        if isinstance(placement, _StridedShard):
+            current = held[placement.dim]
+            _, picked = placement.local_shard_size_and_offset(len(current), parts, index,
+                                                              _StridedShardOffsetMode.ALL)
+            held[placement.dim] = [current[i] for i in picked]  # type: ignore[union-attr]
+        elif isinstance(placement, Shard):
+            current = held[placement.dim]
+            size, start = Shard.local_shard_size_and_offset(len(current), parts, index)
+            held[placement.dim] = current[start:start + size]
+        else:
+            kind = "a pending reduction (Partial), not data" if placement.is_partial() else "not supported"
+            raise UnsupportedStateError(
+                f"placement {placement} on mesh dim {mesh_dim} is {kind}; a SHARDED "
+                "component stores DTensors with Shard and Replicate placements (redistribute it first)"
+            )
+    offsets, sizes = [], []
+    for dim, indices in enumerate(held):
+        size = len(indices)
+        first = indices[0] if size else 0
+        if size and list(indices) != list(range(first, first + size)):
+            raise UnsupportedStateError(
+                f"placements {placements} on a mesh of shape {mesh_shape} give coordinate "
+                f"{coordinate} a non-contiguous piece of dim {dim} (global indices {list(indices)[:8]}...); "
+                "only contiguous pieces can be stored as chunks (redistribute it to Shard/Replicate first)"
+            )
+        offsets.append(first)
+        sizes.append(size)
+    return Box(tuple(offsets), tuple(sizes))

@@ -1,0 +1,158 @@
+"""Saving SHARDED state: who writes each chunk (every chunk exactly once), and writing this rank's chunks.
+
+``plan_writes`` is a pure function of the state's layouts: every rank computes the same assignment
+for every chunk in the job, with no communication. A chunk held by several ranks (replicas along
+``Replicate`` mesh dims, or the holders of a plain tensor) is written by one of them, chosen so the
+bytes each rank writes stay balanced: chunks are taken largest first (then by name and offsets, a
+canonical order) and each goes to the holder that has been given the fewest bytes so far (ties to the
+lowest rank). So a rank never writes more than the average load of the ranks it shares chunks
+with plus one chunk. For all ranks to reach the same plan, every rank holding a chunk must see the
+same tensors (true for the DTensors of one model spread over ``group_ranks``: the world, or one
+pipeline stage's ranks).
+
+Example (one process, a plain tensor held by ranks 0 and 1):
+    >>> import torch
+    >>> plan = plan_writes({"a": torch.ones(4), "b": torch.ones(2)}, rank=1, group_ranks=[0, 1])
+    >>> [(w.name, w.writer) for w in plan.writes]
+    [('a', 0), ('b', 1)]
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lightning_sharing.errors import CheckpointError, UnsupportedStateError
+from lightning_sharing.format.safetensors_io import dtype_name
+
+from .chunkfile import DEFAULT_BLOCK_SIZE, write_chunk_file
+from .index import ChunkRecord, FileRecord, ShardedIndex, TensorRecord
+from .layout import Box, TensorLayout, local_tensor, tensor_layout
+
+__all__ = ["ChunkWrite", "WritePlan", "chunk_key", "plan_writes", "write_chunks"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ChunkWrite:
+    """One chunk of the job and the rank that writes it."""
+
+    name: str
+    box: Box
+    nbytes: int
+    holders: tuple[int, ...]
+    writer: int
+
+
+@dataclass(frozen=True)
+class WritePlan:
+    """Every chunk of a component's state in the job, who writes it, and this rank's layouts."""
+
+    rank: int
+    layouts: Mapping[str, TensorLayout]
+    writes: tuple[ChunkWrite, ...]
+
+    def mine(self) -> list[ChunkWrite]:
+        """The chunks this rank writes."""
+        return [w for w in self.writes if w.writer == self.rank]
+
+    def bytes_by_rank(self) -> dict[int, int]:
+        """Bytes each rank is to write."""
+        totals: dict[int, int] = {}
+        for write in self.writes:
+            totals[write.writer] = totals.get(write.writer, 0) + write.nbytes
+        return dict(sorted(totals.items()))
+
+
+def _default_rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _default_holders() -> list[int]:
+    import torch.distributed as dist
+
+    return list(range(dist.get_world_size())) if dist.is_available() and dist.is_initialized() else [0]
+
+
+def plan_writes(state: Mapping[str, torch.Tensor], *, rank: int | None = None,
+                group_ranks: Sequence[int] | None = None) -> WritePlan:
+    """Assign every chunk of ``state`` (name -> Tensor or DTensor) a writer; see the module docstring.
+
+    ``rank`` defaults to this process's global rank; ``group_ranks``, the global ranks over which the
+    component is spread (they all hold its plain tensors, see ``tensor_layout``), to every rank of
+    the default group. Raises ``UnsupportedStateError`` for a value that is not a tensor, a layout that
+    cannot be stored as chunks, or a dtype safetensors cannot hold.
+    """
+    rank = _default_rank() if rank is None else rank
+    holders = _default_holders() if group_ranks is None else sorted(set(group_ranks))
+    if rank not in holders:
+        raise UnsupportedStateError(f"plan_writes: rank {rank} is not one of group_ranks {holders}")
+    layouts: dict[str, TensorLayout] = {}
+    for name, tensor in state.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise UnsupportedStateError(f"state entry {name!r} is a {type(tensor).__name__}, not a tensor")
+        layout = tensor_layout(name, tensor, rank=rank, group_ranks=holders)
+        try:
+            dtype_name(layout.dtype)
+        except CheckpointError as exc:
+            raise UnsupportedStateError(f"tensor {name!r}: {exc}") from None
+        layouts[name] = layout
+    pending = [(layout.name, chunk, chunk.box.numel * layout.element_size)
+               for layout in layouts.values() for chunk in layout.chunks]
+    pending.sort(key=lambda item: (-item[2], item[0], item[1].box.offsets))
+    load: dict[int, int] = {}
+    writes = []
+    for name, chunk, size in pending:
+        writer = min(chunk.holders, key=lambda r: (load.get(r, 0), r))
+        load[writer] = load.get(writer, 0) + size
+        writes.append(ChunkWrite(name, chunk.box, size, chunk.holders, writer))
+    writes.sort(key=lambda w: (w.name, w.box.offsets))
+    return WritePlan(rank, layouts, tuple(writes))
+
+
+def chunk_key(name: str, box: Box, global_shape: tuple[int, ...]) -> str:
+    """The safetensors key of a chunk: the tensor's name for a whole tensor, ``name@o0,o1`` for a piece."""
+    if box.sizes == tuple(global_shape):
+        return name
+    return f"{name}@{','.join(str(o) for o in box.offsets)}"
+
+
+def write_chunks(root: str | Path, file: str, plan: WritePlan, state: Mapping[str, torch.Tensor], *,
+                 block_size: int = DEFAULT_BLOCK_SIZE) -> ShardedIndex:
+    """Write the chunks ``plan`` assigns to this rank into ``root/file``; return this rank's partial index.
+
+    ``file`` is the relative path the index records (``{key}/chunks-{rank:05d}.safetensors``, say).
+    No file is written when this rank writes no chunk. The partial index lists every tensor of the
+    state (shape and dtype, also those with no chunk here) and this rank's chunks; ``merge_indexes``
+    joins the ranks' parts.
+    """
+    mine = plan.mine()
+    entries: list[tuple[str, torch.Tensor]] = []
+    for write in mine:
+        layout = plan.layouts[write.name]
+        data = local_tensor(state[write.name])
+        if write.box != layout.local or tuple(data.shape) != write.box.sizes:
+            raise UnsupportedStateError(f"tensor {write.name!r}: this rank was assigned chunk {write.box} but "
+                                        f"holds {layout.local}; the state changed since plan_writes")
+        entries.append((chunk_key(write.name, write.box, layout.global_shape), data))
+    records: dict[str, list[ChunkRecord]] = {name: [] for name in plan.layouts}
+    files: dict[str, FileRecord] = {}
+    if entries:
+        path = Path(root) / file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        info = write_chunk_file(path, entries, block_size=block_size)
+        files[file] = FileRecord(file, info.size, info.checksum, info.block_size, plan.rank)
+        for write, entry in zip(mine, info.entries, strict=True):
+            records[write.name].append(ChunkRecord(write.box.offsets, write.box.sizes, file, entry.key,
+                                                   entry.begin, entry.length, plan.rank, entry.blocks))
+        log.debug("rank %d wrote %d chunks (%d bytes) to %s", plan.rank, len(entries), info.size, file)
+    tensors = {name: TensorRecord(dtype_name(layout.dtype), layout.global_shape, tuple(records[name]))
+               for name, layout in plan.layouts.items()}
+    return ShardedIndex(tensors, files)
