@@ -1,0 +1,56 @@
+"""``OptimizerState``: an optimizer's state keyed by parameter name (FQN), not by parameter index.
+
+``torch.optim.Optimizer.state_dict()`` numbers parameters 0, 1, 2... in the order they were given, so a
+checkpoint only loads into an optimizer built the same way, and two pipeline stages both have a
+"parameter 0". Keyed by FQN (``layers.0.weight``, with DDP's ``module.`` and FSDP/compile wrappers
+taken off, as ``torch.distributed.checkpoint.state_dict`` does), the state loads into any optimizer over
+a model with those names: plain, DDP, FSDP2 or tensor parallel. Under FSDP2 / tensor parallelism the
+per-parameter tensors (``exp_avg``, ...) are DTensors laid out like their parameters, so a SHARDED
+component holding this state reshards like the model.
+
+``state_dict()`` on an optimizer that has not taken a step yet first creates its state (one step with
+zero gradients and a learning rate of 0, which leaves the parameters unchanged), so that a loader can
+read saved tensors straight into it; ``load_state_dict`` then restores every value, param groups
+(learning rates, betas, ...) included.
+
+Example:
+    >>> import torch
+    >>> model = torch.nn.Linear(2, 2)
+    >>> state = OptimizerState(model, torch.optim.AdamW(model.parameters()))
+    >>> sorted(state.state_dict()["state"])
+    ['bias', 'weight']
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+__all__ = ["OptimizerState"]
+
+
+class OptimizerState:
+    """A stateful for ``StateComponent``: ``optimizer``'s state keyed by the FQNs of ``model``'s parameters.
+
+    Declare it SHARDED for FSDP2 / tensor-parallel models, REPLICATED under DDP, PER_GROUP for the
+    stages of a pipeline. ``state_dict()`` returns
+    ``{"state": {fqn: {"step": ..., "exp_avg": ..., ...}}, "param_groups": [{"lr": ..., "params": [fqn, ...]}]}``
+    holding the optimizer's own tensors (not copies).
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.model = model
+        self.optimizer = optimizer
+
+    def state_dict(self) -> dict[str, Any]:
+        """The optimizer state keyed by FQN; creates the state of an optimizer that has not stepped yet."""
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        return get_optimizer_state_dict(self.model, self.optimizer)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore ``state_dict`` (as returned by ``state_dict()``, possibly from another layout or world size)."""
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+        set_optimizer_state_dict(self.model, self.optimizer, state_dict)
