@@ -184,8 +184,9 @@ def _slice_table(root_shape: tuple[int, ...], root_ranks: tuple[int, ...],
     holders: list[list[int]] = [[] for _ in ranks]
     for r in root_ranks:
         i = place.get(tuple(coordinates[r][d] for d in varying))
-        if i is not None:
-            holders[i].append(r)
+        if i is None:  # not a slice along whole root dims (a diagonal, say): nothing to infer
+            return None
+        holders[i].append(r)
     return tuple(tuple(h) for h in holders)
 
 

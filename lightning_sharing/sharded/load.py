@@ -23,7 +23,6 @@ from pathlib import Path
 import torch
 
 from lightning_sharing.errors import CheckpointError, CorruptCheckpointError
-from lightning_sharing.format.safetensors_io import dtype_name
 
 from .chunkfile import ByteSource, LocalFiles, read_blocks
 from .index import ChunkRecord, FileRecord, ShardedIndex, TensorRecord
@@ -112,14 +111,18 @@ def _plan_tensor(name: str, record: TensorRecord, tensor: torch.Tensor) -> Tenso
         raise CheckpointError(f"tensor {name!r} has global shape {list(record.shape)} in the checkpoint but "
                               f"{list(shape)} in the live state; the model does not match the checkpoint")
     if tensor.dtype != record.torch_dtype:
-        raise CheckpointError(f"tensor {name!r} has dtype {record.torch_dtype} ({record.dtype}) in the "
-                              f"checkpoint but {tensor.dtype} ({dtype_name(tensor.dtype)}) in the live state")
+        raise CheckpointError(f"tensor {name!r} has dtype {record.torch_dtype} in the checkpoint but "
+                              f"{tensor.dtype} in the live state")
     if is_dtensor(tensor):
         # tensor_layout checks the placements (and that DTensor agrees with them) before any byte lands.
         live = tensor_layout(name, tensor, rank=_rank(), group_ranks=()).local
     else:
         live = Box((0,) * len(shape), shape)
-    target = local_tensor(tensor)
+    return _plan_box(name, record, live, local_tensor(tensor))
+
+
+def _plan_box(name: str, record: TensorRecord, live: Box, target: torch.Tensor) -> TensorRead:
+    """The reads that fill ``target``, the box ``live`` of the saved tensor."""
     pieces = []
     for chunk in record.chunks:
         overlap = live.intersect(chunk.box) if live.numel else None
