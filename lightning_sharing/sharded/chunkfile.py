@@ -147,9 +147,12 @@ class LocalFiles:
     def _fd(self, path: str) -> int:
         if path not in self._fds:
             try:
-                self._fds[path] = os.open(self.root / path, os.O_RDONLY)
+                self._fds[path] = os.open(self.root / path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
             except FileNotFoundError:
                 raise CorruptCheckpointError(f"chunk file {path} is missing from {self.root}") from None
+            except OSError as exc:  # ELOOP: the file is a symbolic link
+                raise CorruptCheckpointError(f"chunk file {path} in {self.root} cannot be opened ({exc}); a "
+                                             "checkpoint's files must be regular files inside it") from None
         return self._fds[path]
 
     def size(self, path: str) -> int:

@@ -29,7 +29,7 @@ import torch
 
 from lightning_sharing.errors import UnsupportedStateError
 
-__all__ = ["Box", "Chunk", "TensorLayout", "is_dtensor", "local_tensor", "tensor_layout"]
+__all__ = ["Box", "Chunk", "TensorLayout", "is_dtensor", "local_box", "local_tensor", "tensor_layout"]
 
 
 @dataclass(frozen=True)
@@ -126,8 +126,35 @@ def tensor_layout(name: str, tensor: torch.Tensor, *, rank: int, group_ranks: Se
         chunks = (Chunk(box, group),) if box.numel and group else ()
         return TensorLayout(name, shape, tensor.dtype, box, chunks, "plain")
     mesh = tensor.device_mesh
+    ranks, boxes = _dtensor_boxes(name, tensor, rank)
+    local = boxes[ranks.index(rank)]
+    replicas = _replicas(name, mesh, ranks, rank)
+    members = set(group)
+    holders: dict[Box, set[int]] = {}
+    for box, holding in zip(boxes, replicas, strict=True):
+        if box.numel:
+            holders.setdefault(box, set()).update(r for r in holding if r in members)
+    chunks = tuple(Chunk(box, tuple(sorted(rs))) for box, rs in sorted(holders.items(), key=lambda kv: kv[0].offsets)
+                   if rs)
+    described = f"{tuple(tensor.placements)} on a mesh of shape {tuple(mesh.shape)}"
+    return TensorLayout(name, tuple(tensor.shape), tensor.dtype, local, chunks, described)
+
+
+def local_box(name: str, tensor: torch.Tensor, *, rank: int) -> Box:
+    """The box of the global tensor that global ``rank`` holds: all of a plain tensor, a DTensor's piece.
+
+    Raises ``UnsupportedStateError`` as ``tensor_layout`` does.
+    """
+    if not is_dtensor(tensor):
+        return Box((0,) * tensor.dim(), tuple(tensor.shape))
+    ranks, boxes = _dtensor_boxes(name, tensor, rank)
+    return boxes[ranks.index(rank)]
+
+
+def _dtensor_boxes(name: str, tensor: torch.Tensor, rank: int) -> tuple[tuple[int, ...], tuple[Box, ...]]:
+    """The ranks of a DTensor's mesh and the box each holds, checked against what DTensor reports here."""
+    mesh = tensor.device_mesh
     placements = tuple(tensor.placements)
-    shape = tuple(tensor.shape)
     ranks = tuple(int(r) for r in mesh.mesh.flatten().tolist())
     described = f"{placements} on a mesh of shape {tuple(mesh.shape)}"
     if rank not in ranks:
@@ -136,23 +163,14 @@ def tensor_layout(name: str, tensor: torch.Tensor, *, rank: int, group_ranks: Se
             f"({rank}); a SHARDED component may hold only DTensors whose mesh includes the rank holding them"
         )
     try:
-        boxes = _mesh_boxes(shape, tuple(mesh.shape), placements)
+        boxes = _mesh_boxes(tuple(tensor.shape), tuple(mesh.shape), placements)
     except UnsupportedStateError as exc:
         raise UnsupportedStateError(f"tensor {name!r}: {exc}") from None
-    local = boxes[ranks.index(rank)]
-    _check_against_dtensor(name, tensor, local, described)
-    replicas = _replicas(mesh, ranks, rank)
-    members = set(group)
-    holders: dict[Box, set[int]] = {}
-    for box, holding in zip(boxes, replicas, strict=True):
-        if box.numel:
-            holders.setdefault(box, set()).update(r for r in holding if r in members)
-    chunks = tuple(Chunk(box, tuple(sorted(rs))) for box, rs in sorted(holders.items(), key=lambda kv: kv[0].offsets)
-                   if rs)
-    return TensorLayout(name, shape, tensor.dtype, local, chunks, described)
+    _check_against_dtensor(name, tensor, boxes[ranks.index(rank)], described)
+    return ranks, boxes
 
 
-def _replicas(mesh: object, ranks: tuple[int, ...], rank: int) -> tuple[tuple[int, ...], ...]:
+def _replicas(name: str, mesh: object, ranks: tuple[int, ...], rank: int) -> tuple[tuple[int, ...], ...]:
     """For each coordinate of ``mesh`` (row-major), the global ranks holding it: its own rank, and the
     ranks at the same place of every other slice of the root mesh that ``mesh`` was cut from."""
     root = mesh._get_root_mesh() if hasattr(mesh, "_get_root_mesh") else mesh  # type: ignore[attr-defined]
@@ -162,8 +180,8 @@ def _replicas(mesh: object, ranks: tuple[int, ...], rank: int) -> tuple[tuple[in
     table = _slice_table(tuple(root.mesh.shape), root_ranks, ranks)
     if table is None or rank not in table[ranks.index(rank)]:
         raise UnsupportedStateError(
-            f"a DTensor's mesh (ranks {list(ranks)}) is not a slice of its root mesh (ranks {list(root_ranks)}); "
-            "cannot tell which other ranks hold the same pieces"
+            f"tensor {name!r} is a DTensor on mesh ranks {list(ranks)}, which is not a slice of its root mesh "
+            f"(ranks {list(root_ranks)}); cannot tell which other ranks hold the same pieces"
         )
     return table
 
@@ -195,7 +213,7 @@ def _check_against_dtensor(name: str, tensor: torch.Tensor, local: Box, describe
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     sizes, offsets = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)
-    held = tuple(tensor.to_local().shape)
+    held = tuple(local_tensor(tensor).shape)
     same_offsets = tuple(offsets) == local.offsets or local.numel == 0
     if tuple(sizes) != local.sizes or held != local.sizes or not same_offsets:
         raise UnsupportedStateError(

@@ -26,7 +26,7 @@ from lightning_sharing.errors import CheckpointError, CorruptCheckpointError
 
 from .chunkfile import ByteSource, LocalFiles, read_blocks
 from .index import ChunkRecord, FileRecord, ShardedIndex, TensorRecord
-from .layout import Box, is_dtensor, local_tensor, tensor_layout
+from .layout import Box, local_box, local_tensor
 
 __all__ = ["ReadPiece", "ReadPlan", "ReadStats", "TensorRead", "load_sharded", "plan_reads", "read_chunks"]
 
@@ -71,10 +71,11 @@ class ReadPlan:
 
 @dataclass
 class ReadStats:
-    """Bytes read per file (whole verified blocks) and the bytes the live state needed."""
+    """Bytes read per file (whole verified blocks), the bytes the live state needed, and the overlaps read."""
 
     bytes_needed: int = 0
     bytes_by_file: dict[str, int] = field(default_factory=dict)
+    pieces: int = 0
 
     @property
     def bytes_read(self) -> int:
@@ -113,12 +114,8 @@ def _plan_tensor(name: str, record: TensorRecord, tensor: torch.Tensor) -> Tenso
     if tensor.dtype != record.torch_dtype:
         raise CheckpointError(f"tensor {name!r} has dtype {record.torch_dtype} in the checkpoint but "
                               f"{tensor.dtype} in the live state")
-    if is_dtensor(tensor):
-        # tensor_layout checks the placements (and that DTensor agrees with them) before any byte lands.
-        live = tensor_layout(name, tensor, rank=_rank(), group_ranks=()).local
-    else:
-        live = Box((0,) * len(shape), shape)
-    return _plan_box(name, record, live, local_tensor(tensor))
+    # local_box checks a DTensor's placements (and that DTensor agrees with them) before any byte lands.
+    return _plan_box(name, record, local_box(name, tensor, rank=_rank()), local_tensor(tensor))
 
 
 def _plan_box(name: str, record: TensorRecord, live: Box, target: torch.Tensor) -> TensorRead:
@@ -169,7 +166,7 @@ def read_chunks(plan: ReadPlan, index: ShardedIndex, source: ByteSource, *,
     ``CorruptCheckpointError`` naming the tensor, the chunk, the file and the block for any byte
     whose block checksum does not match; the live tensor may then hold part of the corrupt data.
     """
-    stats = ReadStats(bytes_needed=plan.bytes_needed)
+    stats = ReadStats(bytes_needed=plan.bytes_needed, pieces=sum(len(r.pieces) for r in plan.reads))
     counting = _Counting(source, index.files, stats)
     work = [(piece.chunk.file, piece.chunk.begin + _first_byte(piece, read), read, piece)
             for read in plan.reads for piece in read.pieces]

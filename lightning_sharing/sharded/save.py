@@ -5,8 +5,8 @@ for every chunk in the job, with no communication. A chunk held by several ranks
 ``Replicate`` mesh dims, or the holders of a plain tensor) is written by one of them, chosen so the
 bytes each rank writes stay balanced: chunks are taken largest first (then by name and offsets, a
 canonical order) and each goes to the holder that has been given the fewest bytes so far (ties to the
-lowest rank). So a rank never writes more than the average load of the ranks it shares chunks
-with plus one chunk. For all ranks to reach the same plan, every rank holding a chunk must see the
+lowest rank). Where chunks share one set of holders (the replicas of HSDP, of DDP), no holder writes
+more than their average plus one chunk. For all ranks to reach the same plan, every rank holding a chunk must see the
 same tensors (true for the DTensors of one model spread over ``group_ranks``: the world, or one
 pipeline stage's ranks).
 

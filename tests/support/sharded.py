@@ -135,4 +135,5 @@ def load_into(root: Path, key: str, model: torch.nn.Module, optimizer: torch.opt
     state = unflatten(skeleton, tensors)
     state["param_groups"] = saved_groups
     holder.load_state_dict(state)
-    return {"read": stats.bytes_read, "needed": stats.bytes_needed, "files": sorted(stats.bytes_by_file)}
+    return {"read": stats.bytes_read, "needed": stats.bytes_needed, "pieces": stats.pieces,
+            "files": sorted(stats.bytes_by_file)}

@@ -199,6 +199,15 @@ def test_truncated_and_missing_files_refused(saved):
         load_sharded(root, index, {"w": torch.zeros(8, 6)})
 
 
+def test_symlinked_chunk_file_refused(saved):
+    root, index, _ = saved
+    path = root / index.tensors["w"].chunks[0].file
+    path.rename(root / "elsewhere")
+    path.symlink_to(root / "elsewhere")
+    with pytest.raises(CorruptCheckpointError, match="must be regular files inside it"):
+        load_sharded(root, index, {"w": torch.zeros(8, 6)})
+
+
 def test_shape_dtype_and_name_mismatches(saved):
     _, index, _ = saved
     with pytest.raises(CheckpointError, match=r"tensor 'w' has global shape \[8, 6\] in the checkpoint but \[8, 5\]"):
