@@ -158,6 +158,11 @@ def merge_indexes(parts: Iterable[ShardedIndex]) -> ShardedIndex:
     Raises ``CheckpointError`` if ranks disagree on a tensor's shape or dtype, if a file is listed by
     two ranks, or if the joined chunks do not tile every tensor exactly once (a chunk written twice or
     by nobody: the ranks did not hold the same tensors, which a SHARDED component requires).
+
+    Example:
+        >>> parts = [None] * world_size                                              # doctest: +SKIP
+        >>> dist.all_gather_object(parts, part.to_json())                            # doctest: +SKIP
+        >>> index = merge_indexes(ShardedIndex.from_json(p, complete=False) for p in parts)  # doctest: +SKIP
     """
     tensors: dict[str, tuple[str, tuple[int, ...], list[ChunkRecord]]] = {}
     files: dict[str, FileRecord] = {}

@@ -144,6 +144,10 @@ def local_box(name: str, tensor: torch.Tensor, *, rank: int) -> Box:
     """The box of the global tensor that global ``rank`` holds: all of a plain tensor, a DTensor's piece.
 
     Raises ``UnsupportedStateError`` as ``tensor_layout`` does.
+
+    Example:
+        >>> local_box("w", torch.zeros(2, 3), rank=0)
+        Box(offsets=(0, 0), sizes=(2, 3))
     """
     if not is_dtensor(tensor):
         return Box((0,) * tensor.dim(), tuple(tensor.shape))

@@ -88,6 +88,10 @@ def plan_reads(index: ShardedIndex, state: Mapping[str, torch.Tensor], *, strict
     Raises ``CheckpointError`` naming the tensor for a global shape or dtype that differs from the
     saved one, and (``strict``) for live tensors the checkpoint lacks or saved tensors the live state
     lacks (with ``strict=False`` both are skipped).
+
+    Example:
+        >>> plan = plan_reads(index, model.state_dict())   # doctest: +SKIP
+        >>> plan.files(), plan.bytes_needed                 # doctest: +SKIP
     """
     missing = sorted(name for name in state if name not in index.tensors)
     unexpected = sorted(name for name in index.tensors if name not in state)
@@ -165,6 +169,10 @@ def read_chunks(plan: ReadPlan, index: ShardedIndex, source: ByteSource, *,
     ``window`` bounds the scratch memory of a non-contiguous overlap. Raises
     ``CorruptCheckpointError`` naming the tensor, the chunk, the file and the block for any byte
     whose block checksum does not match; the live tensor may then hold part of the corrupt data.
+
+    Example:
+        >>> with LocalFiles("step=5.ckpt") as files:          # doctest: +SKIP
+        ...     stats = read_chunks(plan, index, files)
     """
     stats = ReadStats(bytes_needed=plan.bytes_needed, pieces=sum(len(r.pieces) for r in plan.reads))
     counting = _Counting(source, index.files, stats)

@@ -132,6 +132,10 @@ def write_chunks(root: str | Path, file: str, plan: WritePlan, state: Mapping[st
     No file is written when this rank writes no chunk. The partial index lists every tensor of the
     state (shape and dtype, also those with no chunk here) and this rank's chunks; ``merge_indexes``
     joins the ranks' parts.
+
+    Example:
+        >>> part = write_chunks(root, f"model/chunks-{plan.rank:05d}.safetensors", plan, state)  # doctest: +SKIP
+        >>> part.files  # this rank's file, with its size and checksum                        # doctest: +SKIP
     """
     mine = plan.mine()
     entries: list[tuple[str, torch.Tensor]] = []

@@ -206,7 +206,9 @@ def test_corrupt_byte_refused_by_every_rank_reading_it(chain):
         assert message.startswith("CorruptCheckpointError: ")
         assert f"tensor '{CORRUPT_TENSOR}', chunk at offsets [4, 0] in a/chunks-00001.safetensors" in message
         assert "the file is corrupt (altered after the save)" in message
-    # FSDP2 on the same mesh: only rank 1 reads that chunk; rank 0 reads other blocks of the file and loads.
+    # FSDP2 on the same mesh: only rank 1 reads that chunk; rank 0 reads other blocks of the same file
+    # (the AdamW steps rank 1 wrote) and loads.
+    assert "a/chunks-00001.safetensors" in a[0]["read"]["files"]
     assert a[0]["corrupt_sharded"] == "ok"
     assert f"tensor '{CORRUPT_TENSOR}', chunk at offsets [4, 0]" in a[1]["corrupt_sharded"]
 
