@@ -7,7 +7,8 @@ The pieces, bottom up:
   ``write_chunks`` (this rank's chunks into one safetensors file, with block checksums).
 - ``index``: ``ShardedIndex``, the JSON chunk index (strictly parsed), and ``merge_indexes``.
 - ``load``: ``plan_reads`` and ``read_chunks``: only the overlapping bytes, verified, into the live tensors.
-- ``chunkfile``: the safetensors chunk file writer and the block-verified ranged reader.
+- ``chunkfile``: the safetensors chunk file writer (to a local file or any ``ByteSink``) and the
+  block-verified ranged reader (``LocalFiles``, or ``StoreFiles`` over a ``CheckpointStore``).
 
 Example (every rank; ``state`` maps names to DTensors or tensors):
     >>> plan = plan_writes(state)                                                    # doctest: +SKIP
@@ -16,7 +17,7 @@ Example (every rank; ``state`` maps names to DTensors or tensors):
     >>> load_sharded(root, ShardedIndex.from_json(index.to_json()), new_state)       # doctest: +SKIP
 """
 
-from .chunkfile import DEFAULT_BLOCK_SIZE, ByteSource, LocalFiles
+from .chunkfile import DEFAULT_BLOCK_SIZE, ByteSource, ChunkStore, LocalFiles, StoreFiles
 from .index import ChunkRecord, FileRecord, ShardedIndex, TensorRecord, merge_indexes
 from .layout import Box, Chunk, TensorLayout, is_dtensor, tensor_layout
 from .load import ReadPlan, ReadStats, load_sharded, plan_reads, read_chunks
@@ -28,12 +29,14 @@ __all__ = [
     "ByteSource",
     "Chunk",
     "ChunkRecord",
+    "ChunkStore",
     "ChunkWrite",
     "FileRecord",
     "LocalFiles",
     "ReadPlan",
     "ReadStats",
     "ShardedIndex",
+    "StoreFiles",
     "TensorLayout",
     "TensorRecord",
     "WritePlan",

@@ -23,28 +23,32 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 import torch
 import xxhash
 
 from lightning_sharing.errors import CorruptCheckpointError
-from lightning_sharing.format.safetensors_io import CHECKSUM_ALGORITHM, encode_header
+from lightning_sharing.format.safetensors_io import CHECKSUM_ALGORITHM, ByteSink, DescriptorSink, encode_header
 
 __all__ = [
     "DEFAULT_BLOCK_SIZE",
     "ByteSource",
     "ChunkFileInfo",
+    "ChunkStore",
     "EntryInfo",
     "LocalFiles",
+    "StoreFiles",
     "read_blocks",
     "write_chunk_file",
+    "write_chunk_stream",
 ]
 
 DEFAULT_BLOCK_SIZE = 1 << 20
-_WRITE_PIECE = 16 << 20  # bytes handed to one os.write; a multiple of any block size up to it
+_WRITE_PIECE = 16 << 20  # bytes handed to one sink.write, rounded down to whole blocks
 
 
 @dataclass(frozen=True)
@@ -76,7 +80,19 @@ def _byte_view(tensor: torch.Tensor) -> memoryview:
 
 def write_chunk_file(path: Path, entries: Sequence[tuple[str, torch.Tensor]], *,
                      block_size: int = DEFAULT_BLOCK_SIZE) -> ChunkFileInfo:
-    """Write ``entries`` (safetensors key, tensor) as one safetensors file, fsynced; digests on the way.
+    """``write_chunk_stream`` into a local file at ``path``, fsynced."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        info = write_chunk_stream(DescriptorSink(fd), entries, block_size=block_size)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return info
+
+
+def write_chunk_stream(sink: ByteSink, entries: Sequence[tuple[str, torch.Tensor]], *,
+                       block_size: int = DEFAULT_BLOCK_SIZE) -> ChunkFileInfo:
+    """Stream ``entries`` (safetensors key, tensor) into ``sink`` as one safetensors file, digests on the way.
 
     Entries are laid out largest element size first, so every tensor is aligned in the file.
     ``block_size`` must be a positive multiple of 8 (so a block edge never splits an element).
@@ -85,41 +101,42 @@ def write_chunk_file(path: Path, entries: Sequence[tuple[str, torch.Tensor]], *,
         raise ValueError(f"block_size must be a positive multiple of 8, not {block_size}")
     tensors = dict(entries)
     if len(tensors) != len(entries):
-        raise ValueError("write_chunk_file: duplicate entry keys")
+        raise ValueError("write_chunk_stream: duplicate entry keys")
     order = sorted(tensors, key=lambda key: (-tensors[key].element_size(), key))
     header = encode_header(tensors, order, {"format": "pt", "lightning_sharing": "sharded-chunks"})
     whole = xxhash.xxh3_128()
-    infos: list[EntryInfo] = []
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        _write(fd, memoryview(header))
-        whole.update(header)
-        position = len(header)
-        piece = max(block_size, _WRITE_PIECE - _WRITE_PIECE % block_size)
-        for key in order:
-            view = _byte_view(tensors[key]) if tensors[key].numel() else memoryview(b"")
-            blocks = []
-            for start in range(0, len(view), piece):
-                part = view[start:start + piece]
-                _write(fd, part)
-                whole.update(part)
-                blocks.extend(xxhash.xxh3_128(part[b:b + block_size]).hexdigest()
-                              for b in range(0, len(part), block_size))
-            infos.append(EntryInfo(key, position, len(view), tuple(blocks)))
-            position += len(view)
-        os.fsync(fd)
-        size = os.fstat(fd).st_size
-    finally:
-        os.close(fd)
-    by_key = {info.key: info for info in infos}
-    return ChunkFileInfo(size, f"{CHECKSUM_ALGORITHM}:{whole.hexdigest()}", block_size,
-                         tuple(by_key[key] for key, _ in entries))
+    sink.write(memoryview(header))
+    whole.update(header)
+    position = len(header)
+    piece = max(block_size, _WRITE_PIECE - _WRITE_PIECE % block_size)
+    infos: dict[str, EntryInfo] = {}
+    for key in order:
+        view = _byte_view(tensors[key]) if tensors[key].numel() else memoryview(b"")
+        blocks = []
+        for start in range(0, len(view), piece):
+            part = view[start:start + piece]
+            sink.write(part)
+            whole.update(part)
+            blocks.extend(xxhash.xxh3_128(part[b:b + block_size]).hexdigest()
+                          for b in range(0, len(part), block_size))
+        infos[key] = EntryInfo(key, position, len(view), tuple(blocks))
+        position += len(view)
+    return ChunkFileInfo(position, f"{CHECKSUM_ALGORITHM}:{whole.hexdigest()}", block_size,
+                         tuple(infos[key] for key, _ in entries))
 
 
-def _write(fd: int, view: memoryview) -> None:
-    done = 0
-    while done < len(view):
-        done += os.write(fd, view[done:])
+class ChunkStore(Protocol):
+    """The part of ``lightning_sharing.storage.CheckpointStore`` the chunk files need (any store fits)."""
+
+    def join(self, base: str, *parts: str) -> str: ...
+
+    def open_write(self, location: str) -> AbstractContextManager[ByteSink]: ...
+
+    def open_read(self, location: str) -> BinaryIO: ...
+
+    def size(self, location: str) -> int | None: ...
+
+    def check_inside(self, root: str, rel: str) -> str | None: ...
 
 
 class ByteSource(Protocol):
@@ -179,6 +196,57 @@ class LocalFiles:
         self._fds.clear()
 
     def __enter__(self) -> LocalFiles:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class StoreFiles:
+    """A ``ByteSource`` over a checkpoint at ``root`` in a ``ChunkStore`` (a local directory, an object store).
+
+    Example:
+        >>> with StoreFiles(store, checkpoint) as files:      # doctest: +SKIP
+        ...     stats = read_chunks(plan, index, files)
+    """
+
+    def __init__(self, store: ChunkStore, root: str) -> None:
+        self.store, self.root = store, root
+        self._handles: dict[str, BinaryIO] = {}
+
+    def _handle(self, path: str) -> BinaryIO:
+        if path not in self._handles:
+            problem = self.store.check_inside(self.root, path)
+            if problem is not None:
+                raise CorruptCheckpointError(f"chunk file {path} in {self.root} {problem}")
+            self._handles[path] = self.store.open_read(self.store.join(self.root, path))
+        return self._handles[path]
+
+    def size(self, path: str) -> int:
+        size = self.store.size(self.store.join(self.root, path))
+        if size is None:
+            raise CorruptCheckpointError(f"chunk file {path} is missing from {self.root}")
+        return size
+
+    def read_into(self, path: str, offset: int, buffers: Sequence[memoryview]) -> None:
+        handle = self._handle(path)
+        handle.seek(offset)
+        for buffer in buffers:
+            done = 0
+            while done < len(buffer):
+                got = handle.readinto(buffer[done:])
+                if not got:
+                    raise CorruptCheckpointError(f"chunk file {path} ended at byte {offset + done}, before the "
+                                                 "data the index records (truncated?)")
+                done += got
+            offset += len(buffer)
+
+    def close(self) -> None:
+        for handle in self._handles.values():
+            handle.close()
+        self._handles.clear()
+
+    def __enter__(self) -> StoreFiles:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -24,7 +24,7 @@ import torch
 
 from lightning_sharing.errors import CheckpointError, CorruptCheckpointError
 
-from .chunkfile import ByteSource, LocalFiles, read_blocks
+from .chunkfile import ByteSource, ChunkStore, LocalFiles, StoreFiles, read_blocks
 from .index import ChunkRecord, FileRecord, ShardedIndex, TensorRecord
 from .layout import Box, local_box, local_tensor
 
@@ -252,12 +252,13 @@ def _bytes_of(dest: torch.Tensor) -> memoryview:
 
 
 def load_sharded(root: str | Path, index: ShardedIndex, state: Mapping[str, torch.Tensor], *,
-                 strict: bool = True, window: int = DEFAULT_WINDOW) -> ReadStats:
-    """``plan_reads`` + ``read_chunks`` from a local checkpoint directory ``root``.
+                 strict: bool = True, window: int = DEFAULT_WINDOW, store: ChunkStore | None = None) -> ReadStats:
+    """``plan_reads`` + ``read_chunks`` from the checkpoint at ``root`` (in ``store``, or a local directory).
 
     Example:
         >>> load_sharded("step=5.ckpt", index, {"w": model.weight})   # doctest: +SKIP
     """
     plan = plan_reads(index, state, strict=strict)
-    with LocalFiles(root) as files:
+    files: LocalFiles | StoreFiles = LocalFiles(root) if store is None else StoreFiles(store, str(root))
+    with files:
         return read_chunks(plan, index, files, window=window)

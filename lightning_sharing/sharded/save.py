@@ -29,7 +29,7 @@ import torch
 from lightning_sharing.errors import CheckpointError, UnsupportedStateError
 from lightning_sharing.format.safetensors_io import dtype_name
 
-from .chunkfile import DEFAULT_BLOCK_SIZE, write_chunk_file
+from .chunkfile import DEFAULT_BLOCK_SIZE, ChunkStore, write_chunk_file, write_chunk_stream
 from .index import ChunkRecord, FileRecord, ShardedIndex, TensorRecord
 from .layout import Box, TensorLayout, local_tensor, tensor_layout
 
@@ -125,10 +125,12 @@ def chunk_key(name: str, box: Box, global_shape: tuple[int, ...]) -> str:
 
 
 def write_chunks(root: str | Path, file: str, plan: WritePlan, state: Mapping[str, torch.Tensor], *,
-                 block_size: int = DEFAULT_BLOCK_SIZE) -> ShardedIndex:
+                 block_size: int = DEFAULT_BLOCK_SIZE, store: ChunkStore | None = None) -> ShardedIndex:
     """Write the chunks ``plan`` assigns to this rank into ``root/file``; return this rank's partial index.
 
     ``file`` is the relative path the index records (``{key}/chunks-{rank:05d}.safetensors``, say).
+    With ``store`` (a ``CheckpointStore``), the file is written through ``store.open_write`` at
+    ``store.join(root, file)`` (durable when that returns); without, to the local directory ``root``.
     No file is written when this rank writes no chunk. The partial index lists every tensor of the
     state (shape and dtype, also those with no chunk here) and this rank's chunks; ``merge_indexes``
     joins the ranks' parts.
@@ -149,9 +151,13 @@ def write_chunks(root: str | Path, file: str, plan: WritePlan, state: Mapping[st
     records: dict[str, list[ChunkRecord]] = {name: [] for name in plan.layouts}
     files: dict[str, FileRecord] = {}
     if entries:
-        path = Path(root) / file
-        path.parent.mkdir(parents=True, exist_ok=True)
-        info = write_chunk_file(path, entries, block_size=block_size)
+        if store is not None:
+            with store.open_write(store.join(str(root), file)) as sink:
+                info = write_chunk_stream(sink, entries, block_size=block_size)
+        else:
+            path = Path(root) / file
+            path.parent.mkdir(parents=True, exist_ok=True)
+            info = write_chunk_file(path, entries, block_size=block_size)
         files[file] = FileRecord(file, info.size, info.checksum, info.block_size, plan.rank)
         for write, entry in zip(mine, info.entries, strict=True):
             records[write.name].append(ChunkRecord(write.box.offsets, write.box.sizes, file, entry.key,

@@ -151,6 +151,25 @@ def test_plain_state_round_trip_with_writes_spread_over_holders(tmp_path):
     assert stats.bytes_read == stats.bytes_needed == 140 + 6 + 3 + 4
 
 
+def test_through_a_checkpoint_store(tmp_path):
+    from lightning_sharing.storage import LocalStore
+
+    store = LocalStore()
+    state = {"w": torch.randn(9, 4), "b": torch.randn(4)}
+    plans = [plan_writes(state, rank=r, group_ranks=[0, 1]) for r in (0, 1)]
+    parts = [write_chunks(str(tmp_path), f"m/chunks-{p.rank:05d}.safetensors", p, state, block_size=16, store=store)
+             for p in plans]
+    index = merge_indexes(parts)
+    live = {k: torch.zeros_like(v) for k, v in state.items()}
+    stats = load_sharded(str(tmp_path), index, live, store=store)
+    assert all(torch.equal(live[k], state[k]) for k in state) and stats.bytes_read == stats.bytes_needed
+    path = tmp_path / index.tensors["w"].chunks[0].file
+    path.rename(tmp_path / "elsewhere")
+    path.symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(CorruptCheckpointError, match="is a symbolic link; checkpoint files must be regular files"):
+        load_sharded(str(tmp_path), index, live, store=store)
+
+
 def test_plan_writes_refusals():
     from lightning_sharing.errors import UnsupportedStateError
 
