@@ -88,6 +88,7 @@ from lightning_sharing.fabric.state import (
 )
 from lightning_sharing.format.layout import DEFAULT_MAX_SHARD_SIZE
 from lightning_sharing.format.manifest import CheckpointManifest
+from lightning_sharing.lightning.cleanup import adopt_default_group, default_group_exists
 from lightning_sharing.lightning.layout import ValueHolder
 from lightning_sharing.statefuls.metrics import MetricState
 from lightning_sharing.statefuls.rng import RNGState
@@ -197,6 +198,13 @@ class FabricSharingStrategy(DDPStrategy):
     def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
         """Register this strategy as ``"sharing"`` (not the ``ddp*`` names, which stay Fabric's ``DDPStrategy``)."""
         _register(cls, strategy_registry)
+
+    # ------------------------------------------------------------------ environment
+    def setup_environment(self) -> None:
+        """Fabric's setup (the process group), and a clean exit: a group created here is destroyed at exit."""
+        existed = default_group_exists()
+        super().setup_environment()
+        adopt_default_group(existed)
 
     # ------------------------------------------------------------------ save
     def save_checkpoint(

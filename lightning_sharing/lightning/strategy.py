@@ -32,6 +32,7 @@ from lightning_sharing.errors import ComponentDeclarationError, CorruptCheckpoin
 from lightning_sharing.format.layout import DEFAULT_MAX_SHARD_SIZE
 from lightning_sharing.format.manifest import CheckpointManifest
 from lightning_sharing.lightning.checkpoint_io import SharingCheckpointIO, refuse_storage_options
+from lightning_sharing.lightning.cleanup import adopt_default_group, default_group_exists
 from lightning_sharing.lightning.layout import (
     BUILTIN_KEYS,
     ValueHolder,
@@ -169,7 +170,9 @@ class SharingStrategy(DDPStrategy):
 
     # ------------------------------------------------------------------ preemption (see preemption.py)
     def setup_environment(self) -> None:
+        existed = default_group_exists()
         super().setup_environment()
+        adopt_default_group(existed)  # a group created here is destroyed at exit (see cleanup.py)
         trainer = getattr(self.lightning_module, "_trainer", None) if self.lightning_module is not None else None
         if trainer is not None:  # before Lightning registers its signal handlers for this stage
             self.preemption.attach(trainer)

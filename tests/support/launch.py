@@ -29,10 +29,10 @@ def env() -> dict[str, str]:
     return result
 
 
-def start(args: list[str], log: Path) -> subprocess.Popen:
-    """Start ``python *args`` in its own session; output goes to ``log``."""
+def start(args: list[str], log: Path, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start ``python *args`` in its own session (``extra_env`` added to its environment); output goes to ``log``."""
     with open(log, "w") as handle:
-        return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env(), stdout=handle,
+        return subprocess.Popen([sys.executable, *args], cwd=ROOT, env={**env(), **(extra_env or {})}, stdout=handle,
                                 stderr=subprocess.STDOUT, start_new_session=True)
 
 
