@@ -21,7 +21,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -297,13 +297,15 @@ class CheckpointCoordinator:
 
     # ------------------------------------------------------------------ load
     def load_checkpoint(self, path: str | os.PathLike[str], strict: bool = True, *,
-                        verify: str | None = None) -> LoadResult:
+                        verify: str | None = None, ignore: Collection[str] = ()) -> LoadResult:
         """Collective: load every declared component this rank reads from the checkpoint at ``path``.
 
         ``strict=True`` refuses missing required components, undeclared saved components, changed
         patterns and topology changes for rank-specific state; ``strict=False`` skips them and
         reports them in the returned ``LoadResult.skipped``. Files are verified against the
-        manifest before they are read (``verify="checksum"`` or ``"size"``).
+        manifest before they are read (``verify="checksum"`` or ``"size"``). ``ignore`` names saved
+        components the caller leaves out on purpose (say, all but the model): not read, not refused,
+        not reported.
         """
         mode = _check_verify(verify or self.verify)
         self.wait()  # a pending save of this very checkpoint must be complete before it is read
@@ -317,7 +319,7 @@ class CheckpointCoordinator:
         try:
             manifest = CheckpointManifest.load(root)
             check_listed_files(root, manifest)
-            plan = plan_load(manifest, self.components, topology, strict)
+            plan = plan_load(manifest, self.components, topology, strict, ignore)
             to_load, result.skipped, result.manifest = plan.to_load, plan.skipped, manifest
         except Exception as exc:  # made an error on every rank by agree() just below
             error = exc

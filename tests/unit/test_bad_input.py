@@ -622,6 +622,12 @@ def test_undeclared_component_in_the_checkpoint(model_and_counter):
     assert result.loaded == ["model"]
     assert result.skipped == {"counter": "in the checkpoint but not declared"}
     assert same_tensors(fresh, model)
+    # Left out on purpose: a strict load of the model alone, with nothing reported about the counter.
+    again = make_model(1)
+    result = CheckpointCoordinator([StateComponent("model", again, "replicated")]).load_checkpoint(
+        path, ignore={"counter"})
+    assert result.loaded == ["model"] and result.skipped == {}
+    assert same_tensors(again, model)
 
 
 def test_pattern_change(model_and_counter):
