@@ -12,6 +12,7 @@ from lightning_sharing.engine.coordinator import CheckpointCoordinator
 from lightning_sharing.engine.load_plan import LoadResult
 from lightning_sharing.errors import (
     CheckpointError,
+    CheckpointNotFoundError,
     ComponentDeclarationError,
     CorruptCheckpointError,
     DistributedCheckpointError,
@@ -37,6 +38,7 @@ __all__ = [
     "CheckpointCoordinator",
     "CheckpointError",
     "CheckpointManifest",
+    "CheckpointNotFoundError",
     "ComponentDeclarationError",
     "ComponentManifest",
     "CorruptCheckpointError",

@@ -22,7 +22,7 @@ from typing import Any
 
 from lightning_sharing.core.declarations import SharingPattern
 from lightning_sharing.core.topology import Topology
-from lightning_sharing.errors import ComponentDeclarationError, ManifestError
+from lightning_sharing.errors import CheckpointNotFoundError, ComponentDeclarationError, ManifestError
 
 __all__ = [
     "FORMAT_NAME",
@@ -222,9 +222,11 @@ class CheckpointManifest:
     def load(cls, checkpoint_dir: str | os.PathLike[str]) -> CheckpointManifest:
         """Read and validate ``checkpoint_dir/checkpoint_manifest.json``."""
         path = Path(checkpoint_dir) / MANIFEST_NAME
+        if not Path(checkpoint_dir).exists():  # nothing there, or a dangling link
+            raise CheckpointNotFoundError(f"Checkpoint file not found: {checkpoint_dir} does not exist (a "
+                                          "lightning_sharing checkpoint is a directory)")
         if not Path(checkpoint_dir).is_dir():
-            raise ManifestError(f"{checkpoint_dir} is not a checkpoint directory (it does not exist "
-                                "or is not a directory)")
+            raise ManifestError(f"{checkpoint_dir} is not a checkpoint directory (it is a file)")
         if path.is_symlink():
             raise ManifestError(
                 f"{path} is a symbolic link; a checkpoint's manifest must be a regular file inside it "

@@ -20,6 +20,7 @@ import torch
 from lightning_sharing import (
     CheckpointCoordinator,
     CheckpointError,
+    CheckpointNotFoundError,
     ComponentDeclarationError,
     CorruptCheckpointError,
     DistributedCheckpointError,
@@ -165,8 +166,10 @@ def test_missing_manifest(saved):
 
 def test_missing_directory(tmp_path):
     coordinator, _, _ = fresh_coordinator()
-    refused(lambda: coordinator.load_checkpoint(tmp_path / "nope.ckpt"), ManifestError,
-            "nope.ckpt is not a checkpoint directory", "does not exist")
+    # A FileNotFoundError, as Lightning raises for a missing checkpoint file, and still a ManifestError.
+    err = refused(lambda: coordinator.load_checkpoint(tmp_path / "nope.ckpt"), CheckpointNotFoundError,
+                  "Checkpoint file not found: ", "nope.ckpt does not exist")
+    assert isinstance(err, FileNotFoundError) and isinstance(err, ManifestError)
 
 
 def test_unknown_format_version(saved):
