@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.fabric.plugins import CheckpointIO
 
 from lightning_sharing.core.declarations import SharingPattern, StateComponent, ValidationLevel
@@ -42,6 +43,26 @@ __all__ = ["SharingCheckpointIO"]
 log = logging.getLogger(__name__)
 
 _RAW_KEY = "raw"  # a plain dict saved by a rank-local call (e.g. the spawn launcher's weights)
+_MODULE_KEYS = ("model", "trainer")  # what load_from_checkpoint needs
+
+
+def move_tensors(value: Any, map_location: Any) -> Any:
+    """``value`` with its CPU tensors moved as ``torch.load(map_location=...)`` would move CPU-saved tensors."""
+    if map_location is None:
+        return value
+    if isinstance(value, torch.Tensor):
+        if callable(map_location):  # torch.load's fn(storage, location): None keeps the storage where it is
+            moved = map_location(value.untyped_storage(), "cpu")
+            return value if moved is None else value.to(moved.device)
+        if isinstance(map_location, Mapping):
+            target = map_location.get("cpu")
+            return value if target is None else value.to(target)
+        return value.to(map_location)
+    if isinstance(value, Mapping):
+        return {k: move_tensors(v, map_location) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(move_tensors(v, map_location) for v in value)
+    return value
 
 
 def refuse_storage_options(storage_options: Any) -> None:
@@ -174,6 +195,33 @@ class SharingCheckpointIO(CheckpointIO):
                 return dict(holder.value)
             checkpoint, _ = self.load_sharded(path, [], None, {}, strict=False)
             return checkpoint
+
+    def load_for_module(self, path: str | os.PathLike[str], map_location: Any = None) -> dict[str, Any]:
+        """Rank-local: what ``LightningModule.load_from_checkpoint`` reads, from a checkpoint directory.
+
+        Lightning's dict with the model's weights (``state_dict``, in the module's order) and the trainer part
+        (hyper-parameters, ``hparams_type``, epoch, global step, loops, callbacks, datamodule state); the
+        optimizer, scheduler, data position, RNG and user components are not read. Tensors are read onto the
+        CPU; ``map_location`` (a device, a ``{"cpu": device}`` mapping, or torch.load's
+        ``fn(storage, "cpu")``) moves them, as ``torch.load`` would.
+
+        Example:
+            >>> ck = SharingCheckpointIO().load_for_module("ckpts/last.ckpt", map_location="cpu")  # doctest: +SKIP
+            >>> model = MyModule(**ck["hyper_parameters"]); model.load_state_dict(ck["state_dict"])  # doctest: +SKIP
+        """
+        self.wait()
+        with local_only():
+            manifest = CheckpointManifest.load(path)
+            if _RAW_KEY in manifest.components and not set(manifest.components) & set(BUILTIN_KEYS):
+                return move_tensors(self.load_checkpoint(path), map_location)
+            keys = [key for key in _MODULE_KEYS if key in manifest.components]
+            holders = {key: ValueHolder() for key in keys}
+            components = [StateComponent(key, holders[key], manifest.components[key].pattern,
+                                         manifest.components[key].group_name) for key in keys]
+            self._coordinator(components, None).load_checkpoint(
+                path, strict=True, ignore=set(manifest.components) - set(keys))
+            checkpoint = join_checkpoint({key: holder.value for key, holder in holders.items()})
+        return move_tensors(checkpoint, map_location)
 
     def remove_checkpoint(self, path: str | os.PathLike[str], keep: Callable[[Path], str | None] | None = None) -> None:
         """Delete a checkpoint directory atomically (it is never seen half-deleted).

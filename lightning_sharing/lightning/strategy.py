@@ -23,14 +23,21 @@ from typing import Any
 
 from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
+from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DistributedSampler
 
 from lightning_sharing.core.declarations import StateComponent, ValidationLevel, check_unique_keys
 from lightning_sharing.distributed.collectives import broadcast_object, get_rank
 from lightning_sharing.engine.coordinator import CheckpointCoordinator
-from lightning_sharing.errors import ComponentDeclarationError, CorruptCheckpointError, ManifestError
+from lightning_sharing.errors import (
+    CheckpointNotFoundError,
+    ComponentDeclarationError,
+    CorruptCheckpointError,
+    ManifestError,
+)
 from lightning_sharing.format.layout import DEFAULT_MAX_SHARD_SIZE
 from lightning_sharing.format.manifest import CheckpointManifest
+from lightning_sharing.lightning._compat import hook_load_from_checkpoint, trainer_of
 from lightning_sharing.lightning.checkpoint_io import SharingCheckpointIO, refuse_storage_options
 from lightning_sharing.lightning.cleanup import adopt_default_group, default_group_exists
 from lightning_sharing.lightning.layout import (
@@ -119,7 +126,7 @@ class SharingStrategy(DDPStrategy):
     # ------------------------------------------------------------------ declarations
     def _hook_owners(self) -> list[Any]:
         module = self.lightning_module
-        trainer = getattr(module, "_trainer", None) if module is not None else None
+        trainer = trainer_of(module)
         datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
         return [obj for obj in (module, datamodule) if obj is not None]
 
@@ -173,7 +180,7 @@ class SharingStrategy(DDPStrategy):
         existed = default_group_exists()
         super().setup_environment()
         adopt_default_group(existed)  # a group created here is destroyed at exit (see cleanup.py)
-        trainer = getattr(self.lightning_module, "_trainer", None) if self.lightning_module is not None else None
+        trainer = trainer_of(self.lightning_module)
         if trainer is not None:  # before Lightning registers its signal handlers for this stage
             self.preemption.attach(trainer)
 
@@ -204,6 +211,8 @@ class SharingStrategy(DDPStrategy):
             checkpoint, rng = self.sharing_io.load_sharded(checkpoint_path, user, groups, overrides,
                                                            strict=self.strict)
             self._resumed_from = os.path.realpath(checkpoint_path)
+        except CheckpointNotFoundError:
+            raise  # nothing at that path: not a damaged checkpoint to fall back from (FileNotFoundError, as Lightning)
         except (CorruptCheckpointError, ManifestError) as exc:
             # Every rank raised this same error (the agreement step), so every rank gets here.
             if not self.fallback:
@@ -211,8 +220,8 @@ class SharingStrategy(DDPStrategy):
                           "complete checkpoint in %s instead", checkpoint_path, Path(checkpoint_path).parent)
                 raise
             checkpoint, rng = self._load_previous(checkpoint_path, exc, user, groups, overrides)
-        fitting = getattr(getattr(self.lightning_module, "trainer", None), "state", None)
-        if rng is not None and getattr(getattr(fitting, "fn", None), "value", None) == "fit":
+        trainer = trainer_of(self.lightning_module)  # None after strategy.connect(model) alone
+        if rng is not None and trainer is not None and trainer.state.fn == TrainerFn.FITTING:
             # Applied now (so an epoch-boundary resume creates its data iterator from the saved
             # state) and again before the first batch of a mid-epoch resume (see on_train_start).
             RNGState().load_state_dict(rng)
@@ -239,8 +248,7 @@ class SharingStrategy(DDPStrategy):
     # ------------------------------------------------------------------ resume timing
     def process_dataloader(self, dataloader: object) -> object:
         dataloader = super().process_dataloader(dataloader)
-        module = self.lightning_module
-        trainer = getattr(module, "_trainer", None) if module is not None else None
+        trainer = trainer_of(self.lightning_module)
         if trainer is not None and trainer.training:
             _replace_shuffle_wrapper(dataloader)
             # Lightning creates the first data iterator of a fit (in FitLoop.setup_data) before it calls
@@ -349,3 +357,5 @@ def _register(registry: Any = StrategyRegistry) -> None:
 
 
 _register()
+# LightningModule/LightningDataModule.load_from_checkpoint(directory): see _compat.py for the hook chosen.
+hook_load_from_checkpoint(lambda path, map_location: SharingCheckpointIO().load_for_module(path, map_location))
