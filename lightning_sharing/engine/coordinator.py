@@ -207,6 +207,7 @@ class CheckpointCoordinator:
             writes = any(rank in p.writers for p in self._placements(component, topology))
             if writes or component.effective_validation.value != "none":
                 states[component.key] = _with_context(component.key, "state_dict()", component.stateful.state_dict)
+                _warn_if_empty(component, states[component.key])
         return states
 
     def _plan_files(self, topology: Topology, rank: int, saver: BackgroundSaver | None) -> list[tuple[str, CopyPlan]]:
@@ -344,6 +345,22 @@ class CheckpointCoordinator:
             error = exc
         agree(error, f"loading checkpoint {root}")
         return result
+
+_WARNED_EMPTY: set[tuple[str, int]] = set()
+
+
+def _warn_if_empty(component: StateComponent, state: Any) -> None:
+    """A declared stateful that saves nothing is almost always a mistake: say so once per component."""
+    if state is not None and not (isinstance(state, dict) and not state):
+        return
+    marker = (component.key, id(component.stateful))
+    if marker in _WARNED_EMPTY:
+        return
+    _WARNED_EMPTY.add(marker)
+    log.warning("component %r: %s.state_dict() returned %r, so nothing of it is saved; return its state from "
+                "state_dict() (a torchmetrics Metric: declare it directly or as MetricState(metric))",
+                component.key, type(component.stateful).__name__, state)
+
 
 def _with_context(key: str, action: str, fn: Any) -> Any:
     """Run ``fn``; re-raise any failure as a ``CheckpointError`` (of the same kind) that names the component."""
