@@ -30,11 +30,13 @@ from lightning_sharing.format.layout import DEFAULT_MAX_SHARD_SIZE
 from lightning_sharing.format.manifest import CheckpointManifest
 from lightning_sharing.lightning.layout import (
     BUILTIN_KEYS,
+    METRIC_COUNTS_KEY,
     ValueHolder,
     builtin_components,
     join_checkpoint,
     split_checkpoint,
 )
+from lightning_sharing.statefuls.metrics import persistent_state_keys
 from lightning_sharing.statefuls.rng import RNGState
 from lightning_sharing.storage.local import remove_checkpoint
 
@@ -120,16 +122,29 @@ class SharingCheckpointIO(CheckpointIO):
 
     def save_sharded(self, checkpoint: Mapping[str, Any], path: str | os.PathLike[str],
                      user_components: list[StateComponent], process_groups: Any,
-                     overrides: Mapping[str, StateComponent], unreplicated: frozenset[str] = frozenset()) -> None:
+                     overrides: Mapping[str, StateComponent], unreplicated: frozenset[str] = frozenset(),
+                     metrics: Mapping[str, Any] | None = None) -> None:
         """Collective: save Lightning's checkpoint dict plus the user's components.
 
         ``unreplicated`` names model entries that may differ between ranks (buffers such as
         BatchNorm statistics): one copy is saved, but they are left out of the replication check.
+        ``metrics`` (``{name: Metric}`` inside the module): their persistent states in the model's state dict
+        differ between ranks; each rank's copy (and update count) is saved as the PER_RANK ``model_metrics``.
         """
         parts = split_checkpoint(checkpoint)
+        model_state = parts.get("model")
+        metric_keys: list[str] = []
+        if metrics and isinstance(model_state, Mapping):
+            metric_keys = [key for name, metric in metrics.items() for key in persistent_state_keys(name, metric)
+                           if key in model_state]
+            if metric_keys:
+                parts["model_metrics"] = {
+                    "states": {key: model_state[key] for key in metric_keys},
+                    "update_counts": {name: int(metric._update_count) for name, metric in metrics.items()
+                                      if any(key.startswith(f"{name}.") for key in metric_keys)}}
         holders: dict[str, Any] = {key: ValueHolder(value) for key, value in parts.items()}
         if "model" in holders:
-            holders["model"].exempt = unreplicated
+            holders["model"].exempt = unreplicated | frozenset(metric_keys)
         holders["rng"] = RNGState()
         keys = [key for key in BUILTIN_KEYS if key in holders]
         components = builtin_components(keys, holders, overrides, self.validation_level) + list(user_components)
@@ -194,6 +209,7 @@ class SharingCheckpointIO(CheckpointIO):
                     path, strict=False)
                 return dict(holder.value)
             checkpoint, _ = self.load_sharded(path, [], None, {}, strict=False)
+            checkpoint.pop(METRIC_COUNTS_KEY, None)
             return checkpoint
 
     def load_for_module(self, path: str | os.PathLike[str], map_location: Any = None) -> dict[str, Any]:

@@ -11,6 +11,10 @@ key             holds                                                   default
 ``scheduler``   ``checkpoint["lr_schedulers"]``                         REPLICATED
 ``dataloader``  the fit loop's stateful dataloader states               PER_RANK
 ``rng``         this process's RNGs (``RNGState``)                      PER_RANK
+``model_metrics`` the persistent states of torchmetrics metrics inside  PER_RANK
+                the module (``model`` keeps rank 0's copy, unchecked),
+                and each metric's update count
+
 ``trainer``     everything else: loops, callbacks, epoch, global step,  GLOBAL
                 hyper-parameters, datamodule and precision state
 =============== ======================================================= ============
@@ -41,6 +45,7 @@ from lightning_sharing.format.codec import encode_state
 
 __all__ = [
     "BUILTIN_KEYS",
+    "METRIC_COUNTS_KEY",
     "BuiltinState",
     "ValueHolder",
     "builtin_components",
@@ -50,7 +55,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-BUILTIN_KEYS = ("model", "optimizer", "scheduler", "dataloader", "rng", "trainer")
+BUILTIN_KEYS = ("model", "optimizer", "scheduler", "dataloader", "rng", "trainer", "model_metrics")
 _SOURCES = {"model": "state_dict", "optimizer": "optimizer_states", "scheduler": "lr_schedulers"}
 _HPARAM_KEYS = ("hyper_parameters", "datamodule_hyper_parameters")
 _HPARAMS_TYPE_KEY = "hparams_type"
@@ -71,7 +76,10 @@ _DEFAULT_PATTERNS = {
     "dataloader": SharingPattern.PER_RANK,
     "rng": SharingPattern.PER_RANK,
     "trainer": SharingPattern.GLOBAL,
+    "model_metrics": SharingPattern.PER_RANK,
 }
+#: Where ``join_checkpoint`` puts the metrics' update counts ({metric name: count}) for the strategy to apply.
+METRIC_COUNTS_KEY = "lightning_sharing.metric_update_counts"
 
 
 class ValueHolder:
@@ -160,6 +168,11 @@ def join_checkpoint(parts: Mapping[str, Any]) -> dict[str, Any]:
     model = checkpoint.get("state_dict")
     if isinstance(order, list) and isinstance(model, Mapping) and set(order) == set(model):
         checkpoint["state_dict"] = {name: model[name] for name in order}
+    metrics = parts.get("model_metrics")
+    if isinstance(metrics, Mapping) and isinstance(checkpoint.get("state_dict"), Mapping):
+        # This rank's own metric states replace rank 0's copy inside the model's state dict.
+        checkpoint["state_dict"] = {**checkpoint["state_dict"], **dict(metrics.get("states") or {})}
+        checkpoint[METRIC_COUNTS_KEY] = dict(metrics.get("update_counts") or {})
     kind = checkpoint.get(_HPARAMS_TYPE_KEY)
     if isinstance(kind, Mapping) and set(kind) == {_TYPE_MARKER}:
         checkpoint[_HPARAMS_TYPE_KEY] = _allowed_type(kind[_TYPE_MARKER])

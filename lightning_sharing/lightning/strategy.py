@@ -42,11 +42,13 @@ from lightning_sharing.lightning.checkpoint_io import SharingCheckpointIO, refus
 from lightning_sharing.lightning.cleanup import adopt_default_group, default_group_exists
 from lightning_sharing.lightning.layout import (
     BUILTIN_KEYS,
+    METRIC_COUNTS_KEY,
     ValueHolder,
     builtin_components,
     check_user_components,
 )
 from lightning_sharing.lightning.preemption import PreemptionHandler
+from lightning_sharing.statefuls.metrics import module_metrics
 from lightning_sharing.statefuls.rng import RNGState
 from lightning_sharing.storage.local import complete_checkpoints
 
@@ -195,7 +197,7 @@ class SharingStrategy(DDPStrategy):
         refuse_storage_options(storage_options)
         user, overrides = self.declared_components()
         self.sharing_io.save_sharded(checkpoint, filepath, user, self._resolve_process_groups(), overrides,
-                                     unreplicated=self._buffer_names())
+                                     unreplicated=self._buffer_names(), metrics=module_metrics(self.lightning_module))
 
     def _buffer_names(self) -> frozenset[str]:
         # Buffers (BatchNorm running statistics, counters) are updated from each rank's own batch and
@@ -220,6 +222,7 @@ class SharingStrategy(DDPStrategy):
                           "complete checkpoint in %s instead", checkpoint_path, Path(checkpoint_path).parent)
                 raise
             checkpoint, rng = self._load_previous(checkpoint_path, exc, user, groups, overrides)
+        _apply_update_counts(self.lightning_module, checkpoint.pop(METRIC_COUNTS_KEY, None))
         trainer = trainer_of(self.lightning_module)  # None after strategy.connect(model) alone
         if rng is not None and trainer is not None and trainer.state.fn == TrainerFn.FITTING:
             # Applied now (so an epoch-boundary resume creates its data iterator from the saved
@@ -301,6 +304,16 @@ class SharingStrategy(DDPStrategy):
         if newest and os.path.realpath(newest[0][0]) == real:
             return "it is the newest complete checkpoint in its directory"
         return None
+
+
+def _apply_update_counts(module: Any, counts: Any) -> None:
+    """Restore each in-module metric's update count (its states come back through the model's state dict)."""
+    if not counts:
+        return
+    for name, metric in module_metrics(module).items():
+        if name in counts:
+            metric._update_count = int(counts[name])
+            metric._computed = None
 
 
 def _previous_checkpoints(failed: Path) -> list[str]:

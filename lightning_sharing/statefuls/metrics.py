@@ -22,7 +22,7 @@ import torch
 
 from lightning_sharing.core.declarations import register_stateful_adapter
 
-__all__ = ["MetricState", "is_metric"]
+__all__ = ["MetricState", "is_metric", "module_metrics", "persistent_state_keys"]
 
 
 def is_metric(value: Any) -> bool:
@@ -58,6 +58,19 @@ class MetricState:
                 setattr(self.metric, name, value.to(device) if device is not None else value)
         self.metric._update_count = int(state["update_count"])
         self.metric._computed = None
+
+
+def module_metrics(module: Any) -> dict[str, Any]:
+    """``{name: metric}`` for every torchmetrics ``Metric`` inside ``module`` (``named_modules`` names)."""
+    if module is None or not callable(getattr(module, "named_modules", None)):
+        return {}
+    return {name: sub for name, sub in module.named_modules() if name and is_metric(sub)}
+
+
+def persistent_state_keys(name: str, metric: Any) -> list[str]:
+    """The ``module.state_dict()`` keys of ``metric``'s persistent states (``metric.persistent(True)``)."""
+    persistent = getattr(metric, "_persistent", {})
+    return [f"{name}.{state}" for state in metric._defaults if persistent.get(state)]
 
 
 def _wrap_metric(stateful: Any) -> MetricState | None:
