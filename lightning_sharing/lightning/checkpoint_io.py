@@ -212,6 +212,18 @@ class SharingCheckpointIO(CheckpointIO):
             checkpoint.pop(METRIC_COUNTS_KEY, None)
             return checkpoint
 
+    def load_file(self, path: str | os.PathLike[str], weights_only: bool | None = None) -> dict[str, Any]:
+        """Rank-local: an ordinary single-file Lightning checkpoint (``torch.save``), e.g. to migrate from it.
+
+        Read with ``torch.load(weights_only=True)`` unless ``weights_only=False`` is passed (for a trusted file
+        that holds other objects), as Lightning does on torch >= 2.6; tensors are read onto the CPU.
+        """
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True if weights_only is None else weights_only)
+        if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+            raise ValueError(f"{path} is not a Lightning training checkpoint (a dict with a 'state_dict'), but a "
+                             f"{type(checkpoint).__name__}")
+        return checkpoint
+
     def load_for_module(self, path: str | os.PathLike[str], map_location: Any = None) -> dict[str, Any]:
         """Rank-local: what ``LightningModule.load_from_checkpoint`` reads, from a checkpoint directory.
 

@@ -27,7 +27,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DistributedSampler
 
 from lightning_sharing.core.declarations import StateComponent, ValidationLevel, check_unique_keys
-from lightning_sharing.distributed.collectives import broadcast_object, get_rank
+from lightning_sharing.distributed.collectives import agree, all_gather_object, broadcast_object, get_rank
 from lightning_sharing.engine.coordinator import CheckpointCoordinator
 from lightning_sharing.errors import (
     CheckpointNotFoundError,
@@ -206,8 +206,13 @@ class SharingStrategy(DDPStrategy):
         return frozenset(name for name, _ in module.named_buffers()) if module is not None else frozenset()
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
-        """Collective: restore user components in place and return Lightning's checkpoint dict."""
+        """Collective: restore user components in place and return Lightning's checkpoint dict.
+
+        A regular file is an ordinary single-file Lightning checkpoint: see ``_migrate_from_file``.
+        """
         user, overrides = self.declared_components()
+        if agree_on_flag(os.path.isfile(checkpoint_path), f"checking whether {checkpoint_path} is a file"):
+            return self._migrate_from_file(checkpoint_path, weights_only, user)
         groups = self._resolve_process_groups()
         try:
             checkpoint, rng = self.sharing_io.load_sharded(checkpoint_path, user, groups, overrides,
@@ -230,6 +235,39 @@ class SharingStrategy(DDPStrategy):
             RNGState().load_state_dict(rng)
             self._pending_rng = rng
         return checkpoint
+
+    def _migrate_from_file(self, path: Any, weights_only: bool | None, user: list[StateComponent]) -> dict[str, Any]:
+        """Resume from a single-file ``.ckpt`` (written by Lightning's own strategies, this version or older).
+
+        Every rank reads the file (``weights_only=True`` unless ``fit(..., weights_only=False)``); Lightning then
+        restores the model, optimizers, schedulers, loops and callbacks from it and migrates older formats. Such
+        a file has no per-rank state; rank 0 says in one log line what therefore starts fresh.
+        """
+        error: BaseException | None = None
+        checkpoint: dict[str, Any] = {}
+        try:
+            checkpoint = self.sharing_io.load_file(path, weights_only)
+        except Exception as exc:  # made an error on every rank by agree() just below
+            error = exc
+        agree(error, f"reading the single-file checkpoint {path}")
+        self._resumed_from = os.path.realpath(path)
+        if self.is_global_zero:
+            log.warning("%s is a single-file Lightning checkpoint: resuming with its model, optimizer, scheduler, "
+                        "loop and callback state; it holds no per-rank state, so %s", path,
+                        "; ".join(self._missing_from_file(checkpoint, user)))
+        return checkpoint
+
+    def _missing_from_file(self, checkpoint: dict[str, Any], user: list[StateComponent]) -> list[str]:
+        missing = ["each rank's RNG starts from this run's seed (rng)"]
+        loops = checkpoint.get("loops") or {}
+        fit_state = (loops.get("fit_loop") or {}).get("state_dict") or {}
+        if self.world_size > 1 and "combined_loader" in fit_state:
+            missing.append("every rank gets rank 0's dataloader position (dataloader)")
+        if self.world_size > 1 and module_metrics(self.lightning_module):
+            missing.append("the metric states inside the module are rank 0's on every rank (model_metrics)")
+        if user:
+            missing.append(f"your components {[c.key for c in user]} keep their current values")
+        return missing
 
     def _load_previous(self, failed: Any, error: BaseException, user: list[StateComponent], groups: Any,
                        overrides: dict[str, StateComponent]) -> tuple[dict[str, Any], Any]:
@@ -304,6 +342,14 @@ class SharingStrategy(DDPStrategy):
         if newest and os.path.realpath(newest[0][0]) == real:
             return "it is the newest complete checkpoint in its directory"
         return None
+
+
+def agree_on_flag(flag: bool, phase: str) -> bool:
+    """Collective: ``flag`` when every rank has the same one; an error on every rank when they differ."""
+    flags = all_gather_object(bool(flag), phase=phase)
+    if len(set(flags)) > 1:
+        raise ComponentDeclarationError(f"{phase}: ranks disagree ({flags}); every rank must see the same path")
+    return bool(flags[0])
 
 
 def _apply_update_counts(module: Any, counts: Any) -> None:
