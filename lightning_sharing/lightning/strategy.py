@@ -113,6 +113,7 @@ class SharingStrategy(DDPStrategy):
         self._groups_resolved = False
         self._pending_rng: Any = None
         self._rng_at_first_batch = False
+        self._resume_after_last_batch = False
 
     @property
     def sharing_io(self) -> SharingCheckpointIO:
@@ -229,7 +230,17 @@ class SharingStrategy(DDPStrategy):
             checkpoint, rng = self._load_previous(checkpoint_path, exc, user, groups, overrides)
         _apply_update_counts(self.lightning_module, checkpoint.pop(METRIC_COUNTS_KEY, None))
         trainer = trainer_of(self.lightning_module)  # None after strategy.connect(model) alone
-        if rng is not None and trainer is not None and trainer.state.fn == TrainerFn.FITTING:
+        fitting = trainer is not None and trainer.state.fn == TrainerFn.FITTING
+        self._resume_after_last_batch = fitting and _after_last_batch(checkpoint)
+        if self._resume_after_last_batch:
+            # Saved after the epoch's last batch, before the epoch ended (every_n_train_steps landing there):
+            # Lightning counts that epoch as done and starts the next one from the restored loader, whose
+            # state is that of a consumed epoch, so its first iterator yields nothing and a whole epoch's
+            # order is skipped. The next epoch needs no loader position: start it from a fresh iterator.
+            fit_state = checkpoint["loops"]["fit_loop"]["state_dict"]
+            if isinstance(fit_state, dict):
+                fit_state.pop("combined_loader", None)
+        if rng is not None and fitting:
             # Applied now (so an epoch-boundary resume creates its data iterator from the saved
             # state) and again before the first batch of a mid-epoch resume (see on_train_start).
             RNGState().load_state_dict(rng)
@@ -295,7 +306,8 @@ class SharingStrategy(DDPStrategy):
             # Lightning creates the first data iterator of a fit (in FitLoop.setup_data) before it calls
             # set_epoch on the sampler, so a run resumed in epoch e would replay epoch 0's shuffle. Set
             # the epoch the loop is in before that iterator exists (the same value Lightning sets later).
-            _set_sampler_epoch(dataloader, trainer.fit_loop.epoch_progress.current.processed)
+            epoch = trainer.fit_loop.epoch_progress.current.processed
+            _set_sampler_epoch(dataloader, epoch + 1 if self._resume_after_last_batch else epoch)
         return dataloader
 
     def on_train_start(self) -> None:
@@ -305,7 +317,9 @@ class SharingStrategy(DDPStrategy):
         trainer = self.lightning_module.trainer
         # A mid-epoch resume re-creates the epoch's data iterator, which the interrupted run had
         # created before it saved; re-apply the saved RNG after that, right before the first batch.
-        self._rng_at_first_batch = bool(trainer.fit_loop.restarted_mid_epoch)
+        # After an epoch's last batch the next data iterator is new (as in the interrupted run, where it was
+        # created after the save): the RNG applied at restore time is already right for it.
+        self._rng_at_first_batch = bool(trainer.fit_loop.restarted_mid_epoch) and not self._resume_after_last_batch
         if not self._rng_at_first_batch:
             self._pending_rng = None
 
@@ -322,6 +336,7 @@ class SharingStrategy(DDPStrategy):
 
     def teardown(self) -> None:
         self._pending_rng = None
+        self._resume_after_last_batch = False
         super().teardown()  # tears down the CheckpointIO, which waits for pending saves
 
     # ------------------------------------------------------------------ retention
@@ -350,6 +365,16 @@ def agree_on_flag(flag: bool, phase: str) -> bool:
     if len(set(flags)) > 1:
         raise ComponentDeclarationError(f"{phase}: ranks disagree ({flags}); every rank must see the same path")
     return bool(flags[0])
+
+
+def _after_last_batch(checkpoint: dict[str, Any]) -> bool:
+    """Whether Lightning's loop state was saved after an epoch's last batch and before that epoch ended."""
+    fit_loop = (checkpoint.get("loops") or {}).get("fit_loop") or {}
+    epochs = (fit_loop.get("epoch_progress") or {}).get("current") or {}
+    batches = fit_loop.get("epoch_loop.batch_progress") or {}
+    started = epochs.get("started")
+    return bool(batches.get("is_last_batch")) and isinstance(started, int) and epochs.get("ready") == started \
+        and epochs.get("processed") == started - 1 and isinstance(fit_loop.get("state_dict"), dict)
 
 
 def _apply_update_counts(module: Any, counts: Any) -> None:
