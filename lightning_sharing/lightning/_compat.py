@@ -23,7 +23,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["hook_load_from_checkpoint", "trainer_of"]
+__all__ = ["hook_load_from_checkpoint", "set_restored_path", "trainer_of"]
 
 log = logging.getLogger(__name__)
 
@@ -66,3 +66,15 @@ def trainer_of(module: Any) -> Any:
     Relies on ``LightningModule._trainer``.
     """
     return getattr(module, "_trainer", None) if module is not None else None
+
+
+def set_restored_path(trainer: Any, path: str) -> None:
+    """Make ``trainer.ckpt_path`` (and Lightning's "Restored all states from ..." line) name ``path``.
+
+    Used when the strategy loaded another checkpoint than the one Lightning asked for (``fallback=True``).
+    Relies on ``Trainer._checkpoint_connector._ckpt_path`` (the public setter would also mark the path
+    user-managed, which changes how the next ``fit`` picks its checkpoint).
+    """
+    connector = getattr(trainer, "_checkpoint_connector", None)
+    if connector is not None and hasattr(connector, "_ckpt_path"):
+        connector._ckpt_path = path

@@ -37,7 +37,7 @@ from lightning_sharing.errors import (
 )
 from lightning_sharing.format.layout import DEFAULT_MAX_SHARD_SIZE
 from lightning_sharing.format.manifest import CheckpointManifest
-from lightning_sharing.lightning._compat import hook_load_from_checkpoint, trainer_of
+from lightning_sharing.lightning._compat import hook_load_from_checkpoint, set_restored_path, trainer_of
 from lightning_sharing.lightning.checkpoint_io import SharingCheckpointIO, refuse_storage_options
 from lightning_sharing.lightning.cleanup import adopt_default_group, default_group_exists
 from lightning_sharing.lightning.layout import (
@@ -228,6 +228,9 @@ class SharingStrategy(DDPStrategy):
                           "complete checkpoint in %s instead", checkpoint_path, Path(checkpoint_path).parent)
                 raise
             checkpoint, rng = self._load_previous(checkpoint_path, exc, user, groups, overrides)
+            # Lightning's own "Restored all states from the checkpoint at ..." and trainer.ckpt_path must name
+            # the checkpoint that was loaded, not the damaged one.
+            set_restored_path(trainer_of(self.lightning_module), self._resumed_from)
         _apply_update_counts(self.lightning_module, checkpoint.pop(METRIC_COUNTS_KEY, None))
         trainer = trainer_of(self.lightning_module)  # None after strategy.connect(model) alone
         fitting = trainer is not None and trainer.state.fn == TrainerFn.FITTING
