@@ -52,8 +52,13 @@ def load_component(root: Path, component: StateComponent, saved: ComponentManife
         try:
             return read_tensor_file(path, entry.checksum if mode == "checksum" else None, into=live)
         except CorruptCheckpointError as exc:
+            # "<name> has checksum ..." becomes "component 'k', file <rel> (written by rank r) has checksum ...",
+            # the same text as a file verified before it is read (storage.local.verify_file).
+            detail = str(exc)
+            own = f"{path.name} "
+            detail = detail[len(own) - 1:] if detail.startswith(own) else f": {detail}"
             raise CorruptCheckpointError(
-                f"component {key!r}, file {rel} (written by rank {entry.rank}): {exc}") from exc
+                f"component {key!r}, file {rel} (written by rank {entry.rank}){detail}") from exc
 
     available = set(entries)
     if not any(p.startswith(placement.stem) for p in available):
