@@ -26,6 +26,7 @@ from lightning_sharing.engine.coordinator import CheckpointCoordinator
 from lightning_sharing.engine.load_plan import LoadResult
 from lightning_sharing.errors import (
     CheckpointError,
+    CheckpointNotFoundError,
     ComponentDeclarationError,
     CorruptCheckpointError,
     DistributedCheckpointError,
@@ -53,6 +54,7 @@ __all__ = [
     "CheckpointCoordinator",
     "CheckpointError",
     "CheckpointManifest",
+    "CheckpointNotFoundError",
     "CheckpointOptions",
     "ComponentDeclarationError",
     "ComponentManifest",

@@ -1,0 +1,80 @@
+"""Every use of Lightning's private API by lightning_sharing, in one place.
+
+Lightning does not promise to keep these names; when an upgrade moves one, this is the file to fix. Each
+function says what it relies on, and fails loudly (or logs once) rather than misbehaving silently.
+
+``load_from_checkpoint`` of a checkpoint directory: ``LightningModule.load_from_checkpoint`` and
+``LightningDataModule.load_from_checkpoint`` both call ``lightning.pytorch.core.saving._load_from_checkpoint``,
+which reads the path with one function, the module global ``pl_load`` of ``lightning.pytorch.core.saving``
+(``lightning.fabric.utilities.cloud_io._load``, imported under that name). That global is replaced by a function
+that reads a *local directory* with ``SharingCheckpointIO.load_for_module`` and hands anything else (a file, a
+URL, a file object) to Lightning's own ``pl_load`` unchanged. It is the narrowest hook there is: it changes
+what one name in one module does, only for directories, which Lightning itself cannot read (``IsADirectoryError``),
+and everything after the read (legacy migration, ``hparams_file``, overriding kwargs, ``strict``,
+``on_load_checkpoint``, moving the module to the weights' device) stays Lightning's own code. Wrapping
+``cloud_io._load`` itself would not work (``saving`` holds its own reference) and would also change
+``torch.load``-based readers elsewhere; replacing ``load_from_checkpoint`` would duplicate Lightning's logic.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["hook_load_from_checkpoint", "set_restored_path", "trainer_of"]
+
+log = logging.getLogger(__name__)
+
+_HOOK_FLAG = "__lightning_sharing_hook__"
+
+
+def hook_load_from_checkpoint(read_directory: Callable[[str | os.PathLike[str], Any], dict[str, Any]]) -> bool:
+    """Make ``load_from_checkpoint`` read checkpoint directories through ``read_directory(path, map_location)``.
+
+    Idempotent. Returns False (and logs a warning once) if this Lightning has no ``saving.pl_load`` to hook.
+    """
+    from lightning.pytorch.core import saving
+
+    original = getattr(saving, "pl_load", None)
+    if not callable(original):
+        log.warning("this Lightning version has no lightning.pytorch.core.saving.pl_load: "
+                    "LightningModule.load_from_checkpoint cannot read lightning_sharing directories; use "
+                    "SharingCheckpointIO().load_for_module(path) instead")
+        return False
+    if getattr(original, _HOOK_FLAG, False):
+        return True
+
+    def pl_load(path_or_url: Any, map_location: Any = None, weights_only: bool | None = None) -> Any:
+        if isinstance(path_or_url, (str, os.PathLike)) and "://" not in os.fspath(path_or_url) \
+                and os.path.isdir(path_or_url):
+            # A directory checkpoint never unpickles anything: weights_only does not apply to it.
+            return read_directory(path_or_url, map_location)
+        return original(path_or_url, map_location=map_location, weights_only=weights_only)
+
+    setattr(pl_load, _HOOK_FLAG, True)
+    pl_load.__wrapped__ = original  # type: ignore[attr-defined]
+    pl_load.__doc__ = original.__doc__
+    saving.pl_load = pl_load
+    return True
+
+
+def trainer_of(module: Any) -> Any:
+    """The Trainer a LightningModule is attached to, or None (``module.trainer`` raises when there is none).
+
+    Relies on ``LightningModule._trainer``.
+    """
+    return getattr(module, "_trainer", None) if module is not None else None
+
+
+def set_restored_path(trainer: Any, path: str) -> None:
+    """Make ``trainer.ckpt_path`` (and Lightning's "Restored all states from ..." line) name ``path``.
+
+    Used when the strategy loaded another checkpoint than the one Lightning asked for (``fallback=True``).
+    Relies on ``Trainer._checkpoint_connector._ckpt_path`` (the public setter would also mark the path
+    user-managed, which changes how the next ``fit`` picks its checkpoint).
+    """
+    connector = getattr(trainer, "_checkpoint_connector", None)
+    if connector is not None and hasattr(connector, "_ckpt_path"):
+        connector._ckpt_path = path
