@@ -23,7 +23,13 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["hook_load_from_checkpoint", "set_restored_path", "trainer_of"]
+__all__ = [
+    "allow_launch_under_fabric_cli",
+    "hook_load_from_checkpoint",
+    "set_restored_path",
+    "trainer_of",
+    "unwrap_fabric_objects",
+]
 
 log = logging.getLogger(__name__)
 
@@ -78,3 +84,31 @@ def set_restored_path(trainer: Any, path: str) -> None:
     connector = getattr(trainer, "_checkpoint_connector", None)
     if connector is not None and hasattr(connector, "_ckpt_path"):
         connector._ckpt_path = path
+
+
+# ---------------------------------------------------------------------- Fabric
+def unwrap_fabric_objects(value: Any) -> Any:
+    """The module, optimizer or loader inside Fabric's wrappers (``lightning.fabric.wrappers._unwrap_objects``)."""
+    from lightning.fabric.wrappers import _unwrap_objects
+
+    return _unwrap_objects(value)
+
+
+_CLI_FLAG = "LT_CLI_USED"  # set by ``fabric run`` (lightning.fabric.cli._set_env_variables)
+
+
+def allow_launch_under_fabric_cli() -> bool:
+    """Under ``fabric run``, let the script's own ``fabric.launch()`` through (it would raise otherwise).
+
+    ``fabric run`` starts the processes (through torchrun) and sets ``LT_CLI_USED=1``; ``Fabric.__init__`` then
+    sets up the environment itself, and ``Fabric.launch()`` raises "This script was launched through the CLI ...
+    Calling .launch() again is not allowed". Scripts written for plain ``python`` (Fabric's own launcher) or
+    ``torchrun`` call ``launch()``. Called from the strategy's ``setup_environment`` (by ``Fabric.__init__``,
+    after Fabric has read the variable), this clears it in this process, so ``launch()`` sees processes that
+    already exist (torchrun's environment) and only finishes the setup, as under ``torchrun``. Returns whether
+    the CLI was in use.
+    """
+    if os.environ.get(_CLI_FLAG, "0") not in ("", "0"):
+        os.environ[_CLI_FLAG] = "0"
+        return True
+    return False
