@@ -21,10 +21,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from lightning.pytorch.trainer.states import TrainerFn
-from torch.utils.data import DistributedSampler
 
 from lightning_sharing.core.declarations import StateComponent, ValidationLevel, check_unique_keys
 from lightning_sharing.distributed.collectives import agree, all_gather_object, on_rank_zero
@@ -40,6 +38,7 @@ from lightning_sharing.format.manifest import CheckpointManifest
 from lightning_sharing.lightning._compat import hook_load_from_checkpoint, set_restored_path, trainer_of
 from lightning_sharing.lightning.checkpoint_io import SharingCheckpointIO, refuse_storage_options
 from lightning_sharing.lightning.cleanup import adopt_default_group, default_group_exists
+from lightning_sharing.lightning.data import replace_shuffle_wrapper, set_sampler_epoch
 from lightning_sharing.lightning.layout import (
     BUILTIN_KEYS,
     METRIC_COUNTS_KEY,
@@ -306,12 +305,12 @@ class SharingStrategy(DDPStrategy):
         dataloader = super().process_dataloader(dataloader)
         trainer = trainer_of(self.lightning_module)
         if trainer is not None and trainer.training:
-            _replace_shuffle_wrapper(dataloader)
+            replace_shuffle_wrapper(dataloader)
             # Lightning creates the first data iterator of a fit (in FitLoop.setup_data) before it calls
             # set_epoch on the sampler, so a run resumed in epoch e would replay epoch 0's shuffle. Set
             # the epoch the loop is in before that iterator exists (the same value Lightning sets later).
             epoch = trainer.fit_loop.epoch_progress.current.processed
-            _set_sampler_epoch(dataloader, epoch + 1 if self._resume_after_last_batch else epoch)
+            set_sampler_epoch(dataloader, epoch + 1 if self._resume_after_last_batch else epoch)
         return dataloader
 
     def on_train_start(self) -> None:
@@ -400,42 +399,6 @@ def _previous_checkpoints(failed: Path) -> list[str]:
         limit = None
     return [str(path) for path, step in complete_checkpoints(failed.parent)
             if os.path.realpath(path) != failed_real and (limit is None or step <= limit)]
-
-
-def _set_sampler_epoch(dataloader: object, epoch: int) -> None:
-    samplers = {id(s): s for s in (getattr(dataloader, "sampler", None),
-                                   getattr(getattr(dataloader, "batch_sampler", None), "sampler", None))
-                if s is not None}
-    for sampler in samplers.values():
-        set_epoch = getattr(sampler, "set_epoch", None)
-        if callable(set_epoch):
-            set_epoch(epoch)
-
-
-def _replace_shuffle_wrapper(dataloader: object) -> None:
-    """Give a shuffled stateful loader an epoch-seeded ``DistributedSampler`` instead of Lightning's wrapper.
-
-    Lightning injects ``DistributedSampler`` only for torch's own Random/SequentialSampler. torchdata's
-    ``StatefulDataLoader(shuffle=True)`` has its own RandomSampler, so Lightning wraps it in a
-    ``DistributedSamplerWrapper`` whose order is drawn from the global RNG whenever an iterator is
-    created, which a mid-epoch resume cannot reproduce. A plain shuffle is equivalent to
-    ``DistributedSampler(shuffle=True)``, whose order depends only on (seed, epoch).
-    """
-    batch_sampler = getattr(dataloader, "batch_sampler", None)
-    wrapper = getattr(batch_sampler, "sampler", None)
-    if not isinstance(wrapper, DistributedSamplerWrapper):
-        return
-    inner = getattr(wrapper.dataset, "_sampler", None)
-    # Lightning itself does the same for torch's RandomSampler (ignoring its generator).
-    plain_shuffle = (type(inner).__name__ == "RandomSampler" and not getattr(inner, "replacement", True)
-                     and getattr(inner, "_num_samples", 0) is None)
-    dataset = getattr(dataloader, "dataset", None)
-    if not plain_shuffle or dataset is None:
-        return
-    batch_sampler.sampler = DistributedSampler(dataset, num_replicas=wrapper.num_replicas, rank=wrapper.rank,
-                                               shuffle=True, seed=wrapper.seed, drop_last=wrapper.drop_last)
-    log.debug("replaced DistributedSamplerWrapper(RandomSampler) with DistributedSampler(shuffle=True, seed=%d)",
-              wrapper.seed)
 
 
 def _register(registry: Any = StrategyRegistry) -> None:
