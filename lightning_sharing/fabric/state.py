@@ -1,17 +1,38 @@
-"""Stateful adapters and checks behind ``FabricSharingStrategy`` (how Fabric's ``state`` values are saved)."""
+"""How Fabric's ``state`` values become components: stateful adapters, filters and the mapping itself."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from lightning.fabric.strategies import DDPStrategy
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim import Optimizer
+from torch.utils.data import DataLoader
 
+from lightning_sharing.core.declarations import SharingPattern, StateComponent, ValidationLevel, check_unique_keys
 from lightning_sharing.distributed.validation import replicated_view
+from lightning_sharing.errors import ComponentDeclarationError
+from lightning_sharing.integration.compat import unwrap_fabric_objects
+from lightning_sharing.integration.data import loader_state
+from lightning_sharing.statefuls.metrics import MetricState
 
-__all__ = ["Filtered", "ModuleState", "check_filter", "filtered", "is_stateful", "metric_kind"]
+__all__ = [
+    "EXTRA_KEY",
+    "Filtered",
+    "ModuleState",
+    "check_filter",
+    "component_for",
+    "declare_state",
+    "filtered",
+    "is_stateful",
+    "metric_kind",
+]
+
+#: The component holding the plain (non-stateful) values of ``state``.
+EXTRA_KEY = "extra"
 
 FilterFn = Callable[[str, Any], bool]
 
@@ -88,3 +109,69 @@ def metric_kind(module: nn.Module) -> str | None:
     if isinstance(module, Metric):
         return "metric"
     return "collection" if isinstance(module, MetricCollection) else None
+
+
+def declare_state(strategy: Any, own_components: list[StateComponent], state: Mapping[str, Any],
+                  filters: Mapping[str, FilterFn], strict: bool,
+                  rng_key: str | None) -> tuple[list[StateComponent], dict[str, Any]]:
+    """Map Fabric's ``state`` to components (after the strategy's ``own_components``) and plain values.
+
+    ``rng_key`` is the key of the strategy's own RNG component, if it has one (named in the refusal).
+    """
+    components = list(own_components)
+    own = {c.key for c in components}
+    plain: dict[str, Any] = {}
+    for key, value in state.items():
+        if not isinstance(key, str):
+            raise ComponentDeclarationError(f"state keys must be strings, got {key!r}")
+        component = component_for(strategy, key, value, strict)
+        if component is None:
+            plain[key] = filtered(value, filters.get(key))
+            continue
+        if key == EXTRA_KEY or key in own:
+            what = "the plain values of state" if key == EXTRA_KEY else (
+                "the RNG state (pass rng=False to save your own)" if key == rng_key
+                else "a component passed to FabricSharingStrategy(components=...)")
+            raise ComponentDeclarationError(
+                f"state[{key!r}] holds a {type(value).__name__}, but the key {key!r} is reserved for {what}; "
+                "use another key"
+            )
+        if key in filters:
+            component = dataclasses.replace(component, stateful=Filtered(component.stateful, filters[key]))
+        components.append(component)
+    return check_unique_keys(components), plain
+
+def component_for(strategy: Any, key: str, value: Any, strict: bool) -> StateComponent | None:
+    """The component for ``state[key]``, or None for a plain value."""
+    if isinstance(value, StateComponent):
+        if value.key != key:
+            raise ComponentDeclarationError(
+                f"state[{key!r}] is a StateComponent with key {value.key!r}; the dict key and the component "
+                f"key must be equal: use state[{value.key!r}] = component, or StateComponent({key!r}, ...)"
+            )
+        stateful = unwrap_fabric_objects(value.stateful)
+        if isinstance(stateful, DistributedDataParallel):
+            stateful = ModuleState(strategy, stateful, strict)
+        return value if stateful is value.stateful else dataclasses.replace(value, stateful=stateful)
+    value = unwrap_fabric_objects(value)
+    if isinstance(value, nn.Module):
+        kind = metric_kind(value)
+        if kind == "metric":  # its raw accumulators and update count, whether persistent or not
+            return StateComponent(key, MetricState(value), SharingPattern.PER_RANK)
+        if kind == "collection":
+            return StateComponent(key, value, SharingPattern.PER_RANK)
+        return StateComponent(key, ModuleState(strategy, value, strict), SharingPattern.REPLICATED,
+                              validate_replication=True, validation_level=ValidationLevel.QUICK)
+    if isinstance(value, Optimizer):
+        if callable(getattr(value, "consolidate_state_dict", None)):
+            raise ComponentDeclarationError(
+                f"state[{key!r}] is a {type(value).__name__}, whose state is sharded across ranks; "
+                "FabricSharingStrategy saves optimizers as REPLICATED. Use a regular optimizer, or wrap this "
+                "one in a StateComponent with the pattern that fits its state"
+            )
+        return StateComponent(key, value, SharingPattern.REPLICATED)
+    if is_stateful(value):
+        if isinstance(value, DataLoader):  # with its sampler's epoch when it came from setup_dataloaders
+            return StateComponent(key, loader_state(value), SharingPattern.PER_RANK)
+        return StateComponent(key, value, SharingPattern.REPLICATED)
+    return None

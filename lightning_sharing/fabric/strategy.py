@@ -51,7 +51,6 @@ Importing this module also registers the strategy in Fabric's strategy registry 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from collections.abc import Mapping
@@ -66,34 +65,28 @@ from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.fabric.plugins.precision import Precision
 from lightning.fabric.strategies import STRATEGY_REGISTRY, DDPStrategy
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
-from lightning_sharing.core.declarations import SharingPattern, StateComponent, ValidationLevel, check_unique_keys
-from lightning_sharing.distributed.async_save import BackgroundSaver
+from lightning_sharing.core.declarations import SharingPattern, StateComponent, check_unique_keys
+from lightning_sharing.core.options import DEFAULT_MAX_SHARD_SIZE, CheckpointOptions
 from lightning_sharing.engine.coordinator import CheckpointCoordinator
 from lightning_sharing.engine.load_plan import LoadResult
 from lightning_sharing.errors import CheckpointError, ComponentDeclarationError
-from lightning_sharing.fabric.state import (
-    Filtered,
-    FilterFn,
-    ModuleState,
-    check_filter,
-    filtered,
-    is_stateful,
-    metric_kind,
-)
-from lightning_sharing.format.layout import DEFAULT_MAX_SHARD_SIZE
+from lightning_sharing.fabric.state import EXTRA_KEY, FilterFn, check_filter, declare_state
 from lightning_sharing.format.manifest import CheckpointManifest
-from lightning_sharing.lightning._compat import (
-    allow_launch_under_fabric_cli,
-    unwrap_fabric_objects,
+from lightning_sharing.integration.cleanup import adopt_default_group, default_group_exists
+from lightning_sharing.integration.common import (
+    CheckpointHost,
+    LazyProcessGroups,
+    check_storage_options,
+    register_strategy,
 )
-from lightning_sharing.lightning.cleanup import adopt_default_group, default_group_exists
-from lightning_sharing.lightning.data import loader_state, replace_shuffle_wrapper
-from lightning_sharing.lightning.layout import ValueHolder
-from lightning_sharing.statefuls.metrics import MetricState
+from lightning_sharing.integration.compat import (
+    allow_launch_under_fabric_cli,
+)
+from lightning_sharing.integration.data import replace_shuffle_wrapper
+from lightning_sharing.statefuls.holders import ValueHolder
 from lightning_sharing.statefuls.rng import RNGState
 
 if TYPE_CHECKING:  # Fabric's registry type, for annotations only (private in Fabric)
@@ -103,8 +96,6 @@ __all__ = ["EXTRA_KEY", "REGISTRY_NAME", "RNG_KEY", "FabricSharingStrategy"]
 
 log = logging.getLogger(__name__)
 
-#: The component holding the plain (non-stateful) values of ``state``.
-EXTRA_KEY = "extra"
 #: The component holding each rank's random number generators (with ``rng=True``).
 RNG_KEY = "rng"
 #: The name under which the strategy is registered in Fabric's strategy registry.
@@ -188,14 +179,9 @@ class FabricSharingStrategy(DDPStrategy):
                 )
         self._rng = bool(rng)
         self._rng_state = RNGState()
-        self._process_groups_arg = process_groups
-        self._process_groups_resolved: Any = None if callable(process_groups) else process_groups
-        self._process_groups_done = not callable(process_groups)
-        # Check max_shard_size and verify now rather than at the first save (no collective happens here).
-        CheckpointCoordinator([], max_shard_size=max_shard_size, verify=verify)
-        self._max_shard_size = int(max_shard_size)
-        self._verify = verify
-        self._saver = BackgroundSaver(max_pending_saves) if async_save else None
+        self._groups = LazyProcessGroups(process_groups)
+        self._host = CheckpointHost(CheckpointOptions(max_shard_size=max_shard_size, verify=verify,
+                                                      async_save=async_save, max_pending_saves=max_pending_saves))
         #: What the last ``load_checkpoint`` of a checkpoint directory loaded and skipped (with reasons).
         self.last_load_result: LoadResult | None = None
 
@@ -203,7 +189,8 @@ class FabricSharingStrategy(DDPStrategy):
     @classmethod
     def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
         """Register this strategy as ``"sharing"`` (not the ``ddp*`` names, which stay Fabric's ``DDPStrategy``)."""
-        _register(cls, strategy_registry)
+        register_strategy(strategy_registry, REGISTRY_NAME, cls, "DDP with lightning_sharing checkpoints "
+                          "(sharing patterns, per-rank RNG, atomic, verified)")
 
     # ------------------------------------------------------------------ environment
     def setup_environment(self) -> None:
@@ -216,7 +203,7 @@ class FabricSharingStrategy(DDPStrategy):
 
     def process_dataloader(self, dataloader: DataLoader) -> DataLoader:
         """Fabric's ``setup_dataloaders`` hook: a shuffled stateful loader gets an epoch-seeded sampler and a
-        generator of its own, so that its order and the global RNG resume exactly (see ``lightning/data.py``)."""
+        generator of its own, so that its order and the global RNG resume exactly (see ``integration/data.py``)."""
         dataloader = super().process_dataloader(dataloader)
         replace_shuffle_wrapper(dataloader, own_generator=True)
         return dataloader
@@ -240,12 +227,7 @@ class FabricSharingStrategy(DDPStrategy):
         Example:
             >>> fabric.save("run/step=5.ckpt", {"model": model, "optimizer": optimizer, "step": 5})  # doctest: +SKIP
         """
-        if storage_options is not None:
-            raise TypeError(
-                f"FabricSharingStrategy.save_checkpoint does not support storage_options (got {storage_options!r}): "
-                "checkpoints are written by lightning_sharing's CheckpointCoordinator, not by a CheckpointIO "
-                "plugin; call it without storage_options"
-            )
+        check_storage_options(storage_options)
         if not isinstance(state, Mapping):
             raise TypeError(
                 f"FabricSharingStrategy.save_checkpoint expects state to be a dict of name -> object, got "
@@ -350,63 +332,8 @@ class FabricSharingStrategy(DDPStrategy):
     def _declare(self, state: Mapping[str, Any], filters: Mapping[str, FilterFn], strict: bool,
                  loading: bool) -> tuple[list[StateComponent], dict[str, Any]]:
         """Map Fabric's ``state`` to components; returns them (with the strategy's own) and the plain values."""
-        components = self._strategy_components(loading)
-        own = {c.key for c in components}
-        plain: dict[str, Any] = {}
-        for key, value in state.items():
-            if not isinstance(key, str):
-                raise ComponentDeclarationError(f"state keys must be strings, got {key!r}")
-            component = self._component_for(key, value, strict)
-            if component is None:
-                plain[key] = filtered(value, filters.get(key))
-                continue
-            if key == EXTRA_KEY or key in own:
-                what = "the plain values of state" if key == EXTRA_KEY else (
-                    "the RNG state (pass rng=False to save your own)" if key == RNG_KEY and self._rng
-                    else "a component passed to FabricSharingStrategy(components=...)")
-                raise ComponentDeclarationError(
-                    f"state[{key!r}] holds a {type(value).__name__}, but the key {key!r} is reserved for {what}; "
-                    "use another key"
-                )
-            if key in filters:
-                component = dataclasses.replace(component, stateful=Filtered(component.stateful, filters[key]))
-            components.append(component)
-        return check_unique_keys(components), plain
-
-    def _component_for(self, key: str, value: Any, strict: bool) -> StateComponent | None:
-        """The component for ``state[key]``, or None for a plain value."""
-        if isinstance(value, StateComponent):
-            if value.key != key:
-                raise ComponentDeclarationError(
-                    f"state[{key!r}] is a StateComponent with key {value.key!r}; the dict key and the component "
-                    f"key must be equal: use state[{value.key!r}] = component, or StateComponent({key!r}, ...)"
-                )
-            stateful = unwrap_fabric_objects(value.stateful)
-            if isinstance(stateful, DistributedDataParallel):
-                stateful = ModuleState(self, stateful, strict)
-            return value if stateful is value.stateful else dataclasses.replace(value, stateful=stateful)
-        value = unwrap_fabric_objects(value)
-        if isinstance(value, nn.Module):
-            kind = metric_kind(value)
-            if kind == "metric":  # its raw accumulators and update count, whether persistent or not
-                return StateComponent(key, MetricState(value), SharingPattern.PER_RANK)
-            if kind == "collection":
-                return StateComponent(key, value, SharingPattern.PER_RANK)
-            return StateComponent(key, ModuleState(self, value, strict), SharingPattern.REPLICATED,
-                                  validate_replication=True, validation_level=ValidationLevel.QUICK)
-        if isinstance(value, Optimizer):
-            if callable(getattr(value, "consolidate_state_dict", None)):
-                raise ComponentDeclarationError(
-                    f"state[{key!r}] is a {type(value).__name__}, whose state is sharded across ranks; "
-                    "FabricSharingStrategy saves optimizers as REPLICATED. Use a regular optimizer, or wrap this "
-                    "one in a StateComponent with the pattern that fits its state"
-                )
-            return StateComponent(key, value, SharingPattern.REPLICATED)
-        if is_stateful(value):
-            if isinstance(value, DataLoader):  # with its sampler's epoch when it came from setup_dataloaders
-                return StateComponent(key, loader_state(value), SharingPattern.PER_RANK)
-            return StateComponent(key, value, SharingPattern.REPLICATED)
-        return None
+        return declare_state(self, self._strategy_components(loading), state, filters, strict,
+                             rng_key=RNG_KEY if self._rng else None)
 
     def _saved_components(self, path: str | os.PathLike[str],
                           declared: set[str]) -> list[tuple[str, SharingPattern, str | None]]:
@@ -426,38 +353,18 @@ class FabricSharingStrategy(DDPStrategy):
                 if key not in declared and (saved.group_name is None or saved.group_name in names)]
 
     def _process_groups(self) -> Any:
-        if not self._process_groups_done:
-            self._process_groups_resolved = self._process_groups_arg()
-            self._process_groups_done = True
-        return self._process_groups_resolved
+        return self._groups.resolve()
 
     def _coordinator(self, components: list[StateComponent]) -> CheckpointCoordinator:
-        return CheckpointCoordinator(components, self._process_groups(), max_shard_size=self._max_shard_size,
-                                     verify=self._verify, async_save=self._saver or False)
+        return self._host.coordinator(components, self._process_groups())
 
     def wait_for_checkpoint(self) -> None:
         """Block until pending ``async_save`` saves are committed; raise a failed one's error on every rank."""
-        if self._saver is not None:
-            self._saver.wait()
+        self._host.wait()
 
     def teardown(self) -> None:
-        if self._saver is not None:
-            self._saver.close()
+        self._host.close()
         super().teardown()
-
-
-def _register(cls: type[FabricSharingStrategy], registry: _StrategyRegistry) -> None:
-    """Register ``cls`` as ``"sharing"`` unless another strategy already holds the name (then warn and skip)."""
-    entry = registry[REGISTRY_NAME] if REGISTRY_NAME in registry else None
-    if entry is not None:
-        holder = entry.get("strategy")
-        if f"{getattr(holder, '__module__', '')}.{getattr(holder, '__qualname__', '')}" != \
-                f"{cls.__module__}.{cls.__qualname__}":
-            log.warning("Fabric's strategy registry already holds %r (%r); FabricSharingStrategy was not registered "
-                        "under that name: pass FabricSharingStrategy() to Fabric(strategy=...)", REGISTRY_NAME, holder)
-            return
-    registry.register(REGISTRY_NAME, cls, description="DDP with lightning_sharing checkpoints "
-                      "(sharing patterns, per-rank RNG, atomic, verified)", override=True)
 
 
 FabricSharingStrategy.register_strategies(STRATEGY_REGISTRY)

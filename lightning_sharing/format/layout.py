@@ -29,7 +29,6 @@ from lightning_sharing.errors import CorruptCheckpointError
 from lightning_sharing.format.codec import decode_state
 
 __all__ = [
-    "DEFAULT_MAX_SHARD_SIZE",
     "index_name",
     "json_bytes",
     "merged_index",
@@ -39,7 +38,6 @@ __all__ = [
     "tree_name",
 ]
 
-DEFAULT_MAX_SHARD_SIZE = 5_000_000_000  # Hugging Face's default "5GB"
 TREE_FORMAT = "lightning_sharing.tree"
 _MAX_JSON_BYTES = 256 * 1024 * 1024
 

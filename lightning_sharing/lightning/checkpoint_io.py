@@ -23,19 +23,19 @@ import torch
 from lightning.fabric.plugins import CheckpointIO
 
 from lightning_sharing.core.declarations import SharingPattern, StateComponent, ValidationLevel
-from lightning_sharing.distributed.async_save import BackgroundSaver
-from lightning_sharing.distributed.collectives import agree, get_world_size, local_only
+from lightning_sharing.core.options import CheckpointOptions, VerifyMode
+from lightning_sharing.distributed.collectives import agreement, get_world_size, local_only
 from lightning_sharing.engine.coordinator import CheckpointCoordinator
-from lightning_sharing.format.layout import DEFAULT_MAX_SHARD_SIZE
 from lightning_sharing.format.manifest import CheckpointManifest
+from lightning_sharing.integration.common import CheckpointHost, check_storage_options
 from lightning_sharing.lightning.layout import (
     BUILTIN_KEYS,
     METRIC_COUNTS_KEY,
-    ValueHolder,
     builtin_components,
     join_checkpoint,
     split_checkpoint,
 )
+from lightning_sharing.statefuls.holders import ValueHolder
 from lightning_sharing.statefuls.metrics import persistent_state_keys
 from lightning_sharing.statefuls.rng import RNGState
 from lightning_sharing.storage import remove_checkpoint
@@ -67,58 +67,35 @@ def move_tensors(value: Any, map_location: Any) -> Any:
     return value
 
 
-def refuse_storage_options(storage_options: Any) -> None:
-    """lightning_sharing writes local/shared-filesystem directories and takes no storage options."""
-    if storage_options is not None:
-        raise TypeError(
-            f"storage_options={storage_options!r} is not supported by lightning_sharing: checkpoints are "
-            "directories on a filesystem every rank can see; configure the path instead"
-        )
-
-
-class SharingCheckpointIO(CheckpointIO):
+class SharingCheckpointIO(CheckpointHost, CheckpointIO):
     """Writes and reads lightning_sharing checkpoints for Lightning.
 
     Args:
-        max_shard_size: the largest safetensors shard, in bytes.
-        verify: ``"checksum"`` (default) or ``"size"``: how files are checked on load.
-        validation_level: replication check applied to the model weights at save time
-            (``ValidationLevel.QUICK`` by default; ``NONE`` turns it off).
-        async_save: save in the background: a save returns once the state is copied, and is
-            written and committed while training goes on (see ``SharingStrategy``).
-        max_pending_saves: with ``async_save``, how many saves may be in flight; each holds one
-            staged copy of the state this rank writes (default 1: at most one copy).
+        options: a ``CheckpointOptions``; the keyword arguments below override its fields.
+        max_shard_size, verify, validation_level, async_save, max_pending_saves: as for
+            ``CheckpointOptions`` (``validation_level`` is the replication check of the model weights at each
+            save; ``NONE`` turns it off).
     """
 
-    def __init__(self, *, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, verify: str = "checksum",
-                 validation_level: ValidationLevel | str = ValidationLevel.QUICK, async_save: bool = False,
-                 max_pending_saves: int = 1) -> None:
-        self.max_shard_size = max_shard_size
-        self.verify = verify
-        self.validation_level = ValidationLevel.parse(validation_level)
-        self.saver = BackgroundSaver(max_pending_saves) if async_save else None
+    def __init__(self, *, options: CheckpointOptions | None = None, max_shard_size: int | None = None,
+                 verify: VerifyMode | str | None = None, validation_level: ValidationLevel | str | None = None,
+                 async_save: bool | None = None, max_pending_saves: int | None = None) -> None:
+        given = {"max_shard_size": max_shard_size, "verify": verify, "validation_level": validation_level,
+                 "async_save": async_save, "max_pending_saves": max_pending_saves}
+        super().__init__((options or CheckpointOptions()).replace(**{k: v for k, v in given.items() if v is not None}))
         self._warned_rank_local = False
 
-    # ------------------------------------------------------------------ collective (SharingStrategy)
+    @property
+    def validation_level(self) -> ValidationLevel:
+        """The replication check applied to the model weights at each save."""
+        return self.options.validation_level
+
     def _coordinator(self, components: list[StateComponent], process_groups: Any) -> CheckpointCoordinator:
-        return CheckpointCoordinator(components, process_groups, max_shard_size=self.max_shard_size,
-                                     verify=self.verify, async_save=self.saver or False)
-
-    # ------------------------------------------------------------------ asynchronous saves
-    def wait(self) -> None:
-        """Block until pending background saves are committed; raise a failed one's error (every rank)."""
-        if self.saver is not None:
-            self.saver.wait()
-
-    def poll(self) -> None:
-        """Collective while a save is pending: surface its outcome once every rank's save is done."""
-        if self.saver is not None:
-            self.saver.poll()
+        return self.coordinator(components, process_groups)
 
     def teardown(self) -> None:
         """Called by Lightning at the end of a stage: waits for pending saves, then stops the background thread."""
-        if self.saver is not None:
-            self.saver.close()
+        self.close()
 
     def save_sharded(self, checkpoint: Mapping[str, Any], path: str | os.PathLike[str],
                      user_components: list[StateComponent], process_groups: Any,
@@ -159,10 +136,9 @@ class SharingCheckpointIO(CheckpointIO):
                      strict: bool = True) -> tuple[dict[str, Any], Any]:
         """Collective: load the user's components in place; return Lightning's dict and this rank's RNG state."""
         self.wait()
-        error: BaseException | None = None
         keys: list[str] = []
         saved: dict[str, StateComponent] = {}
-        try:
+        with agreement(f"reading checkpoint {path}"):
             manifest = CheckpointManifest.load(path)
             if _RAW_KEY in manifest.components and not set(manifest.components) & set(BUILTIN_KEYS):
                 raise ValueError(f"{path} holds a raw state dict, not a Lightning training checkpoint")
@@ -170,9 +146,6 @@ class SharingCheckpointIO(CheckpointIO):
             # A built-in that the user does not re-declare is read the way it was saved.
             saved = {key: StateComponent(key, ValueHolder(), manifest.components[key].pattern,
                                          manifest.components[key].group_name) for key in keys}
-        except Exception as exc:  # made an error on every rank by agree() just below
-            error = exc
-        agree(error, f"reading checkpoint {path}")
         holders = {key: ValueHolder() for key in keys}
         declared = {**saved, **overrides}
         components = builtin_components(keys, holders, declared, ValidationLevel.NONE) + list(user_components)
@@ -185,7 +158,7 @@ class SharingCheckpointIO(CheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike[str],
                         storage_options: Any | None = None) -> None:
         """Rank-local save (no collectives): used by Lightning outside ``SharingStrategy``'s own saves."""
-        refuse_storage_options(storage_options)
+        check_storage_options(storage_options)
         if get_world_size() > 1 and not self._warned_rank_local and "state_dict" in checkpoint:
             log.warning("SharingCheckpointIO.save_checkpoint was called on one rank only: per-rank state of the "
                         "other ranks is not saved. Use SharingStrategy to save every rank's state.")

@@ -47,7 +47,6 @@ __all__ = [
     "BUILTIN_KEYS",
     "METRIC_COUNTS_KEY",
     "BuiltinState",
-    "ValueHolder",
     "builtin_components",
     "join_checkpoint",
     "split_checkpoint",
@@ -80,30 +79,6 @@ _DEFAULT_PATTERNS = {
 }
 #: Where ``join_checkpoint`` puts the metrics' update counts ({metric name: count}) for the strategy to apply.
 METRIC_COUNTS_KEY = "lightning_sharing.metric_update_counts"
-
-
-class ValueHolder:
-    """A stateful that saves a given value and keeps what it is loaded with.
-
-    ``exempt`` names entries left out of the replication check (see ``replicated_view``).
-    """
-
-    def __init__(self, value: Any = None, exempt: frozenset[str] = frozenset()) -> None:
-        self.value = value
-        self.loaded = False
-        self.exempt = exempt
-
-    def replicated_view(self, state: Any) -> Any:
-        if not self.exempt or not isinstance(state, Mapping):
-            return state
-        return {k: v for k, v in state.items() if k not in self.exempt}
-
-    def state_dict(self) -> Any:
-        return self.value
-
-    def load_state_dict(self, state: Any) -> None:
-        self.value = state
-        self.loaded = True
 
 
 class BuiltinState:

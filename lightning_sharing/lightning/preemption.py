@@ -64,7 +64,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lightning_sharing.distributed.collectives import agreement, any_rank, broadcast_object, on_rank_zero
-from lightning_sharing.lightning._compat import (
+from lightning_sharing.integration.compat import (
     cluster_environment,
     lightning_sigterm_handler,
     monitor_candidates,

@@ -25,7 +25,8 @@ from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from lightning.pytorch.trainer.states import TrainerFn
 
 from lightning_sharing.core.declarations import StateComponent, ValidationLevel, check_unique_keys
-from lightning_sharing.distributed.collectives import agree, all_gather_object, on_rank_zero
+from lightning_sharing.core.options import DEFAULT_MAX_SHARD_SIZE, CheckpointOptions
+from lightning_sharing.distributed.collectives import agreement, all_gather_object, on_rank_zero
 from lightning_sharing.engine.coordinator import CheckpointCoordinator
 from lightning_sharing.errors import (
     CheckpointNotFoundError,
@@ -33,20 +34,20 @@ from lightning_sharing.errors import (
     CorruptCheckpointError,
     ManifestError,
 )
-from lightning_sharing.format.layout import DEFAULT_MAX_SHARD_SIZE
 from lightning_sharing.format.manifest import CheckpointManifest
-from lightning_sharing.lightning._compat import hook_load_from_checkpoint, set_restored_path, trainer_of
-from lightning_sharing.lightning.checkpoint_io import SharingCheckpointIO, refuse_storage_options
-from lightning_sharing.lightning.cleanup import adopt_default_group, default_group_exists
-from lightning_sharing.lightning.data import replace_shuffle_wrapper, set_sampler_epoch
+from lightning_sharing.integration.cleanup import adopt_default_group, default_group_exists
+from lightning_sharing.integration.common import LazyProcessGroups, check_storage_options, register_strategy
+from lightning_sharing.integration.compat import hook_load_from_checkpoint, set_restored_path, trainer_of
+from lightning_sharing.integration.data import replace_shuffle_wrapper, set_sampler_epoch
+from lightning_sharing.lightning.checkpoint_io import SharingCheckpointIO
 from lightning_sharing.lightning.layout import (
     BUILTIN_KEYS,
     METRIC_COUNTS_KEY,
-    ValueHolder,
     builtin_components,
     check_user_components,
 )
 from lightning_sharing.lightning.preemption import PreemptionHandler
+from lightning_sharing.statefuls.holders import ValueHolder
 from lightning_sharing.statefuls.metrics import module_metrics
 from lightning_sharing.statefuls.rng import RNGState
 from lightning_sharing.storage import complete_checkpoints
@@ -99,17 +100,15 @@ class SharingStrategy(DDPStrategy):
                  preemption_checkpoint: bool | str | os.PathLike[str] | None = True,
                  **kwargs: Any) -> None:
         if kwargs.get("checkpoint_io") is None:
-            kwargs["checkpoint_io"] = SharingCheckpointIO(
+            kwargs["checkpoint_io"] = SharingCheckpointIO(options=CheckpointOptions(
                 max_shard_size=max_shard_size, verify=verify, validation_level=validation_level,
-                async_save=async_save, max_pending_saves=max_pending_saves)
+                async_save=async_save, max_pending_saves=max_pending_saves))
         super().__init__(**kwargs)
         self.strict = strict
         self.fallback = fallback
         self._resumed_from: str | None = None
         self.preemption = PreemptionHandler(preemption_checkpoint)
-        self._process_groups_arg = process_groups
-        self._process_groups: Any = None
-        self._groups_resolved = False
+        self._process_groups = LazyProcessGroups(process_groups)
         self._pending_rng: Any = None
         self._rng_at_first_batch = False
         self._resume_after_last_batch = False
@@ -133,18 +132,7 @@ class SharingStrategy(DDPStrategy):
         return [obj for obj in (module, datamodule) if obj is not None]
 
     def _resolve_process_groups(self) -> Any:
-        if not self._groups_resolved:
-            groups = self._process_groups_arg
-            if groups is None:
-                for owner in self._hook_owners():
-                    hook = getattr(owner, "configure_process_groups", None)
-                    if callable(hook):
-                        groups = hook()
-                        break
-            elif callable(groups) and not hasattr(groups, "mesh_dim_names"):
-                groups = groups()
-            self._process_groups, self._groups_resolved = groups, True
-        return self._process_groups
+        return self._process_groups.resolve(self._hook_owners())
 
     def declared_components(self) -> tuple[list[StateComponent], dict[str, StateComponent]]:
         """The user's own components and their re-declarations of built-ins, from the hooks."""
@@ -181,7 +169,7 @@ class SharingStrategy(DDPStrategy):
     def setup_environment(self) -> None:
         existed = default_group_exists()
         super().setup_environment()
-        adopt_default_group(existed)  # a group created here is destroyed at exit (see cleanup.py)
+        adopt_default_group(existed)  # a group created here is destroyed at exit (see integration/cleanup.py)
         trainer = trainer_of(self.lightning_module)
         if trainer is not None:  # before Lightning registers its signal handlers for this stage
             self.preemption.attach(trainer)
@@ -194,7 +182,7 @@ class SharingStrategy(DDPStrategy):
     # ------------------------------------------------------------------ save / load / remove
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
         """Collective: every rank saves its share of the checkpoint (Lightning calls this on all ranks)."""
-        refuse_storage_options(storage_options)
+        check_storage_options(storage_options)
         user, overrides = self.declared_components()
         self.sharing_io.save_sharded(checkpoint, filepath, user, self._resolve_process_groups(), overrides,
                                      unreplicated=self._buffer_names(), metrics=module_metrics(self.lightning_module))
@@ -256,13 +244,9 @@ class SharingStrategy(DDPStrategy):
         restores the model, optimizers, schedulers, loops and callbacks from it and migrates older formats. Such
         a file has no per-rank state; rank 0 says in one log line what therefore starts fresh.
         """
-        error: BaseException | None = None
         checkpoint: dict[str, Any] = {}
-        try:
+        with agreement(f"reading the single-file checkpoint {path}"):
             checkpoint = self.sharing_io.load_file(path, weights_only)
-        except Exception as exc:  # made an error on every rank by agree() just below
-            error = exc
-        agree(error, f"reading the single-file checkpoint {path}")
         self._resumed_from = os.path.realpath(path)
         if self.is_global_zero:
             log.warning("%s is a single-file Lightning checkpoint: resuming with its model, optimizer, scheduler, "
@@ -401,12 +385,7 @@ def _previous_checkpoints(failed: Path) -> list[str]:
             if os.path.realpath(path) != failed_real and (limit is None or step <= limit)]
 
 
-def _register(registry: Any = StrategyRegistry) -> None:
-    if "sharing" not in registry:
-        registry.register("sharing", SharingStrategy,
-                          description="DDP with lightning_sharing checkpoints (explicit sharing patterns)")
-
-
-_register()
-# LightningModule/LightningDataModule.load_from_checkpoint(directory): see _compat.py for the hook chosen.
+register_strategy(StrategyRegistry, "sharing", SharingStrategy,
+                  "DDP with lightning_sharing checkpoints (explicit sharing patterns)")
+# LightningModule/LightningDataModule.load_from_checkpoint(directory): see integration/compat.py for the hook chosen.
 hook_load_from_checkpoint(lambda path, map_location: SharingCheckpointIO().load_for_module(path, map_location))

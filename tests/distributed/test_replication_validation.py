@@ -81,7 +81,7 @@ def test_divergence_is_named_on_every_rank(tmp_path: Path, case: str, component:
 
 def _exempt_worker(rank: int, world_size: int, root: str):
     from lightning_sharing import CheckpointCoordinator, ReplicationMismatchError, SharingPattern, StateComponent
-    from lightning_sharing.lightning.layout import ValueHolder
+    from lightning_sharing.statefuls.holders import ValueHolder
 
     outcomes = []
     for differing in ("running_mean", "weight"):

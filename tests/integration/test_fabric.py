@@ -331,7 +331,7 @@ def test_fabric_load_contract(runs: Path) -> None:
 # ---------------------------------------------------------------------- in-process tests (no process group)
 def test_storage_options_are_refused(tmp_path: Path) -> None:
     strategy = FabricSharingStrategy()
-    with pytest.raises(TypeError, match="does not support storage_options"):
+    with pytest.raises(TypeError, match="is not supported by lightning_sharing"):
         strategy.save_checkpoint(tmp_path / "x.ckpt", {"model": nn.Linear(2, 2)}, storage_options={"a": 1})
     assert not (tmp_path / "x.ckpt").exists()
 

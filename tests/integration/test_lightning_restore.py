@@ -2,7 +2,7 @@
 
 One 2-process job (tests/scripts/lightning_restore.py) trains, checkpoints and restores through new Trainers; the
 tests here check what it reported and then load its directories in this process with ``load_from_checkpoint``,
-which reads them through the hook documented in lightning_sharing/lightning/_compat.py.
+which reads them through the hook documented in lightning_sharing/integration/compat.py.
 """
 
 from __future__ import annotations
