@@ -46,6 +46,7 @@ __all__ = [
     "put_if_match",
     "read_range_into",
     "read_versioned",
+    "shown",
 ]
 
 log = logging.getLogger(__name__)
@@ -74,8 +75,8 @@ def _native(fs: Any, path: str) -> str:
     return fs._strip_protocol(path).rstrip("/") or fs._strip_protocol(path)
 
 
-def _shown(fs: Any, path: str) -> str:
-    """The object as a user would write it in a message: ``memory://run/x``, a local path, ``gs://b/x``."""
+def shown(fs: Any, path: str) -> str:
+    """The object as a user would write it in a message: ``s3://b/x``, ``memory://run/x``, a local path."""
     native = _native(fs, path)
     if is_local(fs):
         return native
@@ -171,7 +172,7 @@ def read_range_into(fs: Any, path: str, start: int, view: memoryview) -> None:
             if not got:
                 end = start + len(view)
                 raise ObjectStoreError(
-                    f"{_shown(fs, path)} has fewer than {end} bytes: bytes {start}-{end - 1} were asked for and it "
+                    f"{shown(fs, path)} has fewer than {end} bytes: bytes {start}-{end - 1} were asked for and it "
                     f"ended after {start + done}"
                 )
             done += got
@@ -216,7 +217,7 @@ def put_create_only(fs: Any, path: str, data: bytes) -> str:
     elif is_memory(fs):
         with _MEMORY_LOCK:
             if fs.exists(path):
-                raise ObjectExistsError(f"{_shown(fs, path)} already exists: another writer created it first")
+                raise ObjectExistsError(f"{shown(fs, path)} already exists: another writer created it first")
             fs.pipe_file(path, data)
     else:
         protocol = _protocol(fs)
@@ -227,7 +228,7 @@ def put_create_only(fs: Any, path: str, data: bytes) -> str:
         try:
             fs.pipe_file(path, data, mode="create")
         except FileExistsError:
-            raise ObjectExistsError(f"{_shown(fs, path)} already exists: another writer created it first") from None
+            raise ObjectExistsError(f"{shown(fs, path)} already exists: another writer created it first") from None
     return bytes_checksum(data)
 
 
@@ -255,7 +256,7 @@ def put_if_match(fs: Any, path: str, data: bytes, version: str) -> str:
             _fsync_dir(directory or ".")
     elif is_memory(fs):
         with _MEMORY_LOCK:
-            _check_version(_shown(fs, path), lambda: fs.cat_file(path), version)
+            _check_version(shown(fs, path), lambda: fs.cat_file(path), version)
             fs.pipe_file(path, data)
     else:
         raise ObjectStoreError(

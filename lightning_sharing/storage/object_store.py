@@ -47,6 +47,7 @@ Example:
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import uuid
@@ -122,6 +123,11 @@ def _byte_view(data: Any) -> memoryview:
     if not view.contiguous:
         raise ValueError("object writes need contiguous buffers")
     return view.cast("B") if view.format != "B" or view.ndim != 1 else view
+
+
+def _missing(fs: Any, path: str) -> FileNotFoundError:
+    # s3fs's own message ("The specified key does not exist.") does not say which object.
+    return FileNotFoundError(errno.ENOENT, "no such object", _generic.shown(fs, path))
 
 
 def _part_size(part_size: int, size_hint: int | None) -> int:
@@ -277,9 +283,12 @@ def put_if_match(fs: Any, path: str, data: bytes, version: str, *, retry: RetryP
 
 def read_versioned(fs: Any, path: str, *, retry: RetryPolicy = DEFAULT_RETRY) -> tuple[bytes, str]:
     """A small object's bytes and version (S3 ETag, else content checksum); ``FileNotFoundError`` if missing."""
-    if _s3.is_s3(fs):
-        return _s3.read_versioned(fs, path, retry)
-    return _generic.read_versioned(fs, path)
+    try:
+        if _s3.is_s3(fs):
+            return _s3.read_versioned(fs, path, retry)
+        return _generic.read_versioned(fs, path)
+    except FileNotFoundError as exc:
+        raise _missing(fs, path) from exc
 
 
 def read_range_into(fs: Any, path: str, start: int, buffer: Any, *, chunk: int = DEFAULT_READ_CHUNK,
@@ -297,10 +306,13 @@ def read_range_into(fs: Any, path: str, start: int, buffer: Any, *, chunk: int =
         raise ValueError(f"start must be >= 0, not {start}")
     if not len(view):
         return
-    if _s3.is_s3(fs):
-        _s3.read_range_into(fs, path, start, view, chunk, max_concurrency, retry)
-    else:
-        _generic.read_range_into(fs, path, start, view)
+    try:
+        if _s3.is_s3(fs):
+            _s3.read_range_into(fs, path, start, view, chunk, max_concurrency, retry)
+        else:
+            _generic.read_range_into(fs, path, start, view)
+    except FileNotFoundError as exc:
+        raise _missing(fs, path) from exc
 
 
 def list_dir(fs: Any, path: str, *, retry: RetryPolicy = DEFAULT_RETRY) -> tuple[list[str], list[ObjectInfo]]:

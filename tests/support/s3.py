@@ -321,6 +321,6 @@ def proxied_s3(proxy: FaultProxy):
     import s3fs
 
     fs = s3fs.S3FileSystem(endpoint_url=proxy.url, skip_instance_cache=True,
-                           config_kwargs={"retries": {"max_attempts": 1, "mode": "standard"}})
+                           config_kwargs={"retries": {"total_max_attempts": 1, "mode": "standard"}})
     fs.retries = 1
     return fs
