@@ -5,9 +5,7 @@
   buffers; an object smaller than one part is a single PUT.
 - ``read_range_into``: a byte range read by several ranged GETs at once, straight into the caller's buffer.
 - ``put_create_only`` / ``put_if_match``: ``If-None-Match: *`` and ``If-Match: <etag>`` PUTs.
-- ``list_dir`` / ``find`` / ``delete_prefix``: exact listings of ``prefix/`` (no s3fs listing cache, which
-  would hide other processes' writes), and deletion that also aborts the prefix's unfinished multipart
-  uploads (a rank killed mid-upload leaves one, invisible to listings but billed).
+- ``object_info``: one HEAD request (listings and deletion of prefixes are in ``object_s3_prefix``).
 
 Calls go through ``S3FileSystem._call_s3`` so that ``storage_options`` such as ``s3_additional_kwargs``
 (server-side encryption) and ``requester_pays`` apply, and every call is wrapped in ``with_retries``.
@@ -24,7 +22,7 @@ import concurrent.futures
 import hashlib
 import logging
 import sys
-from collections.abc import AsyncIterator, Awaitable, Iterable
+from collections.abc import Awaitable, Iterable
 from typing import Any
 
 from fsspec.asyn import sync
@@ -36,7 +34,6 @@ from lightning_sharing.storage.object_common import (
     ObjectStoreError,
     RetryPolicy,
     error_code,
-    is_transient,
     with_retries,
     with_retries_async,
 )
@@ -45,23 +42,20 @@ __all__ = [
     "MAX_PARTS",
     "MIN_PART_SIZE",
     "S3MultipartSink",
-    "delete_objects",
-    "delete_prefix",
-    "find",
     "is_s3",
-    "list_dir",
     "object_info",
     "put_create_only",
     "put_if_match",
     "read_range_into",
     "read_versioned",
+    "s3_call",
+    "split_path",
 ]
 
 log = logging.getLogger(__name__)
 
 MAX_PARTS = 10_000
 MIN_PART_SIZE = 5 * 1024 * 1024
-_DELETE_BATCH = 1000
 
 
 def is_s3(fs: Any) -> bool:
@@ -70,12 +64,14 @@ def is_s3(fs: Any) -> bool:
     return module is not None and isinstance(fs, module.S3FileSystem)
 
 
-def _split(fs: Any, path: str) -> tuple[str, str]:
+def split_path(fs: Any, path: str) -> tuple[str, str]:
+    """``(bucket, key)`` of an s3fs path."""
     bucket, key, _ = fs.split_path(path)
     return bucket, key
 
 
-def _call(fs: Any, what: str, policy: RetryPolicy, method: str, **kwargs: Any) -> dict:
+def s3_call(fs: Any, what: str, policy: RetryPolicy, method: str, **kwargs: Any) -> dict:
+    """``fs._call_s3(method, **kwargs)`` from a synchronous caller, retried under ``policy``; ``what`` names it."""
     return with_retries(what, lambda: sync(fs.loop, fs._call_s3, method, **kwargs), policy)
 
 
@@ -117,7 +113,7 @@ class S3MultipartSink:
         if part_size < MIN_PART_SIZE:
             raise ValueError(f"S3 multipart parts must be at least {MIN_PART_SIZE} bytes, not {part_size}")
         self._fs, self._policy = fs, policy
-        self._bucket, self._key = _split(fs, path)
+        self._bucket, self._key = split_path(fs, path)
         self._url = f"s3://{self._bucket}/{self._key}"
         self._part_size, self._max_in_flight = part_size, max(1, max_in_flight)
         self._buffer = bytearray()  # grows until the first part is full: a small object never allocates a part
@@ -155,7 +151,7 @@ class S3MultipartSink:
 
     def _submit(self, body: bytearray) -> None:
         if self._upload_id is None:
-            created = _call(self._fs, f"start a multipart upload of {self._url}", self._policy,
+            created = s3_call(self._fs, f"start a multipart upload of {self._url}", self._policy,
                             "create_multipart_upload", Bucket=self._bucket, Key=self._key)
             self._upload_id = created["UploadId"]
         number = self._next_part
@@ -197,7 +193,7 @@ class S3MultipartSink:
 
     def commit(self) -> None:
         if self._upload_id is None:
-            _call(self._fs, f"put {self._url}", self._policy, "put_object",
+            s3_call(self._fs, f"put {self._url}", self._policy, "put_object",
                   Bucket=self._bucket, Key=self._key, Body=bytes(self._buffer[:self._fill]))
             return
         if self._fill:
@@ -207,7 +203,7 @@ class S3MultipartSink:
             self._reap(block=True)
         parts = sorted(self._parts, key=lambda part: part["PartNumber"])
         try:
-            _call(self._fs, f"complete the multipart upload of {self._url}", self._policy,
+            s3_call(self._fs, f"complete the multipart upload of {self._url}", self._policy,
                   "complete_multipart_upload", Bucket=self._bucket, Key=self._key, UploadId=self._upload_id,
                   MultipartUpload={"Parts": parts})
         except Exception as exc:
@@ -237,7 +233,7 @@ class S3MultipartSink:
             return
         upload_id, self._upload_id = self._upload_id, None
         try:
-            _call(self._fs, f"abort the multipart upload of {self._url}", self._policy,
+            s3_call(self._fs, f"abort the multipart upload of {self._url}", self._policy,
                   "abort_multipart_upload", Bucket=self._bucket, Key=self._key, UploadId=upload_id)
         except Exception as exc:
             if error_code(exc)[0] != "NoSuchUpload":
@@ -247,7 +243,7 @@ class S3MultipartSink:
 def read_range_into(fs: Any, path: str, start: int, view: memoryview, chunk: int, max_concurrency: int,
                     policy: RetryPolicy) -> None:
     """Fill ``view`` with the object's bytes ``[start, start + len(view))``, ``chunk`` bytes per GET."""
-    bucket, key = _split(fs, path)
+    bucket, key = split_path(fs, path)
     url, length = f"s3://{bucket}/{key}", len(view)
 
     async def fetch(lo: int, hi: int) -> None:
@@ -305,7 +301,7 @@ def _read_all(fs: Any, bucket: str, key: str, policy: RetryPolicy) -> tuple[byte
 
 def read_versioned(fs: Any, path: str, policy: RetryPolicy) -> tuple[bytes, str]:
     """The object's bytes and its ETag (``FileNotFoundError`` if it does not exist)."""
-    return _read_all(fs, *_split(fs, path), policy)
+    return _read_all(fs, *split_path(fs, path), policy)
 
 
 def _holds(fs: Any, bucket: str, key: str, data: bytes, policy: RetryPolicy) -> str | None:
@@ -319,10 +315,10 @@ def _holds(fs: Any, bucket: str, key: str, data: bytes, policy: RetryPolicy) -> 
 
 def put_create_only(fs: Any, path: str, data: bytes, policy: RetryPolicy) -> str:
     """PUT with ``If-None-Match: *``; ``ObjectExistsError`` if the object exists. Returns the new ETag."""
-    bucket, key = _split(fs, path)
+    bucket, key = split_path(fs, path)
     url = f"s3://{bucket}/{key}"
     try:
-        return _call(fs, f"create {url}", policy, "put_object", Bucket=bucket, Key=key, Body=data,
+        return s3_call(fs, f"create {url}", policy, "put_object", Bucket=bucket, Key=key, Body=data,
                      IfNoneMatch="*")["ETag"]
     except Exception as exc:
         if error_code(exc)[1] != 412:
@@ -336,10 +332,10 @@ def put_create_only(fs: Any, path: str, data: bytes, policy: RetryPolicy) -> str
 
 def put_if_match(fs: Any, path: str, data: bytes, version: str, policy: RetryPolicy) -> str:
     """PUT with ``If-Match: version``; ``ObjectChangedError`` if the object changed or vanished. New ETag."""
-    bucket, key = _split(fs, path)
+    bucket, key = split_path(fs, path)
     url = f"s3://{bucket}/{key}"
     try:
-        return _call(fs, f"replace {url}", policy, "put_object", Bucket=bucket, Key=key, Body=data,
+        return s3_call(fs, f"replace {url}", policy, "put_object", Bucket=bucket, Key=key, Body=data,
                      IfMatch=version)["ETag"]
     except Exception as exc:
         code, status, _ = error_code(exc)
@@ -352,124 +348,11 @@ def put_if_match(fs: Any, path: str, data: bytes, version: str, policy: RetryPol
         raise ObjectChangedError(f"{url} {state} since version {version} was read") from exc
 
 
-async def _pages(fs: Any, what: str, policy: RetryPolicy, method: str, next_keys: dict[str, str],
-                 **kwargs: Any) -> AsyncIterator[dict]:
-    while True:
-        page = await with_retries_async(what, lambda: fs._call_s3(method, **kwargs), policy)
-        yield page
-        if not page.get("IsTruncated"):
-            return
-        for request_key, response_key in next_keys.items():
-            if page.get(response_key) is not None:
-                kwargs[request_key] = page[response_key]
-
-
-def _listing(fs: Any, path: str, policy: RetryPolicy, delimiter: bool) -> tuple[list[str], list[ObjectInfo]]:
-    bucket, key = _split(fs, path)
-    prefix = key.rstrip("/") + "/" if key else ""
-    extra = {"Delimiter": "/"} if delimiter else {}
-
-    async def run() -> tuple[list[str], list[ObjectInfo]]:
-        dirs: list[str] = []
-        files: list[ObjectInfo] = []
-        async for page in _pages(fs, f"list s3://{bucket}/{prefix}", policy, "list_objects_v2",
-                                 {"ContinuationToken": "NextContinuationToken"}, Bucket=bucket, Prefix=prefix,
-                                 **extra):
-            dirs += [f"{bucket}/{entry['Prefix'].rstrip('/')}" for entry in page.get("CommonPrefixes", [])]
-            files += [ObjectInfo(f"{bucket}/{entry['Key']}", entry["Size"], entry["LastModified"].timestamp(),
-                                 entry.get("ETag")) for entry in page.get("Contents", [])]
-        return dirs, files
-
-    return sync(fs.loop, run)
-
-
-def list_dir(fs: Any, path: str, policy: RetryPolicy) -> tuple[list[str], list[ObjectInfo]]:
-    """The "directories" (common prefixes) and objects directly below ``path/``."""
-    return _listing(fs, path, policy, delimiter=True)
-
-
-def find(fs: Any, path: str, policy: RetryPolicy) -> list[ObjectInfo]:
-    """Every object below ``path/``, at any depth."""
-    return _listing(fs, path, policy, delimiter=False)[1]
-
-
 def object_info(fs: Any, path: str, policy: RetryPolicy) -> ObjectInfo | None:
     """The object at ``path`` (a HEAD request), or None if there is none."""
-    bucket, key = _split(fs, path)
+    bucket, key = split_path(fs, path)
     try:
-        head = _call(fs, f"look up s3://{bucket}/{key}", policy, "head_object", Bucket=bucket, Key=key)
+        head = s3_call(fs, f"look up s3://{bucket}/{key}", policy, "head_object", Bucket=bucket, Key=key)
     except FileNotFoundError:
         return None
     return ObjectInfo(f"{bucket}/{key}", head["ContentLength"], head["LastModified"].timestamp(), head.get("ETag"))
-
-
-def delete_objects(fs: Any, paths: Iterable[str], policy: RetryPolicy) -> int:
-    """Delete these objects (1000 per request); per-key transient failures are retried. Returns the count."""
-    by_bucket: dict[str, list[str]] = {}
-    for path in paths:
-        bucket, key = _split(fs, path)
-        by_bucket.setdefault(bucket, []).append(key)
-    count = 0
-    for bucket, keys in by_bucket.items():
-        for start in range(0, len(keys), _DELETE_BATCH):
-            _delete_batch(fs, bucket, keys[start:start + _DELETE_BATCH], policy)
-        count += len(keys)
-    return count
-
-
-def _delete_batch(fs: Any, bucket: str, keys: list[str], policy: RetryPolicy) -> None:
-    # DeleteObjects answers 200 even when some keys failed: the failures are listed in its body.
-    left = list(keys)
-
-    def attempt() -> None:
-        nonlocal left
-        response = sync(fs.loop, fs._call_s3, "delete_objects", Bucket=bucket,
-                        Delete={"Objects": [{"Key": key} for key in left], "Quiet": True})
-        errors = response.get("Errors", [])
-        hard = [error for error in errors if not is_transient(_DeleteFailure(error))]
-        if hard:
-            sample = ", ".join(f"{error['Key']} ({error.get('Code')})" for error in hard[:5])
-            raise ObjectStoreError(f"could not delete {len(hard)} object(s) in s3://{bucket}: {sample}")
-        left = [error["Key"] for error in errors]
-        if left:
-            raise _DeleteFailure(errors[0])
-
-    with_retries(f"delete {len(keys)} object(s) in s3://{bucket}", attempt, policy)
-    for key in keys:
-        fs.invalidate_cache(f"{bucket}/{key}")
-
-
-class _DeleteFailure(Exception):
-    """A per-key DeleteObjects failure, shaped like botocore's ``ClientError`` for ``is_transient``."""
-
-    def __init__(self, error: dict) -> None:
-        super().__init__(f"{error.get('Code')}: {error.get('Message')} ({error.get('Key')})")
-        self.response = {"Error": error, "ResponseMetadata": {}}
-
-
-def delete_prefix(fs: Any, path: str, policy: RetryPolicy) -> int:
-    """Delete every object below ``path/`` and abort its unfinished multipart uploads; returns the object count."""
-    bucket, key = _split(fs, path)
-    if not key.strip("/"):
-        raise ValueError(f"refusing to delete everything in bucket {bucket!r}: name a prefix inside it")
-    prefix = key.rstrip("/") + "/"
-    count = delete_objects(fs, [info.path for info in find(fs, path, policy)], policy)
-
-    async def uploads() -> list[dict]:
-        found: list[dict] = []
-        async for page in _pages(fs, f"list unfinished uploads in s3://{bucket}/{prefix}", policy,
-                                 "list_multipart_uploads", {"KeyMarker": "NextKeyMarker",
-                                                            "UploadIdMarker": "NextUploadIdMarker"},
-                                 Bucket=bucket, Prefix=prefix):
-            found += page.get("Uploads", [])
-        return found
-
-    for upload in sync(fs.loop, uploads):
-        try:
-            _call(fs, f"abort an unfinished upload of s3://{bucket}/{upload['Key']}", policy,
-                  "abort_multipart_upload", Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
-        except Exception as exc:
-            if error_code(exc)[0] != "NoSuchUpload":
-                raise
-    fs.invalidate_cache(path)
-    return count

@@ -61,6 +61,7 @@ from lightning_sharing._faults import fault_point
 from lightning_sharing.format.safetensors_io import CHECKSUM_ALGORITHM
 from lightning_sharing.storage import object_generic as _generic
 from lightning_sharing.storage import object_s3 as _s3
+from lightning_sharing.storage import object_s3_prefix as _s3_prefix
 from lightning_sharing.storage.object_common import (
     DEFAULT_RETRY,
     ObjectChangedError,
@@ -318,14 +319,14 @@ def read_range_into(fs: Any, path: str, start: int, buffer: Any, *, chunk: int =
 def list_dir(fs: Any, path: str, *, retry: RetryPolicy = DEFAULT_RETRY) -> tuple[list[str], list[ObjectInfo]]:
     """``(child prefixes, objects)`` directly below ``path``, fresh from the store (no listing cache)."""
     if _s3.is_s3(fs):
-        return _s3.list_dir(fs, path, retry)
+        return _s3_prefix.list_dir(fs, path, retry)
     return _generic.list_dir(fs, path)
 
 
 def find_objects(fs: Any, path: str, *, retry: RetryPolicy = DEFAULT_RETRY) -> list[ObjectInfo]:
     """Every object below ``path``, at any depth, fresh from the store."""
     if _s3.is_s3(fs):
-        return _s3.find(fs, path, retry)
+        return _s3_prefix.find(fs, path, retry)
     return _generic.find(fs, path)
 
 
@@ -339,14 +340,14 @@ def object_info(fs: Any, path: str, *, retry: RetryPolicy = DEFAULT_RETRY) -> Ob
 def delete_objects(fs: Any, paths: Iterable[str], *, retry: RetryPolicy = DEFAULT_RETRY) -> int:
     """Delete these objects (missing ones are fine); returns how many were asked for (S3) or found."""
     if _s3.is_s3(fs):
-        return _s3.delete_objects(fs, paths, retry)
+        return _s3_prefix.delete_objects(fs, paths, retry)
     return _generic.delete_objects(fs, paths)
 
 
 def delete_prefix(fs: Any, path: str, *, retry: RetryPolicy = DEFAULT_RETRY) -> int:
     """Delete everything below ``path/`` (not ``path-other``), and on S3 its unfinished uploads; object count."""
     if _s3.is_s3(fs):
-        return _s3.delete_prefix(fs, path, retry)
+        return _s3_prefix.delete_prefix(fs, path, retry)
     return _generic.delete_prefix(fs, path)
 
 

@@ -270,7 +270,6 @@ class FaultProxy:
 @pytest.fixture(scope="session")
 def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
     """The session's moto server, with the AWS environment pointed at it and ``BUCKET`` created."""
-    pytest.importorskip("s3fs", reason="the s3 extra is not installed (pip install -e '.[dev]')")
     server = MotoServer(tmp_path_factory.mktemp("moto") / "moto.log")
     server.start()
     with pytest.MonkeyPatch.context() as patch:
