@@ -152,7 +152,7 @@ class S3MultipartSink:
     def _submit(self, body: bytearray) -> None:
         if self._upload_id is None:
             created = s3_call(self._fs, f"start a multipart upload of {self._url}", self._policy,
-                            "create_multipart_upload", Bucket=self._bucket, Key=self._key)
+                              "create_multipart_upload", Bucket=self._bucket, Key=self._key)
             self._upload_id = created["UploadId"]
         number = self._next_part
         if number > MAX_PARTS:
@@ -193,8 +193,9 @@ class S3MultipartSink:
 
     def commit(self) -> None:
         if self._upload_id is None:
+            # Still the first, growing buffer: it holds exactly the object's bytes.
             s3_call(self._fs, f"put {self._url}", self._policy, "put_object",
-                  Bucket=self._bucket, Key=self._key, Body=bytes(self._buffer[:self._fill]))
+                    Bucket=self._bucket, Key=self._key, Body=self._buffer)
             return
         if self._fill:
             del self._buffer[self._fill:]
@@ -204,8 +205,8 @@ class S3MultipartSink:
         parts = sorted(self._parts, key=lambda part: part["PartNumber"])
         try:
             s3_call(self._fs, f"complete the multipart upload of {self._url}", self._policy,
-                  "complete_multipart_upload", Bucket=self._bucket, Key=self._key, UploadId=self._upload_id,
-                  MultipartUpload={"Parts": parts})
+                    "complete_multipart_upload", Bucket=self._bucket, Key=self._key, UploadId=self._upload_id,
+                    MultipartUpload={"Parts": parts})
         except Exception as exc:
             # A retried complete whose first answer was lost finds the upload gone: the object is there if its
             # ETag is the one these parts make.
@@ -234,7 +235,7 @@ class S3MultipartSink:
         upload_id, self._upload_id = self._upload_id, None
         try:
             s3_call(self._fs, f"abort the multipart upload of {self._url}", self._policy,
-                  "abort_multipart_upload", Bucket=self._bucket, Key=self._key, UploadId=upload_id)
+                    "abort_multipart_upload", Bucket=self._bucket, Key=self._key, UploadId=upload_id)
         except Exception as exc:
             if error_code(exc)[0] != "NoSuchUpload":
                 raise
@@ -319,7 +320,7 @@ def put_create_only(fs: Any, path: str, data: bytes, policy: RetryPolicy) -> str
     url = f"s3://{bucket}/{key}"
     try:
         return s3_call(fs, f"create {url}", policy, "put_object", Bucket=bucket, Key=key, Body=data,
-                     IfNoneMatch="*")["ETag"]
+                       IfNoneMatch="*")["ETag"]
     except Exception as exc:
         if error_code(exc)[1] != 412:
             raise
@@ -336,7 +337,7 @@ def put_if_match(fs: Any, path: str, data: bytes, version: str, policy: RetryPol
     url = f"s3://{bucket}/{key}"
     try:
         return s3_call(fs, f"replace {url}", policy, "put_object", Bucket=bucket, Key=key, Body=data,
-                     IfMatch=version)["ETag"]
+                       IfMatch=version)["ETag"]
     except Exception as exc:
         code, status, _ = error_code(exc)
         if status != 412 and code != "NoSuchKey":

@@ -136,7 +136,7 @@ def delete_prefix(fs: Any, path: str, policy: RetryPolicy) -> int:
     for upload in sync(fs.loop, uploads):
         try:
             s3_call(fs, f"abort an unfinished upload of s3://{bucket}/{upload['Key']}", policy,
-                  "abort_multipart_upload", Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+                    "abort_multipart_upload", Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
         except Exception as exc:
             if error_code(exc)[0] != "NoSuchUpload":
                 raise
