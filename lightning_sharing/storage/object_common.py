@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from lightning_sharing.errors import CheckpointError
+from lightning_sharing.errors import ObjectChangedError, ObjectExistsError, ObjectStoreError, TransientStoreError
 
 __all__ = [
     "DEFAULT_RETRY",
@@ -62,20 +62,6 @@ _TRANSIENT_CLASSES = frozenset({
 })
 
 
-class ObjectStoreError(CheckpointError):
-    """An object-store operation failed (the message names the object and the operation)."""
-
-
-class TransientStoreError(ObjectStoreError):
-    """A call kept failing with transient errors (throttling, 5xx, dropped connections) until retries ran out."""
-
-
-class ObjectExistsError(ObjectStoreError):
-    """A create-only put found the object already there: another writer created it first."""
-
-
-class ObjectChangedError(ObjectStoreError):
-    """A conditional overwrite found the object changed (or deleted) since the version the caller read."""
 
 
 @dataclass(frozen=True)
