@@ -11,6 +11,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from fsspec.asyn import sync
@@ -26,7 +27,7 @@ from lightning_sharing.storage.object_common import (
 )
 from lightning_sharing.storage.object_s3 import s3_call, split_path
 
-__all__ = ["delete_objects", "delete_prefix", "find", "list_dir"]
+__all__ = ["Upload", "abort_upload", "delete_objects", "delete_prefix", "find", "list_dir", "unfinished_uploads"]
 
 _DELETE_BATCH = 1000
 
@@ -116,29 +117,52 @@ class _DeleteFailure(Exception):
         self.response = {"Error": error, "ResponseMetadata": {}}
 
 
+@dataclass(frozen=True)
+class Upload:
+    """An unfinished multipart upload: the object it would create (``bucket/key``), its id, when it was started."""
+
+    path: str
+    upload_id: str
+    initiated: float | None
+
+
+def unfinished_uploads(fs: Any, path: str, policy: RetryPolicy) -> list[Upload]:
+    """The multipart uploads started below ``path/`` and neither completed nor aborted (invisible to listings)."""
+    bucket, key = split_path(fs, path)
+    prefix = key.rstrip("/") + "/" if key else ""
+
+    async def run() -> list[Upload]:
+        found: list[Upload] = []
+        async for page in _pages(fs, f"list unfinished uploads in s3://{bucket}/{prefix}", policy,
+                                 "list_multipart_uploads", {"KeyMarker": "NextKeyMarker",
+                                                            "UploadIdMarker": "NextUploadIdMarker"},
+                                 Bucket=bucket, Prefix=prefix):
+            found += [Upload(f"{bucket}/{upload['Key']}", upload["UploadId"],
+                             upload["Initiated"].timestamp() if upload.get("Initiated") else None)
+                      for upload in page.get("Uploads", [])]
+        return found
+
+    return sync(fs.loop, run)
+
+
+def abort_upload(fs: Any, upload: Upload, policy: RetryPolicy) -> None:
+    """Abort one unfinished upload (its parts stop being stored and billed); one already gone is fine."""
+    bucket, key = split_path(fs, upload.path)
+    try:
+        s3_call(fs, f"abort an unfinished upload of s3://{bucket}/{key}", policy,
+                "abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload.upload_id)
+    except Exception as exc:
+        if error_code(exc)[0] != "NoSuchUpload":
+            raise
+
+
 def delete_prefix(fs: Any, path: str, policy: RetryPolicy) -> int:
     """Delete every object below ``path/`` and abort its unfinished multipart uploads; returns the object count."""
     bucket, key = split_path(fs, path)
     if not key.strip("/"):
         raise ValueError(f"refusing to delete everything in bucket {bucket!r}: name a prefix inside it")
-    prefix = key.rstrip("/") + "/"
     count = delete_objects(fs, [info.path for info in find(fs, path, policy)], policy)
-
-    async def uploads() -> list[dict]:
-        found: list[dict] = []
-        async for page in _pages(fs, f"list unfinished uploads in s3://{bucket}/{prefix}", policy,
-                                 "list_multipart_uploads", {"KeyMarker": "NextKeyMarker",
-                                                            "UploadIdMarker": "NextUploadIdMarker"},
-                                 Bucket=bucket, Prefix=prefix):
-            found += page.get("Uploads", [])
-        return found
-
-    for upload in sync(fs.loop, uploads):
-        try:
-            s3_call(fs, f"abort an unfinished upload of s3://{bucket}/{upload['Key']}", policy,
-                    "abort_multipart_upload", Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
-        except Exception as exc:
-            if error_code(exc)[0] != "NoSuchUpload":
-                raise
+    for upload in unfinished_uploads(fs, path, policy):
+        abort_upload(fs, upload, policy)
     fs.invalidate_cache(path)
     return count

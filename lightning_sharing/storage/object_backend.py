@@ -1,0 +1,299 @@
+"""The object-store backend: checkpoints on ``s3://``, ``memory://`` and other fsspec stores, committed without rename.
+
+A save writes every file into a fresh generation of the checkpoint's prefix and commits by writing the
+manifest last, with one conditional put (``If-None-Match: *`` for a new checkpoint, ``If-Match`` with the
+version read when the save began for a replaced one). Whoever reads the manifest reads exactly one save's
+files; a save whose put is refused (another job committed first) deletes its generation and every rank
+raises ``ObjectExistsError`` / ``ObjectChangedError``. The layout, and which leftovers are deleted when,
+is in ``object_layout``; what the store must guarantee, costs and credentials are in docs/storage.md.
+
+Example:
+    >>> store = ObjectStore.for_url("memory://runs/demo")
+    >>> target = store.normalize("memory://runs/demo/step=1.ckpt")
+    >>> root = store.begin_save(target, "0" * 32)
+    >>> with store.open_write(store.join(root, "x.json")) as sink:
+    ...     _ = sink.write(b"{}")
+    >>> store.commit(root, target, "0" * 32, b'{"data_prefix": "%s"}' % store.data_prefix(root, target).encode())
+    >>> store.list_files(root)
+    ['x.json']
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from typing import Any
+
+from lightning_sharing._faults import fault_point
+from lightning_sharing.errors import (
+    CheckpointError,
+    ComponentDeclarationError,
+    ObjectChangedError,
+    ObjectExistsError,
+)
+from lightning_sharing.format.manifest import MANIFEST_NAME
+from lightning_sharing.storage import object_generic as _generic
+from lightning_sharing.storage import object_s3 as _s3
+from lightning_sharing.storage.base import CheckpointStore
+from lightning_sharing.storage.object_layout import (
+    clean_after_commit,
+    clean_directory,
+    generation_name,
+    manifest_data_prefix,
+    scan,
+)
+from lightning_sharing.storage.object_store import (
+    ObjectWriter,
+    delete_objects,
+    delete_prefix,
+    find_objects,
+    list_dir,
+    object_info,
+    open_store,
+    put_create_only,
+    put_if_match,
+    read_range_into,
+    read_versioned,
+)
+
+__all__ = ["ObjectStore"]
+
+log = logging.getLogger(__name__)
+
+# Reads smaller than this are served from one ranged GET of this size (safetensors headers, small tensors);
+# larger ones go straight into the caller's buffer as parallel ranged GETs of _READ_CHUNK bytes.
+_READAHEAD = 1024 * 1024
+_READ_CHUNK = 4 * 1024 * 1024
+
+
+class ObjectStore(CheckpointStore):
+    """Checkpoints as prefixes of an fsspec object store (see the module docstring).
+
+    ``fs`` is the fsspec filesystem and ``scheme`` the URL scheme locations are spelled with. Use
+    ``for_url`` (``storage_options`` go to fsspec: credentials, endpoint, ...). Locations are URLs.
+    """
+
+    atomic_rename = False
+
+    def __init__(self, fs: Any, scheme: str) -> None:
+        self.fs = fs
+        self.scheme = scheme
+        self._expected: dict[str, str | None] = {}  # write root -> manifest version the save replaces
+        self._sizes: dict[str, int] = {}  # sizes just looked up, so that opening a file needs no second HEAD
+
+    @classmethod
+    def for_url(cls, url: str, storage_options: dict[str, Any] | None = None) -> ObjectStore:
+        """The store holding ``url``; ``storage_options`` are passed to the fsspec filesystem."""
+        scheme = url.split("://", 1)[0]
+        try:
+            fs, _ = open_store(url, storage_options)
+        except ImportError as exc:
+            extra = " (pip install 'lightning_sharing[s3]')" if scheme in ("s3", "s3a") else ""
+            raise ComponentDeclarationError(f"{url!r} needs a package that is not installed{extra}: {exc}") from exc
+        except ValueError as exc:
+            raise ComponentDeclarationError(f"{url!r} is not a location fsspec knows: {exc}") from exc
+        if _generic.is_local(fs):
+            raise ComponentDeclarationError(f"{url!r} is a local path: use LocalStore (store_for picks it)")
+        return cls(fs, scheme)
+
+    # ------------------------------------------------------------------ locations
+    def _path(self, location: str) -> str:
+        return self.fs._strip_protocol(location).rstrip("/")
+
+    def _url(self, path: str) -> str:
+        return f"{self.scheme}://{path.lstrip('/')}"
+
+    def normalize(self, location: str) -> str:
+        return self._url(self._path(location))
+
+    def data_prefix(self, write_root: str, target: str) -> str | None:
+        return self.basename(write_root)
+
+    # ------------------------------------------------------------------ reading
+    def open_read(self, location: str) -> Any:
+        path = self._path(location)
+        if not _s3.is_s3(self.fs):
+            return self.fs.open(path, "rb")
+        size = self._sizes.pop(location, None)
+        if size is None:
+            size = self.size(location)
+            self._sizes.pop(location, None)
+        if size is None:
+            raise FileNotFoundError(f"no such object: {location}")
+        return _RangedReader(self.fs, path, size)
+
+    def size(self, location: str) -> int | None:
+        info = object_info(self.fs, self._path(location))
+        if info is None:
+            return None
+        self._sizes[location] = info.size
+        return info.size
+
+    def read_bytes(self, location: str) -> bytes:
+        return read_versioned(self.fs, self._path(location))[0]
+
+    def is_dir(self, location: str) -> bool:
+        dirs, objects = list_dir(self.fs, self._path(location))
+        return bool(dirs or objects)
+
+    def list_files(self, root: str) -> list[str]:
+        base = self._path(root) + "/"
+        found = [info.path[len(base):] for info in find_objects(self.fs, self._path(root))
+                 if info.path.startswith(base) and not (info.path.endswith("/") and info.size == 0)]
+        return sorted(rel for rel in found if rel != MANIFEST_NAME)
+
+    def list_checkpoint_candidates(self, directory: str) -> list[str]:
+        dirs, _ = list_dir(self.fs, self._path(directory))
+        return [self._url(path.rstrip("/")) for path in sorted(dirs) if not self.basename(path).startswith(".")]
+
+    # ------------------------------------------------------------------ writing
+    def open_write(self, location: str) -> ObjectWriter:
+        return ObjectWriter(self.fs, self._path(location))
+
+    # ------------------------------------------------------------------ committing a save
+    def begin_save(self, target: str, token: str) -> str:
+        path = self._path(target)
+        parent = path.rsplit("/", 1)[0] if "/" in path.strip("/") else ""
+        if object_info(self.fs, path) is not None:
+            raise CheckpointError(
+                f"refusing to save to {target}: an object (a file) of that name exists, not a lightning_sharing "
+                "checkpoint (e.g. one written by torch.save); remove it or save to another path"
+            )
+        state = scan(self.fs, path)
+        if state.foreign:
+            raise CheckpointError(
+                f"refusing to save to {target}: it holds objects lightning_sharing did not write "
+                f"({', '.join(sorted(state.foreign)[:5])}); remove them or save to another path"
+            )
+        try:
+            _, version = read_versioned(self.fs, f"{path}/{MANIFEST_NAME}")
+        except FileNotFoundError:
+            version = None
+        if parent:
+            clean_directory(self.fs, parent, path, self._url)
+        write_root = f"{target}/{generation_name(token, version)}"
+        self._expected[write_root] = version
+        return write_root
+
+    def check_write_root(self, write_root: str, rank: int) -> None:
+        return None  # there is no directory to see; a rank that cannot reach the store fails its first write
+
+    def commit(self, write_root: str, target: str, token: str, manifest: bytes) -> None:
+        if write_root not in self._expected:
+            raise CheckpointError(f"commit of {write_root} without begin_save on this store")
+        expected = self._expected.pop(write_root)
+        path = self._path(target)
+        manifest_path = f"{path}/{MANIFEST_NAME}"
+        fault_point("commit:manifest")
+        fault_point("commit:rename")  # the conditional put of the manifest is this store's rename
+        try:
+            if expected is None:
+                version = put_create_only(self.fs, manifest_path, manifest)
+            else:
+                version = put_if_match(self.fs, manifest_path, manifest, expected)
+        except ObjectExistsError as exc:
+            raise ObjectExistsError(
+                f"another job committed a checkpoint at {target} while this save was being written (its manifest "
+                "appeared first); this save was discarded. Two jobs must not save to the same path"
+            ) from exc
+        except ObjectChangedError as exc:
+            raise ObjectChangedError(
+                f"the checkpoint at {target} was replaced or removed by another job while this save was being "
+                "written; this save was discarded. Two jobs must not save to the same path"
+            ) from exc
+        finally:
+            self.fs.invalidate_cache(path)  # a cached listing (Lightning's own calls) must show the change
+        fault_point("commit:renamed")
+        try:
+            removed = clean_after_commit(self.fs, scan(self.fs, path), self.basename(write_root), version)
+        except Exception as exc:  # committed already: a leftover is removed by a later save
+            log.warning("%s is committed, but removing its replaced files failed (%s); a later save removes them",
+                        target, exc)
+            return
+        if removed:
+            log.info("%s: removed the files of earlier saves (%s)", target, ", ".join(removed))
+
+    def abort(self, write_root: str, target: str) -> None:
+        self._expected.pop(write_root, None)
+        generation = self.basename(write_root)
+        try:
+            raw, _ = read_versioned(self.fs, f"{self._path(target)}/{MANIFEST_NAME}")
+            if manifest_data_prefix(raw) == generation:
+                return  # the put went through although the save reports a failure: the files are committed
+        except FileNotFoundError:
+            pass
+        except Exception as exc:
+            log.warning("could not check whether %s was committed (%s); leaving it for a later save", write_root, exc)
+            return
+        try:
+            delete_prefix(self.fs, self._path(write_root))
+        except Exception as exc:  # the save's own error is the one to report
+            log.warning("could not delete %s after a failed save (%s); a later save removes it", write_root, exc)
+
+    def remove_checkpoint(self, location: str) -> None:
+        path = self._path(location)
+        if object_info(self.fs, path) is not None:  # a plain object of that name (e.g. a torch.save file)
+            delete_objects(self.fs, [path])
+            self.fs.invalidate_cache(path)
+            return
+        state = scan(self.fs, path)
+        if state.foreign:
+            raise CheckpointError(
+                f"refusing to remove {location}: it is not a lightning_sharing checkpoint (it holds "
+                f"{', '.join(sorted(state.foreign)[:5])}); delete it yourself if it really is to go"
+            )
+        if not state.ours:
+            return
+        # The manifest first: from then on the prefix is no checkpoint, and a later save deletes what an
+        # interrupted removal leaves.
+        delete_objects(self.fs, [f"{path}/{MANIFEST_NAME}"])
+        self.fs.invalidate_cache(path)
+        delete_prefix(self.fs, path)
+
+
+class _RangedReader(io.RawIOBase):
+    """A read-only file over one S3 object: ranged GETs for exactly the bytes asked for (see ``_READAHEAD``)."""
+
+    def __init__(self, fs: Any, path: str, size: int) -> None:
+        super().__init__()
+        self._fs, self._path, self._size, self._pos = fs, path, size, 0
+        self._buffer, self._buffer_start = bytearray(), 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        if base + offset < 0:
+            raise ValueError(f"negative seek position {base + offset}")
+        self._pos = base + offset
+        return self._pos
+
+    def _fetch(self, start: int, view: memoryview) -> None:
+        read_range_into(self._fs, self._path, start, view, chunk=_READ_CHUNK)
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        want = max(0, min(len(view), self._size - self._pos))
+        done = 0
+        offset = self._pos - self._buffer_start
+        if want and 0 <= offset < len(self._buffer):
+            done = min(want, len(self._buffer) - offset)
+            view[:done] = self._buffer[offset:offset + done]
+        if done < want:
+            at, rest = self._pos + done, want - done
+            if rest >= _READAHEAD:
+                self._fetch(at, view[done:want])
+            else:
+                block = bytearray(min(self._size, at + _READAHEAD) - at)
+                self._fetch(at, memoryview(block))
+                self._buffer, self._buffer_start = block, at
+                view[done:want] = block[:rest]
+        self._pos += want
+        return want
