@@ -20,8 +20,10 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 from lightning_sharing._faults import fault_point
@@ -30,6 +32,7 @@ from lightning_sharing.errors import (
     ComponentDeclarationError,
     ObjectChangedError,
     ObjectExistsError,
+    ObjectStoreError,
 )
 from lightning_sharing.format.manifest import MANIFEST_NAME
 from lightning_sharing.storage import object_generic as _generic
@@ -64,6 +67,18 @@ log = logging.getLogger(__name__)
 # larger ones go straight into the caller's buffer as parallel ranged GETs of _READ_CHUNK bytes.
 _READAHEAD = 1024 * 1024
 _READ_CHUNK = 4 * 1024 * 1024
+
+
+@contextlib.contextmanager
+def _naming(action: str, location: str) -> Iterator[None]:
+    """Errors of the store's client (s3fs says "Access Denied", not which object) become ``ObjectStoreError``s
+    that name the object; ours, and a missing object's ``FileNotFoundError``, pass unchanged."""
+    try:
+        yield
+    except (CheckpointError, FileNotFoundError):
+        raise
+    except Exception as exc:
+        raise ObjectStoreError(f"{action} {location} failed: {type(exc).__name__}: {exc}") from exc
 
 
 class ObjectStore(CheckpointStore):
@@ -113,45 +128,56 @@ class ObjectStore(CheckpointStore):
     def open_read(self, location: str) -> Any:
         path = self._path(location)
         if not _s3.is_s3(self.fs):
-            return self.fs.open(path, "rb")
+            with _naming("opening", location):
+                return self.fs.open(path, "rb")
         size = self._sizes.pop(location, None)
         if size is None:
             size = self.size(location)
             self._sizes.pop(location, None)
         if size is None:
             raise FileNotFoundError(f"no such object: {location}")
-        return _RangedReader(self.fs, path, size)
+        return _RangedReader(self.fs, path, size, location)
 
     def size(self, location: str) -> int | None:
-        info = object_info(self.fs, self._path(location))
+        with _naming("looking up", location):
+            info = object_info(self.fs, self._path(location))
         if info is None:
             return None
         self._sizes[location] = info.size
         return info.size
 
     def read_bytes(self, location: str) -> bytes:
-        return read_versioned(self.fs, self._path(location))[0]
+        with _naming("reading", location):
+            return read_versioned(self.fs, self._path(location))[0]
 
     def is_dir(self, location: str) -> bool:
-        dirs, objects = list_dir(self.fs, self._path(location))
+        with _naming("listing", location):
+            dirs, objects = list_dir(self.fs, self._path(location))
         return bool(dirs or objects)
 
     def list_files(self, root: str) -> list[str]:
         base = self._path(root) + "/"
-        found = [info.path[len(base):] for info in find_objects(self.fs, self._path(root))
-                 if info.path.startswith(base) and not (info.path.endswith("/") and info.size == 0)]
+        with _naming("listing", root):
+            found = [info.path[len(base):] for info in find_objects(self.fs, self._path(root))
+                     if info.path.startswith(base) and not (info.path.endswith("/") and info.size == 0)]
         return sorted(rel for rel in found if rel != MANIFEST_NAME)
 
     def list_checkpoint_candidates(self, directory: str) -> list[str]:
-        dirs, _ = list_dir(self.fs, self._path(directory))
+        with _naming("listing", directory):
+            dirs, _ = list_dir(self.fs, self._path(directory))
         return [self._url(path.rstrip("/")) for path in sorted(dirs) if not self.basename(path).startswith(".")]
 
     # ------------------------------------------------------------------ writing
-    def open_write(self, location: str) -> ObjectWriter:
-        return ObjectWriter(self.fs, self._path(location))
+    def open_write(self, location: str) -> _NamedWriter:
+        with _naming("starting to write", location):
+            return _NamedWriter(ObjectWriter(self.fs, self._path(location)), location)
 
     # ------------------------------------------------------------------ committing a save
     def begin_save(self, target: str, token: str) -> str:
+        with _naming("preparing a save to", target):
+            return self._begin_save(target, token)
+
+    def _begin_save(self, target: str, token: str) -> str:
         path = self._path(target)
         parent = path.rsplit("/", 1)[0] if "/" in path.strip("/") else ""
         if object_info(self.fs, path) is not None:
@@ -187,10 +213,11 @@ class ObjectStore(CheckpointStore):
         fault_point("commit:manifest")
         fault_point("commit:rename")  # the conditional put of the manifest is this store's rename
         try:
-            if expected is None:
-                version = put_create_only(self.fs, manifest_path, manifest)
-            else:
-                version = put_if_match(self.fs, manifest_path, manifest, expected)
+            with _naming("writing the manifest", f"{target}/{MANIFEST_NAME}"):
+                if expected is None:
+                    version = put_create_only(self.fs, manifest_path, manifest)
+                else:
+                    version = put_if_match(self.fs, manifest_path, manifest, expected)
         except ObjectExistsError as exc:
             raise ObjectExistsError(
                 f"another job committed a checkpoint at {target} while this save was being written (its manifest "
@@ -231,6 +258,10 @@ class ObjectStore(CheckpointStore):
             log.warning("could not delete %s after a failed save (%s); a later save removes it", write_root, exc)
 
     def remove_checkpoint(self, location: str) -> None:
+        with _naming("removing", location):
+            self._remove(location)
+
+    def _remove(self, location: str) -> None:
         path = self._path(location)
         if object_info(self.fs, path) is not None:  # a plain object of that name (e.g. a torch.save file)
             delete_objects(self.fs, [path])
@@ -251,12 +282,30 @@ class ObjectStore(CheckpointStore):
         delete_prefix(self.fs, path)
 
 
+class _NamedWriter:
+    """An ``ObjectWriter`` whose client errors name the object (see ``_naming``)."""
+
+    def __init__(self, writer: ObjectWriter, location: str) -> None:
+        self._writer, self._location = writer, location
+
+    def __enter__(self) -> _NamedWriter:
+        return self
+
+    def write(self, data: Any) -> int:
+        with _naming("writing", self._location):
+            return self._writer.write(data)
+
+    def __exit__(self, exc_type: object, exc: object, traceback: object) -> None:
+        with _naming("writing", self._location):
+            self._writer.__exit__(exc_type, exc, traceback)
+
+
 class _RangedReader(io.RawIOBase):
     """A read-only file over one S3 object: ranged GETs for exactly the bytes asked for (see ``_READAHEAD``)."""
 
-    def __init__(self, fs: Any, path: str, size: int) -> None:
+    def __init__(self, fs: Any, path: str, size: int, location: str) -> None:
         super().__init__()
-        self._fs, self._path, self._size, self._pos = fs, path, size, 0
+        self._fs, self._path, self._size, self._pos, self._location = fs, path, size, 0, location
         self._buffer, self._buffer_start = bytearray(), 0
 
     def readable(self) -> bool:
@@ -276,7 +325,8 @@ class _RangedReader(io.RawIOBase):
         return self._pos
 
     def _fetch(self, start: int, view: memoryview) -> None:
-        read_range_into(self._fs, self._path, start, view, chunk=_READ_CHUNK)
+        with _naming("reading", self._location):
+            read_range_into(self._fs, self._path, start, view, chunk=_READ_CHUNK)
 
     def readinto(self, buffer: Any) -> int:
         view = memoryview(buffer).cast("B")
