@@ -13,10 +13,14 @@ payload with:
   50 MiB blocks, one part at a time);
 
 and reads it back whole with ``read_range_into`` (into one preallocated buffer, ranged GETs of ``--read-chunk-mib``
-MiB, ``--in-flight`` at once) and with ``S3FileSystem.cat_file`` (50 MiB ranges, 10 at once). moto reads and copies
-the whole object under a lock for every GET, ranged or not, so against moto fewer, larger ranges read faster;
-on a real store a ranged GET costs only its bytes. Prints MB/s (decimal) per variant (median of the repeats),
-this process's CPU seconds per GB (the client's cost, every thread), then the ratios.
+MiB, ``--in-flight`` at once) and with ``S3FileSystem.cat_file`` (50 MiB ranges, 10 at once). Then, end to end,
+a whole checkpoint of the same size (16 float32 tensors, one process): ``ls_save`` is
+``CheckpointCoordinator.save_checkpoint("s3://...")`` (safetensors streamed through ``ObjectWriter``, the manifest
+committed with a conditional PUT), ``ls_load`` is ``load_checkpoint`` into the live tensors with every checksum
+verified (ranged GETs of ``--read-chunk-mib`` MiB); they are compared with ``s3fs_pipe`` and ``s3fs_cat_file``.
+moto reads and copies the whole object under a lock for every GET, ranged or not, so against moto fewer, larger
+ranges read faster; on a real store a ranged GET costs only its bytes. Prints MB/s (decimal) per variant (median
+of the repeats), this process's CPU seconds per GB (the client's cost, every thread), then the ratios.
 The server runs on the same machine: the numbers measure client and server CPU on loopback, not a network.
 """
 
@@ -103,8 +107,26 @@ def _run(args: argparse.Namespace) -> int:
     def s3fs_cat(path: str) -> None:
         assert len(fs.cat_file(path)) == size
 
+    import torch
+
+    from lightning_sharing import CheckpointCoordinator, SharingPattern, StateComponent
+    from lightning_sharing.storage import object_backend, remove_checkpoint
+
+    object_backend._READ_CHUNK = args.read_chunk_mib * MIB  # see the note on moto's ranged GETs above
+    module = torch.nn.ParameterDict({f"w{i:02d}": torch.nn.Parameter(torch.randn(size // 4 // 16))
+                                     for i in range(16)})
+    coordinator = CheckpointCoordinator([StateComponent("model", module, SharingPattern.REPLICATED)])
+    saved = {name: tensor.detach().clone() for name, tensor in module.state_dict().items()}
+
+    def ls_save(url: str) -> None:
+        coordinator.save_checkpoint(url, step=1)
+
+    def ls_load(url: str) -> None:
+        coordinator.load_checkpoint(url)
+
     writes = {"ls_writer": ls_writer, "s3fs_pipe": s3fs_pipe, "s3fs_open_write": s3fs_open_write}
-    times: dict[str, list[float]] = {name: [] for name in [*writes, "ls_read_range_into", "s3fs_cat_file"]}
+    times: dict[str, list[float]] = {name: [] for name in [*writes, "ls_read_range_into", "s3fs_cat_file",
+                                                           "ls_save", "ls_load"]}
     cpu: dict[str, list[float]] = {name: [] for name in times}
     for repeat in range(args.repeats):
         for name, write in writes.items():
@@ -117,6 +139,14 @@ def _run(args: argparse.Namespace) -> int:
                 assert buffer == payload, "read_range_into returned other bytes"
                 times["s3fs_cat_file"].append(_timed(lambda path=path: s3fs_cat(path), cpu["s3fs_cat_file"]))
             fs.rm_file(path)
+        url = f"s3://{BUCKET}/bench-{uuid.uuid4().hex}/step=1.ckpt"
+        times["ls_save"].append(_timed(lambda url=url: ls_save(url), cpu["ls_save"]))
+        with torch.no_grad():
+            for tensor in module.parameters():
+                tensor.zero_()
+        times["ls_load"].append(_timed(lambda url=url: ls_load(url), cpu["ls_load"]))
+        assert all(torch.equal(module.state_dict()[name], value) for name, value in saved.items()), "load differs"
+        remove_checkpoint(url)
         print(f"repeat {repeat + 1}: " + ", ".join(f"{n} {size / t[-1] / 1e6:.0f} MB/s" for n, t in times.items()))
 
     rate = {name: size / statistics.median(t) / 1e6 for name, t in times.items()}
@@ -126,6 +156,8 @@ def _run(args: argparse.Namespace) -> int:
     print(f"ls_writer / s3fs_pipe        = {rate['ls_writer'] / rate['s3fs_pipe']:.2f}")
     print(f"ls_writer / s3fs_open_write  = {rate['ls_writer'] / rate['s3fs_open_write']:.2f}")
     print(f"ls_read_range_into / s3fs_cat_file = {rate['ls_read_range_into'] / rate['s3fs_cat_file']:.2f}")
+    print(f"ls_save (checkpoint) / s3fs_pipe   = {rate['ls_save'] / rate['s3fs_pipe']:.2f}")
+    print(f"ls_load (checkpoint) / s3fs_cat_file = {rate['ls_load'] / rate['s3fs_cat_file']:.2f}")
     return 0
 
 

@@ -63,10 +63,13 @@ __all__ = ["ObjectStore"]
 
 log = logging.getLogger(__name__)
 
-# Reads smaller than this are served from one ranged GET of this size (safetensors headers, small tensors);
-# larger ones go straight into the caller's buffer as parallel ranged GETs of _READ_CHUNK bytes.
-_READAHEAD = 1024 * 1024
-_READ_CHUNK = 4 * 1024 * 1024
+# A reader fetches at least _READAHEAD_MIN bytes per request (safetensors headers and small tensors come from one
+# GET), doubling up to _READAHEAD_MAX while the caller reads sequentially (a whole file: few, large, parallel
+# fetches) and falling back after a seek (a SHARDED load's scattered blocks: little read that is not needed).
+# Fetches are ranged GETs of _READ_CHUNK bytes, several at once.
+_READAHEAD_MIN = 1024 * 1024
+_READAHEAD_MAX = 64 * 1024 * 1024
+_READ_CHUNK = 8 * 1024 * 1024
 
 
 @contextlib.contextmanager
@@ -301,12 +304,13 @@ class _NamedWriter:
 
 
 class _RangedReader(io.RawIOBase):
-    """A read-only file over one S3 object: ranged GETs for exactly the bytes asked for (see ``_READAHEAD``)."""
+    """A read-only file over one S3 object, read by ranged GETs with an adaptive readahead (see ``_READAHEAD_MIN``)."""
 
     def __init__(self, fs: Any, path: str, size: int, location: str) -> None:
         super().__init__()
         self._fs, self._path, self._size, self._pos, self._location = fs, path, size, 0, location
         self._buffer, self._buffer_start = bytearray(), 0
+        self._ahead, self._next = _READAHEAD_MIN, -1  # readahead now; where a sequential read would go on
 
     def readable(self) -> bool:
         return True
@@ -338,12 +342,15 @@ class _RangedReader(io.RawIOBase):
             view[:done] = self._buffer[offset:offset + done]
         if done < want:
             at, rest = self._pos + done, want - done
-            if rest >= _READAHEAD:
+            sequential = at == self._next or (done and at == self._buffer_start + len(self._buffer))
+            self._ahead = min(2 * self._ahead, _READAHEAD_MAX) if sequential else _READAHEAD_MIN
+            if rest >= self._ahead:
                 self._fetch(at, view[done:want])
             else:
-                block = bytearray(min(self._size, at + _READAHEAD) - at)
+                block = bytearray(min(self._size, at + self._ahead) - at)
                 self._fetch(at, memoryview(block))
                 self._buffer, self._buffer_start = block, at
                 view[done:want] = block[:rest]
         self._pos += want
+        self._next = self._pos
         return want
