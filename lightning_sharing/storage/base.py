@@ -71,6 +71,10 @@ class CheckpointStore(ABC):
     def size(self, location: str) -> int | None:
         """The size of the regular file (object) at ``location``; None when there is none."""
 
+    def sizes(self, root: str, rels: list[str]) -> dict[str, int | None]:
+        """``size`` of each of ``rels`` under ``root`` (a store may answer them all from one listing)."""
+        return {rel: self.size(self.join(root, rel)) for rel in rels}
+
     def read_bytes(self, location: str) -> bytes:
         """The whole content of ``location``."""
         with self.open_read(location) as handle:

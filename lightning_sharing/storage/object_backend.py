@@ -98,6 +98,7 @@ class ObjectStore(CheckpointStore):
         self.scheme = scheme
         self._expected: dict[str, str | None] = {}  # write root -> manifest version the save replaces
         self._sizes: dict[str, int] = {}  # sizes just looked up, so that opening a file needs no second HEAD
+        self._listed: dict[str, int] = {}  # sizes from this store's listings (a store serves one save or load)
 
     @classmethod
     def for_url(cls, url: str, storage_options: dict[str, Any] | None = None) -> ObjectStore:
@@ -135,6 +136,8 @@ class ObjectStore(CheckpointStore):
                 return self.fs.open(path, "rb")
         size = self._sizes.pop(location, None)
         if size is None:
+            size = self._listed.get(location)
+        if size is None:
             size = self.size(location)
             self._sizes.pop(location, None)
         if size is None:
@@ -142,12 +145,18 @@ class ObjectStore(CheckpointStore):
         return _RangedReader(self.fs, path, size, location)
 
     def size(self, location: str) -> int | None:
+        if location in self._listed:  # objects are never rewritten in place: a listing's size holds
+            return self._listed[location]
         with _naming("looking up", location):
             info = object_info(self.fs, self._path(location))
         if info is None:
             return None
         self._sizes[location] = info.size
         return info.size
+
+    def sizes(self, root: str, rels: list[str]) -> dict[str, int | None]:
+        self.list_files(root)  # one listing (1000 objects a request) instead of a HEAD per object
+        return {rel: self._listed.get(self.join(root, rel)) for rel in rels}
 
     def read_bytes(self, location: str) -> bytes:
         with _naming("reading", location):
@@ -161,8 +170,10 @@ class ObjectStore(CheckpointStore):
     def list_files(self, root: str) -> list[str]:
         base = self._path(root) + "/"
         with _naming("listing", root):
-            found = [info.path[len(base):] for info in find_objects(self.fs, self._path(root))
-                     if info.path.startswith(base) and not (info.path.endswith("/") and info.size == 0)]
+            found = {info.path[len(base):]: info.size for info in find_objects(self.fs, self._path(root))
+                     if info.path.startswith(base) and not (info.path.endswith("/") and info.size == 0)}
+        # Remembered for size() and open_read(): a load lists the files once, then needs no HEAD per file.
+        self._listed.update({self.join(root, rel): size for rel, size in found.items()})
         return sorted(rel for rel in found if rel != MANIFEST_NAME)
 
     def list_checkpoint_candidates(self, directory: str) -> list[str]:
