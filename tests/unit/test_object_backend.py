@@ -255,3 +255,25 @@ def test_the_command_line_verifies_an_s3_checkpoint_with_credentials_from_the_en
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.startswith(f"OK: {url}: 2 components, 5 files")
+
+
+def test_the_command_line_takes_storage_options_and_inspects_an_s3_checkpoint(moto_server, s3_prefix, capsys):
+    from lightning_sharing.cli import main
+
+    coordinator, _, _ = _coordinator(1.0)
+    url = f"s3://{s3_prefix}/step=1.ckpt"
+    coordinator.save_checkpoint(url, step=1)
+    generation = _generation(url)
+    proxy = FaultProxy(moto_server.endpoint_url)
+    try:
+        options = json.dumps({"endpoint_url": proxy.url})
+        assert main(["verify", url, "--storage-options", options]) == 0
+        assert proxy.count("GET", "checkpoint_manifest.json") == 1  # it went where the options said
+        assert main(["inspect", url, "--storage-options", options]) == 0
+    finally:
+        proxy.close()
+    out = capsys.readouterr().out
+    assert f"files under {generation}/ (this save's generation on an object store)" in out
+    with pytest.raises(SystemExit):
+        main(["verify", url, "--storage-options", "[1, 2]"])
+    assert "must be a JSON object" in capsys.readouterr().err
