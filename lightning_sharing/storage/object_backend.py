@@ -30,11 +30,12 @@ from lightning_sharing._faults import fault_point
 from lightning_sharing.errors import (
     CheckpointError,
     ComponentDeclarationError,
+    ManifestError,
     ObjectChangedError,
     ObjectExistsError,
     ObjectStoreError,
 )
-from lightning_sharing.format.manifest import MANIFEST_NAME
+from lightning_sharing.format.manifest import MANIFEST_NAME, CheckpointManifest
 from lightning_sharing.storage import object_generic as _generic
 from lightning_sharing.storage import object_s3 as _s3
 from lightning_sharing.storage.base import CheckpointStore
@@ -43,6 +44,7 @@ from lightning_sharing.storage.object_layout import (
     clean_directory,
     generation_name,
     manifest_data_prefix,
+    parse_generation,
     scan,
 )
 from lightning_sharing.storage.object_store import (
@@ -99,6 +101,7 @@ class ObjectStore(CheckpointStore):
         self._expected: dict[str, str | None] = {}  # write root -> manifest version the save replaces
         self._sizes: dict[str, int] = {}  # sizes just looked up, so that opening a file needs no second HEAD
         self._listed: dict[str, int] = {}  # sizes from this store's listings (a store serves one save or load)
+        self._replaced_files: dict[str, list[str]] = {}  # write root -> files a replaced in-place checkpoint lists
 
     @classmethod
     def for_url(cls, url: str, storage_options: dict[str, Any] | None = None) -> ObjectStore:
@@ -174,7 +177,8 @@ class ObjectStore(CheckpointStore):
                      if info.path.startswith(base) and not (info.path.endswith("/") and info.size == 0)}
         # Remembered for size() and open_read(): a load lists the files once, then needs no HEAD per file.
         self._listed.update({self.join(root, rel): size for rel, size in found.items()})
-        return sorted(rel for rel in found if rel != MANIFEST_NAME)
+        # Generations are other saves' files, not part of a checkpoint kept in the filesystem layout at ``root``.
+        return sorted(rel for rel in found if rel != MANIFEST_NAME and not parse_generation(rel.split("/", 1)[0]))
 
     def list_checkpoint_candidates(self, directory: str) -> list[str]:
         with _naming("listing", directory):
@@ -200,19 +204,20 @@ class ObjectStore(CheckpointStore):
                 "checkpoint (e.g. one written by torch.save); remove it or save to another path"
             )
         state = scan(self.fs, path)
-        if state.foreign:
+        if state.foreign and not state.has_manifest:
             raise CheckpointError(
                 f"refusing to save to {target}: it holds objects lightning_sharing did not write "
                 f"({', '.join(sorted(state.foreign)[:5])}); remove them or save to another path"
             )
         try:
-            _, version = read_versioned(self.fs, f"{path}/{MANIFEST_NAME}")
+            raw, version = read_versioned(self.fs, f"{path}/{MANIFEST_NAME}")
         except FileNotFoundError:
-            version = None
+            raw, version = b"", None
         if parent:
             clean_directory(self.fs, parent, path, self._url)
         write_root = f"{target}/{generation_name(token, version)}"
         self._expected[write_root] = version
+        self._replaced_files[write_root] = _files_in_place(raw, target) if state.foreign else []
         return write_root
 
     def check_write_root(self, write_root: str, rank: int) -> None:
@@ -222,6 +227,7 @@ class ObjectStore(CheckpointStore):
         if write_root not in self._expected:
             raise CheckpointError(f"commit of {write_root} without begin_save on this store")
         expected = self._expected.pop(write_root)
+        self._replaced_files.setdefault(write_root, [])
         path = self._path(target)
         manifest_path = f"{path}/{MANIFEST_NAME}"
         fault_point("commit:manifest")
@@ -247,6 +253,10 @@ class ObjectStore(CheckpointStore):
         fault_point("commit:renamed")
         try:
             removed = clean_after_commit(self.fs, scan(self.fs, path), self.basename(write_root), version)
+            in_place = self._replaced_files.pop(write_root, [])
+            if in_place:  # the replaced checkpoint had a filesystem layout (e.g. one copied here): its files go too
+                delete_objects(self.fs, [f"{path}/{rel}" for rel in in_place])
+                removed.append(f"{len(in_place)} files of the replaced checkpoint")
         except Exception as exc:  # committed already: a leftover is removed by a later save
             log.warning("%s is committed, but removing its replaced files failed (%s); a later save removes them",
                         target, exc)
@@ -256,6 +266,7 @@ class ObjectStore(CheckpointStore):
 
     def abort(self, write_root: str, target: str) -> None:
         self._expected.pop(write_root, None)
+        self._replaced_files.pop(write_root, None)
         generation = self.basename(write_root)
         try:
             raw, _ = read_versioned(self.fs, f"{self._path(target)}/{MANIFEST_NAME}")
@@ -282,7 +293,7 @@ class ObjectStore(CheckpointStore):
             self.fs.invalidate_cache(path)
             return
         state = scan(self.fs, path)
-        if state.foreign:
+        if state.foreign and not state.has_manifest:
             raise CheckpointError(
                 f"refusing to remove {location}: it is not a lightning_sharing checkpoint (it holds "
                 f"{', '.join(sorted(state.foreign)[:5])}); delete it yourself if it really is to go"
@@ -294,6 +305,15 @@ class ObjectStore(CheckpointStore):
         delete_objects(self.fs, [f"{path}/{MANIFEST_NAME}"])
         self.fs.invalidate_cache(path)
         delete_prefix(self.fs, path)
+
+
+def _files_in_place(raw: bytes, target: str) -> list[str]:
+    """The files of a manifest without ``data_prefix`` (a checkpoint in the filesystem layout, copied to the store)."""
+    try:
+        manifest = CheckpointManifest.parse(raw, f"{target}/{MANIFEST_NAME}")
+    except ManifestError:
+        return []  # unreadable: delete nothing of it
+    return [] if manifest.data_prefix else [entry.path for entry in manifest.all_files()]
 
 
 class _NamedWriter:

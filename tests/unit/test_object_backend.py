@@ -277,3 +277,24 @@ def test_the_command_line_takes_storage_options_and_inspects_an_s3_checkpoint(mo
     with pytest.raises(SystemExit):
         main(["verify", url, "--storage-options", "[1, 2]"])
     assert "must be a JSON object" in capsys.readouterr().err
+
+
+def test_a_filesystem_checkpoint_copied_to_an_object_store_loads_and_can_be_replaced_and_removed(root, tmp_path):
+    coordinator, model, _ = _coordinator(1.0)
+    coordinator.save_checkpoint(tmp_path / "last.ckpt", step=1)
+    fs = fsspec.filesystem("memory")
+    base = fs._strip_protocol(root)
+    fs.put(str(tmp_path / "last.ckpt"), f"{base}/last.ckpt", recursive=True)  # what `aws s3 cp --recursive` does
+    copied = _objects(f"{root}/last.ckpt")
+    assert "model-00001-of-00001.safetensors" in copied
+    assert CheckpointManifest.load(f"{root}/last.ckpt").data_prefix is None
+    fresh, fresh_model, _ = _coordinator(9.0)
+    fresh.load_checkpoint(f"{root}/last.ckpt")
+    assert torch.equal(fresh_model.weight, model.weight)
+    # Replacing it deletes exactly the files its manifest listed, once the new manifest is in place.
+    fresh.save_checkpoint(f"{root}/last.ckpt", step=2)
+    generation = _generation(f"{root}/last.ckpt")
+    assert all(path == "checkpoint_manifest.json" or path.startswith(f"{generation}/")
+               for path in _objects(f"{root}/last.ckpt"))
+    remove_checkpoint(f"{root}/last.ckpt")
+    assert _objects(root) == []
