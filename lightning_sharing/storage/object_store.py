@@ -5,32 +5,12 @@ GETs, ``If-None-Match`` / ``If-Match`` PUTs), ``file://`` and ``memory://`` (exa
 see ``object_generic``), and other fsspec stores (generic API, weaker guarantees). Transient failures
 (throttling, 5xx, dropped connections) are retried with bounded, logged exponential backoff.
 
-Commit without rename (the design these pieces are for; what moto's server was shown to do is in the
-tests, tests/unit/test_object_store_s3.py)::
-
-    s3://bucket/run/step=500.ckpt/
-      checkpoint_manifest.json                    # the commit record: its presence means "complete"
-      g-<token>/model-00001-of-00002.safetensors  # one save's objects ("generation" <token>, agreed by all ranks)
-      g-<token>/rng/rank-00001 ...
-
-1. Rank 0 reads the manifest, if any, with its version (``read_versioned``: the ETag on S3).
-2. Every rank streams its files under ``g-<token>/`` (``ObjectWriter``: size and checksum on the way),
-   then the ranks agree.
-3. Rank 0 checks each listed object's size (``find_objects``), then puts the manifest, naming the files
-   ``g-<token>/...``: ``put_create_only`` where there was none, ``put_if_match(version)`` to replace one.
-   ``ObjectExistsError`` / ``ObjectChangedError``: another job committed first; this save lost, rank 0
-   deletes ``g-<token>/`` and every rank raises. Of two jobs racing for one path, exactly one wins.
-4. Then rank 0 deletes the objects the replaced manifest named (``delete_objects``), and nothing else.
-
-A crash before step 3 leaves the previous manifest (or none) naming untouched objects; after it, the new
-one. A single PUT is atomic on S3, so a reader sees one manifest or the other, never a mix. Data go into a
-fresh generation rather than the checkpoint's root because two racing jobs writing the same keys would
-overwrite each other's objects before either commits. Leftovers are removed by a later save: under a
-committed checkpoint, objects its manifest does not name whose mtime is strictly older than the manifest's
-(a racing loser's objects written after the winner's commit are newer and are left to their owner); a
-prefix without a manifest is never complete (never loaded, never "latest") and is deleted by a later save
-in the same directory with ``delete_prefix``, which also aborts its unfinished multipart uploads (one job
-per directory, as for local staging directories).
+Commit without rename is built from these pieces by ``object_backend.ObjectStore`` (layout and cleanup rules in
+``object_layout``; docs/storage.md): every rank streams its files into a fresh generation ``g-<token>-<base>/``
+of the checkpoint's prefix with ``ObjectWriter``; rank 0 then puts the manifest naming that generation with
+``put_create_only`` (a new checkpoint) or ``put_if_match`` (replacing one, with the version ``read_versioned``
+returned when the save began). ``ObjectExistsError`` / ``ObjectChangedError`` mean another job committed first.
+What moto's server was shown to do is in tests/unit/test_object_store_s3.py.
 
 Example:
     >>> fs, root = open_store("memory://run/step=5.ckpt")
