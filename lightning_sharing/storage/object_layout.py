@@ -198,7 +198,7 @@ def clean_directory(fs: Any, directory: str, skip: str, shown: Callable[[str], s
             log.warning("could not clean leftovers in %s (%s); a later save tries again", shown(path), exc)
             return []
 
-    if len(others) > 1:
+    if len(others) > 1 and _s3.is_s3(fs):  # S3 calls wait on the network; memory:// is not safe across threads
         with ThreadPoolExecutor(min(_SCAN_THREADS, len(others))) as pool:
             removed = [item for found in pool.map(visit, others) for item in found]
     else:
