@@ -3,6 +3,11 @@
     lightning-sharing verify PATH [--size-only]   # exit 0 if intact, 1 if not, 2 if PATH is no checkpoint
     lightning-sharing inspect PATH                # the manifest as a table
 
+PATH is a local path or an fsspec URL (``s3://bucket/run/step=5.ckpt``). Credentials and endpoints come the
+ordinary way (for S3: ``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ... or a profile), or as JSON in
+``--storage-options '{"endpoint_url": "..."}'`` (passed to fsspec). A store that cannot be read (no
+credentials, no such bucket) is exit 2 too, with the store's error.
+
 ``verify`` checks every file the manifest lists (present, a regular file inside the checkpoint, its
 size and its checksum), that no unlisted file is present, that every listed name is one the format
 writes, and that each safetensors index points only at listed shards. It reports every problem with
@@ -12,6 +17,7 @@ the component, the file and the rank that wrote it.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import posixpath
 import sys
@@ -25,10 +31,10 @@ from rich.table import Table
 
 from lightning_sharing.core.options import VerifyMode
 from lightning_sharing.engine.load_plan import check_listed_files
-from lightning_sharing.errors import CheckpointError, CorruptCheckpointError, ManifestError
+from lightning_sharing.errors import CheckpointError, ComponentDeclarationError, CorruptCheckpointError, ManifestError
 from lightning_sharing.format.layout import parse_index
 from lightning_sharing.format.manifest import CheckpointManifest
-from lightning_sharing.storage import read_manifest, store_for, verify_entry
+from lightning_sharing.storage import data_root, read_manifest, store_for, verify_entry
 
 __all__ = ["Problem", "main", "verify_checkpoint"]
 
@@ -50,6 +56,7 @@ def verify_checkpoint(path: str | Path, mode: VerifyMode | str = VerifyMode.CHEC
     store = store_for(path, storage_options)
     root = store.normalize(os.fspath(path))
     manifest = read_manifest(store, root, display=os.fspath(path))
+    root = data_root(store, root, manifest)
     problems: list[Problem] = []
     try:
         check_listed_files(store, root, manifest)
@@ -91,7 +98,7 @@ def _human(size: int) -> str:
 
 
 def _verify(args: argparse.Namespace, console: Console) -> int:
-    manifest, problems = verify_checkpoint(args.path, "size" if args.size_only else "checksum")
+    manifest, problems = verify_checkpoint(args.path, "size" if args.size_only else "checksum", args.storage_options)
     files = manifest.all_files()
     if not problems:
         what = "sizes" if args.size_only else "sizes and checksums"
@@ -110,7 +117,7 @@ def _verify(args: argparse.Namespace, console: Console) -> int:
 
 
 def _inspect(args: argparse.Namespace, console: Console) -> int:
-    manifest = CheckpointManifest.load(args.path)
+    manifest = CheckpointManifest.load(args.path, args.storage_options)
     topology = manifest.topology
     console.print(f"{args.path}: step {manifest.step}, world size {manifest.world_size}, "
                   f"nodes {topology.get('nodes')}, groups {topology.get('groups') or '{}'}, "
@@ -124,6 +131,8 @@ def _inspect(args: argparse.Namespace, console: Console) -> int:
                       ",".join(str(r) for r in component.ranks), str(len(component.files)),
                       _human(component.size_bytes), component.validation)
     console.print(table)
+    if manifest.data_prefix:
+        console.print(f"files under {manifest.data_prefix}/ (this save's generation on an object store)")
     if args.files:
         files = Table(title="files")
         for column in ("path", "rank", "size", "checksum"):
@@ -144,13 +153,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     inspect = commands.add_parser("inspect", help="print the manifest as a table")
     inspect.add_argument("path")
     inspect.add_argument("--files", action="store_true", help="also list every file")
+    for command in (verify, inspect):
+        command.add_argument("--storage-options", type=_json_object, default=None, metavar="JSON",
+                             help="fsspec options for a URL PATH, e.g. '{\"endpoint_url\": \"http://...\"}'")
     args = parser.parse_args(argv)
     console = Console(width=160)
     try:
         return _verify(args, console) if args.command == "verify" else _inspect(args, console)
-    except ManifestError as exc:
+    except (ManifestError, ComponentDeclarationError) as exc:
         console.print(f"ERROR: {exc}", markup=False)
         return 2
+    except (CheckpointError, OSError) as exc:  # the store could not be read: nothing was checked
+        console.print(f"ERROR: cannot read {args.path}: {type(exc).__name__}: {exc}", markup=False)
+        return 2
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
 
 
 if __name__ == "__main__":

@@ -13,8 +13,12 @@ __all__ = [
     "CorruptCheckpointError",
     "DistributedCheckpointError",
     "ManifestError",
+    "ObjectChangedError",
+    "ObjectExistsError",
+    "ObjectStoreError",
     "ReplicationMismatchError",
     "TopologyMismatchError",
+    "TransientStoreError",
     "UnsupportedStateError",
 ]
 
@@ -49,6 +53,22 @@ class ReplicationMismatchError(CheckpointError):
 
 class UnsupportedStateError(CheckpointError, TypeError):
     """A state dict holds a value that cannot be stored without pickle."""
+
+
+class ObjectStoreError(CheckpointError):
+    """An object-store operation failed (the message names the object and the operation)."""
+
+
+class TransientStoreError(ObjectStoreError):
+    """A call kept failing with transient errors (throttling, 5xx, dropped connections) until retries ran out."""
+
+
+class ObjectExistsError(ObjectStoreError):
+    """A create-only put found the object already there: another writer (another job's save) created it first."""
+
+
+class ObjectChangedError(ObjectStoreError):
+    """A conditional overwrite found the object changed (or deleted) since the version the caller read."""
 
 
 class DistributedCheckpointError(CheckpointError):

@@ -56,9 +56,10 @@ class WrittenCopy:
 
 def check_visible(store: CheckpointStore, root: str, copies: list[WrittenCopy]) -> None:
     """Rank 0 must see every file the other ranks wrote, at the size they wrote it."""
+    sizes = store.sizes(root, [entry.path for copy in copies for entry in copy.files])
     for copy in copies:
         for entry in copy.files:
-            size = store.size(store.join(root, entry.path))
+            size = sizes[entry.path]
             if size != entry.size:
                 raise CheckpointError(
                     f"rank 0 sees {entry.path} written by rank {entry.rank} "

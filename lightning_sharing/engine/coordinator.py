@@ -53,7 +53,7 @@ from lightning_sharing.engine.reader import load_component
 from lightning_sharing.engine.save_plan import CopyPlan, plan_copy, write_copy
 from lightning_sharing.errors import CheckpointError, ComponentDeclarationError, DistributedCheckpointError
 from lightning_sharing.format.codec import encode_state
-from lightning_sharing.storage import CheckpointStore, is_url, read_manifest, store_for
+from lightning_sharing.storage import CheckpointStore, data_root, is_url, read_manifest, store_for
 
 __all__ = ["CheckpointCoordinator", "LoadResult"]
 
@@ -283,6 +283,7 @@ class CheckpointCoordinator:
         extra = {key: write_copy(store, write_root, CopyPlan(key, jobs=[job]), rank=0)
                  for key, job in merged_index_jobs(self.components, copies)}
         manifest = build_manifest(self.components, topology, copies, extra, step, metadata)
+        manifest.data_prefix = store.data_prefix(write_root, target)  # an object store's generation, else None
         text = manifest.dumps()  # fails here, before anything is committed, if metadata is not JSON
         store.commit(write_root, target, token, text.encode("utf-8"))
 
@@ -306,9 +307,11 @@ class CheckpointCoordinator:
         root = store.normalize(os.fspath(path))
         result = LoadResult(path=Path(os.fspath(path)) if not is_url(path) else os.fspath(path))
         to_load = []
+        files_root = root
         with agreement(f"reading checkpoint {os.fspath(path)}"):
             manifest = read_manifest(store, root, display=os.fspath(path))
-            check_listed_files(store, root, manifest)
+            files_root = data_root(store, root, manifest)
+            check_listed_files(store, files_root, manifest)
             plan = plan_load(manifest, self.components, topology, strict, ignore)
             to_load, result.skipped, result.manifest = plan.to_load, plan.skipped, manifest
         identities = all_gather_object((root, result.manifest.created_at if result.manifest else ""))
@@ -324,7 +327,8 @@ class CheckpointCoordinator:
             for component, saved in to_load:
                 placement = placement_for_reader(self._placements(component, topology), rank)
                 _with_context(component.key, "loading",
-                              lambda c=component, s=saved, p=placement: load_component(store, root, c, s, p, mode))
+                              lambda c=component, s=saved, p=placement: load_component(store, files_root, c, s, p,
+                                                                                        mode))
                 result.loaded.append(component.key)
         return result
 

@@ -148,7 +148,12 @@ class ComponentManifest:
 
 @dataclass
 class CheckpointManifest:
-    """The record of a whole checkpoint (see docs/patterns.md for the on-disk layout)."""
+    """The record of a whole checkpoint (see docs/patterns.md for the on-disk layout).
+
+    ``data_prefix`` is where the files live relative to the checkpoint: None (the key is absent from the
+    JSON) when they are in the checkpoint directory itself, as on a filesystem; on an object store the
+    save's generation, e.g. ``g-<token>-<base>`` (see docs/storage.md). File paths are relative to it.
+    """
 
     world_size: int
     topology: dict[str, Any]
@@ -161,6 +166,7 @@ class CheckpointManifest:
     library_version: str = ""
     torch_version: str = ""
     metadata: dict[str, Any] = field(default_factory=dict)
+    data_prefix: str | None = None
 
     def all_files(self) -> list[FileEntry]:
         """Every file of every component."""
@@ -169,6 +175,8 @@ class CheckpointManifest:
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["components"] = {k: c.to_json() for k, c in self.components.items()}
+        if self.data_prefix is None:  # checkpoints on a filesystem keep the format they always had
+            del data["data_prefix"]
         return data
 
     def dumps(self) -> str:
@@ -200,6 +208,9 @@ class CheckpointManifest:
         step = data.get("step")
         _expect(step is None or (isinstance(step, int) and not isinstance(step, bool)),
                 f"step {step!r} is not an integer")
+        data_prefix = data.get("data_prefix")
+        if data_prefix is not None:
+            data_prefix = check_relative_path(data_prefix)
         manifest = cls(
             world_size=world_size,
             topology=topology,
@@ -210,6 +221,7 @@ class CheckpointManifest:
             library_version=str(data.get("library_version", "")),
             torch_version=str(data.get("torch_version", "")),
             metadata=data.get("metadata") if isinstance(data.get("metadata"), dict) else {},
+            data_prefix=data_prefix,
         )
         paths = [f.path for f in manifest.all_files()]
         duplicates = sorted({p for p in paths if paths.count(p) > 1})

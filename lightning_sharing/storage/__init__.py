@@ -1,7 +1,8 @@
 """Storage backends: where checkpoints live and how a save commits there (see ``base.CheckpointStore``).
 
 ``store_for(location)`` picks the backend: a local (or mounted) filesystem for plain paths and
-``file://`` URLs; other fsspec URLs need an object-store backend.
+``file://`` URLs (``LocalStore``); the object store for other fsspec URLs (``ObjectStore``, imported
+when first used).
 
 Example:
     >>> store = store_for("runs/checkpoints")
@@ -18,12 +19,13 @@ from lightning_sharing.storage.base import CheckpointStore
 from lightning_sharing.storage.discovery import complete_checkpoints, find_latest_checkpoint
 from lightning_sharing.storage.local import LocalStore
 from lightning_sharing.storage.select import is_url, store_for
-from lightning_sharing.storage.verify import read_manifest, verify_entry
+from lightning_sharing.storage.verify import data_root, read_manifest, verify_entry
 
 __all__ = [
     "CheckpointStore",
     "LocalStore",
     "complete_checkpoints",
+    "data_root",
     "find_latest_checkpoint",
     "is_url",
     "read_manifest",
@@ -34,6 +36,10 @@ __all__ = [
 
 
 def remove_checkpoint(location: Any, storage_options: dict[str, Any] | None = None) -> None:
-    """Delete the checkpoint at ``location`` so that it is never seen half-deleted."""
+    """Delete the checkpoint at ``location`` so that it is never seen half-deleted (the manifest goes first).
+
+    On an object store a prefix holding objects lightning_sharing did not write is refused, not deleted.
+    Run it on one rank (rank 0): it is not collective.
+    """
     store = store_for(location, storage_options)
     store.remove_checkpoint(store.normalize(os.fspath(location)))

@@ -13,7 +13,9 @@ A save runs, for every store:
 3. every rank writes its files with ``open_write`` (durable once the writer is closed);
 4. ``commit(write_root, target, token, manifest)`` on rank 0, after checking with ``size`` that
    every rank's files arrived: write the manifest last and make the checkpoint appear at ``target``
-   in one atomic step (a rename, or a create-only put of the manifest);
+   in one atomic step (a rename, or a conditional put of the manifest). The manifest records
+   ``data_prefix(write_root, target)``: where the files are once committed, relative to ``target``
+   (None: in ``target`` itself, after a rename; on an object store, the save's generation);
 5. on any failure, ``abort(write_root, target)`` on rank 0.
 
 Example:
@@ -56,6 +58,10 @@ class CheckpointStore(ABC):
     def normalize(self, location: str) -> str:
         """The canonical form of ``location`` (an absolute path, a URL without a trailing slash)."""
 
+    def data_prefix(self, write_root: str, target: str) -> str | None:
+        """Where a committed save's files are, relative to ``target`` (None: in ``target`` itself)."""
+        return None
+
     # ------------------------------------------------------------------ reading
     @abstractmethod
     def open_read(self, location: str) -> BinaryIO:
@@ -64,6 +70,10 @@ class CheckpointStore(ABC):
     @abstractmethod
     def size(self, location: str) -> int | None:
         """The size of the regular file (object) at ``location``; None when there is none."""
+
+    def sizes(self, root: str, rels: list[str]) -> dict[str, int | None]:
+        """``size`` of each of ``rels`` under ``root`` (a store may answer them all from one listing)."""
+        return {rel: self.size(self.join(root, rel)) for rel in rels}
 
     def read_bytes(self, location: str) -> bytes:
         """The whole content of ``location``."""

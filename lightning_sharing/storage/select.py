@@ -1,8 +1,10 @@
-"""Choosing the store for a location: a local filesystem for paths, a backend per URL scheme.
+"""Choosing the store for a location: a local filesystem for paths and ``file://``, the object store for other URLs.
 
 Example:
     >>> type(store_for("runs/checkpoints")).__name__
     'LocalStore'
+    >>> type(store_for("memory://runs/checkpoints")).__name__
+    'ObjectStore'
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ def is_url(location: Any) -> bool:
 
 
 def store_for(location: Any, storage_options: dict[str, Any] | None = None) -> CheckpointStore:
-    """The store holding ``location`` (a path or an fsspec URL)."""
+    """The store holding ``location``: ``LocalStore`` for a path or ``file://`` URL (a filesystem with rename),
+    ``ObjectStore`` for any other fsspec URL (``s3://``, ``memory://``, ...; ``storage_options`` go to fsspec)."""
     text = os.fspath(location)
     if not is_url(text) or text.startswith("file://"):
         if storage_options:
@@ -32,7 +35,6 @@ def store_for(location: Any, storage_options: dict[str, Any] | None = None) -> C
                 "apply to object-store URLs such as s3://bucket/path"
             )
         return LocalStore()
-    raise ComponentDeclarationError(
-        f"{text!r} is a URL; lightning_sharing writes directories on a filesystem every rank "
-        "can see (local or a mounted shared filesystem), so pass a filesystem path"
-    )
+    from lightning_sharing.storage.object_backend import ObjectStore  # fsspec is imported only for URLs
+
+    return ObjectStore.for_url(text, storage_options)

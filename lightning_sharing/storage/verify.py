@@ -15,7 +15,7 @@ from lightning_sharing.format.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES,
 from lightning_sharing.format.safetensors_io import CHECKSUM_ALGORITHM, stream_checksum
 from lightning_sharing.storage.base import CheckpointStore
 
-__all__ = ["check_algorithm", "checksum_mismatch", "read_manifest", "verify_entry"]
+__all__ = ["check_algorithm", "checksum_mismatch", "data_root", "read_manifest", "verify_entry"]
 
 
 def read_manifest(store: CheckpointStore, root: str, display: str | None = None) -> CheckpointManifest:
@@ -45,6 +45,14 @@ def read_manifest(store: CheckpointStore, root: str, display: str | None = None)
     if size > MAX_MANIFEST_BYTES:
         raise ManifestError(f"{named} is {size} bytes, over the {MAX_MANIFEST_BYTES}-byte limit for a manifest")
     return CheckpointManifest.parse(store.read_bytes(location), named)
+
+
+def data_root(store: CheckpointStore, root: str, manifest: CheckpointManifest) -> str:
+    """Where the files of the checkpoint at ``root`` are: ``root`` itself, or its ``data_prefix`` (a generation).
+
+    Every ``FileEntry.path`` is relative to it.
+    """
+    return store.join(root, manifest.data_prefix) if manifest.data_prefix else root
 
 
 def check_algorithm(entry: FileEntry, component: str) -> None:
