@@ -1,10 +1,12 @@
-"""Registering ``strategy="sharing"`` with Lightning without importing Lightning ourselves.
+"""Registering ``strategy="sharing"`` (and the load hook) with Lightning without importing Lightning ourselves.
 
 ``import lightning_sharing`` must not import Lightning (the core serves plain torchrun scripts), yet
-``pl.Trainer(strategy="sharing")`` must work once ``lightning_sharing`` is imported, whichever of the
-two was imported first. So: if Lightning's strategy registry is already loaded, our adapters are
-imported (and register themselves) at once; otherwise a small import hook waits for Lightning's
-packages to finish loading and imports them then.
+``pl.Trainer(strategy="sharing")`` and ``MyModule.load_from_checkpoint(directory)`` must work once
+``lightning_sharing`` is imported, whichever of the two was imported first. So: as soon as Lightning's
+``lightning.pytorch`` / ``lightning.fabric`` package has finished loading (now, or later through a small
+import hook), its strategy registry gets our names, each bound to a factory that imports the adapter
+when the strategy is first built; the adapter module replaces the factory with its class when it is
+imported. Nothing of ours that imports Lightning runs while Lightning itself is still being imported.
 
 Example:
     >>> import lightning_sharing            # doctest: +SKIP
@@ -17,37 +19,67 @@ from __future__ import annotations
 import importlib
 import importlib.abc
 import importlib.machinery
+import os
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any
 
-__all__ = ["install"]
+from lightning_sharing.integration.common import LAZY_FLAG
 
-# Lightning package whose loading triggers ours -> our adapter module, which registers itself. The
-# packages, not their ``strategies`` modules: a package has finished initialising when its hook runs,
-# so our adapters can import anything from it.
-_TRIGGERS = {
-    "lightning.fabric": "lightning_sharing.fabric.strategy",
-    "lightning.pytorch": "lightning_sharing.lightning.strategy",
-}
+__all__ = ["STRATEGIES", "install"]
+
+#: (Lightning package, registry module, registry attribute, name, our module, our class, description)
+STRATEGIES: tuple[tuple[str, str, str, str, str, str, str], ...] = (
+    ("lightning.pytorch", "lightning.pytorch.strategies", "StrategyRegistry", "sharing",
+     "lightning_sharing.lightning.strategy", "SharingStrategy",
+     "DDP with lightning_sharing checkpoints (explicit sharing patterns)"),
+    ("lightning.fabric", "lightning.fabric.strategies", "STRATEGY_REGISTRY", "sharing",
+     "lightning_sharing.fabric.strategy", "FabricSharingStrategy",
+     "DDP with lightning_sharing checkpoints (sharing patterns, per-rank RNG, atomic, verified)"),
+)
 _lock = threading.Lock()
 
 
-def _register(adapter: str) -> None:
-    importlib.import_module(adapter)
+def _factory(module: str, name: str) -> Callable[..., Any]:
+    def build(**kwargs: Any) -> Any:
+        return getattr(importlib.import_module(module), name)(**kwargs)
+
+    build.__qualname__ = build.__name__ = f"lazy_{name}"
+    setattr(build, LAZY_FLAG, True)
+    return build
+
+
+def _read_directory_for_module(path: str | os.PathLike[str], map_location: Any) -> dict[str, Any]:
+    from lightning_sharing.lightning.checkpoint_io import SharingCheckpointIO
+
+    return SharingCheckpointIO().load_for_module(path, map_location)
+
+
+def _on_loaded(package: str) -> None:
+    """``package`` (a Lightning package) has finished loading: give its registries our names."""
+    for trigger, registry_module, attribute, name, module, cls, description in STRATEGIES:
+        if trigger != package:
+            continue
+        registry = getattr(importlib.import_module(registry_module), attribute)
+        if name not in registry:
+            registry.register(name, _factory(module, cls), description=description)
+    if package == "lightning.pytorch":
+        # LightningModule/LightningDataModule.load_from_checkpoint(directory): see integration/compat.py.
+        from lightning_sharing.integration.compat import hook_load_from_checkpoint
+
+        hook_load_from_checkpoint(_read_directory_for_module)
 
 
 class _AfterImport(importlib.abc.MetaPathFinder):
-    """Finds nothing itself; wraps the loader of a trigger module so ours is imported after it runs."""
+    """Finds nothing itself; wraps the loader of a Lightning package so ``_on_loaded`` runs after it."""
 
     def __init__(self) -> None:
         self._searching: set[str] = set()
 
     def find_spec(self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None) -> Any:
-        adapter = _TRIGGERS.get(fullname)
-        if adapter is None or fullname in self._searching:
+        if fullname not in _packages() or fullname in self._searching:
             return None
         self._searching.add(fullname)
         try:
@@ -61,22 +93,27 @@ class _AfterImport(importlib.abc.MetaPathFinder):
 
         def exec_then_register(module: ModuleType) -> None:
             original(module)
-            _register(adapter)
+            _on_loaded(fullname)
 
         loader.exec_module = exec_then_register  # type: ignore[method-assign]
         return spec
+
+
+def _packages() -> set[str]:
+    return {entry[0] for entry in STRATEGIES}
 
 
 _finder = _AfterImport()
 
 
 def install() -> None:
-    """Make sure our strategies get registered as soon as Lightning's registries exist (idempotent)."""
+    """Make sure our names reach Lightning as soon as its packages exist (idempotent)."""
     with _lock:
         pending = False
-        for trigger, adapter in _TRIGGERS.items():
-            if trigger in sys.modules:
-                _register(adapter)
+        for package in sorted(_packages()):
+            module = sys.modules.get(package)
+            if module is not None and getattr(getattr(module, "__spec__", None), "_initializing", False) is False:
+                _on_loaded(package)
             else:
                 pending = True
         if pending and _finder not in sys.meta_path:

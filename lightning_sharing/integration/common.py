@@ -24,7 +24,11 @@ from lightning_sharing.core.options import CheckpointOptions
 from lightning_sharing.distributed.async_save import BackgroundSaver
 from lightning_sharing.engine.coordinator import CheckpointCoordinator
 
-__all__ = ["CheckpointHost", "LazyProcessGroups", "check_storage_options", "register_strategy"]
+__all__ = ["LAZY_FLAG", "CheckpointHost", "LazyProcessGroups", "check_storage_options", "register_strategy"]
+
+#: Marks the factories ``lightning_sharing._registration`` puts in Lightning's registries before our adapters
+#: are imported; ``register_strategy`` replaces them with the real class.
+LAZY_FLAG = "__lightning_sharing_lazy__"
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +102,7 @@ def check_storage_options(storage_options: Any) -> None:
 def register_strategy(registry: Any, name: str, cls: type, description: str) -> None:
     """Register ``cls`` as ``name`` unless another strategy already holds the name (then warn and skip)."""
     entry = registry[name] if name in registry else None
-    if entry is not None:
+    if entry is not None and not getattr(entry.get("strategy"), LAZY_FLAG, False):
         holder = entry.get("strategy")
         if f"{getattr(holder, '__module__', '')}.{getattr(holder, '__qualname__', '')}" != \
                 f"{cls.__module__}.{cls.__qualname__}":

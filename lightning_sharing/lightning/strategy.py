@@ -37,7 +37,7 @@ from lightning_sharing.errors import (
 from lightning_sharing.format.manifest import CheckpointManifest
 from lightning_sharing.integration.cleanup import adopt_default_group, default_group_exists
 from lightning_sharing.integration.common import LazyProcessGroups, check_storage_options, register_strategy
-from lightning_sharing.integration.compat import hook_load_from_checkpoint, set_restored_path, trainer_of
+from lightning_sharing.integration.compat import set_restored_path, trainer_of
 from lightning_sharing.integration.data import replace_shuffle_wrapper, set_sampler_epoch
 from lightning_sharing.lightning.checkpoint_io import SharingCheckpointIO
 from lightning_sharing.lightning.layout import (
@@ -387,5 +387,3 @@ def _previous_checkpoints(failed: Path) -> list[str]:
 
 register_strategy(StrategyRegistry, "sharing", SharingStrategy,
                   "DDP with lightning_sharing checkpoints (explicit sharing patterns)")
-# LightningModule/LightningDataModule.load_from_checkpoint(directory): see integration/compat.py for the hook chosen.
-hook_load_from_checkpoint(lambda path, map_location: SharingCheckpointIO().load_for_module(path, map_location))
