@@ -51,8 +51,6 @@ log = logging.getLogger(__name__)
 # its SLURM auto-resume. Only a ".NAME.replaced-<hex>" directory needs its name, to be moved back.
 # Older versions named all three ".NAME.KIND-<hex>"; those are recognised too.
 _TEMP_RE = re.compile(r"^\.(?:(?P<name>.+)\.)?(?P<kind>staging|replaced|removing)-[0-9a-f]{32}$")
-_STEP_RE = re.compile(r"step[=_-]?(\d+)")
-_LAST_INT_RE = re.compile(r"(\d+)(?!.*\d)")
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:
