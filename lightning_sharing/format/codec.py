@@ -27,8 +27,7 @@ import torch
 
 from lightning_sharing.errors import CorruptCheckpointError, UnsupportedStateError
 
-__all__ = ["EncodedState", "decode_state", "encode_state", "is_flat_tensor_dict"]
-
+__all__ = ["EncodedState", "decode_state", "encode_state", "is_dtensor", "is_flat_tensor_dict"]
 
 
 @dataclass
@@ -51,9 +50,26 @@ def is_flat_tensor_dict(state: Any) -> bool:
     )
 
 
+def is_dtensor(value: Any) -> bool:
+    """True for a ``torch.distributed.tensor.DTensor`` (False where torch has no distributed support)."""
+    if not isinstance(value, torch.Tensor):
+        return False
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch built without distributed support has no DTensor
+        return False
+    return isinstance(value, DTensor)
+
+
+def _describe_dtensor(tensor: Any) -> str:
+    return (f"a DTensor of global shape {list(tensor.shape)} with placements {tuple(tensor.placements)} on a "
+            f"mesh of shape {tuple(tensor.device_mesh.shape)}")
+
+
 class _Encoder:
-    def __init__(self, component: str) -> None:
+    def __init__(self, component: str, dtensors: bool = False) -> None:
         self.component = component
+        self.dtensors = dtensors
         self.tensors: dict[str, torch.Tensor] = {}
         self.ties: dict[str, str] = {}
         self._by_view: dict[tuple[Any, ...], str] = {}
@@ -72,9 +88,19 @@ class _Encoder:
             )
         name = self._unique(name)
         tensor = tensor.detach()
-        storage_ptr = tensor.untyped_storage().data_ptr() if tensor.numel() else 0
-        view = (storage_ptr, tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()),
-                tensor.dtype, str(tensor.device))
+        # A DTensor has no storage of its own (data_ptr() fails): its local piece has.
+        local = tensor
+        if is_dtensor(tensor):
+            if not self.dtensors:
+                raise UnsupportedStateError(
+                    f"component {self.component!r}: tensor {name!r} at {path} is {_describe_dtensor(tensor)}: "
+                    "its pieces live on different ranks, which only a SHARDED component stores; declare "
+                    f"StateComponent({self.component!r}, ..., SharingPattern.SHARDED)"
+                )
+            local = tensor.to_local()
+        storage_ptr = local.untyped_storage().data_ptr() if local.numel() else 0
+        view = (storage_ptr, local.storage_offset(), tuple(tensor.shape), tuple(local.stride()),
+                tensor.dtype, str(tensor.device), str(getattr(tensor, "placements", "")))
         if storage_ptr and view in self._by_view:
             self.ties[name] = self._by_view[view]
             return name
@@ -163,9 +189,13 @@ def _is_numpy_scalar(value: Any) -> bool:
     return isinstance(value, numpy.generic)
 
 
-def encode_state(state: Any, component: str = "?") -> EncodedState:
-    """Split ``state`` into storable parts; raises ``UnsupportedStateError`` for unpicklable-only values."""
-    encoder = _Encoder(component)
+def encode_state(state: Any, component: str = "?", *, dtensors: bool = False) -> EncodedState:
+    """Split ``state`` into storable parts; raises ``UnsupportedStateError`` for unpicklable-only values.
+
+    ``dtensors=True`` keeps ``DTensor``s as they are (a SHARDED component writes their local chunks);
+    otherwise a DTensor is refused with a message naming the component, the tensor and SHARDED.
+    """
+    encoder = _Encoder(component, dtensors)
     if is_flat_tensor_dict(state):
         for name, tensor in state.items():
             encoder.add_tensor(name, tensor, f"state[{name!r}]")
