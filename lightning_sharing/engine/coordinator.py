@@ -29,7 +29,7 @@ from lightning_sharing._faults import fault_point
 from lightning_sharing.core.declarations import StateComponent, check_unique_keys
 from lightning_sharing.core.options import CheckpointOptions, VerifyMode
 from lightning_sharing.core.patterns import ValidationLevel
-from lightning_sharing.core.rules import Placement, placement_for_reader, placements
+from lightning_sharing.core.rules import Placement, placement_for_reader, placements, rule
 from lightning_sharing.core.topology import Topology
 from lightning_sharing.distributed.async_save import BackgroundSaver
 from lightning_sharing.distributed.collectives import (
@@ -42,17 +42,20 @@ from lightning_sharing.distributed.collectives import (
     resolve_process_groups,
 )
 from lightning_sharing.distributed.validation import check_replication, replicated_view
+from lightning_sharing.engine.chunked_reader import ChunkedLoad, prepare_chunked_load, unheld_entries
 from lightning_sharing.engine.commit import (
     WrittenCopy,
     build_manifest,
     check_visible,
+    chunk_index_jobs,
     merged_index_jobs,
 )
 from lightning_sharing.engine.load_plan import LoadResult, check_listed_files, plan_load
 from lightning_sharing.engine.reader import load_component
-from lightning_sharing.engine.save_plan import CopyPlan, plan_copy, write_copy
+from lightning_sharing.engine.save_plan import CopyPlan, plan_chunked_copy, plan_copy, write_copy
 from lightning_sharing.errors import CheckpointError, ComponentDeclarationError, DistributedCheckpointError
 from lightning_sharing.format.codec import encode_state
+from lightning_sharing.format.manifest import FileEntry
 from lightning_sharing.storage import CheckpointStore, is_url, read_manifest, store_for
 
 __all__ = ["CheckpointCoordinator", "LoadResult"]
@@ -222,24 +225,33 @@ class CheckpointCoordinator:
             with agreement("collecting state dicts"):
                 collecting.reraise()
             for component in validated:
+                copies = self._placements(component, topology)
                 check_replication(component.key, replicated_view(component.stateful, states[component.key]),
-                                  component.effective_validation,
-                                  writer=self._placements(component, topology)[0].writer)
+                                  component.effective_validation, writer=copies[0].writer,
+                                  dtensors=rule(component.sharing_pattern).chunks is not None,
+                                  instances=[p.readers for p in copies], pattern=component.sharing_pattern.name)
         with agreement("preparing the checkpoint (collecting, encoding and staging state)"):
             collecting.reraise()
             for component in self.components:
                 for placement in self._placements(component, topology):
                     if rank in placement.writers:
-                        encoded = _with_context(component.key, "encoding",
-                                                lambda c=component: encode_state(states[c.key], c.key))
-                        plans.append((component.key, plan_copy(placement.stem, encoded, placement.writers,
-                                                               placement.writer, rank, self.max_shard_size)))
+                        plan = _with_context(component.key, "encoding", lambda c=component, p=placement:
+                                             self._plan_copy(c, p, states[c.key], rank))
+                        plans.append((component.key, plan))
             if saver is not None:  # copy what this rank writes: training may change the originals meanwhile
                 for _, plan in plans:
                     for job in plan.jobs:
                         if job.tensors is not None:
                             job.tensors = saver.stage(job.tensors)
         return plans
+
+    def _plan_copy(self, component: StateComponent, placement: Placement, state: Any, rank: int) -> CopyPlan:
+        """The files of one copy this rank writes: whole-tensor shards, or chunks where the rule says so."""
+        chunks = rule(component.sharing_pattern).chunks
+        encoded = encode_state(state, component.key, dtensors=chunks is not None)
+        if chunks is not None:
+            return plan_chunked_copy(component.key, placement, encoded, chunks, rank)
+        return plan_copy(placement.stem, encoded, placement.writers, placement.writer, rank, self.max_shard_size)
 
     def _finish_save(self, store: CheckpointStore, target: str, token: str, plans: _Plans, topology: Topology,
                      step: int | None, metadata: dict[str, Any] | None, group: Any, started: float) -> None:
@@ -269,9 +281,10 @@ class CheckpointCoordinator:
             store.check_write_root(write_root, rank)
             fault_point("save:start")
             for key, plan in plans:
-                entries = _with_context(key, "writing", lambda p=plan: write_copy(store, write_root, p, rank))
-                written.append(WrittenCopy(key=key, stem=plan.stem, rank=rank, files=entries, index=plan.index,
-                                           layout=plan.layout_digest, shard_writers=plan.shard_writers))
+                files = _with_context(key, "writing", lambda p=plan: write_copy(store, write_root, p, rank))
+                written.append(WrittenCopy(key=key, stem=plan.stem, rank=rank, files=files.files, index=plan.index,
+                                           layout=plan.layout_digest, shard_writers=plan.shard_writers,
+                                           chunks=files.chunks))
             fault_point("save:written")
         return written
 
@@ -279,8 +292,9 @@ class CheckpointCoordinator:
                 copies: list[WrittenCopy], step: int | None, metadata: dict[str, Any] | None) -> None:
         """Rank 0: check what every rank wrote, add the merged indexes, write the manifest last, commit."""
         check_visible(store, write_root, copies)
-        extra = {key: write_copy(store, write_root, CopyPlan(key, jobs=[job]), rank=0)
-                 for key, job in merged_index_jobs(self.components, copies)}
+        extra: dict[str, list[FileEntry]] = {}
+        for key, job in merged_index_jobs(self.components, copies) + chunk_index_jobs(self.components, copies):
+            extra.setdefault(key, []).extend(write_copy(store, write_root, CopyPlan(key, jobs=[job]), rank=0).files)
         manifest = build_manifest(self.components, topology, copies, extra, step, metadata)
         text = manifest.dumps()  # fails here, before anything is committed, if metadata is not JSON
         store.commit(write_root, target, token, text.encode("utf-8"))
@@ -303,14 +317,22 @@ class CheckpointCoordinator:
         root = store.normalize(os.fspath(path))
         result = LoadResult(path=Path(os.fspath(path)) if not is_url(path) else os.fspath(path))
         to_load = []
+        chunked: dict[str, ChunkedLoad] = {}
         with agreement(f"reading checkpoint {os.fspath(path)}"):
             manifest = read_manifest(store, root, display=os.fspath(path))
             check_listed_files(store, root, manifest)
             plan = plan_load(manifest, self.components, topology, strict)
             to_load, result.skipped, result.manifest = plan.to_load, plan.skipped, manifest
-        identities = all_gather_object((root, result.manifest.created_at if result.manifest else ""))
-        if len(set(identities)) > 1:
-            listing = "; ".join(f"rank {r}: {p} (saved {c})" for r, (p, c) in enumerate(identities))
+            saved_topology = Topology.from_json(manifest.topology)
+            for component, saved in to_load:
+                if rule(component.sharing_pattern).chunks is not None:  # matched to the live state before reading
+                    chunked[component.key] = _with_context(
+                        component.key, "planning the load", lambda c=component, s=saved: prepare_chunked_load(
+                            store, root, c, s, saved_topology, topology, strict, mode))
+        held = {key: load.held for key, load in chunked.items() if load.entries}
+        identities = all_gather_object((root, result.manifest.created_at if result.manifest else "", held))
+        if len({(p, c) for p, c, _ in identities}) > 1:
+            listing = "; ".join(f"rank {r}: {p} (saved {c})" for r, (p, c, _) in enumerate(identities))
             raise CheckpointError(
                 f"ranks are loading different checkpoints ({listing}); every rank must load the same one "
                 "(choose it on rank 0 and broadcast it, or pass the same path everywhere)"
@@ -318,12 +340,30 @@ class CheckpointCoordinator:
         for key, reason in result.skipped.items():
             log.warning("checkpoint %s: skipped component %r (%s)", os.fspath(path), key, reason)
         with agreement(f"loading checkpoint {os.fspath(path)}"):
+            for key in held:  # every rank reaches the same verdict from the same exchange
+                _check_taken(key, chunked[key], [h[key] for _, _, h in identities], strict, os.fspath(path))
             for component, saved in to_load:
-                placement = placement_for_reader(self._placements(component, topology), rank)
-                _with_context(component.key, "loading",
-                              lambda c=component, s=saved, p=placement: load_component(store, root, c, s, p, mode))
+                if component.key in chunked:
+                    _with_context(component.key, "loading", lambda c=component: chunked[c.key].finish(store, root))
+                else:
+                    placement = placement_for_reader(self._placements(component, topology), rank)
+                    _with_context(component.key, "loading", lambda c=component, s=saved, p=placement:
+                                  load_component(store, root, c, s, p, mode))
                 result.loaded.append(component.key)
         return result
+
+
+def _check_taken(key: str, load: ChunkedLoad, held_by_rank: list[tuple[bool, ...]], strict: bool,
+                 path: str) -> None:
+    """Saved entries of a component split over groups must each be taken by some rank (``strict``)."""
+    unheld = unheld_entries(load, held_by_rank)
+    if not unheld:
+        return
+    listed = f"{unheld[:8]}{f' (and {len(unheld) - 8} more)' if len(unheld) > 8 else ''}"
+    if strict:
+        raise CheckpointError(f"component {key!r}: the checkpoint holds {listed}, which no rank's live state holds "
+                              "(load with strict=False to skip them)")
+    log.warning("checkpoint %s: component %r: skipped %s, which no rank holds", path, key, listed)
 
 
 class _Attempt:

@@ -27,7 +27,8 @@ import torch
 
 from lightning_sharing.errors import CorruptCheckpointError, UnsupportedStateError
 
-__all__ = ["EncodedState", "decode_state", "encode_state", "is_dtensor", "is_flat_tensor_dict"]
+__all__ = ["EncodedState", "decode_state", "encode_state", "is_dtensor", "is_flat_tensor_dict", "tree_entries",
+           "tree_from_entries", "tree_tensor_names"]
 
 
 @dataclass
@@ -264,3 +265,43 @@ def decode_state(tree: Any, tensors: Mapping[str, torch.Tensor], ties: Mapping[s
             state[alias] = _lookup(tensors, ties, alias)
         return state
     return _decode(tree, tensors, ties)
+
+
+def tree_tensor_names(tree: Any) -> set[str]:
+    """The stored tensor names an encoded tree refers to (before resolving ties)."""
+    names: set[str] = set()
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+        elif isinstance(node, dict) and len(node) == 1:
+            (tag, payload), = node.items()
+            if tag in ("__tensor__", "__ndarray__") and isinstance(payload, str):
+                names.add(payload)
+            elif isinstance(payload, list):
+                stack.extend(payload)
+    return names
+
+
+def tree_entries(tree: Any) -> list[tuple[Any, Any, Any]] | None:
+    """For an encoded mapping: ``(key, encoded key, encoded value)`` per entry; None for anything else.
+
+    Lets a loader pick the entries of a saved mapping that a live state holds (a pipeline stage's).
+    """
+    if not (isinstance(tree, dict) and set(tree) == {"__dict__"} and isinstance(tree["__dict__"], list)):
+        return None
+    entries = []
+    for pair in tree["__dict__"]:
+        if not (isinstance(pair, list) and len(pair) == 2):
+            raise CorruptCheckpointError(f"malformed dict entry {str(pair)[:200]!r} in state structure")
+        key = _decode(pair[0], {}, {})
+        if isinstance(key, list):
+            raise CorruptCheckpointError(f"unhashable dict key {key!r} in state structure")
+        entries.append((key, pair[0], pair[1]))
+    return entries
+
+
+def tree_from_entries(entries: list[tuple[Any, Any, Any]]) -> Any:
+    """The encoded mapping holding ``entries`` (as ``tree_entries`` returns them)."""
+    return {"__dict__": [[key_node, value] for _, key_node, value in entries]}

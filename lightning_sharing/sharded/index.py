@@ -153,6 +153,27 @@ class ShardedIndex:
         for name, record in self.tensors.items():
             _check_tiling(name, record)
 
+    def hf_index(self) -> dict[str, Any] | None:
+        """A Hugging Face ``model.safetensors.index.json`` over the chunk files, when every tensor is
+        saved whole in one chunk (a pipeline stage's or a DDP model's tensors); None otherwise.
+
+        The chunk of a whole tensor is stored under the tensor's own name, so ``transformers`` and
+        plain ``safetensors`` can load it; tied names are listed under ``metadata.tied``.
+        """
+        weight_map: dict[str, str] = {}
+        total = 0
+        for name, record in sorted(self.tensors.items()):
+            if len(record.chunks) != 1 or record.chunks[0].sizes != record.shape or record.chunks[0].key != name:
+                return None
+            weight_map[name] = record.chunks[0].file
+            total += record.chunks[0].length
+        if not weight_map:
+            return None
+        metadata: dict[str, Any] = {"total_size": total, "format": "pt"}
+        if self.ties:
+            metadata["tied"] = dict(sorted(self.ties.items()))
+        return {"metadata": metadata, "weight_map": weight_map}
+
     def bytes_by_writer(self) -> dict[int, int]:
         """Chunk bytes written by each rank (for reports and ``inspect``)."""
         totals: dict[int, int] = {}
