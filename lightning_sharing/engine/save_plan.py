@@ -35,8 +35,8 @@ from lightning_sharing.sharded.layout import local_tensor
 from lightning_sharing.sharded.save import WritePlan, plan_writes, write_chunks
 from lightning_sharing.storage.base import CheckpointStore
 
-__all__ = ["MIN_SPREAD_SHARD_SIZE", "CopyPlan", "FileJob", "WrittenFiles", "plan_chunked_copy", "plan_copy",
-           "write_copy"]
+__all__ = ["MIN_SPREAD_SHARD_SIZE", "CopyPlan", "FileJob", "WrittenFiles", "assign_writers", "plan_chunked_copy",
+           "plan_copy", "write_copy"]
 
 # Spreading a small state over ranks only makes many tiny files; below this a shard is not split.
 MIN_SPREAD_SHARD_SIZE = 64 * 1024 * 1024
@@ -87,7 +87,7 @@ def _plan_shards(tensors: dict[str, torch.Tensor], shard_size: int) -> list[list
     return shards
 
 
-def _assign(sizes: list[int], spread: tuple[int, ...]) -> list[int]:
+def assign_writers(sizes: list[int], spread: tuple[int, ...]) -> list[int]:
     """Writer of each shard: largest shards first, each to the least-loaded rank (ties: lowest rank)."""
     load = dict.fromkeys(spread, 0)
     owners = [spread[0]] * len(sizes)
@@ -108,7 +108,7 @@ def plan_copy(stem: str, encoded: EncodedState, spread: tuple[int, ...], lead: i
     if len(spread) > 1:
         shard_size = min(max_shard_size, max(MIN_SPREAD_SHARD_SIZE, math.ceil(total / len(spread))))
     shards = _plan_shards(tensors, shard_size) if tensors else []
-    owners = _assign([sum(nbytes(tensors[n]) for n in names) for names in shards], spread)
+    owners = assign_writers([sum(nbytes(tensors[n]) for n in names) for names in shards], spread)
     weight_map: dict[str, str] = {}
     for number, (names, owner) in enumerate(zip(shards, owners, strict=True), start=1):
         rel = f"{stem}-{number:05d}-of-{len(shards):05d}.safetensors"

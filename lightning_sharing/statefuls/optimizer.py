@@ -21,8 +21,10 @@ Example:
     >>> import torch
     >>> model = torch.nn.Linear(2, 2)
     >>> state = OptimizerState(model, torch.optim.AdamW(model.parameters()))
-    >>> sorted(k for k in state.state_dict() if k.startswith("state."))
-    ['state.bias.exp_avg', 'state.bias.exp_avg_sq', 'state.bias.step', 'state.weight.exp_avg', 'state.weight.exp_avg_sq', 'state.weight.step']
+    >>> sorted(k for k in state.state_dict() if k.startswith("state.weight."))
+    ['state.weight.exp_avg', 'state.weight.exp_avg_sq', 'state.weight.step']
+    >>> state.state_dict()["param_groups.weight.lr"]
+    0.001
 """
 
 from __future__ import annotations

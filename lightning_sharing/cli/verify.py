@@ -1,21 +1,21 @@
-"""``lightning-sharing``: check and describe checkpoints from the command line.
-
-    lightning-sharing verify PATH [--size-only]   # exit 0 if intact, 1 if not, 2 if PATH is no checkpoint
-    lightning-sharing inspect PATH                # the manifest as a table
+"""``lightning-sharing verify PATH [--size-only]``: exit 0 if intact, 1 if not, 2 if PATH is no checkpoint.
 
 ``verify`` checks every file the manifest lists (present, a regular file inside the checkpoint, its
 size and its checksum), that no unlisted file is present, that every listed name is one the format
-writes, and that each safetensors index points only at listed shards. It reports every problem with
-the component, the file and the rank that wrote it.
+writes, that each safetensors index points only at listed shards, and that each chunk index of a
+SHARDED component parses and agrees with the manifest on every chunk file. It reports every problem
+with the component, the file and the rank that wrote it.
+
+Example:
+    >>> manifest, problems = verify_checkpoint("runs/step=500.ckpt")     # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import posixpath
-import sys
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,13 +24,15 @@ from rich.console import Console
 from rich.table import Table
 
 from lightning_sharing.core.options import VerifyMode
+from lightning_sharing.core.rules import rule
 from lightning_sharing.engine.load_plan import check_listed_files
-from lightning_sharing.errors import CheckpointError, CorruptCheckpointError, ManifestError
+from lightning_sharing.errors import CheckpointError, CorruptCheckpointError
 from lightning_sharing.format.layout import parse_index
-from lightning_sharing.format.manifest import CheckpointManifest
+from lightning_sharing.format.manifest import CheckpointManifest, FileEntry
+from lightning_sharing.sharded.index import ShardedIndex
 from lightning_sharing.storage import read_manifest, store_for, verify_entry
 
-__all__ = ["Problem", "main", "verify_checkpoint"]
+__all__ = ["Problem", "human_size", "run_verify", "verify_checkpoint"]
 
 
 @dataclass(frozen=True)
@@ -65,7 +67,24 @@ def verify_checkpoint(path: str | Path, mode: VerifyMode | str = VerifyMode.CHEC
                 continue
             if entry.path.endswith(".safetensors.index.json"):
                 problems.extend(_check_index(key, entry.path, entry.rank, store.read_bytes(location), listed))
+            chunks = rule(component.pattern).chunks
+            if chunks is not None and entry.path == chunks.index_for(key):
+                problems.extend(_check_chunk_index(key, entry, store.read_bytes(location), component.files))
     return manifest, problems
+
+
+def _check_chunk_index(key: str, entry: FileEntry, raw: bytes, files: list[FileEntry]) -> list[Problem]:
+    try:
+        index = ShardedIndex.from_json(json.loads(raw.decode("utf-8")))
+    except (ValueError, CheckpointError) as exc:
+        return [Problem(key, entry.path, entry.rank, f"the chunk index cannot be read: {exc}")]
+    listed = {f.path: f for f in files}
+    wrong = sorted(r.path for r in index.files.values()
+                   if r.path not in listed or (listed[r.path].size, listed[r.path].checksum) != (r.size, r.checksum))
+    if wrong:
+        return [Problem(key, entry.path, entry.rank,
+                        f"the chunk index and the manifest disagree on chunk files {wrong[:5]}")]
+    return []
 
 
 def _check_index(key: str, rel: str, rank: int, raw: bytes, listed: set[str]) -> list[Problem]:
@@ -81,7 +100,8 @@ def _check_index(key: str, rel: str, rank: int, raw: bytes, listed: set[str]) ->
     return []
 
 
-def _human(size: int) -> str:
+def human_size(size: int) -> str:
+    """``1.5 MiB``-style sizes for tables."""
     value = float(size)
     for unit in ("B", "KiB", "MiB", "GiB"):
         if value < 1024 or unit == "GiB":
@@ -90,13 +110,14 @@ def _human(size: int) -> str:
     return f"{size} B"
 
 
-def _verify(args: argparse.Namespace, console: Console) -> int:
+def run_verify(args: argparse.Namespace, console: Console) -> int:
+    """The ``verify`` command: print the verdict; 0 if intact, 1 if not."""
     manifest, problems = verify_checkpoint(args.path, "size" if args.size_only else "checksum")
     files = manifest.all_files()
     if not problems:
         what = "sizes" if args.size_only else "sizes and checksums"
         console.print(f"OK: {args.path}: {len(manifest.components)} components, {len(files)} files, "
-                      f"{_human(sum(f.size for f in files))}; {what} match the manifest")
+                      f"{human_size(sum(f.size for f in files))}; {what} match the manifest")
         return 0
     table = Table(title=f"{args.path}: {len(problems)} problem(s)", show_lines=True)
     for column in ("component", "file", "rank", "problem"):
@@ -107,51 +128,3 @@ def _verify(args: argparse.Namespace, console: Console) -> int:
     console.print(table)
     console.print(f"FAILED: {args.path} is damaged; do not resume from it")
     return 1
-
-
-def _inspect(args: argparse.Namespace, console: Console) -> int:
-    manifest = CheckpointManifest.load(args.path)
-    topology = manifest.topology
-    console.print(f"{args.path}: step {manifest.step}, world size {manifest.world_size}, "
-                  f"nodes {topology.get('nodes')}, groups {topology.get('groups') or '{}'}, "
-                  f"saved {manifest.created_at} (format {manifest.format_version}, "
-                  f"lightning_sharing {manifest.library_version or '?'}, torch {manifest.torch_version or '?'})")
-    table = Table(show_lines=False)
-    for column in ("component", "pattern", "group", "writer ranks", "files", "size", "validation"):
-        table.add_column(column)
-    for key, component in manifest.components.items():
-        table.add_row(key, component.sharing_pattern.upper(), component.group_name or "-",
-                      ",".join(str(r) for r in component.ranks), str(len(component.files)),
-                      _human(component.size_bytes), component.validation)
-    console.print(table)
-    if args.files:
-        files = Table(title="files")
-        for column in ("path", "rank", "size", "checksum"):
-            files.add_column(column)
-        for entry in manifest.all_files():
-            files.add_row(entry.path, str(entry.rank), str(entry.size), entry.checksum)
-        console.print(files)
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``lightning-sharing`` console script."""
-    parser = argparse.ArgumentParser(prog="lightning-sharing", description="Check and describe checkpoints.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    verify = commands.add_parser("verify", help="check sizes, checksums and manifest consistency")
-    verify.add_argument("path")
-    verify.add_argument("--size-only", action="store_true", help="compare sizes only (fast, misses bit flips)")
-    inspect = commands.add_parser("inspect", help="print the manifest as a table")
-    inspect.add_argument("path")
-    inspect.add_argument("--files", action="store_true", help="also list every file")
-    args = parser.parse_args(argv)
-    console = Console(width=160)
-    try:
-        return _verify(args, console) if args.command == "verify" else _inspect(args, console)
-    except ManifestError as exc:
-        console.print(f"ERROR: {exc}", markup=False)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
