@@ -10,7 +10,7 @@ Two halves, one per agreement step of a load:
 
 When the state was saved by, or is loaded into, several group instances (pipeline stages), each
 rank takes only the entries its live state holds; ``ChunkedLoad.entries``/``held`` let the
-coordinator refuse (``strict``) a saved entry that no rank holds.
+coordinator refuse (``check_taken``, ``strict``) a saved entry that no rank holds.
 
 Example:
     >>> load = prepare_chunked_load(store, root, component, saved, saved_topology, topology,
@@ -49,7 +49,7 @@ from lightning_sharing.sharded.index import ShardedIndex
 from lightning_sharing.sharded.load import ReadPlan, ReadStats, plan_reads, read_chunks
 from lightning_sharing.storage.base import CheckpointStore
 
-__all__ = ["ChunkedLoad", "prepare_chunked_load", "unheld_entries"]
+__all__ = ["ChunkedLoad", "check_taken", "prepare_chunked_load"]
 
 log = logging.getLogger(__name__)
 _LISTED = 8
@@ -83,9 +83,20 @@ class ChunkedLoad:
         return stats
 
 
-def unheld_entries(load: ChunkedLoad, held_by_rank: list[tuple[bool, ...]]) -> list[str]:
-    """The entries of ``load`` that no rank takes, from every rank's ``held``."""
-    return [name for i, name in enumerate(load.entries) if not any(held[i] for held in held_by_rank)]
+def check_taken(key: str, load: ChunkedLoad, held_by_rank: list[tuple[bool, ...]], strict: bool,
+                 path: str) -> None:
+    """Refuse (``strict``; else log) saved entries that no rank takes, from every rank's ``held``.
+
+    Every rank passes the same exchange, so every rank reaches the same verdict.
+    """
+    unheld = [name for i, name in enumerate(load.entries) if not any(held[i] for held in held_by_rank)]
+    if not unheld:
+        return
+    listed = f"{unheld[:8]}{f' (and {len(unheld) - 8} more)' if len(unheld) > 8 else ''}"
+    if strict:
+        raise CheckpointError(f"component {key!r}: the checkpoint holds {listed}, which no rank's live state holds "
+                              "(load with strict=False to skip them)")
+    log.warning("checkpoint %s: component %r: skipped %s, which no rank holds", path, key, listed)
 
 
 def _name(key: Any) -> str:

@@ -42,7 +42,7 @@ from lightning_sharing.distributed.collectives import (
     resolve_process_groups,
 )
 from lightning_sharing.distributed.validation import check_replication, replicated_view
-from lightning_sharing.engine.chunked_reader import ChunkedLoad, prepare_chunked_load, unheld_entries
+from lightning_sharing.engine.chunked_reader import ChunkedLoad, check_taken, prepare_chunked_load
 from lightning_sharing.engine.commit import (
     WrittenCopy,
     build_manifest,
@@ -50,6 +50,7 @@ from lightning_sharing.engine.commit import (
     chunk_index_jobs,
     merged_index_jobs,
 )
+from lightning_sharing.engine.export import HFExport, export_in_parallel
 from lightning_sharing.engine.load_plan import LoadResult, check_listed_files, plan_load
 from lightning_sharing.engine.reader import load_component
 from lightning_sharing.engine.save_plan import CopyPlan, plan_chunked_copy, plan_copy, write_copy
@@ -161,31 +162,43 @@ class CheckpointCoordinator:
         return self._topology
 
     # ------------------------------------------------------------------ save
-    def save_checkpoint(self, path: PathT, *, step: int | None = None,
-                        metadata: dict[str, Any] | None = None) -> PathT:
+    def save_checkpoint(self, path: PathT, *, step: int | None = None, metadata: dict[str, Any] | None = None,
+                        export_hf: HFExport | str | os.PathLike[str] | None = None) -> PathT:
         """Collective: write a complete checkpoint directory at ``path`` atomically; returns ``path``.
 
         ``step`` is recorded in the manifest (``find_latest_checkpoint`` orders by it) and
         ``metadata`` (JSON-serialisable) is stored with it. An existing checkpoint at ``path`` is
         replaced only once the new one is complete. With ``async_save``, this returns once the state
         is staged; ``wait()`` returns once it is committed.
+
+        ``export_hf`` (a directory, or an ``HFExport`` naming the component, dtype and shard size)
+        also writes the component's full tensors there as Hugging Face sharded safetensors once the
+        checkpoint is committed, every rank writing its share of the files (torchtitan's
+        ``last_save_in_hf``, for the last save of a run).
+
+        Example:
+            >>> coordinator.save_checkpoint("ckpt/step=1000.ckpt", step=1000,
+            ...                             export_hf=HFExport("hf/final", dtype="bfloat16"))  # doctest: +SKIP
         """
         started = time.perf_counter()
+        export = HFExport.of(export_hf, [c.key for c in self.components])
         saver = self._saver if self._saver is not None and may_run_in_background() else None
         if saver is not None:
             saver.make_room()  # raises a failed earlier save's error, on every rank
         store = store_for(path, self.storage_options)
         target = store.normalize(os.fspath(path))
-        topology, proposals = self._prepare(extra=(target, uuid.uuid4().hex))
-        if len({proposed_target for proposed_target, _ in proposals}) > 1:
+        exported = None if export is None else (os.fspath(export.path), export.component, str(export.dtype),
+                                                 export.max_shard_size)
+        topology, proposals = self._prepare(extra=(target, uuid.uuid4().hex, exported))
+        if len({(proposed, export_of) for proposed, _, export_of in proposals}) > 1:
             raise ComponentDeclarationError(
-                f"ranks passed different checkpoint paths: {[t for t, _ in proposals]}")
+                f"ranks passed different checkpoint paths or exports: {[(t, e) for t, _, e in proposals]}")
         token = proposals[0][1]  # rank 0's
         group = saver.group() if saver is not None else None
         plans = self._plan_files(topology, get_rank(), saver)
 
         def finish() -> None:
-            self._finish_save(store, target, token, plans, topology, step, metadata, group, started)
+            self._finish_save(store, target, token, plans, topology, step, metadata, group, started, export)
 
         if saver is None:
             finish()
@@ -254,7 +267,8 @@ class CheckpointCoordinator:
         return plan_copy(placement.stem, encoded, placement.writers, placement.writer, rank, self.max_shard_size)
 
     def _finish_save(self, store: CheckpointStore, target: str, token: str, plans: _Plans, topology: Topology,
-                     step: int | None, metadata: dict[str, Any] | None, group: Any, started: float) -> None:
+                     step: int | None, metadata: dict[str, Any] | None, group: Any, started: float,
+                     export: HFExport | None = None) -> None:
         """Write this rank's files, agree, and commit on rank 0 (in the background for async saves)."""
         rank = get_rank()
         write_root: str | None = None
@@ -272,6 +286,9 @@ class CheckpointCoordinator:
             if not committed and rank == 0 and write_root is not None:
                 store.abort(write_root, target)
         log.info("saved checkpoint %s in %.2fs", target, time.perf_counter() - started)
+        if export is not None:
+            export_in_parallel(store, target, export, group)
+            log.info("exported component %r of %s to %s", export.component, target, export.path)
 
     def _write_files(self, store: CheckpointStore, write_root: str, plans: _Plans, rank: int,
                      group: Any) -> list[WrittenCopy]:
@@ -341,7 +358,7 @@ class CheckpointCoordinator:
             log.warning("checkpoint %s: skipped component %r (%s)", os.fspath(path), key, reason)
         with agreement(f"loading checkpoint {os.fspath(path)}"):
             for key in held:  # every rank reaches the same verdict from the same exchange
-                _check_taken(key, chunked[key], [h[key] for _, _, h in identities], strict, os.fspath(path))
+                check_taken(key, chunked[key], [h[key] for _, _, h in identities], strict, os.fspath(path))
             for component, saved in to_load:
                 if component.key in chunked:
                     _with_context(component.key, "loading", lambda c=component: chunked[c.key].finish(store, root))
@@ -351,19 +368,6 @@ class CheckpointCoordinator:
                                   load_component(store, root, c, s, p, mode))
                 result.loaded.append(component.key)
         return result
-
-
-def _check_taken(key: str, load: ChunkedLoad, held_by_rank: list[tuple[bool, ...]], strict: bool,
-                 path: str) -> None:
-    """Saved entries of a component split over groups must each be taken by some rank (``strict``)."""
-    unheld = unheld_entries(load, held_by_rank)
-    if not unheld:
-        return
-    listed = f"{unheld[:8]}{f' (and {len(unheld) - 8} more)' if len(unheld) > 8 else ''}"
-    if strict:
-        raise CheckpointError(f"component {key!r}: the checkpoint holds {listed}, which no rank's live state holds "
-                              "(load with strict=False to skip them)")
-    log.warning("checkpoint %s: component %r: skipped %s, which no rank holds", path, key, listed)
 
 
 class _Attempt:

@@ -34,6 +34,7 @@ import torch
 
 from lightning_sharing.core.options import DEFAULT_MAX_SHARD_SIZE, VerifyMode
 from lightning_sharing.core.rules import rule
+from lightning_sharing.distributed.collectives import agreement, get_rank, get_world_size, on_rank_zero
 from lightning_sharing.engine.save_plan import assign_writers
 from lightning_sharing.errors import CheckpointError, ComponentDeclarationError, CorruptCheckpointError
 from lightning_sharing.format.layout import index_name, json_bytes, parse_index, parse_json
@@ -106,6 +107,17 @@ class HFExport:
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", parse_dtype(self.dtype))
         object.__setattr__(self, "max_shard_size", parse_size(self.max_shard_size))
+
+    @classmethod
+    def of(cls, value: HFExport | str | os.PathLike[str] | None, components: Sequence[str]) -> HFExport | None:
+        """``value`` as an ``HFExport`` (a path exports ``model``); its component must be one of ``components``."""
+        if value is None:
+            return None
+        spec = value if isinstance(value, HFExport) else cls(value)
+        if spec.component not in components:
+            raise ComponentDeclarationError(f"export_hf names component {spec.component!r}, which is not declared "
+                                            f"(declared: {sorted(components)})")
+        return spec
 
 
 @dataclass(frozen=True)
@@ -355,3 +367,31 @@ def export_checkpoint(path: str | os.PathLike[str], out: str | os.PathLike[str],
     return ExportResult(Path(out), files, sum(t.nbytes for s in plan.shards for t in s),
                         sum(len(s) for s in plan.shards))
 
+
+
+def export_in_parallel(store: CheckpointStore, checkpoint: str, spec: HFExport, group: Any = None) -> list[str]:
+    """Collective: export ``spec.component`` of the committed ``checkpoint``, every rank writing its share.
+
+    The output shards are divided among the ranks, balanced by bytes; each rank reads (verified) only
+    the chunks or input shards of its own output shards. Rank 0 writes the index last and moves the
+    directory into place. A failure on any rank raises on every rank and leaves no partial export.
+    Returns the files this rank wrote.
+    """
+    rank, world = get_rank(), get_world_size()
+    staging = on_rank_zero(f"preparing the export to {spec.path}", lambda: begin_export(spec.path, uuid.uuid4().hex),
+                           group)
+    committed = False
+    written: list[str] = []
+    try:
+        plan: ExportPlan | None = None
+        with agreement(f"exporting {checkpoint} to {spec.path}", group):
+            plan = plan_export(store, checkpoint, spec.component, spec.dtype, int(spec.max_shard_size))
+            written = write_shards(plan, plan.assign(world)[rank], staging)
+        with agreement(f"committing the export {spec.path}", group):
+            if rank == 0 and plan is not None:
+                commit_export(staging, spec.path, plan.hf_index())
+        committed = True
+    finally:
+        if not committed and rank == 0:
+            abort_export(staging)
+    return written
