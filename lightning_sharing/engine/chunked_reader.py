@@ -201,6 +201,9 @@ def prepare_chunked_load(store: CheckpointStore, root: str, component: StateComp
         if missing and strict:
             raise CheckpointError(f"component {key!r}: the live state holds entries {_listing(missing)} that the "
                                   "checkpoint lacks (load with strict=False to keep their current values)")
+        if missing:
+            log.warning("component %r: entries %s are not in the checkpoint; they keep their values", key,
+                        _listing(missing))
         tree = tree_from_entries([entry for entry in saved_entries if entry[0] in live])
         if not own:  # ranks take different entries of the same saved list: the coordinator checks all are taken
             entries = tuple(sorted(_name(entry[0]) for entry in saved_entries))
@@ -231,6 +234,10 @@ def _flat(component: StateComponent, index: ShardedIndex, live: Any, tensors: di
             f"from the checkpoint {_listing(missing) if missing else 'none'}, not in the live state "
             f"{_listing(unexpected) if unexpected and not split else 'none'} (load with strict=False to skip them)"
         )
+    if not strict and (missing or (unexpected and not split)):
+        log.warning("component %r: loading without tensors %s (not in the checkpoint: they keep their values) and "
+                    "%s (not in the live state)", component.key, _listing(missing),
+                    _listing(unexpected if not split else []))
     targets: dict[str, torch.Tensor] = {}
     for name, tensor in tensors.items():
         stored = name if name in index.tensors else index.ties.get(name)

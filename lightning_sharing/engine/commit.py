@@ -120,7 +120,9 @@ def chunk_index_jobs(components: list[StateComponent], copies: list[WrittenCopy]
         try:
             index = merge_indexes(parts)
         except CheckpointError as exc:
-            raise CheckpointError(f"component {component.key!r}: {exc}") from exc
+            hint = ("" if component.process_group_name else "; if ranks hold tensors of different names (pipeline "
+                    "stages), name the group whose members hold the same ones: process_group_name=...")
+            raise CheckpointError(f"component {component.key!r}: {exc}{hint}") from exc
         jobs.append((component.key, FileJob(files.index_for(component.key), data=json_bytes(index.to_json()))))
         hf_index = index.hf_index()
         if hf_index is not None:
