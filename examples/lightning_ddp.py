@@ -22,6 +22,7 @@ import json
 import math
 import os
 import signal
+import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -33,6 +34,11 @@ from torch import nn
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from lightning_sharing import MetricState, SharingPattern, SharingStrategy, StateComponent
+
+# Upstream deprecation notices on torch 2.13 (torchdata's set_vital, Lightning's pytree helper): not ours, and
+# nothing to act on in this example. Silenced here only, in the example; the library itself adds no warnings.
+warnings.filterwarnings("ignore", message=r".*'set_vital' is deprecated")
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
 
 
 class TinyRegression(pl.LightningModule):

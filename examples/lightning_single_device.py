@@ -13,6 +13,7 @@ where the first one stopped. The model and data come from ``examples/lightning_d
 from __future__ import annotations
 
 import argparse
+import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -20,6 +21,11 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning_ddp import TinyRegression, make_dataloader  # the example beside this one
 
 from lightning_sharing import CheckpointManifest, SharingStrategy
+
+# Upstream deprecation notices on torch 2.13 (torchdata's set_vital, Lightning's pytree helper): not ours, and
+# nothing to act on in this example. Silenced here only, in the example; the library itself adds no warnings.
+warnings.filterwarnings("ignore", message=r".*'set_vital' is deprecated")
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
 
 
 def main() -> None:

@@ -27,6 +27,7 @@ from lightning_sharing.engine.export import HFExport, export_checkpoint
 from lightning_sharing.engine.load_plan import LoadResult
 from lightning_sharing.errors import (
     CheckpointError,
+    CheckpointNotFoundError,
     ComponentDeclarationError,
     CorruptCheckpointError,
     DistributedCheckpointError,
@@ -55,6 +56,7 @@ __all__ = [
     "CheckpointCoordinator",
     "CheckpointError",
     "CheckpointManifest",
+    "CheckpointNotFoundError",
     "CheckpointOptions",
     "ComponentDeclarationError",
     "ComponentManifest",

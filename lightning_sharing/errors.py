@@ -8,6 +8,7 @@ from __future__ import annotations
 
 __all__ = [
     "CheckpointError",
+    "CheckpointNotFoundError",
     "ComponentDeclarationError",
     "CorruptCheckpointError",
     "DistributedCheckpointError",
@@ -28,6 +29,10 @@ class ComponentDeclarationError(CheckpointError, ValueError):
 
 class ManifestError(CheckpointError):
     """The manifest is missing, unreadable, of an unknown version, or inconsistent."""
+
+
+class CheckpointNotFoundError(ManifestError, FileNotFoundError):
+    """Nothing exists at the checkpoint path; a ``FileNotFoundError``, as Lightning raises for a missing file."""
 
 
 class CorruptCheckpointError(CheckpointError):

@@ -8,7 +8,7 @@ bash scripts/setup.sh
 OUT=${DEMO_OUT:-demo_output}
 rm -rf "$OUT"
 mkdir -p "$OUT"
-export OMP_NUM_THREADS=1 PYTHONWARNINGS=ignore
+export OMP_NUM_THREADS=1
 train() { .venv/bin/python examples/lightning_ddp.py --devices 2 --max-steps 30 --every 5 "$@"; }
 
 echo "== 1/3 uninterrupted reference run: 30 steps on 2 processes"

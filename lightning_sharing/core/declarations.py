@@ -11,7 +11,7 @@ Example:
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -25,6 +25,7 @@ __all__ = [
     "Stateful",
     "ValidationLevel",
     "check_unique_keys",
+    "register_stateful_adapter",
 ]
 
 # Keys become directory and file names inside the checkpoint, so keep them path-safe.
@@ -41,13 +42,25 @@ class Stateful(Protocol):
     def load_state_dict(self, state_dict: dict[str, Any]) -> Any: ...
 
 
+# Adapters registered by higher layers (``statefuls.metrics`` registers ``MetricState`` for torchmetrics metrics):
+# a stateful whose own state_dict() does not hold its state is replaced by the adapter's wrapper on declaration.
+_ADAPTERS: list[Callable[[Any], Any]] = []
+
+
+def register_stateful_adapter(adapter: Callable[[Any], Any]) -> None:
+    """Register ``adapter(stateful) -> wrapper or None``, applied to every ``StateComponent``'s stateful."""
+    if adapter not in _ADAPTERS:
+        _ADAPTERS.append(adapter)
+
+
 @dataclass
 class StateComponent:
     """One piece of training state and the way it is shared across ranks.
 
     Args:
         key: unique name; becomes the file stem inside the checkpoint.
-        stateful: any object with ``state_dict()`` and ``load_state_dict()``.
+        stateful: any object with ``state_dict()`` and ``load_state_dict()``. A torchmetrics ``Metric`` is
+            wrapped in ``MetricState`` (its own ``state_dict()`` is empty unless it is persistent).
         sharing_pattern: a ``SharingPattern`` (or its string value).
         process_group_name: the named group for ``PER_GROUP`` (required there); for ``SHARDED``
             optionally the group whose members hold the same tensors (a pipeline stage's data
@@ -84,6 +97,11 @@ class StateComponent:
             raise ComponentDeclarationError(f"StateComponent key {self.key!r} is reserved")
         self.sharing_pattern = SharingPattern.parse(self.sharing_pattern)
         self.validation_level = ValidationLevel.parse(self.validation_level)
+        for adapter in _ADAPTERS:
+            wrapped = adapter(self.stateful)
+            if wrapped is not None:
+                self.stateful = wrapped
+                break
         if not (callable(getattr(self.stateful, "state_dict", None))
                 and callable(getattr(self.stateful, "load_state_dict", None))):
             raise ComponentDeclarationError(

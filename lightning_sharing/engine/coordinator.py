@@ -21,7 +21,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -223,6 +223,7 @@ class CheckpointCoordinator:
             writes = any(rank in p.writers for p in self._placements(component, topology))
             if writes or component.effective_validation is not ValidationLevel.NONE:
                 states[component.key] = _with_context(component.key, "state_dict()", component.stateful.state_dict)
+                _warn_if_empty(component, states[component.key])
         return states
 
     def _plan_files(self, topology: Topology, rank: int, saver: BackgroundSaver | None) -> _Plans:
@@ -318,13 +319,15 @@ class CheckpointCoordinator:
 
     # ------------------------------------------------------------------ load
     def load_checkpoint(self, path: str | os.PathLike[str], strict: bool = True, *,
-                        verify: VerifyMode | str | None = None) -> LoadResult:
+                        verify: VerifyMode | str | None = None, ignore: Collection[str] = ()) -> LoadResult:
         """Collective: load every declared component this rank reads from the checkpoint at ``path``.
 
         ``strict=True`` refuses missing required components, undeclared saved components, changed
         patterns and topology changes for rank-specific state; ``strict=False`` skips them and
         reports them in the returned ``LoadResult.skipped``. Files are verified against the
-        manifest before they are read (``verify="checksum"`` or ``"size"``).
+        manifest before they are read (``verify="checksum"`` or ``"size"``). ``ignore`` names saved
+        components the caller leaves out on purpose (say, all but the model): not read, not refused,
+        not reported.
         """
         mode = VerifyMode.parse(verify) if verify is not None else self.verify
         self.wait()  # a pending save of this very checkpoint must be complete before it is read
@@ -338,7 +341,7 @@ class CheckpointCoordinator:
         with agreement(f"reading checkpoint {os.fspath(path)}"):
             manifest = read_manifest(store, root, display=os.fspath(path))
             check_listed_files(store, root, manifest)
-            plan = plan_load(manifest, self.components, topology, strict)
+            plan = plan_load(manifest, self.components, topology, strict, ignore)
             to_load, result.skipped, result.manifest = plan.to_load, plan.skipped, manifest
             saved_topology = Topology.from_json(manifest.topology)
             for component, saved in to_load:
@@ -387,6 +390,22 @@ class _Attempt:
 
 def _display(target: str) -> Any:
     return Path(target) if not is_url(target) else target
+
+
+_WARNED_EMPTY: set[tuple[str, int]] = set()
+
+
+def _warn_if_empty(component: StateComponent, state: Any) -> None:
+    """A declared stateful that saves nothing is almost always a mistake: say so once per component."""
+    if state is not None and not (isinstance(state, dict) and not state):
+        return
+    marker = (component.key, id(component.stateful))
+    if marker in _WARNED_EMPTY:
+        return
+    _WARNED_EMPTY.add(marker)
+    log.warning("component %r: %s.state_dict() returned %r, so nothing of it is saved; return its state from "
+                "state_dict() (a torchmetrics Metric: declare it directly or as MetricState(metric))",
+                component.key, type(component.stateful).__name__, state)
 
 
 def _with_context(key: str, action: str, fn: Any) -> Any:

@@ -7,6 +7,7 @@ reaches the same decisions without talking to the others.
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,12 +44,15 @@ class LoadPlan:
 
 
 def plan_load(manifest: CheckpointManifest, components: list[StateComponent], current: Topology,
-              strict: bool) -> LoadPlan:
-    """Apply the loading rules; raises on what ``strict`` refuses, records skips otherwise."""
+              strict: bool, ignore: Collection[str] = ()) -> LoadPlan:
+    """Apply the loading rules; raises on what ``strict`` refuses, records skips otherwise.
+
+    Saved components named in ``ignore`` (and not declared) are left out without a refusal or a skip record.
+    """
     plan = LoadPlan()
     saved_topology = Topology.from_json(manifest.topology)
     declared = {c.key for c in components}
-    undeclared = sorted(set(manifest.components) - declared)
+    undeclared = sorted(set(manifest.components) - declared - set(ignore))
     if undeclared:
         if strict:
             raise ComponentDeclarationError(

@@ -69,7 +69,12 @@ class ComponentFiles:
             with self.store.open_read(location) as handle:
                 return read_tensors(handle, entry.size, rel.rsplit("/", 1)[-1], checksum, into=self._live)
         except CorruptCheckpointError as exc:
-            raise CorruptCheckpointError(f"{self._where(entry)}: {exc}") from exc
+            # "<name> has checksum ..." becomes "component 'k', file <rel> (written by rank r) has checksum ...",
+            # the same text as a file verified before it is read (storage.verify.verify_entry).
+            detail = str(exc)
+            own = f"{rel.rsplit('/', 1)[-1]} "
+            detail = detail[len(own) - 1:] if detail.startswith(own) else f": {detail}"
+            raise CorruptCheckpointError(f"{self._where(entry)}{detail}") from exc
 
 
 def load_component(store: CheckpointStore, root: str, component: StateComponent, saved: ComponentManifest,

@@ -56,7 +56,7 @@ import logging
 import os
 from collections.abc import Mapping
 from datetime import timedelta
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from lightning.fabric.accelerators.accelerator import Accelerator
@@ -65,8 +65,6 @@ from lightning.fabric.plugins.environments.cluster_environment import ClusterEnv
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.fabric.plugins.precision import Precision
 from lightning.fabric.strategies import STRATEGY_REGISTRY, DDPStrategy
-from lightning.fabric.strategies.registry import _StrategyRegistry
-from lightning.fabric.wrappers import _unwrap_objects
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
@@ -88,10 +86,18 @@ from lightning_sharing.fabric.state import (
 )
 from lightning_sharing.format.layout import DEFAULT_MAX_SHARD_SIZE
 from lightning_sharing.format.manifest import CheckpointManifest
+from lightning_sharing.lightning._compat import (
+    allow_launch_under_fabric_cli,
+    unwrap_fabric_objects,
+)
 from lightning_sharing.lightning.cleanup import adopt_default_group, default_group_exists
+from lightning_sharing.lightning.data import loader_state, replace_shuffle_wrapper
 from lightning_sharing.lightning.layout import ValueHolder
 from lightning_sharing.statefuls.metrics import MetricState
 from lightning_sharing.statefuls.rng import RNGState
+
+if TYPE_CHECKING:  # Fabric's registry type, for annotations only (private in Fabric)
+    from lightning.fabric.strategies.registry import _StrategyRegistry
 
 __all__ = ["EXTRA_KEY", "REGISTRY_NAME", "RNG_KEY", "FabricSharingStrategy"]
 
@@ -205,6 +211,15 @@ class FabricSharingStrategy(DDPStrategy):
         existed = default_group_exists()
         super().setup_environment()
         adopt_default_group(existed)
+        if allow_launch_under_fabric_cli():
+            log.debug("launched by `fabric run`: the script's fabric.launch() only finishes the setup")
+
+    def process_dataloader(self, dataloader: DataLoader) -> DataLoader:
+        """Fabric's ``setup_dataloaders`` hook: a shuffled stateful loader gets an epoch-seeded sampler and a
+        generator of its own, so that its order and the global RNG resume exactly (see ``lightning/data.py``)."""
+        dataloader = super().process_dataloader(dataloader)
+        replace_shuffle_wrapper(dataloader, own_generator=True)
+        return dataloader
 
     # ------------------------------------------------------------------ save
     def save_checkpoint(
@@ -366,11 +381,11 @@ class FabricSharingStrategy(DDPStrategy):
                     f"state[{key!r}] is a StateComponent with key {value.key!r}; the dict key and the component "
                     f"key must be equal: use state[{value.key!r}] = component, or StateComponent({key!r}, ...)"
                 )
-            stateful = _unwrap_objects(value.stateful)
+            stateful = unwrap_fabric_objects(value.stateful)
             if isinstance(stateful, DistributedDataParallel):
                 stateful = ModuleState(self, stateful, strict)
             return value if stateful is value.stateful else dataclasses.replace(value, stateful=stateful)
-        value = _unwrap_objects(value)
+        value = unwrap_fabric_objects(value)
         if isinstance(value, nn.Module):
             kind = metric_kind(value)
             if kind == "metric":  # its raw accumulators and update count, whether persistent or not
@@ -388,8 +403,9 @@ class FabricSharingStrategy(DDPStrategy):
                 )
             return StateComponent(key, value, SharingPattern.REPLICATED)
         if is_stateful(value):
-            pattern = SharingPattern.PER_RANK if isinstance(value, DataLoader) else SharingPattern.REPLICATED
-            return StateComponent(key, value, pattern)
+            if isinstance(value, DataLoader):  # with its sampler's epoch when it came from setup_dataloaders
+                return StateComponent(key, loader_state(value), SharingPattern.PER_RANK)
+            return StateComponent(key, value, SharingPattern.REPLICATED)
         return None
 
     def _saved_components(self, path: str | os.PathLike[str],

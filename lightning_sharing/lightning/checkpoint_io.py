@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.fabric.plugins import CheckpointIO
 
 from lightning_sharing.core.declarations import SharingPattern, StateComponent, ValidationLevel
@@ -29,11 +30,13 @@ from lightning_sharing.format.layout import DEFAULT_MAX_SHARD_SIZE
 from lightning_sharing.format.manifest import CheckpointManifest
 from lightning_sharing.lightning.layout import (
     BUILTIN_KEYS,
+    METRIC_COUNTS_KEY,
     ValueHolder,
     builtin_components,
     join_checkpoint,
     split_checkpoint,
 )
+from lightning_sharing.statefuls.metrics import persistent_state_keys
 from lightning_sharing.statefuls.rng import RNGState
 from lightning_sharing.storage import remove_checkpoint
 
@@ -42,6 +45,26 @@ __all__ = ["SharingCheckpointIO"]
 log = logging.getLogger(__name__)
 
 _RAW_KEY = "raw"  # a plain dict saved by a rank-local call (e.g. the spawn launcher's weights)
+_MODULE_KEYS = ("model", "trainer")  # what load_from_checkpoint needs
+
+
+def move_tensors(value: Any, map_location: Any) -> Any:
+    """``value`` with its CPU tensors moved as ``torch.load(map_location=...)`` would move CPU-saved tensors."""
+    if map_location is None:
+        return value
+    if isinstance(value, torch.Tensor):
+        if callable(map_location):  # torch.load's fn(storage, location): None keeps the storage where it is
+            moved = map_location(value.untyped_storage(), "cpu")
+            return value if moved is None else value.to(moved.device)
+        if isinstance(map_location, Mapping):
+            target = map_location.get("cpu")
+            return value if target is None else value.to(target)
+        return value.to(map_location)
+    if isinstance(value, Mapping):
+        return {k: move_tensors(v, map_location) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(move_tensors(v, map_location) for v in value)
+    return value
 
 
 def refuse_storage_options(storage_options: Any) -> None:
@@ -99,16 +122,29 @@ class SharingCheckpointIO(CheckpointIO):
 
     def save_sharded(self, checkpoint: Mapping[str, Any], path: str | os.PathLike[str],
                      user_components: list[StateComponent], process_groups: Any,
-                     overrides: Mapping[str, StateComponent], unreplicated: frozenset[str] = frozenset()) -> None:
+                     overrides: Mapping[str, StateComponent], unreplicated: frozenset[str] = frozenset(),
+                     metrics: Mapping[str, Any] | None = None) -> None:
         """Collective: save Lightning's checkpoint dict plus the user's components.
 
         ``unreplicated`` names model entries that may differ between ranks (buffers such as
         BatchNorm statistics): one copy is saved, but they are left out of the replication check.
+        ``metrics`` (``{name: Metric}`` inside the module): their persistent states in the model's state dict
+        differ between ranks; each rank's copy (and update count) is saved as the PER_RANK ``model_metrics``.
         """
         parts = split_checkpoint(checkpoint)
+        model_state = parts.get("model")
+        metric_keys: list[str] = []
+        if metrics and isinstance(model_state, Mapping):
+            metric_keys = [key for name, metric in metrics.items() for key in persistent_state_keys(name, metric)
+                           if key in model_state]
+            if metric_keys:
+                parts["model_metrics"] = {
+                    "states": {key: model_state[key] for key in metric_keys},
+                    "update_counts": {name: int(metric._update_count) for name, metric in metrics.items()
+                                      if any(key.startswith(f"{name}.") for key in metric_keys)}}
         holders: dict[str, Any] = {key: ValueHolder(value) for key, value in parts.items()}
         if "model" in holders:
-            holders["model"].exempt = unreplicated
+            holders["model"].exempt = unreplicated | frozenset(metric_keys)
         holders["rng"] = RNGState()
         keys = [key for key in BUILTIN_KEYS if key in holders]
         components = builtin_components(keys, holders, overrides, self.validation_level) + list(user_components)
@@ -173,7 +209,47 @@ class SharingCheckpointIO(CheckpointIO):
                     path, strict=False)
                 return dict(holder.value)
             checkpoint, _ = self.load_sharded(path, [], None, {}, strict=False)
+            checkpoint.pop(METRIC_COUNTS_KEY, None)
             return checkpoint
+
+    def load_file(self, path: str | os.PathLike[str], weights_only: bool | None = None) -> dict[str, Any]:
+        """Rank-local: an ordinary single-file Lightning checkpoint (``torch.save``), e.g. to migrate from it.
+
+        Read with ``torch.load(weights_only=True)`` unless ``weights_only=False`` is passed (for a trusted file
+        that holds other objects), as Lightning does on torch >= 2.6; tensors are read onto the CPU.
+        """
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True if weights_only is None else weights_only)
+        if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+            raise ValueError(f"{path} is not a Lightning training checkpoint (a dict with a 'state_dict'), but a "
+                             f"{type(checkpoint).__name__}")
+        return checkpoint
+
+    def load_for_module(self, path: str | os.PathLike[str], map_location: Any = None) -> dict[str, Any]:
+        """Rank-local: what ``LightningModule.load_from_checkpoint`` reads, from a checkpoint directory.
+
+        Lightning's dict with the model's weights (``state_dict``, in the module's order) and the trainer part
+        (hyper-parameters, ``hparams_type``, epoch, global step, loops, callbacks, datamodule state); the
+        optimizer, scheduler, data position, RNG and user components are not read. Tensors are read onto the
+        CPU; ``map_location`` (a device, a ``{"cpu": device}`` mapping, or torch.load's
+        ``fn(storage, "cpu")``) moves them, as ``torch.load`` would.
+
+        Example:
+            >>> ck = SharingCheckpointIO().load_for_module("ckpts/last.ckpt", map_location="cpu")  # doctest: +SKIP
+            >>> model = MyModule(**ck["hyper_parameters"]); model.load_state_dict(ck["state_dict"])  # doctest: +SKIP
+        """
+        self.wait()
+        with local_only():
+            manifest = CheckpointManifest.load(path)
+            if _RAW_KEY in manifest.components and not set(manifest.components) & set(BUILTIN_KEYS):
+                return move_tensors(self.load_checkpoint(path), map_location)
+            keys = [key for key in _MODULE_KEYS if key in manifest.components]
+            holders = {key: ValueHolder() for key in keys}
+            components = [StateComponent(key, holders[key], manifest.components[key].pattern,
+                                         manifest.components[key].group_name) for key in keys]
+            self._coordinator(components, None).load_checkpoint(
+                path, strict=True, ignore=set(manifest.components) - set(keys))
+            checkpoint = join_checkpoint({key: holder.value for key, holder in holders.items()})
+        return move_tensors(checkpoint, map_location)
 
     def remove_checkpoint(self, path: str | os.PathLike[str], keep: Callable[[Path], str | None] | None = None) -> None:
         """Delete a checkpoint directory atomically (it is never seen half-deleted).

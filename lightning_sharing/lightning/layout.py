@@ -11,19 +11,32 @@ key             holds                                                   default
 ``scheduler``   ``checkpoint["lr_schedulers"]``                         REPLICATED
 ``dataloader``  the fit loop's stateful dataloader states               PER_RANK
 ``rng``         this process's RNGs (``RNGState``)                      PER_RANK
+``model_metrics`` the persistent states of torchmetrics metrics inside  PER_RANK
+                the module (``model`` keeps rank 0's copy, unchecked),
+                and each metric's update count
+
 ``trainer``     everything else: loops, callbacks, epoch, global step,  GLOBAL
                 hyper-parameters, datamodule and precision state
 =============== ======================================================= ============
 
 A user re-declares a built-in (to change its pattern, group or validation) by passing
 ``BuiltinState()`` as the stateful of a ``StateComponent`` with the built-in's key.
+
+Two values of Lightning's dict are stored in another form and restored on the way back:
+
+- the order of ``state_dict``'s keys (tensor files are written in their own order), so the dict comes
+  back in the module's order, as from a single-file checkpoint;
+- ``hparams_type``, a class (Lightning stores ``type(hparams)`` for OmegaConf configs): stored by name and
+  restored only from an allow-list of hyper-parameter container types, never by unpickling or by
+  importing whatever the checkpoint names.
 """
 
 from __future__ import annotations
 
 import copy
+import importlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from lightning_sharing.core.declarations import SharingPattern, StateComponent, ValidationLevel
@@ -32,6 +45,7 @@ from lightning_sharing.format.codec import encode_state
 
 __all__ = [
     "BUILTIN_KEYS",
+    "METRIC_COUNTS_KEY",
     "BuiltinState",
     "ValueHolder",
     "builtin_components",
@@ -41,9 +55,20 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-BUILTIN_KEYS = ("model", "optimizer", "scheduler", "dataloader", "rng", "trainer")
+BUILTIN_KEYS = ("model", "optimizer", "scheduler", "dataloader", "rng", "trainer", "model_metrics")
 _SOURCES = {"model": "state_dict", "optimizer": "optimizer_states", "scheduler": "lr_schedulers"}
 _HPARAM_KEYS = ("hyper_parameters", "datamodule_hyper_parameters")
+_HPARAMS_TYPE_KEY = "hparams_type"
+_TYPE_MARKER = "lightning_sharing.type"  # {"lightning_sharing.type": "module.QualName"} stands for a class
+_ORDER_KEY = "lightning_sharing.state_dict_order"  # state_dict's keys in the module's order
+#: The hyper-parameter container classes an ``hparams_type`` may name (anything else loads as None, logged).
+HPARAMS_TYPES = (
+    "omegaconf.dictconfig.DictConfig",
+    "omegaconf.listconfig.ListConfig",
+    "argparse.Namespace",
+    "builtins.dict",
+    "lightning.fabric.utilities.data.AttributeDict",
+)
 _DEFAULT_PATTERNS = {
     "model": SharingPattern.REPLICATED,
     "optimizer": SharingPattern.REPLICATED,
@@ -51,7 +76,10 @@ _DEFAULT_PATTERNS = {
     "dataloader": SharingPattern.PER_RANK,
     "rng": SharingPattern.PER_RANK,
     "trainer": SharingPattern.GLOBAL,
+    "model_metrics": SharingPattern.PER_RANK,
 }
+#: Where ``join_checkpoint`` puts the metrics' update counts ({metric name: count}) for the strategy to apply.
+METRIC_COUNTS_KEY = "lightning_sharing.metric_update_counts"
 
 
 class ValueHolder:
@@ -110,6 +138,11 @@ def split_checkpoint(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
     for key, source in _SOURCES.items():
         if source in rest:
             parts[key] = rest.pop(source)
+    if isinstance(parts.get("model"), Mapping):
+        rest[_ORDER_KEY] = [str(name) for name in parts["model"]]
+    if isinstance(rest.get(_HPARAMS_TYPE_KEY), type):
+        kind = rest[_HPARAMS_TYPE_KEY]
+        rest[_HPARAMS_TYPE_KEY] = {_TYPE_MARKER: f"{kind.__module__}.{kind.__qualname__}"}
     fit_state = _fit_loop_state(rest)
     if fit_state is not None and "combined_loader" in fit_state:
         # Copy the path down to the loader states so Lightning's own dict stays intact.
@@ -128,9 +161,21 @@ def split_checkpoint(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
 def join_checkpoint(parts: Mapping[str, Any]) -> dict[str, Any]:
     """Inverse of ``split_checkpoint`` (``rng`` is not part of Lightning's dict and is ignored)."""
     checkpoint = dict(parts.get("trainer") or {})
+    order = checkpoint.pop(_ORDER_KEY, None)
     for key, source in _SOURCES.items():
         if key in parts:
             checkpoint[source] = parts[key]
+    model = checkpoint.get("state_dict")
+    if isinstance(order, list) and isinstance(model, Mapping) and set(order) == set(model):
+        checkpoint["state_dict"] = {name: model[name] for name in order}
+    metrics = parts.get("model_metrics")
+    if isinstance(metrics, Mapping) and isinstance(checkpoint.get("state_dict"), Mapping):
+        # This rank's own metric states replace rank 0's copy inside the model's state dict.
+        checkpoint["state_dict"] = {**checkpoint["state_dict"], **dict(metrics.get("states") or {})}
+        checkpoint[METRIC_COUNTS_KEY] = dict(metrics.get("update_counts") or {})
+    kind = checkpoint.get(_HPARAMS_TYPE_KEY)
+    if isinstance(kind, Mapping) and set(kind) == {_TYPE_MARKER}:
+        checkpoint[_HPARAMS_TYPE_KEY] = _allowed_type(kind[_TYPE_MARKER])
     if "dataloader" in parts:
         fit_state = _fit_loop_state(checkpoint)
         if fit_state is None:
@@ -184,10 +229,26 @@ def _storable_hparams(value: Any, where: str) -> Any:
         return value
     except UnsupportedStateError:
         pass
-    if isinstance(value, Mapping):
+    if isinstance(value, Mapping):  # an OmegaConf DictConfig too: its hparams_type brings the class back
         return {k: _storable_hparams(v, f"{where}.{k}") for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_storable_hparams(v, f"{where}[{i}]") for i, v in enumerate(value))
+    if isinstance(value, tuple):
+        return tuple(_storable_hparams(v, f"{where}[{i}]") for i, v in enumerate(value))
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):  # a list, an OmegaConf ListConfig
+        return [_storable_hparams(v, f"{where}[{i}]") for i, v in enumerate(value)]
     log.warning("hyper-parameter %s of type %s is stored as its repr (it cannot be stored without pickle)",
                 where, type(value).__name__)
     return repr(value)
+
+
+def _allowed_type(name: Any) -> type | None:
+    """The class named ``name`` if it is in ``HPARAMS_TYPES`` and importable, else None (logged)."""
+    if name not in HPARAMS_TYPES:
+        log.warning("the checkpoint's hparams_type %r is not an allowed hyper-parameter type %s; the "
+                    "hyper-parameters load as a plain dict", name, HPARAMS_TYPES)
+        return None
+    module, _, qualname = str(name).rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), qualname)  # type: ignore[no-any-return]
+    except (ImportError, AttributeError):
+        log.info("hparams_type %s is not importable here; the hyper-parameters load as a plain dict", name)
+        return None

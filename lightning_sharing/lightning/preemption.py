@@ -60,11 +60,20 @@ from typing import Any
 
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnector
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lightning_sharing.distributed.collectives import agreement, any_rank, broadcast_object, on_rank_zero
+from lightning_sharing.lightning._compat import (
+    cluster_environment,
+    lightning_sigterm_handler,
+    monitor_candidates,
+    ready_batches_reached,
+    route_signals,
+    set_received_sigterm,
+    should_accumulate,
+    validates_after_this_step,
+)
 from lightning_sharing.storage import remove_checkpoint
 
 __all__ = ["PREEMPTED_NAME", "PreemptionHandler", "hpc_checkpoint_path", "requeue_slurm_job"]
@@ -135,9 +144,7 @@ class PreemptionHandler:
         """
         self._trainer = trainer
         self.reset()
-        connector = trainer._signal_connector
-        connector._sigterm_notifier_fn = self._on_sigterm
-        connector._slurm_sigusr_handler_fn = self._on_requeue_signal
+        route_signals(trainer, self._on_sigterm, self._on_requeue_signal)
         if not any(isinstance(cb, _PreemptionCallback) and cb.handler is self for cb in trainer.callbacks):
             trainer.callbacks.append(_PreemptionCallback(self))
 
@@ -148,7 +155,7 @@ class PreemptionHandler:
     def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
         """Signal handler: only note the signal (no collectives, no I/O beyond a log line)."""
         if not self._fitting():  # validate/test/predict: Lightning's own handling
-            _SignalConnector._sigterm_notifier_fn(self._trainer._signal_connector, signum, frame)
+            lightning_sigterm_handler(self._trainer, signum, frame)
             return
         if not self.sigterm_received:
             log.info("[rank: %d] received signal %d: all ranks stop after the next optimizer step they agree on",
@@ -171,7 +178,7 @@ class PreemptionHandler:
     def on_step_end(self, trainer: Any) -> None:
         """After each optimizer step, on every rank: agree on the flags and act on them together."""
         epoch_loop = trainer.fit_loop.epoch_loop
-        if self.stopping or epoch_loop._should_accumulate():
+        if self.stopping or should_accumulate(epoch_loop):
             return
         if self.requeue_after_validation:  # the validation expected after the last step did not come
             self.requeue_after_validation = False
@@ -191,7 +198,7 @@ class PreemptionHandler:
                 self.requeue_after_validation = True  # save once this step is complete
             else:
                 self._requeue(trainer, save=True)
-        if sigterm and epoch_loop._num_ready_batches_reached() and not self.stop_next:
+        if sigterm and ready_batches_reached(epoch_loop) and not self.stop_next:
             # Lightning raises at the end of an epoch only after counting the epoch as completed, a state
             # it resumes from by skipping the next epoch's batches; stop one step into the next epoch instead.
             self.stop_next = True
@@ -200,7 +207,7 @@ class PreemptionHandler:
             self.stopping = True
             # From here Lightning's own checks see the flag, on every rank at once: it ends this step
             # (validation included) and raises SIGTERMException on every rank at the same place.
-            trainer._signal_connector.received_sigterm = True
+            set_received_sigterm(trainer, True)
             if trainer.is_global_zero:
                 log.warning("SIGTERM: every rank stops after step %d%s", trainer.global_step,
                             "; writing the final checkpoint" if self.enabled else " (preemption_checkpoint=False)")
@@ -217,11 +224,11 @@ class PreemptionHandler:
         # Lightning's evaluation loop raises SIGTERMException after any but the last validation batch;
         # let the step's validation finish instead, so the checkpoint is taken at the step's end.
         if self.stopping:
-            trainer._signal_connector.received_sigterm = False
+            set_received_sigterm(trainer, False)
 
     def on_validation_end(self, trainer: Any) -> None:
         if self.stopping:
-            trainer._signal_connector.received_sigterm = True
+            set_received_sigterm(trainer, True)
         if self.requeue_after_validation:
             # Saved after the step's validation, like ModelCheckpoint(monitor="val_..."): a resumed run skips
             # that validation, so a checkpoint taken before it would miss what it changed (the RNG draws of
@@ -265,7 +272,7 @@ class PreemptionHandler:
             if text.endswith(".ckpt"):
                 return text.format(step=step, epoch=epoch), None, False
             return os.path.join(text, PREEMPTED_NAME.format(step=step)), None, False
-        env = trainer._accelerator_connector.cluster_environment
+        env = cluster_environment(trainer)
         if isinstance(env, SLURMEnvironment) and env.auto_requeue:
             return hpc_checkpoint_path(trainer.default_root_dir), None, False
         callback = trainer.checkpoint_callback
@@ -330,9 +337,8 @@ def _agree_flags(sigterm: bool, requeue: bool) -> tuple[bool, bool]:
 
 def _validates_after_this_step(trainer: Any) -> bool:
     """Whether Lightning runs validation at the end of the current training step (asked in on_train_batch_end)."""
-    fit_loop = trainer.fit_loop
     try:
-        return bool(fit_loop.epoch_loop._should_check_val_fx(fit_loop._data_fetcher))
+        return validates_after_this_step(trainer)
     except Exception:  # a Lightning without these internals: save right away
         return False
 
@@ -358,7 +364,7 @@ def _last_path(callback: ModelCheckpoint, trainer: Any) -> str:
     if callback.last_model_path:
         return callback.last_model_path
     try:
-        return callback.format_checkpoint_name(callback._monitor_candidates(trainer), callback.CHECKPOINT_NAME_LAST)
+        return callback.format_checkpoint_name(monitor_candidates(callback, trainer), callback.CHECKPOINT_NAME_LAST)
     except Exception:  # a last-name template with a metric that does not exist yet
         return os.path.join(callback.dirpath or "", callback.CHECKPOINT_NAME_LAST + callback.FILE_EXTENSION)
 

@@ -21,25 +21,33 @@ import os
 from pathlib import Path
 from typing import Any
 
-from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
-from torch.utils.data import DistributedSampler
+from lightning.pytorch.trainer.states import TrainerFn
 
 from lightning_sharing.core.declarations import StateComponent, ValidationLevel, check_unique_keys
-from lightning_sharing.distributed.collectives import on_rank_zero
+from lightning_sharing.distributed.collectives import agree, all_gather_object, on_rank_zero
 from lightning_sharing.engine.coordinator import CheckpointCoordinator
-from lightning_sharing.errors import ComponentDeclarationError, CorruptCheckpointError, ManifestError
+from lightning_sharing.errors import (
+    CheckpointNotFoundError,
+    ComponentDeclarationError,
+    CorruptCheckpointError,
+    ManifestError,
+)
 from lightning_sharing.format.layout import DEFAULT_MAX_SHARD_SIZE
 from lightning_sharing.format.manifest import CheckpointManifest
+from lightning_sharing.lightning._compat import hook_load_from_checkpoint, set_restored_path, trainer_of
 from lightning_sharing.lightning.checkpoint_io import SharingCheckpointIO, refuse_storage_options
 from lightning_sharing.lightning.cleanup import adopt_default_group, default_group_exists
+from lightning_sharing.lightning.data import replace_shuffle_wrapper, set_sampler_epoch
 from lightning_sharing.lightning.layout import (
     BUILTIN_KEYS,
+    METRIC_COUNTS_KEY,
     ValueHolder,
     builtin_components,
     check_user_components,
 )
 from lightning_sharing.lightning.preemption import PreemptionHandler
+from lightning_sharing.statefuls.metrics import module_metrics
 from lightning_sharing.statefuls.rng import RNGState
 from lightning_sharing.storage import complete_checkpoints
 
@@ -104,6 +112,7 @@ class SharingStrategy(DDPStrategy):
         self._groups_resolved = False
         self._pending_rng: Any = None
         self._rng_at_first_batch = False
+        self._resume_after_last_batch = False
 
     @property
     def sharing_io(self) -> SharingCheckpointIO:
@@ -119,7 +128,7 @@ class SharingStrategy(DDPStrategy):
     # ------------------------------------------------------------------ declarations
     def _hook_owners(self) -> list[Any]:
         module = self.lightning_module
-        trainer = getattr(module, "_trainer", None) if module is not None else None
+        trainer = trainer_of(module)
         datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
         return [obj for obj in (module, datamodule) if obj is not None]
 
@@ -173,7 +182,7 @@ class SharingStrategy(DDPStrategy):
         existed = default_group_exists()
         super().setup_environment()
         adopt_default_group(existed)  # a group created here is destroyed at exit (see cleanup.py)
-        trainer = getattr(self.lightning_module, "_trainer", None) if self.lightning_module is not None else None
+        trainer = trainer_of(self.lightning_module)
         if trainer is not None:  # before Lightning registers its signal handlers for this stage
             self.preemption.attach(trainer)
 
@@ -188,7 +197,7 @@ class SharingStrategy(DDPStrategy):
         refuse_storage_options(storage_options)
         user, overrides = self.declared_components()
         self.sharing_io.save_sharded(checkpoint, filepath, user, self._resolve_process_groups(), overrides,
-                                     unreplicated=self._buffer_names())
+                                     unreplicated=self._buffer_names(), metrics=module_metrics(self.lightning_module))
 
     def _buffer_names(self) -> frozenset[str]:
         # Buffers (BatchNorm running statistics, counters) are updated from each rank's own batch and
@@ -197,13 +206,20 @@ class SharingStrategy(DDPStrategy):
         return frozenset(name for name, _ in module.named_buffers()) if module is not None else frozenset()
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
-        """Collective: restore user components in place and return Lightning's checkpoint dict."""
+        """Collective: restore user components in place and return Lightning's checkpoint dict.
+
+        A regular file is an ordinary single-file Lightning checkpoint: see ``_migrate_from_file``.
+        """
         user, overrides = self.declared_components()
+        if agree_on_flag(os.path.isfile(checkpoint_path), f"checking whether {checkpoint_path} is a file"):
+            return self._migrate_from_file(checkpoint_path, weights_only, user)
         groups = self._resolve_process_groups()
         try:
             checkpoint, rng = self.sharing_io.load_sharded(checkpoint_path, user, groups, overrides,
                                                            strict=self.strict)
             self._resumed_from = os.path.realpath(checkpoint_path)
+        except CheckpointNotFoundError:
+            raise  # nothing at that path: not a damaged checkpoint to fall back from (FileNotFoundError, as Lightning)
         except (CorruptCheckpointError, ManifestError) as exc:
             # Every rank raised this same error (the agreement step), so every rank gets here.
             if not self.fallback:
@@ -211,13 +227,60 @@ class SharingStrategy(DDPStrategy):
                           "complete checkpoint in %s instead", checkpoint_path, Path(checkpoint_path).parent)
                 raise
             checkpoint, rng = self._load_previous(checkpoint_path, exc, user, groups, overrides)
-        fitting = getattr(getattr(self.lightning_module, "trainer", None), "state", None)
-        if rng is not None and getattr(getattr(fitting, "fn", None), "value", None) == "fit":
+            # Lightning's own "Restored all states from the checkpoint at ..." and trainer.ckpt_path must name
+            # the checkpoint that was loaded, not the damaged one.
+            set_restored_path(trainer_of(self.lightning_module), self._resumed_from)
+        _apply_update_counts(self.lightning_module, checkpoint.pop(METRIC_COUNTS_KEY, None))
+        trainer = trainer_of(self.lightning_module)  # None after strategy.connect(model) alone
+        fitting = trainer is not None and trainer.state.fn == TrainerFn.FITTING
+        self._resume_after_last_batch = fitting and _after_last_batch(checkpoint)
+        if self._resume_after_last_batch:
+            # Saved after the epoch's last batch, before the epoch ended (every_n_train_steps landing there):
+            # Lightning counts that epoch as done and starts the next one from the restored loader, whose
+            # state is that of a consumed epoch, so its first iterator yields nothing and a whole epoch's
+            # order is skipped. The next epoch needs no loader position: start it from a fresh iterator.
+            fit_state = checkpoint["loops"]["fit_loop"]["state_dict"]
+            if isinstance(fit_state, dict):
+                fit_state.pop("combined_loader", None)
+        if rng is not None and fitting:
             # Applied now (so an epoch-boundary resume creates its data iterator from the saved
             # state) and again before the first batch of a mid-epoch resume (see on_train_start).
             RNGState().load_state_dict(rng)
             self._pending_rng = rng
         return checkpoint
+
+    def _migrate_from_file(self, path: Any, weights_only: bool | None, user: list[StateComponent]) -> dict[str, Any]:
+        """Resume from a single-file ``.ckpt`` (written by Lightning's own strategies, this version or older).
+
+        Every rank reads the file (``weights_only=True`` unless ``fit(..., weights_only=False)``); Lightning then
+        restores the model, optimizers, schedulers, loops and callbacks from it and migrates older formats. Such
+        a file has no per-rank state; rank 0 says in one log line what therefore starts fresh.
+        """
+        error: BaseException | None = None
+        checkpoint: dict[str, Any] = {}
+        try:
+            checkpoint = self.sharing_io.load_file(path, weights_only)
+        except Exception as exc:  # made an error on every rank by agree() just below
+            error = exc
+        agree(error, f"reading the single-file checkpoint {path}")
+        self._resumed_from = os.path.realpath(path)
+        if self.is_global_zero:
+            log.warning("%s is a single-file Lightning checkpoint: resuming with its model, optimizer, scheduler, "
+                        "loop and callback state; it holds no per-rank state, so %s", path,
+                        "; ".join(self._missing_from_file(checkpoint, user)))
+        return checkpoint
+
+    def _missing_from_file(self, checkpoint: dict[str, Any], user: list[StateComponent]) -> list[str]:
+        missing = ["each rank's RNG starts from this run's seed (rng)"]
+        loops = checkpoint.get("loops") or {}
+        fit_state = (loops.get("fit_loop") or {}).get("state_dict") or {}
+        if self.world_size > 1 and "combined_loader" in fit_state:
+            missing.append("every rank gets rank 0's dataloader position (dataloader)")
+        if self.world_size > 1 and module_metrics(self.lightning_module):
+            missing.append("the metric states inside the module are rank 0's on every rank (model_metrics)")
+        if user:
+            missing.append(f"your components {[c.key for c in user]} keep their current values")
+        return missing
 
     def _load_previous(self, failed: Any, error: BaseException, user: list[StateComponent], groups: Any,
                        overrides: dict[str, StateComponent]) -> tuple[dict[str, Any], Any]:
@@ -240,14 +303,14 @@ class SharingStrategy(DDPStrategy):
     # ------------------------------------------------------------------ resume timing
     def process_dataloader(self, dataloader: object) -> object:
         dataloader = super().process_dataloader(dataloader)
-        module = self.lightning_module
-        trainer = getattr(module, "_trainer", None) if module is not None else None
+        trainer = trainer_of(self.lightning_module)
         if trainer is not None and trainer.training:
-            _replace_shuffle_wrapper(dataloader)
+            replace_shuffle_wrapper(dataloader)
             # Lightning creates the first data iterator of a fit (in FitLoop.setup_data) before it calls
             # set_epoch on the sampler, so a run resumed in epoch e would replay epoch 0's shuffle. Set
             # the epoch the loop is in before that iterator exists (the same value Lightning sets later).
-            _set_sampler_epoch(dataloader, trainer.fit_loop.epoch_progress.current.processed)
+            epoch = trainer.fit_loop.epoch_progress.current.processed
+            set_sampler_epoch(dataloader, epoch + 1 if self._resume_after_last_batch else epoch)
         return dataloader
 
     def on_train_start(self) -> None:
@@ -257,7 +320,9 @@ class SharingStrategy(DDPStrategy):
         trainer = self.lightning_module.trainer
         # A mid-epoch resume re-creates the epoch's data iterator, which the interrupted run had
         # created before it saved; re-apply the saved RNG after that, right before the first batch.
-        self._rng_at_first_batch = bool(trainer.fit_loop.restarted_mid_epoch)
+        # After an epoch's last batch the next data iterator is new (as in the interrupted run, where it was
+        # created after the save): the RNG applied at restore time is already right for it.
+        self._rng_at_first_batch = bool(trainer.fit_loop.restarted_mid_epoch) and not self._resume_after_last_batch
         if not self._rng_at_first_batch:
             self._pending_rng = None
 
@@ -274,6 +339,7 @@ class SharingStrategy(DDPStrategy):
 
     def teardown(self) -> None:
         self._pending_rng = None
+        self._resume_after_last_batch = False
         super().teardown()  # tears down the CheckpointIO, which waits for pending saves
 
     # ------------------------------------------------------------------ retention
@@ -296,6 +362,34 @@ class SharingStrategy(DDPStrategy):
         return None
 
 
+def agree_on_flag(flag: bool, phase: str) -> bool:
+    """Collective: ``flag`` when every rank has the same one; an error on every rank when they differ."""
+    flags = all_gather_object(bool(flag), phase=phase)
+    if len(set(flags)) > 1:
+        raise ComponentDeclarationError(f"{phase}: ranks disagree ({flags}); every rank must see the same path")
+    return bool(flags[0])
+
+
+def _after_last_batch(checkpoint: dict[str, Any]) -> bool:
+    """Whether Lightning's loop state was saved after an epoch's last batch and before that epoch ended."""
+    fit_loop = (checkpoint.get("loops") or {}).get("fit_loop") or {}
+    epochs = (fit_loop.get("epoch_progress") or {}).get("current") or {}
+    batches = fit_loop.get("epoch_loop.batch_progress") or {}
+    started = epochs.get("started")
+    return bool(batches.get("is_last_batch")) and isinstance(started, int) and epochs.get("ready") == started \
+        and epochs.get("processed") == started - 1 and isinstance(fit_loop.get("state_dict"), dict)
+
+
+def _apply_update_counts(module: Any, counts: Any) -> None:
+    """Restore each in-module metric's update count (its states come back through the model's state dict)."""
+    if not counts:
+        return
+    for name, metric in module_metrics(module).items():
+        if name in counts:
+            metric._update_count = int(counts[name])
+            metric._computed = None
+
+
 def _previous_checkpoints(failed: Path) -> list[str]:
     """Complete checkpoints beside ``failed``, newest first by step, not newer than it, itself excluded."""
     failed_real = os.path.realpath(failed)
@@ -307,42 +401,6 @@ def _previous_checkpoints(failed: Path) -> list[str]:
             if os.path.realpath(path) != failed_real and (limit is None or step <= limit)]
 
 
-def _set_sampler_epoch(dataloader: object, epoch: int) -> None:
-    samplers = {id(s): s for s in (getattr(dataloader, "sampler", None),
-                                   getattr(getattr(dataloader, "batch_sampler", None), "sampler", None))
-                if s is not None}
-    for sampler in samplers.values():
-        set_epoch = getattr(sampler, "set_epoch", None)
-        if callable(set_epoch):
-            set_epoch(epoch)
-
-
-def _replace_shuffle_wrapper(dataloader: object) -> None:
-    """Give a shuffled stateful loader an epoch-seeded ``DistributedSampler`` instead of Lightning's wrapper.
-
-    Lightning injects ``DistributedSampler`` only for torch's own Random/SequentialSampler. torchdata's
-    ``StatefulDataLoader(shuffle=True)`` has its own RandomSampler, so Lightning wraps it in a
-    ``DistributedSamplerWrapper`` whose order is drawn from the global RNG whenever an iterator is
-    created, which a mid-epoch resume cannot reproduce. A plain shuffle is equivalent to
-    ``DistributedSampler(shuffle=True)``, whose order depends only on (seed, epoch).
-    """
-    batch_sampler = getattr(dataloader, "batch_sampler", None)
-    wrapper = getattr(batch_sampler, "sampler", None)
-    if not isinstance(wrapper, DistributedSamplerWrapper):
-        return
-    inner = getattr(wrapper.dataset, "_sampler", None)
-    # Lightning itself does the same for torch's RandomSampler (ignoring its generator).
-    plain_shuffle = (type(inner).__name__ == "RandomSampler" and not getattr(inner, "replacement", True)
-                     and getattr(inner, "_num_samples", 0) is None)
-    dataset = getattr(dataloader, "dataset", None)
-    if not plain_shuffle or dataset is None:
-        return
-    batch_sampler.sampler = DistributedSampler(dataset, num_replicas=wrapper.num_replicas, rank=wrapper.rank,
-                                               shuffle=True, seed=wrapper.seed, drop_last=wrapper.drop_last)
-    log.debug("replaced DistributedSamplerWrapper(RandomSampler) with DistributedSampler(shuffle=True, seed=%d)",
-              wrapper.seed)
-
-
 def _register(registry: Any = StrategyRegistry) -> None:
     if "sharing" not in registry:
         registry.register("sharing", SharingStrategy,
@@ -350,3 +408,5 @@ def _register(registry: Any = StrategyRegistry) -> None:
 
 
 _register()
+# LightningModule/LightningDataModule.load_from_checkpoint(directory): see _compat.py for the hook chosen.
+hook_load_from_checkpoint(lambda path, map_location: SharingCheckpointIO().load_for_module(path, map_location))

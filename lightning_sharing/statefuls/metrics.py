@@ -3,7 +3,8 @@
 A torchmetrics ``Metric``'s own ``state_dict()`` is empty unless ``metric.persistent(True)`` was
 called, and under DDP it may sync across ranks. ``MetricState`` saves this rank's raw accumulators
 (every registered state, including list states) and the update count, so a resumed run computes
-the same value. Declare it PER_RANK: each rank accumulates its own share.
+the same value. Declare it PER_RANK: each rank accumulates its own share. A ``Metric`` passed as the
+stateful of a ``StateComponent`` is wrapped in ``MetricState`` automatically, whatever its persistence.
 
 Example:
     >>> import torchmetrics
@@ -19,7 +20,14 @@ from typing import Any
 
 import torch
 
-__all__ = ["MetricState"]
+from lightning_sharing.core.declarations import register_stateful_adapter
+
+__all__ = ["MetricState", "is_metric", "module_metrics", "persistent_state_keys"]
+
+
+def is_metric(value: Any) -> bool:
+    """True for a torchmetrics ``Metric`` (found by its class, without importing torchmetrics)."""
+    return any(f"{c.__module__}.{c.__qualname__}" == "torchmetrics.metric.Metric" for c in type(value).__mro__)
 
 
 class MetricState:
@@ -50,3 +58,23 @@ class MetricState:
                 setattr(self.metric, name, value.to(device) if device is not None else value)
         self.metric._update_count = int(state["update_count"])
         self.metric._computed = None
+
+
+def module_metrics(module: Any) -> dict[str, Any]:
+    """``{name: metric}`` for every torchmetrics ``Metric`` inside ``module`` (``named_modules`` names)."""
+    if module is None or not callable(getattr(module, "named_modules", None)):
+        return {}
+    return {name: sub for name, sub in module.named_modules() if name and is_metric(sub)}
+
+
+def persistent_state_keys(name: str, metric: Any) -> list[str]:
+    """The ``module.state_dict()`` keys of ``metric``'s persistent states (``metric.persistent(True)``)."""
+    persistent = getattr(metric, "_persistent", {})
+    return [f"{name}.{state}" for state in metric._defaults if persistent.get(state)]
+
+
+def _wrap_metric(stateful: Any) -> MetricState | None:
+    return MetricState(stateful) if is_metric(stateful) else None
+
+
+register_stateful_adapter(_wrap_metric)

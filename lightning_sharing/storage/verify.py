@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from lightning_sharing._faults import fault_point
 from lightning_sharing.core.options import VerifyMode
-from lightning_sharing.errors import CorruptCheckpointError, ManifestError
+from lightning_sharing.errors import CheckpointNotFoundError, CorruptCheckpointError, ManifestError
 from lightning_sharing.format.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, CheckpointManifest, FileEntry
 from lightning_sharing.format.safetensors_io import CHECKSUM_ALGORITHM, stream_checksum
 from lightning_sharing.storage.base import CheckpointStore
@@ -25,7 +25,10 @@ def read_manifest(store: CheckpointStore, root: str, display: str | None = None)
     """
     shown = display if display is not None else root
     if not store.is_dir(root):
-        raise ManifestError(f"{shown} is not a checkpoint directory (it does not exist or is not a directory)")
+        if store.size(root) is None:  # nothing there, or a dangling link
+            raise CheckpointNotFoundError(f"Checkpoint file not found: {shown} does not exist (a "
+                                          "lightning_sharing checkpoint is a directory)")
+        raise ManifestError(f"{shown} is not a checkpoint directory (it is a file)")
     location = store.join(root, MANIFEST_NAME)
     named = store.join(shown, MANIFEST_NAME)
     if store.check_inside(root, MANIFEST_NAME) is not None:

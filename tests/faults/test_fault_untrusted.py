@@ -28,6 +28,7 @@ from lightning_sharing import (
     CheckpointError,
     CheckpointManifest,
     CorruptCheckpointError,
+    DistributedCheckpointError,
     FabricSharingStrategy,
     ManifestError,
     SharingCheckpointIO,
@@ -117,8 +118,10 @@ def test_pickle_file_given_as_the_checkpoint_is_never_unpickled(tmp_path: Path) 
         CheckpointCoordinator(_components(2)).load_checkpoint(evil)
     with pytest.raises(ManifestError, match="is not a checkpoint directory"):
         SharingCheckpointIO().load_checkpoint(evil)  # Lightning's rank-local read (e.g. the spawn launcher)
-    with pytest.raises(ManifestError, match="is not a checkpoint directory"):
-        SharingStrategy().load_checkpoint(evil)  # what Trainer.fit(ckpt_path=...) calls
+    # What Trainer.fit(ckpt_path=...) calls: a file is migrated from, read with torch.load(weights_only=True),
+    # which refuses the pickle (fit(..., weights_only=False) is the user's choice for a file they trust).
+    with pytest.raises(DistributedCheckpointError, match=r"reading the single-file checkpoint .* Weights only load"):
+        SharingStrategy().load_checkpoint(evil)
     assert find_latest_checkpoint(evil.parent) is None
     # Fabric loads a plain file the way DDPStrategy does (fabric.load_raw): torch.load with weights_only,
     # which refuses the pickle unless the user passes weights_only=False for a file they trust.

@@ -113,9 +113,13 @@ def test_corrupt_last_checkpoint_is_an_error_unless_fallback_is_chosen(tmp_path:
         assert "component 'model', file model-00001-of-00001.safetensors (written by rank 0)" in error
         # With SharingStrategy(fallback=True): resumed from the intact step-10 checkpoint, not from scratch.
         assert result["fallback_start_step"] == 10 and result["fallback_step"] == 12
+        # trainer.ckpt_path and Lightning's own log line name the checkpoint actually loaded.
+        assert result["fallback_ckpt_path"] == str(out / "checkpoints" / "epoch=1-step=10.ckpt")
     output = log.read_text()
     assert "SharingStrategy(fallback=True) would resume from the previous complete checkpoint" in output
     assert "FALLING BACK:" in output and "resuming from" in output and "step=10.ckpt instead" in output
+    restored = [line for line in output.splitlines() if line.startswith("Restored all states from the checkpoint")]
+    assert restored == [f"Restored all states from the checkpoint at {out / 'checkpoints' / 'epoch=1-step=10.ckpt'}"]
 
 
 def test_async_save_with_keep_last_k_retention_and_resume(tmp_path: Path) -> None:

@@ -242,7 +242,7 @@ def fallback(args: argparse.Namespace) -> None:
     start = StartStep()
     t3 = trainer(args, 12, [*callbacks(), start], strategy=SharingStrategy(fallback=True))
     t3.fit(Module(), train_dataloaders=loader(), ckpt_path="last")
-    result.update(fallback_start_step=start.step, fallback_step=t3.global_step)
+    result.update(fallback_start_step=start.step, fallback_step=t3.global_step, fallback_ckpt_path=str(t3.ckpt_path))
     write(args.out, t3.global_rank, result)
 
 

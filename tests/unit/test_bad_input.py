@@ -20,6 +20,7 @@ from support.statefuls import ValueState
 from lightning_sharing import (
     CheckpointCoordinator,
     CheckpointError,
+    CheckpointNotFoundError,
     ComponentDeclarationError,
     CorruptCheckpointError,
     DistributedCheckpointError,
@@ -155,8 +156,10 @@ def test_missing_manifest(saved):
 
 def test_missing_directory(tmp_path):
     coordinator, _, _ = fresh_coordinator()
-    refused(lambda: coordinator.load_checkpoint(tmp_path / "nope.ckpt"), ManifestError,
-            "nope.ckpt is not a checkpoint directory", "does not exist")
+    # A FileNotFoundError, as Lightning raises for a missing checkpoint file, and still a ManifestError.
+    err = refused(lambda: coordinator.load_checkpoint(tmp_path / "nope.ckpt"), CheckpointNotFoundError,
+                  "Checkpoint file not found: ", "nope.ckpt does not exist")
+    assert isinstance(err, FileNotFoundError) and isinstance(err, ManifestError)
 
 
 def test_unknown_format_version(saved):
@@ -612,6 +615,12 @@ def test_undeclared_component_in_the_checkpoint(model_and_counter):
     assert result.loaded == ["model"]
     assert result.skipped == {"counter": "in the checkpoint but not declared"}
     assert same_tensors(fresh, model)
+    # Left out on purpose: a strict load of the model alone, with nothing reported about the counter.
+    again = make_model(1)
+    result = CheckpointCoordinator([StateComponent("model", again, "replicated")]).load_checkpoint(
+        path, ignore={"counter"})
+    assert result.loaded == ["model"] and result.skipped == {}
+    assert same_tensors(again, model)
 
 
 def test_pattern_change(model_and_counter):
