@@ -23,6 +23,7 @@ from lightning_sharing.core.patterns import SharingPattern, ValidationLevel
 from lightning_sharing.core.topology import Topology
 from lightning_sharing.distributed.async_save import BackgroundSaver
 from lightning_sharing.engine.coordinator import CheckpointCoordinator
+from lightning_sharing.engine.export import HFExport, export_checkpoint
 from lightning_sharing.engine.load_plan import LoadResult
 from lightning_sharing.errors import (
     CheckpointError,
@@ -37,6 +38,7 @@ from lightning_sharing.errors import (
 )
 from lightning_sharing.format.manifest import CheckpointManifest, ComponentManifest, FileEntry
 from lightning_sharing.statefuls.metrics import MetricState
+from lightning_sharing.statefuls.optimizer import OptimizerState
 from lightning_sharing.statefuls.rng import RNGState
 from lightning_sharing.storage import find_latest_checkpoint
 
@@ -62,9 +64,11 @@ __all__ = [
     "DistributedCheckpointError",
     "FabricSharingStrategy",
     "FileEntry",
+    "HFExport",
     "LoadResult",
     "ManifestError",
     "MetricState",
+    "OptimizerState",
     "RNGState",
     "ReplicationMismatchError",
     "SharingCheckpointIO",
@@ -77,6 +81,7 @@ __all__ = [
     "ValidationLevel",
     "VerifyMode",
     "__version__",
+    "export_checkpoint",
     "find_latest_checkpoint",
 ]
 

@@ -62,9 +62,12 @@ class StateComponent:
         stateful: any object with ``state_dict()`` and ``load_state_dict()``. A torchmetrics ``Metric`` is
             wrapped in ``MetricState`` (its own ``state_dict()`` is empty unless it is persistent).
         sharing_pattern: a ``SharingPattern`` (or its string value).
-        process_group_name: the named group for ``PER_GROUP`` (required there, refused elsewhere).
+        process_group_name: the named group for ``PER_GROUP`` (required there); for ``SHARDED``
+            optionally the group whose members hold the same tensors (a pipeline stage's data
+            parallel replicas); refused elsewhere.
         required: when False, a checkpoint without this component still loads.
-        validate_replication: compare the state across ranks before saving (REPLICATED only).
+        validate_replication: compare the state across ranks before saving (REPLICATED; for SHARDED
+            its plain tensors and other values, within each group instance).
         validation_level: how thoroughly to compare (default ``QUICK``).
         metadata: free-form JSON-serialisable information recorded in the manifest.
 
@@ -106,13 +109,14 @@ class StateComponent:
                 "state_dict()/load_state_dict(); wrap it in an object that provides both"
             )
         pattern_rule = rule(self.sharing_pattern)
-        if pattern_rule.needs_group:
-            if not self.process_group_name:
-                raise ComponentDeclarationError(
-                    f"StateComponent {self.key!r} is {self.sharing_pattern.name} but has no process_group_name; "
-                    "name the group (a key of process_groups or a DeviceMesh dimension name)"
-                )
-            if not isinstance(self.process_group_name, str) or not _KEY_RE.match(self.process_group_name):
+        if pattern_rule.needs_group and not self.process_group_name:
+            raise ComponentDeclarationError(
+                f"StateComponent {self.key!r} is {self.sharing_pattern.name} but has no process_group_name; "
+                "name the group (a key of process_groups or a DeviceMesh dimension name)"
+            )
+        if pattern_rule.takes_group:
+            if self.process_group_name is not None and (
+                    not isinstance(self.process_group_name, str) or not _KEY_RE.match(self.process_group_name)):
                 raise ComponentDeclarationError(
                     f"StateComponent {self.key!r}: process_group_name {self.process_group_name!r} must be "
                     "1-128 letters, digits, '_' and '-' (it becomes part of a file name)"
@@ -143,7 +147,7 @@ class StateComponent:
 
 
 def _group_patterns() -> str:
-    return " or ".join(p.name for p, r in RULES.items() if r.needs_group)
+    return " or ".join(p.name for p, r in RULES.items() if r.takes_group)
 
 
 def _validated_patterns() -> str:

@@ -40,6 +40,7 @@ class SharingPattern(Choice):
     REPLICATED = "replicated"
     PER_GROUP = "per_group"
     PER_NODE = "per_node"
+    SHARDED = "sharded"
 
 
 class ValidationLevel(Choice):

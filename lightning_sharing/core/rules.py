@@ -14,6 +14,8 @@ REPLICATED  one copy, spread over all ranks ``{key}``                    every r
 PER_RANK    every rank                      ``{key}/rank-{r:05d}``       each rank its own
 PER_GROUP   lowest rank of each instance    ``{key}/{group}-{i:05d}``    members of that instance
 PER_NODE    local rank 0 of each node       ``{key}/node-{n:05d}``       every rank of that node
+SHARDED     each chunk once, by a holder    ``{key}/chunks-{r:05d}`` +   every rank, what overlaps
+                                            ``{key}/index.json``         what it holds now
 =========== ============================== ============================ ==========================
 
 Example:
@@ -39,9 +41,11 @@ from lightning_sharing.errors import ComponentDeclarationError
 
 __all__ = [
     "RULES",
+    "ChunkFiles",
     "Placement",
     "Replicas",
     "Rule",
+    "chunk_file_regex",
     "placement_for_reader",
     "placements",
     "rank_specific",
@@ -77,6 +81,27 @@ class Placement:
         return self.spread or (self.writer,)
 
 
+@dataclass(frozen=True)
+class ChunkFiles:
+    """The files of a chunked pattern: each writing rank's chunk file and the merged chunk index.
+
+    Example:
+        >>> ChunkFiles().file_for("model", 3), ChunkFiles().index_for("model")
+        ('model/chunks-00003.safetensors', 'model/index.json')
+    """
+
+    file: str = "{key}/chunks-{rank:05d}.safetensors"
+    index: str = "{key}/index.json"
+
+    def file_for(self, key: str, rank: int) -> str:
+        """The chunk file global ``rank`` writes for component ``key``."""
+        return self.file.format(key=key, rank=rank)
+
+    def index_for(self, key: str) -> str:
+        """The merged chunk index of component ``key`` (written by rank 0 at commit)."""
+        return self.index.format(key=key)
+
+
 InstancesFn = Callable[[Topology, "str | None"], Instances]
 TopologyCheck = Callable[[Topology, Topology, "str | None"], "str | None"]
 
@@ -88,24 +113,44 @@ class Rule:
     Attributes:
         instances: the sets of ranks that share one copy, under a topology (and a group name).
         stem: the copy's file stem, formatted with ``key``, ``index`` (of the instance) and ``group``.
+        grouped_stem: the stem when the optional group is named (None: ``stem`` either way).
         needs_group: the pattern names a process group (``process_group_name`` is required).
+        optional_group: ``process_group_name`` may be given (its instances then hold separate parts).
+        group_bound: a saved copy loads only into a declaration naming the same group.
         topology_change: why a saved copy no longer fits the current topology (None: it fits), or
             None when copies load under any topology.
         spread: a copy's tensor shards are divided among its readers (they hold identical state).
         validated: ``validate_replication`` may check that every reader holds the same state.
         merge_index: copies holding disjoint tensor names (pipeline stages) get one merged HF index.
         replicas: how the manifest records the ranks holding each copy.
+        chunks: the copy's tensors (``DTensor`` or plain) are written as chunks, each once, by a rank
+            holding it, into these files, with a merged index of global shapes and offsets; a load
+            reads what overlaps each rank's live tensors (None: tensors go to whole-tensor shards).
     """
 
     pattern: SharingPattern
     instances: InstancesFn
     stem: str
+    grouped_stem: str | None = None
     needs_group: bool = False
+    optional_group: bool = False
+    group_bound: bool = True
     topology_change: TopologyCheck | None = None
     spread: bool = False
     validated: bool = False
     merge_index: bool = False
     replicas: Replicas = Replicas.NONE
+    chunks: ChunkFiles | None = None
+
+    @property
+    def takes_group(self) -> bool:
+        """True when ``process_group_name`` may (or must) be given."""
+        return self.needs_group or self.optional_group
+
+    def stem_for(self, key: str, index: int, group: str | None) -> str:
+        """The file stem of copy ``index`` of component ``key``."""
+        template = self.grouped_stem if group is not None and self.grouped_stem is not None else self.stem
+        return template.format(key=key, index=index, group=group)
 
     @property
     def rank_specific(self) -> bool:
@@ -132,6 +177,10 @@ def _each_group_instance(topology: Topology, group: str | None) -> Instances:
         known = ", ".join(sorted(topology.groups)) or "none"
         raise ComponentDeclarationError(f"no process group named {group!r} (known: {known})")
     return topology.groups[group]
+
+
+def _world_or_group_instances(topology: Topology, group: str | None) -> Instances:
+    return _whole_world(topology, group) if group is None else _each_group_instance(topology, group)
 
 
 def _world_size_changed(saved: Topology, now: Topology, _group: str | None) -> str | None:
@@ -164,6 +213,10 @@ RULES: Mapping[SharingPattern, Rule] = MappingProxyType({rule.pattern: rule for 
          topology_change=_group_changed, merge_index=True, replicas=Replicas.PER_COPY),
     Rule(SharingPattern.PER_NODE, _each_node, "{key}/node-{index:05d}", topology_change=_nodes_changed,
          merge_index=True),
+    # The group, when named, is the one whose members hold the same tensors (a pipeline stage's data
+    # parallel replicas); its instances hold tensors of different names. Loading reshards: any topology.
+    Rule(SharingPattern.SHARDED, _world_or_group_instances, "{key}", grouped_stem="{key}/{group}-{index:05d}",
+         optional_group=True, group_bound=False, spread=True, validated=True, chunks=ChunkFiles()),
 )})
 
 
@@ -187,7 +240,7 @@ def placements(
     instances = pattern_rule.instances(topology, group)
     spread = pattern_rule.spread and topology.world_size > 1
     return tuple(
-        Placement(stem=pattern_rule.stem.format(key=key, index=index, group=group), writer=min(inst),
+        Placement(stem=pattern_rule.stem_for(key, index, group), writer=min(inst),
                   readers=tuple(sorted(inst)), spread=tuple(sorted(inst)) if spread else ())
         for index, inst in enumerate(instances)
     )
@@ -204,7 +257,16 @@ def placement_for_reader(all_placements: tuple[Placement, ...], rank: int) -> Pl
 def stem_regex(key: str) -> str:
     """A regular expression matching every stem any pattern gives component ``key`` (for refusing strange files)."""
     parts = {"key": re.escape(key), "index": r"\d{5}", "group": r"[A-Za-z0-9_\-]+"}
-    alternatives = sorted({_FIELD_RE.sub(lambda m: parts[m[1]], _escape_literals(r.stem)) for r in RULES.values()})
+    stems = {stem for r in RULES.values() for stem in (r.stem, r.grouped_stem) if stem is not None}
+    alternatives = sorted({_FIELD_RE.sub(lambda m: parts[m[1]], _escape_literals(stem)) for stem in stems})
+    return "(?:" + "|".join(alternatives) + ")"
+
+
+def chunk_file_regex(key: str) -> str:
+    """A regular expression matching the chunk files and chunk indexes any pattern gives component ``key``."""
+    parts = {"key": re.escape(key), "rank": r"\d{5}"}
+    names = {name for r in RULES.values() if r.chunks is not None for name in (r.chunks.file, r.chunks.index)}
+    alternatives = sorted({_FIELD_RE.sub(lambda m: parts[m[1]], _escape_literals(name)) for name in names})
     return "(?:" + "|".join(alternatives) + ")"
 
 

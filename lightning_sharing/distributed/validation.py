@@ -12,6 +12,7 @@ Example:
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -19,8 +20,8 @@ import xxhash
 
 from lightning_sharing.core.declarations import ValidationLevel
 from lightning_sharing.distributed.collectives import agreement, all_gather_object, broadcast_tensor, get_world_size
-from lightning_sharing.errors import ReplicationMismatchError
-from lightning_sharing.format.codec import EncodedState, encode_state
+from lightning_sharing.errors import ComponentDeclarationError, ReplicationMismatchError
+from lightning_sharing.format.codec import EncodedState, encode_state, is_dtensor
 
 __all__ = ["check_replication", "replicated_view", "state_digests"]
 
@@ -67,7 +68,11 @@ def _digests(encoded: EncodedState, level: ValidationLevel) -> dict[str, str]:
         [encoded.tree, sorted(encoded.ties.items())]
     digests = {_STRUCTURE: xxhash.xxh3_128_hexdigest(json.dumps(shape, sort_keys=True, default=str).encode())}
     for name, tensor in encoded.tensors.items():
-        if level is ValidationLevel.FULL:
+        if is_dtensor(tensor):
+            # Its pieces differ by rank by design; what must agree is what it is: shape, dtype, layout.
+            digests[name] = (f"DTensor|{tensor.dtype}|{tuple(tensor.shape)}|{tuple(tensor.placements)}|"
+                             f"{tuple(tensor.device_mesh.shape)}")
+        elif level is ValidationLevel.FULL:
             digests[name] = f"{tensor.dtype}|{tuple(tensor.shape)}"
         else:
             digests[name] = _tensor_digest(tensor, level)
@@ -78,25 +83,30 @@ def _combined(digests: dict[str, str]) -> str:
     return xxhash.xxh3_128_hexdigest(json.dumps(sorted(digests.items())).encode())
 
 
-def _differences(per_rank: list[dict[str, str]], writer: int) -> dict[str, list[int]]:
-    reference = per_rank[writer]
+def _differences(per_rank: list[dict[str, str]], references: list[int]) -> dict[str, list[int]]:
     diverging: dict[str, list[int]] = {}
     for rank, digests in enumerate(per_rank):
-        if rank == writer:
+        if rank == references[rank]:
             continue
+        reference = per_rank[references[rank]]
         for path in sorted(set(reference) | set(digests)):
             if reference.get(path) != digests.get(path):
                 diverging.setdefault(path, []).append(rank)
     return diverging
 
 
-def _raise_mismatch(key: str, level: ValidationLevel, writer: int, diverging: dict[str, list[int]]) -> None:
+def _raise_mismatch(key: str, level: ValidationLevel, writers: list[int], diverging: dict[str, list[int]],
+                    pattern: str) -> None:
     ranks = sorted({r for rs in diverging.values() for r in rs})
     listed = "; ".join(f"{path!r} on ranks {rs}" for path, rs in list(diverging.items())[:_MAX_LISTED])
     more = f" (and {len(diverging) - _MAX_LISTED} more)" if len(diverging) > _MAX_LISTED else ""
+    leads = sorted({writers[r] for r in ranks})
+    against = (f"rank {leads[0]}, the writing rank" if len(leads) == 1
+               else f"the writing ranks {leads} of their groups")
+    what = "REPLICATED state" if pattern == "REPLICATED" else f"The plain tensors and other values of {pattern} state"
     raise ReplicationMismatchError(
-        f"REPLICATED component {key!r} differs across ranks (validation level {level.name}): ranks "
-        f"{ranks} differ from rank {writer}, the writing rank, at {listed}{more}. REPLICATED state must be "
+        f"{pattern} component {key!r} differs across ranks (validation level {level.name}): ranks "
+        f"{ranks} differ from {against}, at {listed}{more}. {what} must be "
         "identical on every rank: if it legitimately differs, declare it PER_RANK (or PER_GROUP); "
         "otherwise the ranks diverged (missed gradient sync, different seeds, nondeterministic updates)"
     )
@@ -105,7 +115,7 @@ def _raise_mismatch(key: str, level: ValidationLevel, writer: int, diverging: di
 def _full_compare(digests: dict[str, str], tensors: dict[str, torch.Tensor], writer: int) -> list[str]:
     """Broadcast each tensor's bytes from ``writer`` and return the paths that differ here."""
     differing = []
-    for name in sorted(n for n in digests if n != _STRUCTURE):
+    for name in sorted(n for n in digests if n != _STRUCTURE and not is_dtensor(tensors[n])):
         mine = _as_bytes(tensors[name])
         theirs = broadcast_tensor(mine, src=writer, phase=f"comparing {name!r} with rank {writer}")
         if not torch.equal(mine.to(theirs.device), theirs):
@@ -113,20 +123,38 @@ def _full_compare(digests: dict[str, str], tensors: dict[str, torch.Tensor], wri
     return differing
 
 
-def check_replication(key: str, state: Any, level: ValidationLevel, writer: int = 0) -> None:
-    """Collective: raise ``ReplicationMismatchError`` on every rank if ``state`` differs anywhere."""
+def check_replication(key: str, state: Any, level: ValidationLevel, writer: int = 0, *, dtensors: bool = False,
+                      instances: Sequence[Sequence[int]] | None = None, pattern: str = "REPLICATED") -> None:
+    """Collective: raise ``ReplicationMismatchError`` on every rank if ``state`` differs anywhere.
+
+    ``dtensors=True`` (SHARDED state) accepts ``DTensor``s and compares only what each one is (global
+    shape, dtype, placements), not its pieces. ``instances`` (the ranks of each group instance, which
+    hold different state) compares each rank with the lowest rank of its instance instead of ``writer``.
+    ``pattern`` names the component's pattern in the error.
+    """
     level = ValidationLevel.parse(level)
-    if level is ValidationLevel.NONE or get_world_size() == 1:
+    world = get_world_size()
+    if level is ValidationLevel.NONE or world == 1:
         return
+    references = [writer] * world
+    for members in instances or ():
+        for rank in members:
+            references[rank] = min(members)
+    if level is ValidationLevel.FULL and len(set(references)) > 1:
+        raise ComponentDeclarationError(
+            f"component {key!r}: validation level FULL compares every rank's bytes with one writing rank, but "
+            f"its group instances hold different state (writers {sorted(set(references))}); use TENSOR, which "
+            "hashes every byte"
+        )
     digests: dict[str, str] = {}
     tensors: dict[str, torch.Tensor] = {}
     with agreement(f"replication check of component {key!r}"):
-        encoded = encode_state(state, "validation")
+        encoded = encode_state(state, key, dtensors=dtensors)
         tensors = encoded.tensors
         digests = _digests(encoded, level)
     combined = all_gather_object(_combined(digests))
-    if len(set(combined)) > 1:
-        _raise_mismatch(key, level, writer, _differences(all_gather_object(digests), writer))
+    if any(combined[rank] != combined[references[rank]] for rank in range(world)):
+        _raise_mismatch(key, level, references, _differences(all_gather_object(digests), references), pattern)
     if level is not ValidationLevel.FULL:
         return
     differing = _full_compare(digests, tensors, writer)
@@ -136,4 +164,4 @@ def check_replication(key: str, state: Any, level: ValidationLevel, writer: int 
         for path in paths:
             diverging.setdefault(path, []).append(rank)
     if diverging:
-        _raise_mismatch(key, level, writer, diverging)
+        _raise_mismatch(key, level, references, diverging, pattern)

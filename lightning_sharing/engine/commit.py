@@ -2,8 +2,9 @@
 
 Every rank reports what it wrote as ``WrittenCopy`` records; rank 0 checks them against each other
 (``check_same_layout``) and against the store (``check_visible``), writes the merged indexes that
-``merged_index_jobs`` plans, and builds the manifest with ``build_manifest``, a pure function. The
-store's ``commit`` then writes the manifest last and makes the checkpoint appear.
+``merged_index_jobs`` and ``chunk_index_jobs`` plan (the latter fails the save if the ranks' chunks
+do not tile every tensor exactly once), and builds the manifest with ``build_manifest``, a pure
+function. The store's ``commit`` then writes the manifest last and makes the checkpoint appear.
 
 Example:
     >>> manifest = build_manifest(components, topology, copies, extra_files, step=500, metadata={})
@@ -26,9 +27,11 @@ from lightning_sharing.engine.save_plan import FileJob
 from lightning_sharing.errors import CheckpointError
 from lightning_sharing.format.layout import index_name, json_bytes, merged_index, tree_name
 from lightning_sharing.format.manifest import CheckpointManifest, ComponentManifest, FileEntry
+from lightning_sharing.sharded.index import ShardedIndex, merge_indexes
 from lightning_sharing.storage.base import CheckpointStore
 
-__all__ = ["WrittenCopy", "build_manifest", "check_same_layout", "check_visible", "merged_index_jobs"]
+__all__ = ["WrittenCopy", "build_manifest", "check_same_layout", "check_visible", "chunk_index_jobs",
+           "merged_index_jobs"]
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,7 @@ class WrittenCopy:
         index: the copy's safetensors index, from its lead writer, when the copy is tensors only.
         layout: a digest of the tensor names, shapes and shards this rank planned for the copy.
         shard_writers: from the lead writer: every rank its plan gives shards of the copy to.
+        chunks: for a chunked copy, this rank's part of the chunk index (``ShardedIndex.to_json()``).
     """
 
     key: str
@@ -52,6 +56,7 @@ class WrittenCopy:
     index: dict[str, Any] | None = None
     layout: str = ""
     shard_writers: list[int] = field(default_factory=list)
+    chunks: dict[str, Any] | None = None
 
 
 def check_visible(store: CheckpointStore, root: str, copies: list[WrittenCopy]) -> None:
@@ -97,6 +102,32 @@ def merged_index_jobs(components: list[StateComponent], copies: list[WrittenCopy
             continue
         index = merged_index([(c.stem, c.index) for c in mine])  # type: ignore[misc]
         jobs.append((component.key, FileJob(index_name(component.key), data=json_bytes(index))))
+    return jobs
+
+
+def chunk_index_jobs(components: list[StateComponent], copies: list[WrittenCopy]) -> list[tuple[str, FileJob]]:
+    """For chunked components: the merged chunk index and, when every tensor is whole, a Hugging Face index.
+
+    Raises ``CheckpointError`` naming the component when the ranks' chunks do not tile every tensor
+    exactly once (the ranks did not hold the same tensors) or disagree on a shape, dtype or tie.
+    """
+    jobs = []
+    for component in components:
+        files = rule(component.sharing_pattern).chunks
+        if files is None:
+            continue
+        parts = [ShardedIndex.from_json(c.chunks, complete=False) for c in copies
+                 if c.key == component.key and c.chunks is not None]
+        try:
+            index = merge_indexes(parts)
+        except CheckpointError as exc:
+            hint = ("" if component.process_group_name else "; if ranks hold tensors of different names (pipeline "
+                    "stages), name the group whose members hold the same ones: process_group_name=...")
+            raise CheckpointError(f"component {component.key!r}: {exc}{hint}") from exc
+        jobs.append((component.key, FileJob(files.index_for(component.key), data=json_bytes(index.to_json()))))
+        hf_index = index.hf_index()
+        if hf_index is not None:
+            jobs.append((component.key, FileJob(index_name(component.key), data=json_bytes(hf_index))))
     return jobs
 
 

@@ -29,7 +29,7 @@ from lightning_sharing._faults import fault_point
 from lightning_sharing.core.declarations import StateComponent, check_unique_keys
 from lightning_sharing.core.options import CheckpointOptions, VerifyMode
 from lightning_sharing.core.patterns import ValidationLevel
-from lightning_sharing.core.rules import Placement, placement_for_reader, placements
+from lightning_sharing.core.rules import Placement, placement_for_reader, placements, rule
 from lightning_sharing.core.topology import Topology
 from lightning_sharing.distributed.async_save import BackgroundSaver
 from lightning_sharing.distributed.collectives import (
@@ -42,17 +42,21 @@ from lightning_sharing.distributed.collectives import (
     resolve_process_groups,
 )
 from lightning_sharing.distributed.validation import check_replication, replicated_view
+from lightning_sharing.engine.chunked_reader import ChunkedLoad, check_taken, prepare_chunked_load
 from lightning_sharing.engine.commit import (
     WrittenCopy,
     build_manifest,
     check_visible,
+    chunk_index_jobs,
     merged_index_jobs,
 )
+from lightning_sharing.engine.export import HFExport, export_in_parallel
 from lightning_sharing.engine.load_plan import LoadResult, check_listed_files, plan_load
 from lightning_sharing.engine.reader import load_component
-from lightning_sharing.engine.save_plan import CopyPlan, plan_copy, write_copy
+from lightning_sharing.engine.save_plan import CopyPlan, plan_chunked_copy, plan_copy, write_copy
 from lightning_sharing.errors import CheckpointError, ComponentDeclarationError, DistributedCheckpointError
 from lightning_sharing.format.codec import encode_state
+from lightning_sharing.format.manifest import FileEntry
 from lightning_sharing.storage import CheckpointStore, data_root, is_url, read_manifest, store_for
 
 __all__ = ["CheckpointCoordinator", "LoadResult"]
@@ -158,31 +162,43 @@ class CheckpointCoordinator:
         return self._topology
 
     # ------------------------------------------------------------------ save
-    def save_checkpoint(self, path: PathT, *, step: int | None = None,
-                        metadata: dict[str, Any] | None = None) -> PathT:
+    def save_checkpoint(self, path: PathT, *, step: int | None = None, metadata: dict[str, Any] | None = None,
+                        export_hf: HFExport | str | os.PathLike[str] | None = None) -> PathT:
         """Collective: write a complete checkpoint directory at ``path`` atomically; returns ``path``.
 
         ``step`` is recorded in the manifest (``find_latest_checkpoint`` orders by it) and
         ``metadata`` (JSON-serialisable) is stored with it. An existing checkpoint at ``path`` is
         replaced only once the new one is complete. With ``async_save``, this returns once the state
         is staged; ``wait()`` returns once it is committed.
+
+        ``export_hf`` (a directory, or an ``HFExport`` naming the component, dtype and shard size)
+        also writes the component's full tensors there as Hugging Face sharded safetensors once the
+        checkpoint is committed, every rank writing its share of the files (torchtitan's
+        ``last_save_in_hf``, for the last save of a run).
+
+        Example:
+            >>> coordinator.save_checkpoint("ckpt/step=1000.ckpt", step=1000,
+            ...                             export_hf=HFExport("hf/final", dtype="bfloat16"))  # doctest: +SKIP
         """
         started = time.perf_counter()
+        export = HFExport.of(export_hf, [c.key for c in self.components])
         saver = self._saver if self._saver is not None and may_run_in_background() else None
         if saver is not None:
             saver.make_room()  # raises a failed earlier save's error, on every rank
         store = store_for(path, self.storage_options)
         target = store.normalize(os.fspath(path))
-        topology, proposals = self._prepare(extra=(target, uuid.uuid4().hex))
-        if len({proposed_target for proposed_target, _ in proposals}) > 1:
+        exported = None if export is None else (os.fspath(export.path), export.component, str(export.dtype),
+                                                 export.max_shard_size)
+        topology, proposals = self._prepare(extra=(target, uuid.uuid4().hex, exported))
+        if len({(proposed, export_of) for proposed, _, export_of in proposals}) > 1:
             raise ComponentDeclarationError(
-                f"ranks passed different checkpoint paths: {[t for t, _ in proposals]}")
+                f"ranks passed different checkpoint paths or exports: {[(t, e) for t, _, e in proposals]}")
         token = proposals[0][1]  # rank 0's
         group = saver.group() if saver is not None else None
         plans = self._plan_files(topology, get_rank(), saver)
 
         def finish() -> None:
-            self._finish_save(store, target, token, plans, topology, step, metadata, group, started)
+            self._finish_save(store, target, token, plans, topology, step, metadata, group, started, export)
 
         if saver is None:
             finish()
@@ -223,18 +239,19 @@ class CheckpointCoordinator:
             with agreement("collecting state dicts"):
                 collecting.reraise()
             for component in validated:
+                copies = self._placements(component, topology)
                 check_replication(component.key, replicated_view(component.stateful, states[component.key]),
-                                  component.effective_validation,
-                                  writer=self._placements(component, topology)[0].writer)
+                                  component.effective_validation, writer=copies[0].writer,
+                                  dtensors=rule(component.sharing_pattern).chunks is not None,
+                                  instances=[p.readers for p in copies], pattern=component.sharing_pattern.name)
         with agreement("preparing the checkpoint (collecting, encoding and staging state)"):
             collecting.reraise()
             for component in self.components:
                 for placement in self._placements(component, topology):
                     if rank in placement.writers:
-                        encoded = _with_context(component.key, "encoding",
-                                                lambda c=component: encode_state(states[c.key], c.key))
-                        plans.append((component.key, plan_copy(placement.stem, encoded, placement.writers,
-                                                               placement.writer, rank, self.max_shard_size)))
+                        plan = _with_context(component.key, "encoding", lambda c=component, p=placement:
+                                             self._plan_copy(c, p, states[c.key], rank))
+                        plans.append((component.key, plan))
             if saver is not None:  # copy what this rank writes: training may change the originals meanwhile
                 for _, plan in plans:
                     for job in plan.jobs:
@@ -242,8 +259,17 @@ class CheckpointCoordinator:
                             job.tensors = saver.stage(job.tensors)
         return plans
 
+    def _plan_copy(self, component: StateComponent, placement: Placement, state: Any, rank: int) -> CopyPlan:
+        """The files of one copy this rank writes: whole-tensor shards, or chunks where the rule says so."""
+        chunks = rule(component.sharing_pattern).chunks
+        encoded = encode_state(state, component.key, dtensors=chunks is not None)
+        if chunks is not None:
+            return plan_chunked_copy(component.key, placement, encoded, chunks, rank)
+        return plan_copy(placement.stem, encoded, placement.writers, placement.writer, rank, self.max_shard_size)
+
     def _finish_save(self, store: CheckpointStore, target: str, token: str, plans: _Plans, topology: Topology,
-                     step: int | None, metadata: dict[str, Any] | None, group: Any, started: float) -> None:
+                     step: int | None, metadata: dict[str, Any] | None, group: Any, started: float,
+                     export: HFExport | None = None) -> None:
         """Write this rank's files, agree, and commit on rank 0 (in the background for async saves)."""
         rank = get_rank()
         write_root: str | None = None
@@ -261,6 +287,9 @@ class CheckpointCoordinator:
             if not committed and rank == 0 and write_root is not None:
                 store.abort(write_root, target)
         log.info("saved checkpoint %s in %.2fs", target, time.perf_counter() - started)
+        if export is not None:
+            export_in_parallel(store, target, export, group)
+            log.info("exported component %r of %s to %s", export.component, target, export.path)
 
     def _write_files(self, store: CheckpointStore, write_root: str, plans: _Plans, rank: int,
                      group: Any) -> list[WrittenCopy]:
@@ -270,9 +299,10 @@ class CheckpointCoordinator:
             store.check_write_root(write_root, rank)
             fault_point("save:start")
             for key, plan in plans:
-                entries = _with_context(key, "writing", lambda p=plan: write_copy(store, write_root, p, rank))
-                written.append(WrittenCopy(key=key, stem=plan.stem, rank=rank, files=entries, index=plan.index,
-                                           layout=plan.layout_digest, shard_writers=plan.shard_writers))
+                files = _with_context(key, "writing", lambda p=plan: write_copy(store, write_root, p, rank))
+                written.append(WrittenCopy(key=key, stem=plan.stem, rank=rank, files=files.files, index=plan.index,
+                                           layout=plan.layout_digest, shard_writers=plan.shard_writers,
+                                           chunks=files.chunks))
             fault_point("save:written")
         return written
 
@@ -280,8 +310,9 @@ class CheckpointCoordinator:
                 copies: list[WrittenCopy], step: int | None, metadata: dict[str, Any] | None) -> None:
         """Rank 0: check what every rank wrote, add the merged indexes, write the manifest last, commit."""
         check_visible(store, write_root, copies)
-        extra = {key: write_copy(store, write_root, CopyPlan(key, jobs=[job]), rank=0)
-                 for key, job in merged_index_jobs(self.components, copies)}
+        extra: dict[str, list[FileEntry]] = {}
+        for key, job in merged_index_jobs(self.components, copies) + chunk_index_jobs(self.components, copies):
+            extra.setdefault(key, []).extend(write_copy(store, write_root, CopyPlan(key, jobs=[job]), rank=0).files)
         manifest = build_manifest(self.components, topology, copies, extra, step, metadata)
         manifest.data_prefix = store.data_prefix(write_root, target)  # an object store's generation, else None
         text = manifest.dumps()  # fails here, before anything is committed, if metadata is not JSON
@@ -308,15 +339,23 @@ class CheckpointCoordinator:
         result = LoadResult(path=Path(os.fspath(path)) if not is_url(path) else os.fspath(path))
         to_load = []
         files_root = root
+        chunked: dict[str, ChunkedLoad] = {}
         with agreement(f"reading checkpoint {os.fspath(path)}"):
             manifest = read_manifest(store, root, display=os.fspath(path))
             files_root = data_root(store, root, manifest)
             check_listed_files(store, files_root, manifest)
             plan = plan_load(manifest, self.components, topology, strict, ignore)
             to_load, result.skipped, result.manifest = plan.to_load, plan.skipped, manifest
-        identities = all_gather_object((root, result.manifest.created_at if result.manifest else ""))
-        if len(set(identities)) > 1:
-            listing = "; ".join(f"rank {r}: {p} (saved {c})" for r, (p, c) in enumerate(identities))
+            saved_topology = Topology.from_json(manifest.topology)
+            for component, saved in to_load:
+                if rule(component.sharing_pattern).chunks is not None:  # matched to the live state before reading
+                    chunked[component.key] = _with_context(
+                        component.key, "planning the load", lambda c=component, s=saved: prepare_chunked_load(
+                            store, files_root, c, s, saved_topology, topology, strict, mode))
+        held = {key: load.held for key, load in chunked.items() if load.entries}
+        identities = all_gather_object((root, result.manifest.created_at if result.manifest else "", held))
+        if len({(p, c) for p, c, _ in identities}) > 1:
+            listing = "; ".join(f"rank {r}: {p} (saved {c})" for r, (p, c, _) in enumerate(identities))
             raise CheckpointError(
                 f"ranks are loading different checkpoints ({listing}); every rank must load the same one "
                 "(choose it on rank 0 and broadcast it, or pass the same path everywhere)"
@@ -324,11 +363,16 @@ class CheckpointCoordinator:
         for key, reason in result.skipped.items():
             log.warning("checkpoint %s: skipped component %r (%s)", os.fspath(path), key, reason)
         with agreement(f"loading checkpoint {os.fspath(path)}"):
+            for key in held:  # every rank reaches the same verdict from the same exchange
+                check_taken(key, chunked[key], [h[key] for _, _, h in identities], strict, os.fspath(path))
             for component, saved in to_load:
-                placement = placement_for_reader(self._placements(component, topology), rank)
-                _with_context(component.key, "loading",
-                              lambda c=component, s=saved, p=placement: load_component(store, files_root, c, s, p,
-                                                                                        mode))
+                if component.key in chunked:
+                    _with_context(component.key, "loading",
+                                  lambda c=component: chunked[c.key].finish(store, files_root))
+                else:
+                    placement = placement_for_reader(self._placements(component, topology), rank)
+                    _with_context(component.key, "loading", lambda c=component, s=saved, p=placement:
+                                  load_component(store, files_root, c, s, p, mode))
                 result.loaded.append(component.key)
         return result
 

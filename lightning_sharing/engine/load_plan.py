@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lightning_sharing.core.declarations import StateComponent
-from lightning_sharing.core.rules import rule, stem_regex
+from lightning_sharing.core.rules import chunk_file_regex, rule, stem_regex
 from lightning_sharing.core.topology import Topology
 from lightning_sharing.errors import (
     ComponentDeclarationError,
@@ -76,7 +76,7 @@ def plan_load(manifest: CheckpointManifest, components: list[StateComponent], cu
         if saved.sharing_pattern != component.sharing_pattern.value:
             problem = (f"it was saved as {saved.pattern.name} but is declared "
                        f"{component.sharing_pattern.name}")
-        elif saved.group_name != component.process_group_name:
+        elif saved.group_name != component.process_group_name and rule(component.sharing_pattern).group_bound:
             problem = (f"it was saved for group {saved.group_name!r} but is declared for group "
                        f"{component.process_group_name!r}")
         if problem is not None:
@@ -106,7 +106,8 @@ def plan_load(manifest: CheckpointManifest, components: list[StateComponent], cu
 
 
 def _allowed_file_re(key: str) -> re.Pattern[str]:
-    return re.compile(stem_regex(key) + r"(\.json|\.safetensors\.index\.json|-\d{5}-of-\d{5}\.safetensors)")
+    whole = stem_regex(key) + r"(\.json|\.safetensors\.index\.json|-\d{5}-of-\d{5}\.safetensors)"
+    return re.compile(f"(?:{whole})|{chunk_file_regex(key)}")
 
 
 def check_listed_files(store: CheckpointStore, root: str, manifest: CheckpointManifest) -> None:

@@ -26,17 +26,18 @@ from lightning_sharing.format.safetensors_io import bytes_checksum, read_tensors
 from lightning_sharing.storage.base import CheckpointStore
 from lightning_sharing.storage.verify import check_algorithm, checksum_mismatch, verify_entry
 
-__all__ = ["load_component"]
+__all__ = ["ComponentFiles", "load_component"]
 
 
-class _ComponentFiles:
+class ComponentFiles:
     """The listed files of one component, each read once and verified."""
 
     def __init__(self, store: CheckpointStore, root: str, component: StateComponent, saved: ComponentManifest,
                  mode: VerifyMode) -> None:
         self.store, self.root, self.key, self.mode = store, root, component.key, mode
+        self.component = component
         self.entries = {entry.path: entry for entry in saved.files}
-        self.live = _live_tensors(component)
+        self._live: dict[str, torch.Tensor] | None = None
 
     def listed(self, rel: str) -> FileEntry:
         if rel not in self.entries:
@@ -63,8 +64,10 @@ class _ComponentFiles:
         entry, location = self._open(rel)
         checksum = entry.checksum if self.mode is VerifyMode.CHECKSUM else None
         try:
+            if self._live is None:
+                self._live = _live_tensors(self.component)
             with self.store.open_read(location) as handle:
-                return read_tensors(handle, entry.size, rel.rsplit("/", 1)[-1], checksum, into=self.live)
+                return read_tensors(handle, entry.size, rel.rsplit("/", 1)[-1], checksum, into=self._live)
         except CorruptCheckpointError as exc:
             # "<name> has checksum ..." becomes "component 'k', file <rel> (written by rank r) has checksum ...",
             # the same text as a file verified before it is read (storage.verify.verify_entry).
@@ -77,7 +80,7 @@ class _ComponentFiles:
 def load_component(store: CheckpointStore, root: str, component: StateComponent, saved: ComponentManifest,
                    placement: Placement, mode: VerifyMode) -> None:
     """Read the copy ``placement`` of ``component`` under ``root`` and hand it to ``load_state_dict``."""
-    files = _ComponentFiles(store, root, component, saved, mode)
+    files = ComponentFiles(store, root, component, saved, mode)
     available = set(files.entries)
     if not any(p.startswith(placement.stem) for p in available):
         raise CorruptCheckpointError(f"component {component.key!r}: the checkpoint has no copy {placement.stem}")

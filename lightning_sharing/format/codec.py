@@ -27,8 +27,8 @@ import torch
 
 from lightning_sharing.errors import CorruptCheckpointError, UnsupportedStateError
 
-__all__ = ["EncodedState", "decode_state", "encode_state", "is_flat_tensor_dict"]
-
+__all__ = ["EncodedState", "decode_state", "encode_state", "is_dtensor", "is_flat_tensor_dict", "tree_entries",
+           "tree_from_entries", "tree_tensor_names"]
 
 
 @dataclass
@@ -51,9 +51,26 @@ def is_flat_tensor_dict(state: Any) -> bool:
     )
 
 
+def is_dtensor(value: Any) -> bool:
+    """True for a ``torch.distributed.tensor.DTensor`` (False where torch has no distributed support)."""
+    if not isinstance(value, torch.Tensor):
+        return False
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch built without distributed support has no DTensor
+        return False
+    return isinstance(value, DTensor)
+
+
+def _describe_dtensor(tensor: Any) -> str:
+    return (f"a DTensor of global shape {list(tensor.shape)} with placements {tuple(tensor.placements)} on a "
+            f"mesh of shape {tuple(tensor.device_mesh.shape)}")
+
+
 class _Encoder:
-    def __init__(self, component: str) -> None:
+    def __init__(self, component: str, dtensors: bool = False) -> None:
         self.component = component
+        self.dtensors = dtensors
         self.tensors: dict[str, torch.Tensor] = {}
         self.ties: dict[str, str] = {}
         self._by_view: dict[tuple[Any, ...], str] = {}
@@ -72,9 +89,19 @@ class _Encoder:
             )
         name = self._unique(name)
         tensor = tensor.detach()
-        storage_ptr = tensor.untyped_storage().data_ptr() if tensor.numel() else 0
-        view = (storage_ptr, tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()),
-                tensor.dtype, str(tensor.device))
+        # A DTensor has no storage of its own (data_ptr() fails): its local piece has.
+        local = tensor
+        if is_dtensor(tensor):
+            if not self.dtensors:
+                raise UnsupportedStateError(
+                    f"component {self.component!r}: tensor {name!r} at {path} is {_describe_dtensor(tensor)}: "
+                    "its pieces live on different ranks, which only a SHARDED component stores; declare "
+                    f"StateComponent({self.component!r}, ..., SharingPattern.SHARDED)"
+                )
+            local = tensor.to_local()
+        storage_ptr = local.untyped_storage().data_ptr() if local.numel() else 0
+        view = (storage_ptr, local.storage_offset(), tuple(tensor.shape), tuple(local.stride()),
+                tensor.dtype, str(tensor.device), str(getattr(tensor, "placements", "")))
         if storage_ptr and view in self._by_view:
             self.ties[name] = self._by_view[view]
             return name
@@ -163,9 +190,13 @@ def _is_numpy_scalar(value: Any) -> bool:
     return isinstance(value, numpy.generic)
 
 
-def encode_state(state: Any, component: str = "?") -> EncodedState:
-    """Split ``state`` into storable parts; raises ``UnsupportedStateError`` for unpicklable-only values."""
-    encoder = _Encoder(component)
+def encode_state(state: Any, component: str = "?", *, dtensors: bool = False) -> EncodedState:
+    """Split ``state`` into storable parts; raises ``UnsupportedStateError`` for unpicklable-only values.
+
+    ``dtensors=True`` keeps ``DTensor``s as they are (a SHARDED component writes their local chunks);
+    otherwise a DTensor is refused with a message naming the component, the tensor and SHARDED.
+    """
+    encoder = _Encoder(component, dtensors)
     if is_flat_tensor_dict(state):
         for name, tensor in state.items():
             encoder.add_tensor(name, tensor, f"state[{name!r}]")
@@ -234,3 +265,43 @@ def decode_state(tree: Any, tensors: Mapping[str, torch.Tensor], ties: Mapping[s
             state[alias] = _lookup(tensors, ties, alias)
         return state
     return _decode(tree, tensors, ties)
+
+
+def tree_tensor_names(tree: Any) -> set[str]:
+    """The stored tensor names an encoded tree refers to (before resolving ties)."""
+    names: set[str] = set()
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+        elif isinstance(node, dict) and len(node) == 1:
+            (tag, payload), = node.items()
+            if tag in ("__tensor__", "__ndarray__") and isinstance(payload, str):
+                names.add(payload)
+            elif isinstance(payload, list):
+                stack.extend(payload)
+    return names
+
+
+def tree_entries(tree: Any) -> list[tuple[Any, Any, Any]] | None:
+    """For an encoded mapping: ``(key, encoded key, encoded value)`` per entry; None for anything else.
+
+    Lets a loader pick the entries of a saved mapping that a live state holds (a pipeline stage's).
+    """
+    if not (isinstance(tree, dict) and set(tree) == {"__dict__"} and isinstance(tree["__dict__"], list)):
+        return None
+    entries = []
+    for pair in tree["__dict__"]:
+        if not (isinstance(pair, list) and len(pair) == 2):
+            raise CorruptCheckpointError(f"malformed dict entry {str(pair)[:200]!r} in state structure")
+        key = _decode(pair[0], {}, {})
+        if isinstance(key, list):
+            raise CorruptCheckpointError(f"unhashable dict key {key!r} in state structure")
+        entries.append((key, pair[0], pair[1]))
+    return entries
+
+
+def tree_from_entries(entries: list[tuple[Any, Any, Any]]) -> Any:
+    """The encoded mapping holding ``entries`` (as ``tree_entries`` returns them)."""
+    return {"__dict__": [[key_node, value] for _, key_node, value in entries]}

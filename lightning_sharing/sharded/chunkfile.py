@@ -31,6 +31,7 @@ from typing import BinaryIO, Protocol
 import torch
 import xxhash
 
+from lightning_sharing._faults import fault_point
 from lightning_sharing.errors import CorruptCheckpointError
 from lightning_sharing.format.safetensors_io import CHECKSUM_ALGORITHM, ByteSink, DescriptorSink, encode_header
 
@@ -107,6 +108,7 @@ def write_chunk_stream(sink: ByteSink, entries: Sequence[tuple[str, torch.Tensor
     whole = xxhash.xxh3_128()
     sink.write(memoryview(header))
     whole.update(header)
+    fault_point("save:write")
     position = len(header)
     piece = max(block_size, _WRITE_PIECE - _WRITE_PIECE % block_size)
     infos: dict[str, EntryInfo] = {}

@@ -4,6 +4,7 @@ JSON form (``ShardedIndex.to_json()``; it can sit in a component's manifest meta
 next to the chunk files, whose checksum the manifest then records)::
 
     {"format": "lightning_sharing.sharded", "version": 1, "checksum_algorithm": "xxh3_128",
+     "ties": {"lm_head.weight": "embed.weight"},
      "files": [{"path": "model/chunks-00001.safetensors", "size": 4242, "writer": 1,
                 "checksum": "xxh3_128:<32 hex>", "block_size": 1048576}],
      "tensors": {"layers.0.weight": {"dtype": "F32", "shape": [6, 5], "chunks": [
@@ -14,11 +15,12 @@ next to the chunk files, whose checksum the manifest then records)::
 ``begin``/``length`` are the chunk's bytes in the file (the safetensors data of entry ``key``), in
 row-major order of the chunk's own shape ``sizes``. ``from_json`` parses untrusted input strictly:
 types, ranges, paths (relative, inside the checkpoint), byte ranges inside the recorded file size, one
-digest per block, and that each tensor's chunks tile it exactly (no gap, no overlap).
+digest per block, and that each tensor's chunks tile it exactly (no gap, no overlap). ``ties`` maps a
+tensor name to the saved tensor it shares memory with (tied weights, stored once).
 
 Example:
     >>> index = ShardedIndex.from_json({"format": "lightning_sharing.sharded", "version": 1,
-    ...     "checksum_algorithm": "xxh3_128", "files": [], "tensors": {}})
+    ...     "checksum_algorithm": "xxh3_128", "ties": {}, "files": [], "tensors": {}})
     >>> index.tensors
     {}
 """
@@ -29,7 +31,7 @@ import math
 import posixpath
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -95,14 +97,16 @@ class FileRecord:
 
 @dataclass(frozen=True)
 class ShardedIndex:
-    """Every tensor of a SHARDED component and every chunk file, as saved."""
+    """Every tensor of a SHARDED component and every chunk file, as saved (``ties``: alias -> saved name)."""
 
     tensors: Mapping[str, TensorRecord]
     files: Mapping[str, FileRecord]
+    ties: Mapping[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "format": INDEX_FORMAT, "version": INDEX_VERSION, "checksum_algorithm": CHECKSUM_ALGORITHM,
+            "ties": dict(sorted(self.ties.items())),
             "files": [{"path": f.path, "size": f.size, "checksum": f.checksum, "block_size": f.block_size,
                        "writer": f.writer} for f in sorted(self.files.values(), key=lambda f: f.path)],
             "tensors": {name: {"dtype": t.dtype, "shape": list(t.shape), "chunks": [
@@ -118,7 +122,7 @@ class ShardedIndex:
         ``complete=False`` parses one rank's partial index (``write_chunks``' result), whose chunks
         need not tile the tensors yet.
         """
-        _fields(data, "the sharded index", {"format", "version", "checksum_algorithm", "files", "tensors"})
+        _fields(data, "the sharded index", {"format", "version", "checksum_algorithm", "ties", "files", "tensors"})
         _expect(data["format"] == INDEX_FORMAT, f"format is {data['format']!r}, expected {INDEX_FORMAT!r}")
         if data["version"] != INDEX_VERSION:
             raise ManifestError(f"sharded index version {data['version']!r} is not supported (this "
@@ -133,7 +137,13 @@ class ShardedIndex:
             files[record.path] = record
         _expect(isinstance(data["tensors"], dict), "tensors is not an object")
         tensors = {name: _tensor_record(name, entry, files) for name, entry in data["tensors"].items()}
-        index = cls(tensors, files)
+        ties = data["ties"]
+        _expect(isinstance(ties, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in ties.items()),
+                "ties is not an object of tensor names")
+        for alias, saved in ties.items():
+            _expect(saved in tensors and alias not in tensors,
+                    f"tie {alias!r} -> {saved!r} does not point from an unsaved name to a saved tensor")
+        index = cls(tensors, files, dict(ties))
         if complete:
             index.validate()
         return index
@@ -142,6 +152,27 @@ class ShardedIndex:
         """Check that every tensor's chunks tile its global shape exactly; ``ManifestError`` if not."""
         for name, record in self.tensors.items():
             _check_tiling(name, record)
+
+    def hf_index(self) -> dict[str, Any] | None:
+        """A Hugging Face ``model.safetensors.index.json`` over the chunk files, when every tensor is
+        saved whole in one chunk (a pipeline stage's or a DDP model's tensors); None otherwise.
+
+        The chunk of a whole tensor is stored under the tensor's own name, so ``transformers`` and
+        plain ``safetensors`` can load it; tied names are listed under ``metadata.tied``.
+        """
+        weight_map: dict[str, str] = {}
+        total = 0
+        for name, record in sorted(self.tensors.items()):
+            if len(record.chunks) != 1 or record.chunks[0].sizes != record.shape or record.chunks[0].key != name:
+                return None
+            weight_map[name] = record.chunks[0].file
+            total += record.chunks[0].length
+        if not weight_map:
+            return None
+        metadata: dict[str, Any] = {"total_size": total, "format": "pt"}
+        if self.ties:
+            metadata["tied"] = dict(sorted(self.ties.items()))
+        return {"metadata": metadata, "weight_map": weight_map}
 
     def bytes_by_writer(self) -> dict[int, int]:
         """Chunk bytes written by each rank (for reports and ``inspect``)."""
@@ -166,7 +197,12 @@ def merge_indexes(parts: Iterable[ShardedIndex]) -> ShardedIndex:
     """
     tensors: dict[str, tuple[str, tuple[int, ...], list[ChunkRecord]]] = {}
     files: dict[str, FileRecord] = {}
+    ties: dict[str, str] = {}
     for part in parts:
+        for alias, saved in part.ties.items():
+            if ties.setdefault(alias, saved) != saved:
+                raise CheckpointError(f"tensor {alias!r} is tied to {ties[alias]!r} on one rank and to {saved!r} "
+                                      "on another; a SHARDED state must have the same ties on every rank")
         for path, file in part.files.items():
             if path in files:
                 raise CheckpointError(f"chunk file {path} was written by ranks {files[path].writer} and {file.writer}")
@@ -181,7 +217,7 @@ def merge_indexes(parts: Iterable[ShardedIndex]) -> ShardedIndex:
                 )
             chunks.extend(record.chunks)
     merged = ShardedIndex({name: TensorRecord(dtype, shape, tuple(sorted(chunks, key=lambda c: c.offsets)))
-                           for name, (dtype, shape, chunks) in sorted(tensors.items())}, files)
+                           for name, (dtype, shape, chunks) in sorted(tensors.items())}, files, ties)
     try:
         merged.validate()
     except ManifestError as exc:

@@ -8,6 +8,10 @@ a model with those names: plain, DDP, FSDP2 or tensor parallel. Under FSDP2 / te
 per-parameter tensors (``exp_avg``, ...) are DTensors laid out like their parameters, so a SHARDED
 component holding this state reshards like the model.
 
+The state is one flat mapping, one entry per parameter and value (``state.layers.0.weight.exp_avg``,
+``param_groups.layers.0.weight.lr``): the entries of two pipeline stages never share a name, so their
+saved states join into the state of an unsplit model, and a stage takes exactly its own entries.
+
 ``state_dict()`` on an optimizer that has not taken a step yet first creates its state (one step with
 zero gradients and a learning rate of 0, which leaves the parameters unchanged), so that a loader can
 read saved tensors straight into it; ``load_state_dict`` then restores every value, param groups
@@ -17,8 +21,10 @@ Example:
     >>> import torch
     >>> model = torch.nn.Linear(2, 2)
     >>> state = OptimizerState(model, torch.optim.AdamW(model.parameters()))
-    >>> sorted(state.state_dict()["state"])
-    ['bias', 'weight']
+    >>> sorted(k for k in state.state_dict() if k.startswith("state.weight."))
+    ['state.weight.exp_avg', 'state.weight.exp_avg_sq', 'state.weight.step']
+    >>> state.state_dict()["param_groups.weight.lr"]
+    0.001
 """
 
 from __future__ import annotations
@@ -33,9 +39,9 @@ __all__ = ["OptimizerState"]
 class OptimizerState:
     """A stateful for ``StateComponent``: ``optimizer``'s state keyed by the FQNs of ``model``'s parameters.
 
-    Declare it SHARDED for FSDP2 / tensor-parallel models, REPLICATED under DDP, PER_GROUP for the
-    stages of a pipeline. ``state_dict()`` returns
-    ``{"state": {fqn: {"step": ..., "exp_avg": ..., ...}}, "param_groups": [{"lr": ..., "params": [fqn, ...]}]}``
+    Declare it SHARDED for FSDP2 / tensor-parallel models and for the stages of a pipeline (with the
+    stage's data-parallel group as ``process_group_name``), REPLICATED (or SHARDED) under DDP.
+    ``state_dict()`` returns ``{"state.<fqn>.exp_avg": tensor, ..., "param_groups.<fqn>.lr": 0.01, ...}``
     holding the optimizer's own tensors (not copies).
     """
 
@@ -45,12 +51,14 @@ class OptimizerState:
 
     def state_dict(self) -> dict[str, Any]:
         """The optimizer state keyed by FQN; creates the state of an optimizer that has not stepped yet."""
-        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-        return get_optimizer_state_dict(self.model, self.optimizer)
+        return get_optimizer_state_dict(self.model, self.optimizer,
+                                        options=StateDictOptions(flatten_optimizer_state_dict=True))
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore ``state_dict`` (as returned by ``state_dict()``, possibly from another layout or world size)."""
-        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        set_optimizer_state_dict(self.model, self.optimizer, state_dict)
+        set_optimizer_state_dict(self.model, self.optimizer, state_dict,
+                                 options=StateDictOptions(flatten_optimizer_state_dict=True))

@@ -53,38 +53,32 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: int) 
         optimizer.zero_grad()
 
 
-def flatten(tree: Any, prefix: str = "") -> tuple[dict[str, torch.Tensor], Any]:
-    """Tensors of a nested state by dotted name, and the structure with tensors replaced by their names."""
-    tensors: dict[str, torch.Tensor] = {}
+def components(model: torch.nn.Module, optimizer: torch.optim.Optimizer, **model_options: Any) -> list:
+    """The model and its optimizer, both SHARDED (the optimizer keyed by FQN through OptimizerState)."""
+    from lightning_sharing import SharingPattern, StateComponent
+    from lightning_sharing.statefuls.optimizer import OptimizerState
 
-    def walk(node: Any, name: str) -> Any:
-        if isinstance(node, torch.Tensor):
-            tensors[name] = node
-            return {"__tensor__": name}
-        if isinstance(node, dict):
-            return {k: walk(v, f"{name}.{k}" if name else str(k)) for k, v in node.items()}
-        if isinstance(node, (list, tuple)):
-            return type(node)(walk(v, f"{name}.{i}" if name else str(i)) for i, v in enumerate(node))
-        return node
-
-    return tensors, walk(tree, prefix)
+    return [StateComponent("model", model, SharingPattern.SHARDED, **model_options),
+            StateComponent("optim", OptimizerState(model, optimizer), SharingPattern.SHARDED)]
 
 
-def unflatten(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
-    if isinstance(skeleton, dict):
-        if set(skeleton) == {"__tensor__"}:
-            return tensors[skeleton["__tensor__"]]
-        return {k: unflatten(v, tensors) for k, v in skeleton.items()}
-    if isinstance(skeleton, (list, tuple)):
-        return type(skeleton)(unflatten(v, tensors) for v in skeleton)
-    return skeleton
-
-
-def full(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Every tensor whole (``full_tensor()`` of a DTensor: a collective, called on every rank)."""
+def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Every model and optimizer value whole, by name (``full_tensor()``: a collective, call on every rank)."""
     from torch.distributed.tensor import DTensor
 
-    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone() for k, v in sorted(tensors.items())}
+    from lightning_sharing.statefuls.optimizer import OptimizerState
+
+    state = {f"model.{k}": v for k, v in model.state_dict().items()}
+    state.update({f"optim.{k}": v for k, v in OptimizerState(model, optimizer).state_dict().items()})
+    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone() if isinstance(v, torch.Tensor)
+            else v for k, v in sorted(state.items())}
+
+
+def differences(live: dict[str, Any], reference: dict[str, Any]) -> list[str]:
+    """Names whose values differ (tensors by torch.equal), or that only one side has."""
+    names = sorted(set(live) | set(reference))
+    return [n for n in names if n not in live or n not in reference or not (
+        torch.equal(live[n], reference[n]) if isinstance(reference[n], torch.Tensor) else live[n] == reference[n])]
 
 
 def save_state(root: Path, key: str, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -110,30 +104,10 @@ def load_index(root: Path, key: str):
     return ShardedIndex.from_json(json.loads((root / key / "index.json").read_text()))
 
 
-def model_and_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer):
-    """The tensors to save or to read into (model under ``model.``, optimizer under ``optim.``) and the
-    optimizer structure."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-    from lightning_sharing.statefuls.optimizer import OptimizerState
-
-    holder = OptimizerState(model, optimizer)
-    optim_tensors, skeleton = flatten(holder.state_dict(), "optim")
-    # Keyed like the optimizer state: FQNs without DDP's "module." prefix.
-    tensors = {f"model.{k}": v for k, v in get_model_state_dict(model).items()}
-    tensors.update(optim_tensors)
-    return tensors, skeleton, holder
-
-
-def load_into(root: Path, key: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-              saved_groups: Any) -> dict[str, Any]:
-    """Read a saved model + optimizer into live ones (any layout) and restore the optimizer."""
+def raw_read(root: Path, key: str, state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Read a component's chunks into ``state`` with the phase-1 functions; what was read."""
     from lightning_sharing.sharded import load_sharded
 
-    tensors, skeleton, holder = model_and_optimizer_state(model, optimizer)
-    stats = load_sharded(root, load_index(root, key), tensors)
-    state = unflatten(skeleton, tensors)
-    state["param_groups"] = saved_groups
-    holder.load_state_dict(state)
+    stats = load_sharded(root, load_index(root, key), state)
     return {"read": stats.bytes_read, "needed": stats.bytes_needed, "pieces": stats.pieces,
             "files": sorted(stats.bytes_by_file)}

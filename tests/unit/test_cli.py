@@ -107,3 +107,94 @@ def test_console_script_is_installed(checkpoint: Path) -> None:
     assert script is not None, "pip install should create the lightning-sharing console script"
     result = subprocess.run([script, "verify", str(checkpoint)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.fixture
+def sharded_checkpoint(tmp_path: Path) -> Path:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.Linear(4, 2))
+    path = tmp_path / "step=3.ckpt"
+    CheckpointCoordinator([StateComponent("model", model, SharingPattern.SHARDED)]).save_checkpoint(path, step=3)
+    return path
+
+
+def test_verify_and_inspect_a_sharded_checkpoint(sharded_checkpoint: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out = _run(capsys, "verify", str(sharded_checkpoint))
+    assert code == 0 and "1 components, 3 files" in out
+    code, out = _run(capsys, "inspect", str(sharded_checkpoint))
+    assert code == 0 and "SHARDED" in out and "model: 4 tensors in 4 chunks" in out
+    assert "│ 0 │ 4 │ 4 │ 184 B │ model/chunks-00000.safetensors │" in out
+    # A flipped byte in the chunk file fails its whole-file checksum, as for any other file.
+    chunks = sharded_checkpoint / "model" / "chunks-00000.safetensors"
+    data = bytearray(chunks.read_bytes())
+    data[-2] ^= 0x10
+    chunks.write_bytes(bytes(data))
+    code, out = _run(capsys, "verify", str(sharded_checkpoint))
+    assert code == 1 and "model/chunks-00000.safetensors" in out and "checksum" in out
+
+
+def test_verify_finds_a_chunk_index_that_disagrees_with_the_manifest(sharded_checkpoint: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    index_path = sharded_checkpoint / "model" / "index.json"
+    index = json.loads(index_path.read_text())
+    index["files"][0]["size"] += 1
+    index_path.write_text(json.dumps(index))
+    manifest_path = sharded_checkpoint / "checkpoint_manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    for entry in manifest["components"]["model"]["files"]:
+        if entry["path"] == "model/index.json":
+            entry["size"], entry["checksum"] = index_path.stat().st_size, file_checksum(index_path)
+    manifest_path.write_text(json.dumps(manifest))
+    code, out = _run(capsys, "verify", str(sharded_checkpoint))
+    assert code == 1 and "the chunk index and the manifest disagree on chunk files ['model/chunks-00000" in out
+
+
+def test_export_options_are_checked(sharded_checkpoint: Path, tmp_path: Path,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    from lightning_sharing.engine.export import parse_size
+
+    assert [parse_size(v) for v in ("5GB", "500MB", "2GiB", "1.5KB", 77)] == [5 * 10**9, 5 * 10**8, 2 * 2**30, 1500,
+                                                                               77]
+    code, out = _run(capsys, "export", str(sharded_checkpoint), str(tmp_path / "a"), "--dtype", "int8")
+    assert code == 1 and "dtype='int8' is not a floating-point torch dtype" in out
+    code, out = _run(capsys, "export", str(sharded_checkpoint), str(tmp_path / "a"), "--max-shard-size", "lots")
+    assert code == 1 and "max_shard_size='lots' is not a size" in out
+    (tmp_path / "occupied").mkdir()
+    (tmp_path / "occupied" / "mine.txt").write_text("keep")
+    code, out = _run(capsys, "export", str(sharded_checkpoint), str(tmp_path / "occupied"))
+    assert code == 1 and "it exists and is not an earlier export" in out
+    assert (tmp_path / "occupied" / "mine.txt").read_text() == "keep"
+    # An earlier export is replaced.
+    assert _run(capsys, "export", str(sharded_checkpoint), str(tmp_path / "hf"))[0] == 0
+    assert _run(capsys, "export", str(sharded_checkpoint), str(tmp_path / "hf"), "--max-shard-size", "40")[0] == 0
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir())[-1] == "model.safetensors.index.json"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left behind
+
+
+class _Tied(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(6, 4)
+        self.head = torch.nn.Linear(4, 6, bias=False)
+        self.head.weight = self.embed.weight
+
+
+@pytest.mark.parametrize("pattern", [SharingPattern.SHARDED, SharingPattern.REPLICATED])
+def test_tied_weights_stored_once_loaded_tied_and_exported_once(pattern, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    model = _Tied()
+    path = tmp_path / "step=1.ckpt"
+    CheckpointCoordinator([StateComponent("model", model, pattern)]).save_checkpoint(path, step=1)
+    fresh = _Tied()
+    CheckpointCoordinator([StateComponent("model", fresh, pattern)]).load_checkpoint(path)
+    assert torch.equal(fresh.embed.weight, model.embed.weight) and fresh.head.weight is fresh.embed.weight
+    assert _run(capsys, "export", str(path), str(tmp_path / "hf"))[0] == 0
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    assert list(index["weight_map"]) == ["embed.weight"]
+    assert index["metadata"]["tied"] == {"head.weight": "embed.weight"}
+    assert index["metadata"]["total_size"] == 6 * 4 * 4
+    exported = load_file(tmp_path / "hf" / index["weight_map"]["embed.weight"])
+    assert list(exported) == ["embed.weight"] and torch.equal(exported["embed.weight"], model.embed.weight)

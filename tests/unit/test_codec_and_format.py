@@ -91,7 +91,7 @@ def json_round_trip(state: Any) -> Any:
 def disk_round_trip(state: Any, root: Path, stem: str = "comp", max_shard_size: int = 10**9) -> Any:
     """encode -> safetensors shards + JSON files on disk -> read back -> decode."""
     enc = encode_state(state, stem)
-    entries = write_copy(LocalStore(), str(root), plan_copy(stem, enc, (0,), 0, 0, max_shard_size), rank=0)
+    entries = write_copy(LocalStore(), str(root), plan_copy(stem, enc, (0,), 0, 0, max_shard_size), rank=0).files
     checksums = {e.path: e.checksum for e in entries}
     return read_payload(stem, set(checksums), lambda rel: (root / rel).read_bytes(),
                         lambda rel: read_tensor_file(root / rel, checksums[rel]), enc.flat)

@@ -17,7 +17,7 @@ from lightning_sharing import (
     Topology,
     ValidationLevel,
 )
-from lightning_sharing.core.rules import Placement, placement_for_reader, placements, rank_specific
+from lightning_sharing.core.rules import RULES, Placement, placement_for_reader, placements, rank_specific
 
 # --------------------------------------------------------------------------- StateComponent
 
@@ -356,3 +356,45 @@ def test_topology_json_round_trip(topo):
 def test_topology_from_json_refuses_malformed_records(data):
     with pytest.raises(ComponentDeclarationError):
         Topology.from_json(data)
+
+
+# --------------------------------------------------------------------------- SHARDED: one row of the table
+
+
+def test_rules_sharded_one_copy_written_by_every_rank(topo):
+    (copy,) = placements("model", "sharded", topo)
+    assert (copy.stem, copy.writer, copy.readers, copy.writers) == ("model", 0, (0, 1, 2, 3), (0, 1, 2, 3))
+    rule = RULES[SharingPattern.SHARDED]
+    assert rule.chunks is not None and not rule.rank_specific and not rule.group_bound and rule.validated
+    assert (rule.chunks.file_for("model", 3), rule.chunks.index_for("model")) == (
+        "model/chunks-00003.safetensors", "model/index.json")
+    assert _table(placements("m", "sharded", Topology.single())) == [("m", 0, (0,))]
+
+
+def test_rules_sharded_over_a_group_one_structure_per_instance(topo):
+    # The group's members hold the same tensors (a pipeline stage's replicas); instances hold different ones.
+    assert _table(placements("model", "sharded", topo, "dp")) == [("model/dp-00000", 0, (0, 2)),
+                                                                   ("model/dp-00001", 1, (1, 3))]
+    assert [p.writers for p in placements("model", "sharded", topo, "dp")] == [(0, 2), (1, 3)]
+
+
+def test_sharded_files_are_accepted_and_nothing_else():
+    from lightning_sharing.engine.load_plan import _allowed_file_re
+
+    allowed = _allowed_file_re("model")
+    for rel in ("model/chunks-00012.safetensors", "model/index.json", "model.json", "model/dp-00001.json",
+                "model.safetensors.index.json"):
+        assert allowed.fullmatch(rel), rel
+    for rel in ("model/chunks-12.safetensors", "model/index.pt", "model/chunks-00001.pt", "other/index.json"):
+        assert not allowed.fullmatch(rel), rel
+
+
+def test_sharded_group_is_optional_and_validation_allowed():
+    assert StateComponent("m", ValueState(), "sharded").process_group_name is None
+    assert StateComponent("m", ValueState(), "sharded", process_group_name="dp").process_group_name == "dp"
+    with pytest.raises(ComponentDeclarationError, match="process_group_name 'a/b' must be 1-128 letters"):
+        StateComponent("m", ValueState(), "sharded", process_group_name="a/b")
+    component = StateComponent("m", ValueState(), "sharded", validate_replication=True, validation_level="tensor")
+    assert component.effective_validation is ValidationLevel.TENSOR
+    with pytest.raises(ComponentDeclarationError, match=r"only applies to PER_GROUP or SHARDED, not GLOBAL"):
+        StateComponent("m", ValueState(), "global", process_group_name="dp")

@@ -1,0 +1,40 @@
+"""``lightning-sharing export CKPT OUT [--component model] [--dtype bfloat16] [--max-shard-size 5GB]``.
+
+Writes the component's full tensors (SHARDED chunks assembled) into ``OUT`` as Hugging Face sharded
+safetensors with ``model.safetensors.index.json``, one tensor at a time (see
+``lightning_sharing.engine.export``).
+
+Example:
+    >>> from lightning_sharing.cli import main
+    >>> main(["export", "runs/step=500.ckpt", "runs/hf", "--dtype", "bfloat16"])   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from rich.console import Console
+
+from lightning_sharing.cli.verify import human_size
+from lightning_sharing.engine.export import export_checkpoint
+
+__all__ = ["add_arguments", "run_export"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``export`` command's arguments."""
+    parser.add_argument("path", help="the checkpoint")
+    parser.add_argument("out", help="the output directory (created; an earlier export there is replaced)")
+    parser.add_argument("--component", default="model", help="the component to export (default: model)")
+    parser.add_argument("--dtype", default=None, help="cast floating-point tensors, e.g. bfloat16")
+    parser.add_argument("--max-shard-size", default="5GB", help="largest output file, e.g. 5GB, 500MB (default 5GB)")
+
+
+def run_export(args: argparse.Namespace, console: Console) -> int:
+    """The ``export`` command: write the files, print what was written; 0 on success."""
+    result = export_checkpoint(args.path, args.out, component=args.component, dtype=args.dtype,
+                               max_shard_size=args.max_shard_size)
+    console.print(f"exported component {args.component!r} of {args.path} to {result.path}: {result.tensors} tensors, "
+                  f"{human_size(result.total_size)} in {len(result.files)} file(s) + model.safetensors.index.json",
+                  markup=False)
+    return 0

@@ -1,0 +1,89 @@
+"""``lightning-sharing inspect PATH [--files]``: what a checkpoint holds, and for SHARDED components
+the chunks each rank wrote.
+
+Example:
+    >>> from lightning_sharing.cli import main
+    >>> main(["inspect", "runs/step=500.ckpt"])   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from lightning_sharing.cli.verify import human_size
+from lightning_sharing.core.rules import rule
+from lightning_sharing.errors import CheckpointError
+from lightning_sharing.format.manifest import CheckpointManifest
+from lightning_sharing.sharded.index import ShardedIndex
+from lightning_sharing.storage import data_root, store_for
+
+__all__ = ["chunks_by_rank", "run_inspect"]
+
+
+def chunks_by_rank(index: ShardedIndex) -> dict[int, tuple[int, int, int]]:
+    """Per writing rank: (tensors it wrote a chunk of, chunks, chunk bytes)."""
+    rows: dict[int, tuple[set[str], int, int]] = {}
+    for name, record in index.tensors.items():
+        for chunk in record.chunks:
+            names, count, size = rows.setdefault(chunk.writer, (set(), 0, 0))
+            names.add(name)
+            rows[chunk.writer] = (names, count + 1, size + chunk.length)
+    return {rank: (len(names), count, size) for rank, (names, count, size) in sorted(rows.items())}
+
+
+def _chunk_tables(path: str, manifest: CheckpointManifest, console: Console, storage_options: Any) -> None:
+    store = store_for(path, storage_options)
+    root = data_root(store, store.normalize(os.fspath(path)), manifest)
+    for key, component in manifest.components.items():
+        chunks = rule(component.pattern).chunks
+        if chunks is None or chunks.index_for(key) not in {f.path for f in component.files}:
+            continue
+        try:
+            raw = store.read_bytes(store.join(root, chunks.index_for(key)))
+            index = ShardedIndex.from_json(json.loads(raw.decode("utf-8")))
+        except (OSError, ValueError, CheckpointError) as exc:
+            console.print(f"{key}: the chunk index cannot be read ({exc}); run lightning-sharing verify", markup=False)
+            continue
+        total = sum(len(t.chunks) for t in index.tensors.values())
+        table = Table(title=f"{key}: {len(index.tensors)} tensors in {total} chunks", show_lines=False)
+        for column in ("rank", "tensors", "chunks", "bytes", "file"):
+            table.add_column(column)
+        files = {f.writer: f.path for f in index.files.values()}
+        for rank, (tensors, count, size) in chunks_by_rank(index).items():
+            table.add_row(str(rank), str(tensors), str(count), human_size(size), files.get(rank, "-"))
+        console.print(table)
+
+
+def run_inspect(args: argparse.Namespace, console: Console) -> int:
+    """The ``inspect`` command: the manifest as a table, chunks per rank, and (``--files``) every file."""
+    manifest = CheckpointManifest.load(args.path, args.storage_options)
+    topology = manifest.topology
+    console.print(f"{args.path}: step {manifest.step}, world size {manifest.world_size}, "
+                  f"nodes {topology.get('nodes')}, groups {topology.get('groups') or '{}'}, "
+                  f"saved {manifest.created_at} (format {manifest.format_version}, "
+                  f"lightning_sharing {manifest.library_version or '?'}, torch {manifest.torch_version or '?'})")
+    table = Table(show_lines=False)
+    for column in ("component", "pattern", "group", "writer ranks", "files", "size", "validation"):
+        table.add_column(column)
+    for key, component in manifest.components.items():
+        table.add_row(key, component.sharing_pattern.upper(), component.group_name or "-",
+                      ",".join(str(r) for r in component.ranks), str(len(component.files)),
+                      human_size(component.size_bytes), component.validation)
+    console.print(table)
+    if manifest.data_prefix:
+        console.print(f"files under {manifest.data_prefix}/ (this save's generation on an object store)")
+    _chunk_tables(args.path, manifest, console, args.storage_options)
+    if args.files:
+        files = Table(title="files")
+        for column in ("path", "rank", "size", "checksum"):
+            files.add_column(column)
+        for entry in manifest.all_files():
+            files.add_row(entry.path, str(entry.rank), str(entry.size), entry.checksum)
+        console.print(files)
+    return 0

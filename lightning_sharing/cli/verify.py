@@ -1,0 +1,136 @@
+"""``lightning-sharing verify PATH [--size-only]``: exit 0 if intact, 1 if not, 2 if PATH is no checkpoint.
+
+PATH is a local path or an fsspec URL (``s3://bucket/run/step=5.ckpt``). Credentials and endpoints come the
+ordinary way (for S3: ``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ... or a profile), or as JSON in
+``--storage-options '{"endpoint_url": "..."}'`` (passed to fsspec). A store that cannot be read (no
+credentials, no such bucket) is exit 2 too, with the store's error.
+
+``verify`` checks every file the manifest lists (present, a regular file inside the checkpoint, its
+size and its checksum), that no unlisted file is present, that every listed name is one the format
+writes, that each safetensors index points only at listed shards, and that each chunk index of a
+SHARDED component parses and agrees with the manifest on every chunk file. It reports every problem
+with the component, the file and the rank that wrote it.
+
+Example:
+    >>> manifest, problems = verify_checkpoint("runs/step=500.ckpt")     # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import posixpath
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from lightning_sharing.core.options import VerifyMode
+from lightning_sharing.core.rules import rule
+from lightning_sharing.engine.load_plan import check_listed_files
+from lightning_sharing.errors import CheckpointError, CorruptCheckpointError
+from lightning_sharing.format.layout import parse_index
+from lightning_sharing.format.manifest import CheckpointManifest, FileEntry
+from lightning_sharing.sharded.index import ShardedIndex
+from lightning_sharing.storage import data_root, read_manifest, store_for, verify_entry
+
+__all__ = ["Problem", "human_size", "run_verify", "verify_checkpoint"]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a checkpoint."""
+
+    component: str
+    file: str
+    rank: int | None
+    message: str
+
+
+def verify_checkpoint(path: str | Path, mode: VerifyMode | str = VerifyMode.CHECKSUM,
+                      storage_options: dict[str, Any] | None = None) -> tuple[CheckpointManifest, list[Problem]]:
+    """Check a checkpoint without loading it; raises ``ManifestError`` if it has no valid manifest."""
+    verify = VerifyMode.parse(mode)
+    store = store_for(path, storage_options)
+    root = store.normalize(os.fspath(path))
+    manifest = read_manifest(store, root, display=os.fspath(path))
+    root = data_root(store, root, manifest)
+    problems: list[Problem] = []
+    try:
+        check_listed_files(store, root, manifest)
+    except CorruptCheckpointError as exc:
+        problems.append(Problem("-", "-", None, str(exc)))
+    for key, component in manifest.components.items():
+        listed = {entry.path for entry in component.files}
+        for entry in component.files:
+            try:
+                location = verify_entry(store, root, entry, verify, key)
+            except CorruptCheckpointError as exc:
+                problems.append(Problem(key, entry.path, entry.rank, str(exc)))
+                continue
+            if entry.path.endswith(".safetensors.index.json"):
+                problems.extend(_check_index(key, entry.path, entry.rank, store.read_bytes(location), listed))
+            chunks = rule(component.pattern).chunks
+            if chunks is not None and entry.path == chunks.index_for(key):
+                problems.extend(_check_chunk_index(key, entry, store.read_bytes(location), component.files))
+    return manifest, problems
+
+
+def _check_chunk_index(key: str, entry: FileEntry, raw: bytes, files: list[FileEntry]) -> list[Problem]:
+    try:
+        index = ShardedIndex.from_json(json.loads(raw.decode("utf-8")))
+    except (ValueError, CheckpointError) as exc:
+        return [Problem(key, entry.path, entry.rank, f"the chunk index cannot be read: {exc}")]
+    listed = {f.path: f for f in files}
+    wrong = sorted(r.path for r in index.files.values()
+                   if r.path not in listed or (listed[r.path].size, listed[r.path].checksum) != (r.size, r.checksum))
+    if wrong:
+        return [Problem(key, entry.path, entry.rank,
+                        f"the chunk index and the manifest disagree on chunk files {wrong[:5]}")]
+    return []
+
+
+def _check_index(key: str, rel: str, rank: int, raw: bytes, listed: set[str]) -> list[Problem]:
+    try:
+        index = parse_index(raw, rel)
+    except CheckpointError as exc:
+        return [Problem(key, rel, rank, str(exc))]
+    folder = posixpath.dirname(rel)
+    missing = sorted({f for f in index["weight_map"].values()
+                      if not isinstance(f, str) or posixpath.normpath(posixpath.join(folder, f)) not in listed})
+    if missing:
+        return [Problem(key, rel, rank, f"the index points to shards the manifest does not list: {missing[:5]}")]
+    return []
+
+
+def human_size(size: int) -> str:
+    """``1.5 MiB``-style sizes for tables."""
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{size} B"
+
+
+def run_verify(args: argparse.Namespace, console: Console) -> int:
+    """The ``verify`` command: print the verdict; 0 if intact, 1 if not."""
+    manifest, problems = verify_checkpoint(args.path, "size" if args.size_only else "checksum", args.storage_options)
+    files = manifest.all_files()
+    if not problems:
+        what = "sizes" if args.size_only else "sizes and checksums"
+        console.print(f"OK: {args.path}: {len(manifest.components)} components, {len(files)} files, "
+                      f"{human_size(sum(f.size for f in files))}; {what} match the manifest")
+        return 0
+    table = Table(title=f"{args.path}: {len(problems)} problem(s)", show_lines=True)
+    for column in ("component", "file", "rank", "problem"):
+        table.add_column(column, overflow="fold")
+    for problem in problems:
+        table.add_row(problem.component, problem.file, "-" if problem.rank is None else str(problem.rank),
+                      problem.message)
+    console.print(table)
+    console.print(f"FAILED: {args.path} is damaged; do not resume from it")
+    return 1
