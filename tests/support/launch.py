@@ -30,10 +30,14 @@ def env() -> dict[str, str]:
 
 
 def start(args: list[str], log: Path, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
-    """Start ``python *args`` in its own session (``extra_env`` added to its environment); output goes to ``log``."""
+    """Start ``python *args`` in its own session (``extra_env`` added to its environment); output goes to ``log``.
+
+    The process runs in the log's folder (the test's temporary directory), so that whatever it writes to
+    its working directory (Lightning's default ``checkpoints/``, say) never lands in the checkout.
+    """
     with open(log, "w") as handle:
-        return subprocess.Popen([sys.executable, *args], cwd=ROOT, env={**env(), **(extra_env or {})}, stdout=handle,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen([sys.executable, *args], cwd=log.parent, env={**env(), **(extra_env or {})},
+                                stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def _descendants(pid: int) -> list[int]:
