@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import sys
 import uuid
 from pathlib import Path
@@ -160,6 +161,13 @@ def test_load_from_checkpoint_reads_an_s3_checkpoint_and_leaves_other_urls_to_li
     s3.pipe(plain[len("s3://"):], buffer.getvalue())
     module = TinyRegression.load_from_checkpoint(plain, weights_only=True)
     assert all(torch.equal(value, loaded[key]) for key, value in module.state_dict().items())
+    # The strategy resumes from such an object too (read through the store, with its storage options).
+    from lightning_sharing import SharingStrategy
+
+    strategy = SharingStrategy(storage_options={"endpoint_url": os.environ["AWS_ENDPOINT_URL"]})
+    migrated = strategy.load_checkpoint(plain)
+    assert all(torch.equal(value, loaded[key]) for key, value in migrated["state_dict"].items())
+    assert strategy._resumed_from == plain
     with pytest.raises(FileNotFoundError):
         TinyRegression.load_from_checkpoint(f"{jobs['base']}/nothing-here.ckpt")
 
@@ -229,3 +237,36 @@ def test_fabric_saves_finds_and_loads_on_s3_with_explicit_storage_options(moto_s
     assert manifest.world_size == 2 and manifest.step == 2
     assert sorted({f.rank for f in manifest.components["tag"].files}) == [0, 1]
     assert audit(url) == [] and leftovers(url) == []
+
+
+# ---------------------------------------------------------------------- in-process (no process group)
+def test_storage_options_arguments_are_checked() -> None:
+    from lightning_sharing import ComponentDeclarationError, SharingCheckpointIO, SharingStrategy
+
+    options = {"endpoint_url": "http://127.0.0.1:1", "anon": True}
+    strategy = SharingStrategy(storage_options=options)
+    assert strategy.storage_options == options and strategy.checkpoint_io.storage_options == options
+    io_options = SharingStrategy(checkpoint_io=SharingCheckpointIO(storage_options=options)).storage_options
+    assert io_options == options
+    with pytest.raises(TypeError, match=r"storage_options must be a dict of fsspec filesystem arguments .* not str"):
+        SharingStrategy(storage_options="anon")
+    with pytest.raises(ComponentDeclarationError, match=r"SharingStrategy\(storage_options=...\) and its "
+                                                        r"SharingCheckpointIO\(storage_options=...\) differ"):
+        SharingStrategy(storage_options={"anon": True}, checkpoint_io=SharingCheckpointIO(storage_options=options))
+    # For URLs only: a local path gets none (the default is no mistake there), a URL gets them.
+    io = strategy.checkpoint_io
+    assert io.storage_options_for("runs/last.ckpt") is None
+    assert io.storage_options_for("s3://bucket/run/last.ckpt") == options
+    assert io.storage_options_for("s3://bucket/run/last.ckpt", {"anon": False}) == {"anon": False}
+
+
+def test_the_next_hpc_checkpoint_on_an_object_store_counts_complete_names_only() -> None:
+    from lightning_sharing.lightning.preemption import hpc_checkpoint_path
+
+    root = f"memory://hpc-{uuid.uuid4().hex[:8]}"
+    store = store_for(root)
+    for name in ("hpc_ckpt_3.ckpt/checkpoint_manifest.json", ".hpc_ckpt_9.ckpt/x", "hpc_ckpt_2.ckpt/x", "notes/x"):
+        with store.open_write(f"{root}/{name}") as sink:
+            sink.write(b"{}")
+    assert hpc_checkpoint_path(root) == f"{root}/hpc_ckpt_4.ckpt"
+    assert hpc_checkpoint_path(f"memory://empty-{uuid.uuid4().hex[:8]}/").endswith("/hpc_ckpt_1.ckpt")
