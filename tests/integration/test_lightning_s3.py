@@ -4,7 +4,8 @@ One Lightning sequence (tests/scripts/lightning_s3.py, ``ModelCheckpoint(dirpath
 every_n_train_steps=5, save_top_k=2, monitor="step", mode="max", save_last=True)``), checked several ways:
 
 1. ``reference``: 25 steps uninterrupted, credentials from the environment (``SharingStrategy()`` as it is);
-2. ``killed``: the same run SIGKILLed at step 17 (the step-15 checkpoints are committed, 2 steps are lost);
+2. ``killed``: the same run with ``ckpt_path="last"`` (nothing there yet: starts from scratch), SIGKILLed at
+   step 17 (the step-15 checkpoints are committed, 2 steps are lost);
 3. ``resumed``: ``fit(ckpt_path="last")`` to step 25: weights, AdamW moments, scheduler and metric must be
    ``torch.equal`` to the reference's; then, in this process, ``load_from_checkpoint`` of ``last.ckpt``;
 4. ``fallback``: ``step=25.ckpt`` and ``last.ckpt`` damaged, ``fit(ckpt_path=<step=25 URL>)`` with
@@ -95,7 +96,8 @@ def jobs(moto_server, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any
     run_url = result["run"]
     result["reference_log"] = train("reference", f"{base}/reference", from_env=True)
     result["reference_listing"] = _listing(f"{base}/reference")
-    train("killed", run_url, "--kill-at-step", str(KILL_AT), expect=-9)
+    # ckpt_path="last" from the first run on, as users write it: nothing there yet, so it starts from scratch.
+    result["killed_log"] = train("killed", run_url, "--kill-at-step", str(KILL_AT), "--ckpt-path", "last", expect=-9)
     result["killed_listing"] = _listing(run_url)
     result["resumed_log"] = train("resumed", run_url, "--ckpt-path", "last")
     result["resumed_listing"] = _listing(run_url)
@@ -125,6 +127,9 @@ def test_killed_run_resumes_from_last_on_s3_bit_exact(jobs: dict[str, Any]) -> N
     assert jobs["resumed_listing"] == {"last.ckpt": 25, "step=20.ckpt": 20, "step=25.ckpt": 25}
     assert jobs["resumed_audit"] == [] and jobs["resumed_leftovers"] == []
 
+    assert (f'ckpt_path="last" is set, but there is no complete last checkpoint in {run_url}. No checkpoint will be '
+            "loaded.") in jobs["killed_log"]
+    assert "Restored all states" not in jobs["killed_log"]
     assert f"Restored all states from the checkpoint at {run_url}/last.ckpt" in jobs["resumed_log"]
     for report in _reports(work / "resumed"):
         assert report["resumed_from"] == f"{run_url}/last.ckpt" and report["global_step"] == STEPS
