@@ -26,7 +26,7 @@ from lightning_sharing.core.declarations import SharingPattern, StateComponent, 
 from lightning_sharing.core.options import CheckpointOptions, VerifyMode
 from lightning_sharing.distributed.collectives import agreement, get_world_size, local_only
 from lightning_sharing.engine.coordinator import CheckpointCoordinator
-from lightning_sharing.errors import CheckpointError
+from lightning_sharing.errors import CheckpointError, ComponentDeclarationError
 from lightning_sharing.format.manifest import CheckpointManifest
 from lightning_sharing.integration.common import CheckpointHost, is_object_url
 from lightning_sharing.lightning.layout import (
@@ -91,6 +91,14 @@ class SharingCheckpointIO(CheckpointHost, CheckpointIO):
         super().__init__((options or CheckpointOptions()).replace(**{k: v for k, v in given.items() if v is not None}),
                          storage_options)
         self._warned_rank_local = False
+
+    def adopt_storage_options(self, storage_options: dict[str, Any], owner: str) -> None:
+        """Take ``storage_options`` given to ``owner`` (the strategy holding this plugin), unless they conflict."""
+        if self.storage_options is not None and self.storage_options != storage_options:
+            raise ComponentDeclarationError(
+                f"{owner}(storage_options=...) and its SharingCheckpointIO(storage_options=...) differ; pass them "
+                "to one of the two")
+        self.storage_options = storage_options
 
     @property
     def validation_level(self) -> ValidationLevel:

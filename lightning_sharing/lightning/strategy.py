@@ -121,11 +121,7 @@ class SharingStrategy(DDPStrategy):
                 max_shard_size=max_shard_size, verify=verify, validation_level=validation_level,
                 async_save=async_save, max_pending_saves=max_pending_saves), storage_options=storage_options)
         elif storage_options is not None and isinstance(io, SharingCheckpointIO):
-            if io.storage_options is not None and io.storage_options != storage_options:
-                raise ComponentDeclarationError(
-                    "SharingStrategy(storage_options=...) and its SharingCheckpointIO(storage_options=...) differ; "
-                    "pass them to one of the two")
-            io.storage_options = storage_options
+            io.adopt_storage_options(storage_options, "SharingStrategy")
         super().__init__(**kwargs)
         self.strict = strict
         self.fallback = fallback
@@ -227,9 +223,6 @@ class SharingStrategy(DDPStrategy):
     def _options_for(self, path: Any) -> dict[str, Any] | None:
         return self.sharing_io.storage_options_for(path)
 
-    def _key(self, path: Any) -> str:
-        return self._locations.key(path)
-
     def _buffer_names(self) -> frozenset[str]:
         # Buffers (BatchNorm running statistics, counters) are updated from each rank's own batch and
         # only made equal by DDP's broadcast at the next forward: save rank 0's, but don't require equality.
@@ -251,7 +244,7 @@ class SharingStrategy(DDPStrategy):
         try:
             checkpoint, rng = self.sharing_io.load_sharded(checkpoint_path, user, groups, overrides,
                                                            strict=self.strict)
-            self._resumed_from = self._key(checkpoint_path)
+            self._resumed_from = self._locations.key(checkpoint_path)
         except CheckpointNotFoundError:
             raise  # nothing at that path: not a damaged checkpoint to fall back from (FileNotFoundError, as Lightning)
         except (CorruptCheckpointError, ManifestError) as exc:
@@ -293,7 +286,7 @@ class SharingStrategy(DDPStrategy):
         checkpoint: dict[str, Any] = {}
         with agreement(f"reading the single-file checkpoint {path}"):
             checkpoint = self.sharing_io.load_file(path, weights_only)
-        self._resumed_from = self._key(path)
+        self._resumed_from = self._locations.key(path)
         if self.is_global_zero:
             log.warning("%s is a single-file Lightning checkpoint: resuming with its model, optimizer, scheduler, "
                         "loop and callback state; it holds no per-rank state, so %s", path,
@@ -321,7 +314,7 @@ class SharingStrategy(DDPStrategy):
             log.error("FALLING BACK: %s could not be loaded (%s); resuming from %s instead", failed, error, candidate)
             try:
                 loaded = self.sharing_io.load_sharded(candidate, user, groups, overrides, strict=self.strict)
-                self._resumed_from = self._key(candidate)
+                self._resumed_from = self._locations.key(candidate)
                 return loaded
             except (CorruptCheckpointError, ManifestError) as exc:  # agreed on every rank, like above
                 error = exc
