@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib
 import importlib.abc
 import importlib.machinery
+import logging
 import os
 import sys
 import threading
@@ -40,6 +41,7 @@ STRATEGIES: tuple[tuple[str, str, str, str, str, str, str], ...] = (
      "DDP with lightning_sharing checkpoints (sharing patterns, per-rank RNG, atomic, verified)"),
 )
 _lock = threading.Lock()
+log = logging.getLogger(__name__)
 
 
 def _factory(module: str, name: str) -> Callable[..., Any]:
@@ -57,6 +59,19 @@ def _read_directory_for_module(path: str | os.PathLike[str], map_location: Any) 
     return SharingCheckpointIO().load_for_module(path, map_location)
 
 
+def _claims_url(url: str) -> bool:
+    """Whether ``load_from_checkpoint(url)`` is ours to read: an object-store prefix (a checkpoint), not an object."""
+    from lightning_sharing.integration.common import is_object_url, is_sharing_checkpoint_url
+
+    if not is_object_url(url):
+        return False
+    try:
+        return is_sharing_checkpoint_url(url)
+    except Exception as exc:  # no fsspec backend, no access: Lightning's own reader reports it its way
+        log.debug("not reading %s with lightning_sharing: %s", url, exc)
+        return False
+
+
 def _on_loaded(package: str) -> None:
     """``package`` (a Lightning package) has finished loading: give its registries our names."""
     for trigger, registry_module, attribute, name, module, cls, description in STRATEGIES:
@@ -69,7 +84,7 @@ def _on_loaded(package: str) -> None:
         # LightningModule/LightningDataModule.load_from_checkpoint(directory): see integration/compat.py.
         from lightning_sharing.integration.compat import hook_load_from_checkpoint
 
-        hook_load_from_checkpoint(_read_directory_for_module)
+        hook_load_from_checkpoint(_read_directory_for_module, claims=_claims_url)
 
 
 class _AfterImport(importlib.abc.MetaPathFinder):

@@ -80,6 +80,7 @@ from lightning_sharing.integration.common import (
     CheckpointHost,
     LazyProcessGroups,
     check_storage_options,
+    is_plain_object,
     register_strategy,
 )
 from lightning_sharing.integration.compat import (
@@ -125,6 +126,10 @@ class FabricSharingStrategy(DDPStrategy):
         async_save, max_pending_saves: as for ``CheckpointCoordinator``/``SharingStrategy``: ``fabric.save``
             returns once the state is copied; the next save, ``fabric.load``, ``wait_for_checkpoint()`` and
             teardown wait for it and raise its failure on every rank.
+        storage_options: fsspec filesystem arguments for checkpoint URLs (``s3://...``: ``endpoint_url``, ``key``,
+            ``secret``, ...), used for every save and load of a URL (a ``storage_options`` given to one
+            ``save_checkpoint`` replaces them for it). Local paths do not use them. Default: fsspec's own
+            configuration (for S3: the environment).
 
     Example:
         >>> from lightning.fabric import Fabric
@@ -155,6 +160,7 @@ class FabricSharingStrategy(DDPStrategy):
         verify: str = "checksum",
         async_save: bool = False,
         max_pending_saves: int = 1,
+        storage_options: Mapping[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(
@@ -181,7 +187,8 @@ class FabricSharingStrategy(DDPStrategy):
         self._rng_state = RNGState()
         self._groups = LazyProcessGroups(process_groups)
         self._host = CheckpointHost(CheckpointOptions(max_shard_size=max_shard_size, verify=verify,
-                                                      async_save=async_save, max_pending_saves=max_pending_saves))
+                                                      async_save=async_save, max_pending_saves=max_pending_saves),
+                                    storage_options)
         #: What the last ``load_checkpoint`` of a checkpoint directory loaded and skipped (with reasons).
         self.last_load_result: LoadResult | None = None
 
@@ -220,14 +227,13 @@ class FabricSharingStrategy(DDPStrategy):
 
         Fabric calls this on every rank from ``fabric.save(path, state, filter=...)``. ``filter`` works as in
         Fabric: for each key it names, only the top-level items of that value's state dict (or of a plain dict
-        value) for which ``filter[key](name, value)`` is true are saved. ``storage_options`` is refused: there is
-        no ``CheckpointIO`` to pass them to. An int ``state["step"]`` (or ``"global_step"``) is recorded as the
-        checkpoint's step.
+        value) for which ``filter[key](name, value)`` is true are saved. ``storage_options`` replace the strategy's
+        own for this save. An int ``state["step"]`` (or ``"global_step"``) is recorded as the checkpoint's step.
 
         Example:
             >>> fabric.save("run/step=5.ckpt", {"model": model, "optimizer": optimizer, "step": 5})  # doctest: +SKIP
         """
-        check_storage_options(storage_options)
+        storage_options = check_storage_options(storage_options)
         if not isinstance(state, Mapping):
             raise TypeError(
                 f"FabricSharingStrategy.save_checkpoint expects state to be a dict of name -> object, got "
@@ -239,7 +245,7 @@ class FabricSharingStrategy(DDPStrategy):
             components.append(StateComponent(EXTRA_KEY, ValueHolder(plain), SharingPattern.GLOBAL))
         step = next((plain[k] for k in _STEP_KEYS if type(plain.get(k)) is int), None)
         log.debug("saving %s with components %s", path, [(c.key, c.sharing_pattern.name) for c in components])
-        self._coordinator(components).save_checkpoint(path, step=step)
+        self._coordinator(components, path, storage_options).save_checkpoint(path, step=step)
 
     # ------------------------------------------------------------------ load
     def load_checkpoint(
@@ -267,8 +273,9 @@ class FabricSharingStrategy(DDPStrategy):
 
         A ``path`` that is a regular file is not a ``lightning_sharing`` checkpoint: it is loaded the way
         ``DDPStrategy`` does (``torch.load`` through the ``CheckpointIO``, honouring ``weights_only``), so
-        ``fabric.load_raw("weights.pt", model)`` and old single-file checkpoints keep working. A checkpoint
-        directory is never unpickled; ``weights_only`` does not apply to it.
+        ``fabric.load_raw("weights.pt", model)`` and old single-file checkpoints keep working (a single object on an
+        object store too, read by Fabric through fsspec's default configuration: the strategy's storage options do
+        not reach it). A checkpoint directory is never unpickled; ``weights_only`` does not apply to it.
 
         Example:
             >>> remainder = fabric.load("run/step=5.ckpt", {"model": model, "optimizer": optimizer})  # doctest: +SKIP
@@ -276,7 +283,7 @@ class FabricSharingStrategy(DDPStrategy):
             {'step': 5}
         """
         self.wait_for_checkpoint()
-        if os.path.isfile(path):
+        if is_plain_object(path, self._host.storage_options_for(path)):
             log.info("%s is a file, not a lightning_sharing checkpoint directory: loading it as DDPStrategy does", path)
             # Never unpickle arbitrary objects by default, whatever torch's own default is (False before 2.6).
             safe = True if weights_only is None else weights_only
@@ -301,7 +308,7 @@ class FabricSharingStrategy(DDPStrategy):
             for key, pattern, group in self._saved_components(path, {c.key for c in components}):
                 captures[key] = ValueHolder()
                 components.append(StateComponent(key, captures[key], pattern, process_group_name=group))
-        result = self._coordinator(components).load_checkpoint(path, strict=strict, verify=None)
+        result = self._coordinator(components, path).load_checkpoint(path, strict=strict, verify=None)
         self.last_load_result = result
         saved_plain = extra.value if extra.loaded else {}
         if not isinstance(saved_plain, dict):  # not written by this strategy: hand it back as it is
@@ -343,7 +350,7 @@ class FabricSharingStrategy(DDPStrategy):
         coordinator's collective load reports that on every rank.
         """
         try:
-            manifest = CheckpointManifest.load(path)
+            manifest = CheckpointManifest.load(path, self._host.storage_options_for(path))
         except (CheckpointError, OSError):
             return []
         groups = self._process_groups()
@@ -355,8 +362,15 @@ class FabricSharingStrategy(DDPStrategy):
     def _process_groups(self) -> Any:
         return self._groups.resolve()
 
-    def _coordinator(self, components: list[StateComponent]) -> CheckpointCoordinator:
-        return self._host.coordinator(components, self._process_groups())
+    def _coordinator(self, components: list[StateComponent], path: Any,
+                     storage_options: Mapping[str, Any] | None = None) -> CheckpointCoordinator:
+        return self._host.coordinator(components, self._process_groups(),
+                                      self._host.storage_options_for(path, storage_options))
+
+    @property
+    def storage_options(self) -> dict[str, Any] | None:
+        """The fsspec options used for checkpoint URLs (``storage_options=`` of the constructor)."""
+        return self._host.storage_options
 
     def wait_for_checkpoint(self) -> None:
         """Block until pending ``async_save`` saves are committed; raise a failed one's error on every rank."""

@@ -4,27 +4,34 @@
   coordinators built from them, and waiting for / closing pending saves;
 - ``LazyProcessGroups``: the ``process_groups=`` argument (or the module's ``configure_process_groups()``),
   resolved once, on every rank, when first needed;
-- ``check_storage_options``: what a strategy does with Lightning's ``storage_options``;
+- ``check_storage_options``, ``StorageOptions``: the fsspec options of checkpoint URLs (``s3://...``): a strategy's
+  own (constructor) and Lightning's per-call ``storage_options``, and which apply to a path;
+- ``location_key``: a checkpoint location in a form that compares equal for equal locations (local or URL);
 - ``register_strategy``: putting ``"sharing"`` (and friends) into Lightning's registries.
 
 Example:
-    >>> host = CheckpointHost(CheckpointOptions(verify="size"))
+    >>> host = CheckpointHost(CheckpointOptions(verify="size"), storage_options={"anon": True})
     >>> host.coordinator([], None).verify
     SIZE
+    >>> host.storage_options_for("s3://bucket/run/last.ckpt"), host.storage_options_for("runs/last.ckpt")
+    ({'anon': True}, None)
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+import os
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from lightning_sharing.core.declarations import StateComponent
 from lightning_sharing.core.options import CheckpointOptions
 from lightning_sharing.distributed.async_save import BackgroundSaver
 from lightning_sharing.engine.coordinator import CheckpointCoordinator
+from lightning_sharing.storage import is_url, store_for
 
-__all__ = ["LAZY_FLAG", "CheckpointHost", "LazyProcessGroups", "check_storage_options", "register_strategy"]
+__all__ = ["LAZY_FLAG", "CheckpointHost", "LazyProcessGroups", "check_storage_options", "is_object_url",
+           "is_plain_object", "is_sharing_checkpoint_url", "location_key", "register_strategy"]
 
 #: Marks the factories ``lightning_sharing._registration`` puts in Lightning's registries before our adapters
 #: are imported; ``register_strategy`` replaces them with the real class.
@@ -34,11 +41,26 @@ log = logging.getLogger(__name__)
 
 
 class CheckpointHost:
-    """Options and the background saver of one strategy (or ``SharingCheckpointIO``), and its coordinators."""
+    """Options and the background saver of one strategy (or ``SharingCheckpointIO``), and its coordinators.
 
-    def __init__(self, options: CheckpointOptions) -> None:
+    ``storage_options`` are the fsspec options (credentials, endpoint) of checkpoint URLs: used for every save,
+    load, removal and discovery of a URL unless a call passes its own (``storage_options_for``).
+    """
+
+    def __init__(self, options: CheckpointOptions, storage_options: Mapping[str, Any] | None = None) -> None:
         self.options = options
+        self.storage_options = check_storage_options(storage_options)
         self.saver = BackgroundSaver(options.max_pending_saves) if options.async_save else None
+
+    def storage_options_for(self, path: Any, given: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+        """The storage options for ``path``: ``given`` (a call's own) if not None, else this host's for a URL.
+
+        A local path gets the host's options never (they are for object stores): only an explicit per-call value
+        reaches a local path, where it is refused as a mistake (``store_for``).
+        """
+        if given is not None:
+            return check_storage_options(given)
+        return self.storage_options if is_object_url(path) else None
 
     def coordinator(self, components: list[StateComponent], process_groups: Any,
                     storage_options: dict[str, Any] | None = None) -> CheckpointCoordinator:
@@ -90,13 +112,63 @@ class LazyProcessGroups:
         return self._value
 
 
-def check_storage_options(storage_options: Any) -> None:
-    """lightning_sharing writes local/shared-filesystem directories and takes no storage options."""
-    if storage_options is not None:
+def check_storage_options(storage_options: Any) -> dict[str, Any] | None:
+    """``storage_options`` as a dict (None stays None): the keyword arguments of the fsspec filesystem.
+
+    Example:
+        >>> check_storage_options({"endpoint_url": "http://127.0.0.1:9000"})
+        {'endpoint_url': 'http://127.0.0.1:9000'}
+    """
+    if storage_options is None:
+        return None
+    if not isinstance(storage_options, Mapping) or not all(isinstance(key, str) for key in storage_options):
         raise TypeError(
-            f"storage_options={storage_options!r} is not supported by lightning_sharing: checkpoints are "
-            "directories on a filesystem every rank can see; configure the path instead"
+            f"storage_options must be a dict of fsspec filesystem arguments (e.g. {{'endpoint_url': ...}}), "
+            f"not {type(storage_options).__name__} ({storage_options!r})"
         )
+    return dict(storage_options)
+
+
+def is_object_url(path: Any) -> bool:
+    """Whether ``path`` is an object-store URL (``s3://``, ``memory://``, ...; not a local path or ``file://``)."""
+    if not isinstance(path, (str, os.PathLike)):
+        return False
+    text = os.fspath(path)
+    return is_url(text) and not text.startswith("file://")
+
+
+def location_key(path: Any, storage_options: Mapping[str, Any] | None = None) -> str:
+    """``path`` in a form that is equal for equal locations: the real path of a local one, the store's normalized
+    URL of an object-store one (never ``Path()`` of a URL: ``Path("s3://b/x")`` is ``s3:/b/x``).
+
+    Example:
+        >>> location_key("memory://run/last.ckpt/")
+        'memory://run/last.ckpt'
+    """
+    text = os.fspath(path)
+    if is_object_url(text):
+        return store_for(text, check_storage_options(storage_options)).normalize(text)
+    return os.path.realpath(text[len("file://"):] if text.startswith("file://") else text)
+
+
+def is_plain_object(path: Any, storage_options: Mapping[str, Any] | None = None) -> bool:
+    """Whether ``path`` is a regular file (on an object store: an object of that exact name, not a prefix)."""
+    if not is_object_url(path):
+        return os.path.isfile(path)
+    store = store_for(path, dict(storage_options) if storage_options else None)
+    return store.size(store.normalize(os.fspath(path))) is not None
+
+
+def is_sharing_checkpoint_url(url: str, storage_options: Mapping[str, Any] | None = None) -> bool:
+    """Whether an object-store ``url`` is for lightning_sharing to read: a prefix holding objects, not a plain object.
+
+    Example:
+        >>> is_sharing_checkpoint_url("memory://nothing/here.ckpt")
+        False
+    """
+    store = store_for(url, dict(storage_options) if storage_options else None)
+    location = store.normalize(url)
+    return store.size(location) is None and store.is_dir(location)
 
 
 def register_strategy(registry: Any, name: str, cls: type, description: str) -> None:

@@ -16,6 +16,23 @@ and everything after the read (legacy migration, ``hparams_file``, overriding kw
 ``on_load_checkpoint``, moving the module to the weights' device) stays Lightning's own code. Wrapping
 ``cloud_io._load`` itself would not work (``saving`` holds its own reference) and would also change
 ``torch.load``-based readers elsewhere; replacing ``load_from_checkpoint`` would duplicate Lightning's logic.
+An object-store URL is ours when it is a prefix holding objects (``s3://bucket/run/last.ckpt/...``), not a plain
+object (a ``torch.save`` file) and not nothing; ``claims`` decides.
+
+``fit(ckpt_path="last")`` with checkpoints on an object store: Lightning resolves ``"last"`` in
+``_CheckpointConnector._parse_ckpt_path`` from ``ModelCheckpoint._find_last_checkpoints`` and ``fs.modified``
+of each candidate. On ``s3://`` the listed names lose their protocol (the candidates become local paths that do
+not exist: "no last checkpoint available", and training silently starts over), and ``modified`` of a prefix is
+no answer anyway. ``hook_last_checkpoint`` wraps that method (on the class, once) so that ``"last"`` is first
+offered to the strategy's ``resolve_last_checkpoint(trainer)``, which returns a path, None (nothing to resume
+from) or ``NotImplemented`` (let Lightning decide, as for local directories, where its logic works).
+
+``ModelCheckpoint`` takes no storage options: it opens its directory with ``get_filesystem(dirpath)`` (the name
+imported into ``lightning.pytorch.callbacks.model_checkpoint``) and lists it, checks names and warns about a
+non-empty directory through that filesystem. With credentials or an endpoint given only as ``storage_options``
+it would reach the wrong store (or none: ``NoCredentialsError`` in its ``setup``). ``hook_checkpoint_filesystem``
+replaces that one name with a function that adds the options ``use_storage_options`` made current (the running
+strategy's) to a URL that comes without any; everything else is passed through unchanged.
 """
 
 from __future__ import annotations
@@ -27,7 +44,10 @@ from typing import Any
 
 __all__ = [
     "allow_launch_under_fabric_cli",
+    "checkpoint_dir",
     "cluster_environment",
+    "hook_checkpoint_filesystem",
+    "hook_last_checkpoint",
     "hook_load_from_checkpoint",
     "lightning_sigterm_handler",
     "monitor_candidates",
@@ -38,6 +58,7 @@ __all__ = [
     "should_accumulate",
     "trainer_of",
     "unwrap_fabric_objects",
+    "use_storage_options",
     "validates_after_this_step",
 ]
 
@@ -46,10 +67,13 @@ log = logging.getLogger(__name__)
 _HOOK_FLAG = "__lightning_sharing_hook__"
 
 
-def hook_load_from_checkpoint(read_directory: Callable[[str | os.PathLike[str], Any], dict[str, Any]]) -> bool:
+def hook_load_from_checkpoint(read_directory: Callable[[str | os.PathLike[str], Any], dict[str, Any]],
+                              claims: Callable[[str], bool] | None = None) -> bool:
     """Make ``load_from_checkpoint`` read checkpoint directories through ``read_directory(path, map_location)``.
 
-    Idempotent. Returns False (and logs a warning once) if this Lightning has no ``saving.pl_load`` to hook.
+    A local directory is always read that way; a URL when ``claims(url)`` says it is ours (default: never).
+    Idempotent (the first hook's functions stay). Returns False (and logs a warning once) if this Lightning has
+    no ``saving.pl_load`` to hook.
     """
     from lightning.pytorch.core import saving
 
@@ -62,9 +86,16 @@ def hook_load_from_checkpoint(read_directory: Callable[[str | os.PathLike[str], 
     if getattr(original, _HOOK_FLAG, False):
         return True
 
+    def ours(path_or_url: Any) -> bool:
+        if not isinstance(path_or_url, (str, os.PathLike)):
+            return False  # a file object: Lightning's
+        text = os.fspath(path_or_url)
+        if "://" not in text:
+            return os.path.isdir(text)
+        return claims is not None and claims(text)
+
     def pl_load(path_or_url: Any, map_location: Any = None, weights_only: bool | None = None) -> Any:
-        if isinstance(path_or_url, (str, os.PathLike)) and "://" not in os.fspath(path_or_url) \
-                and os.path.isdir(path_or_url):
+        if ours(path_or_url):
             # A directory checkpoint never unpickles anything: weights_only does not apply to it.
             return read_directory(path_or_url, map_location)
         return original(path_or_url, map_location=map_location, weights_only=weights_only)
@@ -73,6 +104,96 @@ def hook_load_from_checkpoint(read_directory: Callable[[str | os.PathLike[str], 
     pl_load.__wrapped__ = original  # type: ignore[attr-defined]
     pl_load.__doc__ = original.__doc__
     saving.pl_load = pl_load
+    return True
+
+
+def hook_last_checkpoint() -> bool:
+    """Offer ``ckpt_path="last"`` to ``trainer.strategy.resolve_last_checkpoint(trainer)`` before Lightning.
+
+    Relies on ``_CheckpointConnector._parse_ckpt_path(state_fn, ckpt_path, model_provided, model_connected)`` and
+    its ``trainer``. A strategy without that method, or one returning ``NotImplemented``, gets Lightning's own
+    resolution. Idempotent; returns False (logged) when this Lightning has no such method.
+    """
+    from lightning.pytorch.trainer.connectors.checkpoint_connector import _CheckpointConnector
+
+    original = getattr(_CheckpointConnector, "_parse_ckpt_path", None)
+    if not callable(original):
+        log.warning("this Lightning version has no _CheckpointConnector._parse_ckpt_path: fit(ckpt_path='last') is "
+                    "resolved by Lightning alone, which cannot find checkpoints on object stores; pass the URL "
+                    "(lightning_sharing.find_latest_checkpoint(dirpath)) instead")
+        return False
+    if getattr(original, _HOOK_FLAG, False):
+        return True
+
+    def _parse_ckpt_path(self: Any, state_fn: Any, ckpt_path: Any, model_provided: bool,
+                         model_connected: bool) -> Any:
+        if ckpt_path == "last":
+            resolve = getattr(getattr(self.trainer, "strategy", None), "resolve_last_checkpoint", None)
+            if callable(resolve):
+                resolved = resolve(self.trainer)
+                if resolved is not NotImplemented:
+                    return resolved
+        return original(self, state_fn, ckpt_path, model_provided=model_provided, model_connected=model_connected)
+
+    setattr(_parse_ckpt_path, _HOOK_FLAG, True)
+    _parse_ckpt_path.__wrapped__ = original  # type: ignore[attr-defined]
+    _CheckpointConnector._parse_ckpt_path = _parse_ckpt_path  # type: ignore[method-assign]
+    return True
+
+
+def checkpoint_dir(callback: Any, trainer: Any) -> str | None:
+    """The directory a ``ModelCheckpoint`` saves into (``dirpath``, else the one it derives from the Trainer).
+
+    Relies on the name-mangled ``ModelCheckpoint.__resolve_ckpt_dir`` for a callback whose ``dirpath`` is not set
+    yet (before its ``setup``); None when that cannot be found.
+    """
+    if callback.dirpath:
+        return os.fspath(callback.dirpath)
+    resolve = getattr(callback, "_ModelCheckpoint__resolve_ckpt_dir", None)
+    if not callable(resolve):
+        return None
+    try:
+        return os.fspath(resolve(trainer))
+    except Exception as exc:  # a logger without a save_dir, ...: Lightning reports it in setup
+        log.debug("could not derive the checkpoint directory of %r: %s", callback, exc)
+        return None
+
+
+_current_storage_options: dict[str, Any] | None = None
+
+
+def use_storage_options(storage_options: dict[str, Any] | None) -> None:
+    """The storage options ``ModelCheckpoint`` gets for URLs from now on (None: fsspec's defaults)."""
+    global _current_storage_options
+    _current_storage_options = dict(storage_options) if storage_options else None
+
+
+def hook_checkpoint_filesystem() -> bool:
+    """Make ``ModelCheckpoint`` open URLs with the options of ``use_storage_options`` (see the module docstring).
+
+    Relies on the module global ``get_filesystem`` of ``lightning.pytorch.callbacks.model_checkpoint``.
+    Idempotent; returns False (logged) when there is no such name.
+    """
+    from lightning.pytorch.callbacks import model_checkpoint
+
+    original = getattr(model_checkpoint, "get_filesystem", None)
+    if not callable(original):
+        log.warning("this Lightning version has no lightning.pytorch.callbacks.model_checkpoint.get_filesystem: "
+                    "ModelCheckpoint opens URLs without the strategy's storage_options")
+        return False
+    if getattr(original, _HOOK_FLAG, False):
+        return True
+
+    def get_filesystem(path: Any, **kwargs: Any) -> Any:
+        options = _current_storage_options
+        text = str(path)
+        if options and not kwargs and "://" in text and not text.startswith("file://"):
+            kwargs = options
+        return original(path, **kwargs)
+
+    setattr(get_filesystem, _HOOK_FLAG, True)
+    get_filesystem.__wrapped__ = original  # type: ignore[attr-defined]
+    model_checkpoint.get_filesystem = get_filesystem
     return True
 
 

@@ -13,10 +13,10 @@ Example:
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,8 +26,9 @@ from lightning_sharing.core.declarations import SharingPattern, StateComponent, 
 from lightning_sharing.core.options import CheckpointOptions, VerifyMode
 from lightning_sharing.distributed.collectives import agreement, get_world_size, local_only
 from lightning_sharing.engine.coordinator import CheckpointCoordinator
+from lightning_sharing.errors import CheckpointError, ComponentDeclarationError
 from lightning_sharing.format.manifest import CheckpointManifest
-from lightning_sharing.integration.common import CheckpointHost, check_storage_options
+from lightning_sharing.integration.common import CheckpointHost, is_object_url
 from lightning_sharing.lightning.layout import (
     BUILTIN_KEYS,
     METRIC_COUNTS_KEY,
@@ -38,7 +39,7 @@ from lightning_sharing.lightning.layout import (
 from lightning_sharing.statefuls.holders import ValueHolder
 from lightning_sharing.statefuls.metrics import persistent_state_keys
 from lightning_sharing.statefuls.rng import RNGState
-from lightning_sharing.storage import remove_checkpoint
+from lightning_sharing.storage import remove_checkpoint, store_for
 
 __all__ = ["SharingCheckpointIO"]
 
@@ -75,23 +76,38 @@ class SharingCheckpointIO(CheckpointHost, CheckpointIO):
         max_shard_size, verify, validation_level, async_save, max_pending_saves: as for
             ``CheckpointOptions`` (``validation_level`` is the replication check of the model weights at each
             save; ``NONE`` turns it off).
+        storage_options: fsspec filesystem arguments for checkpoint URLs (``s3://...``: ``endpoint_url``,
+            ``key``, ``secret``, ...), used for every save, load and removal of a URL; a ``storage_options``
+            passed to one save (``trainer.save_checkpoint(path, storage_options=...)``) replaces them for it.
+            Local paths do not use them. Default: fsspec's own configuration (the environment).
     """
 
     def __init__(self, *, options: CheckpointOptions | None = None, max_shard_size: int | None = None,
                  verify: VerifyMode | str | None = None, validation_level: ValidationLevel | str | None = None,
-                 async_save: bool | None = None, max_pending_saves: int | None = None) -> None:
+                 async_save: bool | None = None, max_pending_saves: int | None = None,
+                 storage_options: Mapping[str, Any] | None = None) -> None:
         given = {"max_shard_size": max_shard_size, "verify": verify, "validation_level": validation_level,
                  "async_save": async_save, "max_pending_saves": max_pending_saves}
-        super().__init__((options or CheckpointOptions()).replace(**{k: v for k, v in given.items() if v is not None}))
+        super().__init__((options or CheckpointOptions()).replace(**{k: v for k, v in given.items() if v is not None}),
+                         storage_options)
         self._warned_rank_local = False
+
+    def adopt_storage_options(self, storage_options: dict[str, Any], owner: str) -> None:
+        """Take ``storage_options`` given to ``owner`` (the strategy holding this plugin), unless they conflict."""
+        if self.storage_options is not None and self.storage_options != storage_options:
+            raise ComponentDeclarationError(
+                f"{owner}(storage_options=...) and its SharingCheckpointIO(storage_options=...) differ; pass them "
+                "to one of the two")
+        self.storage_options = storage_options
 
     @property
     def validation_level(self) -> ValidationLevel:
         """The replication check applied to the model weights at each save."""
         return self.options.validation_level
 
-    def _coordinator(self, components: list[StateComponent], process_groups: Any) -> CheckpointCoordinator:
-        return self.coordinator(components, process_groups)
+    def _coordinator(self, components: list[StateComponent], process_groups: Any, path: Any,
+                     storage_options: Mapping[str, Any] | None = None) -> CheckpointCoordinator:
+        return self.coordinator(components, process_groups, self.storage_options_for(path, storage_options))
 
     def teardown(self) -> None:
         """Called by Lightning at the end of a stage: waits for pending saves, then stops the background thread."""
@@ -100,7 +116,8 @@ class SharingCheckpointIO(CheckpointHost, CheckpointIO):
     def save_sharded(self, checkpoint: Mapping[str, Any], path: str | os.PathLike[str],
                      user_components: list[StateComponent], process_groups: Any,
                      overrides: Mapping[str, StateComponent], unreplicated: frozenset[str] = frozenset(),
-                     metrics: Mapping[str, Any] | None = None) -> None:
+                     metrics: Mapping[str, Any] | None = None,
+                     storage_options: Mapping[str, Any] | None = None) -> None:
         """Collective: save Lightning's checkpoint dict plus the user's components.
 
         ``unreplicated`` names model entries that may differ between ranks (buffers such as
@@ -128,7 +145,7 @@ class SharingCheckpointIO(CheckpointHost, CheckpointIO):
         metadata = {"lightning": {key: checkpoint[key] for key in ("epoch", "global_step", "pytorch-lightning_version")
                                   if key in checkpoint}}
         step = checkpoint.get("global_step")
-        self._coordinator(components, process_groups).save_checkpoint(
+        self._coordinator(components, process_groups, path, storage_options).save_checkpoint(
             path, step=step if isinstance(step, int) else None, metadata=metadata)
 
     def load_sharded(self, path: str | os.PathLike[str], user_components: list[StateComponent],
@@ -139,7 +156,7 @@ class SharingCheckpointIO(CheckpointHost, CheckpointIO):
         keys: list[str] = []
         saved: dict[str, StateComponent] = {}
         with agreement(f"reading checkpoint {path}"):
-            manifest = CheckpointManifest.load(path)
+            manifest = CheckpointManifest.load(path, self.storage_options_for(path))
             if _RAW_KEY in manifest.components and not set(manifest.components) & set(BUILTIN_KEYS):
                 raise ValueError(f"{path} holds a raw state dict, not a Lightning training checkpoint")
             keys = [key for key in BUILTIN_KEYS if key in manifest.components]
@@ -149,7 +166,7 @@ class SharingCheckpointIO(CheckpointHost, CheckpointIO):
         holders = {key: ValueHolder() for key in keys}
         declared = {**saved, **overrides}
         components = builtin_components(keys, holders, declared, ValidationLevel.NONE) + list(user_components)
-        self._coordinator(components, process_groups).load_checkpoint(path, strict=strict)
+        self._coordinator(components, process_groups, path).load_checkpoint(path, strict=strict)
         parts = {key: holder.value for key, holder in holders.items() if holder.loaded and key != "rng"}
         rng = holders["rng"].value if "rng" in holders and holders["rng"].loaded else None
         return join_checkpoint(parts), rng
@@ -157,29 +174,31 @@ class SharingCheckpointIO(CheckpointHost, CheckpointIO):
     # ------------------------------------------------------------------ Lightning's CheckpointIO API
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike[str],
                         storage_options: Any | None = None) -> None:
-        """Rank-local save (no collectives): used by Lightning outside ``SharingStrategy``'s own saves."""
-        check_storage_options(storage_options)
+        """Rank-local save (no collectives): used by Lightning outside ``SharingStrategy``'s own saves.
+
+        ``storage_options`` replace this plugin's own for this save.
+        """
         if get_world_size() > 1 and not self._warned_rank_local and "state_dict" in checkpoint:
             log.warning("SharingCheckpointIO.save_checkpoint was called on one rank only: per-rank state of the "
                         "other ranks is not saved. Use SharingStrategy to save every rank's state.")
             self._warned_rank_local = True
         with local_only():
             if "state_dict" in checkpoint and "pytorch-lightning_version" in checkpoint:
-                self.save_sharded(checkpoint, path, [], None, {})
+                self.save_sharded(checkpoint, path, [], None, {}, storage_options=storage_options)
             else:
                 component = StateComponent(_RAW_KEY, ValueHolder(dict(checkpoint)), SharingPattern.GLOBAL)
-                self._coordinator([component], None).save_checkpoint(path)
+                self._coordinator([component], None, path, storage_options).save_checkpoint(path)
 
     def load_checkpoint(self, path: str | os.PathLike[str], map_location: Any | None = None,
                         weights_only: bool | None = None) -> dict[str, Any]:
         """Rank-local load (no collectives): rank-specific state saved under another topology is skipped."""
         self.wait()
         with local_only():
-            manifest = CheckpointManifest.load(path)
+            manifest = CheckpointManifest.load(path, self.storage_options_for(path))
             if _RAW_KEY in manifest.components:
                 holder = ValueHolder()
-                self._coordinator([StateComponent(_RAW_KEY, holder, SharingPattern.GLOBAL)], None).load_checkpoint(
-                    path, strict=False)
+                self._coordinator([StateComponent(_RAW_KEY, holder, SharingPattern.GLOBAL)], None,
+                                  path).load_checkpoint(path, strict=False)
                 return dict(holder.value)
             checkpoint, _ = self.load_sharded(path, [], None, {}, strict=False)
             checkpoint.pop(METRIC_COUNTS_KEY, None)
@@ -189,9 +208,16 @@ class SharingCheckpointIO(CheckpointHost, CheckpointIO):
         """Rank-local: an ordinary single-file Lightning checkpoint (``torch.save``), e.g. to migrate from it.
 
         Read with ``torch.load(weights_only=True)`` unless ``weights_only=False`` is passed (for a trusted file
-        that holds other objects), as Lightning does on torch >= 2.6; tensors are read onto the CPU.
+        that holds other objects), as Lightning does on torch >= 2.6; tensors are read onto the CPU. A URL is read
+        through the object store, with this plugin's storage options.
         """
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True if weights_only is None else weights_only)
+        safe = True if weights_only is None else weights_only
+        if is_object_url(path):
+            store = store_for(path, self.storage_options_for(path))
+            data = io.BytesIO(store.read_bytes(store.normalize(os.fspath(path))))
+            checkpoint = torch.load(data, map_location="cpu", weights_only=safe)
+        else:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=safe)
         if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
             raise ValueError(f"{path} is not a Lightning training checkpoint (a dict with a 'state_dict'), but a "
                              f"{type(checkpoint).__name__}")
@@ -212,35 +238,41 @@ class SharingCheckpointIO(CheckpointHost, CheckpointIO):
         """
         self.wait()
         with local_only():
-            manifest = CheckpointManifest.load(path)
+            manifest = CheckpointManifest.load(path, self.storage_options_for(path))
             if _RAW_KEY in manifest.components and not set(manifest.components) & set(BUILTIN_KEYS):
                 return move_tensors(self.load_checkpoint(path), map_location)
             keys = [key for key in _MODULE_KEYS if key in manifest.components]
             holders = {key: ValueHolder() for key in keys}
             components = [StateComponent(key, holders[key], manifest.components[key].pattern,
                                          manifest.components[key].group_name) for key in keys]
-            self._coordinator(components, None).load_checkpoint(
+            self._coordinator(components, None, path).load_checkpoint(
                 path, strict=True, ignore=set(manifest.components) - set(keys))
             checkpoint = join_checkpoint({key: holder.value for key, holder in holders.items()})
         return move_tensors(checkpoint, map_location)
 
-    def remove_checkpoint(self, path: str | os.PathLike[str], keep: Callable[[Path], str | None] | None = None) -> None:
-        """Delete a checkpoint directory atomically (it is never seen half-deleted).
+    def remove_checkpoint(self, path: str | os.PathLike[str], keep: Callable[[str], str | None] | None = None) -> None:
+        """Delete a checkpoint atomically (it is never seen half-deleted); rank-local, run it on one rank.
 
         While a background save is pending, the deletion waits until that save has committed, and is
         skipped if it fails, so retention never removes the last good checkpoint. ``keep(path)``,
-        evaluated when the deletion runs, may return a reason to keep the checkpoint instead.
+        evaluated when the deletion runs, may return a reason to keep the checkpoint instead. What cannot be
+        removed (on an object store: a prefix holding objects lightning_sharing did not write) is logged and
+        left in place: retention never stops training.
         """
-        target = Path(path)
+        target = os.fspath(path)
 
         def remove() -> None:
             reason = keep(target) if keep is not None else None
             if reason:
                 log.warning("not removing checkpoint %s: %s", target, reason)
                 return
-            remove_checkpoint(target)
+            try:
+                remove_checkpoint(target, self.storage_options_for(target))
+            except CheckpointError as exc:  # rank-local, no collective here: refusing to delete is not fatal
+                log.error("not removing checkpoint %s: %s", target, exc)
 
         if self.saver is not None:
             self.saver.after_pending(remove, f"removing checkpoint {target}")
         else:
             remove()
+

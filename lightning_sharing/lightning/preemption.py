@@ -54,6 +54,7 @@ import os
 import re
 import subprocess
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -64,6 +65,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lightning_sharing.distributed.collectives import agreement, any_rank, broadcast_object, on_rank_zero
+from lightning_sharing.integration.common import is_object_url
 from lightning_sharing.integration.compat import (
     cluster_environment,
     lightning_sigterm_handler,
@@ -74,7 +76,7 @@ from lightning_sharing.integration.compat import (
     should_accumulate,
     validates_after_this_step,
 )
-from lightning_sharing.storage import remove_checkpoint
+from lightning_sharing.storage import remove_checkpoint, store_for
 
 __all__ = ["PREEMPTED_NAME", "PreemptionHandler", "hpc_checkpoint_path", "requeue_slurm_job"]
 
@@ -92,7 +94,8 @@ class PreemptionHandler:
 
     Args:
         checkpoint: ``True`` (the default location), ``False``/``None`` (no final checkpoint), a
-            ``.ckpt`` path (``{step}`` and ``{epoch}`` are filled in) or a directory.
+            ``.ckpt`` path (``{step}`` and ``{epoch}`` are filled in) or a directory (local or a URL).
+        options_for: the storage options for a URL (the strategy's), to list an object-store ``default_root_dir``.
 
     Example:
         >>> handler = PreemptionHandler("runs/ckpts/preempted-{step}.ckpt")
@@ -100,7 +103,8 @@ class PreemptionHandler:
         True
     """
 
-    def __init__(self, checkpoint: bool | str | os.PathLike[str] | None = True) -> None:
+    def __init__(self, checkpoint: bool | str | os.PathLike[str] | None = True,
+                 options_for: Callable[[Any], dict[str, Any] | None] | None = None) -> None:
         if checkpoint is None:
             checkpoint = False
         if not isinstance(checkpoint, (bool, str, os.PathLike)):
@@ -116,6 +120,7 @@ class PreemptionHandler:
                 raise ValueError(f"preemption_checkpoint={text!r} may only use the fields {{step}} and {{epoch}} "
                                  f"(double other braces): {exc!r}") from None
         self.checkpoint: bool | str | os.PathLike[str] = checkpoint
+        self._options_for = options_for or (lambda path: None)
         self._trainer: Any = None
         self.reset()
 
@@ -214,7 +219,10 @@ class PreemptionHandler:
 
     def _requeue(self, trainer: Any, save: bool = False) -> None:
         if save:
-            self.save(trainer, hpc_checkpoint_path(trainer.default_root_dir), "requeue")
+            root = trainer.default_root_dir
+            path = on_rank_zero("choosing the HPC checkpoint's path",
+                                lambda: hpc_checkpoint_path(root, self._options_for(root)))
+            self.save(trainer, path, "requeue")
         for logger in trainer.loggers:
             logger.save()
         if trainer.is_global_zero:
@@ -274,7 +282,8 @@ class PreemptionHandler:
             return os.path.join(text, PREEMPTED_NAME.format(step=step)), None, False
         env = cluster_environment(trainer)
         if isinstance(env, SLURMEnvironment) and env.auto_requeue:
-            return hpc_checkpoint_path(trainer.default_root_dir), None, False
+            root = trainer.default_root_dir
+            return hpc_checkpoint_path(root, self._options_for(root)), None, False
         callback = trainer.checkpoint_callback
         if not isinstance(callback, ModelCheckpoint) or not callback.dirpath:
             return os.path.join(trainer.default_root_dir, "checkpoints", PREEMPTED_NAME.format(step=step)), None, False
@@ -282,6 +291,7 @@ class PreemptionHandler:
         if not callback.save_last:
             return preempted, None, False
         last = _last_path(callback, trainer)
+        # "link" is local only (Lightning refuses it for URLs); a URL's last.ckpt is replaced like any checkpoint.
         if callback.save_last == "link" and os.path.abspath(last) != os.path.abspath(preempted):
             return preempted, last, True
         return last, last, False
@@ -343,20 +353,28 @@ def _validates_after_this_step(trainer: Any) -> bool:
         return False
 
 
-def hpc_checkpoint_path(root: str | os.PathLike[str]) -> str:
+def hpc_checkpoint_path(root: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> str:
     """Lightning's next ``hpc_ckpt_{n}.ckpt`` under ``root``, counting complete checkpoint names only.
 
     Lightning's own ``hpc_save_path`` takes every digit of every name containing ``hpc_ckpt_``, so a
-    hidden staging directory (``.hpc_ckpt_2.ckpt.staging-<hex>``) would yield a nonsense number.
+    hidden staging directory (``.hpc_ckpt_2.ckpt.staging-<hex>``) would yield a nonsense number. ``root``
+    may be an object-store URL (listed with ``storage_options``).
 
     Example:
         >>> hpc_checkpoint_path("/nonexistent")
         '/nonexistent/hpc_ckpt_1.ckpt'
     """
-    numbers = [0]
-    if os.path.isdir(root):
-        numbers += [int(m.group(1)) for name in os.listdir(root) if (m := _HPC_RE.match(name))]
-    return os.path.join(os.fspath(root), f"hpc_ckpt_{max(numbers) + 1}.ckpt")
+    text = os.fspath(root)
+    names: list[str] = []
+    if is_object_url(text):
+        store = store_for(text, storage_options)
+        text = store.normalize(text)
+        names = [store.basename(location) for location in store.list_checkpoint_candidates(text)]
+    elif os.path.isdir(text):
+        names = os.listdir(text)
+    numbers = [0] + [int(m.group(1)) for name in names if (m := _HPC_RE.match(name))]
+    return f"{text.rstrip('/')}/hpc_ckpt_{max(numbers) + 1}.ckpt" if is_object_url(text) else \
+        os.path.join(text, f"hpc_ckpt_{max(numbers) + 1}.ckpt")
 
 
 def _last_path(callback: ModelCheckpoint, trainer: Any) -> str:

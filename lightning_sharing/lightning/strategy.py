@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
@@ -34,10 +34,20 @@ from lightning_sharing.errors import (
     CorruptCheckpointError,
     ManifestError,
 )
-from lightning_sharing.format.manifest import CheckpointManifest
 from lightning_sharing.integration.cleanup import adopt_default_group, default_group_exists
-from lightning_sharing.integration.common import LazyProcessGroups, check_storage_options, register_strategy
-from lightning_sharing.integration.compat import set_restored_path, trainer_of
+from lightning_sharing.integration.common import (
+    LazyProcessGroups,
+    check_storage_options,
+    is_plain_object,
+    register_strategy,
+)
+from lightning_sharing.integration.compat import (
+    hook_checkpoint_filesystem,
+    hook_last_checkpoint,
+    set_restored_path,
+    trainer_of,
+    use_storage_options,
+)
 from lightning_sharing.integration.data import replace_shuffle_wrapper, set_sampler_epoch
 from lightning_sharing.lightning.checkpoint_io import SharingCheckpointIO
 from lightning_sharing.lightning.layout import (
@@ -46,11 +56,11 @@ from lightning_sharing.lightning.layout import (
     builtin_components,
     check_user_components,
 )
+from lightning_sharing.lightning.locations import CheckpointLocations
 from lightning_sharing.lightning.preemption import PreemptionHandler
 from lightning_sharing.statefuls.holders import ValueHolder
 from lightning_sharing.statefuls.metrics import module_metrics
 from lightning_sharing.statefuls.rng import RNGState
-from lightning_sharing.storage import complete_checkpoints
 
 __all__ = ["SharingStrategy"]
 
@@ -86,6 +96,11 @@ class SharingStrategy(DDPStrategy):
             ``ckpt_path="last"`` finds it when ``save_last`` is set (Lightning's ``hpc_ckpt_{n}.ckpt`` under
             ``SLURMEnvironment(auto_requeue=True)``); a ``.ckpt`` path (``{step}``/``{epoch}`` filled in) or a
             directory; ``False``: stop without it. See ``lightning_sharing.lightning.preemption``.
+        storage_options: fsspec filesystem arguments for checkpoint URLs (``ModelCheckpoint(dirpath="s3://...")``:
+            ``endpoint_url``, ``key``, ``secret``, ``client_kwargs``, ...), used for every save, load, removal,
+            ``ckpt_path="last"`` and fallback on a URL, and by ``ModelCheckpoint`` itself to list its directory.
+            ``trainer.save_checkpoint(path, storage_options=...)`` replaces them for that save. Local paths do not
+            use them. Default: fsspec's own configuration (for S3: the environment, ``AWS_ENDPOINT_URL``, ...).
         **kwargs: everything ``DDPStrategy`` accepts.
 
     Example:
@@ -98,16 +113,21 @@ class SharingStrategy(DDPStrategy):
                  max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, verify: str = "checksum", strict: bool = True,
                  fallback: bool = False, async_save: bool = False, max_pending_saves: int = 1,
                  preemption_checkpoint: bool | str | os.PathLike[str] | None = True,
-                 **kwargs: Any) -> None:
-        if kwargs.get("checkpoint_io") is None:
+                 storage_options: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
+        storage_options = check_storage_options(storage_options)
+        io = kwargs.get("checkpoint_io")
+        if io is None:
             kwargs["checkpoint_io"] = SharingCheckpointIO(options=CheckpointOptions(
                 max_shard_size=max_shard_size, verify=verify, validation_level=validation_level,
-                async_save=async_save, max_pending_saves=max_pending_saves))
+                async_save=async_save, max_pending_saves=max_pending_saves), storage_options=storage_options)
+        elif storage_options is not None and isinstance(io, SharingCheckpointIO):
+            io.adopt_storage_options(storage_options, "SharingStrategy")
         super().__init__(**kwargs)
         self.strict = strict
         self.fallback = fallback
-        self._resumed_from: str | None = None
-        self.preemption = PreemptionHandler(preemption_checkpoint)
+        self._resumed_from: str | None = None  # location_key() of the checkpoint this run resumed from
+        self._locations = CheckpointLocations(self._options_for)
+        self.preemption = PreemptionHandler(preemption_checkpoint, options_for=self._options_for)
         self._process_groups = LazyProcessGroups(process_groups)
         self._pending_rng: Any = None
         self._rng_at_first_batch = False
@@ -167,6 +187,8 @@ class SharingStrategy(DDPStrategy):
 
     # ------------------------------------------------------------------ preemption (see preemption.py)
     def setup_environment(self) -> None:
+        # Before the callbacks' setup: ModelCheckpoint opens its directory with these options (integration/compat.py).
+        use_storage_options(self.storage_options)
         existed = default_group_exists()
         super().setup_environment()
         adopt_default_group(existed)  # a group created here is destroyed at exit (see integration/cleanup.py)
@@ -181,11 +203,25 @@ class SharingStrategy(DDPStrategy):
 
     # ------------------------------------------------------------------ save / load / remove
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
-        """Collective: every rank saves its share of the checkpoint (Lightning calls this on all ranks)."""
-        check_storage_options(storage_options)
+        """Collective: every rank saves its share of the checkpoint (Lightning calls this on all ranks).
+
+        ``storage_options`` (``trainer.save_checkpoint(path, storage_options=...)``) replace the strategy's own for
+        this save.
+        """
+        storage_options = check_storage_options(storage_options)
         user, overrides = self.declared_components()
         self.sharing_io.save_sharded(checkpoint, filepath, user, self._resolve_process_groups(), overrides,
-                                     unreplicated=self._buffer_names(), metrics=module_metrics(self.lightning_module))
+                                     unreplicated=self._buffer_names(), metrics=module_metrics(self.lightning_module),
+                                     storage_options=storage_options)
+
+    @property
+    def storage_options(self) -> dict[str, Any] | None:
+        """The fsspec options used for checkpoint URLs (those of the strategy's ``SharingCheckpointIO``)."""
+        io = self.checkpoint_io
+        return io.storage_options if isinstance(io, SharingCheckpointIO) else None
+
+    def _options_for(self, path: Any) -> dict[str, Any] | None:
+        return self.sharing_io.storage_options_for(path)
 
     def _buffer_names(self) -> frozenset[str]:
         # Buffers (BatchNorm running statistics, counters) are updated from each rank's own batch and
@@ -199,20 +235,23 @@ class SharingStrategy(DDPStrategy):
         A regular file is an ordinary single-file Lightning checkpoint: see ``_migrate_from_file``.
         """
         user, overrides = self.declared_components()
-        if agree_on_flag(os.path.isfile(checkpoint_path), f"checking whether {checkpoint_path} is a file"):
+        is_file = False
+        with agreement(f"checking whether {checkpoint_path} is a file"):
+            is_file = is_plain_object(checkpoint_path, self._options_for(checkpoint_path))
+        if agree_on_flag(is_file, f"checking whether {checkpoint_path} is a file"):
             return self._migrate_from_file(checkpoint_path, weights_only, user)
         groups = self._resolve_process_groups()
         try:
             checkpoint, rng = self.sharing_io.load_sharded(checkpoint_path, user, groups, overrides,
                                                            strict=self.strict)
-            self._resumed_from = os.path.realpath(checkpoint_path)
+            self._resumed_from = self._locations.key(checkpoint_path)
         except CheckpointNotFoundError:
             raise  # nothing at that path: not a damaged checkpoint to fall back from (FileNotFoundError, as Lightning)
         except (CorruptCheckpointError, ManifestError) as exc:
             # Every rank raised this same error (the agreement step), so every rank gets here.
             if not self.fallback:
                 log.error("%s cannot be loaded; SharingStrategy(fallback=True) would resume from the previous "
-                          "complete checkpoint in %s instead", checkpoint_path, Path(checkpoint_path).parent)
+                          "complete checkpoint in %s instead", checkpoint_path, self._locations.parent(checkpoint_path))
                 raise
             checkpoint, rng = self._load_previous(checkpoint_path, exc, user, groups, overrides)
             # Lightning's own "Restored all states from the checkpoint at ..." and trainer.ckpt_path must name
@@ -247,7 +286,7 @@ class SharingStrategy(DDPStrategy):
         checkpoint: dict[str, Any] = {}
         with agreement(f"reading the single-file checkpoint {path}"):
             checkpoint = self.sharing_io.load_file(path, weights_only)
-        self._resumed_from = os.path.realpath(path)
+        self._resumed_from = self._locations.key(path)
         if self.is_global_zero:
             log.warning("%s is a single-file Lightning checkpoint: resuming with its model, optimizer, scheduler, "
                         "loop and callback state; it holds no per-rank state, so %s", path,
@@ -270,12 +309,12 @@ class SharingStrategy(DDPStrategy):
                        overrides: dict[str, StateComponent]) -> tuple[dict[str, Any], Any]:
         """Resume from the newest other complete checkpoint beside ``failed`` (chosen on rank 0)."""
         candidates = on_rank_zero(f"choosing a checkpoint to fall back to from {failed}",
-                                  lambda: _previous_checkpoints(Path(failed)))
+                                  lambda: self._locations.previous_checkpoints(failed))
         for candidate in candidates:
             log.error("FALLING BACK: %s could not be loaded (%s); resuming from %s instead", failed, error, candidate)
             try:
                 loaded = self.sharing_io.load_sharded(candidate, user, groups, overrides, strict=self.strict)
-                self._resumed_from = os.path.realpath(candidate)
+                self._resumed_from = self._locations.key(candidate)
                 return loaded
             except (CorruptCheckpointError, ManifestError) as exc:  # agreed on every rank, like above
                 error = exc
@@ -325,6 +364,7 @@ class SharingStrategy(DDPStrategy):
         self._pending_rng = None
         self._resume_after_last_batch = False
         super().teardown()  # tears down the CheckpointIO, which waits for pending saves
+        use_storage_options(None)
 
     # ------------------------------------------------------------------ retention
     def remove_checkpoint(self, filepath: Any) -> None:
@@ -336,14 +376,18 @@ class SharingStrategy(DDPStrategy):
         if self.is_global_zero:
             self.sharing_io.remove_checkpoint(filepath, keep=self._reason_to_keep)
 
-    def _reason_to_keep(self, path: Path) -> str | None:
-        real = os.path.realpath(path)
-        if self._resumed_from is not None and real == self._resumed_from:
-            return "training resumed from it"
-        newest = complete_checkpoints(path.parent)
-        if newest and os.path.realpath(newest[0][0]) == real:
-            return "it is the newest complete checkpoint in its directory"
-        return None
+    def _reason_to_keep(self, path: str) -> str | None:
+        return self._locations.reason_to_keep(path, self._resumed_from, trainer_of(self.lightning_module))
+
+    # ------------------------------------------------------------------ ckpt_path="last"
+    def resolve_last_checkpoint(self, trainer: Any) -> Any:
+        """``fit(ckpt_path="last")`` when a ``ModelCheckpoint`` saves to an object store (see integration/compat.py).
+
+        The newest *complete* ``last*.ckpt`` of the ModelCheckpoint directories, by the step its manifest records,
+        then its creation time; None when there is none (training starts from scratch, with a warning).
+        ``NotImplemented`` when every directory is local: there Lightning's own resolution is used unchanged.
+        """
+        return self._locations.resolve_last(trainer)
 
 
 def agree_on_flag(flag: bool, phase: str) -> bool:
@@ -374,16 +418,7 @@ def _apply_update_counts(module: Any, counts: Any) -> None:
             metric._computed = None
 
 
-def _previous_checkpoints(failed: Path) -> list[str]:
-    """Complete checkpoints beside ``failed``, newest first by step, not newer than it, itself excluded."""
-    failed_real = os.path.realpath(failed)
-    try:
-        limit = CheckpointManifest.load(failed).step
-    except ManifestError:
-        limit = None
-    return [str(path) for path, step in complete_checkpoints(failed.parent)
-            if os.path.realpath(path) != failed_real and (limit is None or step <= limit)]
-
-
 register_strategy(StrategyRegistry, "sharing", SharingStrategy,
                   "DDP with lightning_sharing checkpoints (explicit sharing patterns)")
+hook_last_checkpoint()
+hook_checkpoint_filesystem()

@@ -36,6 +36,7 @@ from torch import nn
 from lightning_sharing import (
     CheckpointError,
     CheckpointManifest,
+    ComponentDeclarationError,
     ReplicationMismatchError,
     SharingPattern,
     StateComponent,
@@ -329,11 +330,14 @@ def test_fabric_load_contract(runs: Path) -> None:
 
 
 # ---------------------------------------------------------------------- in-process tests (no process group)
-def test_storage_options_are_refused(tmp_path: Path) -> None:
-    strategy = FabricSharingStrategy()
-    with pytest.raises(TypeError, match="is not supported by lightning_sharing"):
+def test_storage_options_for_a_local_path_or_of_the_wrong_type_are_refused(tmp_path: Path) -> None:
+    strategy = FabricSharingStrategy(storage_options={"anon": True})  # for URLs only: a local save does not use them
+    assert strategy.storage_options == {"anon": True}
+    with pytest.raises(ComponentDeclarationError, match=r"storage_options=\{'a': 1\} were given for the local path "):
         strategy.save_checkpoint(tmp_path / "x.ckpt", {"model": nn.Linear(2, 2)}, storage_options={"a": 1})
     assert not (tmp_path / "x.ckpt").exists()
+    with pytest.raises(TypeError, match=r"storage_options must be a dict of fsspec filesystem arguments"):
+        FabricSharingStrategy(storage_options="anon")
 
 
 def test_registered_in_fabrics_registry() -> None:

@@ -57,7 +57,9 @@ def test_model_checkpoint_save_validate_and_resume(tmp_path: Path) -> None:
     assert saved.keys() == same.keys() and all(torch.equal(saved[k], same[k]) for k in saved)
 
     assert result["validate_weights"] == result["validate_best"]  # both load the step-12 weights
-    assert result["storage_options_error"].startswith("storage_options={'bucket': 'x'} is not supported")
+    assert result["storage_options_error"].startswith(
+        "ComponentDeclarationError: storage_options={'bucket': 'x'} were given for the local path ")
+    assert not (out / "remote.ckpt").exists()
 
 
 def test_wrong_declaration_fails_when_fit_starts(tmp_path: Path) -> None:

@@ -2,7 +2,8 @@
 
 Modes:
     features         ModelCheckpoint top-k + monitor + save_last="link", save_checkpoint (weights_only too),
-                     validate(ckpt_path=...), storage_options refusal, user components, resume from "last".
+                     validate(ckpt_path=...), storage_options for a local path refused, user components,
+                     resume from "last".
     bad-declaration  a PER_GROUP component naming a group nobody provides: must fail when fit starts.
     spawn            the spawn launcher: final weights travel back to the parent through the CheckpointIO.
     nodes            run under torchrun --nnodes=2: a PER_NODE component, saved then resumed.
@@ -152,11 +153,11 @@ def features(args: argparse.Namespace) -> None:
                               "best_k": sorted(callback.best_k_models), "global_step": t.global_step}
     t.save_checkpoint(args.out / "manual.ckpt")
     t.save_checkpoint(args.out / "weights.ckpt", weights_only=True)
-    try:
+    try:  # storage options are for URLs: given for a local path, a mistake (on every rank, before any collective)
         t.save_checkpoint(args.out / "remote.ckpt", storage_options={"bucket": "x"})
         result["storage_options_error"] = None
-    except TypeError as exc:
-        result["storage_options_error"] = str(exc)
+    except ValueError as exc:
+        result["storage_options_error"] = f"{type(exc).__name__}: {exc}"
     # Unshuffled, so that the two validations average the same batches in the same order.
     result["validate_weights"] = t.validate(module, dataloaders=loader(False), ckpt_path=args.out / "weights.ckpt",
                                             verbose=False)[0]["val_loss"]

@@ -29,15 +29,18 @@ def env() -> dict[str, str]:
     return result
 
 
-def start(args: list[str], log: Path, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
-    """Start ``python *args`` in its own session (``extra_env`` added to its environment); output goes to ``log``.
+def start(args: list[str], log: Path, extra_env: dict[str, str] | None = None,
+          drop_env: tuple[str, ...] = ()) -> subprocess.Popen:
+    """Start ``python *args`` in its own session (``extra_env`` added to its environment, the variables named in
+    ``drop_env`` removed from it); output goes to ``log``.
 
     The process runs in the log's folder (the test's temporary directory), so that whatever it writes to
     its working directory (Lightning's default ``checkpoints/``, say) never lands in the checkout.
     """
+    environment = {name: value for name, value in {**env(), **(extra_env or {})}.items() if name not in drop_env}
     with open(log, "w") as handle:
-        return subprocess.Popen([sys.executable, *args], cwd=log.parent, env={**env(), **(extra_env or {})},
-                                stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen([sys.executable, *args], cwd=log.parent, env=environment, stdout=handle,
+                                stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def _descendants(pid: int) -> list[int]:
@@ -88,9 +91,10 @@ def wait(procs: list[subprocess.Popen], logs: list[Path], timeout: float) -> lis
     return [proc.returncode for proc in procs]
 
 
-def run(args: list[str], log: Path, timeout: float = 150, expect: int | None = 0) -> str:
+def run(args: list[str], log: Path, timeout: float = 150, expect: int | None = 0,
+        drop_env: tuple[str, ...] = ()) -> str:
     """Run one process to completion; check its exit code unless ``expect`` is None; return its output."""
-    proc = start(args, log)
+    proc = start(args, log, drop_env=drop_env)
     (code,) = wait([proc], [log], timeout)
     output = log.read_text()
     if expect is not None:
