@@ -149,12 +149,16 @@ def clean_after_commit(fs: Any, state: PrefixState, committed: str, version: str
     tag = base_tag(version)
     doomed = [name for name in state.generations if _dead(name, {committed}, tag)]
     for name in doomed:
-        delete_prefix(fs, f"{state.path}/{name}")
+        delete_prefix(fs, f"{state.path}/{name}")  # aborts the generation's unfinished uploads too
+    deleted = set(doomed)
+    # A generation that holds only unfinished uploads (every rank killed mid-upload) is not listed as a
+    # prefix: each of its uploads is aborted here, however many ranks left one.
     for upload in _uploads(fs, state.path):
         generation = _generation_of(state.path, upload.path)
-        if generation is not None and generation not in doomed and _dead(generation, {committed}, tag):
+        if generation is not None and generation not in deleted and _dead(generation, {committed}, tag):
             _abort(fs, upload)
-            doomed.append(generation)
+            if generation not in doomed:
+                doomed.append(generation)
     return doomed
 
 

@@ -184,6 +184,21 @@ def test_leftovers_of_interrupted_saves_are_deleted_by_later_saves_and_nothing_e
     assert scan(fs, f"{base}/last.ckpt").generations == [_generation(f"{root}/last.ckpt")]
 
 
+def test_every_rank_killed_mid_upload_leaves_only_uploads_and_the_next_save_aborts_all_of_them(s3, s3_prefix):
+    # Both ranks killed while uploading into a generation that never got a finished object: S3 lists no prefix
+    # for it, only its unfinished uploads, one per rank. Each of them must go, not just the first one found.
+    bucket, key, _ = s3.split_path(s3_prefix)
+    coordinator, _, _ = _coordinator(1.0)
+    coordinator.save_checkpoint(f"s3://{s3_prefix}/step=2.ckpt", step=2)
+    dead = generation_name(uuid.uuid4().hex, None)  # a first save of step=2.ckpt: can never commit now
+    for rank in (0, 1):
+        s3.call_s3("create_multipart_upload", Bucket=bucket,
+                   Key=f"{key}/step=2.ckpt/{dead}/big/rank-{rank:05d}-00001-of-00001.safetensors")
+    coordinator.save_checkpoint(f"s3://{s3_prefix}/step=2.ckpt", step=2)
+    answer = s3.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=key + "/")
+    assert answer.get("Uploads", []) == []
+
+
 def test_remove_checkpoint_deletes_the_manifest_first_and_refuses_what_is_not_a_checkpoint(root):
     fs = fsspec.filesystem("memory")
     base = fs._strip_protocol(root)
