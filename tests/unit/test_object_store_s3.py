@@ -90,13 +90,17 @@ def test_a_write_fault_fires_mid_upload(s3, s3_prefix, fault_proxy, monkeypatch)
     assert find_objects(s3, s3_prefix) == [] and _uploads(s3, s3_prefix) == []
 
 
-def test_a_refused_part_is_not_retried_and_aborts_the_upload(s3, s3_prefix, fault_proxy) -> None:
+def test_a_refused_part_is_not_retried_and_aborts_the_upload(s3, s3_prefix, fault_proxy, caplog) -> None:
     fs = proxied_s3(fault_proxy)
     fault_proxy.add(Rule("error", method="PUT", contains=("partNumber=2",), status=403, code="AccessDenied"))
-    with pytest.raises(PermissionError, match="injected by the test proxy"):
+    with caplog.at_level(logging.WARNING, logger="lightning_sharing"), \
+            pytest.raises(PermissionError, match="injected by the test proxy"):
         write_object(fs, f"{s3_prefix}/big", [os.urandom(16 * MIB)], part_size=5 * MIB, retry=FAST_RETRY)
     assert fault_proxy.count("PUT", "partNumber=2") == 1
-    assert fault_proxy.count("DELETE", "uploadId=") == 1
+    # A part the server is still storing when the abort arrives can make the abort fail with a transient error
+    # (moto answers 500, S3 documents the same race): it is retried, and only then. Exactly one abort succeeds.
+    abort_retries = [w for w in _retry_warnings(caplog) if w.startswith("abort the multipart upload of")]
+    assert fault_proxy.count("DELETE", "uploadId=") == 1 + len(abort_retries), abort_retries
     assert object_info(s3, f"{s3_prefix}/big") is None and _uploads(s3, s3_prefix) == []
 
 
