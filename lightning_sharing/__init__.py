@@ -46,6 +46,7 @@ from lightning_sharing.storage import find_latest_checkpoint
 _LIGHTNING_NAMES = {
     "BuiltinState": "lightning_sharing.lightning.layout",
     "FabricSharingStrategy": "lightning_sharing.fabric.strategy",
+    "SharingModelParallelStrategy": "lightning_sharing.lightning.model_parallel",
     "SharingCheckpointIO": "lightning_sharing.lightning.checkpoint_io",
     "SharingStrategy": "lightning_sharing.lightning.strategy",
 }
@@ -72,6 +73,7 @@ __all__ = [
     "RNGState",
     "ReplicationMismatchError",
     "SharingCheckpointIO",
+    "SharingModelParallelStrategy",
     "SharingPattern",
     "SharingStrategy",
     "StateComponent",
