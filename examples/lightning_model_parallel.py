@@ -12,8 +12,8 @@ Lightning's own ``ModelParallelStrategy`` (tensor parallel over "tensor_parallel
 writes the chunks it holds, once; they load at any mesh or world size, or into one plain process), the scheduler and
 Lightning's loops GLOBAL, each rank's RNG PER_RANK and the dataloader position PER_GROUP over the tensor-parallel
 group (its ranks read the same batches). The module adds a per-rank torchmetrics metric. ``--kill-at-step N`` sends
-SIGKILL to every process at step N; ``--resume`` continues from ``last``. At the end each rank writes ``OUT/final-
-rank{r}.safetensors`` (full weights, full optimizer state, its metric) and ``OUT/final-rank{r}.json``.
+SIGKILL to every process at step N; ``--resume`` continues from ``last``. At the end each rank writes
+``OUT/final-rank{r}.safetensors`` (full weights, full optimizer state, its metric) and ``OUT/final-rank{r}.json``.
 
     lightning-sharing inspect runs/mp/checkpoints/last.ckpt                          # who wrote which chunk
     lightning-sharing export runs/mp/checkpoints/last.ckpt runs/mp/hf --component model

@@ -24,7 +24,7 @@ from lightning.fabric.plugins import CheckpointIO
 
 from lightning_sharing.core.declarations import SharingPattern, StateComponent, ValidationLevel
 from lightning_sharing.core.options import CheckpointOptions, VerifyMode
-from lightning_sharing.distributed.collectives import agreement, get_world_size, local_only
+from lightning_sharing.distributed.collectives import agreement, get_world_size, local_only, resolve_process_groups
 from lightning_sharing.engine.coordinator import CheckpointCoordinator
 from lightning_sharing.errors import CheckpointError, ComponentDeclarationError
 from lightning_sharing.format.manifest import CheckpointManifest
@@ -166,6 +166,7 @@ class SharingCheckpointIO(CheckpointHost, CheckpointIO):
             manifest = CheckpointManifest.load(path, self.storage_options_for(path))
             if _RAW_KEY in manifest.components and not set(manifest.components) & set(BUILTIN_KEYS):
                 raise ValueError(f"{path} holds a raw state dict, not a Lightning training checkpoint")
+            skip = set(skip) | _groups_gone(manifest, overrides, process_groups, strict, path)
             keys = [key for key in BUILTIN_KEYS if key in manifest.components and key not in skip]
             # A built-in that the user does not re-declare is read the way it was saved.
             saved = {key: StateComponent(key, ValueHolder(), manifest.components[key].pattern,
@@ -174,7 +175,7 @@ class SharingCheckpointIO(CheckpointHost, CheckpointIO):
         declared = {**saved, **overrides}
         components = builtin_components(keys, holders, declared, ValidationLevel.NONE) + list(user_components)
         self._coordinator(components, process_groups, path).load_checkpoint(
-            path, strict=strict, ignore=[key for key in skip if key in BUILTIN_KEYS])
+            path, strict=strict, ignore=sorted(key for key in skip if key in BUILTIN_KEYS))
         parts = {key: holder.value for key, holder in holders.items()
                  if key not in live and holder.loaded and key != "rng"}
         rng = holders["rng"].value if "rng" in holders and holders["rng"].loaded else None
@@ -285,6 +286,26 @@ class SharingCheckpointIO(CheckpointHost, CheckpointIO):
         else:
             remove()
 
+
+
+def _groups_gone(manifest: CheckpointManifest, overrides: Mapping[str, StateComponent], process_groups: Any,
+                 strict: bool, path: Any) -> set[str]:
+    """Saved built-ins (not re-declared) of a group this run does not have: refused, or (not strict) skipped.
+
+    A model-parallel checkpoint keeps the dataloader position per tensor-parallel group; a DDP run has no such group.
+    """
+    names = set(resolve_process_groups(process_groups)) if process_groups is not None else set()
+    gone = {key: saved.group_name for key, saved in manifest.components.items()
+            if key in BUILTIN_KEYS and key not in overrides and saved.group_name and saved.group_name not in names}
+    for key, group in sorted(gone.items()):
+        message = (f"{path}: component {key!r} was saved {manifest.components[key].pattern.name} over the process "
+                   f"group {group!r}, which this run does not have (its groups: {sorted(names) or 'none'})")
+        if strict:
+            raise ComponentDeclarationError(
+                f"{message}; load with strict=False to skip it (it keeps its current value), or provide that group "
+                "in configure_process_groups()")
+        log.warning("%s: skipped (strict=False), it keeps its current value", message)
+    return set(gone)
 
 
 def refuse_ignored_io(strategy: Any) -> None:
