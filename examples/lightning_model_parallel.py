@@ -55,6 +55,8 @@ class TinyParallelRegression(pl.LightningModule):
         from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
         mesh = self.device_mesh
+        if mesh is None:  # no model-parallel strategy: load_from_checkpoint, SharingStrategy, one device
+            return
         if mesh["tensor_parallel"].size() > 1:
             parallelize_module(self.net, mesh["tensor_parallel"], {"0": ColwiseParallel(), "3": RowwiseParallel()})
         fully_shard(self.net, mesh=mesh["data_parallel"])

@@ -38,13 +38,6 @@ sys.modules["lightning_model_parallel"] = example
 _spec.loader.exec_module(example)
 
 
-class PlainModule(example.TinyParallelRegression):
-    """The example's module without parallelization (for DDP and one device)."""
-
-    def configure_model(self) -> None:
-        pass
-
-
 class ShardedUnderDDP(example.TinyParallelRegression):
     """``fully_shard`` on a mesh of its own, as a user would try under DDP."""
 
@@ -78,7 +71,7 @@ def load(args: argparse.Namespace, into: str, result: dict[str, Any]) -> None:
         strategy = SharingStrategy(strict=strict) if ddp else SharingModelParallelStrategy(args.dp, args.tp,
                                                                                            strict=strict)
         run = trainer(strategy, devices, args.max_steps)
-        module = (PlainModule if ddp else example.TinyParallelRegression)(total=64)
+        module = example.TinyParallelRegression(total=64)  # under DDP its configure_model does nothing
         run.fit(module, train_dataloaders=example.make_dataloader(), ckpt_path=args.load)
         return run, module
 
