@@ -98,7 +98,8 @@ def test_what_each_rank_wrote(runs: dict[str, Path], name: str) -> None:
     assert files["dataloader"] == [(f"dataloader/tensor_parallel-{g:05d}.json", g * tp) for g in range(dp)]
     assert files["scheduler"] == [("scheduler.json", 0)]
     assert sorted({rank for _, rank in files["rng"]}) == list(range(world))
-    assert manifest.topology.groups["tensor_parallel"] == [list(range(g * tp, g * tp + tp)) for g in range(dp)]
+    assert manifest.topology["groups"] == {"tensor_parallel": [list(range(g * tp, g * tp + tp)) for g in range(dp)],
+                                           "data_parallel": [list(range(t, world, tp)) for t in range(tp)]}
 
 
 def _checkpoint_tensors(path: Path) -> dict[str, torch.Tensor]:
