@@ -45,6 +45,7 @@ from lightning_sharing.storage import find_latest_checkpoint
 # Public names that need Lightning: imported on first access (PEP 562).
 _LIGHTNING_NAMES = {
     "BuiltinState": "lightning_sharing.lightning.layout",
+    "FabricSharingModelParallelStrategy": "lightning_sharing.fabric.model_parallel",
     "FabricSharingStrategy": "lightning_sharing.fabric.strategy",
     "SharingModelParallelStrategy": "lightning_sharing.lightning.model_parallel",
     "SharingCheckpointIO": "lightning_sharing.lightning.checkpoint_io",
@@ -63,6 +64,7 @@ __all__ = [
     "ComponentManifest",
     "CorruptCheckpointError",
     "DistributedCheckpointError",
+    "FabricSharingModelParallelStrategy",
     "FabricSharingStrategy",
     "FileEntry",
     "HFExport",

@@ -35,32 +35,15 @@ from typing import Any, Literal
 from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
 
 from lightning_sharing.core.declarations import SharingPattern, StateComponent
-from lightning_sharing.distributed.collectives import resolve_process_groups
-from lightning_sharing.integration.common import register_strategy
+from lightning_sharing.integration.common import register_strategy, with_mesh_groups
 from lightning_sharing.lightning.base import SharingStrategyBase
 from lightning_sharing.lightning.layout import BuiltinState
+from lightning_sharing.statefuls.modules import ShardedModuleState
 from lightning_sharing.statefuls.optimizer import OptimizerState
 
 __all__ = ["SharingModelParallelStrategy"]
 
 log = logging.getLogger(__name__)
-
-
-class _ShardedModelState:
-    """The live (sharded) module: its DTensors are read into in place, then loaded with ``set_model_state_dict``."""
-
-    def __init__(self, model: Any, strict: bool) -> None:
-        self.model, self.strict = model, strict
-
-    def state_dict(self) -> dict[str, Any]:
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-        return get_model_state_dict(self.model)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-        set_model_state_dict(self.model, state, options=StateDictOptions(strict=self.strict))
 
 
 class _OptimizersState:
@@ -113,7 +96,7 @@ class SharingModelParallelStrategy(SharingStrategyBase, ModelParallelStrategy):
     def live_statefuls(self, overrides: dict[str, StateComponent]) -> tuple[dict[str, Any], set[str],
                                                                              dict[str, StateComponent]]:
         strict = bool(getattr(self.lightning_module, "strict_loading", True))
-        live: dict[str, Any] = {"model": _ShardedModelState(self.model, strict)}
+        live: dict[str, Any] = {"model": ShardedModuleState(self.model, strict)}
         skip: set[str] = set()
         if self.optimizers:
             live["optimizer"] = _OptimizersState(self.model, self.optimizers)
@@ -125,13 +108,7 @@ class SharingModelParallelStrategy(SharingStrategyBase, ModelParallelStrategy):
         return frozenset()  # SHARDED state is not validated across ranks
 
     def _resolve_process_groups(self) -> Any:
-        mesh = self.device_mesh
-        groups = super()._resolve_process_groups()
-        if groups is None:
-            return mesh
-        if isinstance(groups, Mapping):
-            return {**resolve_process_groups(mesh), **resolve_process_groups(groups)}
-        return groups  # a DeviceMesh of the user's own
+        return with_mesh_groups(self.device_mesh, super()._resolve_process_groups())
 
     # ------------------------------------------------------------------ Lightning's state, in our form
     def lightning_module_state_dict(self) -> dict[str, Any]:
