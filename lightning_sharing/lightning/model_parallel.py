@@ -33,9 +33,11 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
+from lightning.pytorch.trainer.states import TrainerFn
 
 from lightning_sharing.core.declarations import SharingPattern, StateComponent
 from lightning_sharing.integration.common import register_strategy, with_mesh_groups
+from lightning_sharing.integration.compat import trainer_of
 from lightning_sharing.lightning.base import SharingStrategyBase
 from lightning_sharing.lightning.layout import BuiltinState
 from lightning_sharing.statefuls.modules import ShardedModuleState
@@ -98,9 +100,14 @@ class SharingModelParallelStrategy(SharingStrategyBase, ModelParallelStrategy):
         strict = bool(getattr(self.lightning_module, "strict_loading", True))
         live: dict[str, Any] = {"model": ShardedModuleState(self.model, strict)}
         skip: set[str] = set()
-        if self.optimizers:
+        trainer = trainer_of(self.lightning_module)
+        if trainer is not None and trainer.state.fn != TrainerFn.FITTING:
+            # validate/test/predict restore the model (and callbacks) only: the training state is not read, so a
+            # checkpoint of another layout evaluates without strict=False.
+            skip |= {"optimizer", "dataloader", "rng"}
+        elif self.optimizers:
             live["optimizer"] = _OptimizersState(self.model, self.optimizers)
-        else:  # validate/test/predict: no optimizers to restore
+        else:
             skip.add("optimizer")
         return live, skip, overrides
 

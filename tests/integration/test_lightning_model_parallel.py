@@ -6,7 +6,8 @@ AdamW + warm-up, a shuffled StatefulDataLoader, a per-rank torchmetrics metric) 
 every 3 steps), resumed from "last"; the full weights, optimizer state, scheduler and metric must be equal. The
 killed runs' step-6 checkpoints are then loaded elsewhere by tests/scripts/lightning_model_parallel.py: 2 -> 4 and
 4 -> 2 processes, into SharingStrategy (DDP, 2 processes) and one device, and by load_from_checkpoint; what each
-loaded must equal the checkpoint's full tensors as SharingCheckpointIO reads them in this process.
+loaded must equal the checkpoint's full tensors as SharingCheckpointIO reads them in this process. The same launch
+validates with a checkpoint, saves weights only and saves asynchronously, and checks the refusals of point 4.
 """
 
 from __future__ import annotations
@@ -130,7 +131,7 @@ def test_layout_changes_ddp_one_device_and_load_from_checkpoint(runs: dict[str, 
     _torchrun(4, tmp_path / "to-4.log", "--out", str(tmp_path / "to-4"), "--load", str(from_2), "--dp", "2",
               "--tp", "2", *common)
     _torchrun(2, tmp_path / "to-2.log", "--out", str(tmp_path / "to-2"), "--load", str(from_4), "--dp", "2",
-              "--into", "mp", "ddp", "--refusals", *common)
+              "--into", "mp", "ddp", "--refusals", "--extras", *common)
     run([SCRIPT, "--out", str(tmp_path / "to-1"), "--load", str(from_4), "--into", "ddp", "--single-device",
          *common], tmp_path / "to-1.log", timeout=240)
 
@@ -172,7 +173,7 @@ def test_layout_changes_ddp_one_device_and_load_from_checkpoint(runs: dict[str, 
     # load_from_checkpoint: a plain module with the full weights (this process; no process group).
     sys.path.insert(0, str(ROOT / "examples"))
     try:
-        from lightning_model_parallel import TinyParallelRegression
+        from lightning_model_parallel import TinyParallelRegression, make_dataloader
     finally:
         sys.path.remove(str(ROOT / "examples"))
     module = TinyParallelRegression.load_from_checkpoint(from_4)
@@ -180,3 +181,16 @@ def test_layout_changes_ddp_one_device_and_load_from_checkpoint(runs: dict[str, 
     weights = {f"model.{k}": v for k, v in module.net.state_dict().items()}
     assert weights.keys() == {k for k in expected_4 if k.startswith("model.")}
     assert all(torch.equal(weights[k], expected_4[k]) for k in weights)
+
+    # validate(ckpt_path=...) at 2 processes evaluated the checkpoint's model: the mean squared error of all batches.
+    x, y = make_dataloader().dataset.tensors
+    module.eval()
+    with torch.no_grad():
+        mse = float(torch.nn.functional.mse_loss(module.net(x), y))
+    assert to_2[0]["validate"] == {"val_loss": pytest.approx(mse, rel=1e-5), "ckpt_path": str(from_4)}
+    # trainer.save_checkpoint(weights_only=True): no optimizer, scheduler or loader position.
+    assert sorted(CheckpointManifest.load(tmp_path / "to-2" / "weights.ckpt").components) == [
+        "loss_mean", "model", "rng", "trainer"]
+    # async_save with top-1 retention: step 2 removed once step 4 had committed.
+    assert to_2[0]["async"] == ["epoch=0-step=4.ckpt"]
+    assert CheckpointManifest.load(tmp_path / "to-2" / "async" / "epoch=0-step=4.ckpt").step == 4

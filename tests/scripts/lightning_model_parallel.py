@@ -7,6 +7,8 @@ examples/lightning_model_parallel.py:
   layout: first with the default ``strict=True`` (refused: the per-rank state does not map; the error is recorded),
   then with ``strict=False``; the full weights and optimizer state it loaded are written, no step is taken.
 - ``--into ddp``: the same into ``SharingStrategy`` (DDP; one process with ``--single-device``).
+- ``--extras``: ``validate(ckpt_path=CKPT)`` at --dp x --tp, ``trainer.save_checkpoint(weights_only=True)``, and a
+  short fit with ``async_save=True`` whose ModelCheckpoint keeps the newest of its saves.
 - ``--refusals``: Lightning's ``ModelParallelStrategy`` with ``plugins=[SharingCheckpointIO()]``, and a
   ``fully_shard``-ed module under ``SharingStrategy``: the errors are recorded.
 
@@ -24,7 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 import torch.distributed as dist
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import ModelParallelStrategy
 from safetensors.torch import save_file
 
@@ -96,6 +100,28 @@ def refusals(result: dict[str, Any]) -> None:
         lambda: run.fit(ShardedUnderDDP(), train_dataloaders=example.make_dataloader()))
 
 
+class Validated(example.TinyParallelRegression):
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        self.log("val_loss", torch.nn.functional.mse_loss(self.net(x), y), sync_dist=True)
+
+
+def extras(args: argparse.Namespace, result: dict[str, Any]) -> None:
+    """``validate`` with a checkpoint, ``save_checkpoint(weights_only=True)``, an async ModelCheckpoint save."""
+    devices = args.dp * args.tp
+    run = trainer(SharingModelParallelStrategy(args.dp, args.tp, strict=False), devices, 1)  # its metric is per rank
+    metrics = run.validate(Validated(), dataloaders=example.make_dataloader(), ckpt_path=args.load, verbose=False)
+    result["validate"] = {"val_loss": float(metrics[0]["val_loss"]), "ckpt_path": os.fspath(run.ckpt_path)}
+    run.save_checkpoint(args.out / "weights.ckpt", weights_only=True)
+    run = pl.Trainer(strategy=SharingModelParallelStrategy(args.dp, args.tp, async_save=True), accelerator="cpu",
+                     devices=devices, max_steps=4, logger=False, enable_progress_bar=False,
+                     enable_model_summary=False, callbacks=[ModelCheckpoint(dirpath=args.out / "async",
+                                                                            every_n_train_steps=2, save_top_k=1,
+                                                                            monitor="step", mode="max")])
+    run.fit(example.TinyParallelRegression(), train_dataloaders=example.make_dataloader())
+    result["async"] = sorted(os.listdir(args.out / "async"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
@@ -106,12 +132,15 @@ def main() -> None:
     parser.add_argument("--single-device", action="store_true")
     parser.add_argument("--max-steps", type=int, required=True, help="the checkpoint's step: load, take no step")
     parser.add_argument("--refusals", action="store_true")
+    parser.add_argument("--extras", action="store_true")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(7)
     result: dict[str, Any] = {}
     if args.refusals:
         refusals(result)
+    if args.extras:
+        extras(args, result)
     for into in args.into if args.load else []:
         load(args, into, result)
     rank = dist.get_rank() if dist.is_initialized() else 0
