@@ -15,13 +15,16 @@ value                                                  component
                                                        at ``QUICK``, its buffers are not (BatchNorm running
                                                        statistics follow each rank's batches; rank 0's copy, the
                                                        one DDP broadcasts at the next forward, is saved); saved as
-                                                       the unwrapped module's state dict (no ``module.`` prefixes)
+                                                       the unwrapped module's state dict (no ``module.`` prefixes);
+                                                       ``SHARDED`` when its parameters are DTensors (FSDP2, tensor
+                                                       parallel: ``FabricSharingModelParallelStrategy``)
 ``torchmetrics`` ``Metric``                            ``PER_RANK`` through ``MetricState``: this rank's raw
                                                        accumulators and update count (``persistent`` or not)
 ``torchmetrics`` ``MetricCollection``                  ``PER_RANK``, its own ``state_dict()`` (call
                                                        ``persistent(True)`` on it, or declare a ``MetricState`` per
                                                        metric)
-``Optimizer`` (also Fabric-wrapped)                    ``REPLICATED``
+``Optimizer`` (also Fabric-wrapped)                    ``REPLICATED``; over DTensors ``SHARDED``, as the
+                                                       ``OptimizerState`` of the module in ``state`` holding them
 ``DataLoader`` with ``state_dict()`` (torchdata's      ``PER_RANK``: each rank reads its own shard of the data
 ``StatefulDataLoader``)
 any other object with ``state_dict()`` and             ``REPLICATED``
