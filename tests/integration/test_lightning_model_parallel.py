@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file
 from support.launch import ROOT, free_port, run
 
-from lightning_sharing import CheckpointManifest, SharingCheckpointIO
+from lightning_sharing import CheckpointManifest, ComponentDeclarationError, SharingCheckpointIO
 
 EXAMPLE = str(ROOT / "examples" / "lightning_model_parallel.py")
 SCRIPT = str(ROOT / "tests" / "scripts" / "lightning_model_parallel.py")
@@ -194,3 +194,18 @@ def test_layout_changes_ddp_one_device_and_load_from_checkpoint(runs: dict[str, 
     # async_save with top-1 retention: step 2 removed once step 4 had committed.
     assert to_2[0]["async"] == ["epoch=0-step=4.ckpt"]
     assert CheckpointManifest.load(tmp_path / "to-2" / "async" / "epoch=0-step=4.ckpt").step == 4
+
+
+@pytest.mark.parametrize("name", ["ModelParallelStrategy", "FSDPStrategy"])
+def test_sharing_checkpoint_io_is_refused_where_it_would_be_ignored(name: str) -> None:
+    """The check runs first in the strategy's setup_environment (before any process group or GPU check), so it is
+    exercised here in this process; the Trainer path of ModelParallelStrategy is checked word for word above.
+    (FSDPStrategy needs a GPU for a Trainer to build it: Lightning refuses it on CPU before our check.)"""
+    import lightning.pytorch.strategies as strategies
+
+    strategy = getattr(strategies, name)()
+    strategy.checkpoint_io = SharingCheckpointIO()  # what the Trainer does with plugins=[SharingCheckpointIO()]
+    expected = (rf"^SharingCheckpointIO was passed to {name}, whose save_checkpoint writes its own distributed "
+                r"checkpoint without calling the CheckpointIO plugin")
+    with pytest.raises(ComponentDeclarationError, match=expected):
+        strategy.setup_environment()
