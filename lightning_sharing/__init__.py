@@ -1,9 +1,11 @@
 """lightning_sharing: explicit, verified, atomic distributed checkpoints driven by sharing patterns.
 
 The core (declarations, the coordinator, storage) needs only torch; the Lightning adapters
-(``SharingStrategy``, ``SharingCheckpointIO``, ``BuiltinState``, ``FabricSharingStrategy``) are
-imported when first used, so ``import lightning_sharing`` does not import Lightning. Once this package
-is imported, ``strategy="sharing"`` works in ``pl.Trainer`` and ``Fabric`` whatever the import order.
+(``SharingStrategy``, ``SharingModelParallelStrategy``, ``SharingCheckpointIO``, ``BuiltinState``,
+``FabricSharingStrategy``, ``FabricSharingModelParallelStrategy``) are imported when first used, so
+``import lightning_sharing`` does not import Lightning. Once this package is imported, ``strategy="sharing"`` works
+in ``pl.Trainer`` and ``Fabric`` (and ``strategy="sharing_model_parallel"`` in ``pl.Trainer``) whatever the import
+order.
 
 Example:
     >>> from lightning_sharing import CheckpointCoordinator, RNGState, SharingPattern, StateComponent

@@ -171,7 +171,7 @@ class SharingCheckpointIO(CheckpointHost, CheckpointIO):
             # A built-in that the user does not re-declare is read the way it was saved.
             saved = {key: StateComponent(key, ValueHolder(), manifest.components[key].pattern,
                                          manifest.components[key].group_name) for key in keys}
-        holders = {key: live.get(key) or ValueHolder() for key in keys}
+        holders = {key: live[key] if key in live else ValueHolder() for key in keys}
         declared = {**saved, **overrides}
         components = builtin_components(keys, holders, declared, ValidationLevel.NONE) + list(user_components)
         self._coordinator(components, process_groups, path).load_checkpoint(
