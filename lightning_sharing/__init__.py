@@ -1,9 +1,11 @@
 """lightning_sharing: explicit, verified, atomic distributed checkpoints driven by sharing patterns.
 
 The core (declarations, the coordinator, storage) needs only torch; the Lightning adapters
-(``SharingStrategy``, ``SharingCheckpointIO``, ``BuiltinState``, ``FabricSharingStrategy``) are
-imported when first used, so ``import lightning_sharing`` does not import Lightning. Once this package
-is imported, ``strategy="sharing"`` works in ``pl.Trainer`` and ``Fabric`` whatever the import order.
+(``SharingStrategy``, ``SharingModelParallelStrategy``, ``SharingCheckpointIO``, ``BuiltinState``,
+``FabricSharingStrategy``, ``FabricSharingModelParallelStrategy``) are imported when first used, so
+``import lightning_sharing`` does not import Lightning. Once this package is imported, ``strategy="sharing"`` works
+in ``pl.Trainer`` and ``Fabric`` (and ``strategy="sharing_model_parallel"`` in ``pl.Trainer``) whatever the import
+order.
 
 Example:
     >>> from lightning_sharing import CheckpointCoordinator, RNGState, SharingPattern, StateComponent
@@ -45,7 +47,9 @@ from lightning_sharing.storage import find_latest_checkpoint
 # Public names that need Lightning: imported on first access (PEP 562).
 _LIGHTNING_NAMES = {
     "BuiltinState": "lightning_sharing.lightning.layout",
+    "FabricSharingModelParallelStrategy": "lightning_sharing.fabric.model_parallel",
     "FabricSharingStrategy": "lightning_sharing.fabric.strategy",
+    "SharingModelParallelStrategy": "lightning_sharing.lightning.model_parallel",
     "SharingCheckpointIO": "lightning_sharing.lightning.checkpoint_io",
     "SharingStrategy": "lightning_sharing.lightning.strategy",
 }
@@ -62,6 +66,7 @@ __all__ = [
     "ComponentManifest",
     "CorruptCheckpointError",
     "DistributedCheckpointError",
+    "FabricSharingModelParallelStrategy",
     "FabricSharingStrategy",
     "FileEntry",
     "HFExport",
@@ -72,6 +77,7 @@ __all__ = [
     "RNGState",
     "ReplicationMismatchError",
     "SharingCheckpointIO",
+    "SharingModelParallelStrategy",
     "SharingPattern",
     "SharingStrategy",
     "StateComponent",

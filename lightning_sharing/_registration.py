@@ -36,6 +36,9 @@ STRATEGIES: tuple[tuple[str, str, str, str, str, str, str], ...] = (
     ("lightning.pytorch", "lightning.pytorch.strategies", "StrategyRegistry", "sharing",
      "lightning_sharing.lightning.strategy", "SharingStrategy",
      "DDP with lightning_sharing checkpoints (explicit sharing patterns)"),
+    ("lightning.pytorch", "lightning.pytorch.strategies", "StrategyRegistry", "sharing_model_parallel",
+     "lightning_sharing.lightning.model_parallel", "SharingModelParallelStrategy",
+     "ModelParallelStrategy (FSDP2 x tensor parallel) with lightning_sharing checkpoints"),
     ("lightning.fabric", "lightning.fabric.strategies", "STRATEGY_REGISTRY", "sharing",
      "lightning_sharing.fabric.strategy", "FabricSharingStrategy",
      "DDP with lightning_sharing checkpoints (sharing patterns, per-rank RNG, atomic, verified)"),
@@ -57,6 +60,12 @@ def _read_directory_for_module(path: str | os.PathLike[str], map_location: Any) 
     from lightning_sharing.lightning.checkpoint_io import SharingCheckpointIO
 
     return SharingCheckpointIO().load_for_module(path, map_location)
+
+
+def _refuse_ignored_io(strategy: Any) -> None:
+    from lightning_sharing.lightning.checkpoint_io import refuse_ignored_io
+
+    refuse_ignored_io(strategy)
 
 
 def _claims_url(url: str) -> bool:
@@ -82,9 +91,11 @@ def _on_loaded(package: str) -> None:
             registry.register(name, _factory(module, cls), description=description)
     if package == "lightning.pytorch":
         # LightningModule/LightningDataModule.load_from_checkpoint(directory): see integration/compat.py.
-        from lightning_sharing.integration.compat import hook_load_from_checkpoint
+        from lightning_sharing.integration.compat import hook_ignored_checkpoint_io, hook_load_from_checkpoint
 
         hook_load_from_checkpoint(_read_directory_for_module, claims=_claims_url)
+        # SharingCheckpointIO handed to a strategy that never calls it: refused at setup (see integration/compat.py).
+        hook_ignored_checkpoint_io(_refuse_ignored_io)
 
 
 class _AfterImport(importlib.abc.MetaPathFinder):

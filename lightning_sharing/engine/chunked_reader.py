@@ -224,8 +224,16 @@ def prepare_chunked_load(store: CheckpointStore, root: str, component: StateComp
 
 def _flat(component: StateComponent, index: ShardedIndex, live: Any, tensors: dict[str, torch.Tensor],
           live_names: set[str], split: bool, strict: bool) -> ChunkedLoad:
-    """A state saved as tensors alone (a module's ``state_dict()``): read into the live tensors by name."""
+    """A state saved as tensors alone (a module's ``state_dict()``): read into the live tensors by name.
+
+    A stateful with no live state (``state_dict()`` is None: a holder such as ``ValueHolder()``, as used by
+    ``load_from_checkpoint`` or a load into another strategy) gets every saved tensor whole, as plain tensors.
+    """
     saved_names = set(index.tensors) | set(index.ties)
+    if live is None:
+        whole = {name: torch.empty(record.shape, dtype=record.torch_dtype) for name, record in index.tensors.items()}
+        state = {**whole, **{name: whole[stored] for name, stored in index.ties.items() if stored in whole}}
+        return ChunkedLoad(component, index, plan_reads(index, whole, strict=False), state)
     missing = sorted(live_names - saved_names)
     unexpected = sorted(saved_names - live_names)
     if strict and (missing or (unexpected and not split)):

@@ -18,6 +18,8 @@ from lightning_sharing.errors import ComponentDeclarationError
 from lightning_sharing.integration.compat import unwrap_fabric_objects
 from lightning_sharing.integration.data import loader_state
 from lightning_sharing.statefuls.metrics import MetricState
+from lightning_sharing.statefuls.modules import ShardedModuleState, has_dtensors
+from lightning_sharing.statefuls.optimizer import OptimizerState
 
 __all__ = [
     "EXTRA_KEY",
@@ -74,6 +76,17 @@ class Filtered:
         return self._stateful.load_state_dict(state_dict)
 
 
+def _over_dtensors(optimizer: Optimizer) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for group in optimizer.param_groups for p in group["params"])
+
+
+def _owns(module: nn.Module, optimizer: Optimizer) -> bool:
+    held = {id(p) for p in module.parameters()}
+    return all(id(p) in held for group in optimizer.param_groups for p in group["params"])
+
+
 def filtered(value: Any, keep: FilterFn | None) -> Any:
     if keep is None or not isinstance(value, Mapping):
         return value
@@ -120,11 +133,12 @@ def declare_state(strategy: Any, own_components: list[StateComponent], state: Ma
     """
     components = list(own_components)
     own = {c.key for c in components}
+    modules = tuple(m for m in (unwrap_fabric_objects(v) for v in state.values()) if isinstance(m, nn.Module))
     plain: dict[str, Any] = {}
     for key, value in state.items():
         if not isinstance(key, str):
             raise ComponentDeclarationError(f"state keys must be strings, got {key!r}")
-        component = component_for(strategy, key, value, strict)
+        component = component_for(strategy, key, value, strict, modules)
         if component is None:
             plain[key] = filtered(value, filters.get(key))
             continue
@@ -141,8 +155,9 @@ def declare_state(strategy: Any, own_components: list[StateComponent], state: Ma
         components.append(component)
     return check_unique_keys(components), plain
 
-def component_for(strategy: Any, key: str, value: Any, strict: bool) -> StateComponent | None:
-    """The component for ``state[key]``, or None for a plain value."""
+def component_for(strategy: Any, key: str, value: Any, strict: bool,
+                  modules: tuple[nn.Module, ...] = ()) -> StateComponent | None:
+    """The component for ``state[key]``, or None for a plain value (``modules``: the state's modules, unwrapped)."""
     if isinstance(value, StateComponent):
         if value.key != key:
             raise ComponentDeclarationError(
@@ -160,8 +175,19 @@ def component_for(strategy: Any, key: str, value: Any, strict: bool) -> StateCom
             return StateComponent(key, MetricState(value), SharingPattern.PER_RANK)
         if kind == "collection":
             return StateComponent(key, value, SharingPattern.PER_RANK)
+        if has_dtensors(value):  # FSDP2 / tensor parallel: each rank holds pieces
+            return StateComponent(key, ShardedModuleState(value, strict), SharingPattern.SHARDED)
         return StateComponent(key, ModuleState(strategy, value, strict), SharingPattern.REPLICATED,
                               validate_replication=True, validation_level=ValidationLevel.QUICK)
+    if isinstance(value, Optimizer) and _over_dtensors(value):
+        owner = next((m for m in modules if _owns(m, value)), None)
+        if owner is None:
+            raise ComponentDeclarationError(
+                f"state[{key!r}] is an optimizer over sharded (DTensor) parameters, but no module in the same state "
+                "holds all of them; its state is saved keyed by parameter name, so pass the module too, e.g. "
+                f"{{'model': model, {key!r}: optimizer}}"
+            )
+        return StateComponent(key, OptimizerState(owner, value), SharingPattern.SHARDED)
     if isinstance(value, Optimizer):
         if callable(getattr(value, "consolidate_state_dict", None)):
             raise ComponentDeclarationError(

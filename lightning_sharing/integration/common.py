@@ -31,7 +31,7 @@ from lightning_sharing.engine.coordinator import CheckpointCoordinator
 from lightning_sharing.storage import is_url, store_for
 
 __all__ = ["LAZY_FLAG", "CheckpointHost", "LazyProcessGroups", "check_storage_options", "is_object_url",
-           "is_plain_object", "is_sharing_checkpoint_url", "location_key", "register_strategy"]
+           "is_plain_object", "is_sharing_checkpoint_url", "location_key", "register_strategy", "with_mesh_groups"]
 
 #: Marks the factories ``lightning_sharing._registration`` puts in Lightning's registries before our adapters
 #: are imported; ``register_strategy`` replaces them with the real class.
@@ -110,6 +110,21 @@ class LazyProcessGroups:
                 groups = groups()
             self._value, self._resolved = groups, True
         return self._value
+
+
+def with_mesh_groups(mesh: Any, groups: Any) -> Any:
+    """A model-parallel strategy's named groups: its ``DeviceMesh``'s dimensions, joined by the user's ``groups``.
+
+    None gives the mesh itself; a mapping is added to the mesh's groups (its names win); a ``DeviceMesh`` of the
+    user's own replaces the strategy's.
+    """
+    from lightning_sharing.distributed.collectives import resolve_process_groups
+
+    if groups is None:
+        return mesh
+    if isinstance(groups, Mapping):
+        return {**resolve_process_groups(mesh), **resolve_process_groups(groups)}
+    return groups
 
 
 def check_storage_options(storage_options: Any) -> dict[str, Any] | None:

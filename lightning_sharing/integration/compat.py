@@ -46,7 +46,9 @@ __all__ = [
     "allow_launch_under_fabric_cli",
     "checkpoint_dir",
     "cluster_environment",
+    "given_checkpoint_io",
     "hook_checkpoint_filesystem",
+    "hook_ignored_checkpoint_io",
     "hook_last_checkpoint",
     "hook_load_from_checkpoint",
     "lightning_sigterm_handler",
@@ -105,6 +107,43 @@ def hook_load_from_checkpoint(read_directory: Callable[[str | os.PathLike[str], 
     pl_load.__doc__ = original.__doc__
     saving.pl_load = pl_load
     return True
+
+
+#: Lightning strategies whose ``save_checkpoint`` never calls the CheckpointIO plugin (they write DCP themselves).
+IGNORING_STRATEGIES = (("lightning.pytorch.strategies", "ModelParallelStrategy"),
+                       ("lightning.pytorch.strategies", "FSDPStrategy"))
+
+
+def hook_ignored_checkpoint_io(check: Callable[[Any], None]) -> None:
+    """Run ``check(strategy)`` first in ``setup_environment`` of each of ``IGNORING_STRATEGIES`` (and subclasses).
+
+    ``ModelParallelStrategy``/``FSDPStrategy.save_checkpoint`` write checkpoints without their CheckpointIO, so a
+    ``SharingCheckpointIO`` given to them is silently ignored; ``check`` refuses that when the Trainer sets the
+    strategy up (``Trainer._run`` calls ``strategy.setup_environment()`` first). Relies on ``setup_environment``
+    being the first strategy hook of a stage and on the plugin being in ``strategy._checkpoint_io`` (reading the
+    public ``checkpoint_io`` property would create a default one). Idempotent.
+    """
+    import importlib
+
+    for module_name, name in IGNORING_STRATEGIES:
+        cls = getattr(importlib.import_module(module_name), name, None)
+        original = getattr(cls, "setup_environment", None)
+        if not callable(original) or getattr(original, _HOOK_FLAG, False):
+            continue
+
+        def setup_environment(self: Any, *args: Any, _original: Callable[..., Any] = original, **kwargs: Any) -> Any:
+            check(self)
+            return _original(self, *args, **kwargs)
+
+        setattr(setup_environment, _HOOK_FLAG, True)
+        setup_environment.__wrapped__ = original  # type: ignore[attr-defined]
+        setup_environment.__doc__ = original.__doc__
+        cls.setup_environment = setup_environment  # type: ignore[union-attr]
+
+
+def given_checkpoint_io(strategy: Any) -> Any:
+    """The CheckpointIO a strategy was given, or None (``Strategy._checkpoint_io``, without creating a default)."""
+    return getattr(strategy, "_checkpoint_io", None)
 
 
 def hook_last_checkpoint() -> bool:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import io
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import torch
@@ -24,11 +24,12 @@ from lightning.fabric.plugins import CheckpointIO
 
 from lightning_sharing.core.declarations import SharingPattern, StateComponent, ValidationLevel
 from lightning_sharing.core.options import CheckpointOptions, VerifyMode
-from lightning_sharing.distributed.collectives import agreement, get_world_size, local_only
+from lightning_sharing.distributed.collectives import agreement, get_world_size, local_only, resolve_process_groups
 from lightning_sharing.engine.coordinator import CheckpointCoordinator
 from lightning_sharing.errors import CheckpointError, ComponentDeclarationError
 from lightning_sharing.format.manifest import CheckpointManifest
 from lightning_sharing.integration.common import CheckpointHost, is_object_url
+from lightning_sharing.integration.compat import given_checkpoint_io
 from lightning_sharing.lightning.layout import (
     BUILTIN_KEYS,
     METRIC_COUNTS_KEY,
@@ -41,7 +42,7 @@ from lightning_sharing.statefuls.metrics import persistent_state_keys
 from lightning_sharing.statefuls.rng import RNGState
 from lightning_sharing.storage import remove_checkpoint, store_for
 
-__all__ = ["SharingCheckpointIO"]
+__all__ = ["SharingCheckpointIO", "refuse_ignored_io"]
 
 log = logging.getLogger(__name__)
 
@@ -150,8 +151,14 @@ class SharingCheckpointIO(CheckpointHost, CheckpointIO):
 
     def load_sharded(self, path: str | os.PathLike[str], user_components: list[StateComponent],
                      process_groups: Any, overrides: Mapping[str, StateComponent],
-                     strict: bool = True) -> tuple[dict[str, Any], Any]:
-        """Collective: load the user's components in place; return Lightning's dict and this rank's RNG state."""
+                     strict: bool = True, live: Mapping[str, Any] | None = None,
+                     skip: Collection[str] = ()) -> tuple[dict[str, Any], Any]:
+        """Collective: load the user's components in place; return Lightning's dict and this rank's RNG state.
+
+        ``live`` maps built-in keys to statefuls loaded in place (a sharded model, its optimizers), which are then
+        not part of the returned dict; saved built-ins named in ``skip`` are not read.
+        """
+        live = dict(live or {})
         self.wait()
         keys: list[str] = []
         saved: dict[str, StateComponent] = {}
@@ -159,15 +166,18 @@ class SharingCheckpointIO(CheckpointHost, CheckpointIO):
             manifest = CheckpointManifest.load(path, self.storage_options_for(path))
             if _RAW_KEY in manifest.components and not set(manifest.components) & set(BUILTIN_KEYS):
                 raise ValueError(f"{path} holds a raw state dict, not a Lightning training checkpoint")
-            keys = [key for key in BUILTIN_KEYS if key in manifest.components]
+            skip = set(skip) | _groups_gone(manifest, overrides, process_groups, strict, path)
+            keys = [key for key in BUILTIN_KEYS if key in manifest.components and key not in skip]
             # A built-in that the user does not re-declare is read the way it was saved.
             saved = {key: StateComponent(key, ValueHolder(), manifest.components[key].pattern,
                                          manifest.components[key].group_name) for key in keys}
-        holders = {key: ValueHolder() for key in keys}
+        holders = {key: live[key] if key in live else ValueHolder() for key in keys}
         declared = {**saved, **overrides}
         components = builtin_components(keys, holders, declared, ValidationLevel.NONE) + list(user_components)
-        self._coordinator(components, process_groups, path).load_checkpoint(path, strict=strict)
-        parts = {key: holder.value for key, holder in holders.items() if holder.loaded and key != "rng"}
+        self._coordinator(components, process_groups, path).load_checkpoint(
+            path, strict=strict, ignore=sorted(key for key in skip if key in BUILTIN_KEYS))
+        parts = {key: holder.value for key, holder in holders.items()
+                 if key not in live and holder.loaded and key != "rng"}
         rng = holders["rng"].value if "rng" in holders and holders["rng"].loaded else None
         return join_checkpoint(parts), rng
 
@@ -276,3 +286,44 @@ class SharingCheckpointIO(CheckpointHost, CheckpointIO):
         else:
             remove()
 
+
+
+def _groups_gone(manifest: CheckpointManifest, overrides: Mapping[str, StateComponent], process_groups: Any,
+                 strict: bool, path: Any) -> set[str]:
+    """Saved built-ins (not re-declared) of a group this run does not have: refused, or (not strict) skipped.
+
+    A model-parallel checkpoint keeps the dataloader position per tensor-parallel group; a DDP run has no such group.
+    """
+    names = set(resolve_process_groups(process_groups)) if process_groups is not None else set()
+    gone = {key: saved.group_name for key, saved in manifest.components.items()
+            if key in BUILTIN_KEYS and key not in overrides and saved.group_name and saved.group_name not in names}
+    for key, group in sorted(gone.items()):
+        message = (f"{path}: component {key!r} was saved {manifest.components[key].pattern.name} over the process "
+                   f"group {group!r}, which this run does not have (its groups: {sorted(names) or 'none'})")
+        if strict:
+            raise ComponentDeclarationError(
+                f"{message}; load with strict=False to skip it (it keeps its current value), or provide that group "
+                "in configure_process_groups()")
+        log.warning("%s: skipped (strict=False), it keeps its current value", message)
+    return set(gone)
+
+
+def refuse_ignored_io(strategy: Any) -> None:
+    """Refuse a ``SharingCheckpointIO`` given to a Lightning strategy that saves without it (at its setup).
+
+    Our own strategies pass; see ``integration.compat.hook_ignored_checkpoint_io``.
+    """
+    if not isinstance(given_checkpoint_io(strategy), SharingCheckpointIO):
+        return
+    from lightning_sharing.lightning.base import SharingStrategyBase
+
+    if isinstance(strategy, SharingStrategyBase):
+        return
+    name = type(strategy).__name__
+    raise ComponentDeclarationError(
+        f"SharingCheckpointIO was passed to {name}, whose save_checkpoint writes its own distributed checkpoint "
+        "without calling the CheckpointIO plugin: none of your checkpoints would be lightning_sharing ones. Use "
+        "strategy=SharingModelParallelStrategy(data_parallel_size=..., tensor_parallel_size=...) (or "
+        "strategy=\"sharing_model_parallel\") with fully_shard / tensor parallelism in configure_model(), and drop "
+        "SharingCheckpointIO from plugins"
+    )

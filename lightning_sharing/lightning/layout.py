@@ -144,9 +144,12 @@ def join_checkpoint(parts: Mapping[str, Any]) -> dict[str, Any]:
     if isinstance(order, list) and isinstance(model, Mapping) and set(order) == set(model):
         checkpoint["state_dict"] = {name: model[name] for name in order}
     metrics = parts.get("model_metrics")
-    if isinstance(metrics, Mapping) and isinstance(checkpoint.get("state_dict"), Mapping):
-        # This rank's own metric states replace rank 0's copy inside the model's state dict.
-        checkpoint["state_dict"] = {**checkpoint["state_dict"], **dict(metrics.get("states") or {})}
+    if isinstance(metrics, Mapping):
+        # This rank's own metric states replace rank 0's copy inside the model's state dict (alone, when the
+        # strategy loaded the model in place).
+        model_state = checkpoint.get("state_dict")
+        checkpoint["state_dict"] = {**(model_state if isinstance(model_state, Mapping) else {}),
+                                    **dict(metrics.get("states") or {})}
         checkpoint[METRIC_COUNTS_KEY] = dict(metrics.get("update_counts") or {})
     kind = checkpoint.get(_HPARAMS_TYPE_KEY)
     if isinstance(kind, Mapping) and set(kind) == {_TYPE_MARKER}:

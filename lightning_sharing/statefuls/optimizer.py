@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["OptimizerState"]
+__all__ = ["OptimizerState", "is_fqn_state"]
 
 
 class OptimizerState:
@@ -62,3 +62,14 @@ class OptimizerState:
 
         set_optimizer_state_dict(self.model, self.optimizer, state_dict,
                                  options=StateDictOptions(flatten_optimizer_state_dict=True))
+
+
+def is_fqn_state(state: Any) -> bool:
+    """Whether ``state`` is an ``OptimizerState.state_dict()`` (keyed by name) rather than torch's own form.
+
+    Example:
+        >>> is_fqn_state({"state.weight.step": 1.0, "param_groups.weight.lr": 0.1}), is_fqn_state({"state": {}})
+        (True, False)
+    """
+    return isinstance(state, dict) and bool(state) and all(
+        isinstance(key, str) and key.startswith(("state.", "param_groups.")) for key in state)

@@ -1,0 +1,207 @@
+"""``SharingStrategyBase``: what ``SharingStrategy`` and ``SharingModelParallelStrategy`` share.
+
+Options, declarations (``configure_state_components()`` / ``configure_process_groups()``), saving, retention,
+``ckpt_path="last"``, preemption and (through ``ResumeMixin``) loading. A strategy class puts this first in its
+bases, before the Lightning strategy it extends, and says how it differs as data:
+
+- ``builtin_defaults()``: its default declarations of the built-in components (``model`` SHARDED, ...), applied
+  below the user's own re-declarations;
+- ``live_statefuls(overrides)``: the built-ins it loads straight into live objects (a sharded model and its
+  optimizers) rather than handing them to Lightning in the checkpoint dict;
+- ``unreplicated_entries()``: model entries that may differ between ranks.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from lightning_sharing.core.declarations import StateComponent, ValidationLevel, check_unique_keys
+from lightning_sharing.core.options import DEFAULT_MAX_SHARD_SIZE, CheckpointOptions
+from lightning_sharing.engine.coordinator import CheckpointCoordinator
+from lightning_sharing.errors import ComponentDeclarationError
+from lightning_sharing.integration.cleanup import adopt_default_group, default_group_exists
+from lightning_sharing.integration.common import LazyProcessGroups, check_storage_options
+from lightning_sharing.integration.compat import trainer_of, use_storage_options
+from lightning_sharing.lightning.checkpoint_io import SharingCheckpointIO
+from lightning_sharing.lightning.layout import BUILTIN_KEYS, builtin_components, check_user_components
+from lightning_sharing.lightning.locations import CheckpointLocations
+from lightning_sharing.lightning.preemption import PreemptionHandler
+from lightning_sharing.lightning.restore import ResumeMixin
+from lightning_sharing.statefuls.holders import ValueHolder
+from lightning_sharing.statefuls.metrics import module_metrics
+
+__all__ = ["SharingStrategyBase"]
+
+log = logging.getLogger(__name__)
+
+
+class SharingStrategyBase(ResumeMixin):
+    """Mixin for a Lightning strategy whose checkpoints are lightning_sharing directories (see the module docstring).
+
+    The keyword arguments are documented on ``SharingStrategy``; the rest go to the Lightning strategy.
+    """
+
+    def __init__(self, *, process_groups: Any = None, validation_level: ValidationLevel | str = ValidationLevel.QUICK,
+                 max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, verify: str = "checksum", strict: bool = True,
+                 fallback: bool = False, async_save: bool = False, max_pending_saves: int = 1,
+                 preemption_checkpoint: bool | str | os.PathLike[str] | None = True,
+                 storage_options: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
+        storage_options = check_storage_options(storage_options)
+        io = kwargs.pop("checkpoint_io", None)
+        if io is None:
+            io = SharingCheckpointIO(options=CheckpointOptions(
+                max_shard_size=max_shard_size, verify=verify, validation_level=validation_level,
+                async_save=async_save, max_pending_saves=max_pending_saves), storage_options=storage_options)
+        elif storage_options is not None and isinstance(io, SharingCheckpointIO):
+            io.adopt_storage_options(storage_options, type(self).__name__)
+        super().__init__(**kwargs)
+        self.checkpoint_io = io  # not through the constructor: ModelParallelStrategy takes no checkpoint_io
+        self.strict = strict
+        self.fallback = fallback
+        self._resumed_from: str | None = None  # location_key() of the checkpoint this run resumed from
+        self._locations = CheckpointLocations(self._options_for)
+        self.preemption = PreemptionHandler(preemption_checkpoint, options_for=self._options_for)
+        self._process_groups = LazyProcessGroups(process_groups)
+        self._pending_rng: Any = None
+        self._rng_at_first_batch = False
+        self._resume_after_last_batch = False
+
+    @property
+    def sharing_io(self) -> SharingCheckpointIO:
+        """The strategy's CheckpointIO, which must be a ``SharingCheckpointIO``."""
+        io = self.checkpoint_io
+        if not isinstance(io, SharingCheckpointIO):
+            raise ComponentDeclarationError(
+                f"{type(self).__name__} needs a SharingCheckpointIO, but the Trainer gave it {type(io).__name__}; "
+                "remove the other CheckpointIO plugin or pass SharingCheckpointIO(...)"
+            )
+        return io
+
+    # ------------------------------------------------------------------ what a strategy changes (data)
+    def builtin_defaults(self) -> dict[str, StateComponent]:
+        """This strategy's default declarations of built-in components (none: the layout's defaults)."""
+        return {}
+
+    def live_statefuls(self, overrides: dict[str, StateComponent]) -> tuple[dict[str, Any], set[str],
+                                                                             dict[str, StateComponent]]:
+        """For a load: built-ins read into live objects, saved built-ins not to read, and the declarations."""
+        return {}, set(), overrides
+
+    def unreplicated_entries(self) -> frozenset[str]:
+        # Buffers (BatchNorm running statistics, counters) are updated from each rank's own batch and
+        # only made equal by DDP's broadcast at the next forward: save rank 0's, but don't require equality.
+        module = self.lightning_module
+        return frozenset(name for name, _ in module.named_buffers()) if module is not None else frozenset()
+
+    # ------------------------------------------------------------------ declarations
+    def _hook_owners(self) -> list[Any]:
+        module = self.lightning_module
+        trainer = trainer_of(module)
+        datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
+        return [obj for obj in (module, datamodule) if obj is not None]
+
+    def _resolve_process_groups(self) -> Any:
+        return self._process_groups.resolve(self._hook_owners())
+
+    def declared_components(self) -> tuple[list[StateComponent], dict[str, StateComponent]]:
+        """The user's own components and the declarations of built-ins (the strategy's, then the user's)."""
+        declared: list[StateComponent] = []
+        for owner in self._hook_owners():
+            hook = getattr(owner, "configure_state_components", None)
+            if not callable(hook):
+                continue
+            result = hook()
+            if result is None:
+                continue
+            if isinstance(result, StateComponent) or not isinstance(result, (list, tuple)):
+                raise ComponentDeclarationError(
+                    f"{type(owner).__name__}.configure_state_components() must return a list of StateComponent, "
+                    f"got {type(result).__name__}"
+                )
+            declared.extend(result)
+        declared = check_unique_keys(declared)
+        overrides = check_user_components(declared)
+        return [c for c in declared if c.key not in overrides], {**self.builtin_defaults(), **overrides}
+
+    def _check_declarations(self) -> None:
+        """Build the full component set once, so wrong declarations fail at fit start."""
+        user, overrides = self.declared_components()
+        holders = {key: ValueHolder() for key in BUILTIN_KEYS}
+        components = builtin_components(list(BUILTIN_KEYS), holders, overrides, self.sharing_io.validation_level)
+        CheckpointCoordinator(components + user, self._resolve_process_groups())
+
+    def setup(self, trainer: Any) -> None:
+        super().setup(trainer)
+        self._check_declarations()
+
+    # ------------------------------------------------------------------ preemption (see preemption.py)
+    def setup_environment(self) -> None:
+        # Before the callbacks' setup: ModelCheckpoint opens its directory with these options (integration/compat.py).
+        use_storage_options(self.storage_options)
+        existed = default_group_exists()
+        super().setup_environment()
+        adopt_default_group(existed)  # a group created here is destroyed at exit (see integration/cleanup.py)
+        trainer = trainer_of(self.lightning_module)
+        if trainer is not None:  # before Lightning registers its signal handlers for this stage
+            self.preemption.attach(trainer)
+
+    def on_exception(self, exception: BaseException) -> None:
+        """Called by Lightning on every rank that raised; writes the final checkpoint for an agreed SIGTERM only."""
+        super().on_exception(exception)
+        self.preemption.on_exception(exception)
+
+    # ------------------------------------------------------------------ save
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        """Collective: every rank saves its share of the checkpoint (Lightning calls this on all ranks).
+
+        ``storage_options`` (``trainer.save_checkpoint(path, storage_options=...)``) replace the strategy's own for
+        this save.
+        """
+        storage_options = check_storage_options(storage_options)
+        user, overrides = self.declared_components()
+        self.sharing_io.save_sharded(checkpoint, filepath, user, self._resolve_process_groups(), overrides,
+                                     unreplicated=self.unreplicated_entries(),
+                                     metrics=module_metrics(self.lightning_module), storage_options=storage_options)
+
+    @property
+    def storage_options(self) -> dict[str, Any] | None:
+        """The fsspec options used for checkpoint URLs (those of the strategy's ``SharingCheckpointIO``)."""
+        io = self.checkpoint_io
+        return io.storage_options if isinstance(io, SharingCheckpointIO) else None
+
+    def _options_for(self, path: Any) -> dict[str, Any] | None:
+        return self.sharing_io.storage_options_for(path)
+
+    def teardown(self) -> None:
+        self._pending_rng = None
+        self._resume_after_last_batch = False
+        super().teardown()
+        if isinstance(self.checkpoint_io, SharingCheckpointIO):
+            self.checkpoint_io.close()  # waits for pending saves (ModelParallelStrategy does not tear its IO down)
+        use_storage_options(None)
+
+    # ------------------------------------------------------------------ retention
+    def remove_checkpoint(self, filepath: Any) -> None:
+        """Rank 0 deletes a checkpoint that retention (``ModelCheckpoint`` top-k) no longer wants.
+
+        The newest complete checkpoint in its directory and the checkpoint this run resumed from are
+        kept (logged); with ``async_save`` the deletion waits until the pending save has committed.
+        """
+        if self.is_global_zero:
+            self.sharing_io.remove_checkpoint(filepath, keep=self._reason_to_keep)
+
+    def _reason_to_keep(self, path: str) -> str | None:
+        return self._locations.reason_to_keep(path, self._resumed_from, trainer_of(self.lightning_module))
+
+    # ------------------------------------------------------------------ ckpt_path="last"
+    def resolve_last_checkpoint(self, trainer: Any) -> Any:
+        """``fit(ckpt_path="last")`` when a ``ModelCheckpoint`` saves to an object store (see integration/compat.py).
+
+        The newest *complete* ``last*.ckpt`` of the ModelCheckpoint directories, by the step its manifest records,
+        then its creation time; None when there is none (training starts from scratch, with a warning).
+        ``NotImplemented`` when every directory is local: there Lightning's own resolution is used unchanged.
+        """
+        return self._locations.resolve_last(trainer)
