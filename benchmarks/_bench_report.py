@@ -47,6 +47,7 @@ class Check:
 
 CHECKS = [
     Check("LS sync save / raw durable write", "ls_sync.save", "raw.write", 1.15),
+    Check("LS sync save / raw durable write, early write-back", "ls_sync.save", "raw.write_early", 1.15),
     Check("LS sync save / Lightning save+fsync", "ls_sync.save", "lightning_save.durable", 1.0, "below"),
     Check("LS load / Lightning load", "ls_load.load", "lightning_load.load", 0.5),
     Check("LS load / raw read", "ls_load.load", "raw.read", 1.2),
@@ -129,18 +130,31 @@ def markdown(report: dict[str, Any]) -> str:
         f"{machine['mem_total_gib']:.0f} GiB RAM), torch {machine['torch']}, lightning {machine['lightning']}, "
         f"lightning_sharing {machine['lightning_sharing']} ({machine['git']}). Directory {config['dir']} "
         f"({machine['filesystem']}); {machine['page_cache']}. Sizes {config['sizes']} GB, world sizes "
-        f"{config['worlds']}, median of {config['repeats']} runs; each run's time is "
+        f"{config['worlds']}, median [min-max] of {config['repeats']} interleaved rounds; each round's time is "
         "its slowest rank's. Produced by `python benchmarks/bench_checkpoint.py`; see benchmarks/README.md for what "
         "each row means.", "",
     ]
+    if len(config.get("merged_from", [])) > 1:
+        later = sorted({p["run"] for p in report["points"] if "run" in p})
+        lines += [f"Points of {len(config['merged_from'])} runs of the same command, merged (`--render`): the "
+                  f"points marked *run {', '.join(later)}* come from the later run(s), every other from the run of "
+                  f"{config['merged_from'][0]}.", ""]
+    if config.get("note"):
+        lines += [f"**Conditions:** {config['note']}", ""]
+    if config.get("skipped"):
+        skipped = ", ".join(f"{size:g} GB at world size {world}" for size, world in config["skipped"])
+        lines += [f"Skipped (would not have fit in the memory available when they started): {skipped}.", ""]
+    if config.get("wall_s"):
+        lines += [f"The whole run took {config['wall_s'] / 60:.1f} minutes.", ""]
     for world in config["worlds"]:
         lines += [f"## World size {world}", "",
                   _row(["size (GB)", "check", "measured", "baseline", "ratio", "target", "met"]),
                   _row(["---"] * 7)]
         for point in (p for p in report["points"] if p["world"] == world):
+            size = f"{point['size_gb']:g}" + (f" (*run {point['run']}*)" if "run" in point else "")
             for row in point["checks"]:
                 met = {True: "met", False: "**missed**", None: row["missing"] or ""}[row["met"]]
-                lines.append(_row([f"{point['size_gb']:g}", row["name"], row["measured"], row["baseline"],
+                lines.append(_row([size, row["name"], row["measured"], row["baseline"],
                                    row["ratio"], row["target"], met]))
         lines += ["", f"### All variants, world size {world}", "",
                   _row(["size (GB)", "variant", "median seconds", "min-max (per round)", "peak extra RSS (max rank)",

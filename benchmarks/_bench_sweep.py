@@ -15,7 +15,8 @@ ROWS: list[tuple[str, str, list[tuple[str, str, str, str]]]] = [
     ("save (durable)", "s/GB", [
         ("ours, REPLICATED", "ls_sync", "save", "C0-o"), ("ours, SHARDED (FSDP2)", "sh_ls_save", "save", "C0--s"),
         ("DCP", "dcp_save", "save", "C1-o"), ("DCP, FSDP2", "sh_dcp_save", "save", "C1--s"),
-        ("Lightning + fsync", "lightning_save", "durable", "C2-o"), ("raw durable write", "raw", "write", "k:")]),
+        ("Lightning + fsync", "lightning_save", "durable", "C2-o"), ("raw durable write", "raw", "write", "k:"),
+        ("raw, early write-back", "raw", "write_early", "k--")]),
     ("load", "s/GB", [
         ("ours, REPLICATED (verified)", "ls_load", "load", "C0-o"), ("ours, SHARDED", "sh_ls_load", "load", "C0--s"),
         ("ours, resharded", "sh_ls_reshard", "load", "C0:^"), ("DCP", "dcp_load", "load", "C1-o"),

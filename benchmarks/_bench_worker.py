@@ -34,6 +34,7 @@ from _bench_state import (
     raw_read,
     raw_read_fresh,
     raw_write,
+    raw_write_early,
     remove,
     state_bytes,
     timed,
@@ -104,7 +105,12 @@ def run_raw(ctx: Ctx) -> None:
     share = total // ctx.world + (ctx.rank < total % ctx.world)
     files = [folder / f"rank-{r:05d}.bin" for r in range(ctx.world)]
     folder.mkdir(parents=True, exist_ok=True)
-    ctx.record("write", timed(lambda: raw_write(files[ctx.rank], share)))
+    early = folder / f"early-{ctx.rank:05d}.bin"
+    writes = [("write", lambda: raw_write(files[ctx.rank], share)),
+              ("write_early", lambda: raw_write_early(early, share))]
+    for name, write in writes if ctx.round % 2 == 0 else writes[::-1]:  # neither always writes into a fuller disk
+        ctx.record(name, timed(write))
+    early.unlink()
     ctx.record("read", timed(lambda: raw_read(files)))
     ctx.record("read_fresh", timed(lambda: raw_read_fresh(files)))
     ctx.info["bytes"] = total

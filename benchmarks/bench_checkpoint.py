@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import platform
 import shutil
@@ -36,7 +37,8 @@ RESHARD_UNITS = [["sh_ls_reshard"], ["sh_dcp_reshard"]]
 ALL_VARIANTS = [v for units in (REPLICATED_UNITS, SHARDED_UNITS, RESHARD_UNITS) for unit in units for v in unit]
 QUICK = {"sizes": [0.05, 0.2], "worlds": [1, 2, 4], "repeats": 2}
 MEMORY_PER_STATE = 2.2  # peak resident bytes per rank / state bytes: Lightning's load holds a second copy
-MEMORY_HEADROOM_GIB = 4.0
+MEMORY_RANK0_EXTRA = 1.9  # what Lightning's save (rank 0 alone) adds on top of its state, per state byte
+MEMORY_HEADROOM_GIB = 6.0  # for the page cache and whatever else runs on the machine
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -57,6 +59,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="only the units holding these (a save brings its load along; default: all)")
     parser.add_argument("--no-gil-probe", action="store_true", help="skip the loop-rate probe during async saves")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds before a variant counts as hung")
+    parser.add_argument("--note", default="", help="a line for results.md about the conditions (a shared machine...)")
+    parser.add_argument("--render", type=Path, nargs="+", metavar="RESULTS_JSON",
+                        help="measure nothing: write results.md and the plots again from results.json files (the "
+                             "points of several runs merged, the first file's point where two measured the same)")
     given = set(argv if argv is not None else sys.argv[1:])
     args = parser.parse_args(argv)
     if args.quick:
@@ -132,7 +138,8 @@ def fits(size: float, world: int) -> bool:
                       if line.startswith("MemAvailable:")), None)
     if available is None:
         return True
-    return world * size * 1e9 * MEMORY_PER_STATE <= available - MEMORY_HEADROOM_GIB * 2**30
+    needed = max(world * MEMORY_PER_STATE, world + MEMORY_RANK0_EXTRA) * size * 1e9
+    return needed <= available - MEMORY_HEADROOM_GIB * 2**30
 
 
 def _selected(units: list[list[str]], wanted: set[str]) -> list[list[str]]:
@@ -206,12 +213,20 @@ def report_variant(variant: str, summary: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.render is not None:
+        report = merge_reports([json.loads(path.read_text()) for path in args.render])
+        if args.note:
+            report["config"]["note"] = args.note
+        for path in write_outputs(report, args.out):
+            print(f"wrote {path}")
+        return 0
     scratch = args.dir.resolve() / f"run-{os.getpid()}"
     scratch.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"machine": machine_info(scratch), "points": [],
                               "config": {"sizes": args.sizes, "worlds": args.worlds, "repeats": args.repeats,
                                          "dir": str(args.dir), "variants": args.variants or ALL_VARIANTS,
-                                         "quick": args.quick, "reshard_from": args.reshard_from, "skipped": []}}
+                                         "quick": args.quick, "reshard_from": args.reshard_from, "skipped": [],
+                                         "note": args.note}}
     print(f"checkpoints under {scratch} ({report['machine']['filesystem']}); page cache warm; "
           f"median [min-max] of {args.repeats} interleaved rounds", flush=True)
     run_started = time.perf_counter()
@@ -242,6 +257,24 @@ def main(argv: list[str] | None = None) -> int:
     for path in write_outputs(report, args.out):
         print(f"wrote {path}")
     return 1 if failed else 0
+
+
+def merge_reports(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """One report of the points of several runs; the first run's machine, and its point where two share one."""
+    merged = json.loads(json.dumps(reports[0]))
+    seen = {(p["size_gb"], p["world"]) for p in merged["points"]}
+    for other in reports[1:]:
+        for point in other["points"]:
+            if (point["size_gb"], point["world"]) not in seen:
+                seen.add((point["size_gb"], point["world"]))
+                merged["points"].append({**point, "run": other["machine"]["date"]})
+    config = merged["config"]
+    config["sizes"] = sorted({p["size_gb"] for p in merged["points"]})
+    config["worlds"] = sorted({p["world"] for p in merged["points"]})
+    config["skipped"] = [s for s in config.get("skipped", []) if tuple(s) not in seen]
+    config["merged_from"] = [r["machine"]["date"] for r in reports]
+    merged["points"].sort(key=lambda p: (p["size_gb"], p["world"]))
+    return merged
 
 
 def _remove_checkpoints(scratch: Path) -> None:
