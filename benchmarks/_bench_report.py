@@ -135,16 +135,16 @@ def markdown(report: dict[str, Any]) -> str:
         "each row means.", "",
     ]
     if len(config.get("merged_from", [])) > 1:
-        later = sorted({p["run"] for p in report["points"] if "run" in p})
-        lines += [f"Points of {len(config['merged_from'])} runs of the same command, merged (`--render`): the "
-                  f"points marked *run {', '.join(later)}* come from the later run(s), every other from the run of "
-                  f"{config['merged_from'][0]}.", ""]
+        runs = "; ".join(f"{r['date']} ({r['git']}" + (f", {r['wall_s'] / 60:.1f} min" if r.get("wall_s") else "")
+                         + ")" for r in config["merged_from"])
+        lines += [f"Points of {len(config['merged_from'])} runs of the same command merged with `--render` "
+                  f"(runs: {runs}): a point marked *run DATE* comes from that run, every other from the first.", ""]
     if config.get("note"):
         lines += [f"**Conditions:** {config['note']}", ""]
     if config.get("skipped"):
         skipped = ", ".join(f"{size:g} GB at world size {world}" for size, world in config["skipped"])
         lines += [f"Skipped (would not have fit in the memory available when they started): {skipped}.", ""]
-    if config.get("wall_s"):
+    if config.get("wall_s") and len(config.get("merged_from", [])) <= 1:
         lines += [f"The whole run took {config['wall_s'] / 60:.1f} minutes.", ""]
     for world in config["worlds"]:
         lines += [f"## World size {world}", "",

@@ -265,6 +265,8 @@ def merge_reports(reports: list[dict[str, Any]]) -> dict[str, Any]:
     seen = {(p["size_gb"], p["world"]) for p in merged["points"]}
     for other in reports[1:]:
         for point in other["points"]:
+            if all("error" in v for v in point["variants"].values()):
+                continue  # nothing measured there (it failed, or was stopped)
             if (point["size_gb"], point["world"]) not in seen:
                 seen.add((point["size_gb"], point["world"]))
                 merged["points"].append({**point, "run": other["machine"]["date"]})
@@ -272,8 +274,13 @@ def merge_reports(reports: list[dict[str, Any]]) -> dict[str, Any]:
     config["sizes"] = sorted({p["size_gb"] for p in merged["points"]})
     config["worlds"] = sorted({p["world"] for p in merged["points"]})
     config["skipped"] = [s for s in config.get("skipped", []) if tuple(s) not in seen]
-    config["merged_from"] = [r["machine"]["date"] for r in reports]
+    config["merged_from"] = [{"date": r["machine"]["date"], "git": r["machine"]["git"],
+                              "wall_s": r["config"].get("wall_s")} for r in reports]
     merged["points"].sort(key=lambda p: (p["size_gb"], p["world"]))
+    for point in merged["points"]:  # the checks of today's code, from the numbers measured
+        ok = {v: s for v, s in point["variants"].items() if "error" not in s}
+        point["metrics"] = {k: v for variant, summary in ok.items() for k, v in metrics_of(variant, summary).items()}
+        point["checks"] = check_rows(point["metrics"], point["variants"])
     return merged
 
 
