@@ -102,7 +102,7 @@ def _fsync(fd: int, path: Path) -> None:
         fault_point("save:sync")
         os.fsync(fd)
     except OSError as exc:
-        raise CheckpointError(f"making {path.name} durable (fsync) failed: {exc}") from exc
+        raise CheckpointError(f"making {path} durable (fsync) failed: {exc}") from exc
 
 
 def _close_all(fds: Iterable[int]) -> None:

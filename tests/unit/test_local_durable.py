@@ -85,7 +85,8 @@ def test_a_failing_deferred_fsync_is_raised_naming_the_file(tmp_path: Path, faul
             with store.open_write(str(tmp_path / name)) as sink:
                 write_tensors(sink, {"t": torch.arange(4.0)})
     message = str(caught.value)
-    assert message.startswith("making ") and " durable (fsync) failed: [Errno 5] Input/output error " in message
+    assert message.startswith(f"making {tmp_path}/") and ".safetensors durable (fsync) failed: " in message
+    assert "[Errno 5] Input/output error " in message
     assert "(injected at save:sync on rank 0)" in message
     assert _open_fds() == before  # every descriptor closed, the failed one too
 
