@@ -1,4 +1,5 @@
-"""Start one variant on ``world`` fresh worker processes (gloo on loopback) and collect what each rank reported.
+"""Start one launch (variants sharing one state) on ``world`` fresh worker processes (gloo on loopback), collect
+what each rank reported.
 
 Each worker runs in its own session so that a hang ends by killing its whole process group; when one rank fails, the
 others (likely stuck in a collective) get a short grace period and are then killed too.
@@ -69,19 +70,20 @@ def _wait(procs: list[subprocess.Popen], timeout: float) -> str | None:
     return None
 
 
-def run_variant(spec: dict[str, Any], world: int, workdir: Path, timeout: float) -> list[dict[str, Any]]:
-    """Run ``spec["variant"]`` on ``world`` processes; returns the per-rank results or raises ``VariantFailed``."""
-    variant = spec["variant"]
-    results = workdir / "results"
+def run_launch(spec: dict[str, Any], world: int, workdir: Path, timeout: float) -> dict[str, list[dict[str, Any]]]:
+    """Run one launch (``spec["units"]``) on ``world`` processes; returns each variant's per-rank results, or raises
+    ``VariantFailed`` naming every variant of the launch."""
+    name = spec["name"]
+    results = workdir / f"results-{name}"
     results.mkdir(parents=True, exist_ok=True)
     spec = {**spec, "result_dir": str(results)}
-    spec_path = workdir / f"{variant}.spec.json"
+    spec_path = workdir / f"{name}.spec.json"
     spec_path.write_text(json.dumps(spec))
-    for stale in results.glob(f"{variant}-rank*.json"):
+    for stale in results.glob("rank*.json"):
         stale.unlink()
     port, procs, logs = free_port(), [], []
     for rank in range(world):
-        log = workdir / f"{variant}-rank{rank}.log"
+        log = workdir / f"{name}-rank{rank}.log"
         logs.append(log)
         with open(log, "w") as handle:
             procs.append(subprocess.Popen([sys.executable, str(WORKER), str(spec_path)],
@@ -90,16 +92,17 @@ def run_variant(spec: dict[str, Any], world: int, workdir: Path, timeout: float)
     killed = _wait(procs, timeout)
     per_rank, problems = [], []
     for rank, log in enumerate(logs):
-        path = results / f"{variant}-rank{rank}.json"
+        path = results / f"rank{rank}.json"
         result = json.loads(path.read_text()) if path.is_file() else None
         if result is not None and result.get("ok"):
-            per_rank.append(result)
+            per_rank.append(result["variants"])
             continue
         error = result["error"] if result else f"no result (exit code {procs[rank].returncode})"
         problems.append(f"rank {rank}: {error}\n--- {log} (tail)\n{log.read_text()[-3000:]}")
     if problems:
-        raise VariantFailed(f"{variant} failed ({killed or 'a rank raised'}):\n" + "\n".join(problems))
-    return per_rank
+        variants = [v for unit in spec["units"] for v in unit]
+        raise VariantFailed(f"{', '.join(variants)} failed ({killed or 'a rank raised'}):\n" + "\n".join(problems))
+    return {variant: [ranks[variant] for ranks in per_rank] for variant in per_rank[0]}
 
 
 def aggregate(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
@@ -121,7 +124,8 @@ def aggregate(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
     ratios = [r["info"]["gil_ratio"] for r in per_rank if "gil_ratio" in r["info"]]
     if ratios:
         info["gil_ratio"] = min(ratios)
-    return {"per_repeat": per_repeat, "median": medians, "memory_per_rank": memory,
+    spread = {name: [min(values), max(values)] for name, values in per_repeat.items() if values}
+    return {"per_repeat": per_repeat, "median": medians, "spread": spread, "memory_per_rank": memory,
             "times_per_rank": [result["times"] for result in per_rank],
             "info_per_rank": [{k: v for k, v in result["info"].items() if k != "memory"} for result in per_rank],
             "mem_extra": max(m["extra"] for m in memory), "mem_masked": any(m["masked"] for m in memory),

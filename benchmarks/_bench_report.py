@@ -47,10 +47,15 @@ class Check:
 
 CHECKS = [
     Check("LS sync save / raw durable write", "ls_sync.save", "raw.write", 1.15),
+    Check("LS sync save / raw durable write, early write-back", "ls_sync.save", "raw.write_early", 1.15),
     Check("LS sync save / Lightning save+fsync", "ls_sync.save", "lightning_save.durable", 1.0, "below"),
     Check("LS load / Lightning load", "ls_load.load", "lightning_load.load", 0.5),
     Check("LS load / raw read", "ls_load.load", "raw.read", 1.2),
     Check("LS async blocked / LS sync save", "ls_async.blocked", "ls_sync.save", 0.10),
+    Check("LS async blocked / DCP async_save blocked", "ls_async.blocked", "dcp_async.blocked", 1.0),
+    Check("SHARDED save / DCP save (FSDP2)", "sh_ls_save.save", "sh_dcp_save.save", 0.8),
+    Check("SHARDED load / DCP load (FSDP2)", "sh_ls_load.load", "sh_dcp_load.load", 1.0),
+    Check("SHARDED resharded load / DCP resharded load", "sh_ls_reshard.load", "sh_dcp_reshard.load", 1.0),
     Check("QUICK validation overhead", "ls_quick.save", "ls_quick.save_none", 0.05, "overhead"),
     Check("TENSOR validation overhead", "ls_tensor.save", "ls_tensor.save_none", 0.30, "overhead"),
     Check("LS sync save peak extra RSS / state", "ls_sync.mem_extra", "ls_sync.state_bytes", 0.10, unit="bytes"),
@@ -60,6 +65,9 @@ CHECKS = [
     Check("LS async until committed / LS sync save", "ls_async.committed", "ls_sync.save"),
     Check("loop rate during async save / no save", "ls_async.gil_ratio", None, unit=""),
     Check("LS sync save / DCP save", "ls_sync.save", "dcp_save.save"),
+    Check("DCP async_save blocked / LS sync save", "dcp_async.blocked", "ls_sync.save"),
+    Check("SHARDED save peak extra RSS / state per rank", "sh_ls_save.mem_extra", "sh_ls_save.state_per_rank",
+          unit="bytes"),
     Check("LS load / DCP load", "ls_load.load", "dcp_load.load"),
     Check("Lightning save (not durable) / raw write", "lightning_save.save", "raw.write"),
     Check("Lightning save+fsync / raw write", "lightning_save.durable", "raw.write"),
@@ -76,6 +84,8 @@ def metrics_of(variant: str, summary: dict[str, Any]) -> dict[str, float]:
     for key in ("state_bytes", "ckpt_bytes", "writer_ranks", "gil_ratio"):
         if key in summary["info"]:
             out[f"{variant}.{key}"] = summary["info"][key]
+    if "state_bytes" in summary["info"] and variant.startswith("sh_"):
+        out[f"{variant}.state_per_rank"] = summary["info"]["state_bytes"] / len(summary["memory_per_rank"])
     return out
 
 
@@ -120,21 +130,34 @@ def markdown(report: dict[str, Any]) -> str:
         f"{machine['mem_total_gib']:.0f} GiB RAM), torch {machine['torch']}, lightning {machine['lightning']}, "
         f"lightning_sharing {machine['lightning_sharing']} ({machine['git']}). Directory {config['dir']} "
         f"({machine['filesystem']}); {machine['page_cache']}. Sizes {config['sizes']} GB, world sizes "
-        f"{config['worlds']}, median of {config['repeats']} runs; each run's time is "
+        f"{config['worlds']}, median [min-max] of {config['repeats']} interleaved rounds; each round's time is "
         "its slowest rank's. Produced by `python benchmarks/bench_checkpoint.py`; see benchmarks/README.md for what "
         "each row means.", "",
     ]
+    if len(config.get("merged_from", [])) > 1:
+        runs = "; ".join(f"{r['date']} ({r['git']}" + (f", {r['wall_s'] / 60:.1f} min" if r.get("wall_s") else "")
+                         + ")" for r in config["merged_from"])
+        lines += [f"Points of {len(config['merged_from'])} runs of the same command merged with `--render` "
+                  f"(runs: {runs}): a point marked *run DATE* comes from that run, every other from the first.", ""]
+    if config.get("note"):
+        lines += [f"**Conditions:** {config['note']}", ""]
+    if config.get("skipped"):
+        skipped = ", ".join(f"{size:g} GB at world size {world}" for size, world in config["skipped"])
+        lines += [f"Skipped (would not have fit in the memory available when they started): {skipped}.", ""]
+    if config.get("wall_s") and len(config.get("merged_from", [])) <= 1:
+        lines += [f"The whole run took {config['wall_s'] / 60:.1f} minutes.", ""]
     for world in config["worlds"]:
         lines += [f"## World size {world}", "",
                   _row(["size (GB)", "check", "measured", "baseline", "ratio", "target", "met"]),
                   _row(["---"] * 7)]
         for point in (p for p in report["points"] if p["world"] == world):
+            size = f"{point['size_gb']:g}" + (f" (*run {point['run']}*)" if "run" in point else "")
             for row in point["checks"]:
                 met = {True: "met", False: "**missed**", None: row["missing"] or ""}[row["met"]]
-                lines.append(_row([f"{point['size_gb']:g}", row["name"], row["measured"], row["baseline"],
+                lines.append(_row([size, row["name"], row["measured"], row["baseline"],
                                    row["ratio"], row["target"], met]))
         lines += ["", f"### All variants, world size {world}", "",
-                  _row(["size (GB)", "variant", "median seconds", "per run", "peak extra RSS (max rank)",
+                  _row(["size (GB)", "variant", "median seconds", "min-max (per round)", "peak extra RSS (max rank)",
                         "of state"]), _row(["---"] * 6)]
         for point in (p for p in report["points"] if p["world"] == world):
             lines += _variant_rows(point)
@@ -153,7 +176,8 @@ def _variant_rows(point: dict[str, Any]) -> list[str]:
         share = f"{extra / state:.0%}" if state else "-"
         mem = fmt_quantity(extra, "bytes") + (" (masked)" if summary["mem_masked"] else "")
         for name, value in summary["median"].items():
-            runs = ", ".join(f"{v:.3f}" for v in summary["per_repeat"][name])
+            low, high = summary["spread"][name]
+            runs = f"{low:.3f}-{high:.3f} (" + ", ".join(f"{v:.3f}" for v in summary["per_repeat"][name]) + ")"
             rows.append(_row([f"{point['size_gb']:g}", f"{variant}.{name}", f"{value:.3f}", runs, mem, share]))
     return rows
 
@@ -231,8 +255,11 @@ def _normalised(check: Check, point: dict[str, Any] | None) -> float | None:
 
 def write_outputs(report: dict[str, Any], out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
-    paths = [out / "results.json", out / "results.md", out / "results.png"]
+    paths = [out / "results.json", out / "results.md", out / "results.png", out / "sweep.png"]
     paths[0].write_text(json.dumps(report, indent=1, default=str) + "\n")
     paths[1].write_text(markdown(report))
     plot(report, paths[2])
+    from _bench_sweep import plot_sweep
+
+    plot_sweep(report, paths[3])
     return paths

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import platform
 import shutil
@@ -21,34 +22,55 @@ from pathlib import Path
 from typing import Any
 
 # Run as a script, so this directory is on sys.path and the _bench_* helpers next to it import directly.
-from _bench_launch import VariantFailed, aggregate, run_variant
+from _bench_launch import VariantFailed, aggregate, run_launch
 from _bench_report import CHECKS, check_line, check_rows, metrics_of, write_outputs
 from _bench_state import FLOAT32_COPIES, layer_plan
 
 HERE = Path(__file__).resolve().parent
 
-# Order matters: a load variant reads the checkpoint its save variant left, right after it was written (so every
-# load finds its files equally warm in the page cache); the raw baseline needs the byte count of the LS checkpoint;
-# the validation variants run next to the unvalidated save they are compared with.
-PLAN: list[tuple[str, str | None]] = [  # (variant, the variant it needs)
-    ("ls_sync", None), ("ls_load", "ls_sync"), ("ls_quick", None), ("ls_tensor", None), ("ls_async", None),
-    ("raw", None), ("lightning_save", None), ("lightning_load", "lightning_save"), ("dcp_save", None),
-    ("dcp_load", "dcp_save"),
-]
+# A launch is one set of processes holding one state; its units run interleaved, in rounds (see _bench_worker.py). A
+# unit is a save and the load that reads what it wrote, or one variant alone.
+REPLICATED_UNITS = [["ls_sync", "ls_load"], ["raw"], ["lightning_save", "lightning_load"], ["dcp_save", "dcp_load"],
+                    ["ls_async"], ["dcp_async"], ["ls_quick"], ["ls_tensor"]]
+SHARDED_UNITS = [["sh_ls_save", "sh_ls_load"], ["sh_dcp_save", "sh_dcp_load"]]
+RESHARD_UNITS = [["sh_ls_reshard"], ["sh_dcp_reshard"]]
+ALL_VARIANTS = [v for units in (REPLICATED_UNITS, SHARDED_UNITS, RESHARD_UNITS) for unit in units for v in unit]
+QUICK = {"sizes": [0.05, 0.2], "worlds": [1, 2, 4], "repeats": 2}
+MEMORY_PER_STATE = 2.2  # peak resident bytes per rank / state bytes: Lightning's load holds a second copy
+MEMORY_RANK0_EXTRA = 1.9  # what Lightning's save (rank 0 alone) adds on top of its state, per state byte
+MEMORY_HEADROOM_GIB = 6.0  # for the page cache and whatever else runs on the machine
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=float, nargs="+", default=[0.25, 0.5, 1.5], help="state sizes in GB")
+    parser.add_argument("--sizes", type=float, nargs="+", default=[0.1, 0.5, 1.5, 4.0],
+                        help="state sizes in GB (a point that would not fit in the free memory is skipped)")
     parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4], help="numbers of processes")
-    parser.add_argument("--repeats", type=int, default=3, help="runs per measurement; the median is reported")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds per launch; the median is reported")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"a fast check: sizes {QUICK['sizes']}, worlds {QUICK['worlds']}, "
+                             f"{QUICK['repeats']} rounds, no loop-rate probe (unless given explicitly)")
+    parser.add_argument("--reshard-from", type=int, default=2,
+                        help="the world size whose SHARDED checkpoints every larger world size loads (resharded)")
     parser.add_argument("--dir", type=Path, default=HERE / ".scratch",
                         help="where checkpoints are written (every variant uses it; emptied afterwards)")
     parser.add_argument("--out", type=Path, default=HERE.parent / "docs" / "benchmarks", help="results directory")
-    parser.add_argument("--variants", nargs="+", choices=[v for v, _ in PLAN], help="only these (default: all)")
+    parser.add_argument("--variants", nargs="+", choices=ALL_VARIANTS,
+                        help="only the units holding these (a save brings its load along; default: all)")
     parser.add_argument("--no-gil-probe", action="store_true", help="skip the loop-rate probe during async saves")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds before a variant counts as hung")
+    parser.add_argument("--note", default="", help="a line for results.md about the conditions (a shared machine...)")
+    parser.add_argument("--render", type=Path, nargs="+", metavar="RESULTS_JSON",
+                        help="measure nothing: write results.md and the plots again from results.json files (the "
+                             "points of several runs merged, the first file's point where two measured the same)")
+    given = set(argv if argv is not None else sys.argv[1:])
     args = parser.parse_args(argv)
+    if args.quick:
+        for name, value in QUICK.items():
+            if f"--{name}" not in given:
+                setattr(args, name, value)
+        args.no_gil_probe = True
+    args.worlds = sorted(set(args.worlds))  # the reshard source runs before the larger world sizes
     if args.repeats < 1 or min(args.worlds) < 1 or min(args.sizes) <= 0:
         parser.error("--repeats, --worlds and --sizes must be positive")
     return args
@@ -110,43 +132,61 @@ def estimated_state_bytes(size_gb: float) -> int:
     return width * (width + 1) * layers * 4 * FLOAT32_COPIES
 
 
-def async_available() -> bool:
-    import inspect
+def fits(size: float, world: int) -> bool:
+    """Whether ``world`` ranks of ``size`` GB fit in the memory available now, with headroom for the rest."""
+    available = next((int(line.split()[1]) * 1024 for line in _read("/proc/meminfo").splitlines()
+                      if line.startswith("MemAvailable:")), None)
+    if available is None:
+        return True
+    needed = max(world * MEMORY_PER_STATE, world + MEMORY_RANK0_EXTRA) * size * 1e9
+    return needed <= available - MEMORY_HEADROOM_GIB * 2**30
 
-    from lightning_sharing import CheckpointCoordinator
 
-    return "async_save" in inspect.signature(CheckpointCoordinator.__init__).parameters
+def _selected(units: list[list[str]], wanted: set[str]) -> list[list[str]]:
+    return [unit for unit in units if wanted & set(unit)]
+
+
+def launches(args: argparse.Namespace, size: float, world: int, scratch: Path) -> list[dict[str, Any]]:
+    """The launches of one (size, world) point: the replicated state's, then the sharded state's."""
+    wanted = set(args.variants or ALL_VARIANTS)
+    base = {"size_gb": size, "repeats": args.repeats, "root": str(scratch / f"size{size:g}-world{world}"),
+            "raw_bytes": estimated_state_bytes(size), "gil_probe": not args.no_gil_probe,
+            "pg_timeout_s": args.timeout, "state_bytes": estimated_state_bytes(size)}
+    out = []
+    if units := _selected(REPLICATED_UNITS, wanted):
+        out.append({**base, "name": "replicated", "kind": "replicated", "units": units})
+    units = _selected(SHARDED_UNITS, wanted)
+    if world > args.reshard_from and args.reshard_from in args.worlds:
+        units += _selected(RESHARD_UNITS, wanted)
+    if units:
+        out.append({**base, "name": "sharded", "kind": "sharded", "units": units,
+                    "keep_for_reshard": world == args.reshard_from and any(w > world for w in args.worlds),
+                    "reshard_from": str(scratch / f"size{size:g}-world{args.reshard_from}"),
+                    "reshard_world": args.reshard_from})
+    return out
 
 
 def run_point(args: argparse.Namespace, size: float, world: int, scratch: Path) -> dict[str, Any]:
-    """Every variant at one (size, world); returns the point's summaries, metrics and check rows."""
-    root = scratch / f"size{size:g}-world{world}"
+    """Every launch at one (size, world); returns the point's summaries, metrics and check rows."""
     variants: dict[str, dict[str, Any]] = {}
     metrics: dict[str, float] = {}
     printed: set[str] = set()
-    wanted = set(args.variants or [v for v, _ in PLAN])
-    for variant, needs in PLAN:
-        if variant not in wanted:
-            continue
-        if needs and "error" in variants.get(needs, {"error": "not run"}):
-            variants[variant] = {"error": f"skipped: {needs} did not produce a checkpoint"}
-        elif variant == "ls_async" and not async_available():
-            variants[variant] = {"error": "not available: CheckpointCoordinator has no async_save parameter yet"}
+    for spec in launches(args, size, world, scratch):
+        started = time.perf_counter()
+        try:
+            per_variant = run_launch(spec, world, Path(spec["root"]) / "logs", args.timeout)
+        except VariantFailed as exc:
+            for unit in spec["units"]:
+                for variant in unit:
+                    variants[variant] = {"error": str(exc)}
         else:
-            raw_bytes = metrics.get("ls_sync.ckpt_bytes", estimated_state_bytes(size))
-            spec = {"variant": variant, "size_gb": size, "repeats": args.repeats, "root": str(root),
-                    "raw_bytes": int(raw_bytes), "gil_probe": not args.no_gil_probe,
-                    "pg_timeout_s": args.timeout}
-            started = time.perf_counter()
-            try:
-                summary = aggregate(run_variant(spec, world, root / "logs", args.timeout))
-            except VariantFailed as exc:
-                variants[variant] = {"error": str(exc)}
-            else:
-                summary["wall_s"] = time.perf_counter() - started
-                variants[variant] = summary
-                metrics.update(metrics_of(variant, summary))
-        report_variant(variant, variants[variant])
+            wall = time.perf_counter() - started
+            for variant, per_rank in per_variant.items():
+                variants[variant] = {**aggregate(per_rank), "launch_wall_s": wall}
+                metrics.update(metrics_of(variant, variants[variant]))
+        for unit in spec["units"]:
+            for variant in unit:
+                report_variant(variant, variants[variant])
         for check in CHECKS:
             line = check_line(check, metrics)
             if line and check.name not in printed:
@@ -161,27 +201,44 @@ def report_variant(variant: str, summary: dict[str, Any]) -> None:
     if "error" in summary:
         print(f"  {variant}: {summary['error']}", flush=True)
         return
-    times = ", ".join(f"{name} {value:.3f}s" for name, value in summary["median"].items())
+    times = ", ".join(f"{name} {value:.3f}s [{summary['spread'][name][0]:.3f}-{summary['spread'][name][1]:.3f}]"
+                      for name, value in summary["median"].items())
     extra = summary["mem_extra"] / 2**20
     info = summary["info"]
-    writers = f", {info['ckpt_bytes'] / 2**20:,.1f} MiB on disk by {info['writer_ranks']} rank(s)" \
-        if "ckpt_bytes" in info else ""
+    writers = f", {info['ckpt_bytes'] / 2**20:,.1f} MiB on disk" if "ckpt_bytes" in info else ""
+    if "writer_ranks" in info:
+        writers += f" by {info['writer_ranks']} rank(s)"
     print(f"  {variant}: {times}; peak extra RSS {extra:,.1f} MiB{writers}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.render is not None:
+        report = merge_reports([json.loads(path.read_text()) for path in args.render])
+        if args.note:
+            report["config"]["note"] = args.note
+        for path in write_outputs(report, args.out):
+            print(f"wrote {path}")
+        return 0
     scratch = args.dir.resolve() / f"run-{os.getpid()}"
     scratch.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"machine": machine_info(scratch), "points": [],
                               "config": {"sizes": args.sizes, "worlds": args.worlds, "repeats": args.repeats,
-                                         "dir": str(args.dir), "variants": args.variants or [v for v, _ in PLAN]}}
+                                         "dir": str(args.dir), "variants": args.variants or ALL_VARIANTS,
+                                         "quick": args.quick, "reshard_from": args.reshard_from, "skipped": [],
+                                         "note": args.note}}
     print(f"checkpoints under {scratch} ({report['machine']['filesystem']}); page cache warm; "
-          f"median of {args.repeats}", flush=True)
+          f"median [min-max] of {args.repeats} interleaved rounds", flush=True)
+    run_started = time.perf_counter()
     failed = False
     try:
         for size in args.sizes:
             for world in args.worlds:
+                if not fits(size, world):
+                    print(f"== {size:g} GB, world size {world}: skipped (would not fit in the free memory)",
+                          flush=True)
+                    report["config"]["skipped"].append([size, world])
+                    continue
                 print(f"== {size:g} GB, world size {world}", flush=True)
                 point = run_point(args, size, world, scratch)
                 failed |= any("error" in v and not v["error"].startswith("not available")
@@ -195,9 +252,36 @@ def main(argv: list[str] | None = None) -> int:
         else:
             shutil.rmtree(scratch, ignore_errors=True)
             _remove_if_empty(args.dir)
+    report["config"]["wall_s"] = time.perf_counter() - run_started
+    print(f"whole run: {report['config']['wall_s'] / 60:.1f} min", flush=True)
     for path in write_outputs(report, args.out):
         print(f"wrote {path}")
     return 1 if failed else 0
+
+
+def merge_reports(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """One report of the points of several runs; the first run's machine, and its point where two share one."""
+    merged = json.loads(json.dumps(reports[0]))
+    seen = {(p["size_gb"], p["world"]) for p in merged["points"]}
+    for other in reports[1:]:
+        for point in other["points"]:
+            if all("error" in v for v in point["variants"].values()):
+                continue  # nothing measured there (it failed, or was stopped)
+            if (point["size_gb"], point["world"]) not in seen:
+                seen.add((point["size_gb"], point["world"]))
+                merged["points"].append({**point, "run": other["machine"]["date"]})
+    config = merged["config"]
+    config["sizes"] = sorted({p["size_gb"] for p in merged["points"]})
+    config["worlds"] = sorted({p["world"] for p in merged["points"]})
+    config["skipped"] = [s for s in config.get("skipped", []) if tuple(s) not in seen]
+    config["merged_from"] = [{"date": r["machine"]["date"], "git": r["machine"]["git"],
+                              "wall_s": r["config"].get("wall_s")} for r in reports]
+    merged["points"].sort(key=lambda p: (p["size_gb"], p["world"]))
+    for point in merged["points"]:  # the checks of today's code, from the numbers measured
+        ok = {v: s for v, s in point["variants"].items() if "error" not in s}
+        point["metrics"] = {k: v for variant, summary in ok.items() for k, v in metrics_of(variant, summary).items()}
+        point["checks"] = check_rows(point["metrics"], point["variants"])
+    return merged
 
 
 def _remove_checkpoints(scratch: Path) -> None:

@@ -31,6 +31,7 @@ FAULTS_ENV = "LIGHTNING_SHARING_FAULTS"
 FAULT_POINTS = (
     "save:start",       # every rank, the staging directory exists, nothing written yet
     "save:write",       # inside a file write, after part of the file's bytes are on disk
+    "save:sync",        # a file of a write batch is written, before its deferred fsync (one hit per file)
     "save:written",     # this rank's files are written, before the ranks agree on it
     "commit:manifest",  # rank 0, every file checked, before the manifest is written
     "commit:rename",    # rank 0, the manifest is written, before the staging directory is renamed

@@ -25,7 +25,6 @@ from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from lightning_sharing._faults import fault_point
 from lightning_sharing.core.declarations import StateComponent, check_unique_keys
 from lightning_sharing.core.options import CheckpointOptions, VerifyMode
 from lightning_sharing.core.patterns import ValidationLevel
@@ -43,20 +42,14 @@ from lightning_sharing.distributed.collectives import (
 )
 from lightning_sharing.distributed.validation import check_replication, replicated_view
 from lightning_sharing.engine.chunked_reader import ChunkedLoad, check_taken, prepare_chunked_load
-from lightning_sharing.engine.commit import (
-    WrittenCopy,
-    build_manifest,
-    check_visible,
-    chunk_index_jobs,
-    merged_index_jobs,
-)
+from lightning_sharing.engine.commit import WrittenCopy
 from lightning_sharing.engine.export import HFExport, export_in_parallel
 from lightning_sharing.engine.load_plan import LoadResult, check_listed_files, plan_load
 from lightning_sharing.engine.reader import load_component
-from lightning_sharing.engine.save_plan import CopyPlan, plan_chunked_copy, plan_copy, write_copy
-from lightning_sharing.errors import CheckpointError, ComponentDeclarationError, DistributedCheckpointError
+from lightning_sharing.engine.save_plan import CopyPlan, plan_chunked_copy, plan_copy
+from lightning_sharing.engine.save_steps import Plans, commit_files, with_context, write_files
+from lightning_sharing.errors import CheckpointError, ComponentDeclarationError
 from lightning_sharing.format.codec import encode_state
-from lightning_sharing.format.manifest import FileEntry
 from lightning_sharing.storage import CheckpointStore, data_root, is_url, read_manifest, store_for
 
 __all__ = ["CheckpointCoordinator", "LoadResult"]
@@ -64,7 +57,6 @@ __all__ = ["CheckpointCoordinator", "LoadResult"]
 log = logging.getLogger(__name__)
 
 PathT = TypeVar("PathT", str, os.PathLike)
-_Plans = list[tuple[str, CopyPlan]]
 
 
 class CheckpointCoordinator:
@@ -222,16 +214,16 @@ class CheckpointCoordinator:
         for component in self.components:
             writes = any(rank in p.writers for p in self._placements(component, topology))
             if writes or component.effective_validation is not ValidationLevel.NONE:
-                states[component.key] = _with_context(component.key, "state_dict()", component.stateful.state_dict)
+                states[component.key] = with_context(component.key, "state_dict()", component.stateful.state_dict)
                 _warn_if_empty(component, states[component.key])
         return states
 
-    def _plan_files(self, topology: Topology, rank: int, saver: BackgroundSaver | None) -> _Plans:
+    def _plan_files(self, topology: Topology, rank: int, saver: BackgroundSaver | None) -> Plans:
         """Collect, validate and encode the state, decide which files this rank writes, and (async) stage them.
 
         One agreement step covers it all, plus one more before validation when a component is validated.
         """
-        plans: _Plans = []
+        plans: Plans = []
         states: dict[str, Any] = {}
         validated = [c for c in self.components if c.effective_validation is not ValidationLevel.NONE]
         collecting = _Attempt(lambda: states.update(self._collect_states(topology, rank)))
@@ -249,8 +241,8 @@ class CheckpointCoordinator:
             for component in self.components:
                 for placement in self._placements(component, topology):
                     if rank in placement.writers:
-                        plan = _with_context(component.key, "encoding", lambda c=component, p=placement:
-                                             self._plan_copy(c, p, states[c.key], rank))
+                        plan = with_context(component.key, "encoding", lambda c=component, p=placement:
+                                            self._plan_copy(c, p, states[c.key], rank))
                         plans.append((component.key, plan))
             if saver is not None:  # copy what this rank writes: training may change the originals meanwhile
                 for _, plan in plans:
@@ -267,7 +259,7 @@ class CheckpointCoordinator:
             return plan_chunked_copy(component.key, placement, encoded, chunks, rank)
         return plan_copy(placement.stem, encoded, placement.writers, placement.writer, rank, self.max_shard_size)
 
-    def _finish_save(self, store: CheckpointStore, target: str, token: str, plans: _Plans, topology: Topology,
+    def _finish_save(self, store: CheckpointStore, target: str, token: str, plans: Plans, topology: Topology,
                      step: int | None, metadata: dict[str, Any] | None, group: Any, started: float,
                      export: HFExport | None = None) -> None:
         """Write this rank's files, agree, and commit on rank 0 (in the background for async saves)."""
@@ -276,11 +268,11 @@ class CheckpointCoordinator:
         committed = False
         try:
             write_root = on_rank_zero(f"preparing to write {target}", lambda: store.begin_save(target, token), group)
-            written = self._write_files(store, write_root, plans, rank, group)
+            written = write_files(store, write_root, plans, rank, group)
             all_written: list[list[WrittenCopy]] = all_gather_object(written, group)
             with agreement(f"committing checkpoint {_display(target)}", group):
                 if rank == 0:
-                    self._commit(store, write_root, target, token, topology,
+                    commit_files(store, self.components, write_root, target, token, topology,
                                  [copy for per_rank in all_written for copy in per_rank], step, metadata)
             committed = True
         finally:
@@ -290,33 +282,6 @@ class CheckpointCoordinator:
         if export is not None:
             export_in_parallel(store, target, export, group)
             log.info("exported component %r of %s to %s", export.component, target, export.path)
-
-    def _write_files(self, store: CheckpointStore, write_root: str, plans: _Plans, rank: int,
-                     group: Any) -> list[WrittenCopy]:
-        """Write this rank's files; returns what it wrote, for the manifest."""
-        written: list[WrittenCopy] = []
-        with agreement("writing checkpoint files", group):
-            store.check_write_root(write_root, rank)
-            fault_point("save:start")
-            for key, plan in plans:
-                files = _with_context(key, "writing", lambda p=plan: write_copy(store, write_root, p, rank))
-                written.append(WrittenCopy(key=key, stem=plan.stem, rank=rank, files=files.files, index=plan.index,
-                                           layout=plan.layout_digest, shard_writers=plan.shard_writers,
-                                           chunks=files.chunks))
-            fault_point("save:written")
-        return written
-
-    def _commit(self, store: CheckpointStore, write_root: str, target: str, token: str, topology: Topology,
-                copies: list[WrittenCopy], step: int | None, metadata: dict[str, Any] | None) -> None:
-        """Rank 0: check what every rank wrote, add the merged indexes, write the manifest last, commit."""
-        check_visible(store, write_root, copies)
-        extra: dict[str, list[FileEntry]] = {}
-        for key, job in merged_index_jobs(self.components, copies) + chunk_index_jobs(self.components, copies):
-            extra.setdefault(key, []).extend(write_copy(store, write_root, CopyPlan(key, jobs=[job]), rank=0).files)
-        manifest = build_manifest(self.components, topology, copies, extra, step, metadata)
-        manifest.data_prefix = store.data_prefix(write_root, target)  # an object store's generation, else None
-        text = manifest.dumps()  # fails here, before anything is committed, if metadata is not JSON
-        store.commit(write_root, target, token, text.encode("utf-8"))
 
     # ------------------------------------------------------------------ load
     def load_checkpoint(self, path: str | os.PathLike[str], strict: bool = True, *,
@@ -349,7 +314,7 @@ class CheckpointCoordinator:
             saved_topology = Topology.from_json(manifest.topology)
             for component, saved in to_load:
                 if rule(component.sharing_pattern).chunks is not None:  # matched to the live state before reading
-                    chunked[component.key] = _with_context(
+                    chunked[component.key] = with_context(
                         component.key, "planning the load", lambda c=component, s=saved: prepare_chunked_load(
                             store, files_root, c, s, saved_topology, topology, strict, mode))
         held = {key: load.held for key, load in chunked.items() if load.entries}
@@ -367,12 +332,12 @@ class CheckpointCoordinator:
                 check_taken(key, chunked[key], [h[key] for _, _, h in identities], strict, os.fspath(path))
             for component, saved in to_load:
                 if component.key in chunked:
-                    _with_context(component.key, "loading",
-                                  lambda c=component: chunked[c.key].finish(store, files_root))
+                    with_context(component.key, "loading",
+                                 lambda c=component: chunked[c.key].finish(store, files_root))
                 else:
                     placement = placement_for_reader(self._placements(component, topology), rank)
-                    _with_context(component.key, "loading", lambda c=component, s=saved, p=placement:
-                                  load_component(store, files_root, c, s, p, mode))
+                    with_context(component.key, "loading", lambda c=component, s=saved, p=placement:
+                                 load_component(store, files_root, c, s, p, mode))
                 result.loaded.append(component.key)
         return result
 
@@ -410,17 +375,3 @@ def _warn_if_empty(component: StateComponent, state: Any) -> None:
     log.warning("component %r: %s.state_dict() returned %r, so nothing of it is saved; return its state from "
                 "state_dict() (a torchmetrics Metric: declare it directly or as MetricState(metric))",
                 component.key, type(component.stateful).__name__, state)
-
-
-def _with_context(key: str, action: str, fn: Any) -> Any:
-    """Run ``fn``; re-raise any failure as a ``CheckpointError`` (of the same kind) that names the component."""
-    try:
-        return fn()
-    except DistributedCheckpointError:
-        raise
-    except CheckpointError as exc:
-        if f"component {key!r}" in str(exc):
-            raise
-        raise type(exc)(f"component {key!r}: {action} failed: {exc}") from exc
-    except Exception as exc:
-        raise CheckpointError(f"component {key!r}: {action} failed: {type(exc).__name__}: {exc}") from exc

@@ -22,6 +22,8 @@ Example:
 from __future__ import annotations
 
 import os
+import queue
+import threading
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -50,6 +52,7 @@ __all__ = [
 
 DEFAULT_BLOCK_SIZE = 1 << 20
 _WRITE_PIECE = 16 << 20  # bytes handed to one sink.write, rounded down to whole blocks
+_PIECES_IN_FLIGHT = 4  # written pieces waiting for the hashing thread, at most
 
 
 @dataclass(frozen=True)
@@ -105,26 +108,91 @@ def write_chunk_stream(sink: ByteSink, entries: Sequence[tuple[str, torch.Tensor
         raise ValueError("write_chunk_stream: duplicate entry keys")
     order = sorted(tensors, key=lambda key: (-tensors[key].element_size(), key))
     header = encode_header(tensors, order, {"format": "pt", "lightning_sharing": "sharded-chunks"})
-    whole = xxhash.xxh3_128()
-    sink.write(memoryview(header))
-    whole.update(header)
-    fault_point("save:write")
-    position = len(header)
     piece = max(block_size, _WRITE_PIECE - _WRITE_PIECE % block_size)
+    total = len(header) + sum(tensors[key].numel() * tensors[key].element_size() for key in order)
+    blocks: dict[str, list[str]] = {key: [] for key in order}
+    with _Hasher(block_size, threaded=total >= 4 * piece) as hasher:
+        sink.write(memoryview(header))
+        hasher.update(None, memoryview(header))
+        fault_point("save:write")
+        for key in order:
+            view = _byte_view(tensors[key]) if tensors[key].numel() else memoryview(b"")
+            for start in range(0, len(view), piece):
+                part = view[start:start + piece]
+                sink.write(part)
+                hasher.update(blocks[key], part)
+        whole = hasher.finish()
     infos: dict[str, EntryInfo] = {}
+    position = len(header)
     for key in order:
-        view = _byte_view(tensors[key]) if tensors[key].numel() else memoryview(b"")
-        blocks = []
-        for start in range(0, len(view), piece):
-            part = view[start:start + piece]
-            sink.write(part)
-            whole.update(part)
-            blocks.extend(xxhash.xxh3_128(part[b:b + block_size]).hexdigest()
-                          for b in range(0, len(part), block_size))
-        infos[key] = EntryInfo(key, position, len(view), tuple(blocks))
-        position += len(view)
-    return ChunkFileInfo(position, f"{CHECKSUM_ALGORITHM}:{whole.hexdigest()}", block_size,
+        length = tensors[key].numel() * tensors[key].element_size()
+        infos[key] = EntryInfo(key, position, length, tuple(blocks[key]))
+        position += length
+    return ChunkFileInfo(position, f"{CHECKSUM_ALGORITHM}:{whole}", block_size,
                          tuple(infos[key] for key, _ in entries))
+
+
+class _Hasher:
+    """The whole-file digest and the per-block digests of the pieces written, on a helper thread.
+
+    The caller writes the next piece while this thread hashes the last one (file writes and xxhash both
+    release the GIL), so on a machine with a spare core the two digests cost little on top of the write.
+    A thread per file, not a pool: it must also work in processes forked from this one. Small files hash
+    inline. The pieces must not change until ``finish`` returns (the save holds them still).
+    """
+
+    def __init__(self, block_size: int, threaded: bool) -> None:
+        self._whole = xxhash.xxh3_128()
+        self._block_size = block_size
+        self._error: Exception | None = None
+        self._queue: queue.Queue[tuple[list[str] | None, memoryview] | None] | None = None
+        self._thread: threading.Thread | None = None
+        if threaded:
+            # Bounded: a piece of a GPU or strided tensor holds a temporary copy of it until hashed.
+            self._queue = queue.Queue(maxsize=_PIECES_IN_FLIGHT)
+            self._thread = threading.Thread(target=self._run, name="lightning_sharing-hash", daemon=True)
+            self._thread.start()
+
+    def _hash(self, blocks: list[str] | None, part: memoryview) -> None:
+        self._whole.update(part)
+        if blocks is not None:
+            size = self._block_size
+            blocks.extend(xxhash.xxh3_128(part[b:b + size]).hexdigest() for b in range(0, len(part), size))
+
+    def _run(self) -> None:
+        assert self._queue is not None
+        while (item := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    self._hash(*item)
+                except Exception as exc:  # raised by finish(); keep draining so that no put() ever blocks
+                    self._error = exc
+
+    def update(self, blocks: list[str] | None, part: memoryview) -> None:
+        """Hash ``part`` into the whole-file digest and, unless ``blocks`` is None, append its block digests."""
+        if self._queue is None:
+            self._hash(blocks, part)
+        else:
+            self._queue.put((blocks, part))
+
+    def _stop(self) -> None:
+        if self._queue is not None and self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._queue = None
+
+    def finish(self) -> str:
+        """Wait for every piece given so far; the whole-file digest's hex."""
+        self._stop()
+        if self._error is not None:
+            raise self._error
+        return self._whole.hexdigest()
+
+    def __enter__(self) -> _Hasher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop()
 
 
 class ChunkStore(Protocol):

@@ -10,7 +10,8 @@ A save runs, for every store:
    *write root*, where every rank writes its files (a staging directory beside the target on a
    filesystem with rename; the target prefix itself on a store without rename);
 2. ``check_write_root(write_root)`` on every rank: this rank can reach the write root;
-3. every rank writes its files with ``open_write`` (durable once the writer is closed);
+3. every rank writes its files with ``open_write`` (durable once the writer is closed, or, inside a
+   ``write_batch()`` block, once the block ends: a store may then make them durable together);
 4. ``commit(write_root, target, token, manifest)`` on rank 0, after checking with ``size`` that
    every rank's files arrived: write the manifest last and make the checkpoint appear at ``target``
    in one atomic step (a rename, or a conditional put of the manifest). The manifest records
@@ -28,6 +29,8 @@ from __future__ import annotations
 
 import posixpath
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import BinaryIO, Protocol
 
 from lightning_sharing.format.safetensors_io import ByteSink
@@ -102,8 +105,19 @@ class CheckpointStore(ABC):
         """A context manager yielding a ``ByteSink`` for ``location``.
 
         Leaving the block normally makes the file durable (fsync, or a completed upload); an exception
-        discards it (as far as the store allows).
+        discards it (as far as the store allows). Inside ``write_batch()`` the file may become durable
+        only when the batch ends.
         """
+
+    @contextmanager
+    def write_batch(self) -> Iterator[None]:
+        """A block whose files (``open_write``, this thread) are all durable when it ends normally.
+
+        A store may defer each file's flush to the end of the block and flush them together (one
+        concurrent round of fsyncs instead of one per file, in order). The default flushes each file
+        as it is closed. If the block raises, its files need not be durable.
+        """
+        yield
 
     # ------------------------------------------------------------------ committing a save
     @abstractmethod

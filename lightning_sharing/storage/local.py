@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import sys
+import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,6 +32,7 @@ from lightning_sharing.errors import CheckpointError
 from lightning_sharing.format.manifest import MANIFEST_NAME
 from lightning_sharing.format.safetensors_io import DescriptorSink
 from lightning_sharing.storage.base import CheckpointStore
+from lightning_sharing.storage.durable import DurableBatch, start_writeback
 
 __all__ = [
     "LocalStore",
@@ -70,7 +72,7 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
 
 
 def fsync_tree(root: Path) -> None:
-    """fsync every directory below and including ``root`` (files are synced by their writers)."""
+    """fsync every directory below and including ``root``, each once (files are synced by their writers)."""
     for dirpath, _, _ in os.walk(root):
         fsync_dir(dirpath)
 
@@ -222,6 +224,9 @@ class LocalStore(CheckpointStore):
 
     atomic_rename = True
 
+    def __init__(self) -> None:
+        self._batches = threading.local()
+
     def normalize(self, location: str) -> str:
         text = os.fspath(location)
         if text.startswith("file://"):
@@ -257,16 +262,36 @@ class LocalStore(CheckpointStore):
         return None
 
     @contextmanager
+    def write_batch(self) -> Iterator[None]:
+        if getattr(self._batches, "current", None) is not None:  # nested: the outer block syncs
+            yield
+            return
+        batch = self._batches.current = DurableBatch()
+        try:
+            yield
+            batch.sync()
+        finally:
+            batch.close()
+            self._batches.current = None
+
+    @contextmanager
     def open_write(self, location: str) -> Iterator[DescriptorSink]:
         path = Path(location)
         path.parent.mkdir(parents=True, exist_ok=True)
+        batch: DurableBatch | None = getattr(self._batches, "current", None)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             yield DescriptorSink(fd)
-            os.fsync(fd)
+            if batch is None:
+                os.fsync(fd)
+            else:
+                start_writeback(fd)
+                fd, owned = -1, fd
+                batch.add(owned, path)  # the batch closes it, even if this add's sync fails
         except BaseException:
-            os.close(fd)
-            fd = -1
+            if fd >= 0:
+                os.close(fd)
+                fd = -1
             path.unlink(missing_ok=True)
             raise
         finally:
@@ -291,10 +316,12 @@ class LocalStore(CheckpointStore):
 
     def commit(self, write_root: str, target: str, token: str, manifest: bytes) -> None:
         staging = Path(write_root)
-        fsync_tree(staging)
         fault_point("commit:manifest")
         with self.open_write(str(staging / MANIFEST_NAME)) as sink:
             sink.write(manifest)
+        # Every file is durable (its writer fsynced it); now every directory's entries, the manifest's
+        # included, each directory once, before the rename makes the checkpoint visible.
+        fsync_tree(staging)
         fault_point("commit:rename")
         commit_directory(staging, Path(target), token)
         fault_point("commit:renamed")

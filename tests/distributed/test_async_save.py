@@ -76,7 +76,7 @@ def test_async_save_writes_the_state_as_it_was_when_the_save_started(tmp_path: P
     assert CheckpointManifest.load(tmp_path / "step=1.ckpt").step == 1
 
 
-def _failure_worker(rank: int, world_size: int, root: str):
+def _failure_worker(rank: int, world_size: int, root: str, fault: str):
     import time
 
     import torch
@@ -91,7 +91,7 @@ def _failure_worker(rank: int, world_size: int, root: str):
 
     with torch.no_grad():
         model.weight.add_(1.0)
-    os.environ["LIGHTNING_SHARING_FAULTS"] = "save:write@1:eio"
+    os.environ["LIGHTNING_SHARING_FAULTS"] = fault
     coordinator.save_checkpoint(Path(root) / "step=2.ckpt", step=2)  # fails later, in the background
     raised_at, message = None, ""
     for step in range(500):  # the training loop: one poll per step boundary
@@ -113,13 +113,16 @@ def _failure_worker(rank: int, world_size: int, root: str):
     return raised_at, message, pending_after, intact
 
 
-def test_background_failure_raises_on_every_rank_at_the_same_step(tmp_path: Path) -> None:
-    results = run_distributed(_failure_worker, 2, str(tmp_path), timeout=90)
+@pytest.mark.parametrize("point", ["save:write", "save:sync"])  # a write, or the deferred fsync of a written file
+def test_background_failure_raises_on_every_rank_at_the_same_step(tmp_path: Path, point: str) -> None:
+    results = run_distributed(_failure_worker, 2, str(tmp_path), f"{point}@1:eio", timeout=90)
     steps = {raised_at for raised_at, *_ in results}
     assert len(steps) == 1 and None not in steps, f"ranks raised at different steps: {results}"
     for _step, message, pending_after, intact in results:
         assert "writing checkpoint files failed on rank 1" in message
-        assert "Input/output error (injected at save:write on rank 1)" in message
+        assert f"Input/output error (injected at {point} on rank 1)" in message
+        if point == "save:sync":
+            assert " durable (fsync) failed: [Errno 5] " in message
         assert not pending_after and intact
     assert not (tmp_path / "step=2.ckpt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step=1.ckpt", "step=3.ckpt"]  # staging cleaned

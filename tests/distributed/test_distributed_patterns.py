@@ -48,7 +48,7 @@ def _components(rank: int):
 
 
 def _record_writes(monkeypatch_target, log: list[str]):
-    """Wrap the coordinator's copy writer so each rank records the stems it wrote files of itself."""
+    """Wrap the copy writer the save steps call so each rank records the stems it wrote files of itself."""
     original = monkeypatch_target.write_copy
 
     def recording(store, root, plan, rank):
@@ -62,7 +62,7 @@ def _record_writes(monkeypatch_target, log: list[str]):
 def _dp_pp_worker(rank: int, world_size: int, root: str, use_mesh: bool):
     import torch.distributed as dist
 
-    import lightning_sharing.engine.coordinator as coordinator_module
+    import lightning_sharing.engine.save_steps as coordinator_module
     from lightning_sharing import CheckpointCoordinator
 
     if use_mesh:

@@ -31,6 +31,7 @@ ERRNO_TEXT = {"enospc": "No space left on device", "eio": "Input/output error"}
 EXPECTED = {
     "enospc-rank1-write": ("writing checkpoint files failed on rank 1: ", [1], "step=1.ckpt"),
     "eio-rank1-write": ("writing checkpoint files failed on rank 1: ", [1], "step=1.ckpt"),
+    "eio-rank1-fsync": ("writing checkpoint files failed on rank 1: ", [1], "step=1.ckpt"),
     "enospc-all-ranks-write": ("writing checkpoint files failed on ranks [0, 1]: ", [0, 1], "step=1.ckpt"),
     "enospc-rank1-write-replacing-last": ("writing checkpoint files failed on rank 1: ", [1], "last.ckpt"),
     "enospc-rank0-manifest-write": ("committing checkpoint ", [0], "step=1.ckpt"),
@@ -65,7 +66,9 @@ def test_storage_failure_raises_everywhere_and_keeps_the_previous_checkpoint(sce
         assert f"[Errno {28 if action == 'enospc' else 5}] {ERRNO_TEXT[action]}" in message, message
         for rank in failing:
             assert "injected at " in message and f" on rank {rank})" in message, message
-        if message.startswith("writing"):
+        if name.endswith("-fsync"):  # the deferred fsync of a written file: which file could not be made durable
+            assert " durable (fsync) failed: " in message, message
+        elif message.startswith("writing"):
             assert "component '" in message, message  # which component's file could not be written
         assert error["seconds"] < 30  # raised, not hung (the process group timeout is 10 s)
         # Nothing of the failed save is left: no target, no staging directory.

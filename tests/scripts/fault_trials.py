@@ -580,6 +580,7 @@ def storage_worker(rank: int, world: int, root: str, spec: str, mode: str) -> di
 STORAGE_SCENARIOS = {
     "enospc-rank1-write": ("save:write@1:enospc", "steps"),
     "eio-rank1-write": ("save:write@1:eio", "steps"),
+    "eio-rank1-fsync": ("save:sync@1:eio", "steps"),
     "enospc-all-ranks-write": ("save:write@*:enospc", "steps"),
     "enospc-rank1-write-replacing-last": ("save:write@1:enospc", "last"),
     "enospc-rank0-manifest-write": ("save:write@0:enospc#{manifest}", "steps"),

@@ -134,6 +134,23 @@ def test_chunk_file_is_plain_safetensors_with_block_digests(tmp_path):
     assert [e.key for e in info.entries] == ["a@0", "b", "c"]
 
 
+def test_large_chunk_file_hashed_on_a_helper_thread_has_the_same_digests(tmp_path):
+    # Files of at least 4 write pieces (64 MiB) are hashed on a thread while the next piece is written; the digests
+    # must be those of the bytes on disk, block by block, whatever the order the pieces were hashed in.
+    generator = torch.Generator().manual_seed(3)
+    tensors = [("big", torch.randint(-2**31, 2**31 - 1, (18 << 20,), dtype=torch.int32, generator=generator)),
+               ("empty", torch.empty(0)), ("odd", torch.arange(1001, dtype=torch.float64))]
+    block = 1 << 20
+    info = write_chunk_file(tmp_path / "big.safetensors", tensors, block_size=block)
+    raw = (tmp_path / "big.safetensors").read_bytes()
+    assert info.size == len(raw) > 64 << 20 and info.checksum == file_checksum(tmp_path / "big.safetensors")
+    for entry in info.entries:
+        data = raw[entry.begin:entry.begin + entry.length]
+        assert entry.blocks == tuple(xxhash.xxh3_128(data[i:i + block]).hexdigest()
+                                     for i in range(0, len(data), block))
+    assert [len(e.blocks) for e in info.entries] == [72, 0, 1]
+
+
 def test_plain_state_round_trip_with_writes_spread_over_holders(tmp_path):
     state = {"big": torch.randn(7, 5), "scalar": torch.tensor(3.0), "empty": torch.empty(0, 4),
              "flags": torch.tensor([True, False, True]), "half": torch.randn(3, dtype=torch.bfloat16)}

@@ -1,0 +1,120 @@
+"""LocalStore.write_batch(): every file of the batch is fsynced, on the descriptor that wrote it, before the block
+ends; a failing fsync is raised, naming the file; no descriptor outlives the block; other stores are unchanged."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_sharing import _faults
+from lightning_sharing.errors import CheckpointError
+from lightning_sharing.format.safetensors_io import write_tensors
+from lightning_sharing.storage import durable
+from lightning_sharing.storage.base import CheckpointStore
+from lightning_sharing.storage.local import LocalStore
+from lightning_sharing.storage.object_backend import ObjectStore
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/fd")
+
+
+def _open_fds() -> set[int]:
+    return {int(name) for name in os.listdir("/proc/self/fd")}
+
+
+@pytest.fixture
+def fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The real os.fsync, recording which file each call flushed (the path its descriptor is open on)."""
+    calls: list[str] = []
+    real = os.fsync
+
+    def recording(fd: int) -> None:
+        calls.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", recording)
+    return calls
+
+
+@pytest.fixture
+def faults(monkeypatch: pytest.MonkeyPatch):
+    _faults._hits.clear()
+    yield lambda spec: monkeypatch.setenv(_faults.FAULTS_ENV, spec)
+    _faults._hits.clear()
+
+
+def _write(store: LocalStore, path: Path, payload: bytes) -> None:
+    with store.open_write(str(path)) as sink:
+        sink.write(payload)
+
+
+def test_batch_fsyncs_every_file_once_at_the_end_on_its_own_descriptor(tmp_path: Path, fsyncs: list[str]) -> None:
+    store = LocalStore()
+    paths = [tmp_path / "a" / f"f{i}.bin" for i in range(5)]
+    before = _open_fds()
+    with store.write_batch():
+        for i, path in enumerate(paths):
+            _write(store, path, bytes([i]) * (1000 + i))
+        assert fsyncs == []  # deferred: nothing flushed while the batch is open
+        assert len(_open_fds() - before) == len(paths)  # each file's writer descriptor is kept for its fsync
+    assert sorted(fsyncs) == sorted(str(p) for p in paths)  # each once, on a descriptor open on that file
+    assert _open_fds() == before
+    assert [p.read_bytes() for p in paths] == [bytes([i]) * (1000 + i) for i in range(5)]
+
+
+def test_without_a_batch_each_file_is_fsynced_when_closed(tmp_path: Path, fsyncs: list[str]) -> None:
+    store = LocalStore()
+    _write(store, tmp_path / "one.bin", b"x")
+    assert fsyncs == [str(tmp_path / "one.bin")]
+    with store.write_batch():
+        with store.write_batch():  # nested: the outer block makes it durable
+            _write(store, tmp_path / "two.bin", b"y")
+        assert fsyncs == [str(tmp_path / "one.bin")]
+    assert fsyncs == [str(tmp_path / "one.bin"), str(tmp_path / "two.bin")]
+
+
+def test_a_failing_deferred_fsync_is_raised_naming_the_file(tmp_path: Path, faults) -> None:
+    store = LocalStore()
+    faults("save:sync@*:eio#2")  # the second file's fsync fails (they run concurrently; the others still finish)
+    before = _open_fds()
+    with pytest.raises(CheckpointError) as caught, store.write_batch():
+        for name in ("a.safetensors", "b.safetensors", "c.safetensors"):
+            with store.open_write(str(tmp_path / name)) as sink:
+                write_tensors(sink, {"t": torch.arange(4.0)})
+    message = str(caught.value)
+    assert message.startswith(f"making {tmp_path}/") and ".safetensors durable (fsync) failed: " in message
+    assert "[Errno 5] Input/output error " in message
+    assert "(injected at save:sync on rank 0)" in message
+    assert _open_fds() == before  # every descriptor closed, the failed one too
+
+
+def test_a_failing_block_closes_its_files_without_fsync(tmp_path: Path, fsyncs: list[str]) -> None:
+    store = LocalStore()
+    before = _open_fds()
+    with pytest.raises(ValueError, match="boom"), store.write_batch():
+        _write(store, tmp_path / "kept-open.bin", b"z")
+        raise ValueError("boom")
+    assert fsyncs == [] and _open_fds() == before
+
+
+def test_a_large_batch_keeps_a_bounded_number_of_files_open(tmp_path: Path, fsyncs: list[str]) -> None:
+    store = LocalStore()
+    count = 2 * durable._BATCH_OPEN_FILES + 5
+    before = _open_fds()
+    most_open = 0
+    with store.write_batch():
+        for i in range(count):
+            _write(store, tmp_path / f"{i}.bin", b"w")
+            most_open = max(most_open, len(_open_fds() - before))
+    assert most_open <= durable._BATCH_OPEN_FILES
+    assert sorted(fsyncs) == sorted(str(tmp_path / f"{i}.bin") for i in range(count))
+    assert _open_fds() == before
+
+
+def test_other_stores_keep_the_default_batch(tmp_path: Path) -> None:
+    # An object store's files are durable when each upload completes: the batch is the base class's no-op.
+    assert ObjectStore.write_batch is CheckpointStore.write_batch
+    assert LocalStore.write_batch is not CheckpointStore.write_batch
