@@ -15,11 +15,10 @@ Example:
 
 from __future__ import annotations
 
+import io
 import json
 import os
-import queue
 import struct
-import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -29,6 +28,8 @@ import xxhash
 
 from lightning_sharing._faults import fault_point
 from lightning_sharing.errors import CheckpointError, CorruptCheckpointError
+from lightning_sharing.format.overlapped import Overlapped
+from lightning_sharing.format.parallel_read import read_ranges
 
 __all__ = [
     "CHECKSUM_ALGORITHM",
@@ -44,6 +45,7 @@ __all__ = [
     "read_tensor_file",
     "read_tensors",
     "stream_checksum",
+    "tensor_bytes",
     "write_blob",
     "write_tensor_file",
     "write_tensors",
@@ -108,7 +110,8 @@ def bytes_checksum(data: bytes) -> str:
     return f"{CHECKSUM_ALGORITHM}:{xxhash.xxh3_128(data).hexdigest()}"
 
 
-def _byte_view(tensor: torch.Tensor) -> memoryview:
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """A tensor's data as bytes (a CPU, contiguous copy only where the tensor is not one already)."""
     flat = tensor.detach().reshape(-1)
     if flat.device.type != "cpu":
         flat = flat.cpu()
@@ -134,47 +137,26 @@ def _header(tensors: Mapping[str, torch.Tensor], order: list[str], metadata: Map
 class _OverlappedDigest:
     """xxh3-128 of a stream of chunks, computed on a helper thread while the caller reads or writes the next.
 
-    Chunks are hashed in the order given. Both the file I/O and xxhash release the GIL, so on a machine
-    with a spare core hashing costs almost nothing on top of the I/O. A thread per file (not a pool):
-    it must also work in processes forked from this one. Files smaller than a few chunks hash inline.
+    Both the file I/O and xxhash release the GIL, so on a machine with a spare core hashing costs almost
+    nothing on top of the I/O. Files smaller than a few chunks hash inline.
     """
 
     def __init__(self, size: int) -> None:
         self._digest = xxhash.xxh3_128()
-        self._queue: queue.SimpleQueue[memoryview | None] | None = None
-        self._thread: threading.Thread | None = None
-        if size >= 4 * _CHUNK:
-            self._queue = queue.SimpleQueue()
-            self._thread = threading.Thread(target=self._run, name="lightning_sharing-hash", daemon=True)
-            self._thread.start()
-
-    def _run(self) -> None:
-        assert self._queue is not None
-        while (chunk := self._queue.get()) is not None:
-            self._digest.update(chunk)
+        self._hashing: Overlapped[memoryview] = Overlapped(self._digest.update, threaded=size >= 4 * _CHUNK)
 
     def update(self, chunk: memoryview) -> None:
-        if self._queue is None:
-            self._digest.update(chunk)
-        else:
-            self._queue.put(chunk)
-
-    def close(self) -> None:
-        """Wait until every chunk given so far is hashed (and stop the helper thread)."""
-        if self._queue is not None and self._thread is not None:
-            self._queue.put(None)
-            self._thread.join()
-            self._queue = None
+        self._hashing.submit(chunk)
 
     def checksum(self) -> str:
-        self.close()
+        self._hashing.finish()
         return f"{CHECKSUM_ALGORITHM}:{self._digest.hexdigest()}"
 
     def __enter__(self) -> _OverlappedDigest:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.close()
+        self._hashing.__exit__(*exc)
 
 
 class ByteSink(Protocol):
@@ -204,7 +186,7 @@ def write_tensors(sink: ByteSink, tensors: Mapping[str, torch.Tensor],
         fault_point("save:write")
         for name in order:
             if tensors[name].numel():
-                size += _write_all(sink, _byte_view(tensors[name]), digest)
+                size += _write_all(sink, tensor_bytes(tensors[name]), digest)
         return size, digest.checksum()
 
 
@@ -294,34 +276,46 @@ def read_tensors(handle: BinaryIO, size: int, name: str, checksum: str | None = 
     unless the whole file matches ``checksum`` (when given). ``into`` may map names to existing
     contiguous CPU tensors of the same shape and dtype (the live parameters): those are read into
     in place, which saves an allocation and a copy; if the file then proves corrupt, they hold part
-    of it. Raises ``CorruptCheckpointError`` naming the file (``name``) for a wrong checksum or a
-    malformed file.
+    of it. A local file (``handle`` an unbuffered ``open(path, "rb", buffering=0)``) is read on
+    several threads (``format.parallel_read``). Raises ``CorruptCheckpointError`` naming the file
+    (``name``) for a wrong checksum or a malformed file.
     """
-    tensors: dict[str, torch.Tensor] = {}
-    with _OverlappedDigest(size) as digest:
-        try:
-            prefix = bytearray(8)
-            _read_into(handle, memoryview(prefix), digest, name)
-            (length,) = struct.unpack("<Q", prefix)
-            if length > min(_MAX_HEADER, size - 8):
-                raise ValueError(f"header length {length} exceeds the file or {_MAX_HEADER} bytes")
-            raw = bytearray(length)
-            _read_into(handle, memoryview(raw), digest, name)
-            layout = _parse_header(bytes(raw), size - 8 - length)
-        except (ValueError, UnicodeDecodeError, RecursionError, CorruptCheckpointError) as exc:
-            if checksum is not None:  # for an unreadable file a checksum mismatch is the more useful message
-                handle.seek(0)
-                check_checksum(name, stream_checksum(handle), checksum)
-            raise CorruptCheckpointError(f"safetensors file {name} cannot be read: {exc}") from exc
-        for tensor_name, dtype, shape, _, _ in layout:
-            tensor = _destination(into, tensor_name, dtype, shape)
-            if tensor.numel():
-                _read_into(handle, memoryview(tensor.reshape(-1).view(torch.uint8).numpy()), digest, name)
-            tensors[tensor_name] = tensor
+    local_fd = handle.fileno() if isinstance(handle, io.FileIO) else None
+    # A local file's data is hashed by the reading threads themselves, so only a stream gets a hashing thread.
+    with _OverlappedDigest(size if local_fd is None else 0) as digest:
+        layout, data_start = _read_layout(handle, size, name, checksum, digest)
+        tensors = {tensor_name: _destination(into, tensor_name, dtype, shape)
+                   for tensor_name, dtype, shape, _, _ in layout}
+        ranges = [(data_start + begin, memoryview(tensors[tensor_name].reshape(-1).view(torch.uint8).numpy()))
+                  for tensor_name, _, _, begin, end in layout if end > begin]
+        if local_fd is not None:
+            read_ranges(local_fd, ranges, name, digest.update if checksum is not None else None)
+        else:
+            for _, view in ranges:
+                _read_into(handle, view, digest, name)
         actual = digest.checksum()
     if checksum is not None:
         check_checksum(name, actual, checksum)
     return tensors
+
+
+def _read_layout(handle: BinaryIO, size: int, name: str, checksum: str | None,
+                 digest: _OverlappedDigest) -> tuple[list[tuple[str, torch.dtype, list[int], int, int]], int]:
+    """The tensors' layout from the file's header (read and hashed) and the offset where their data starts."""
+    try:
+        prefix = bytearray(8)
+        _read_into(handle, memoryview(prefix), digest, name)
+        (length,) = struct.unpack("<Q", prefix)
+        if length > min(_MAX_HEADER, size - 8):
+            raise ValueError(f"header length {length} exceeds the file or {_MAX_HEADER} bytes")
+        raw = bytearray(length)
+        _read_into(handle, memoryview(raw), digest, name)
+        return _parse_header(bytes(raw), size - 8 - length), 8 + length
+    except (ValueError, UnicodeDecodeError, RecursionError, CorruptCheckpointError) as exc:
+        if checksum is not None:  # for an unreadable file a checksum mismatch is the more useful message
+            handle.seek(0)
+            check_checksum(name, stream_checksum(handle), checksum)
+        raise CorruptCheckpointError(f"safetensors file {name} cannot be read: {exc}") from exc
 
 
 def read_tensor_file(path: Path, checksum: str | None = None,

@@ -22,8 +22,6 @@ Example:
 from __future__ import annotations
 
 import os
-import queue
-import threading
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -35,7 +33,14 @@ import xxhash
 
 from lightning_sharing._faults import fault_point
 from lightning_sharing.errors import CorruptCheckpointError
-from lightning_sharing.format.safetensors_io import CHECKSUM_ALGORITHM, ByteSink, DescriptorSink, encode_header
+from lightning_sharing.format.overlapped import Overlapped
+from lightning_sharing.format.safetensors_io import (
+    CHECKSUM_ALGORITHM,
+    ByteSink,
+    DescriptorSink,
+    encode_header,
+    tensor_bytes,
+)
 
 __all__ = [
     "DEFAULT_BLOCK_SIZE",
@@ -75,13 +80,6 @@ class ChunkFileInfo:
     entries: tuple[EntryInfo, ...]
 
 
-def _byte_view(tensor: torch.Tensor) -> memoryview:
-    flat = tensor.detach().reshape(-1)
-    if flat.device.type != "cpu":
-        flat = flat.cpu()
-    return memoryview(flat.contiguous().view(torch.uint8).numpy())
-
-
 def write_chunk_file(path: Path, entries: Sequence[tuple[str, torch.Tensor]], *,
                      block_size: int = DEFAULT_BLOCK_SIZE) -> ChunkFileInfo:
     """``write_chunk_stream`` into a local file at ``path``, fsynced."""
@@ -116,7 +114,7 @@ def write_chunk_stream(sink: ByteSink, entries: Sequence[tuple[str, torch.Tensor
         hasher.update(None, memoryview(header))
         fault_point("save:write")
         for key in order:
-            view = _byte_view(tensors[key]) if tensors[key].numel() else memoryview(b"")
+            view = tensor_bytes(tensors[key]) if tensors[key].numel() else memoryview(b"")
             for start in range(0, len(view), piece):
                 part = view[start:start + piece]
                 sink.write(part)
@@ -135,64 +133,38 @@ def write_chunk_stream(sink: ByteSink, entries: Sequence[tuple[str, torch.Tensor
 class _Hasher:
     """The whole-file digest and the per-block digests of the pieces written, on a helper thread.
 
-    The caller writes the next piece while this thread hashes the last one (file writes and xxhash both
-    release the GIL), so on a machine with a spare core the two digests cost little on top of the write.
-    A thread per file, not a pool: it must also work in processes forked from this one. Small files hash
-    inline. The pieces must not change until ``finish`` returns (the save holds them still).
+    The caller writes the next piece while the helper hashes the last one (``format.overlapped``). Small
+    files hash inline. The pieces must not change until ``finish`` returns (the save holds them still).
     """
 
     def __init__(self, block_size: int, threaded: bool) -> None:
         self._whole = xxhash.xxh3_128()
         self._block_size = block_size
-        self._error: Exception | None = None
-        self._queue: queue.Queue[tuple[list[str] | None, memoryview] | None] | None = None
-        self._thread: threading.Thread | None = None
-        if threaded:
-            # Bounded: a piece of a GPU or strided tensor holds a temporary copy of it until hashed.
-            self._queue = queue.Queue(maxsize=_PIECES_IN_FLIGHT)
-            self._thread = threading.Thread(target=self._run, name="lightning_sharing-hash", daemon=True)
-            self._thread.start()
+        # Bounded: a piece of a GPU or strided tensor holds a temporary copy of it until hashed.
+        self._hashing: Overlapped[tuple[list[str] | None, memoryview]] = Overlapped(
+            self._hash, threaded=threaded, bound=_PIECES_IN_FLIGHT)
 
-    def _hash(self, blocks: list[str] | None, part: memoryview) -> None:
+    def _hash(self, item: tuple[list[str] | None, memoryview]) -> None:
+        blocks, part = item
         self._whole.update(part)
         if blocks is not None:
             size = self._block_size
             blocks.extend(xxhash.xxh3_128(part[b:b + size]).hexdigest() for b in range(0, len(part), size))
 
-    def _run(self) -> None:
-        assert self._queue is not None
-        while (item := self._queue.get()) is not None:
-            if self._error is None:
-                try:
-                    self._hash(*item)
-                except Exception as exc:  # raised by finish(); keep draining so that no put() ever blocks
-                    self._error = exc
-
     def update(self, blocks: list[str] | None, part: memoryview) -> None:
         """Hash ``part`` into the whole-file digest and, unless ``blocks`` is None, append its block digests."""
-        if self._queue is None:
-            self._hash(blocks, part)
-        else:
-            self._queue.put((blocks, part))
-
-    def _stop(self) -> None:
-        if self._queue is not None and self._thread is not None:
-            self._queue.put(None)
-            self._thread.join()
-            self._queue = None
+        self._hashing.submit((blocks, part))
 
     def finish(self) -> str:
         """Wait for every piece given so far; the whole-file digest's hex."""
-        self._stop()
-        if self._error is not None:
-            raise self._error
+        self._hashing.finish()
         return self._whole.hexdigest()
 
     def __enter__(self) -> _Hasher:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stop()
+        self._hashing.__exit__(*exc)
 
 
 class ChunkStore(Protocol):
