@@ -66,6 +66,9 @@ class CheckpointOptions:
             in the background.
         max_pending_saves: with ``async_save``, how many saves may be in flight; each holds one copy of
             the state this rank writes.
+        background_staging: with ``async_save``, the parameters and optimizer state are copied in the
+            background too, so ``save_checkpoint`` returns before they are copied; the next
+            ``optimizer.step()`` waits for the copy (``BackgroundSaver``'s documentation).
     """
 
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE
@@ -73,14 +76,16 @@ class CheckpointOptions:
     validation_level: ValidationLevel = ValidationLevel.QUICK
     async_save: bool = False
     max_pending_saves: int = 1
+    background_staging: bool = False
 
     def __post_init__(self) -> None:
         _positive_int("max_shard_size", self.max_shard_size)
         _positive_int("max_pending_saves", self.max_pending_saves)
         object.__setattr__(self, "verify", VerifyMode.parse(self.verify))
         object.__setattr__(self, "validation_level", ValidationLevel.parse(self.validation_level))
-        if not isinstance(self.async_save, bool):
-            raise ComponentDeclarationError(f"async_save must be True or False, got {self.async_save!r}")
+        for name in ("async_save", "background_staging"):
+            if not isinstance(getattr(self, name), bool):
+                raise ComponentDeclarationError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
     def replace(self, **changes: Any) -> CheckpointOptions:
         """A copy with ``changes`` applied (and validated)."""

@@ -10,12 +10,23 @@ Memory: each pending save holds one staged copy of the tensors this rank writes.
 first waits for the oldest. Staging buffers are reused from save to save, so steady-state saves
 allocate nothing.
 
+Background staging (``background_staging=True``, off by default): the tensors that only an optimizer
+step changes (the parameters of the saved modules and the optimizers' state) are copied by the
+background thread too, so ``save_checkpoint`` returns before they are copied; every other tensor is
+copied before it returns, as without it. Every ``optimizer.step()`` in the process first waits until the
+copies are done (a global optimizer step pre-hook), so the next step cannot change a tensor before it is
+copied, while the forward and backward passes run beside the copy. A tensor changed in place in any
+other way before it is copied (its version counter moved) fails that save, on every rank, instead of
+writing a checkpoint that mixes two steps; a change through ``tensor.data`` cannot be seen, so code that
+writes parameters that way between a save and the next optimizer step must call ``wait_staged()`` first.
+This is DCP's ``StagingOptions(use_async_staging=True)``, with the wait built in.
+
 Errors: a failed background save is never lost. It is raised, on every rank, by the next call that
 waits: the next save, a load, ``wait()``, or ``poll()`` (which Lightning's strategy calls at each
 step boundary).
 
 Example:
-    >>> saver = BackgroundSaver()
+    >>> saver = BackgroundSaver(background_staging=True)
     >>> coordinator = CheckpointCoordinator(components, async_save=saver)   # doctest: +SKIP
     >>> coordinator.save_checkpoint("ckpt/step=100.ckpt", step=100)         # returns once staged
     >>> saver.wait()                                                         # committed (or raises)
@@ -31,15 +42,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from lightning_sharing.distributed.collectives import all_ranks, new_gloo_group
-from lightning_sharing.errors import ComponentDeclarationError
+from lightning_sharing.distributed.collectives import agreement, all_ranks, new_gloo_group
+from lightning_sharing.errors import CheckpointError, ComponentDeclarationError
 
 __all__ = ["BackgroundSaver"]
 
 log = logging.getLogger(__name__)
 
 _PoolKey = tuple[tuple[int, ...], torch.dtype, bool]
+_Copy = tuple[str, torch.Tensor, torch.Tensor, int]  # name, staging buffer, source, source version when staged
 
 
 class BackgroundSaver:
@@ -48,15 +61,25 @@ class BackgroundSaver:
     Args:
         max_pending: how many saves may be in flight at once; each holds one staged copy of the
             tensors this rank writes. The default, 1, bounds staging memory to one copy of the state.
+        background_staging: copy the tensors only an optimizer step changes on the background thread
+            too (see the module's documentation); the next ``optimizer.step()`` waits for the copy.
 
     ``poll()`` and the first ``submit()`` are collective; ``wait()`` is per rank but every rank gets
     the same outcome.
     """
 
-    def __init__(self, max_pending: int = 1) -> None:
+    def __init__(self, max_pending: int = 1, *, background_staging: bool = False) -> None:
         if not isinstance(max_pending, int) or isinstance(max_pending, bool) or max_pending < 1:
             raise ComponentDeclarationError(f"max_pending must be a positive integer, got {max_pending!r}")
+        if not isinstance(background_staging, bool):
+            raise ComponentDeclarationError(f"background_staging must be True or False, got {background_staging!r}")
         self.max_pending = max_pending
+        self.background_staging = background_staging
+        self._deferred: list[_Copy] = []  # copies staged by stage() for the next submit()
+        self._staged = threading.Event()  # set while no submitted save has copies left to make
+        self._staged.set()
+        self._unstaged_saves = 0
+        self._step_hook: Any = None
         self._executor: ThreadPoolExecutor | None = None
         self._group: Any = None
         self._group_ready = False
@@ -86,8 +109,13 @@ class BackgroundSaver:
         return self._group
 
     # ------------------------------------------------------------------ staging
-    def stage(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Copies of ``tensors`` on the CPU, in reused buffers, that training cannot change."""
+    def stage(self, tensors: dict[str, torch.Tensor],
+              optimizer_owned: Callable[[torch.Tensor], bool] | None = None) -> dict[str, torch.Tensor]:
+        """Copies of ``tensors`` on the CPU, in reused buffers, that training cannot change.
+
+        With background staging, the tensors ``optimizer_owned`` accepts (those only an optimizer step
+        changes) get their buffer now and are copied by the next ``submit``'s background work.
+        """
         staged: dict[str, torch.Tensor] = {}
         uses_cuda = False
         with self._lock:
@@ -100,12 +128,48 @@ class BackgroundSaver:
                     buffer = free.pop()
                 else:
                     buffer = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=on_gpu)
-                buffer.copy_(tensor, non_blocking=on_gpu)
-                uses_cuda = uses_cuda or on_gpu
+                version = _version(tensor) if self.background_staging and optimizer_owned is not None else None
+                if version is not None and optimizer_owned is not None and optimizer_owned(tensor):
+                    self._deferred.append((name, buffer, tensor, version))
+                else:
+                    buffer.copy_(tensor, non_blocking=on_gpu)
+                    uses_cuda = uses_cuda or on_gpu
                 staged[name] = buffer
         if uses_cuda:
             torch.cuda.synchronize()
         return staged
+
+    def wait_staged(self) -> None:
+        """Block until the background copies of every submitted save are made (at once without background staging).
+
+        Per rank, no communication. Every ``optimizer.step()`` calls it first while background staging is
+        on; call it before changing a saved parameter or optimizer tensor in any other way. A failed copy
+        is not raised here but by the next call that waits for the save (``wait``, ``poll``, a save, a load),
+        on every rank.
+        """
+        self._staged.wait()
+
+    def _copy_deferred(self, copies: list[_Copy]) -> None:
+        uses_cuda = False
+        for _, buffer, source, _ in copies:
+            on_gpu = source.device.type == "cuda"
+            buffer.copy_(source, non_blocking=on_gpu)
+            uses_cuda = uses_cuda or on_gpu
+        if uses_cuda:
+            torch.cuda.synchronize()
+        changed = [name for name, _, source, version in copies if _version(source) != version]
+        if changed:
+            raise CheckpointError(
+                f"{len(changed)} tensor(s) were changed in place after save_checkpoint returned and before the "
+                f"background staging copied them (first: {changed[0]!r}); this save is abandoned rather than "
+                "written with state from two different steps. Call wait_staged() before changing saved "
+                "tensors outside optimizer.step()"
+            )
+
+    def _install_step_hook(self) -> None:
+        if self._step_hook is None:
+            self._step_hook = register_optimizer_step_pre_hook(
+                lambda optimizer, args, kwargs: self.wait_staged())
 
     def _recycle(self, buffers: list[torch.Tensor]) -> None:
         with self._lock:
@@ -128,9 +192,25 @@ class BackgroundSaver:
         self.make_room()
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lightning_sharing-save")
+        copies, self._deferred = self._deferred, []
+        if self.background_staging:
+            self._install_step_hook()
+            with self._lock:
+                self._unstaged_saves += 1
+                self._staged.clear()
+        group = self.group()
 
         def run() -> None:
             try:
+                if self.background_staging:
+                    try:
+                        with agreement("staging the state in the background", group):
+                            self._copy_deferred(copies)
+                    finally:
+                        with self._lock:
+                            self._unstaged_saves -= 1
+                            if not self._unstaged_saves:
+                                self._staged.set()
                 work()
             except BaseException:
                 self._last_failed = True
@@ -200,8 +280,12 @@ class BackgroundSaver:
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
                 self._executor = None
+            if self._step_hook is not None:
+                self._step_hook.remove()
+                self._step_hook = None
             with self._lock:
                 self._pool.clear()
+                self._deferred.clear()
 
 
 def _log_failure(what: str) -> Callable[[Future[None]], None]:
@@ -212,3 +296,11 @@ def _log_failure(what: str) -> Callable[[Future[None]], None]:
 
     return report
 
+
+
+def _version(tensor: torch.Tensor) -> int | None:
+    """The tensor's in-place version counter (None for an inference tensor, which has none)."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return None

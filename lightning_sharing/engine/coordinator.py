@@ -48,6 +48,7 @@ from lightning_sharing.engine.load_plan import LoadResult, check_listed_files, p
 from lightning_sharing.engine.reader import load_component
 from lightning_sharing.engine.save_plan import CopyPlan, plan_chunked_copy, plan_copy
 from lightning_sharing.engine.save_steps import Plans, commit_files, with_context, write_files
+from lightning_sharing.engine.staging import optimizer_owned
 from lightning_sharing.errors import CheckpointError, ComponentDeclarationError
 from lightning_sharing.format.codec import encode_state
 from lightning_sharing.storage import CheckpointStore, data_root, is_url, read_manifest, store_for
@@ -110,7 +111,8 @@ class CheckpointCoordinator:
         self.storage_options = storage_options
         self._topology: Topology | None = None
         if saver is None and self.options.async_save:
-            saver = BackgroundSaver(self.options.max_pending_saves)
+            saver = BackgroundSaver(self.options.max_pending_saves,
+                                    background_staging=self.options.background_staging)
         self._saver = saver
 
     @property
@@ -245,10 +247,11 @@ class CheckpointCoordinator:
                                             self._plan_copy(c, p, states[c.key], rank))
                         plans.append((component.key, plan))
             if saver is not None:  # copy what this rank writes: training may change the originals meanwhile
+                owned = optimizer_owned(self.components) if saver.background_staging else None
                 for _, plan in plans:
                     for job in plan.jobs:
                         if job.tensors is not None:
-                            job.tensors = saver.stage(job.tensors)
+                            job.tensors = saver.stage(job.tensors, owned)
         return plans
 
     def _plan_copy(self, component: StateComponent, placement: Placement, state: Any, rank: int) -> CopyPlan:

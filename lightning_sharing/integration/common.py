@@ -50,7 +50,8 @@ class CheckpointHost:
     def __init__(self, options: CheckpointOptions, storage_options: Mapping[str, Any] | None = None) -> None:
         self.options = options
         self.storage_options = check_storage_options(storage_options)
-        self.saver = BackgroundSaver(options.max_pending_saves) if options.async_save else None
+        self.saver = (BackgroundSaver(options.max_pending_saves, background_staging=options.background_staging)
+                      if options.async_save else None)
 
     def storage_options_for(self, path: Any, given: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
         """The storage options for ``path``: ``given`` (a call's own) if not None, else this host's for a URL.

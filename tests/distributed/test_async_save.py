@@ -163,3 +163,111 @@ def test_next_save_and_load_wait_for_the_pending_save(tmp_path: Path) -> None:
 def test_background_saver_rejects_a_bad_bound() -> None:
     with pytest.raises(ComponentDeclarationError, match="max_pending must be a positive integer"):
         BackgroundSaver(0)
+
+
+def _background_staging_worker(rank: int, world_size: int, root: str):
+    import time
+
+    import torch
+
+    from lightning_sharing import CheckpointCoordinator, CheckpointError, SharingPattern, StateComponent
+
+    def build(seed: int):
+        torch.manual_seed(seed)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.BatchNorm1d(4))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+        model(torch.randn(5, 6)).sum().backward()
+        optimizer.step()  # the moments exist
+        box = Box(f"rank{rank}", torch.full((3,), float(rank + seed)))
+        return model, optimizer, box, [StateComponent("model", model, SharingPattern.REPLICATED),
+                                       StateComponent("optimizer", optimizer, SharingPattern.REPLICATED),
+                                       StateComponent("box", box, SharingPattern.PER_RANK)]
+
+    def snapshot(model, optimizer, box):
+        return ({k: v.clone() for k, v in model.state_dict().items()},
+                {i: {k: v.clone() for k, v in s.items()} for i, s in enumerate(optimizer.state.values())},
+                box.values.clone())
+
+    def same(a, b) -> bool:
+        return (all(torch.equal(a[0][k], b[0][k]) for k in a[0]) and a[0].keys() == b[0].keys()
+                and all(torch.equal(a[1][i][k], b[1][i][k]) for i in a[1] for k in a[1][i]) and torch.equal(a[2], b[2]))
+
+    model, optimizer, box, components = build(seed=1)
+    saver = BackgroundSaver(background_staging=True)
+    coordinator = CheckpointCoordinator(components, async_save=saver)
+    release, copied = threading.Event(), threading.Event()
+    copy = saver._copy_deferred
+
+    def held_copy(copies):
+        assert release.wait(30), "the test never released the background copy"
+        copy(copies)
+        copied.set()
+
+    saver._copy_deferred = held_copy
+    seen_at_step: list[bool] = []
+    optimizer.register_step_pre_hook(lambda *_: seen_at_step.append(copied.is_set()))  # runs after the saver's
+
+    # 1. The save returns before the parameters and moments are copied; buffers and user tensors are copied.
+    expected = snapshot(model, optimizer, box)
+    coordinator.save_checkpoint(Path(root) / "step=1.ckpt", step=1)
+    returned_before_copy = not copied.is_set()
+    model.train()
+    model(torch.randn(5, 6)).sum().backward()  # the forward changes BatchNorm's running stats in place
+    box.values.add_(100.0)
+    threading.Timer(0.3, release.set).start()
+    started = time.perf_counter()
+    optimizer.step()  # waits for the copy
+    waited = time.perf_counter() - started
+    coordinator.wait()
+    fresh = build(seed=99)
+    CheckpointCoordinator(fresh[3]).load_checkpoint(Path(root) / "step=1.ckpt")
+    first = (returned_before_copy, seen_at_step == [True], waited > 0.1, same(snapshot(*fresh[:3]), expected))
+
+    # 2. A parameter changed in place outside optimizer.step() before it is copied (on rank 0, the writer of the
+    #    REPLICATED model) fails the save on every rank; the checkpoint before it is intact, the next save works.
+    release.clear()
+    coordinator.save_checkpoint(Path(root) / "step=2.ckpt", step=2)
+    if rank == 0:
+        with torch.no_grad():
+            model[0].weight.mul_(2.0)
+    release.set()
+    try:
+        coordinator.wait()
+        message = None
+    except CheckpointError as exc:
+        message = str(exc)
+    fresh = build(seed=99)
+    CheckpointCoordinator(fresh[3]).load_checkpoint(Path(root) / "step=1.ckpt")
+    intact = same(snapshot(*fresh[:3]), expected)
+    if rank == 0:  # the replicas agree again (exactly: a power of two)
+        with torch.no_grad():
+            model[0].weight.mul_(0.5)
+    after = snapshot(model, optimizer, box)
+    coordinator.save_checkpoint(Path(root) / "step=3.ckpt", step=3)
+    coordinator.wait()
+    fresh = build(seed=99)
+    CheckpointCoordinator(fresh[3]).load_checkpoint(Path(root) / "step=3.ckpt")
+    saver.close()
+    return first, message, intact, same(snapshot(*fresh[:3]), after)
+
+
+def test_background_staging_returns_before_the_copy_and_the_next_optimizer_step_waits(tmp_path: Path) -> None:
+    results = run_distributed(_background_staging_worker, 2, str(tmp_path), timeout=90)
+    for rank, (first, message, intact, third_saved) in enumerate(results):
+        returned_before_copy, step_after_copy, step_waited, first_saved = first
+        assert returned_before_copy and step_after_copy and step_waited, f"rank {rank}: {first}"
+        assert first_saved, f"rank {rank}: step=1 does not hold the state as it was when the save started"
+        assert message is not None and "staging the state in the background failed on rank 0" in message
+        assert ("1 tensor(s) were changed in place after save_checkpoint returned and before the background "
+                "staging copied them (first: '0.weight')") in message
+        assert intact and third_saved
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step=1.ckpt", "step=3.ckpt"]
+
+
+def test_background_staging_must_be_a_bool() -> None:
+    from lightning_sharing import CheckpointOptions
+
+    with pytest.raises(ComponentDeclarationError, match="background_staging must be True or False, got 'yes'"):
+        BackgroundSaver(background_staging="yes")  # type: ignore[arg-type]
+    with pytest.raises(ComponentDeclarationError, match="background_staging must be True or False, got 1"):
+        CheckpointOptions(background_staging=1)  # type: ignore[arg-type]
