@@ -23,7 +23,9 @@ ROWS: list[tuple[str, str, list[tuple[str, str, str, str]]]] = [
         ("DCP, FSDP2", "sh_dcp_load", "load", "C1--s"), ("DCP, resharded", "sh_dcp_reshard", "load", "C1:^"),
         ("Lightning", "lightning_load", "load", "C2-o"), ("raw read", "raw", "read", "k:")]),
     ("async save: training blocked", "s/GB", [
-        ("ours", "ls_async", "blocked", "C0-o"), ("DCP async_save", "dcp_async", "blocked", "C1-o")]),
+        ("ours", "ls_async", "blocked", "C0-o"), ("ours, background staging", "ls_async_bg", "blocked", "C0--s"),
+        ("ours, background staging: until staged", "ls_async_bg", "staged", "C0:^"),
+        ("DCP async_save", "dcp_async", "blocked", "C1-o")]),
     ("validation overhead", "%", [
         ("QUICK", "ls_quick", "overhead", "C0-o"), ("TENSOR", "ls_tensor", "overhead", "C3-o")]),
     ("peak extra RSS per rank", "MiB", [

@@ -45,7 +45,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 # Imported here, not inside the variants: an import inside the measured block would count its ~50-90 MiB as memory the
 # save or load needs.
-from lightning_sharing import CheckpointCoordinator, SharingPattern, StateComponent, ValidationLevel
+from lightning_sharing import BackgroundSaver, CheckpointCoordinator, SharingPattern, StateComponent, ValidationLevel
 
 # A variant's checkpoint path, relative to the point's root; a save and the load after it share one.
 CHECKPOINTS = {"ls_sync": "ls.ckpt", "ls_load": "ls.ckpt", "lightning_save": "lightning.ckpt",
@@ -254,6 +254,21 @@ def run_ls_async(ctx: Ctx) -> None:
     ctx.remove_on_rank0()
 
 
+def run_ls_async_bg(ctx: Ctx) -> None:
+    """Background staging: blocked until save_checkpoint returns; staged: until an optimizer step could run
+    (``wait_staged()``, what a step right after the save would wait for); committed: until ``wait()`` returns."""
+    coord = ctx.keep.setdefault("coordinator", coordinator(ctx, async_save=BackgroundSaver(background_staging=True)))
+    dist.barrier()
+    started = time.perf_counter()
+    coord.save_checkpoint(ctx.path, step=ctx.round)
+    ctx.record("blocked", time.perf_counter() - started)
+    coord._saver.wait_staged()
+    ctx.record("staged", time.perf_counter() - started)
+    coord.wait()
+    ctx.record("committed", time.perf_counter() - started)
+    ctx.remove_on_rank0()
+
+
 def gil_probe(ctx: Ctx) -> None:
     """Python-loop matmul rate while an async save is pending, relative to the same loop with no save.
 
@@ -282,7 +297,7 @@ def gil_probe(ctx: Ctx) -> None:
 RUNNERS: dict[str, Callable[[Ctx], None]] = {
     "raw": run_raw, "lightning_save": run_lightning_save, "lightning_load": run_lightning_load,
     "dcp_save": run_dcp_save, "dcp_load": run_dcp_load, "dcp_async": run_dcp_async,
-    "ls_sync": run_ls_save, "ls_load": run_ls_load, "ls_async": run_ls_async,
+    "ls_sync": run_ls_save, "ls_load": run_ls_load, "ls_async": run_ls_async, "ls_async_bg": run_ls_async_bg,
     "ls_quick": lambda ctx: run_ls_validated(ctx, "quick"), "ls_tensor": lambda ctx: run_ls_validated(ctx, "tensor"),
 }
 

@@ -31,7 +31,7 @@ HERE = Path(__file__).resolve().parent
 # A launch is one set of processes holding one state; its units run interleaved, in rounds (see _bench_worker.py). A
 # unit is a save and the load that reads what it wrote, or one variant alone.
 REPLICATED_UNITS = [["ls_sync", "ls_load"], ["raw"], ["lightning_save", "lightning_load"], ["dcp_save", "dcp_load"],
-                    ["ls_async"], ["dcp_async"], ["ls_quick"], ["ls_tensor"]]
+                    ["ls_async"], ["ls_async_bg"], ["dcp_async"], ["ls_quick"], ["ls_tensor"]]
 SHARDED_UNITS = [["sh_ls_save", "sh_ls_load"], ["sh_dcp_save", "sh_dcp_load"]]
 RESHARD_UNITS = [["sh_ls_reshard"], ["sh_dcp_reshard"]]
 ALL_VARIANTS = [v for units in (REPLICATED_UNITS, SHARDED_UNITS, RESHARD_UNITS) for unit in units for v in unit]

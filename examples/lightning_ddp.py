@@ -115,6 +115,8 @@ def main() -> None:
     parser.add_argument("--kill-at-step", type=int, default=0)
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--async-save", action="store_true", help="write checkpoints in the background")
+    parser.add_argument("--background-staging", action="store_true",
+                        help="with --async-save, copy weights and optimizer state in the background too")
     args = parser.parse_args()
 
     pl.seed_everything(7, workers=True)
@@ -124,7 +126,7 @@ def main() -> None:
     if args.kill_at_step:
         callbacks.append(KillAtStep(args.kill_at_step))
     trainer = pl.Trainer(
-        strategy=SharingStrategy(async_save=args.async_save),
+        strategy=SharingStrategy(async_save=args.async_save, background_staging=args.background_staging),
         accelerator="cpu",
         devices=args.devices,
         max_steps=args.max_steps,

@@ -114,6 +114,9 @@ class CheckpointCoordinator:
             saver = BackgroundSaver(self.options.max_pending_saves,
                                     background_staging=self.options.background_staging)
         self._saver = saver
+        #: Modules and optimizers whose parameters and state reach the checkpoint through other statefuls
+        #: (Lightning's checkpoint dict): background staging copies their tensors late, as those of the components.
+        self.staging_roots: list[Any] = []
 
     @property
     def max_shard_size(self) -> int:
@@ -247,7 +250,7 @@ class CheckpointCoordinator:
                                             self._plan_copy(c, p, states[c.key], rank))
                         plans.append((component.key, plan))
             if saver is not None:  # copy what this rank writes: training may change the originals meanwhile
-                owned = optimizer_owned(self.components) if saver.background_staging else None
+                owned = optimizer_owned(self.components, self.staging_roots) if saver.background_staging else None
                 for _, plan in plans:
                     for job in plan.jobs:
                         if job.tensors is not None:

@@ -49,9 +49,14 @@ def _tensors(root: torch.nn.Module | torch.optim.Optimizer) -> Iterator[torch.Te
         yield from (value for value in state.values() if isinstance(value, torch.Tensor))
 
 
-def optimizer_owned(components: Sequence[StateComponent]) -> Callable[[torch.Tensor], bool]:
-    """A test of whether a tensor shares storage with a saved module's parameter or a saved optimizer's state."""
-    storages = {_storage(tensor) for component in components for root in _roots(component.stateful)
-                for tensor in _tensors(root)}
+def optimizer_owned(components: Sequence[StateComponent],
+                    roots: Sequence[Any] = ()) -> Callable[[torch.Tensor], bool]:
+    """A test of whether a tensor shares storage with a saved module's parameter or a saved optimizer's state.
+
+    ``roots`` adds modules and optimizers (or wrappers of them) whose state reaches the checkpoint through
+    other statefuls (Lightning's checkpoint dict).
+    """
+    statefuls = [component.stateful for component in components] + list(roots)
+    storages = {_storage(tensor) for stateful in statefuls for root in _roots(stateful) for tensor in _tensors(root)}
     storages.discard(0)
     return lambda tensor: _storage(tensor) in storages

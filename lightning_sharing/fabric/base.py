@@ -51,7 +51,7 @@ class FabricSharingBase:
 
     def __init__(self, *, components: list[StateComponent] | None = None, process_groups: Any = None,
                  rng: bool = True, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, verify: str = "checksum",
-                 async_save: bool = False, max_pending_saves: int = 1,
+                 async_save: bool = False, max_pending_saves: int = 1, background_staging: bool = False,
                  storage_options: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._components = check_unique_keys(components or [])
@@ -67,7 +67,8 @@ class FabricSharingBase:
         self._rng_state = RNGState()
         self._groups = LazyProcessGroups(process_groups)
         self._host = CheckpointHost(CheckpointOptions(max_shard_size=max_shard_size, verify=verify,
-                                                      async_save=async_save, max_pending_saves=max_pending_saves),
+                                                      async_save=async_save, max_pending_saves=max_pending_saves,
+                                                      background_staging=background_staging),
                                     storage_options)
         #: What the last ``load_checkpoint`` of a checkpoint directory loaded and skipped (with reasons).
         self.last_load_result: LoadResult | None = None

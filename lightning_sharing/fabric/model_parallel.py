@@ -32,8 +32,8 @@ class FabricSharingModelParallelStrategy(FabricSharingBase, ModelParallelStrateg
 
     Args:
         parallelize_fn, data_parallel_size, tensor_parallel_size: as for Fabric's ``ModelParallelStrategy``.
-        components, process_groups, rng, max_shard_size, verify, async_save, max_pending_saves, storage_options:
-            as for ``FabricSharingStrategy``.
+        components, process_groups, rng, max_shard_size, verify, async_save, max_pending_saves, background_staging,
+            storage_options: as for ``FabricSharingStrategy``.
         **kwargs: ``process_group_backend``, ``timeout`` of ``ModelParallelStrategy``.
     """
 

@@ -104,6 +104,8 @@ class FabricSharingStrategy(FabricSharingBase, DDPStrategy):
         async_save, max_pending_saves: as for ``CheckpointCoordinator``/``SharingStrategy``: ``fabric.save``
             returns once the state is copied; the next save, ``fabric.load``, ``wait_for_checkpoint()`` and
             teardown wait for it and raise its failure on every rank.
+        background_staging: with ``async_save``, the weights and optimizer state are copied in the background too;
+            the next ``optimizer.step()`` waits for the copy (as for ``SharingStrategy``).
         storage_options: fsspec filesystem arguments for checkpoint URLs (``s3://...``: ``endpoint_url``, ``key``,
             ``secret``, ...), used for every save and load of a URL (a ``storage_options`` given to one
             ``save_checkpoint`` replaces them for it). Local paths do not use them. Default: fsspec's own
@@ -138,6 +140,7 @@ class FabricSharingStrategy(FabricSharingBase, DDPStrategy):
         verify: str = "checksum",
         async_save: bool = False,
         max_pending_saves: int = 1,
+        background_staging: bool = False,
         storage_options: Mapping[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
@@ -157,6 +160,7 @@ class FabricSharingStrategy(FabricSharingBase, DDPStrategy):
             verify=verify,
             async_save=async_save,
             max_pending_saves=max_pending_saves,
+            background_staging=background_staging,
             storage_options=storage_options,
             **kwargs,
         )

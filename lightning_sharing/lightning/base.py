@@ -47,14 +47,15 @@ class SharingStrategyBase(ResumeMixin):
     def __init__(self, *, process_groups: Any = None, validation_level: ValidationLevel | str = ValidationLevel.QUICK,
                  max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, verify: str = "checksum", strict: bool = True,
                  fallback: bool = False, async_save: bool = False, max_pending_saves: int = 1,
-                 preemption_checkpoint: bool | str | os.PathLike[str] | None = True,
+                 background_staging: bool = False, preemption_checkpoint: bool | str | os.PathLike[str] | None = True,
                  storage_options: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
         storage_options = check_storage_options(storage_options)
         io = kwargs.pop("checkpoint_io", None)
         if io is None:
             io = SharingCheckpointIO(options=CheckpointOptions(
                 max_shard_size=max_shard_size, verify=verify, validation_level=validation_level,
-                async_save=async_save, max_pending_saves=max_pending_saves), storage_options=storage_options)
+                async_save=async_save, max_pending_saves=max_pending_saves, background_staging=background_staging),
+                storage_options=storage_options)
         elif storage_options is not None and isinstance(io, SharingCheckpointIO):
             io.adopt_storage_options(storage_options, type(self).__name__)
         super().__init__(**kwargs)
@@ -164,7 +165,8 @@ class SharingStrategyBase(ResumeMixin):
         user, overrides = self.declared_components()
         self.sharing_io.save_sharded(checkpoint, filepath, user, self._resolve_process_groups(), overrides,
                                      unreplicated=self.unreplicated_entries(),
-                                     metrics=module_metrics(self.lightning_module), storage_options=storage_options)
+                                     metrics=module_metrics(self.lightning_module), storage_options=storage_options,
+                                     staging_roots=[self.lightning_module, *self.optimizers])
 
     @property
     def storage_options(self) -> dict[str, Any] | None:

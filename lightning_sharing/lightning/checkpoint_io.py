@@ -16,7 +16,7 @@ from __future__ import annotations
 import io
 import logging
 import os
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -74,7 +74,7 @@ class SharingCheckpointIO(CheckpointHost, CheckpointIO):
 
     Args:
         options: a ``CheckpointOptions``; the keyword arguments below override its fields.
-        max_shard_size, verify, validation_level, async_save, max_pending_saves: as for
+        max_shard_size, verify, validation_level, async_save, max_pending_saves, background_staging: as for
             ``CheckpointOptions`` (``validation_level`` is the replication check of the model weights at each
             save; ``NONE`` turns it off).
         storage_options: fsspec filesystem arguments for checkpoint URLs (``s3://...``: ``endpoint_url``,
@@ -86,9 +86,10 @@ class SharingCheckpointIO(CheckpointHost, CheckpointIO):
     def __init__(self, *, options: CheckpointOptions | None = None, max_shard_size: int | None = None,
                  verify: VerifyMode | str | None = None, validation_level: ValidationLevel | str | None = None,
                  async_save: bool | None = None, max_pending_saves: int | None = None,
-                 storage_options: Mapping[str, Any] | None = None) -> None:
+                 background_staging: bool | None = None, storage_options: Mapping[str, Any] | None = None) -> None:
         given = {"max_shard_size": max_shard_size, "verify": verify, "validation_level": validation_level,
-                 "async_save": async_save, "max_pending_saves": max_pending_saves}
+                 "async_save": async_save, "max_pending_saves": max_pending_saves,
+                 "background_staging": background_staging}
         super().__init__((options or CheckpointOptions()).replace(**{k: v for k, v in given.items() if v is not None}),
                          storage_options)
         self._warned_rank_local = False
@@ -118,13 +119,14 @@ class SharingCheckpointIO(CheckpointHost, CheckpointIO):
                      user_components: list[StateComponent], process_groups: Any,
                      overrides: Mapping[str, StateComponent], unreplicated: frozenset[str] = frozenset(),
                      metrics: Mapping[str, Any] | None = None,
-                     storage_options: Mapping[str, Any] | None = None) -> None:
+                     storage_options: Mapping[str, Any] | None = None, staging_roots: Sequence[Any] = ()) -> None:
         """Collective: save Lightning's checkpoint dict plus the user's components.
 
         ``unreplicated`` names model entries that may differ between ranks (buffers such as
         BatchNorm statistics): one copy is saved, but they are left out of the replication check.
         ``metrics`` (``{name: Metric}`` inside the module): their persistent states in the model's state dict
         differ between ranks; each rank's copy (and update count) is saved as the PER_RANK ``model_metrics``.
+        ``staging_roots``: the live module and optimizers, whose tensors background staging may copy late.
         """
         parts = split_checkpoint(checkpoint)
         model_state = parts.get("model")
@@ -146,8 +148,9 @@ class SharingCheckpointIO(CheckpointHost, CheckpointIO):
         metadata = {"lightning": {key: checkpoint[key] for key in ("epoch", "global_step", "pytorch-lightning_version")
                                   if key in checkpoint}}
         step = checkpoint.get("global_step")
-        self._coordinator(components, process_groups, path, storage_options).save_checkpoint(
-            path, step=step if isinstance(step, int) else None, metadata=metadata)
+        coordinator = self._coordinator(components, process_groups, path, storage_options)
+        coordinator.staging_roots = list(staging_roots)
+        coordinator.save_checkpoint(path, step=step if isinstance(step, int) else None, metadata=metadata)
 
     def load_sharded(self, path: str | os.PathLike[str], user_components: list[StateComponent],
                      process_groups: Any, overrides: Mapping[str, StateComponent],

@@ -60,6 +60,10 @@ class SharingStrategy(SharingStrategyBase, DDPStrategy):
             removed only after the newer save has committed.
         max_pending_saves: with ``async_save``, how many saves may be in flight at once; each holds one
             copy of the state this rank writes (default 1: staging memory is at most one copy).
+        background_staging: with ``async_save``, the weights and optimizer state are copied in the background
+            too: the save returns before they are copied and the next optimizer step waits for the copy (the
+            forward and backward passes run beside it). A weight changed in place outside ``optimizer.step()``
+            before it is copied fails that save on every rank. Off by default.
         strict: the loading rules on resume (see docs/patterns.md). ``False`` skips what cannot be
             loaded (undeclared or missing components, rank-specific state saved under another
             topology), logging each skip, instead of refusing the checkpoint.

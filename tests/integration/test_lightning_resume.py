@@ -27,12 +27,26 @@ def _train(out: Path, devices: int, *extra: str, expect: int = 0) -> str:
     return run(args, out.parent / f"{out.name}-{'-'.join(extra) or 'full'}.log", expect=expect)
 
 
-@pytest.mark.parametrize(("devices", "mode"), [(1, "sync"), (2, "sync"), (2, "async")],
-                         ids=["single-device", "ddp-2-processes", "ddp-2-processes-async-save"])
-def test_killed_and_resumed_run_matches_uninterrupted_run(tmp_path: Path, devices: int, mode: str) -> None:
-    flags = ["--async-save"] if mode == "async" else []
-    reference, killed = tmp_path / "reference", tmp_path / "killed"
-    _train(reference, devices, *flags)
+@pytest.fixture(scope="module")
+def reference_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
+    """The uninterrupted run per device count, trained once: how checkpoints are saved does not change training."""
+    return {}
+
+
+_MODES = {"sync": [], "async": ["--async-save"], "background": ["--async-save", "--background-staging"]}
+
+
+@pytest.mark.parametrize(("devices", "mode"), [(1, "sync"), (2, "sync"), (2, "async"), (2, "background")],
+                         ids=["single-device", "ddp-2-processes", "ddp-2-processes-async-save",
+                              "ddp-2-processes-async-save-background-staging"])
+def test_killed_and_resumed_run_matches_uninterrupted_run(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory,
+                                                          reference_runs: dict[int, Path], devices: int,
+                                                          mode: str) -> None:
+    flags = _MODES[mode]
+    if devices not in reference_runs:
+        reference_runs[devices] = tmp_path_factory.mktemp(f"reference-{devices}") / "reference"
+        _train(reference_runs[devices], devices, *flags)
+    reference, killed = reference_runs[devices], tmp_path / "killed"
     _train(killed, devices, "--kill-at-step", str(KILL_AT), *flags, expect=-9)
 
     checkpoints = killed / "checkpoints"
