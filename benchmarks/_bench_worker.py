@@ -242,9 +242,16 @@ def run_ls_load(ctx: Ctx) -> None:
     ctx.remove_on_rank0()
 
 
+def _shared_saver(ctx: Ctx, background_staging: bool) -> BackgroundSaver:
+    """One saver for both async variants: its staging buffers (a copy of the state, kept between saves) exist once
+    per process, not once per variant (two kept copies of a 4 GB state on 2 ranks did not fit in 24 GiB)."""
+    return ctx.state.setdefault("saver", BackgroundSaver(background_staging=background_staging))
+
+
 def run_ls_async(ctx: Ctx) -> None:
     """blocked: until save_checkpoint returns (training could go on); committed: until wait() returns."""
-    coord = ctx.keep.setdefault("coordinator", coordinator(ctx, async_save=True))
+    coord = ctx.keep.setdefault("coordinator", coordinator(ctx, async_save=_shared_saver(ctx, False)))
+    coord._saver.background_staging = False
     dist.barrier()
     started = time.perf_counter()
     coord.save_checkpoint(ctx.path, step=ctx.round)
@@ -257,7 +264,8 @@ def run_ls_async(ctx: Ctx) -> None:
 def run_ls_async_bg(ctx: Ctx) -> None:
     """Background staging: blocked until save_checkpoint returns; staged: until an optimizer step could run
     (``wait_staged()``, what a step right after the save would wait for); committed: until ``wait()`` returns."""
-    coord = ctx.keep.setdefault("coordinator", coordinator(ctx, async_save=BackgroundSaver(background_staging=True)))
+    coord = ctx.keep.setdefault("coordinator", coordinator(ctx, async_save=_shared_saver(ctx, True)))
+    coord._saver.background_staging = True
     dist.barrier()
     started = time.perf_counter()
     coord.save_checkpoint(ctx.path, step=ctx.round)

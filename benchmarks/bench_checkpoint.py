@@ -36,7 +36,10 @@ SHARDED_UNITS = [["sh_ls_save", "sh_ls_load"], ["sh_dcp_save", "sh_dcp_load"]]
 RESHARD_UNITS = [["sh_ls_reshard"], ["sh_dcp_reshard"]]
 ALL_VARIANTS = [v for units in (REPLICATED_UNITS, SHARDED_UNITS, RESHARD_UNITS) for unit in units for v in unit]
 QUICK = {"sizes": [0.05, 0.2], "worlds": [1, 2, 4], "repeats": 2}
-MEMORY_PER_STATE = 2.2  # peak resident bytes per rank / state bytes: Lightning's load holds a second copy
+# Peak resident bytes per rank / state bytes: the state, the async variants' staging buffers (kept between saves), and
+# a transient third copy (Lightning's load, DCP's async staging). 2.2 let 4 GB on 2 ranks start on a quiet 24 GiB
+# machine, where the kernel killed rank 0.
+MEMORY_PER_STATE = 3.0
 MEMORY_RANK0_EXTRA = 1.9  # what Lightning's save (rank 0 alone) adds on top of its state, per state byte
 MEMORY_HEADROOM_GIB = 6.0  # for the page cache and whatever else runs on the machine
 
