@@ -150,13 +150,14 @@ class BackgroundSaver:
         self._staged.wait()
 
     def _copy_deferred(self, copies: list[_Copy]) -> None:
-        uses_cuda = False
+        devices = set()
         for _, buffer, source, _ in copies:
             on_gpu = source.device.type == "cuda"
             buffer.copy_(source, non_blocking=on_gpu)
-            uses_cuda = uses_cuda or on_gpu
-        if uses_cuda:
-            torch.cuda.synchronize()
+            if on_gpu:
+                devices.add(source.device)
+        for device in devices:  # by device: this thread's current CUDA device need not be the tensors' one
+            torch.cuda.synchronize(device)
         changed = [name for name, _, source, version in copies if _version(source) != version]
         if changed:
             raise CheckpointError(
@@ -165,6 +166,12 @@ class BackgroundSaver:
                 "written with state from two different steps. Call wait_staged() before changing saved "
                 "tensors outside optimizer.step()"
             )
+
+    def _copied_one(self) -> None:
+        with self._lock:
+            self._unstaged_saves -= 1
+            if not self._unstaged_saves:
+                self._staged.set()
 
     def _install_step_hook(self) -> None:
         if self._step_hook is None:
@@ -180,7 +187,11 @@ class BackgroundSaver:
 
     # ------------------------------------------------------------------ running saves
     def make_room(self) -> None:
-        """Before staging a new save: wait until fewer than ``max_pending`` saves are pending."""
+        """Before staging a new save: wait until fewer than ``max_pending`` saves are pending.
+
+        Copies staged for a save that failed before it was submitted are forgotten.
+        """
+        self._deferred.clear()
         while len(self._pending) >= self.max_pending:
             self._wait_oldest()
 
@@ -189,10 +200,10 @@ class BackgroundSaver:
 
         ``staged`` are the staging buffers the save holds; they are reused once it has committed.
         """
+        copies, self._deferred = self._deferred, []  # before make_room(), which forgets them
         self.make_room()
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lightning_sharing-save")
-        copies, self._deferred = self._deferred, []
         if self.background_staging:
             self._install_step_hook()
             with self._lock:
@@ -203,14 +214,11 @@ class BackgroundSaver:
         def run() -> None:
             try:
                 if self.background_staging:
-                    try:
-                        with agreement("staging the state in the background", group):
+                    with agreement("staging the state in the background", group):
+                        try:
                             self._copy_deferred(copies)
-                    finally:
-                        with self._lock:
-                            self._unstaged_saves -= 1
-                            if not self._unstaged_saves:
-                                self._staged.set()
+                        finally:  # training may go on as soon as this rank's copies are made, before the agreement
+                            self._copied_one()
                 work()
             except BaseException:
                 self._last_failed = True

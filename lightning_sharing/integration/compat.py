@@ -69,6 +69,27 @@ log = logging.getLogger(__name__)
 _HOOK_FLAG = "__lightning_sharing_hook__"
 
 
+def _wrap_once(owner: Any, name: str, make_wrapper: Callable[[Callable[..., Any]], Callable[..., Any]],
+               missing: str | None = None) -> bool:
+    """Replace ``owner.<name>`` by ``make_wrapper(original)``, once: a wrapper is marked and never wrapped again.
+
+    Returns False, logging ``missing`` (when given), if ``owner`` has no such callable.
+    """
+    original = getattr(owner, name, None)
+    if not callable(original):
+        if missing is not None:
+            log.warning(missing)
+        return False
+    if getattr(original, _HOOK_FLAG, False):
+        return True
+    wrapper = make_wrapper(original)
+    setattr(wrapper, _HOOK_FLAG, True)
+    wrapper.__wrapped__ = original  # type: ignore[attr-defined]
+    wrapper.__doc__ = original.__doc__
+    setattr(owner, name, wrapper)
+    return True
+
+
 def hook_load_from_checkpoint(read_directory: Callable[[str | os.PathLike[str], Any], dict[str, Any]],
                               claims: Callable[[str], bool] | None = None) -> bool:
     """Make ``load_from_checkpoint`` read checkpoint directories through ``read_directory(path, map_location)``.
@@ -79,15 +100,6 @@ def hook_load_from_checkpoint(read_directory: Callable[[str | os.PathLike[str], 
     """
     from lightning.pytorch.core import saving
 
-    original = getattr(saving, "pl_load", None)
-    if not callable(original):
-        log.warning("this Lightning version has no lightning.pytorch.core.saving.pl_load: "
-                    "LightningModule.load_from_checkpoint cannot read lightning_sharing directories; use "
-                    "SharingCheckpointIO().load_for_module(path) instead")
-        return False
-    if getattr(original, _HOOK_FLAG, False):
-        return True
-
     def ours(path_or_url: Any) -> bool:
         if not isinstance(path_or_url, (str, os.PathLike)):
             return False  # a file object: Lightning's
@@ -96,17 +108,18 @@ def hook_load_from_checkpoint(read_directory: Callable[[str | os.PathLike[str], 
             return os.path.isdir(text)
         return claims is not None and claims(text)
 
-    def pl_load(path_or_url: Any, map_location: Any = None, weights_only: bool | None = None) -> Any:
-        if ours(path_or_url):
-            # A directory checkpoint never unpickles anything: weights_only does not apply to it.
-            return read_directory(path_or_url, map_location)
-        return original(path_or_url, map_location=map_location, weights_only=weights_only)
+    def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
+        def pl_load(path_or_url: Any, map_location: Any = None, weights_only: bool | None = None) -> Any:
+            if ours(path_or_url):
+                # A directory checkpoint never unpickles anything: weights_only does not apply to it.
+                return read_directory(path_or_url, map_location)
+            return original(path_or_url, map_location=map_location, weights_only=weights_only)
 
-    setattr(pl_load, _HOOK_FLAG, True)
-    pl_load.__wrapped__ = original  # type: ignore[attr-defined]
-    pl_load.__doc__ = original.__doc__
-    saving.pl_load = pl_load
-    return True
+        return pl_load
+
+    return _wrap_once(saving, "pl_load", wrap, "this Lightning version has no lightning.pytorch.core.saving.pl_load: "
+                      "LightningModule.load_from_checkpoint cannot read lightning_sharing directories; use "
+                      "SharingCheckpointIO().load_for_module(path) instead")
 
 
 #: Lightning strategies whose ``save_checkpoint`` never calls the CheckpointIO plugin (they write DCP themselves).
@@ -125,20 +138,17 @@ def hook_ignored_checkpoint_io(check: Callable[[Any], None]) -> None:
     """
     import importlib
 
+    def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
+        def setup_environment(self: Any, *args: Any, **kwargs: Any) -> Any:
+            check(self)
+            return original(self, *args, **kwargs)
+
+        return setup_environment
+
     for module_name, name in IGNORING_STRATEGIES:
         cls = getattr(importlib.import_module(module_name), name, None)
-        original = getattr(cls, "setup_environment", None)
-        if not callable(original) or getattr(original, _HOOK_FLAG, False):
-            continue
-
-        def setup_environment(self: Any, *args: Any, _original: Callable[..., Any] = original, **kwargs: Any) -> Any:
-            check(self)
-            return _original(self, *args, **kwargs)
-
-        setattr(setup_environment, _HOOK_FLAG, True)
-        setup_environment.__wrapped__ = original  # type: ignore[attr-defined]
-        setup_environment.__doc__ = original.__doc__
-        cls.setup_environment = setup_environment  # type: ignore[union-attr]
+        if cls is not None:
+            _wrap_once(cls, "setup_environment", wrap)
 
 
 def given_checkpoint_io(strategy: Any) -> Any:
@@ -155,29 +165,23 @@ def hook_last_checkpoint() -> bool:
     """
     from lightning.pytorch.trainer.connectors.checkpoint_connector import _CheckpointConnector
 
-    original = getattr(_CheckpointConnector, "_parse_ckpt_path", None)
-    if not callable(original):
-        log.warning("this Lightning version has no _CheckpointConnector._parse_ckpt_path: fit(ckpt_path='last') is "
-                    "resolved by Lightning alone, which cannot find checkpoints on object stores; pass the URL "
-                    "(lightning_sharing.find_latest_checkpoint(dirpath)) instead")
-        return False
-    if getattr(original, _HOOK_FLAG, False):
-        return True
+    def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
+        def _parse_ckpt_path(self: Any, state_fn: Any, ckpt_path: Any, model_provided: bool,
+                             model_connected: bool) -> Any:
+            if ckpt_path == "last":
+                resolve = getattr(getattr(self.trainer, "strategy", None), "resolve_last_checkpoint", None)
+                if callable(resolve):
+                    resolved = resolve(self.trainer)
+                    if resolved is not NotImplemented:
+                        return resolved
+            return original(self, state_fn, ckpt_path, model_provided=model_provided, model_connected=model_connected)
 
-    def _parse_ckpt_path(self: Any, state_fn: Any, ckpt_path: Any, model_provided: bool,
-                         model_connected: bool) -> Any:
-        if ckpt_path == "last":
-            resolve = getattr(getattr(self.trainer, "strategy", None), "resolve_last_checkpoint", None)
-            if callable(resolve):
-                resolved = resolve(self.trainer)
-                if resolved is not NotImplemented:
-                    return resolved
-        return original(self, state_fn, ckpt_path, model_provided=model_provided, model_connected=model_connected)
+        return _parse_ckpt_path
 
-    setattr(_parse_ckpt_path, _HOOK_FLAG, True)
-    _parse_ckpt_path.__wrapped__ = original  # type: ignore[attr-defined]
-    _CheckpointConnector._parse_ckpt_path = _parse_ckpt_path  # type: ignore[method-assign]
-    return True
+    return _wrap_once(_CheckpointConnector, "_parse_ckpt_path", wrap,
+                      "this Lightning version has no _CheckpointConnector._parse_ckpt_path: fit(ckpt_path='last') is "
+                      "resolved by Lightning alone, which cannot find checkpoints on object stores; pass the URL "
+                      "(lightning_sharing.find_latest_checkpoint(dirpath)) instead")
 
 
 def checkpoint_dir(callback: Any, trainer: Any) -> str | None:
@@ -215,25 +219,19 @@ def hook_checkpoint_filesystem() -> bool:
     """
     from lightning.pytorch.callbacks import model_checkpoint
 
-    original = getattr(model_checkpoint, "get_filesystem", None)
-    if not callable(original):
-        log.warning("this Lightning version has no lightning.pytorch.callbacks.model_checkpoint.get_filesystem: "
-                    "ModelCheckpoint opens URLs without the strategy's storage_options")
-        return False
-    if getattr(original, _HOOK_FLAG, False):
-        return True
+    def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
+        def get_filesystem(path: Any, **kwargs: Any) -> Any:
+            options = _current_storage_options
+            text = str(path)
+            if options and not kwargs and "://" in text and not text.startswith("file://"):
+                kwargs = options
+            return original(path, **kwargs)
 
-    def get_filesystem(path: Any, **kwargs: Any) -> Any:
-        options = _current_storage_options
-        text = str(path)
-        if options and not kwargs and "://" in text and not text.startswith("file://"):
-            kwargs = options
-        return original(path, **kwargs)
+        return get_filesystem
 
-    setattr(get_filesystem, _HOOK_FLAG, True)
-    get_filesystem.__wrapped__ = original  # type: ignore[attr-defined]
-    model_checkpoint.get_filesystem = get_filesystem
-    return True
+    return _wrap_once(model_checkpoint, "get_filesystem", wrap,
+                      "this Lightning version has no lightning.pytorch.callbacks.model_checkpoint.get_filesystem: "
+                      "ModelCheckpoint opens URLs without the strategy's storage_options")
 
 
 def trainer_of(module: Any) -> Any:
