@@ -242,36 +242,27 @@ def run_ls_load(ctx: Ctx) -> None:
     ctx.remove_on_rank0()
 
 
-def _shared_saver(ctx: Ctx, background_staging: bool) -> BackgroundSaver:
+def _shared_saver(ctx: Ctx) -> BackgroundSaver:
     """One saver for both async variants: its staging buffers (a copy of the state, kept between saves) exist once
     per process, not once per variant (two kept copies of a 4 GB state on 2 ranks did not fit in 24 GiB)."""
-    return ctx.state.setdefault("saver", BackgroundSaver(background_staging=background_staging))
+    return ctx.state.setdefault("saver", BackgroundSaver())
 
 
-def run_ls_async(ctx: Ctx) -> None:
-    """blocked: until save_checkpoint returns (training could go on); committed: until wait() returns."""
-    coord = ctx.keep.setdefault("coordinator", coordinator(ctx, async_save=_shared_saver(ctx, False)))
-    coord._saver.background_staging = False
+def run_ls_async(ctx: Ctx, background_staging: bool = False) -> None:
+    """blocked: until save_checkpoint returns (training could go on); committed: until wait() returns.
+
+    With background staging (``ls_async_bg``) also staged: until ``wait_staged()`` returns, what an optimizer step
+    right after the save would wait for at most.
+    """
+    coord = ctx.keep.setdefault("coordinator", coordinator(ctx, async_save=_shared_saver(ctx)))
+    coord._saver.background_staging = background_staging
     dist.barrier()
     started = time.perf_counter()
     coord.save_checkpoint(ctx.path, step=ctx.round)
     ctx.record("blocked", time.perf_counter() - started)
-    coord.wait()
-    ctx.record("committed", time.perf_counter() - started)
-    ctx.remove_on_rank0()
-
-
-def run_ls_async_bg(ctx: Ctx) -> None:
-    """Background staging: blocked until save_checkpoint returns; staged: until an optimizer step could run
-    (``wait_staged()``, what a step right after the save would wait for); committed: until ``wait()`` returns."""
-    coord = ctx.keep.setdefault("coordinator", coordinator(ctx, async_save=_shared_saver(ctx, True)))
-    coord._saver.background_staging = True
-    dist.barrier()
-    started = time.perf_counter()
-    coord.save_checkpoint(ctx.path, step=ctx.round)
-    ctx.record("blocked", time.perf_counter() - started)
-    coord._saver.wait_staged()
-    ctx.record("staged", time.perf_counter() - started)
+    if background_staging:
+        coord._saver.wait_staged()
+        ctx.record("staged", time.perf_counter() - started)
     coord.wait()
     ctx.record("committed", time.perf_counter() - started)
     ctx.remove_on_rank0()
@@ -305,7 +296,8 @@ def gil_probe(ctx: Ctx) -> None:
 RUNNERS: dict[str, Callable[[Ctx], None]] = {
     "raw": run_raw, "lightning_save": run_lightning_save, "lightning_load": run_lightning_load,
     "dcp_save": run_dcp_save, "dcp_load": run_dcp_load, "dcp_async": run_dcp_async,
-    "ls_sync": run_ls_save, "ls_load": run_ls_load, "ls_async": run_ls_async, "ls_async_bg": run_ls_async_bg,
+    "ls_sync": run_ls_save, "ls_load": run_ls_load, "ls_async": run_ls_async,
+    "ls_async_bg": lambda ctx: run_ls_async(ctx, background_staging=True),
     "ls_quick": lambda ctx: run_ls_validated(ctx, "quick"), "ls_tensor": lambda ctx: run_ls_validated(ctx, "tensor"),
 }
 
