@@ -166,9 +166,8 @@ def test_background_saver_rejects_a_bad_bound() -> None:
 
 
 def _background_staging_worker(rank: int, world_size: int, root: str):
-    import time
-
     import torch
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
 
     from lightning_sharing import CheckpointCoordinator, CheckpointError, SharingPattern, StateComponent
 
@@ -204,8 +203,20 @@ def _background_staging_worker(rank: int, world_size: int, root: str):
         copied.set()
 
     saver._copy_deferred = held_copy
+    # Global step pre-hooks run in the order registered, then the optimizer's own: this one (registered before the
+    # saver's, at its first save) sees the step begin and only then releases the copy; the optimizer's own hook
+    # sees whether the saver's hook held the step until the copy was made. No timing involved.
+    at_step_start: list[bool] = []
     seen_at_step: list[bool] = []
-    optimizer.register_step_pre_hook(lambda *_: seen_at_step.append(copied.is_set()))  # runs after the saver's
+
+    def release_at_first_step(*_: object) -> None:
+        if armed and not at_step_start:
+            at_step_start.append(copied.is_set())
+            release.set()
+
+    armed = False
+    releaser = register_optimizer_step_pre_hook(release_at_first_step)
+    optimizer.register_step_pre_hook(lambda *_: seen_at_step.append(copied.is_set()))
 
     # 1. The save returns before the parameters and moments are copied; buffers and user tensors are copied.
     expected = snapshot(model, optimizer, box)
@@ -214,14 +225,14 @@ def _background_staging_worker(rank: int, world_size: int, root: str):
     model.train()
     model(torch.randn(5, 6)).sum().backward()  # the forward changes BatchNorm's running stats in place
     box.values.add_(100.0)
-    threading.Timer(0.3, release.set).start()
-    started = time.perf_counter()
-    optimizer.step()  # waits for the copy
-    waited = time.perf_counter() - started
+    armed = True
+    optimizer.step()  # releases the copy (the hook above), then waits for it (the saver's hook)
+    armed = False
     coordinator.wait()
     fresh = build(seed=99)
     CheckpointCoordinator(fresh[3]).load_checkpoint(Path(root) / "step=1.ckpt")
-    first = (returned_before_copy, seen_at_step == [True], waited > 0.1, same(snapshot(*fresh[:3]), expected))
+    first = (returned_before_copy, at_step_start == [False], seen_at_step == [True],
+             same(snapshot(*fresh[:3]), expected))
 
     # 2. A parameter changed in place outside optimizer.step() before it is copied (on rank 0, the writer of the
     #    REPLICATED model) fails the save on every rank; the checkpoint before it is intact, the next save works.
@@ -248,14 +259,15 @@ def _background_staging_worker(rank: int, world_size: int, root: str):
     fresh = build(seed=99)
     CheckpointCoordinator(fresh[3]).load_checkpoint(Path(root) / "step=3.ckpt")
     saver.close()
+    releaser.remove()
     return first, message, intact, same(snapshot(*fresh[:3]), after)
 
 
 def test_background_staging_returns_before_the_copy_and_the_next_optimizer_step_waits(tmp_path: Path) -> None:
     results = run_distributed(_background_staging_worker, 2, str(tmp_path), timeout=90)
     for rank, (first, message, intact, third_saved) in enumerate(results):
-        returned_before_copy, step_after_copy, step_waited, first_saved = first
-        assert returned_before_copy and step_after_copy and step_waited, f"rank {rank}: {first}"
+        returned_before_copy, step_began_before_copy, step_ran_after_copy, first_saved = first
+        assert returned_before_copy and step_began_before_copy and step_ran_after_copy, f"rank {rank}: {first}"
         assert first_saved, f"rank {rank}: step=1 does not hold the state as it was when the save started"
         assert message is not None and "staging the state in the background failed on rank 0" in message
         assert ("1 tensor(s) were changed in place after save_checkpoint returned and before the background "
