@@ -116,8 +116,9 @@ class BackgroundSaver:
         With background staging, the tensors ``optimizer_owned`` accepts (those only an optimizer step
         changes) get their buffer now and are copied by the next ``submit``'s background work.
         """
+        defer = optimizer_owned if self.background_staging else None
         staged: dict[str, torch.Tensor] = {}
-        uses_cuda = False
+        now: list[tuple[torch.Tensor, torch.Tensor]] = []
         with self._lock:
             for name, tensor in tensors.items():
                 tensor = tensor.detach()
@@ -128,15 +129,13 @@ class BackgroundSaver:
                     buffer = free.pop()
                 else:
                     buffer = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=on_gpu)
-                version = _version(tensor) if self.background_staging and optimizer_owned is not None else None
-                if version is not None and optimizer_owned is not None and optimizer_owned(tensor):
+                version = _version(tensor) if defer is not None and defer(tensor) else None
+                if version is not None:
                     self._deferred.append((name, buffer, tensor, version))
                 else:
-                    buffer.copy_(tensor, non_blocking=on_gpu)
-                    uses_cuda = uses_cuda or on_gpu
+                    now.append((buffer, tensor))
                 staged[name] = buffer
-        if uses_cuda:
-            torch.cuda.synchronize()
+        _copy_all(now)
         return staged
 
     def wait_staged(self) -> None:
@@ -150,14 +149,7 @@ class BackgroundSaver:
         self._staged.wait()
 
     def _copy_deferred(self, copies: list[_Copy]) -> None:
-        devices = set()
-        for _, buffer, source, _ in copies:
-            on_gpu = source.device.type == "cuda"
-            buffer.copy_(source, non_blocking=on_gpu)
-            if on_gpu:
-                devices.add(source.device)
-        for device in devices:  # by device: this thread's current CUDA device need not be the tensors' one
-            torch.cuda.synchronize(device)
+        _copy_all([(buffer, source) for _, buffer, source, _ in copies])
         changed = [name for name, _, source, version in copies if _version(source) != version]
         if changed:
             raise CheckpointError(
@@ -209,7 +201,7 @@ class BackgroundSaver:
             with self._lock:
                 self._unstaged_saves += 1
                 self._staged.clear()
-        group = self.group()
+        group = self.group() if self.background_staging else None
 
         def run() -> None:
             try:
@@ -304,6 +296,17 @@ def _log_failure(what: str) -> Callable[[Future[None]], None]:
 
     return report
 
+def _copy_all(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Copy each source into its staging buffer; GPU copies are asynchronous and waited for, device by device
+    (the calling thread's current CUDA device need not be the tensors' one)."""
+    devices = set()
+    for buffer, source in pairs:
+        on_gpu = source.device.type == "cuda"
+        buffer.copy_(source, non_blocking=on_gpu)
+        if on_gpu:
+            devices.add(source.device)
+    for device in devices:
+        torch.cuda.synchronize(device)
 
 
 def _version(tensor: torch.Tensor) -> int | None:
