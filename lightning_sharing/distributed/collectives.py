@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from lightning_sharing.core.topology import Topology
+from lightning_sharing.distributed.exit import settle_at_exit
 from lightning_sharing.errors import (
     CheckpointError,
     ComponentDeclarationError,
@@ -66,7 +67,10 @@ def active() -> bool:
 
 
 def _active() -> bool:
-    return dist.is_available() and dist.is_initialized() and not getattr(_LOCAL, "only", False)
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    settle_at_exit()  # a gloo thread may still hold our last collective's tensors when the script ends
+    return not getattr(_LOCAL, "only", False)
 
 
 @contextlib.contextmanager

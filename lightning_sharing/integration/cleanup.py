@@ -1,9 +1,12 @@
 """Clean exits: the default process group a strategy (or Lightning for it) created is destroyed before exit.
 
-torch 2.13's gloo backend can abort a process at interpreter exit, after all its work is done, when the default
-process group is still alive then ("terminate called without an active exception", exit status -6). Lightning
-creates the group in ``setup_environment`` and never destroys it for gloo (it registers an exit hook for NCCL
-only), so the strategies record, when they set up the environment, whether the default group existed before:
+torch 2.13's gloo backend can abort a process at interpreter exit, after all its work is done ("terminate called
+without an active exception", exit status -6). Two things make that likely, and the strategies deal with both:
+a default process group still alive when the interpreter tears down (this module), and a gloo worker thread
+still dropping the last collective's tensors then (``distributed/exit.py``, whose exit hook is registered here
+too, so that it runs after the group is destroyed). Lightning creates the group in ``setup_environment`` and
+never destroys it for gloo (it registers an exit hook for NCCL only), so the strategies record, when they set
+up the environment, whether the default group existed before:
 
 - a group the strategy or Lightning created is *owned*: it is destroyed by an ``atexit`` hook, which runs
   after the script's last line and before the interpreter tears down (and gloo's threads with it);
@@ -31,6 +34,8 @@ from typing import Any
 
 import torch.distributed as dist
 
+from lightning_sharing.distributed.exit import settle_at_exit
+
 __all__ = ["adopt_default_group", "default_group_exists", "destroy_owned_group", "owns_default_group"]
 
 log = logging.getLogger(__name__)
@@ -51,7 +56,10 @@ def adopt_default_group(existed_before: bool) -> None:
     another strategy's, which already owns it) and is left alone.
     """
     global _owned, _hook_registered
-    if existed_before or not default_group_exists():
+    if not default_group_exists():
+        return
+    settle_at_exit()  # first, so that it runs after the group's destruction (exit hooks run last-in first-out)
+    if existed_before:
         return
     _owned = dist.group.WORLD
     if not _hook_registered:

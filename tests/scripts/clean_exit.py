@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import logging
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -94,6 +96,10 @@ def _report_at_exit() -> None:
 
 def main() -> None:
     atexit.register(_report_at_exit)
+    # The strategy's exit hook that lets gloo's threads settle reports here (distributed/exit.py).
+    settle_log = logging.getLogger("lightning_sharing.distributed.exit")
+    settle_log.addHandler(logging.StreamHandler(sys.stdout))
+    settle_log.setLevel(logging.DEBUG)
     parser = argparse.ArgumentParser()
     parser.add_argument("mode", choices=["trainer", "fabric"])
     parser.add_argument("--out", type=Path, required=True)

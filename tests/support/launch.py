@@ -24,7 +24,8 @@ def free_port() -> int:
 
 
 def env() -> dict[str, str]:
-    result = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    # PYTHONFAULTHANDLER: a process that aborts prints every thread's Python stack, so a rare failure is diagnosable.
+    result = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1")
     result["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), result.get("PYTHONPATH")) if p)
     return result
 
