@@ -23,6 +23,8 @@ from lightning_sharing.format.codec import encode_state
 from lightning_sharing.format.layout import index_name, read_payload, tree_name
 from lightning_sharing.format.manifest import ComponentManifest, FileEntry
 from lightning_sharing.format.safetensors_io import bytes_checksum, read_tensors
+from lightning_sharing.sharded.layout import is_dtensor
+from lightning_sharing.sharded.redistribute import shard_state_like
 from lightning_sharing.storage.base import CheckpointStore
 from lightning_sharing.storage.verify import check_algorithm, checksum_mismatch, verify_entry
 
@@ -91,7 +93,11 @@ def load_component(store: CheckpointStore, root: str, component: StateComponent,
         # one is still a damaged checkpoint: refuse it like any other file.
         files.read_file(merged)
     state = read_payload(placement.stem, available, files.read_file, files.read_tensors, flat)
-    component.stateful.load_state_dict(state)
+    stateful = component.stateful
+    if isinstance(stateful, torch.nn.Module) and any(is_dtensor(p) for p in stateful.parameters()):
+        # Whole tensors (a DDP checkpoint) into a sharded module: each rank keeps the piece it holds.
+        state = shard_state_like(state, stateful.state_dict())
+    stateful.load_state_dict(state)
 
 
 def _live_tensors(component: StateComponent) -> dict[str, torch.Tensor]:
@@ -103,4 +109,6 @@ def _live_tensors(component: StateComponent) -> dict[str, torch.Tensor]:
     stateful = component.stateful
     if not isinstance(stateful, (torch.nn.Module, torch.optim.Optimizer)):
         return {}
-    return encode_state(stateful.state_dict(), component.key).tensors
+    # A DTensor's memory is its piece, not the whole tensor a file holds.
+    encoded = encode_state(stateful.state_dict(), component.key, dtensors=True)
+    return {name: tensor for name, tensor in encoded.tensors.items() if not is_dtensor(tensor)}

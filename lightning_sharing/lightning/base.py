@@ -107,8 +107,12 @@ class SharingStrategyBase(ResumeMixin):
     def _resolve_process_groups(self) -> Any:
         return self._process_groups.resolve(self._hook_owners())
 
-    def declared_components(self) -> tuple[list[StateComponent], dict[str, StateComponent]]:
-        """The user's own components and the declarations of built-ins (the strategy's, then the user's)."""
+    def declared_components(self, defaults: bool = True) -> tuple[list[StateComponent], dict[str, StateComponent]]:
+        """The user's own components and the declarations of built-ins (the strategy's, then the user's).
+
+        A load passes ``defaults=False``: a built-in the user does not re-declare is read the way it was saved
+        (a DDP checkpoint's REPLICATED model into the model-parallel strategy's sharded one, say).
+        """
         declared: list[StateComponent] = []
         for owner in self._hook_owners():
             hook = getattr(owner, "configure_state_components", None)
@@ -125,7 +129,8 @@ class SharingStrategyBase(ResumeMixin):
             declared.extend(result)
         declared = check_unique_keys(declared)
         overrides = check_user_components(declared)
-        return [c for c in declared if c.key not in overrides], {**self.builtin_defaults(), **overrides}
+        return [c for c in declared if c.key not in overrides], {**(self.builtin_defaults() if defaults else {}),
+                                                                 **overrides}
 
     def _check_declarations(self) -> None:
         """Build the full component set once, so wrong declarations fail at fit start."""

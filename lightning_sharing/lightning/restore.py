@@ -45,7 +45,7 @@ class ResumeMixin:
 
         A regular file is an ordinary single-file Lightning checkpoint: see ``_migrate_from_file``.
         """
-        user, overrides = self.declared_components()
+        user, overrides = self.declared_components(defaults=False)
         is_file = False
         with agreement(f"checking whether {checkpoint_path} is a file"):
             is_file = is_plain_object(checkpoint_path, self._options_for(checkpoint_path))

@@ -2,7 +2,8 @@
 
 ``state_dict()`` is the module's sharded state dict (``torch.distributed.checkpoint.state_dict``: wrapper prefixes
 taken off, DTensors where they live), so a SHARDED component reads saved chunks straight into the local pieces;
-``load_state_dict`` then sets them with ``set_model_state_dict``.
+``load_state_dict`` then sets them with ``set_model_state_dict``. A state of whole tensors (a DDP or one-process
+checkpoint, REPLICATED) loads too: each rank keeps the piece its DTensors hold.
 
 Example:
     >>> StateComponent("model", ShardedModuleState(fsdp_model), SharingPattern.SHARDED)  # doctest: +SKIP
@@ -13,6 +14,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+
+from lightning_sharing.sharded.layout import is_dtensor
+from lightning_sharing.sharded.redistribute import shard_state_like
 
 __all__ = ["ShardedModuleState", "has_dtensors"]
 
@@ -36,6 +40,9 @@ class ShardedModuleState:
         return get_model_state_dict(self.model)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Set ``state``; whole tensors for DTensor parameters (a DDP checkpoint, say) keep this rank's piece."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
+        if any(isinstance(v, torch.Tensor) and not is_dtensor(v) for v in state.values()) and has_dtensors(self.model):
+            state = shard_state_like(state, self.state_dict())
         set_model_state_dict(self.model, state, options=StateDictOptions(strict=self.strict))

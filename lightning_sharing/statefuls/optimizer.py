@@ -29,11 +29,16 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-__all__ = ["OptimizerState", "is_fqn_state"]
+from lightning_sharing.errors import CheckpointError
+from lightning_sharing.sharded.redistribute import shard_like, shard_state_like
+from lightning_sharing.statefuls.modules import has_dtensors
+
+__all__ = ["OptimizerState", "is_fqn_state", "is_torch_form"]
 
 
 class OptimizerState:
@@ -57,11 +62,53 @@ class OptimizerState:
                                         options=StateDictOptions(flatten_optimizer_state_dict=True))
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore ``state_dict`` (as returned by ``state_dict()``, possibly from another layout or world size)."""
+        """Restore ``state_dict`` (as returned by ``state_dict()``, possibly from another layout or world size).
+
+        Also takes torch's own form (parameters numbered, as ``optimizer.state_dict()`` and Lightning's DDP
+        checkpoints hold it), matched to names by position in this optimizer's param groups; whole tensors for
+        DTensor parameters (a DDP checkpoint loaded under FSDP2) keep this rank's piece.
+        """
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
+        if is_torch_form(state_dict):
+            set_optimizer_state_dict(self.model, self.optimizer, self._by_name(state_dict))
+            return
+        if has_dtensors(self.model):
+            state_dict = shard_state_like(state_dict, self.state_dict())
         set_optimizer_state_dict(self.model, self.optimizer, state_dict,
                                  options=StateDictOptions(flatten_optimizer_state_dict=True))
+
+    def _by_name(self, saved: Mapping[str, Any]) -> dict[str, Any]:
+        """torch's numbered form keyed by this model's names (``set_optimizer_state_dict``'s unflattened form)."""
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        live = get_optimizer_state_dict(self.model, self.optimizer)
+        saved_sizes = [len(group["params"]) for group in saved["param_groups"]]
+        live_sizes = [len(group["params"]) for group in live["param_groups"]]
+        if saved_sizes != live_sizes:
+            raise CheckpointError(
+                f"the checkpoint's optimizer has param groups of {saved_sizes} parameters, this one {live_sizes}; "
+                "build the optimizer over the same parameters, in the same order, as when it was saved")
+        state, groups = {}, []
+        for saved_group, live_group in zip(saved["param_groups"], live["param_groups"], strict=True):
+            for index, name in zip(saved_group["params"], live_group["params"], strict=True):
+                values = saved["state"].get(index, saved["state"].get(str(index), {}))
+                like = live["state"].get(name, {})
+                state[name] = {key: shard_like(f"{name}.{key}", value, like.get(key))
+                               for key, value in values.items()}
+            groups.append({**{k: v for k, v in saved_group.items() if k != "params"},
+                           "params": list(live_group["params"])})
+        return {"state": state, "param_groups": groups}
+
+
+def is_torch_form(state: Any) -> bool:
+    """Whether ``state`` is ``torch.optim.Optimizer.state_dict()``'s form (parameters numbered).
+
+    Example:
+        >>> is_torch_form({"state": {}, "param_groups": [{"lr": 0.1, "params": [0]}]})
+        True
+    """
+    return isinstance(state, Mapping) and set(state) == {"state", "param_groups"}
 
 
 def is_fqn_state(state: Any) -> bool:

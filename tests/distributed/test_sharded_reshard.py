@@ -10,7 +10,7 @@ One checkpoint chain, each step one launched job (the module fixture runs them o
     and a Partial placement with the phase-1 functions.
   C (2 ranks): new processes resume from "a" under FSDP2 and take the 4th step: equal to A's; load "b4"
     and "b2x2" into FSDP2 over 2 ranks and "b2x2" into DDP; save from DDP with an HF export written by both
-    ranks.
+    ranks; save DDP's state REPLICATED (the optimizer by name and numbered) and load it into FSDP2.
 Then, in this process (no process group): "a" and "b2x2" into a plain module and optimizer, the stages
 into one unsplit state, the command-line export equal to the full tensors, inspect's chunks per rank.
 Every load is compared with torch.equal on full_tensor() against the state saved in A.
@@ -195,10 +195,13 @@ def _job_b(rank: int, world: int, root, reference: dict) -> dict:
 
 
 def _job_c(rank: int, world: int, root, reference: dict, after: dict) -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
     from torch.nn.parallel import DistributedDataParallel
 
-    from lightning_sharing import HFExport
+    from lightning_sharing import HFExport, OptimizerState
     from lightning_sharing.engine.export import export_in_parallel
+    from lightning_sharing.statefuls.modules import ShardedModuleState
     from lightning_sharing.storage import store_for
 
     ckpt, out = root / "ckpt", {}
@@ -224,6 +227,25 @@ def _job_c(rank: int, world: int, root, reference: dict, after: dict) -> dict:
     coordinator.save_checkpoint(ckpt / "ddp.ckpt", export_hf=HFExport(root / "hf-ddp", max_shard_size=100))
     out["exported_here"] = export_in_parallel(store_for(ckpt), str(ckpt / "b2x2.ckpt"),
                                               HFExport(root / "hf-b2x2", max_shard_size=100))
+    # A DDP run's REPLICATED checkpoint (whole tensors; the optimizer by name and in torch's numbered form) loads
+    # into FSDP2: a raw module, ShardedModuleState, and both optimizer forms through OptimizerState.
+    replicated = SharingPattern.REPLICATED
+    CheckpointCoordinator([StateComponent("model", ddp.module, replicated),
+                           StateComponent("optim", OptimizerState(ddp.module, optimizer), replicated),
+                           StateComponent("numbered", optimizer, replicated)]).save_checkpoint(ckpt / "repl.ckpt")
+    variants = {"repl_raw": (lambda m: m, "optim", "numbered"),
+                "repl_numbered": (ShardedModuleState, "numbered", "optim")}
+    for name, (wrap, optim_key, ignored) in variants.items():
+        model = fsdp_model(world)
+        optimizer = _optimizer(model, lr=0.5)
+        coordinator = CheckpointCoordinator([StateComponent("model", wrap(model), replicated),
+                                             StateComponent(optim_key, OptimizerState(model, optimizer), replicated)])
+        coordinator.load_checkpoint(ckpt / "repl.ckpt", ignore=[ignored])
+        out[name] = differences(full_state(model, optimizer), reference)
+    other = torch.nn.Sequential(torch.nn.Linear(5, 8))  # "0.bias" is [8] here, [7] in the checkpoint
+    fully_shard(other, mesh=init_device_mesh("cpu", (world,)))
+    out["repl_other_shape"] = _error(lambda: CheckpointCoordinator([StateComponent("model", other, replicated)])
+                                     .load_checkpoint(ckpt / "repl.ckpt", strict=False))
     return out
 
 
@@ -458,6 +480,10 @@ def test_reshard_back_to_2_and_into_ddp(chain):
     c = chain["c"]
     for result in c:
         assert result["b4"] == [] and result["b2x2"] == [] and result["ddp"] == []
+        assert result["repl_raw"] == [] and result["repl_numbered"] == []  # DDP's REPLICATED checkpoint into FSDP2
+        refusal = ("component 'model': loading failed: tensor '0.bias': the checkpoint holds it whole with shape (7,), "
+                   "but the live DTensor's global shape is (8,); the checkpoint is of another model")
+        assert result["repl_other_shape"].count(refusal) == 2, result["repl_other_shape"]  # named for both ranks
         # DDP holds every tensor whole: each rank reads every byte of the model once.
         assert result["ddp_read"]["read"] == result["ddp_read"]["needed"] == 280
         assert result["b4_read"]["read"] == result["b4_read"]["needed"]  # 4 -> 2 along dim 0: whole chunks

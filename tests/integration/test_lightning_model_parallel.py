@@ -5,7 +5,8 @@ AdamW + warm-up, a shuffled StatefulDataLoader, a per-rank torchmetrics metric) 
 2 processes (FSDP2 over 2) and 4 (2 data parallel x 2 tensor parallel): uninterrupted, killed at step 8 (checkpoints
 every 3 steps), resumed from "last"; the full weights, optimizer state, scheduler and metric must be equal. The
 killed runs' step-6 checkpoints are then loaded elsewhere by tests/scripts/lightning_model_parallel.py: 2 -> 4 and
-4 -> 2 processes, into SharingStrategy (DDP, 2 processes) and one device, and by load_from_checkpoint; what each
+4 -> 2 processes, into SharingStrategy (DDP, 2 processes) and one device, and by load_from_checkpoint; the one-device
+DDP run saves SharingStrategy's (REPLICATED) checkpoint of that state, which then loads into FSDP2 over 2; what each
 loaded must equal the checkpoint's full tensors as SharingCheckpointIO reads them in this process. The same launch
 validates with a checkpoint, saves weights only and saves asynchronously, and checks the refusals of point 4.
 """
@@ -130,21 +131,26 @@ def test_layout_changes_ddp_one_device_and_load_from_checkpoint(runs: dict[str, 
     common = ["--max-steps", "6"]
     _torchrun(4, tmp_path / "to-4.log", "--out", str(tmp_path / "to-4"), "--load", str(from_2), "--dp", "2",
               "--tp", "2", *common)
-    _torchrun(2, tmp_path / "to-2.log", "--out", str(tmp_path / "to-2"), "--load", str(from_4), "--dp", "2",
-              "--into", "mp", "ddp", "--refusals", "--extras", *common)
     run([SCRIPT, "--out", str(tmp_path / "to-1"), "--load", str(from_4), "--into", "ddp", "--single-device",
-         *common], tmp_path / "to-1.log", timeout=240)
+         "--save-ddp", *common], tmp_path / "to-1.log", timeout=240)
+    # The one-device DDP run saved SharingStrategy's checkpoint of the same state: it loads into FSDP2 over 2.
+    _torchrun(2, tmp_path / "to-2.log", "--out", str(tmp_path / "to-2"), "--load", str(from_4), "--dp", "2",
+              "--into", "mp", "ddp", "--load-ddp", str(tmp_path / "to-1" / "ddp.ckpt"), "--refusals", "--extras",
+              *common)
 
     expected_2, expected_4 = _checkpoint_tensors(from_2), _checkpoint_tensors(from_4)
     for rank in range(4):
         _assert_loaded(tmp_path / "to-4" / f"loaded-mp-rank{rank}.safetensors", expected_2)
     for rank in range(2):
-        for into in ("mp", "ddp"):
+        for into in ("mp", "ddp", "mp-from-ddp"):
             _assert_loaded(tmp_path / "to-2" / f"loaded-{into}-rank{rank}.safetensors", expected_4)
     _assert_loaded(tmp_path / "to-1" / "loaded-ddp-rank0.safetensors", expected_4)
 
     to_4, to_2, (to_1,) = _results(tmp_path / "to-4", 4), _results(tmp_path / "to-2", 2), _results(tmp_path / "to-1", 1)
-    for result in [r["mp"] for r in to_4 + to_2] + [r["ddp"] for r in [*to_2, to_1]]:
+    from_ddp = CheckpointManifest.load(tmp_path / "to-1" / "ddp.ckpt").components
+    assert (from_ddp["model"].sharing_pattern, from_ddp["optimizer"].sharing_pattern) == ("replicated", "replicated")
+    loads = [r["mp"] for r in to_4 + to_2] + [r["ddp"] for r in [*to_2, to_1]] + [r["mp-from-ddp"] for r in to_2]
+    for result in loads:
         assert result["global_step"] == 6 and result["scheduler"]["last_epoch"] == 6
         assert result["optimizer"]["param_groups.0.weight.lr"] == pytest.approx(0.05 * 0.5 * (1 + math.cos(
             math.pi * 2 / 8)))

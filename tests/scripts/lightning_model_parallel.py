@@ -66,8 +66,11 @@ def error_of(run: Any) -> str:
     return ""
 
 
-def load(args: argparse.Namespace, into: str, result: dict[str, Any]) -> None:
-    """Load ``args.load`` into ``into`` ("mp": the example's layout at --dp x --tp; "ddp": SharingStrategy)."""
+def load(args: argparse.Namespace, into: str, result: dict[str, Any], path: Path | None = None,
+         name: str | None = None) -> None:
+    """Load ``path`` (``args.load``) into ``into`` ("mp": the example's layout at --dp x --tp; "ddp":
+    SharingStrategy); results and tensors go under ``name`` (``into``)."""
+    path, name = path or args.load, name or into
     ddp = into == "ddp"
     devices = 1 if args.single_device else (int(os.environ.get("WORLD_SIZE", "1")) if ddp else args.dp * args.tp)
 
@@ -76,17 +79,19 @@ def load(args: argparse.Namespace, into: str, result: dict[str, Any]) -> None:
                                                                                            strict=strict)
         run = trainer(strategy, devices, args.max_steps)
         module = example.TinyParallelRegression(total=64)  # under DDP its configure_model does nothing
-        run.fit(module, train_dataloaders=example.make_dataloader(), ckpt_path=args.load)
+        run.fit(module, train_dataloaders=example.make_dataloader(), ckpt_path=path)
         return run, module
 
     mine: dict[str, Any] = {"strict_error": error_of(lambda: fit(True))}
     run, module = fit(False)
     tensors, values = example.full_state(module, run.optimizers[0])
-    save_file(tensors, args.out / f"loaded-{into}-rank{run.global_rank}.safetensors")
+    save_file(tensors, args.out / f"loaded-{name}-rank{run.global_rank}.safetensors")
+    if args.save_ddp and ddp:
+        run.save_checkpoint(args.out / "ddp.ckpt")  # SharingStrategy's form: the model and optimizer REPLICATED
     mine.update(global_step=run.global_step, optimizer=values,
                 scheduler={k: v for k, v in run.lr_scheduler_configs[0].scheduler.state_dict().items()
                            if k != "lr_lambdas"})
-    result[into] = mine
+    result[name] = mine
 
 
 def refusals(result: dict[str, Any]) -> None:
@@ -131,6 +136,8 @@ def main() -> None:
     parser.add_argument("--into", nargs="*", default=["mp"], choices=["mp", "ddp"])
     parser.add_argument("--single-device", action="store_true")
     parser.add_argument("--max-steps", type=int, required=True, help="the checkpoint's step: load, take no step")
+    parser.add_argument("--save-ddp", action="store_true", help="after loading into ddp, save OUT/ddp.ckpt")
+    parser.add_argument("--load-ddp", type=Path, help="then load this SharingStrategy checkpoint into mp")
     parser.add_argument("--refusals", action="store_true")
     parser.add_argument("--extras", action="store_true")
     args = parser.parse_args()
@@ -143,6 +150,8 @@ def main() -> None:
         extras(args, result)
     for into in args.into if args.load else []:
         load(args, into, result)
+    if args.load_ddp:
+        load(args, "mp", result, args.load_ddp, "mp-from-ddp")
     rank = dist.get_rank() if dist.is_initialized() else 0
     (args.out / f"result-rank{rank}.json").write_text(json.dumps(result, indent=1))
     if dist.is_initialized():
