@@ -126,6 +126,8 @@ class Rule:
         chunks: the copy's tensors (``DTensor`` or plain) are written as chunks, each once, by a rank
             holding it, into these files, with a merged index of global shapes and offsets; a load
             reads what overlaps each rank's live tensors (None: tensors go to whole-tensor shards).
+        reads_saved: other patterns whose copies a declaration of this one loads, read as they were saved
+            (a DDP checkpoint's whole tensors into a sharded module, and the reverse).
     """
 
     pattern: SharingPattern
@@ -141,6 +143,7 @@ class Rule:
     merge_index: bool = False
     replicas: Replicas = Replicas.NONE
     chunks: ChunkFiles | None = None
+    reads_saved: frozenset[SharingPattern] = frozenset()
 
     @property
     def takes_group(self) -> bool:
@@ -206,7 +209,8 @@ def _group_changed(saved: Topology, now: Topology, group: str | None) -> str | N
 
 RULES: Mapping[SharingPattern, Rule] = MappingProxyType({rule.pattern: rule for rule in (
     Rule(SharingPattern.GLOBAL, _whole_world, "{key}"),
-    Rule(SharingPattern.REPLICATED, _whole_world, "{key}", spread=True, validated=True, replicas=Replicas.ONE_LIST),
+    Rule(SharingPattern.REPLICATED, _whole_world, "{key}", spread=True, validated=True, replicas=Replicas.ONE_LIST,
+         reads_saved=frozenset({SharingPattern.SHARDED})),
     Rule(SharingPattern.PER_RANK, _each_rank, "{key}/rank-{index:05d}", topology_change=_world_size_changed,
          merge_index=True),
     Rule(SharingPattern.PER_GROUP, _each_group_instance, "{key}/{group}-{index:05d}", needs_group=True,
@@ -216,7 +220,8 @@ RULES: Mapping[SharingPattern, Rule] = MappingProxyType({rule.pattern: rule for 
     # The group, when named, is the one whose members hold the same tensors (a pipeline stage's data
     # parallel replicas); its instances hold tensors of different names. Loading reshards: any topology.
     Rule(SharingPattern.SHARDED, _world_or_group_instances, "{key}", grouped_stem="{key}/{group}-{index:05d}",
-         optional_group=True, group_bound=False, spread=True, validated=True, chunks=ChunkFiles()),
+         optional_group=True, group_bound=False, spread=True, validated=True, chunks=ChunkFiles(),
+         reads_saved=frozenset({SharingPattern.REPLICATED})),
 )})
 
 

@@ -6,6 +6,7 @@ reaches the same decisions without talking to the others.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Collection
 from dataclasses import dataclass, field
@@ -73,6 +74,9 @@ def plan_load(manifest: CheckpointManifest, components: list[StateComponent], cu
             plan.skipped[component.key] = reason
             continue
         problem = None
+        if (saved.pattern in rule(component.sharing_pattern).reads_saved
+                and saved.group_name == component.process_group_name):
+            component = dataclasses.replace(component, sharing_pattern=saved.pattern)  # read as it was saved
         if saved.sharing_pattern != component.sharing_pattern.value:
             problem = (f"it was saved as {saved.pattern.name} but is declared "
                        f"{component.sharing_pattern.name}")

@@ -10,7 +10,8 @@ One checkpoint chain, each step one launched job (the module fixture runs them o
     and a Partial placement with the phase-1 functions.
   C (2 ranks): new processes resume from "a" under FSDP2 and take the 4th step: equal to A's; load "b4"
     and "b2x2" into FSDP2 over 2 ranks and "b2x2" into DDP; save from DDP with an HF export written by both
-    ranks; save DDP's state REPLICATED (the optimizer by name and numbered) and load it into FSDP2.
+    ranks; save DDP's state REPLICATED (the optimizer by name and numbered) and load it into FSDP2, declared
+    either way; "b2x2" into DDP declared REPLICATED.
 Then, in this process (no process group): "a" and "b2x2" into a plain module and optimizer, the stages
 into one unsplit state, the command-line export equal to the full tensors, inspect's chunks per rank.
 Every load is compared with torch.equal on full_tensor() against the state saved in A.
@@ -242,6 +243,18 @@ def _job_c(rank: int, world: int, root, reference: dict, after: dict) -> dict:
                                              StateComponent(optim_key, OptimizerState(model, optimizer), replicated)])
         coordinator.load_checkpoint(ckpt / "repl.ckpt", ignore=[ignored])
         out[name] = differences(full_state(model, optimizer), reference)
+    # Declared SHARDED (as Fabric declares an FSDP2 module), the REPLICATED copies are read as they were saved;
+    # declared REPLICATED (a DDP module), a SHARDED checkpoint is.
+    model = fsdp_model(world)
+    optimizer = _optimizer(model, lr=0.5)
+    CheckpointCoordinator(components(model, optimizer)).load_checkpoint(ckpt / "repl.ckpt", ignore=["numbered"])
+    out["repl_as_sharded"] = differences(full_state(model, optimizer), reference)
+    plain = DistributedDataParallel(make_model(seed=3))
+    optimizer = _optimizer(plain, lr=0.5)
+    CheckpointCoordinator([StateComponent("model", plain.module, replicated),
+                           StateComponent("optim", OptimizerState(plain.module, optimizer), replicated)]
+                          ).load_checkpoint(ckpt / "b2x2.ckpt")
+    out["sharded_as_repl"] = differences(full_state(plain.module, optimizer), reference)
     other = torch.nn.Sequential(torch.nn.Linear(5, 8))  # "0.bias" is [8] here, [7] in the checkpoint
     fully_shard(other, mesh=init_device_mesh("cpu", (world,)))
     out["repl_other_shape"] = _error(lambda: CheckpointCoordinator([StateComponent("model", other, replicated)])
@@ -481,6 +494,7 @@ def test_reshard_back_to_2_and_into_ddp(chain):
     for result in c:
         assert result["b4"] == [] and result["b2x2"] == [] and result["ddp"] == []
         assert result["repl_raw"] == [] and result["repl_numbered"] == []  # DDP's REPLICATED checkpoint into FSDP2
+        assert result["repl_as_sharded"] == [] and result["sharded_as_repl"] == []  # either declared pattern
         refusal = ("component 'model': loading failed: tensor '0.bias': the checkpoint holds it whole with shape (7,), "
                    "but the live DTensor's global shape is (8,); the checkpoint is of another model")
         assert result["repl_other_shape"].count(refusal) == 2, result["repl_other_shape"]  # named for both ranks

@@ -4,8 +4,9 @@
 at step 3 and dumps of the full state at steps 3 and 6; then, in the same processes, a freshly built and differently
 initialised module loads the step-3 checkpoint with ``fabric.load`` and trains steps 4-6 again: its full state must
 equal the first run's (RNG included: dropout draws the same masks). ``--phase reshard`` (one process): the step-3
-checkpoint loads into a one-process mesh; its full state is dumped. Each rank writes OUT/{phase}-rank{r}.json and
-.safetensors files named after what they hold.
+checkpoint loads into a one-process mesh; its full state is dumped. ``--phase ddp`` (torchrun, 2 processes,
+FabricSharingStrategy) takes 3 steps and saves OUT/ddp.ckpt; ``--phase from-ddp`` loads it into FSDP2 over 2. Each rank
+writes OUT/{phase}-rank{r}.json and .safetensors files named after what they hold.
 """
 
 from __future__ import annotations
@@ -22,7 +23,12 @@ from lightning.fabric import Fabric
 from safetensors.torch import save_file
 from torch import nn
 
-from lightning_sharing import CheckpointManifest, FabricSharingModelParallelStrategy, OptimizerState
+from lightning_sharing import (
+    CheckpointManifest,
+    FabricSharingModelParallelStrategy,
+    FabricSharingStrategy,
+    OptimizerState,
+)
 
 
 def parallelize(model: nn.Module, mesh: Any) -> nn.Module:
@@ -50,6 +56,15 @@ def full_state(model: Any, optimizer: Any) -> dict[str, torch.Tensor]:
             for k, v in sorted(state.items())}
 
 
+def plain_state(model: Any, optimizer: Any) -> dict[str, torch.Tensor]:
+    """A DDP module's state named as ``full_state`` names it (the optimizer keyed by parameter name)."""
+    raw_model = model.module.module if hasattr(model.module, "module") else model.module
+    state = {f"model.{k}": v for k, v in raw_model.state_dict().items()}
+    state.update({f"optimizer.{k}": v for k, v in OptimizerState(raw_model, optimizer.optimizer).state_dict().items()
+                  if isinstance(v, torch.Tensor)})
+    return {k: v.detach().clone().contiguous() for k, v in sorted(state.items())}
+
+
 def step(fabric: Fabric, model: Any, optimizer: Any, number: int) -> None:
     generator = torch.Generator().manual_seed(100 * number + fabric.global_rank)
     loss = model(torch.randn(4, 6, generator=generator)).pow(2).mean()
@@ -61,10 +76,13 @@ def step(fabric: Fabric, model: Any, optimizer: Any, number: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--phase", choices=["train", "reshard"], required=True)
+    parser.add_argument("--phase", choices=["train", "reshard", "ddp", "from-ddp"], required=True)
     args = parser.parse_args()
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    strategy = FabricSharingModelParallelStrategy(parallelize, data_parallel_size=world, tensor_parallel_size=1)
+    if args.phase == "ddp":
+        strategy: Any = FabricSharingStrategy()
+    else:
+        strategy = FabricSharingModelParallelStrategy(parallelize, data_parallel_size=world, tensor_parallel_size=1)
     fabric = Fabric(accelerator="cpu", devices=world, strategy=strategy)
     fabric.launch()
     rank, out = fabric.global_rank, args.out
@@ -88,12 +106,24 @@ def main() -> None:
         manifest = CheckpointManifest.load(ckpt)
         result["patterns"] = {k: c.sharing_pattern for k, c in manifest.components.items()}
         result["files"] = {k: sorted([f.path, f.rank] for f in c.files) for k, c in manifest.components.items()}
-    else:
+    elif args.phase == "reshard":
         model, optimizer = build(fabric, seed=3)
         state = {"model": model, "optimizer": optimizer}
         result["remainder"] = fabric.load(ckpt, state, strict=False)
         result["skipped"] = sorted(fabric.strategy.last_load_result.skipped)
         save_file(full_state(model, optimizer), out / f"reshard-rank{rank}.safetensors")
+    elif args.phase == "ddp":  # FabricSharingStrategy: the module and its optimizer are saved REPLICATED, whole
+        model, optimizer = build(fabric, seed=1)
+        for number in range(1, 4):
+            step(fabric, model, optimizer, number)
+        fabric.save(out / "ddp.ckpt", {"model": model, "optimizer": optimizer, "step": 3})
+        save_file(plain_state(model, optimizer), out / f"ddp3-rank{rank}.safetensors")
+    else:  # from-ddp: that checkpoint into FSDP2 over the same 2 processes
+        model, optimizer = build(fabric, seed=2)
+        state = {"model": model, "optimizer": optimizer, "step": 0}
+        result["remainder"] = fabric.load(out / "ddp.ckpt", state)
+        result["step"] = state["step"]
+        save_file(full_state(model, optimizer), out / f"from-ddp-rank{rank}.safetensors")
     (out / f"{args.phase}-rank{rank}.json").write_text(json.dumps(result, indent=1))
     if dist.is_initialized():
         dist.destroy_process_group()
