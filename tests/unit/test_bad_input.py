@@ -637,6 +637,19 @@ def test_pattern_change(model_and_counter):
     assert counter.value == -3 and same_tensors(fresh, model)
 
 
+def test_replicated_copy_read_by_a_sharded_declaration_and_back(model_and_counter, tmp_path):
+    # Both hold each value once: the saved pattern is read as it was saved (a DDP checkpoint into FSDP2, say).
+    path, model = model_and_counter
+    fresh = make_model(1)
+    sharded = CheckpointCoordinator([StateComponent("model", fresh, "sharded")])
+    result = sharded.load_checkpoint(path, ignore={"counter"})
+    assert result.loaded == ["model"] and result.skipped == {} and same_tensors(fresh, model)
+    sharded.save_checkpoint(tmp_path / "sharded.ckpt")
+    back = make_model(2)
+    CheckpointCoordinator([StateComponent("model", back, "replicated")]).load_checkpoint(tmp_path / "sharded.ckpt")
+    assert same_tensors(back, model)
+
+
 def test_group_change(tmp_path):
     path = tmp_path / "g.ckpt"
     CheckpointCoordinator([StateComponent("loader", ValueState(1), "per_group", process_group_name="dp")],
