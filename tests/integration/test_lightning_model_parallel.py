@@ -8,7 +8,8 @@ killed runs' step-6 checkpoints are then loaded elsewhere by tests/scripts/light
 4 -> 2 processes, into SharingStrategy (DDP, 2 processes) and one device, and by load_from_checkpoint; the one-device
 DDP run saves SharingStrategy's (REPLICATED) checkpoint of that state, which then loads into FSDP2 over 2; what each
 loaded must equal the checkpoint's full tensors as SharingCheckpointIO reads them in this process. The same launch
-validates with a checkpoint, saves weights only and saves asynchronously, and checks the refusals of point 4.
+validates with a checkpoint, saves weights only and saves asynchronously (with background staging: the step-4
+checkpoint must equal a dump taken after step 4, though step 5 followed at once), and checks the refusals of point 4.
 """
 
 from __future__ import annotations
@@ -197,9 +198,13 @@ def test_layout_changes_ddp_one_device_and_load_from_checkpoint(runs: dict[str, 
     # trainer.save_checkpoint(weights_only=True): no optimizer, scheduler or loader position.
     assert sorted(CheckpointManifest.load(tmp_path / "to-2" / "weights.ckpt").components) == [
         "loss_mean", "model", "rng", "trainer"]
-    # async_save with top-1 retention: step 2 removed once step 4 had committed.
+    # async_save with background staging and top-1 retention: step 2 removed once step 4 had committed; the step-4
+    # checkpoint holds the state after step 4, though step 5's optimizer step followed it at once.
     assert to_2[0]["async"] == ["epoch=0-step=4.ckpt"]
-    assert CheckpointManifest.load(tmp_path / "to-2" / "async" / "epoch=0-step=4.ckpt").step == 4
+    async_step4 = tmp_path / "to-2" / "async" / "epoch=0-step=4.ckpt"
+    assert CheckpointManifest.load(async_step4).step == 4
+    for rank in range(2):
+        _assert_loaded(tmp_path / "to-2" / f"async-step4-rank{rank}.safetensors", _checkpoint_tensors(async_step4))
 
 
 @pytest.mark.parametrize("name", ["ModelParallelStrategy", "FSDPStrategy"])

@@ -118,13 +118,27 @@ def extras(args: argparse.Namespace, result: dict[str, Any]) -> None:
     metrics = run.validate(Validated(), dataloaders=example.make_dataloader(), ckpt_path=args.load, verbose=False)
     result["validate"] = {"val_loss": float(metrics[0]["val_loss"]), "ckpt_path": os.fspath(run.ckpt_path)}
     run.save_checkpoint(args.out / "weights.ckpt", weights_only=True)
-    run = pl.Trainer(strategy=SharingModelParallelStrategy(args.dp, args.tp, async_save=True), accelerator="cpu",
-                     devices=devices, max_steps=4, logger=False, enable_progress_bar=False,
-                     enable_model_summary=False, callbacks=[ModelCheckpoint(dirpath=args.out / "async",
-                                                                            every_n_train_steps=2, save_top_k=1,
-                                                                            monitor="step", mode="max")])
+    # Background staging too: step 5's optimizer.step() runs while step 4's DTensors may still be being copied.
+    strategy = SharingModelParallelStrategy(args.dp, args.tp, async_save=True, background_staging=True)
+    run = pl.Trainer(strategy=strategy, accelerator="cpu", devices=devices, max_steps=5, logger=False,
+                     enable_progress_bar=False, enable_model_summary=False,
+                     callbacks=[_DumpAt(4, args.out / "async-step4"),
+                                ModelCheckpoint(dirpath=args.out / "async", every_n_train_steps=2, save_top_k=1,
+                                                monitor="step", mode="max")])
     run.fit(example.TinyParallelRegression(), train_dataloaders=example.make_dataloader())
     result["async"] = sorted(os.listdir(args.out / "async"))
+
+
+class _DumpAt(pl.Callback):
+    """Dump the full weights and optimizer state after training step ``step`` (before the next one)."""
+
+    def __init__(self, step: int, prefix: Path) -> None:
+        self.step, self.prefix = step, prefix
+
+    def on_train_batch_end(self, trainer: pl.Trainer, module: Any, *args: Any) -> None:
+        if trainer.global_step == self.step:
+            tensors, _ = example.full_state(module, trainer.optimizers[0])  # collective: every rank
+            save_file(tensors, f"{self.prefix}-rank{trainer.global_rank}.safetensors")
 
 
 def main() -> None:
