@@ -23,7 +23,7 @@ from lightning_sharing.format.codec import encode_state
 from lightning_sharing.format.layout import index_name, read_payload, tree_name
 from lightning_sharing.format.manifest import ComponentManifest, FileEntry
 from lightning_sharing.format.safetensors_io import bytes_checksum, read_tensors
-from lightning_sharing.sharded.layout import is_dtensor
+from lightning_sharing.sharded.layout import has_dtensors, is_dtensor
 from lightning_sharing.sharded.redistribute import shard_state_like
 from lightning_sharing.storage.base import CheckpointStore
 from lightning_sharing.storage.verify import check_algorithm, checksum_mismatch, verify_entry
@@ -94,7 +94,7 @@ def load_component(store: CheckpointStore, root: str, component: StateComponent,
         files.read_file(merged)
     state = read_payload(placement.stem, available, files.read_file, files.read_tensors, flat)
     stateful = component.stateful
-    if isinstance(stateful, torch.nn.Module) and any(is_dtensor(p) for p in stateful.parameters()):
+    if isinstance(stateful, torch.nn.Module) and has_dtensors(stateful):
         # Whole tensors (a DDP checkpoint) into a sharded module: each rank keeps the piece it holds.
         state = shard_state_like(state, stateful.state_dict())
     stateful.load_state_dict(state)

@@ -30,7 +30,7 @@ import torch
 
 from lightning_sharing.errors import UnsupportedStateError
 
-__all__ = ["Box", "Chunk", "TensorLayout", "is_dtensor", "local_box", "local_tensor", "tensor_layout"]
+__all__ = ["Box", "Chunk", "TensorLayout", "has_dtensors", "is_dtensor", "local_box", "local_tensor", "tensor_layout"]
 
 
 @dataclass(frozen=True)
@@ -94,6 +94,11 @@ def is_dtensor(value: object) -> bool:
     except ImportError:  # a torch built without distributed support has no DTensor
         return False
     return isinstance(value, DTensor)
+
+
+def has_dtensors(module: torch.nn.Module) -> bool:
+    """Whether any parameter of ``module`` is a ``DTensor`` (FSDP2, tensor parallel)."""
+    return any(is_dtensor(parameter) for parameter in module.parameters())
 
 
 def local_tensor(tensor: torch.Tensor) -> torch.Tensor:

@@ -15,17 +15,10 @@ from typing import Any
 
 import torch
 
-from lightning_sharing.sharded.layout import is_dtensor
+from lightning_sharing.sharded.layout import has_dtensors, is_dtensor
 from lightning_sharing.sharded.redistribute import shard_state_like
 
 __all__ = ["ShardedModuleState", "has_dtensors"]
-
-
-def has_dtensors(module: torch.nn.Module) -> bool:
-    """Whether any parameter of ``module`` is a ``DTensor``."""
-    from torch.distributed.tensor import DTensor
-
-    return any(isinstance(parameter, DTensor) for parameter in module.parameters())
 
 
 class ShardedModuleState:
