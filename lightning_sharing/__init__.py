@@ -19,6 +19,8 @@ from typing import Any
 
 from lightning_sharing import _registration
 from lightning_sharing._version import __version__
+from lightning_sharing.checkpoint.discovery import find_latest_checkpoint
+from lightning_sharing.checkpoint.manifest import CheckpointManifest, ComponentManifest, FileEntry
 from lightning_sharing.core.declarations import StateComponent
 from lightning_sharing.core.options import CheckpointOptions, VerifyMode
 from lightning_sharing.core.patterns import SharingPattern, ValidationLevel
@@ -38,15 +40,13 @@ from lightning_sharing.errors import (
     TopologyMismatchError,
     UnsupportedStateError,
 )
-from lightning_sharing.format.manifest import CheckpointManifest, ComponentManifest, FileEntry
 from lightning_sharing.statefuls.metrics import MetricState
 from lightning_sharing.statefuls.optimizer import OptimizerState
 from lightning_sharing.statefuls.rng import RNGState
-from lightning_sharing.storage import find_latest_checkpoint
 
 # Public names that need Lightning: imported on first access (PEP 562).
 _LIGHTNING_NAMES = {
-    "BuiltinState": "lightning_sharing.lightning.layout",
+    "BuiltinState": "lightning_sharing.lightning.builtins",
     "FabricSharingModelParallelStrategy": "lightning_sharing.fabric.model_parallel",
     "FabricSharingStrategy": "lightning_sharing.fabric.strategy",
     "SharingModelParallelStrategy": "lightning_sharing.lightning.model_parallel",

@@ -63,7 +63,7 @@ def _read_directory_for_module(path: str | os.PathLike[str], map_location: Any) 
 
 
 def _refuse_ignored_io(strategy: Any) -> None:
-    from lightning_sharing.lightning.checkpoint_io import refuse_ignored_io
+    from lightning_sharing.lightning.base import refuse_ignored_io
 
     refuse_ignored_io(strategy)
 

@@ -16,12 +16,12 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from lightning_sharing.checkpoint.manifest import CheckpointManifest, data_root
 from lightning_sharing.cli.verify import human_size
 from lightning_sharing.core.rules import rule
 from lightning_sharing.errors import CheckpointError
-from lightning_sharing.format.manifest import CheckpointManifest
 from lightning_sharing.sharded.index import ShardedIndex
-from lightning_sharing.storage import data_root, store_for
+from lightning_sharing.storage import store_for
 
 __all__ = ["chunks_by_rank", "run_inspect"]
 

@@ -28,14 +28,15 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from lightning_sharing.checkpoint.manifest import CheckpointManifest, FileEntry, data_root, read_manifest
+from lightning_sharing.checkpoint.reading import verify_entry
 from lightning_sharing.core.options import VerifyMode
 from lightning_sharing.core.rules import rule
 from lightning_sharing.engine.load_plan import check_listed_files
 from lightning_sharing.errors import CheckpointError, CorruptCheckpointError
-from lightning_sharing.format.layout import parse_index
-from lightning_sharing.format.manifest import CheckpointManifest, FileEntry
+from lightning_sharing.format.copy_files import parse_index
 from lightning_sharing.sharded.index import ShardedIndex
-from lightning_sharing.storage import data_root, read_manifest, store_for, verify_entry
+from lightning_sharing.storage import store_for
 
 __all__ = ["Problem", "human_size", "run_verify", "verify_checkpoint"]
 

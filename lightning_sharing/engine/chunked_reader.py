@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from lightning_sharing.checkpoint.manifest import ComponentManifest
 from lightning_sharing.core.declarations import StateComponent
 from lightning_sharing.core.options import VerifyMode
 from lightning_sharing.core.rules import Placement, placement_for_reader, placements, rule
@@ -42,8 +43,7 @@ from lightning_sharing.format.codec import (
     tree_from_entries,
     tree_tensor_names,
 )
-from lightning_sharing.format.layout import TREE_FORMAT, parse_json, tree_name
-from lightning_sharing.format.manifest import ComponentManifest
+from lightning_sharing.format.copy_files import TREE_FORMAT, parse_json, tree_name
 from lightning_sharing.sharded.chunkfile import StoreFiles
 from lightning_sharing.sharded.index import ShardedIndex
 from lightning_sharing.sharded.load import ReadPlan, ReadStats, plan_reads, read_chunks

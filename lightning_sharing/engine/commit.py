@@ -20,13 +20,13 @@ from typing import Any
 import torch
 
 from lightning_sharing._version import __version__
+from lightning_sharing.checkpoint.manifest import CheckpointManifest, ComponentManifest, FileEntry
 from lightning_sharing.core.declarations import StateComponent
 from lightning_sharing.core.rules import Placement, Replicas, placements, rule
 from lightning_sharing.core.topology import Topology
 from lightning_sharing.engine.save_plan import FileJob
 from lightning_sharing.errors import CheckpointError
-from lightning_sharing.format.layout import index_name, json_bytes, merged_index, tree_name
-from lightning_sharing.format.manifest import CheckpointManifest, ComponentManifest, FileEntry
+from lightning_sharing.format.copy_files import index_name, json_bytes, merged_index, tree_name
 from lightning_sharing.sharded.index import ShardedIndex, merge_indexes
 from lightning_sharing.storage.base import CheckpointStore
 

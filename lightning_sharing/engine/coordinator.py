@@ -25,6 +25,7 @@ from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from lightning_sharing.checkpoint.manifest import data_root, read_manifest
 from lightning_sharing.core.declarations import StateComponent, check_unique_keys
 from lightning_sharing.core.options import CheckpointOptions, VerifyMode
 from lightning_sharing.core.patterns import ValidationLevel
@@ -51,7 +52,7 @@ from lightning_sharing.engine.save_steps import Plans, commit_files, with_contex
 from lightning_sharing.engine.staging import optimizer_owned
 from lightning_sharing.errors import CheckpointError, ComponentDeclarationError
 from lightning_sharing.format.codec import encode_state
-from lightning_sharing.storage import CheckpointStore, data_root, is_url, read_manifest, store_for
+from lightning_sharing.storage import CheckpointStore, is_url, store_for
 
 __all__ = ["CheckpointCoordinator", "LoadResult"]
 

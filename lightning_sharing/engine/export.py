@@ -32,13 +32,14 @@ from typing import Any
 
 import torch
 
+from lightning_sharing.checkpoint.manifest import CheckpointManifest, FileEntry, data_root, read_manifest
+from lightning_sharing.checkpoint.reading import verify_entry
 from lightning_sharing.core.options import DEFAULT_MAX_SHARD_SIZE, VerifyMode
 from lightning_sharing.core.rules import rule
 from lightning_sharing.distributed.collectives import agreement, get_rank, get_world_size, on_rank_zero
 from lightning_sharing.engine.save_plan import assign_writers
 from lightning_sharing.errors import CheckpointError, ComponentDeclarationError, CorruptCheckpointError
-from lightning_sharing.format.layout import index_name, json_bytes, parse_index, parse_json
-from lightning_sharing.format.manifest import CheckpointManifest, FileEntry
+from lightning_sharing.format.copy_files import index_name, json_bytes, parse_index, parse_json
 from lightning_sharing.format.safetensors_io import (
     DescriptorSink,
     bytes_checksum,
@@ -50,7 +51,7 @@ from lightning_sharing.format.safetensors_io import (
 from lightning_sharing.sharded.chunkfile import StoreFiles
 from lightning_sharing.sharded.index import ShardedIndex
 from lightning_sharing.sharded.load import plan_reads, read_chunks
-from lightning_sharing.storage import CheckpointStore, data_root, read_manifest, store_for, verify_entry
+from lightning_sharing.storage import CheckpointStore, store_for
 from lightning_sharing.storage.local import fsync_dir, rmtree_missing_ok
 
 __all__ = ["HF_INDEX", "ExportPlan", "ExportResult", "HFExport", "abort_export", "begin_export", "commit_export",

@@ -12,6 +12,7 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lightning_sharing.checkpoint.manifest import CheckpointManifest, ComponentManifest
 from lightning_sharing.core.declarations import StateComponent
 from lightning_sharing.core.rules import chunk_file_regex, rule, stem_regex
 from lightning_sharing.core.topology import Topology
@@ -20,7 +21,6 @@ from lightning_sharing.errors import (
     CorruptCheckpointError,
     TopologyMismatchError,
 )
-from lightning_sharing.format.manifest import CheckpointManifest, ComponentManifest
 from lightning_sharing.storage.base import CheckpointStore
 
 __all__ = ["LoadPlan", "LoadResult", "check_listed_files", "plan_load"]

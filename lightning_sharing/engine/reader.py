@@ -15,18 +15,18 @@ from __future__ import annotations
 
 import torch
 
+from lightning_sharing.checkpoint.manifest import ComponentManifest, FileEntry
+from lightning_sharing.checkpoint.reading import check_algorithm, checksum_mismatch, verify_entry
 from lightning_sharing.core.declarations import StateComponent
 from lightning_sharing.core.options import VerifyMode
 from lightning_sharing.core.rules import Placement
 from lightning_sharing.errors import CorruptCheckpointError
 from lightning_sharing.format.codec import encode_state
-from lightning_sharing.format.layout import index_name, read_payload, tree_name
-from lightning_sharing.format.manifest import ComponentManifest, FileEntry
+from lightning_sharing.format.copy_files import index_name, read_payload, tree_name
 from lightning_sharing.format.safetensors_io import bytes_checksum, read_tensors
-from lightning_sharing.sharded.layout import has_dtensors, is_dtensor
+from lightning_sharing.sharded.dtensor_boxes import has_dtensors, is_dtensor
 from lightning_sharing.sharded.redistribute import shard_state_like
 from lightning_sharing.storage.base import CheckpointStore
-from lightning_sharing.storage.verify import check_algorithm, checksum_mismatch, verify_entry
 
 __all__ = ["ComponentFiles", "load_component"]
 
@@ -72,7 +72,7 @@ class ComponentFiles:
                 return read_tensors(handle, entry.size, rel.rsplit("/", 1)[-1], checksum, into=self._live)
         except CorruptCheckpointError as exc:
             # "<name> has checksum ..." becomes "component 'k', file <rel> (written by rank r) has checksum ...",
-            # the same text as a file verified before it is read (storage.verify.verify_entry).
+            # the same text as a file verified before it is read (checkpoint.reading.verify_entry).
             detail = str(exc)
             own = f"{rel.rsplit('/', 1)[-1]} "
             detail = detail[len(own) - 1:] if detail.startswith(own) else f": {detail}"

@@ -26,12 +26,12 @@ from typing import Any
 import torch
 import xxhash
 
+from lightning_sharing.checkpoint.manifest import FileEntry
 from lightning_sharing.core.rules import ChunkFiles, Placement
 from lightning_sharing.format.codec import EncodedState
-from lightning_sharing.format.layout import TREE_FORMAT, index_name, json_bytes, tree_name
-from lightning_sharing.format.manifest import FileEntry
+from lightning_sharing.format.copy_files import TREE_FORMAT, index_name, json_bytes, tree_name
 from lightning_sharing.format.safetensors_io import nbytes, write_blob, write_tensors
-from lightning_sharing.sharded.layout import local_tensor
+from lightning_sharing.sharded.dtensor_boxes import local_tensor
 from lightning_sharing.sharded.save import WritePlan, plan_writes, write_chunks
 from lightning_sharing.storage.base import CheckpointStore
 

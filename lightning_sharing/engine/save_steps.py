@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from lightning_sharing._faults import fault_point
+from lightning_sharing.checkpoint.manifest import FileEntry
 from lightning_sharing.core.declarations import StateComponent
 from lightning_sharing.core.topology import Topology
 from lightning_sharing.distributed.collectives import agreement
@@ -26,7 +27,6 @@ from lightning_sharing.engine.commit import (
 )
 from lightning_sharing.engine.save_plan import CopyPlan, write_copy
 from lightning_sharing.errors import CheckpointError, DistributedCheckpointError
-from lightning_sharing.format.manifest import FileEntry
 from lightning_sharing.storage import CheckpointStore
 
 __all__ = ["Plans", "commit_files", "with_context", "write_files"]

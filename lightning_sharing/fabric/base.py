@@ -17,13 +17,13 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
+from lightning_sharing.checkpoint.manifest import CheckpointManifest
 from lightning_sharing.core.declarations import SharingPattern, StateComponent, check_unique_keys
 from lightning_sharing.core.options import DEFAULT_MAX_SHARD_SIZE, CheckpointOptions
 from lightning_sharing.engine.coordinator import CheckpointCoordinator
 from lightning_sharing.engine.load_plan import LoadResult
 from lightning_sharing.errors import CheckpointError, ComponentDeclarationError
 from lightning_sharing.fabric.state import EXTRA_KEY, FilterFn, check_filter, declare_state
-from lightning_sharing.format.manifest import CheckpointManifest
 from lightning_sharing.integration.cleanup import adopt_default_group, default_group_exists
 from lightning_sharing.integration.common import (
     CheckpointHost,

@@ -24,16 +24,16 @@ from lightning_sharing.engine.coordinator import CheckpointCoordinator
 from lightning_sharing.errors import ComponentDeclarationError
 from lightning_sharing.integration.cleanup import adopt_default_group, default_group_exists
 from lightning_sharing.integration.common import LazyProcessGroups, check_storage_options
-from lightning_sharing.integration.compat import trainer_of, use_storage_options
+from lightning_sharing.integration.compat import given_checkpoint_io, trainer_of, use_storage_options
+from lightning_sharing.lightning.builtins import BUILTIN_KEYS, builtin_components, check_user_components
 from lightning_sharing.lightning.checkpoint_io import SharingCheckpointIO
-from lightning_sharing.lightning.layout import BUILTIN_KEYS, builtin_components, check_user_components
 from lightning_sharing.lightning.locations import CheckpointLocations
 from lightning_sharing.lightning.preemption import PreemptionHandler
 from lightning_sharing.lightning.restore import ResumeMixin
 from lightning_sharing.statefuls.holders import ValueHolder
 from lightning_sharing.statefuls.metrics import module_metrics
 
-__all__ = ["SharingStrategyBase"]
+__all__ = ["SharingStrategyBase", "refuse_ignored_io"]
 
 log = logging.getLogger(__name__)
 
@@ -212,3 +212,22 @@ class SharingStrategyBase(ResumeMixin):
         ``NotImplemented`` when every directory is local: there Lightning's own resolution is used unchanged.
         """
         return self._locations.resolve_last(trainer)
+
+
+def refuse_ignored_io(strategy: Any) -> None:
+    """Refuse a ``SharingCheckpointIO`` given to a Lightning strategy that saves without it (at its setup).
+
+    Our own strategies pass; see ``integration.compat.hook_ignored_checkpoint_io``.
+    """
+    if not isinstance(given_checkpoint_io(strategy), SharingCheckpointIO):
+        return
+    if isinstance(strategy, SharingStrategyBase):
+        return
+    name = type(strategy).__name__
+    raise ComponentDeclarationError(
+        f"SharingCheckpointIO was passed to {name}, whose save_checkpoint writes its own distributed checkpoint "
+        "without calling the CheckpointIO plugin: none of your checkpoints would be lightning_sharing ones. Use "
+        "strategy=SharingModelParallelStrategy(data_parallel_size=..., tensor_parallel_size=...) (or "
+        "strategy=\"sharing_model_parallel\") with fully_shard / tensor parallelism in configure_model(), and drop "
+        "SharingCheckpointIO from plugins"
+    )

@@ -22,15 +22,14 @@ from typing import Any
 import torch
 from lightning.fabric.plugins import CheckpointIO
 
+from lightning_sharing.checkpoint.manifest import CheckpointManifest
 from lightning_sharing.core.declarations import SharingPattern, StateComponent, ValidationLevel
 from lightning_sharing.core.options import CheckpointOptions, VerifyMode
 from lightning_sharing.distributed.collectives import agreement, get_world_size, local_only, resolve_process_groups
 from lightning_sharing.engine.coordinator import CheckpointCoordinator
 from lightning_sharing.errors import CheckpointError, ComponentDeclarationError
-from lightning_sharing.format.manifest import CheckpointManifest
 from lightning_sharing.integration.common import CheckpointHost, is_object_url
-from lightning_sharing.integration.compat import given_checkpoint_io
-from lightning_sharing.lightning.layout import (
+from lightning_sharing.lightning.builtins import (
     BUILTIN_KEYS,
     METRIC_COUNTS_KEY,
     builtin_components,
@@ -42,7 +41,7 @@ from lightning_sharing.statefuls.metrics import persistent_state_keys
 from lightning_sharing.statefuls.rng import RNGState
 from lightning_sharing.storage import remove_checkpoint, store_for
 
-__all__ = ["SharingCheckpointIO", "refuse_ignored_io"]
+__all__ = ["SharingCheckpointIO"]
 
 log = logging.getLogger(__name__)
 
@@ -309,24 +308,3 @@ def _groups_gone(manifest: CheckpointManifest, overrides: Mapping[str, StateComp
                 "in configure_process_groups()")
         log.warning("%s: skipped (strict=False), it keeps its current value", message)
     return set(gone)
-
-
-def refuse_ignored_io(strategy: Any) -> None:
-    """Refuse a ``SharingCheckpointIO`` given to a Lightning strategy that saves without it (at its setup).
-
-    Our own strategies pass; see ``integration.compat.hook_ignored_checkpoint_io``.
-    """
-    if not isinstance(given_checkpoint_io(strategy), SharingCheckpointIO):
-        return
-    from lightning_sharing.lightning.base import SharingStrategyBase
-
-    if isinstance(strategy, SharingStrategyBase):
-        return
-    name = type(strategy).__name__
-    raise ComponentDeclarationError(
-        f"SharingCheckpointIO was passed to {name}, whose save_checkpoint writes its own distributed checkpoint "
-        "without calling the CheckpointIO plugin: none of your checkpoints would be lightning_sharing ones. Use "
-        "strategy=SharingModelParallelStrategy(data_parallel_size=..., tensor_parallel_size=...) (or "
-        "strategy=\"sharing_model_parallel\") with fully_shard / tensor parallelism in configure_model(), and drop "
-        "SharingCheckpointIO from plugins"
-    )

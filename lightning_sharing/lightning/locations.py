@@ -23,11 +23,12 @@ from typing import Any
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
+from lightning_sharing.checkpoint.discovery import complete_checkpoints
+from lightning_sharing.checkpoint.manifest import CheckpointManifest
 from lightning_sharing.errors import ManifestError
-from lightning_sharing.format.manifest import CheckpointManifest
 from lightning_sharing.integration.common import is_object_url, location_key
 from lightning_sharing.integration.compat import checkpoint_dir
-from lightning_sharing.storage import complete_checkpoints, store_for
+from lightning_sharing.storage import store_for
 
 __all__ = ["CheckpointLocations"]
 

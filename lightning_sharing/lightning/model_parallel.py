@@ -39,7 +39,7 @@ from lightning_sharing.core.declarations import SharingPattern, StateComponent
 from lightning_sharing.integration.common import register_strategy, with_mesh_groups
 from lightning_sharing.integration.compat import trainer_of
 from lightning_sharing.lightning.base import SharingStrategyBase
-from lightning_sharing.lightning.layout import BuiltinState
+from lightning_sharing.lightning.builtins import BuiltinState
 from lightning_sharing.statefuls.modules import ShardedModuleState
 from lightning_sharing.statefuls.optimizer import OptimizerState
 

@@ -23,7 +23,7 @@ from lightning_sharing.errors import (
 from lightning_sharing.integration.common import is_plain_object
 from lightning_sharing.integration.compat import set_restored_path, trainer_of
 from lightning_sharing.integration.data import replace_shuffle_wrapper, set_sampler_epoch
-from lightning_sharing.lightning.layout import METRIC_COUNTS_KEY
+from lightning_sharing.lightning.builtins import METRIC_COUNTS_KEY
 from lightning_sharing.statefuls.metrics import module_metrics
 from lightning_sharing.statefuls.rng import RNGState
 

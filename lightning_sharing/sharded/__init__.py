@@ -17,11 +17,11 @@ Example (every rank; ``state`` maps names to DTensors or tensors):
     >>> load_sharded(root, ShardedIndex.from_json(index.to_json()), new_state)       # doctest: +SKIP
 """
 
-from .chunkfile import DEFAULT_BLOCK_SIZE, ByteSource, ChunkStore, LocalFiles, StoreFiles
-from .index import ChunkRecord, FileRecord, ShardedIndex, TensorRecord, merge_indexes
-from .layout import Box, Chunk, TensorLayout, is_dtensor, tensor_layout
-from .load import ReadPlan, ReadStats, load_sharded, plan_reads, read_chunks
-from .save import ChunkWrite, WritePlan, plan_writes, write_chunks
+from lightning_sharing.sharded.chunkfile import DEFAULT_BLOCK_SIZE, ByteSource, ChunkStore, LocalFiles, StoreFiles
+from lightning_sharing.sharded.dtensor_boxes import Box, Chunk, TensorLayout, is_dtensor, tensor_layout
+from lightning_sharing.sharded.index import ChunkRecord, FileRecord, ShardedIndex, TensorRecord, merge_indexes
+from lightning_sharing.sharded.load import ReadPlan, ReadStats, load_sharded, plan_reads, read_chunks
+from lightning_sharing.sharded.save import ChunkWrite, WritePlan, plan_writes, write_chunks
 
 __all__ = [
     "DEFAULT_BLOCK_SIZE",

@@ -38,8 +38,7 @@ import torch
 
 from lightning_sharing.errors import CheckpointError, ManifestError
 from lightning_sharing.format.safetensors_io import CHECKSUM_ALGORITHM, dtype_from_name
-
-from .layout import Box
+from lightning_sharing.sharded.dtensor_boxes import Box
 
 __all__ = ["INDEX_FORMAT", "INDEX_VERSION", "ChunkRecord", "FileRecord", "ShardedIndex", "TensorRecord",
            "merge_indexes"]

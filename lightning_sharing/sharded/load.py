@@ -23,10 +23,9 @@ from pathlib import Path
 import torch
 
 from lightning_sharing.errors import CheckpointError, CorruptCheckpointError
-
-from .chunkfile import ByteSource, ChunkStore, LocalFiles, StoreFiles, read_blocks
-from .index import ChunkRecord, FileRecord, ShardedIndex, TensorRecord
-from .layout import Box, local_box, local_tensor
+from lightning_sharing.sharded.chunkfile import ByteSource, ChunkStore, LocalFiles, StoreFiles, read_blocks
+from lightning_sharing.sharded.dtensor_boxes import Box, local_box, local_tensor
+from lightning_sharing.sharded.index import ChunkRecord, FileRecord, ShardedIndex, TensorRecord
 
 __all__ = ["ReadPiece", "ReadPlan", "ReadStats", "TensorRead", "load_sharded", "plan_reads", "read_chunks"]
 

@@ -21,8 +21,7 @@ from typing import Any
 import torch
 
 from lightning_sharing.errors import CheckpointError
-
-from .layout import is_dtensor, local_box
+from lightning_sharing.sharded.dtensor_boxes import is_dtensor, local_box
 
 __all__ = ["shard_like", "shard_state_like"]
 

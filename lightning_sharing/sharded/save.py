@@ -28,10 +28,9 @@ import torch
 
 from lightning_sharing.errors import CheckpointError, UnsupportedStateError
 from lightning_sharing.format.safetensors_io import dtype_name
-
-from .chunkfile import DEFAULT_BLOCK_SIZE, ChunkStore, write_chunk_file, write_chunk_stream
-from .index import ChunkRecord, FileRecord, ShardedIndex, TensorRecord
-from .layout import Box, TensorLayout, local_tensor, tensor_layout
+from lightning_sharing.sharded.chunkfile import DEFAULT_BLOCK_SIZE, ChunkStore, write_chunk_file, write_chunk_stream
+from lightning_sharing.sharded.dtensor_boxes import Box, TensorLayout, local_tensor, tensor_layout
+from lightning_sharing.sharded.index import ChunkRecord, FileRecord, ShardedIndex, TensorRecord
 
 __all__ = ["ChunkWrite", "WritePlan", "chunk_key", "plan_writes", "write_chunks"]
 

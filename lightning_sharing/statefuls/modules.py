@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from lightning_sharing.sharded.layout import has_dtensors, is_dtensor
+from lightning_sharing.sharded.dtensor_boxes import has_dtensors, is_dtensor
 from lightning_sharing.sharded.redistribute import shard_state_like
 
 __all__ = ["ShardedModuleState", "has_dtensors"]

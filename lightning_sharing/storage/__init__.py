@@ -15,23 +15,17 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from lightning_sharing.storage.base import CheckpointStore
-from lightning_sharing.storage.discovery import complete_checkpoints, find_latest_checkpoint
+from lightning_sharing.storage.base import MANIFEST_NAME, CheckpointStore
 from lightning_sharing.storage.local import LocalStore
 from lightning_sharing.storage.select import is_url, store_for
-from lightning_sharing.storage.verify import data_root, read_manifest, verify_entry
 
 __all__ = [
+    "MANIFEST_NAME",
     "CheckpointStore",
     "LocalStore",
-    "complete_checkpoints",
-    "data_root",
-    "find_latest_checkpoint",
     "is_url",
-    "read_manifest",
     "remove_checkpoint",
     "store_for",
-    "verify_entry",
 ]
 
 

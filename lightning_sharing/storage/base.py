@@ -35,7 +35,10 @@ from typing import BinaryIO, Protocol
 
 from lightning_sharing.format.safetensors_io import ByteSink
 
-__all__ = ["CheckpointStore"]
+__all__ = ["MANIFEST_NAME", "CheckpointStore"]
+
+#: The file whose presence makes a checkpoint complete; every store writes it last, in its commit.
+MANIFEST_NAME = "checkpoint_manifest.json"
 
 
 class CheckpointStore(ABC):

@@ -29,9 +29,8 @@ from typing import BinaryIO
 
 from lightning_sharing._faults import fault_point
 from lightning_sharing.errors import CheckpointError
-from lightning_sharing.format.manifest import MANIFEST_NAME
 from lightning_sharing.format.safetensors_io import DescriptorSink
-from lightning_sharing.storage.base import CheckpointStore
+from lightning_sharing.storage.base import MANIFEST_NAME, CheckpointStore
 from lightning_sharing.storage.durable import DurableBatch, start_writeback
 
 __all__ = [

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 from collections.abc import Iterator
 from typing import Any
@@ -30,15 +31,13 @@ from lightning_sharing._faults import fault_point
 from lightning_sharing.errors import (
     CheckpointError,
     ComponentDeclarationError,
-    ManifestError,
     ObjectChangedError,
     ObjectExistsError,
     ObjectStoreError,
 )
-from lightning_sharing.format.manifest import MANIFEST_NAME, CheckpointManifest
 from lightning_sharing.storage import object_generic as _generic
 from lightning_sharing.storage import object_s3 as _s3
-from lightning_sharing.storage.base import CheckpointStore
+from lightning_sharing.storage.base import MANIFEST_NAME, CheckpointStore
 from lightning_sharing.storage.object_layout import (
     clean_after_commit,
     clean_directory,
@@ -310,10 +309,13 @@ class ObjectStore(CheckpointStore):
 def _files_in_place(raw: bytes, target: str) -> list[str]:
     """The files of a manifest without ``data_prefix`` (a checkpoint in the filesystem layout, copied to the store)."""
     try:
-        manifest = CheckpointManifest.parse(raw, f"{target}/{MANIFEST_NAME}")
-    except ManifestError:
+        data = json.loads(raw.decode("utf-8"))
+        if data.get("data_prefix"):
+            return []
+        return [entry["path"] for component in data["components"].values() for entry in component["files"]
+                if isinstance(entry["path"], str) and ".." not in entry["path"].split("/")]
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
         return []  # unreadable: delete nothing of it
-    return [] if manifest.data_prefix else [entry.path for entry in manifest.all_files()]
 
 
 class _NamedWriter:

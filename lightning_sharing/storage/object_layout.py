@@ -46,9 +46,9 @@ from typing import Any
 
 import xxhash
 
-from lightning_sharing.format.manifest import MANIFEST_NAME
 from lightning_sharing.storage import object_s3 as _s3
 from lightning_sharing.storage import object_s3_prefix as _s3_prefix
+from lightning_sharing.storage.base import MANIFEST_NAME
 from lightning_sharing.storage.object_common import DEFAULT_RETRY
 from lightning_sharing.storage.object_store import delete_prefix, list_dir, read_versioned
 

@@ -44,8 +44,8 @@ from fault_trials import (
 from support.statefuls import Holder
 
 from lightning_sharing import CheckpointCoordinator, SharingPattern, StateComponent, find_latest_checkpoint
+from lightning_sharing.checkpoint.manifest import MANIFEST_NAME
 from lightning_sharing.cli import verify_checkpoint
-from lightning_sharing.format.manifest import MANIFEST_NAME
 from lightning_sharing.storage import store_for
 from lightning_sharing.storage.object_layout import manifest_data_prefix, scan
 from lightning_sharing.storage.object_s3_prefix import unfinished_uploads

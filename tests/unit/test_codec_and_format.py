@@ -27,7 +27,7 @@ from lightning_sharing import (
 )
 from lightning_sharing.engine.save_plan import plan_copy, write_copy
 from lightning_sharing.format.codec import decode_state, encode_state, is_flat_tensor_dict
-from lightning_sharing.format.layout import read_payload
+from lightning_sharing.format.copy_files import read_payload
 from lightning_sharing.format.safetensors_io import read_tensor_file
 from lightning_sharing.storage import LocalStore
 

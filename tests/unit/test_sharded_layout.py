@@ -17,7 +17,7 @@ from torch.distributed.tensor.placement_types import _StridedShard
 
 from lightning_sharing.errors import UnsupportedStateError
 from lightning_sharing.sharded import Box, plan_writes, tensor_layout
-from lightning_sharing.sharded.layout import _mesh_boxes, _slice_table
+from lightning_sharing.sharded.dtensor_boxes import _mesh_boxes, _slice_table
 
 CASES = [
     ((7, 5), (2,), (Shard(0),)),

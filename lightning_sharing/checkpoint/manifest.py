@@ -21,7 +21,8 @@ from typing import Any
 
 from lightning_sharing.core.declarations import SharingPattern
 from lightning_sharing.core.topology import Topology
-from lightning_sharing.errors import ComponentDeclarationError, ManifestError
+from lightning_sharing.errors import CheckpointNotFoundError, ComponentDeclarationError, ManifestError
+from lightning_sharing.storage import MANIFEST_NAME, CheckpointStore, store_for
 
 __all__ = [
     "FORMAT_NAME",
@@ -31,11 +32,12 @@ __all__ = [
     "ComponentManifest",
     "FileEntry",
     "check_relative_path",
+    "data_root",
+    "read_manifest",
 ]
 
 FORMAT_NAME = "lightning_sharing"
 FORMAT_VERSION = 1
-MANIFEST_NAME = "checkpoint_manifest.json"
 # A manifest is small (one entry per file); anything bigger is not one of ours.
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024
 _CHECKSUM_RE = re.compile(r"^[a-z0-9_]+:[0-9a-f]+$")
@@ -249,12 +251,45 @@ class CheckpointManifest:
     def load(cls, checkpoint_dir: str | os.PathLike[str], storage_options: dict[str, Any] | None = None,
              ) -> CheckpointManifest:
         """Read and validate ``checkpoint_dir/checkpoint_manifest.json`` (a local path or an fsspec URL)."""
-        # The storage layer sits above this module; it is imported here, at call time, so that the
-        # manifest stays a plain data module while ``CheckpointManifest.load`` remains a one-liner.
-        from lightning_sharing.storage import read_manifest, store_for
-
         store = store_for(checkpoint_dir, storage_options)
         return read_manifest(store, store.normalize(os.fspath(checkpoint_dir)), display=os.fspath(checkpoint_dir))
+
+
+def read_manifest(store: CheckpointStore, root: str, display: str | None = None) -> CheckpointManifest:
+    """Read and validate the manifest of the checkpoint at ``root``; raises ``ManifestError``.
+
+    ``display`` is how the checkpoint is named in errors (the caller's spelling of the path).
+    """
+    shown = display if display is not None else root
+    if not store.is_dir(root):
+        if store.size(root) is None:  # nothing there, or a dangling link
+            raise CheckpointNotFoundError(f"Checkpoint file not found: {shown} does not exist (a "
+                                          "lightning_sharing checkpoint is a directory)")
+        raise ManifestError(f"{shown} is not a checkpoint directory (it is a file)")
+    location = store.join(root, MANIFEST_NAME)
+    named = store.join(shown, MANIFEST_NAME)
+    if store.check_inside(root, MANIFEST_NAME) is not None:
+        raise ManifestError(
+            f"{named} is a symbolic link; a checkpoint's manifest must be a regular file inside it "
+            "(refusing a checkpoint that may have been tampered with)"
+        )
+    size = store.size(location)
+    if size is None:
+        raise ManifestError(
+            f"{named} is missing: {shown} is not a complete lightning_sharing checkpoint "
+            "(the save may have been interrupted); use find_latest_checkpoint() to pick a complete one"
+        )
+    if size > MAX_MANIFEST_BYTES:
+        raise ManifestError(f"{named} is {size} bytes, over the {MAX_MANIFEST_BYTES}-byte limit for a manifest")
+    return CheckpointManifest.parse(store.read_bytes(location), named)
+
+
+def data_root(store: CheckpointStore, root: str, manifest: CheckpointManifest) -> str:
+    """Where the files of the checkpoint at ``root`` are: ``root`` itself, or its ``data_prefix`` (a generation).
+
+    Every ``FileEntry.path`` is relative to it.
+    """
+    return store.join(root, manifest.data_prefix) if manifest.data_prefix else root
 
 
 def _expect(condition: bool, message: str) -> None:

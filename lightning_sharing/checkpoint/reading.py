@@ -9,50 +9,13 @@ Example:
 from __future__ import annotations
 
 from lightning_sharing._faults import fault_point
+from lightning_sharing.checkpoint.manifest import FileEntry
 from lightning_sharing.core.options import VerifyMode
-from lightning_sharing.errors import CheckpointNotFoundError, CorruptCheckpointError, ManifestError
-from lightning_sharing.format.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, CheckpointManifest, FileEntry
+from lightning_sharing.errors import CorruptCheckpointError
 from lightning_sharing.format.safetensors_io import CHECKSUM_ALGORITHM, stream_checksum
 from lightning_sharing.storage.base import CheckpointStore
 
-__all__ = ["check_algorithm", "checksum_mismatch", "data_root", "read_manifest", "verify_entry"]
-
-
-def read_manifest(store: CheckpointStore, root: str, display: str | None = None) -> CheckpointManifest:
-    """Read and validate the manifest of the checkpoint at ``root``; raises ``ManifestError``.
-
-    ``display`` is how the checkpoint is named in errors (the caller's spelling of the path).
-    """
-    shown = display if display is not None else root
-    if not store.is_dir(root):
-        if store.size(root) is None:  # nothing there, or a dangling link
-            raise CheckpointNotFoundError(f"Checkpoint file not found: {shown} does not exist (a "
-                                          "lightning_sharing checkpoint is a directory)")
-        raise ManifestError(f"{shown} is not a checkpoint directory (it is a file)")
-    location = store.join(root, MANIFEST_NAME)
-    named = store.join(shown, MANIFEST_NAME)
-    if store.check_inside(root, MANIFEST_NAME) is not None:
-        raise ManifestError(
-            f"{named} is a symbolic link; a checkpoint's manifest must be a regular file inside it "
-            "(refusing a checkpoint that may have been tampered with)"
-        )
-    size = store.size(location)
-    if size is None:
-        raise ManifestError(
-            f"{named} is missing: {shown} is not a complete lightning_sharing checkpoint "
-            "(the save may have been interrupted); use find_latest_checkpoint() to pick a complete one"
-        )
-    if size > MAX_MANIFEST_BYTES:
-        raise ManifestError(f"{named} is {size} bytes, over the {MAX_MANIFEST_BYTES}-byte limit for a manifest")
-    return CheckpointManifest.parse(store.read_bytes(location), named)
-
-
-def data_root(store: CheckpointStore, root: str, manifest: CheckpointManifest) -> str:
-    """Where the files of the checkpoint at ``root`` are: ``root`` itself, or its ``data_prefix`` (a generation).
-
-    Every ``FileEntry.path`` is relative to it.
-    """
-    return store.join(root, manifest.data_prefix) if manifest.data_prefix else root
+__all__ = ["check_algorithm", "checksum_mismatch", "verify_entry"]
 
 
 def check_algorithm(entry: FileEntry, component: str) -> None:
