@@ -2,8 +2,9 @@
 
 The core (declarations, the coordinator, storage) needs only torch; the Lightning adapters
 (``SharingStrategy``, ``SharingModelParallelStrategy``, ``SharingCheckpointIO``, ``BuiltinState``,
-``FabricSharingStrategy``, ``FabricSharingModelParallelStrategy``) are imported when first used, so
-``import lightning_sharing`` does not import Lightning. Once this package is imported, ``strategy="sharing"`` works
+``FabricSharingStrategy``, ``FabricSharingModelParallelStrategy``) need Lightning. Every public name is
+imported when first used (PEP 562), so ``import lightning_sharing`` imports neither torch nor Lightning
+(the command line starts at once). Once this package is imported, ``strategy="sharing"`` works
 in ``pl.Trainer`` and ``Fabric`` (and ``strategy="sharing_model_parallel"`` in ``pl.Trainer``) whatever the import
 order.
 
@@ -15,43 +16,78 @@ Example:
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lightning_sharing import _registration
 from lightning_sharing._version import __version__
-from lightning_sharing.checkpoint.discovery import find_latest_checkpoint
-from lightning_sharing.checkpoint.manifest import CheckpointManifest, ComponentManifest, FileEntry
-from lightning_sharing.core.declarations import StateComponent
-from lightning_sharing.core.options import CheckpointOptions, VerifyMode
-from lightning_sharing.core.patterns import SharingPattern, ValidationLevel
-from lightning_sharing.core.topology import Topology
-from lightning_sharing.distributed.async_save import BackgroundSaver
-from lightning_sharing.engine.coordinator import CheckpointCoordinator
-from lightning_sharing.engine.export import HFExport, export_checkpoint
-from lightning_sharing.engine.load_plan import LoadResult
-from lightning_sharing.errors import (
-    CheckpointError,
-    CheckpointNotFoundError,
-    ComponentDeclarationError,
-    CorruptCheckpointError,
-    DistributedCheckpointError,
-    ManifestError,
-    ReplicationMismatchError,
-    TopologyMismatchError,
-    UnsupportedStateError,
-)
-from lightning_sharing.statefuls.metrics import MetricState
-from lightning_sharing.statefuls.optimizer import OptimizerState
-from lightning_sharing.statefuls.rng import RNGState
 
-# Public names that need Lightning: imported on first access (PEP 562).
-_LIGHTNING_NAMES = {
+if TYPE_CHECKING:
+    from lightning_sharing.checkpoint.discovery import find_latest_checkpoint
+    from lightning_sharing.checkpoint.manifest import CheckpointManifest, ComponentManifest, FileEntry
+    from lightning_sharing.core.declarations import StateComponent
+    from lightning_sharing.core.options import CheckpointOptions, VerifyMode
+    from lightning_sharing.core.patterns import SharingPattern, ValidationLevel
+    from lightning_sharing.core.topology import Topology
+    from lightning_sharing.distributed.async_save import BackgroundSaver
+    from lightning_sharing.engine.coordinator import CheckpointCoordinator
+    from lightning_sharing.engine.export import HFExport, export_checkpoint
+    from lightning_sharing.engine.load_plan import LoadResult
+    from lightning_sharing.errors import (
+        CheckpointError,
+        CheckpointNotFoundError,
+        ComponentDeclarationError,
+        CorruptCheckpointError,
+        DistributedCheckpointError,
+        ManifestError,
+        ReplicationMismatchError,
+        TopologyMismatchError,
+        UnsupportedStateError,
+    )
+    from lightning_sharing.fabric.model_parallel import FabricSharingModelParallelStrategy
+    from lightning_sharing.fabric.strategy import FabricSharingStrategy
+    from lightning_sharing.lightning.builtins import BuiltinState
+    from lightning_sharing.lightning.checkpoint_io import SharingCheckpointIO
+    from lightning_sharing.lightning.model_parallel import SharingModelParallelStrategy
+    from lightning_sharing.lightning.strategy import SharingStrategy
+    from lightning_sharing.statefuls.metrics import MetricState
+    from lightning_sharing.statefuls.optimizer import OptimizerState
+    from lightning_sharing.statefuls.rng import RNGState
+
+# Every public name and the module that defines it: imported on first access (PEP 562).
+_PUBLIC = {
+    "BackgroundSaver": "lightning_sharing.distributed.async_save",
     "BuiltinState": "lightning_sharing.lightning.builtins",
+    "CheckpointCoordinator": "lightning_sharing.engine.coordinator",
+    "CheckpointError": "lightning_sharing.errors",
+    "CheckpointManifest": "lightning_sharing.checkpoint.manifest",
+    "CheckpointNotFoundError": "lightning_sharing.errors",
+    "CheckpointOptions": "lightning_sharing.core.options",
+    "ComponentDeclarationError": "lightning_sharing.errors",
+    "ComponentManifest": "lightning_sharing.checkpoint.manifest",
+    "CorruptCheckpointError": "lightning_sharing.errors",
+    "DistributedCheckpointError": "lightning_sharing.errors",
     "FabricSharingModelParallelStrategy": "lightning_sharing.fabric.model_parallel",
     "FabricSharingStrategy": "lightning_sharing.fabric.strategy",
-    "SharingModelParallelStrategy": "lightning_sharing.lightning.model_parallel",
+    "FileEntry": "lightning_sharing.checkpoint.manifest",
+    "HFExport": "lightning_sharing.engine.export",
+    "LoadResult": "lightning_sharing.engine.load_plan",
+    "ManifestError": "lightning_sharing.errors",
+    "MetricState": "lightning_sharing.statefuls.metrics",
+    "OptimizerState": "lightning_sharing.statefuls.optimizer",
+    "RNGState": "lightning_sharing.statefuls.rng",
+    "ReplicationMismatchError": "lightning_sharing.errors",
     "SharingCheckpointIO": "lightning_sharing.lightning.checkpoint_io",
+    "SharingModelParallelStrategy": "lightning_sharing.lightning.model_parallel",
+    "SharingPattern": "lightning_sharing.core.patterns",
     "SharingStrategy": "lightning_sharing.lightning.strategy",
+    "StateComponent": "lightning_sharing.core.declarations",
+    "Topology": "lightning_sharing.core.topology",
+    "TopologyMismatchError": "lightning_sharing.errors",
+    "UnsupportedStateError": "lightning_sharing.errors",
+    "ValidationLevel": "lightning_sharing.core.patterns",
+    "VerifyMode": "lightning_sharing.core.options",
+    "export_checkpoint": "lightning_sharing.engine.export",
+    "find_latest_checkpoint": "lightning_sharing.checkpoint.discovery",
 }
 
 __all__ = [
@@ -93,7 +129,7 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    module = _LIGHTNING_NAMES.get(name)
+    module = _PUBLIC.get(name)
     if module is None:
         raise AttributeError(f"module 'lightning_sharing' has no attribute {name!r}")
     value = getattr(importlib.import_module(module), name)

@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any
 
-from lightning_sharing.integration.common import LAZY_FLAG
+from lightning_sharing.integration import LAZY_FLAG
 
 __all__ = ["STRATEGIES", "install"]
 

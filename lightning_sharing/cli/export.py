@@ -18,16 +18,7 @@ from rich.console import Console
 from lightning_sharing.cli.verify import human_size
 from lightning_sharing.engine.export import export_checkpoint
 
-__all__ = ["add_arguments", "run_export"]
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``export`` command's arguments."""
-    parser.add_argument("path", help="the checkpoint")
-    parser.add_argument("out", help="the output directory (created; an earlier export there is replaced)")
-    parser.add_argument("--component", default="model", help="the component to export (default: model)")
-    parser.add_argument("--dtype", default=None, help="cast floating-point tensors, e.g. bfloat16")
-    parser.add_argument("--max-shard-size", default="5GB", help="largest output file, e.g. 5GB, 500MB (default 5GB)")
+__all__ = ["run_export"]
 
 
 def run_export(args: argparse.Namespace, console: Console) -> int:

@@ -1,5 +1,5 @@
-"""``lightning-sharing inspect PATH [--files]``: what a checkpoint holds, and for SHARDED components
-the chunks each rank wrote.
+"""``lightning-sharing inspect PATH [--files] [--json]``: what a checkpoint holds, and for SHARDED components
+the chunks each rank wrote (``--json``: the manifest and the chunk counts as one JSON document).
 
 Example:
     >>> from lightning_sharing.cli import main
@@ -37,18 +37,27 @@ def chunks_by_rank(index: ShardedIndex) -> dict[int, tuple[int, int, int]]:
     return {rank: (len(names), count, size) for rank, (names, count, size) in sorted(rows.items())}
 
 
-def _chunk_tables(path: str, manifest: CheckpointManifest, console: Console, storage_options: Any) -> None:
+def _chunk_indexes(path: str, manifest: CheckpointManifest, storage_options: Any) -> dict[str, ShardedIndex | str]:
+    """Each SHARDED component's chunk index, or why it cannot be read."""
     store = store_for(path, storage_options)
     root = data_root(store, store.normalize(os.fspath(path)), manifest)
+    found: dict[str, ShardedIndex | str] = {}
     for key, component in manifest.components.items():
         chunks = rule(component.pattern).chunks
         if chunks is None or chunks.index_for(key) not in {f.path for f in component.files}:
             continue
         try:
             raw = store.read_bytes(store.join(root, chunks.index_for(key)))
-            index = ShardedIndex.from_json(json.loads(raw.decode("utf-8")))
+            found[key] = ShardedIndex.from_json(json.loads(raw.decode("utf-8")))
         except (OSError, ValueError, CheckpointError) as exc:
-            console.print(f"{key}: the chunk index cannot be read ({exc}); run lightning-sharing verify", markup=False)
+            found[key] = f"the chunk index cannot be read ({exc}); run lightning-sharing verify"
+    return found
+
+
+def _chunk_tables(indexes: dict[str, ShardedIndex | str], console: Console) -> None:
+    for key, index in indexes.items():
+        if isinstance(index, str):
+            console.print(f"{key}: {index}", markup=False)
             continue
         total = sum(len(t.chunks) for t in index.tensors.values())
         table = Table(title=f"{key}: {len(index.tensors)} tensors in {total} chunks", show_lines=False)
@@ -60,9 +69,25 @@ def _chunk_tables(path: str, manifest: CheckpointManifest, console: Console, sto
         console.print(table)
 
 
+def _as_json(path: str, manifest: CheckpointManifest, indexes: dict[str, ShardedIndex | str]) -> str:
+    chunks: dict[str, Any] = {}
+    for key, index in indexes.items():
+        if isinstance(index, str):
+            chunks[key] = {"error": index}
+            continue
+        files = {f.writer: f.path for f in index.files.values()}
+        chunks[key] = {str(rank): {"tensors": tensors, "chunks": count, "bytes": size, "file": files.get(rank)}
+                       for rank, (tensors, count, size) in chunks_by_rank(index).items()}
+    return json.dumps({"path": path, "manifest": manifest.to_json(), "chunks_by_rank": chunks})
+
+
 def run_inspect(args: argparse.Namespace, console: Console) -> int:
     """The ``inspect`` command: the manifest as a table, chunks per rank, and (``--files``) every file."""
     manifest = CheckpointManifest.load(args.path, args.storage_options)
+    indexes = _chunk_indexes(args.path, manifest, args.storage_options)
+    if args.json:
+        print(_as_json(args.path, manifest, indexes))
+        return 0
     topology = manifest.topology
     console.print(f"{args.path}: step {manifest.step}, world size {manifest.world_size}, "
                   f"nodes {topology.get('nodes')}, groups {topology.get('groups') or '{}'}, "
@@ -78,7 +103,7 @@ def run_inspect(args: argparse.Namespace, console: Console) -> int:
     console.print(table)
     if manifest.data_prefix:
         console.print(f"files under {manifest.data_prefix}/ (this save's generation on an object store)")
-    _chunk_tables(args.path, manifest, console, args.storage_options)
+    _chunk_tables(indexes, console)
     if args.files:
         files = Table(title="files")
         for column in ("path", "rank", "size", "checksum"):

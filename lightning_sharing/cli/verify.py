@@ -1,4 +1,4 @@
-"""``lightning-sharing verify PATH [--size-only]``: exit 0 if intact, 1 if not, 2 if PATH is no checkpoint.
+"""``lightning-sharing verify PATH [--size-only] [--json]``: exit 0 if intact, 1 if not, 2 if PATH is no checkpoint.
 
 PATH is a local path or an fsspec URL (``s3://bucket/run/step=5.ckpt``). Credentials and endpoints come the
 ordinary way (for S3: ``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ... or a profile), or as JSON in
@@ -9,7 +9,8 @@ credentials, no such bucket) is exit 2 too, with the store's error.
 size and its checksum), that no unlisted file is present, that every listed name is one the format
 writes, that each safetensors index points only at listed shards, and that each chunk index of a
 SHARDED component parses and agrees with the manifest on every chunk file. It reports every problem
-with the component, the file and the rank that wrote it.
+with the component, the file and the rank that wrote it. On a terminal a progress bar counts the bytes
+checked; ``--json`` prints the verdict and every problem as one JSON document.
 
 Example:
     >>> manifest, problems = verify_checkpoint("runs/step=500.ckpt")     # doctest: +SKIP
@@ -18,14 +19,17 @@ Example:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import posixpath
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
 from lightning_sharing.checkpoint.manifest import CheckpointManifest, FileEntry, data_root, read_manifest
@@ -52,12 +56,20 @@ class Problem:
 
 
 def verify_checkpoint(path: str | Path, mode: VerifyMode | str = VerifyMode.CHECKSUM,
-                      storage_options: dict[str, Any] | None = None) -> tuple[CheckpointManifest, list[Problem]]:
-    """Check a checkpoint without loading it; raises ``ManifestError`` if it has no valid manifest."""
+                      storage_options: dict[str, Any] | None = None, *,
+                      on_manifest: Callable[[CheckpointManifest], None] | None = None,
+                      on_file: Callable[[FileEntry], None] | None = None) -> tuple[CheckpointManifest, list[Problem]]:
+    """Check a checkpoint without loading it; raises ``ManifestError`` if it has no valid manifest.
+
+    ``on_manifest`` is called once the manifest is read, ``on_file`` after each listed file is checked
+    (a progress display uses them).
+    """
     verify = VerifyMode.parse(mode)
     store = store_for(path, storage_options)
     root = store.normalize(os.fspath(path))
     manifest = read_manifest(store, root, display=os.fspath(path))
+    if on_manifest is not None:
+        on_manifest(manifest)
     root = data_root(store, root, manifest)
     problems: list[Problem] = []
     try:
@@ -72,6 +84,9 @@ def verify_checkpoint(path: str | Path, mode: VerifyMode | str = VerifyMode.CHEC
             except CorruptCheckpointError as exc:
                 problems.append(Problem(key, entry.path, entry.rank, str(exc)))
                 continue
+            finally:
+                if on_file is not None:
+                    on_file(entry)
             if entry.path.endswith(".safetensors.index.json"):
                 problems.extend(_check_index(key, entry.path, entry.rank, store.read_bytes(location), listed))
             chunks = rule(component.pattern).chunks
@@ -119,8 +134,16 @@ def human_size(size: int) -> str:
 
 def run_verify(args: argparse.Namespace, console: Console) -> int:
     """The ``verify`` command: print the verdict; 0 if intact, 1 if not."""
-    manifest, problems = verify_checkpoint(args.path, "size" if args.size_only else "checksum", args.storage_options)
+    mode = "size" if args.size_only else "checksum"
+    with _progress(console, enabled=not args.json) as (on_manifest, on_file):
+        manifest, problems = verify_checkpoint(args.path, mode, args.storage_options, on_manifest=on_manifest,
+                                               on_file=on_file)
     files = manifest.all_files()
+    if args.json:
+        print(json.dumps({"path": args.path, "ok": not problems, "checked": mode,
+                          "components": len(manifest.components), "files": len(files),
+                          "bytes": sum(f.size for f in files), "problems": [asdict(p) for p in problems]}))
+        return 1 if problems else 0
     if not problems:
         what = "sizes" if args.size_only else "sizes and checksums"
         console.print(f"OK: {args.path}: {len(manifest.components)} components, {len(files)} files, "
@@ -135,3 +158,16 @@ def run_verify(args: argparse.Namespace, console: Console) -> int:
     console.print(table)
     console.print(f"FAILED: {args.path} is damaged; do not resume from it")
     return 1
+
+
+@contextlib.contextmanager
+def _progress(console: Console, enabled: bool) -> Iterator[tuple[Any, Any]]:
+    """``(on_manifest, on_file)`` callbacks that drive a byte-counting progress bar on a terminal, else nothing."""
+    if not (enabled and console.is_terminal):
+        yield None, None
+        return
+    with Progress(TextColumn("verifying"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                  TimeRemainingColumn(), console=console, transient=True) as progress:
+        task = progress.add_task("verify", total=None)
+        yield (lambda manifest: progress.update(task, total=sum(f.size for f in manifest.all_files())),
+               lambda entry: progress.advance(task, entry.size))

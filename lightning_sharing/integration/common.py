@@ -28,14 +28,14 @@ from lightning_sharing.core.declarations import StateComponent
 from lightning_sharing.core.options import CheckpointOptions
 from lightning_sharing.distributed.async_save import BackgroundSaver
 from lightning_sharing.engine.coordinator import CheckpointCoordinator
+from lightning_sharing.integration import LAZY_FLAG
 from lightning_sharing.storage import is_url, store_for
 
-__all__ = ["LAZY_FLAG", "CheckpointHost", "LazyProcessGroups", "check_storage_options", "is_object_url",
+__all__ = ["CheckpointHost", "LazyProcessGroups", "check_storage_options", "is_object_url",
            "is_plain_object", "is_sharing_checkpoint_url", "location_key", "register_strategy", "with_mesh_groups"]
 
 #: Marks the factories ``lightning_sharing._registration`` puts in Lightning's registries before our adapters
 #: are imported; ``register_strategy`` replaces them with the real class.
-LAZY_FLAG = "__lightning_sharing_lazy__"
 
 log = logging.getLogger(__name__)
 

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+import lightning_sharing
 from lightning_sharing import CheckpointCoordinator, RNGState, SharingPattern, StateComponent
 from lightning_sharing.cli import main
 from lightning_sharing.format.safetensors_io import file_checksum
@@ -198,3 +201,54 @@ def test_tied_weights_stored_once_loaded_tied_and_exported_once(pattern, tmp_pat
     assert index["metadata"]["total_size"] == 6 * 4 * 4
     exported = load_file(tmp_path / "hf" / index["weight_map"]["embed.weight"])
     assert list(exported) == ["embed.weight"] and torch.equal(exported["embed.weight"], model.embed.weight)
+
+
+def test_json_output_for_scripts(checkpoint: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["verify", "--json", str(checkpoint)]) == 0
+    verdict = json.loads(capsys.readouterr().out)
+    saved = json.loads((checkpoint / "checkpoint_manifest.json").read_text())
+    files = [entry for component in saved["components"].values() for entry in component["files"]]
+    assert verdict == {"path": str(checkpoint), "ok": True, "checked": "checksum", "components": 3,
+                       "files": len(files), "bytes": sum(entry["size"] for entry in files), "problems": []}
+    with open(checkpoint / "optimizer.json", "ab") as handle:
+        handle.write(b" ")
+    assert main(["verify", "--json", str(checkpoint)]) == 1
+    verdict = json.loads(capsys.readouterr().out)
+    assert not verdict["ok"] and [(p["component"], p["file"], p["rank"]) for p in verdict["problems"]] == [
+        ("optimizer", "optimizer.json", 0)]
+    assert "truncated" in verdict["problems"][0]["message"]
+    assert main(["inspect", "--json", str(checkpoint)]) == 0
+    described = json.loads(capsys.readouterr().out)
+    assert described["manifest"] == saved and described["chunks_by_rank"] == {}
+    assert main(["verify", "--json", str(checkpoint / "missing")]) == 2
+    failure = json.loads(capsys.readouterr().out)
+    assert failure["ok"] is False and "does not exist" in failure["error"]
+
+
+def test_json_inspect_counts_chunks_per_rank(sharded_checkpoint: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["inspect", "--json", str(sharded_checkpoint)]) == 0
+    chunks = json.loads(capsys.readouterr().out)["chunks_by_rank"]
+    assert chunks == {"model": {"0": {"tensors": 4, "chunks": 4, "bytes": 184,
+                                      "file": "model/chunks-00000.safetensors"}}}
+
+
+def test_help_and_version_import_no_torch() -> None:
+    # --help and --version answer before anything heavy is imported: no torch, no Lightning.
+    code = ("import sys\nfrom lightning_sharing.cli import main\n"
+            "for argv in (['--help'], ['--version'], ['verify', '--help']):\n"
+            "    try:\n        main(argv)\n    except SystemExit as exc:\n        assert exc.code == 0, exc.code\n"
+            "print(sorted(m for m in ('torch', 'lightning', 'rich') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert result.stdout.splitlines()[-1] == "[]", result.stdout
+    assert f"lightning-sharing {lightning_sharing.__version__}" in result.stdout
+
+
+def test_progress_bar_only_on_a_terminal(checkpoint: Path) -> None:
+    # Piped: no progress bar characters, just the verdict. On a terminal (rich forced to think so): a bar.
+    piped = subprocess.run([sys.executable, "-m", "lightning_sharing.cli", "verify", str(checkpoint)],
+                           capture_output=True, text=True, timeout=60)
+    assert piped.returncode == 0 and piped.stdout.startswith("OK:") and "verifying" not in piped.stdout
+    env = {**os.environ, "FORCE_COLOR": "1", "TTY_COMPATIBLE": "1", "TTY_INTERACTIVE": "1", "COLUMNS": "100"}
+    forced = subprocess.run([sys.executable, "-m", "lightning_sharing.cli", "verify", str(checkpoint)],
+                            capture_output=True, text=True, timeout=60, env=env)
+    assert forced.returncode == 0 and "verifying" in forced.stdout and "OK:" in forced.stdout
