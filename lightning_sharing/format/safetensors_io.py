@@ -62,6 +62,9 @@ _DTYPE_NAMES: dict[torch.dtype, str] = {
 for _name in ("uint16", "uint32", "uint64"):  # unsigned types newer than torch 2.3
     if hasattr(torch, _name):
         _DTYPE_NAMES[getattr(torch, _name)] = f"U{_name[4:]}"
+for _name, _code in (("float8_e4m3fnuz", "F8_E4M3FNUZ"), ("float8_e5m2fnuz", "F8_E5M2FNUZ")):  # AMD's float8 (ROCm)
+    if hasattr(torch, _name):
+        _DTYPE_NAMES[getattr(torch, _name)] = _code
 _DTYPES = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -37,6 +38,7 @@ ALL_DTYPES = [
     torch.float64, torch.float32, torch.float16, torch.bfloat16,
     torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool,
     torch.uint16, torch.uint32, torch.uint64, torch.float8_e4m3fn, torch.float8_e5m2,
+    torch.float8_e4m3fnuz, torch.float8_e5m2fnuz,  # AMD's float8: safetensors names them F8_E4M3FNUZ / F8_E5M2FNUZ
 ]
 
 
@@ -48,7 +50,7 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 def tensor_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     if a.dtype != b.dtype or a.shape != b.shape:
         return False
-    if a.dtype in (torch.float8_e4m3fn, torch.float8_e5m2, torch.uint16, torch.uint32, torch.uint64):
+    if (a.dtype.is_floating_point and a.dtype.itemsize == 1) or a.dtype in (torch.uint16, torch.uint32, torch.uint64):
         return torch.equal(_bits(a), _bits(b))
     return torch.equal(a, b)
 
@@ -297,6 +299,11 @@ def test_every_dtype_round_trips(tmp_path, dtype):
     assert set(out) == set(flat)
     for name, tensor in flat.items():
         assert tensor_equal(out[name], tensor), name
+    # What we write, the safetensors library itself reads (float8 fnuz included).
+    by_safetensors = safetensors.torch.load_file(tmp_path / "flat" / "flat-00001-of-00001.safetensors")
+    assert set(by_safetensors) == set(flat)
+    for name, tensor in flat.items():
+        assert tensor_equal(by_safetensors[name], tensor), name
 
 
 def test_non_contiguous_and_expanded_tensors(tmp_path):
