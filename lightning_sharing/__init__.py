@@ -52,6 +52,7 @@ if TYPE_CHECKING:
     from lightning_sharing.statefuls.metrics import MetricState
     from lightning_sharing.statefuls.optimizer import OptimizerState
     from lightning_sharing.statefuls.rng import RNGState
+    from lightning_sharing.statefuls.sampler import ElasticSampler
 
 # Every public name and the module that defines it: imported on first access (PEP 562).
 _PUBLIC = {
@@ -63,6 +64,7 @@ _PUBLIC = {
     "CheckpointNotFoundError": "lightning_sharing.errors",
     "CheckpointOptions": "lightning_sharing.core.options",
     "ComponentDeclarationError": "lightning_sharing.errors",
+    "ElasticSampler": "lightning_sharing.statefuls.sampler",
     "ComponentManifest": "lightning_sharing.checkpoint.manifest",
     "CorruptCheckpointError": "lightning_sharing.errors",
     "DistributedCheckpointError": "lightning_sharing.errors",
@@ -102,6 +104,7 @@ __all__ = [
     "ComponentManifest",
     "CorruptCheckpointError",
     "DistributedCheckpointError",
+    "ElasticSampler",
     "FabricSharingModelParallelStrategy",
     "FabricSharingStrategy",
     "FileEntry",
