@@ -40,6 +40,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
+from pathlib import PurePath
 from typing import Any
 
 __all__ = [
@@ -188,18 +189,21 @@ def checkpoint_dir(callback: Any, trainer: Any) -> str | None:
     """The directory a ``ModelCheckpoint`` saves into (``dirpath``, else the one it derives from the Trainer).
 
     Relies on the name-mangled ``ModelCheckpoint.__resolve_ckpt_dir`` for a callback whose ``dirpath`` is not set
-    yet (before its ``setup``); None when that cannot be found.
+    yet (before its ``setup``); None when that cannot be found (a callback with no directory of its own yet, or a
+    stand-in such as a test's mock that has no real path).
     """
-    if callback.dirpath:
-        return os.fspath(callback.dirpath)
+    dirpath = getattr(callback, "dirpath", None)
+    if isinstance(dirpath, (str, PurePath)) and os.fspath(dirpath):
+        return os.fspath(dirpath)
     resolve = getattr(callback, "_ModelCheckpoint__resolve_ckpt_dir", None)
     if not callable(resolve):
         return None
     try:
-        return os.fspath(resolve(trainer))
+        resolved = resolve(trainer)
     except Exception as exc:  # a logger without a save_dir, ...: Lightning reports it in setup
         log.debug("could not derive the checkpoint directory of %r: %s", callback, exc)
         return None
+    return os.fspath(resolved) if isinstance(resolved, (str, PurePath)) else None
 
 
 _current_storage_options: dict[str, Any] | None = None
