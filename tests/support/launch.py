@@ -93,9 +93,9 @@ def wait(procs: list[subprocess.Popen], logs: list[Path], timeout: float) -> lis
 
 
 def run(args: list[str], log: Path, timeout: float = 150, expect: int | None = 0,
-        drop_env: tuple[str, ...] = ()) -> str:
+        drop_env: tuple[str, ...] = (), extra_env: dict[str, str] | None = None) -> str:
     """Run one process to completion; check its exit code unless ``expect`` is None; return its output."""
-    proc = start(args, log, drop_env=drop_env)
+    proc = start(args, log, extra_env=extra_env, drop_env=drop_env)
     (code,) = wait([proc], [log], timeout)
     output = log.read_text()
     if expect is not None:
