@@ -2,6 +2,11 @@
 
 Pure functions of the manifest, the declarations and the current topology, so every rank
 reaches the same decisions without talking to the others.
+
+Example:
+    >>> plan = plan_load(manifest, components, topology, strict=False)           # doctest: +SKIP
+    >>> [c.key for c, _ in plan.to_load], plan.skipped                          # doctest: +SKIP
+    (['model', 'optimizer'], {'rng': 'topology changed: ...'})
 """
 
 from __future__ import annotations
