@@ -92,7 +92,7 @@ _STRUCTURE_SUFFIXES = (r"\.json", r"\.safetensors\.index\.json")
 class WholeTensorFiles:
     """The copy format of whole tensors: Hugging Face sharded safetensors per copy ``S``.
 
-    ``S-0000k-of-0000N.safetensors`` (at most ``max_shard_size`` bytes each; a larger tensor gets its own),
+    ``S-0000k-of-0000N.safetensors`` (no larger than the options' shard size; a larger tensor gets its own),
     ``S.safetensors.index.json`` and, for a non-flat state, ``S.json``. The engine's ``WholeTensorFormat``.
 
     Example:

@@ -25,6 +25,7 @@ import errno
 import math
 import os
 import re
+import shutil
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -259,14 +260,21 @@ class ExportDirectory:
             old = target.parent / f".{target.name}.replaced-{uuid.uuid4().hex}"
             os.rename(target, old)
             os.rename(staging, target)
-            self.store.remove_checkpoint(str(old))
+            _remove_tree(old)
         else:
             os.rename(staging, target)
         _fsync_dir(target.parent)
 
     def abort(self, write_root: str) -> None:
         if Path(write_root).exists():
-            self.store.remove_checkpoint(write_root)
+            _remove_tree(Path(write_root))
+
+
+def _remove_tree(path: Path) -> None:
+    try:
+        shutil.rmtree(path)
+    except FileNotFoundError:  # removed meanwhile
+        pass
 
 
 def _fsync_dir(path: Path) -> None:

@@ -99,8 +99,8 @@ def _plan_shards(tensors: dict[str, torch.Tensor], shard_size: int) -> list[list
 
 def plan_copy(stem: str, encoded: EncodedState, spread: tuple[int, ...], lead: int, rank: int,
               options: CheckpointOptions, files: WholeTensorFiles = _FILES) -> CopyPlan:
-    """This rank's files of copy ``stem`` (empty if it writes none of them): shards of at most the options'
-    ``max_shard_size``, divided among ``spread``; the ``lead`` adds the index and the structure."""
+    """This rank's files of copy ``stem`` (empty if it writes none of them): shards no larger than ``options``
+    allow, divided among ``spread``; the ``lead`` adds the index and the structure."""
     plan = CopyPlan(stem, stem)
     tensors = encoded.tensors
     total = sum(nbytes(t) for t in tensors.values())
