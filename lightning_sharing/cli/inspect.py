@@ -18,7 +18,7 @@ from rich.table import Table
 
 from lightning_sharing.checkpoint.manifest import CheckpointManifest, data_root
 from lightning_sharing.cli.verify import human_size
-from lightning_sharing.core.rules import rule
+from lightning_sharing.core.rules import ChunkFiles, rule
 from lightning_sharing.errors import CheckpointError
 from lightning_sharing.sharded.index import ShardedIndex
 from lightning_sharing.storage import store_for
@@ -43,8 +43,8 @@ def _chunk_indexes(path: str, manifest: CheckpointManifest, storage_options: Any
     root = data_root(store, store.normalize(os.fspath(path)), manifest)
     found: dict[str, ShardedIndex | str] = {}
     for key, component in manifest.components.items():
-        chunks = rule(component.pattern).chunks
-        if chunks is None or chunks.index_for(key) not in {f.path for f in component.files}:
+        chunks = rule(component.pattern).files
+        if not isinstance(chunks, ChunkFiles) or chunks.index_for(key) not in {f.path for f in component.files}:
             continue
         try:
             raw = store.read_bytes(store.join(root, chunks.index_for(key)))

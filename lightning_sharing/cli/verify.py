@@ -35,7 +35,7 @@ from rich.table import Table
 from lightning_sharing.checkpoint.manifest import CheckpointManifest, FileEntry, data_root, read_manifest
 from lightning_sharing.checkpoint.reading import verify_entry
 from lightning_sharing.core.options import VerifyMode
-from lightning_sharing.core.rules import rule
+from lightning_sharing.core.rules import ChunkFiles, rule
 from lightning_sharing.engine.load_plan import check_listed_files
 from lightning_sharing.errors import CheckpointError, CorruptCheckpointError
 from lightning_sharing.format.copy_files import parse_index
@@ -89,8 +89,8 @@ def verify_checkpoint(path: str | Path, mode: VerifyMode | str = VerifyMode.CHEC
                     on_file(entry)
             if entry.path.endswith(".safetensors.index.json"):
                 problems.extend(_check_index(key, entry.path, entry.rank, store.read_bytes(location), listed))
-            chunks = rule(component.pattern).chunks
-            if chunks is not None and entry.path == chunks.index_for(key):
+            files = rule(component.pattern).files
+            if isinstance(files, ChunkFiles) and entry.path == files.index_for(key):
                 problems.extend(_check_chunk_index(key, entry, store.read_bytes(location), component.files))
     return manifest, problems
 

@@ -2,12 +2,16 @@
 
 The coordinator, ``SharingCheckpointIO``, ``SharingStrategy`` and the Fabric strategies all take the
 same keyword arguments (``max_shard_size``, ``verify``, ``validation_level``, ``async_save``,
-``max_pending_saves``); each builds one ``CheckpointOptions`` from them and passes it down whole.
+``max_pending_saves``, ``background_staging``); each turns them into one ``CheckpointOptions`` with
+``checkpoint_options``, once, at its constructor, and passes that object down whole: nothing below an entry
+point takes the fields one by one.
 
 Example:
     >>> options = CheckpointOptions(verify="size", max_shard_size=2**30)
     >>> options.verify, options.max_shard_size
     (SIZE, 1073741824)
+    >>> checkpoint_options(options, max_shard_size=None, async_save=True).async_save
+    True
     >>> CheckpointOptions(max_pending_saves=0)
     Traceback (most recent call last):
     ...
@@ -23,7 +27,7 @@ from typing import Any
 from lightning_sharing.core.patterns import Choice, ValidationLevel, parse_enum
 from lightning_sharing.errors import ComponentDeclarationError
 
-__all__ = ["DEFAULT_MAX_SHARD_SIZE", "CheckpointOptions", "VerifyMode"]
+__all__ = ["DEFAULT_MAX_SHARD_SIZE", "CheckpointOptions", "VerifyMode", "checkpoint_options"]
 
 DEFAULT_MAX_SHARD_SIZE = 5_000_000_000  # Hugging Face's default "5GB"
 
@@ -90,3 +94,19 @@ class CheckpointOptions:
     def replace(self, **changes: Any) -> CheckpointOptions:
         """A copy with ``changes`` applied (and validated)."""
         return dataclasses.replace(self, **changes)
+
+
+def checkpoint_options(options: CheckpointOptions | None = None, **given: Any) -> CheckpointOptions:
+    """The one ``CheckpointOptions`` of an entry point: ``options`` (default: the defaults) with the keyword
+    arguments it was given applied on top; a keyword given as ``None`` is "not given".
+
+    Every public constructor that takes option keywords (``CheckpointCoordinator``, ``SharingCheckpointIO``, the
+    Lightning and Fabric strategies) calls this once and passes only the result on. An unknown name is a
+    ``TypeError``, as for any keyword argument.
+
+    Example:
+        >>> checkpoint_options(max_shard_size=1024, verify=None).max_shard_size
+        1024
+    """
+    changes = {name: value for name, value in given.items() if value is not None}
+    return (options or CheckpointOptions()).replace(**changes)

@@ -42,10 +42,12 @@ from lightning_sharing.errors import ComponentDeclarationError
 __all__ = [
     "RULES",
     "ChunkFiles",
+    "CopyFiles",
     "Placement",
     "Replicas",
     "Rule",
-    "chunk_file_regex",
+    "WholeTensorFiles",
+    "file_regex",
     "placement_for_reader",
     "placements",
     "rank_specific",
@@ -81,9 +83,44 @@ class Placement:
         return self.spread or (self.writer,)
 
 
+# The files any copy ``S`` may have besides its tensors: the structure of a non-flat state (``S.json``) and a
+# Hugging Face index (``S.safetensors.index.json``).
+_STRUCTURE_SUFFIXES = (r"\.json", r"\.safetensors\.index\.json")
+
+
+@dataclass(frozen=True)
+class WholeTensorFiles:
+    """The copy format of whole tensors: Hugging Face sharded safetensors per copy ``S``.
+
+    ``S-0000k-of-0000N.safetensors`` (no larger than the options' shard size; a larger tensor gets its own),
+    ``S.safetensors.index.json`` and, for a non-flat state, ``S.json``. The engine's ``WholeTensorFormat``.
+
+    Example:
+        >>> WholeTensorFiles().shard_for("model", 1, 2)
+        'model-00001-of-00002.safetensors'
+    """
+
+    shard: str = "{stem}-{number:05d}-of-{count:05d}.safetensors"
+
+    def shard_for(self, stem: str, number: int, count: int) -> str:
+        """Shard ``number`` (from 1) of ``count`` of copy ``stem``."""
+        return self.shard.format(stem=stem, number=number, count=count)
+
+    def regex(self, key: str) -> str:
+        """A regular expression matching every file this format may write for component ``key``."""
+        suffixes = (*_STRUCTURE_SUFFIXES, _FIELD_RE.sub(lambda m: r"\d{5}", _escape_literals(
+            self.shard.replace("{stem}", ""))))
+        return stem_regex(key) + "(" + "|".join(suffixes) + ")"
+
+
 @dataclass(frozen=True)
 class ChunkFiles:
-    """The files of a chunked pattern: each writing rank's chunk file and the merged chunk index.
+    """The copy format of chunks (SHARDED): each writing rank's chunk file and the merged chunk index.
+
+    A copy's tensors (``DTensor`` or plain) are written as chunks, each once, by a rank holding it; the index
+    records every chunk's global offsets. A non-flat state's structure is ``S.json`` and, when every tensor is
+    whole, a Hugging Face index ``{key}.safetensors.index.json`` points into the chunk files. The engine's
+    ``ChunkFormat``.
 
     Example:
         >>> ChunkFiles().file_for("model", 3), ChunkFiles().index_for("model")
@@ -100,6 +137,17 @@ class ChunkFiles:
     def index_for(self, key: str) -> str:
         """The merged chunk index of component ``key`` (written by rank 0 at commit)."""
         return self.index.format(key=key)
+
+    def regex(self, key: str) -> str:
+        """A regular expression matching every file this format may write for component ``key``."""
+        parts = {"key": re.escape(key), "rank": r"\d{5}"}
+        names = sorted({_FIELD_RE.sub(lambda m: parts[m[1]], _escape_literals(name)) for name in (self.file,
+                                                                                                  self.index)})
+        return "(?:" + stem_regex(key) + "(" + "|".join(_STRUCTURE_SUFFIXES) + "))|" + "|".join(names)
+
+
+#: A pattern's copy format, as data: which files its copies' tensors go to.
+CopyFiles = WholeTensorFiles | ChunkFiles
 
 
 InstancesFn = Callable[[Topology, "str | None"], Instances]
@@ -123,9 +171,10 @@ class Rule:
         validated: ``validate_replication`` may check that every reader holds the same state.
         merge_index: copies holding disjoint tensor names (pipeline stages) get one merged HF index.
         replicas: how the manifest records the ranks holding each copy.
-        chunks: the copy's tensors (``DTensor`` or plain) are written as chunks, each once, by a rank
-            holding it, into these files, with a merged index of global shapes and offsets; a load
-            reads what overlaps each rank's live tensors (None: tensors go to whole-tensor shards).
+        files: the copy format: ``WholeTensorFiles()`` (whole tensors in Hugging Face sharded safetensors) or
+            ``ChunkFiles()`` (chunks, each written once by a rank holding it, with a merged index of global
+            offsets; a load reads what overlaps each rank's live tensors). The engine picks its copy-format
+            implementation from this record (``engine.formats.format_for``).
         reads_saved: other patterns whose copies a declaration of this one loads, read as they were saved
             (a DDP checkpoint's whole tensors into a sharded module, and the reverse).
     """
@@ -142,7 +191,7 @@ class Rule:
     validated: bool = False
     merge_index: bool = False
     replicas: Replicas = Replicas.NONE
-    chunks: ChunkFiles | None = None
+    files: CopyFiles = WholeTensorFiles()
     reads_saved: frozenset[SharingPattern] = frozenset()
 
     @property
@@ -220,7 +269,7 @@ RULES: Mapping[SharingPattern, Rule] = MappingProxyType({rule.pattern: rule for 
     # The group, when named, is the one whose members hold the same tensors (a pipeline stage's data
     # parallel replicas); its instances hold tensors of different names. Loading reshards: any topology.
     Rule(SharingPattern.SHARDED, _world_or_group_instances, "{key}", grouped_stem="{key}/{group}-{index:05d}",
-         optional_group=True, group_bound=False, spread=True, validated=True, chunks=ChunkFiles(),
+         optional_group=True, group_bound=False, spread=True, validated=True, files=ChunkFiles(),
          reads_saved=frozenset({SharingPattern.REPLICATED})),
 )})
 
@@ -267,12 +316,10 @@ def stem_regex(key: str) -> str:
     return "(?:" + "|".join(alternatives) + ")"
 
 
-def chunk_file_regex(key: str) -> str:
-    """A regular expression matching the chunk files and chunk indexes any pattern gives component ``key``."""
-    parts = {"key": re.escape(key), "rank": r"\d{5}"}
-    names = {name for r in RULES.values() if r.chunks is not None for name in (r.chunks.file, r.chunks.index)}
-    alternatives = sorted({_FIELD_RE.sub(lambda m: parts[m[1]], _escape_literals(name)) for name in names})
-    return "(?:" + "|".join(alternatives) + ")"
+def file_regex(key: str) -> str:
+    """A regular expression matching every file any pattern's copy format may write for component ``key``."""
+    formats = {r.files for r in RULES.values()}
+    return "|".join(f"(?:{files.regex(key)})" for files in sorted(formats, key=repr))
 
 
 _FIELD_RE = re.compile(r"\{(\w+)(?::[^}]*)?\}")

@@ -44,6 +44,7 @@ from typing import Any
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+from lightning_sharing.core.options import CheckpointOptions
 from lightning_sharing.distributed.collectives import agreement, all_ranks, new_gloo_group
 from lightning_sharing.errors import CheckpointError, ComponentDeclarationError
 
@@ -88,6 +89,16 @@ class BackgroundSaver:
         self._lock = threading.Lock()
         self._last_failed = False
         self._cleanups: list[Future[None]] = []  # retention deletions queued behind saves (failures are logged)
+
+    @classmethod
+    def for_options(cls, options: CheckpointOptions) -> BackgroundSaver:
+        """The saver ``options`` ask for (``max_pending_saves``, ``background_staging``).
+
+        Example:
+            >>> BackgroundSaver.for_options(CheckpointOptions(async_save=True, max_pending_saves=2)).max_pending
+            2
+        """
+        return cls(options.max_pending_saves, background_staging=options.background_staging)
 
     # ------------------------------------------------------------------ state
     @property

@@ -2,6 +2,11 @@
 
 Pure functions of the manifest, the declarations and the current topology, so every rank
 reaches the same decisions without talking to the others.
+
+Example:
+    >>> plan = plan_load(manifest, components, topology, strict=False)           # doctest: +SKIP
+    >>> [c.key for c, _ in plan.to_load], plan.skipped                          # doctest: +SKIP
+    (['model', 'optimizer'], {'rng': 'topology changed: ...'})
 """
 
 from __future__ import annotations
@@ -14,14 +19,14 @@ from pathlib import Path
 
 from lightning_sharing.checkpoint.manifest import CheckpointManifest, ComponentManifest
 from lightning_sharing.core.declarations import StateComponent
-from lightning_sharing.core.rules import chunk_file_regex, rule, stem_regex
+from lightning_sharing.core.rules import file_regex, rule
 from lightning_sharing.core.topology import Topology
 from lightning_sharing.errors import (
     ComponentDeclarationError,
     CorruptCheckpointError,
     TopologyMismatchError,
 )
-from lightning_sharing.storage.base import CheckpointStore
+from lightning_sharing.storage import CheckpointStore
 
 __all__ = ["LoadPlan", "LoadResult", "check_listed_files", "plan_load"]
 
@@ -110,8 +115,8 @@ def plan_load(manifest: CheckpointManifest, components: list[StateComponent], cu
 
 
 def _allowed_file_re(key: str) -> re.Pattern[str]:
-    whole = stem_regex(key) + r"(\.json|\.safetensors\.index\.json|-\d{5}-of-\d{5}\.safetensors)"
-    return re.compile(f"(?:{whole})|{chunk_file_regex(key)}")
+    """The files any copy format may write for component ``key`` (the rule table's ``files`` records)."""
+    return re.compile(file_regex(key))
 
 
 def check_listed_files(store: CheckpointStore, root: str, manifest: CheckpointManifest) -> None:

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 
 from lightning_sharing.checkpoint.manifest import CheckpointManifest
 from lightning_sharing.core.declarations import SharingPattern, StateComponent, check_unique_keys
-from lightning_sharing.core.options import DEFAULT_MAX_SHARD_SIZE, CheckpointOptions
+from lightning_sharing.core.options import CheckpointOptions
 from lightning_sharing.engine.coordinator import CheckpointCoordinator
 from lightning_sharing.engine.load_plan import LoadResult
 from lightning_sharing.errors import CheckpointError, ComponentDeclarationError
@@ -47,12 +47,15 @@ _STEP_KEYS = ("step", "global_step")
 
 
 class FabricSharingBase:
-    """Mixin: ``fabric.save``/``fabric.load`` as lightning_sharing checkpoints (see ``FabricSharingStrategy``)."""
+    """Mixin: ``fabric.save``/``fabric.load`` as lightning_sharing checkpoints (see ``FabricSharingStrategy``).
 
-    def __init__(self, *, components: list[StateComponent] | None = None, process_groups: Any = None,
-                 rng: bool = True, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, verify: str = "checksum",
-                 async_save: bool = False, max_pending_saves: int = 1, background_staging: bool = False,
-                 storage_options: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
+    ``options`` is the one ``CheckpointOptions`` the strategy built from its keyword arguments
+    (``checkpoint_options``); the other arguments are ``FabricSharingStrategy``'s, the rest go to the Fabric strategy.
+    """
+
+    def __init__(self, *, options: CheckpointOptions, components: list[StateComponent] | None = None,
+                 process_groups: Any = None, rng: bool = True, storage_options: Mapping[str, Any] | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._components = check_unique_keys(components or [])
         reserved = {EXTRA_KEY} | ({RNG_KEY} if rng else set())
@@ -66,10 +69,7 @@ class FabricSharingBase:
         self._rng = bool(rng)
         self._rng_state = RNGState()
         self._groups = LazyProcessGroups(process_groups)
-        self._host = CheckpointHost(CheckpointOptions(max_shard_size=max_shard_size, verify=verify,
-                                                      async_save=async_save, max_pending_saves=max_pending_saves,
-                                                      background_staging=background_staging),
-                                    storage_options)
+        self._host = CheckpointHost(options, storage_options)
         #: What the last ``load_checkpoint`` of a checkpoint directory loaded and skipped (with reasons).
         self.last_load_result: LoadResult | None = None
 

@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 from lightning.fabric.strategies import ModelParallelStrategy
 
+from lightning_sharing.core.options import DEFAULT_MAX_SHARD_SIZE, checkpoint_options
 from lightning_sharing.fabric.base import FabricSharingBase
 from lightning_sharing.integration.common import with_mesh_groups
 
@@ -38,9 +39,13 @@ class FabricSharingModelParallelStrategy(FabricSharingBase, ModelParallelStrateg
     """
 
     def __init__(self, parallelize_fn: Callable[[Any, Any], Any], data_parallel_size: Literal["auto"] | int = "auto",
-                 tensor_parallel_size: Literal["auto"] | int = "auto", **kwargs: Any) -> None:
+                 tensor_parallel_size: Literal["auto"] | int = "auto", *, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+                 verify: str = "checksum", async_save: bool = False, max_pending_saves: int = 1,
+                 background_staging: bool = False, **kwargs: Any) -> None:
+        options = checkpoint_options(max_shard_size=max_shard_size, verify=verify, async_save=async_save,
+                                     max_pending_saves=max_pending_saves, background_staging=background_staging)
         super().__init__(parallelize_fn=parallelize_fn, data_parallel_size=data_parallel_size,
-                         tensor_parallel_size=tensor_parallel_size, **kwargs)
+                         tensor_parallel_size=tensor_parallel_size, options=options, **kwargs)
 
     def _process_groups(self) -> Any:
         return with_mesh_groups(self.device_mesh, super()._process_groups())

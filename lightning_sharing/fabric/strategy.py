@@ -68,7 +68,7 @@ from lightning.fabric.plugins.precision import Precision
 from lightning.fabric.strategies import STRATEGY_REGISTRY, DDPStrategy
 
 from lightning_sharing.core.declarations import StateComponent
-from lightning_sharing.core.options import DEFAULT_MAX_SHARD_SIZE
+from lightning_sharing.core.options import DEFAULT_MAX_SHARD_SIZE, checkpoint_options
 from lightning_sharing.fabric.base import RNG_KEY, FabricSharingBase
 from lightning_sharing.fabric.state import EXTRA_KEY
 from lightning_sharing.integration.common import register_strategy
@@ -153,14 +153,11 @@ class FabricSharingStrategy(FabricSharingBase, DDPStrategy):
             process_group_backend=process_group_backend,
             timeout=timeout,
             start_method=start_method,
+            options=checkpoint_options(max_shard_size=max_shard_size, verify=verify, async_save=async_save,
+                                       max_pending_saves=max_pending_saves, background_staging=background_staging),
             components=components,
             process_groups=process_groups,
             rng=rng,
-            max_shard_size=max_shard_size,
-            verify=verify,
-            async_save=async_save,
-            max_pending_saves=max_pending_saves,
-            background_staging=background_staging,
             storage_options=storage_options,
             **kwargs,
         )

@@ -50,8 +50,7 @@ class CheckpointHost:
     def __init__(self, options: CheckpointOptions, storage_options: Mapping[str, Any] | None = None) -> None:
         self.options = options
         self.storage_options = check_storage_options(storage_options)
-        self.saver = (BackgroundSaver(options.max_pending_saves, background_staging=options.background_staging)
-                      if options.async_save else None)
+        self.saver = BackgroundSaver.for_options(options) if options.async_save else None
 
     def storage_options_for(self, path: Any, given: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
         """The storage options for ``path``: ``given`` (a call's own) if not None, else this host's for a URL.
@@ -66,8 +65,8 @@ class CheckpointHost:
     def coordinator(self, components: list[StateComponent], process_groups: Any,
                     storage_options: dict[str, Any] | None = None) -> CheckpointCoordinator:
         """A coordinator for ``components`` that shares this host's options and saver."""
-        return CheckpointCoordinator(components, process_groups, options=self.options,
-                                     async_save=self.saver or False, storage_options=storage_options)
+        return CheckpointCoordinator(components, process_groups, options=self.options, async_save=self.saver,
+                                     storage_options=storage_options)
 
     def wait(self) -> None:
         """Block until pending background saves are committed; raise a failed one's error (every rank)."""

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from lightning_sharing.core.declarations import StateComponent, ValidationLevel, check_unique_keys
-from lightning_sharing.core.options import DEFAULT_MAX_SHARD_SIZE, CheckpointOptions
+from lightning_sharing.core.options import DEFAULT_MAX_SHARD_SIZE, checkpoint_options
 from lightning_sharing.engine.coordinator import CheckpointCoordinator
 from lightning_sharing.errors import ComponentDeclarationError
 from lightning_sharing.integration.cleanup import adopt_default_group, default_group_exists
@@ -51,11 +51,11 @@ class SharingStrategyBase(ResumeMixin):
                  storage_options: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
         storage_options = check_storage_options(storage_options)
         io = kwargs.pop("checkpoint_io", None)
-        if io is None:
-            io = SharingCheckpointIO(options=CheckpointOptions(
-                max_shard_size=max_shard_size, verify=verify, validation_level=validation_level,
-                async_save=async_save, max_pending_saves=max_pending_saves, background_staging=background_staging),
-                storage_options=storage_options)
+        if io is None:  # the strategy's option keywords become its SharingCheckpointIO's one options object
+            options = checkpoint_options(max_shard_size=max_shard_size, verify=verify,
+                                         validation_level=validation_level, async_save=async_save,
+                                         max_pending_saves=max_pending_saves, background_staging=background_staging)
+            io = SharingCheckpointIO(options=options, storage_options=storage_options)
         elif storage_options is not None and isinstance(io, SharingCheckpointIO):
             io.adopt_storage_options(storage_options, type(self).__name__)
         super().__init__(**kwargs)

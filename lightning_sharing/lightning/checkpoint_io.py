@@ -24,7 +24,7 @@ from lightning.fabric.plugins import CheckpointIO
 
 from lightning_sharing.checkpoint.manifest import CheckpointManifest
 from lightning_sharing.core.declarations import SharingPattern, StateComponent, ValidationLevel
-from lightning_sharing.core.options import CheckpointOptions, VerifyMode
+from lightning_sharing.core.options import CheckpointOptions, VerifyMode, checkpoint_options
 from lightning_sharing.distributed.collectives import agreement, get_world_size, local_only, resolve_process_groups
 from lightning_sharing.engine.coordinator import CheckpointCoordinator
 from lightning_sharing.errors import CheckpointError, ComponentDeclarationError
@@ -86,10 +86,9 @@ class SharingCheckpointIO(CheckpointHost, CheckpointIO):
                  verify: VerifyMode | str | None = None, validation_level: ValidationLevel | str | None = None,
                  async_save: bool | None = None, max_pending_saves: int | None = None,
                  background_staging: bool | None = None, storage_options: Mapping[str, Any] | None = None) -> None:
-        given = {"max_shard_size": max_shard_size, "verify": verify, "validation_level": validation_level,
-                 "async_save": async_save, "max_pending_saves": max_pending_saves,
-                 "background_staging": background_staging}
-        super().__init__((options or CheckpointOptions()).replace(**{k: v for k, v in given.items() if v is not None}),
+        super().__init__(checkpoint_options(options, max_shard_size=max_shard_size, verify=verify,
+                                            validation_level=validation_level, async_save=async_save,
+                                            max_pending_saves=max_pending_saves, background_staging=background_staging),
                          storage_options)
         self._warned_rank_local = False
 

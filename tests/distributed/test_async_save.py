@@ -43,7 +43,7 @@ def _hold_writes(write_plan) -> threading.Event:
 def _staged_copy_worker(rank: int, world_size: int, root: str):
     import torch
 
-    import lightning_sharing.engine.save_plan as write_plan
+    import lightning_sharing.engine.copy_format as write_plan
     from lightning_sharing import CheckpointCoordinator
 
     target = Path(root) / "step=1.ckpt"

@@ -47,23 +47,22 @@ def _components(rank: int):
     return components, boxes
 
 
-def _record_writes(monkeypatch_target, log: list[str]):
-    """Wrap the copy writer the save steps call so each rank records the stems it wrote files of itself."""
-    original = monkeypatch_target.write_copy
+def _record_writes(formats, log: list[str]):
+    """Wrap every copy format's writer, which the save calls, so each rank records the stems it wrote files of."""
+    for fmt in formats:
+        def recording(store, root, plan, rank, original=fmt.write):
+            if plan.jobs:
+                log.append(plan.stem)
+            return original(store, root, plan, rank)
 
-    def recording(store, root, plan, rank):
-        if plan.jobs:
-            log.append(plan.stem)
-        return original(store, root, plan, rank)
-
-    monkeypatch_target.write_copy = recording
+        fmt.write = recording
 
 
 def _dp_pp_worker(rank: int, world_size: int, root: str, use_mesh: bool):
     import torch.distributed as dist
 
-    import lightning_sharing.engine.save_steps as coordinator_module
     from lightning_sharing import CheckpointCoordinator
+    from lightning_sharing.engine.formats import all_formats
 
     if use_mesh:
         from torch.distributed.device_mesh import init_device_mesh
@@ -76,7 +75,7 @@ def _dp_pp_worker(rank: int, world_size: int, root: str, use_mesh: bool):
         groups = {"dp": dp_groups[_instance(rank, DP_INSTANCES)], "pp": pp_groups[_instance(rank, PP_INSTANCES)]}
     components, boxes = _components(rank)
     written: list[str] = []
-    _record_writes(coordinator_module, written)
+    _record_writes(all_formats(), written)
     coordinator = CheckpointCoordinator(components, process_groups=groups)
     path = Path(root) / "step=1.ckpt"
     coordinator.save_checkpoint(path, step=1)

@@ -25,7 +25,7 @@ def _model_components(rank: int, seed: int):
 
 
 def _mid_write_worker(rank: int, world_size: int, root: str):
-    import lightning_sharing.engine.save_plan as write_plan
+    import lightning_sharing.engine.copy_format as write_plan
     from lightning_sharing import CheckpointCoordinator, DistributedCheckpointError
 
     target = Path(root) / "last.ckpt"

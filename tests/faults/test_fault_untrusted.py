@@ -36,8 +36,8 @@ from lightning_sharing import (
     StateComponent,
     find_latest_checkpoint,
 )
-from lightning_sharing.format import layout as payload_module
-from lightning_sharing.format import manifest as manifest_module
+from lightning_sharing.checkpoint import manifest as manifest_module
+from lightning_sharing.format import copy_files as payload_module
 from lightning_sharing.format.safetensors_io import file_checksum
 
 MANIFEST = "checkpoint_manifest.json"

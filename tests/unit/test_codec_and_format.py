@@ -26,7 +26,9 @@ from lightning_sharing import (
     StateComponent,
     UnsupportedStateError,
 )
-from lightning_sharing.engine.save_plan import plan_copy, write_copy
+from lightning_sharing.core.options import CheckpointOptions
+from lightning_sharing.engine.formats import format_for
+from lightning_sharing.engine.whole_format import plan_copy
 from lightning_sharing.format.codec import decode_state, encode_state, is_flat_tensor_dict
 from lightning_sharing.format.copy_files import read_payload
 from lightning_sharing.format.safetensors_io import read_tensor_file
@@ -93,7 +95,8 @@ def json_round_trip(state: Any) -> Any:
 def disk_round_trip(state: Any, root: Path, stem: str = "comp", max_shard_size: int = 10**9) -> Any:
     """encode -> safetensors shards + JSON files on disk -> read back -> decode."""
     enc = encode_state(state, stem)
-    entries = write_copy(LocalStore(), str(root), plan_copy(stem, enc, (0,), 0, 0, max_shard_size), rank=0).files
+    plan = plan_copy(stem, enc, (0,), 0, 0, CheckpointOptions(max_shard_size=max_shard_size))
+    entries = format_for("global").write(LocalStore(), str(root), plan, rank=0).files
     checksums = {e.path: e.checksum for e in entries}
     return read_payload(stem, set(checksums), lambda rel: (root / rel).read_bytes(),
                         lambda rel: read_tensor_file(root / rel, checksums[rel]), enc.flat)

@@ -17,7 +17,7 @@ from lightning_sharing import (
     Topology,
     ValidationLevel,
 )
-from lightning_sharing.core.rules import RULES, Placement, placement_for_reader, placements, rank_specific
+from lightning_sharing.core.rules import RULES, ChunkFiles, Placement, placement_for_reader, placements, rank_specific
 
 # --------------------------------------------------------------------------- StateComponent
 
@@ -365,8 +365,8 @@ def test_rules_sharded_one_copy_written_by_every_rank(topo):
     (copy,) = placements("model", "sharded", topo)
     assert (copy.stem, copy.writer, copy.readers, copy.writers) == ("model", 0, (0, 1, 2, 3), (0, 1, 2, 3))
     rule = RULES[SharingPattern.SHARDED]
-    assert rule.chunks is not None and not rule.rank_specific and not rule.group_bound and rule.validated
-    assert (rule.chunks.file_for("model", 3), rule.chunks.index_for("model")) == (
+    assert isinstance(rule.files, ChunkFiles) and not rule.rank_specific and not rule.group_bound and rule.validated
+    assert (rule.files.file_for("model", 3), rule.files.index_for("model")) == (
         "model/chunks-00003.safetensors", "model/index.json")
     assert _table(placements("m", "sharded", Topology.single())) == [("m", 0, (0,))]
 

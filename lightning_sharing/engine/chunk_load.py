@@ -1,4 +1,4 @@
-"""Loading a chunked (SHARDED) component into whatever its live state is now: any mesh, any world size.
+"""Loading a chunked (SHARDED) copy into whatever its live state is now: any mesh, any world size.
 
 Two halves, one per agreement step of a load:
 
@@ -9,12 +9,11 @@ Two halves, one per agreement step of a load:
   into the live tensors (a ``DTensor``'s local piece, a plain tensor whole), then ``load_state_dict``.
 
 When the state was saved by, or is loaded into, several group instances (pipeline stages), each
-rank takes only the entries its live state holds; ``ChunkedLoad.entries``/``held`` let the
-coordinator refuse (``check_taken``, ``strict``) a saved entry that no rank holds.
+rank takes only the entries its live state holds; ``ChunkedLoad.entries``/``held`` let the load
+refuse (``strict``) a saved entry that no rank holds.
 
 Example:
-    >>> load = prepare_chunked_load(store, root, component, saved, saved_topology, topology,
-    ...                             strict=True, mode=VerifyMode.CHECKSUM)          # doctest: +SKIP
+    >>> load = prepare_chunked_load(component, saved, context, ChunkFiles())       # doctest: +SKIP
     >>> load.finish(store, root)                                                     # doctest: +SKIP
 """
 
@@ -30,11 +29,10 @@ import torch
 
 from lightning_sharing.checkpoint.manifest import ComponentManifest
 from lightning_sharing.core.declarations import StateComponent
-from lightning_sharing.core.options import VerifyMode
-from lightning_sharing.core.rules import Placement, placement_for_reader, placements, rule
+from lightning_sharing.core.rules import ChunkFiles, Placement, placement_for_reader, placements
 from lightning_sharing.core.topology import Topology
-from lightning_sharing.distributed.collectives import get_rank
-from lightning_sharing.engine.reader import ComponentFiles
+from lightning_sharing.engine.copy_format import LoadContext
+from lightning_sharing.engine.verified_files import ComponentFiles
 from lightning_sharing.errors import CheckpointError, CorruptCheckpointError
 from lightning_sharing.format.codec import (
     decode_state,
@@ -47,9 +45,9 @@ from lightning_sharing.format.copy_files import TREE_FORMAT, parse_json, tree_na
 from lightning_sharing.sharded.chunkfile import StoreFiles
 from lightning_sharing.sharded.index import ShardedIndex
 from lightning_sharing.sharded.load import ReadPlan, ReadStats, plan_reads, read_chunks
-from lightning_sharing.storage.base import CheckpointStore
+from lightning_sharing.storage import CheckpointStore
 
-__all__ = ["ChunkedLoad", "check_taken", "prepare_chunked_load"]
+__all__ = ["ChunkedLoad", "prepare_chunked_load", "read_index"]
 
 log = logging.getLogger(__name__)
 _LISTED = 8
@@ -83,22 +81,6 @@ class ChunkedLoad:
         return stats
 
 
-def check_taken(key: str, load: ChunkedLoad, held_by_rank: list[tuple[bool, ...]], strict: bool,
-                 path: str) -> None:
-    """Refuse (``strict``; else log) saved entries that no rank takes, from every rank's ``held``.
-
-    Every rank passes the same exchange, so every rank reaches the same verdict.
-    """
-    unheld = [name for i, name in enumerate(load.entries) if not any(held[i] for held in held_by_rank)]
-    if not unheld:
-        return
-    listed = f"{unheld[:8]}{f' (and {len(unheld) - 8} more)' if len(unheld) > 8 else ''}"
-    if strict:
-        raise CheckpointError(f"component {key!r}: the checkpoint holds {listed}, which no rank's live state holds "
-                              "(load with strict=False to skip them)")
-    log.warning("checkpoint %s: component %r: skipped %s, which no rank holds", path, key, listed)
-
-
 def _name(key: Any) -> str:
     return key if isinstance(key, str) else repr(key)
 
@@ -108,7 +90,8 @@ def _listing(names: list[str]) -> str:
     return f"{names[:_LISTED]}{more}"
 
 
-def _read_index(files: ComponentFiles, rel: str) -> ShardedIndex:
+def read_index(files: ComponentFiles, rel: str) -> ShardedIndex:
+    """The chunk index ``rel``, verified, and checked against the manifest's entries of the files it lists."""
     index = ShardedIndex.from_json(parse_json(files.read_file(rel), "chunk index", rel))
     for record in index.files.values():
         entry = files.entries.get(record.path)
@@ -153,20 +136,18 @@ def _merged(key: str, trees: list[tuple[str, Any]]) -> list[tuple[Any, Any, Any]
     return list(merged.values())
 
 
-def prepare_chunked_load(store: CheckpointStore, root: str, component: StateComponent, saved: ComponentManifest,
-                         saved_topology: Topology, topology: Topology, strict: bool,
-                         mode: VerifyMode) -> ChunkedLoad:
+def prepare_chunked_load(component: StateComponent, saved: ComponentManifest, context: LoadContext,
+                         chunk_files: ChunkFiles) -> ChunkedLoad:
     """Plan this rank's load of a chunked component (see the module docstring); nothing is read into it yet.
 
     Raises ``CheckpointError`` naming the tensor for a global shape or dtype that differs from the
     saved one and, with ``strict``, for live entries the checkpoint lacks (and, on a rank that should
     hold the whole state, saved ones the live state lacks).
     """
-    key = component.key
-    chunk_files = rule(component.sharing_pattern).chunks
-    assert chunk_files is not None, "a chunked pattern has chunk files"
-    files = ComponentFiles(store, root, component, saved, mode)
-    index = _read_index(files, chunk_files.index_for(key))
+    key, strict = component.key, context.strict
+    saved_topology, topology = context.saved_topology, context.topology
+    files = ComponentFiles(context.store, context.root, key, saved, context.mode)
+    index = read_index(files, chunk_files.index_for(key))
     saved_copies = placements(key, saved.sharing_pattern, saved_topology, saved.group_name)
     live_copies = placements(key, component.sharing_pattern, topology, component.process_group_name)
     split = len(saved_copies) > 1 or len(live_copies) > 1
@@ -180,7 +161,7 @@ def prepare_chunked_load(store: CheckpointStore, root: str, component: StateComp
     own = len(saved_copies) > 1 and _same_layout(saved_topology, topology, saved.group_name,
                                                  component.process_group_name)
     if own:
-        mine: Placement = placement_for_reader(saved_copies, get_rank())
+        mine: Placement = placement_for_reader(saved_copies, context.rank)
         chosen = [tree_name(mine.stem)]
     else:
         chosen = trees

@@ -1,0 +1,191 @@
+"""The copy-format interface: how one copy of a component becomes files, and how those files are read back.
+
+A pattern's rule names its copy format as data (``core.rules.Rule.files``); ``engine.formats.format_for`` turns
+that record into one ``CopyFormat``, chosen once per component, and the save, the load and the export call the
+same steps whatever the format. Two implementations exist:
+
+================  ================================================  ===============================================
+step              ``WholeTensorFormat`` (GLOBAL, REPLICATED, PER_*)  ``ChunkFormat`` (SHARDED)
+================  ================================================  ===============================================
+``plan``          HF safetensors shards, spread over the writers     every chunk once, by one rank holding it
+``write``         this rank's shards, the index and the structure    this rank's chunk file and the structure
+``merge``         rank 0: one HF index over per-rank copies          rank 0: the chunk index (refuses bad tiling)
+``prepare_load``  nothing yet: ``finish`` reads this rank's copy     index and structure matched to the live state
+``full_tensors``  the tensors of whole input shards                  tensors assembled from their chunks
+================  ================================================  ===============================================
+
+A new copy format is a new record in ``core/rules.py`` (its file names), a ``CopyFormat`` subclass here in the
+engine, and one line in ``engine/formats.py``; the rows of the rule table that use it name the record.
+
+Example:
+    >>> fmt = format_for(SharingPattern.REPLICATED)                                   # doctest: +SKIP
+    >>> plan = fmt.plan("model", placement, model.state_dict(), rank, options)       # doctest: +SKIP
+    >>> written = fmt.write(store, write_root, plan, rank)                            # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from lightning_sharing.checkpoint.manifest import ComponentManifest, FileEntry
+from lightning_sharing.core.declarations import StateComponent
+from lightning_sharing.core.options import CheckpointOptions, VerifyMode
+from lightning_sharing.core.rules import Placement
+from lightning_sharing.core.topology import Topology
+from lightning_sharing.engine.verified_files import ComponentFiles
+from lightning_sharing.format.codec import EncodedState, encode_state
+from lightning_sharing.format.safetensors_io import write_blob, write_tensors
+from lightning_sharing.storage import CheckpointStore
+
+__all__ = ["CopyFormat", "CopyPlan", "FileJob", "FullTensors", "LoadContext", "PreparedLoad", "SavedTensor",
+           "WrittenCopy", "write_file"]
+
+
+@dataclass
+class FileJob:
+    """One file a rank writes: tensors (``tensors``; the format decides how) or bytes (``data``, JSON)."""
+
+    rel: str
+    tensors: dict[str, torch.Tensor] | None = None
+    data: bytes | None = None
+
+
+@dataclass
+class CopyPlan:
+    """This rank's part of one copy of a component: its files, and the format's own record of the copy.
+
+    ``jobs`` hold the tensors to write (a background save stages them, replacing ``job.tensors``);
+    ``detail`` is what the format's ``write`` and ``merge`` need besides the files (plain, picklable data).
+    """
+
+    key: str
+    stem: str
+    jobs: list[FileJob] = field(default_factory=list)
+    detail: Any = None
+
+
+@dataclass(frozen=True)
+class WrittenCopy:
+    """What one rank wrote of one copy of a component; gathered to rank 0 for the commit.
+
+    Attributes:
+        key: the component.
+        stem: the copy (e.g. ``model`` or ``rng/rank-00001``).
+        rank: the writing rank.
+        files: the files this rank wrote of the copy.
+        detail: the format's record of what was written (its part of an index, a layout digest, ...).
+    """
+
+    key: str
+    stem: str
+    rank: int
+    files: list[FileEntry]
+    detail: Any = None
+
+
+@dataclass(frozen=True)
+class LoadContext:
+    """What every load of a component needs: where the files are, both topologies, the loading rules."""
+
+    store: CheckpointStore
+    root: str
+    saved_topology: Topology
+    topology: Topology
+    strict: bool
+    mode: VerifyMode
+    rank: int
+
+
+class PreparedLoad(Protocol):
+    """One component's load on this rank, planned (and matched to the live state) but not read yet.
+
+    ``entries`` are saved entries that ranks take different parts of (empty when every rank loads the whole
+    state); ``held`` says which of them this rank takes. The load refuses (strict) entries no rank takes.
+    """
+
+    entries: tuple[str, ...]
+    held: tuple[bool, ...]
+
+    def finish(self, store: CheckpointStore, root: str) -> Any:
+        """Read (verified) into the live state and hand it to the stateful's ``load_state_dict``."""
+
+
+@dataclass(frozen=True)
+class SavedTensor:
+    """One full tensor of a saved component, as the export lists it (global shape, saved dtype)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+class FullTensors(ABC):
+    """A saved component's full tensors, one at a time (memory: about one tensor, or one input file).
+
+    ``tensors`` lists them in the order an export writes them; ``ties`` maps an alias to its stored name.
+    """
+
+    tensors: list[SavedTensor]
+    ties: dict[str, str]
+
+    @abstractmethod
+    def tensor(self, name: str) -> torch.Tensor:
+        """The full tensor ``name``, read and verified."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release open files and buffers (a later ``tensor`` opens them again)."""
+
+
+class CopyFormat(ABC):
+    """How the tensors of one copy of a component are laid out in files (see the module docstring).
+
+    ``holds_dtensors``: the format stores ``DTensor``s piece by piece (the state is encoded keeping them, and a
+    replication check compares what each one is rather than its bytes).
+    """
+
+    holds_dtensors: bool = False
+
+    def encode(self, state: Any, key: str) -> EncodedState:
+        """``state`` split into a JSON tree and tensors, as this format stores it."""
+        return encode_state(state, key, dtensors=self.holds_dtensors)
+
+    @abstractmethod
+    def plan(self, key: str, placement: Placement, state: Any, rank: int, options: CheckpointOptions) -> CopyPlan:
+        """This rank's files of copy ``placement`` of component ``key`` (none when it writes none of them)."""
+
+    @abstractmethod
+    def write(self, store: CheckpointStore, root: str, plan: CopyPlan, rank: int) -> WrittenCopy:
+        """Write this rank's files of ``plan`` under ``root``, checksummed as they are written."""
+
+    @abstractmethod
+    def merge(self, component: StateComponent, copies: list[WrittenCopy]) -> list[FileJob]:
+        """Rank 0, at the commit: the files that join what every rank wrote of ``component`` (its indexes).
+
+        Raises ``CheckpointError`` naming the component when the ranks' parts do not fit together.
+        """
+
+    @abstractmethod
+    def prepare_load(self, component: StateComponent, saved: ComponentManifest, context: LoadContext) -> PreparedLoad:
+        """Plan this rank's load of ``component``; anything read now is verified, nothing is loaded yet."""
+
+    @abstractmethod
+    def full_tensors(self, files: ComponentFiles) -> FullTensors | None:
+        """The component's full tensors for an export; None when its files hold none in this format."""
+
+
+def write_file(store: CheckpointStore, root: str, job: FileJob, rank: int) -> FileEntry:
+    """Write one file: ``job.tensors`` as one safetensors file, else ``job.data``; returns its manifest entry.
+
+    The checksum is computed from the bytes as they are written; no file is read back.
+    """
+    with store.open_write(store.join(root, job.rel)) as sink:
+        if job.tensors is not None:
+            size, checksum = write_tensors(sink, job.tensors)
+        else:
+            size, checksum = write_blob(sink, job.data or b"")
+    return FileEntry(job.rel, size, checksum, rank)

@@ -1,0 +1,101 @@
+"""A load, top to bottom: plan -> read -> verify -> apply.
+
+1. **plan** (every rank, one agreement step): read the manifest, refuse unlisted or strange files
+   (``check_listed_files``), apply the loading rules (``plan_load``: strict and non-strict, the topology check),
+   and have each component's copy format plan this rank's load (``CopyFormat.prepare_load``: a chunked copy's
+   index and structure are read, verified and matched to the live state here, before anything is loaded).
+2. **agree**: one exchange checks that every rank opened the same checkpoint and carries which saved entries of a
+   stage-split component each rank takes; an entry no rank takes is refused (strict) or logged.
+3. **read, verify, apply** (one agreement step): each planned load reads this rank's files, verified against the
+   manifest (``PreparedLoad.finish``), and hands the state to the stateful's ``load_state_dict``.
+
+Example (every rank):
+    >>> result = load_components("ckpt/step=5.ckpt", store, components, topology, strict=True,
+    ...                          mode=VerifyMode.CHECKSUM)                                    # doctest: +SKIP
+    >>> result.loaded, result.skipped                                                         # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Collection, Sequence
+from pathlib import Path
+from typing import Any
+
+from lightning_sharing.checkpoint.manifest import data_root, read_manifest
+from lightning_sharing.core.declarations import StateComponent
+from lightning_sharing.core.options import VerifyMode
+from lightning_sharing.core.topology import Topology
+from lightning_sharing.distributed.collectives import agreement, all_gather_object, get_rank
+from lightning_sharing.engine.component_errors import with_context
+from lightning_sharing.engine.copy_format import LoadContext, PreparedLoad
+from lightning_sharing.engine.formats import format_for
+from lightning_sharing.engine.load_plan import LoadResult, check_listed_files, plan_load
+from lightning_sharing.errors import CheckpointError
+from lightning_sharing.storage import CheckpointStore, is_url
+
+__all__ = ["load_components"]
+
+log = logging.getLogger(__name__)
+_LISTED = 8
+
+
+def load_components(path: Any, store: CheckpointStore, components: Sequence[StateComponent], topology: Topology,
+                    strict: bool, mode: VerifyMode, ignore: Collection[str] = ()) -> LoadResult:
+    """Collective: load every component of ``components`` this rank reads from the checkpoint at ``path``.
+
+    See the module docstring for the steps and ``CheckpointCoordinator.load_checkpoint`` for ``strict``,
+    ``mode`` (``verify``) and ``ignore``.
+    """
+    rank = get_rank()
+    shown = os.fspath(path)
+    root = store.normalize(shown)
+    result = LoadResult(path=Path(shown) if not is_url(path) else shown)
+    prepared: list[tuple[StateComponent, PreparedLoad]] = []
+    files_root = root
+    # 1. plan
+    with agreement(f"reading checkpoint {shown}"):
+        manifest = read_manifest(store, root, display=shown)
+        files_root = data_root(store, root, manifest)
+        check_listed_files(store, files_root, manifest)
+        plan = plan_load(manifest, list(components), topology, strict, ignore)
+        result.skipped, result.manifest = plan.skipped, manifest
+        context = LoadContext(store, files_root, Topology.from_json(manifest.topology), topology, strict, mode, rank)
+        for component, saved in plan.to_load:
+            fmt = format_for(component.sharing_pattern)  # the saved pattern's, when it is read as it was saved
+            prepared.append((component, with_context(component.key, "planning the load", lambda c=component,
+                                                     s=saved, f=fmt: f.prepare_load(c, s, context))))
+    # 2. agree
+    held = {component.key: load.held for component, load in prepared if load.entries}
+    identities = all_gather_object((root, result.manifest.created_at if result.manifest else "", held))
+    if len({(p, c) for p, c, _ in identities}) > 1:
+        listing = "; ".join(f"rank {r}: {p} (saved {c})" for r, (p, c, _) in enumerate(identities))
+        raise CheckpointError(
+            f"ranks are loading different checkpoints ({listing}); every rank must load the same one "
+            "(choose it on rank 0 and broadcast it, or pass the same path everywhere)"
+        )
+    for key, reason in result.skipped.items():
+        log.warning("checkpoint %s: skipped component %r (%s)", shown, key, reason)
+    # 3. read, verify, apply
+    with agreement(f"loading checkpoint {shown}"):
+        for component, load in prepared:  # every rank reaches the same verdict from the same exchange
+            if component.key in held:
+                _check_taken(component.key, load, [h[component.key] for _, _, h in identities], strict, shown)
+        for component, load in prepared:
+            with_context(component.key, "loading", lambda loading=load: loading.finish(store, files_root))
+            result.loaded.append(component.key)
+    return result
+
+
+def _check_taken(key: str, load: PreparedLoad, held_by_rank: list[tuple[bool, ...]], strict: bool,
+                 path: str) -> None:
+    """Refuse (``strict``; else log) saved entries that no rank takes, from every rank's ``held``."""
+    unheld = [name for i, name in enumerate(load.entries) if not any(held[i] for held in held_by_rank)]
+    if not unheld:
+        return
+    listed = f"{unheld[:_LISTED]}{f' (and {len(unheld) - _LISTED} more)' if len(unheld) > _LISTED else ''}"
+    if strict:
+        raise CheckpointError(f"component {key!r}: the checkpoint holds {listed}, which no rank's live state holds "
+                              "(load with strict=False to skip them)")
+    log.warning("checkpoint %s: component %r: skipped %s, which no rank holds", path, key, listed)
