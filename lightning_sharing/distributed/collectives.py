@@ -34,24 +34,9 @@ from lightning_sharing.errors import (
     distributed_error_class,
 )
 
-__all__ = [
-    "active",
-    "agree",
-    "agreement",
-    "all_gather_object",
-    "all_ranks",
-    "any_rank",
-    "broadcast_object",
-    "broadcast_tensor",
-    "gather_topology",
-    "get_rank",
-    "get_world_size",
-    "local_only",
-    "may_run_in_background",
-    "new_gloo_group",
-    "on_rank_zero",
-    "resolve_process_groups",
-]
+__all__ = ["active", "agree", "agreement", "all_gather_object", "all_ranks", "any_rank", "broadcast_object",
+           "broadcast_tensor", "gather_topology", "get_rank", "get_world_size", "local_only",
+           "may_run_in_background", "new_gloo_group", "on_rank_zero", "resolve_process_groups", "warn_on_rank_zero"]
 
 T = TypeVar("T")
 
@@ -100,6 +85,15 @@ def may_run_in_background() -> bool:
 def get_rank() -> int:
     """Global rank, 0 when not distributed."""
     return dist.get_rank() if _active() else 0
+
+
+def warn_on_rank_zero(logger: logging.Logger, message: str, *args: Any) -> None:
+    """Log a warning that every rank reaches alike (the same checkpoint, the same verdict) once, on rank 0.
+
+    Not a collective: ranks other than 0 just return. Rank-specific warnings use ``logger.warning`` itself.
+    """
+    if get_rank() == 0:
+        logger.warning(message, *args)
 
 
 def get_world_size() -> int:

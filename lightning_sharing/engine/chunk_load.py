@@ -31,6 +31,7 @@ from lightning_sharing.checkpoint.manifest import ComponentManifest
 from lightning_sharing.core.declarations import StateComponent
 from lightning_sharing.core.rules import ChunkFiles, Placement, placement_for_reader, placements
 from lightning_sharing.core.topology import Topology
+from lightning_sharing.distributed.collectives import warn_on_rank_zero
 from lightning_sharing.engine.copy_format import LoadContext
 from lightning_sharing.engine.verified_files import ComponentFiles
 from lightning_sharing.errors import CheckpointError, CorruptCheckpointError
@@ -183,8 +184,8 @@ def prepare_chunked_load(component: StateComponent, saved: ComponentManifest, co
             raise CheckpointError(f"component {key!r}: the live state holds entries {_listing(missing)} that the "
                                   "checkpoint lacks (load with strict=False to keep their current values)")
         if missing:
-            log.warning("component %r: entries %s are not in the checkpoint; they keep their values", key,
-                        _listing(missing))
+            warn_on_rank_zero(log, "component %r: entries %s are not in the checkpoint; they keep their values", key,
+                                   _listing(missing))
         tree = tree_from_entries([entry for entry in saved_entries if entry[0] in live])
         if not own:  # ranks take different entries of the same saved list: the coordinator checks all are taken
             entries = tuple(sorted(_name(entry[0]) for entry in saved_entries))
@@ -224,9 +225,9 @@ def _flat(component: StateComponent, index: ShardedIndex, live: Any, tensors: di
             f"{_listing(unexpected) if unexpected and not split else 'none'} (load with strict=False to skip them)"
         )
     if not strict and (missing or (unexpected and not split)):
-        log.warning("component %r: loading without tensors %s (not in the checkpoint: they keep their values) and "
-                    "%s (not in the live state)", component.key, _listing(missing),
-                    _listing(unexpected if not split else []))
+        warn_on_rank_zero(log, "component %r: loading without tensors %s (not in the checkpoint: they keep their "
+                               "values) and %s (not in the live state)", component.key, _listing(missing),
+                               _listing(unexpected if not split else []))
     targets: dict[str, torch.Tensor] = {}
     for name, tensor in tensors.items():
         stored = name if name in index.tensors else index.ties.get(name)

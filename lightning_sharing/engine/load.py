@@ -27,7 +27,7 @@ from lightning_sharing.checkpoint.manifest import data_root, read_manifest
 from lightning_sharing.core.declarations import StateComponent
 from lightning_sharing.core.options import VerifyMode
 from lightning_sharing.core.topology import Topology
-from lightning_sharing.distributed.collectives import agreement, all_gather_object, get_rank
+from lightning_sharing.distributed.collectives import agreement, all_gather_object, get_rank, warn_on_rank_zero
 from lightning_sharing.engine.component_errors import with_context
 from lightning_sharing.engine.copy_format import LoadContext, PreparedLoad
 from lightning_sharing.engine.formats import format_for
@@ -76,7 +76,7 @@ def load_components(path: Any, store: CheckpointStore, components: Sequence[Stat
             "(choose it on rank 0 and broadcast it, or pass the same path everywhere)"
         )
     for key, reason in result.skipped.items():
-        log.warning("checkpoint %s: skipped component %r (%s)", shown, key, reason)
+        warn_on_rank_zero(log, "checkpoint %s: skipped component %r (%s)", shown, key, reason)
     # 3. read, verify, apply
     with agreement(f"loading checkpoint {shown}"):
         for component, load in prepared:  # every rank reaches the same verdict from the same exchange
@@ -98,4 +98,4 @@ def _check_taken(key: str, load: PreparedLoad, held_by_rank: list[tuple[bool, ..
     if strict:
         raise CheckpointError(f"component {key!r}: the checkpoint holds {listed}, which no rank's live state holds "
                               "(load with strict=False to skip them)")
-    log.warning("checkpoint %s: component %r: skipped %s, which no rank holds", path, key, listed)
+    warn_on_rank_zero(log, "checkpoint %s: component %r: skipped %s, which no rank holds", path, key, listed)

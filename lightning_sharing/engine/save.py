@@ -35,7 +35,7 @@ from lightning_sharing.core.patterns import ValidationLevel
 from lightning_sharing.core.rules import Placement, placements
 from lightning_sharing.core.topology import Topology
 from lightning_sharing.distributed.async_save import BackgroundSaver
-from lightning_sharing.distributed.collectives import agreement, all_gather_object, get_rank
+from lightning_sharing.distributed.collectives import agreement, all_gather_object, get_rank, warn_on_rank_zero
 from lightning_sharing.distributed.validation import check_replication, replicated_view
 from lightning_sharing.engine.commit import CheckpointTarget, check_visible, staged
 from lightning_sharing.engine.component_errors import with_context
@@ -145,9 +145,9 @@ def _warn_if_empty(component: StateComponent, state: Any) -> None:
     if marker in _WARNED_EMPTY:
         return
     _WARNED_EMPTY.add(marker)
-    log.warning("component %r: %s.state_dict() returned %r, so nothing of it is saved; return its state from "
-                "state_dict() (a torchmetrics Metric: declare it directly or as MetricState(metric))",
-                component.key, type(component.stateful).__name__, state)
+    warn_on_rank_zero(log, "component %r: %s.state_dict() returned %r, so nothing of it is saved; return its state "
+                           "from state_dict() (a torchmetrics Metric: declare it directly or as MetricState(metric))",
+                           component.key, type(component.stateful).__name__, state)
 
 
 # ------------------------------------------------------------------------------- 2. write, 3. agree, 4. commit

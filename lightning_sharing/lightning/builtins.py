@@ -40,6 +40,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from lightning_sharing.core.declarations import SharingPattern, StateComponent, ValidationLevel
+from lightning_sharing.distributed.collectives import warn_on_rank_zero
 from lightning_sharing.errors import ComponentDeclarationError, UnsupportedStateError
 from lightning_sharing.format.codec import encode_state
 
@@ -213,16 +214,16 @@ def _storable_hparams(value: Any, where: str) -> Any:
         return tuple(_storable_hparams(v, f"{where}[{i}]") for i, v in enumerate(value))
     if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):  # a list, an OmegaConf ListConfig
         return [_storable_hparams(v, f"{where}[{i}]") for i, v in enumerate(value)]
-    log.warning("hyper-parameter %s of type %s is stored as its repr (it cannot be stored without pickle)",
-                where, type(value).__name__)
+    warn_on_rank_zero(log, "hyper-parameter %s of type %s is stored as its repr (it cannot be stored without pickle)",
+                           where, type(value).__name__)
     return repr(value)
 
 
 def _allowed_type(name: Any) -> type | None:
     """The class named ``name`` if it is in ``HPARAMS_TYPES`` and importable, else None (logged)."""
     if name not in HPARAMS_TYPES:
-        log.warning("the checkpoint's hparams_type %r is not an allowed hyper-parameter type %s; the "
-                    "hyper-parameters load as a plain dict", name, HPARAMS_TYPES)
+        warn_on_rank_zero(log, "the checkpoint's hparams_type %r is not an allowed hyper-parameter type %s; the "
+                               "hyper-parameters load as a plain dict", name, HPARAMS_TYPES)
         return None
     module, _, qualname = str(name).rpartition(".")
     try:

@@ -25,7 +25,13 @@ from lightning.fabric.plugins import CheckpointIO
 from lightning_sharing.checkpoint.manifest import CheckpointManifest
 from lightning_sharing.core.declarations import SharingPattern, StateComponent, ValidationLevel
 from lightning_sharing.core.options import CheckpointOptions, VerifyMode, checkpoint_options
-from lightning_sharing.distributed.collectives import agreement, get_world_size, local_only, resolve_process_groups
+from lightning_sharing.distributed.collectives import (
+    agreement,
+    get_world_size,
+    local_only,
+    resolve_process_groups,
+    warn_on_rank_zero,
+)
 from lightning_sharing.engine.coordinator import CheckpointCoordinator
 from lightning_sharing.errors import CheckpointError, ComponentDeclarationError
 from lightning_sharing.integration.common import CheckpointHost, is_object_url
@@ -305,5 +311,5 @@ def _groups_gone(manifest: CheckpointManifest, overrides: Mapping[str, StateComp
             raise ComponentDeclarationError(
                 f"{message}; load with strict=False to skip it (it keeps its current value), or provide that group "
                 "in configure_process_groups()")
-        log.warning("%s: skipped (strict=False), it keeps its current value", message)
+        warn_on_rank_zero(log, "%s: skipped (strict=False), it keeps its current value", message)
     return set(gone)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -178,8 +179,12 @@ def _resize_worker(rank: int, world_size: int, root: str, phase: str):
     weights.values, progress.label = torch.zeros(4), "fresh"
     if phase == "strict":
         CheckpointCoordinator(components).load_checkpoint(path)
+    warnings: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: warnings.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("lightning_sharing").addHandler(handler)
     result = CheckpointCoordinator(components).load_checkpoint(path, strict=False)
-    return result.loaded, result.skipped, weights.values, progress.label, rng.label
+    return result.loaded, result.skipped, weights.values, progress.label, rng.label, warnings
 
 
 def test_global_and_replicated_load_at_another_world_size(tmp_path: Path) -> None:
@@ -192,7 +197,11 @@ def test_global_and_replicated_load_at_another_world_size(tmp_path: Path) -> Non
     assert sorted(failure.value.errors) == [0, 1]
 
     results = run_distributed(_resize_worker, 2, str(tmp_path), "lenient")
-    for rank, (loaded, skipped, weights, progress_label, rng_label) in enumerate(results):
+    # The skip is the same on every rank: it is logged once, by rank 0.
+    assert [[w for w in result[-1] if "skipped component 'rng'" in w] for result in results] == [
+        [f"checkpoint {tmp_path / 'resize.ckpt'}: skipped component 'rng' (topology changed: it was saved at "
+         "world_size=4; this run has world_size=2)"], []]
+    for rank, (loaded, skipped, weights, progress_label, rng_label, _) in enumerate(results):
         assert loaded == ["weights", "progress"]
         assert list(skipped) == ["rng"] and "topology changed" in skipped["rng"]
         assert torch.equal(weights, torch.arange(4.0) * 3)
