@@ -131,10 +131,17 @@ __all__ = [
 ]
 
 
+# Imported with the first public name: they register adapters that StateComponent applies (a torchmetrics Metric
+# declared as it is becomes MetricState(metric)), as an eager import of the package would have done.
+_ADAPTER_MODULES = ("lightning_sharing.statefuls.metrics",)
+
+
 def __getattr__(name: str) -> Any:
     module = _PUBLIC.get(name)
     if module is None:
         raise AttributeError(f"module 'lightning_sharing' has no attribute {name!r}")
+    for adapters in _ADAPTER_MODULES:
+        importlib.import_module(adapters)
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value
     return value

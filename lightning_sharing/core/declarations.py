@@ -15,11 +15,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from lightning_sharing.core.patterns import SharingPattern, ValidationLevel
+from lightning_sharing.core.patterns import ResizePolicy, SharingPattern, ValidationLevel, parse_enum
 from lightning_sharing.core.rules import RULES, rule
 from lightning_sharing.errors import ComponentDeclarationError
 
 __all__ = [
+    "ResizePolicy",
     "SharingPattern",
     "StateComponent",
     "Stateful",
@@ -70,6 +71,12 @@ class StateComponent:
             its plain tensors and other values, within each group instance).
         validation_level: how thoroughly to compare (default ``QUICK``).
         metadata: free-form JSON-serialisable information recorded in the manifest.
+        on_resize: what loading this component does when it was saved at another topology (PER_RANK,
+            PER_GROUP and PER_NODE only): ``"error"`` (refuse, the default), ``"reseed"`` (the stateful's
+            ``reseed(seed)``, e.g. ``RNGState``), ``"merge"`` (rank 0 merges every saved copy with the
+            stateful's ``merge_state``, e.g. a torchmetrics metric; the other ranks start empty), ``"drop"``
+            (start fresh, logged), or a callable ``merge(states) -> state`` that rank 0 loads (the other ranks
+            start empty). See ``ResizePolicy``.
 
     Example:
         >>> import torch
@@ -86,6 +93,7 @@ class StateComponent:
     validate_replication: bool = False
     validation_level: ValidationLevel = ValidationLevel.QUICK
     metadata: dict[str, Any] = field(default_factory=dict)
+    on_resize: ResizePolicy | str | Callable[[list[Any]], Any] = ResizePolicy.ERROR
 
     def __post_init__(self) -> None:
         if not isinstance(self.key, str) or not _KEY_RE.match(self.key):
@@ -134,6 +142,31 @@ class StateComponent:
             )
         if not isinstance(self.metadata, dict):
             raise ComponentDeclarationError(f"StateComponent {self.key!r}: metadata must be a dict")
+        self._check_resize_policy(pattern_rule.rank_specific)
+
+    def _check_resize_policy(self, rank_specific: bool) -> None:
+        merge = self.on_resize if callable(self.on_resize) else None
+        policy = ResizePolicy.MERGE if merge is not None else parse_enum(ResizePolicy, self.on_resize, "on_resize")
+        if merge is None:
+            self.on_resize = policy
+        if policy is not ResizePolicy.ERROR and not rank_specific:
+            raise ComponentDeclarationError(
+                f"StateComponent {self.key!r}: on_resize={policy.value!r} only applies to rank-specific state "
+                f"(PER_RANK, PER_GROUP, PER_NODE); {self.sharing_pattern.name} state loads at any topology"
+            )
+        needed = {ResizePolicy.RESEED: "reseed", ResizePolicy.MERGE: "merge_state"}.get(policy)
+        if needed is not None and merge is None and not callable(getattr(self.stateful, needed, None)):
+            hint = ("pass on_resize=a callable that merges the saved states into one" if policy is ResizePolicy.MERGE
+                    else "use RNGState() for random generators, or another policy")
+            raise ComponentDeclarationError(
+                f"StateComponent {self.key!r}: on_resize={policy.value!r} needs a stateful with {needed}() "
+                f"({type(self.stateful).__name__} has none); {hint}"
+            )
+
+    @property
+    def resize_policy(self) -> ResizePolicy:
+        """``on_resize`` as a ``ResizePolicy`` (a callable merge is ``MERGE``)."""
+        return ResizePolicy.MERGE if callable(self.on_resize) else ResizePolicy.parse(self.on_resize)
 
     @property
     def effective_validation(self) -> ValidationLevel:

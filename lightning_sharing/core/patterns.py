@@ -13,7 +13,7 @@ from typing import Any
 
 from lightning_sharing.errors import ComponentDeclarationError
 
-__all__ = ["Choice", "SharingPattern", "ValidationLevel", "parse_enum"]
+__all__ = ["Choice", "ResizePolicy", "SharingPattern", "ValidationLevel", "parse_enum"]
 
 
 class Choice(str, Enum):
@@ -56,6 +56,25 @@ class ValidationLevel(Choice):
     QUICK = "quick"
     TENSOR = "tensor"
     FULL = "full"
+
+
+class ResizePolicy(Choice):
+    """What loading rank-specific state (PER_RANK, PER_GROUP, PER_NODE) saved at another topology does.
+
+    - ``ERROR``: refuse, naming the component and both topologies (the default).
+    - ``RESEED``: every rank gets a fresh, deterministic state from its stateful's ``reseed(seed)``, the seed
+      derived from the saved copies' checksums and the rank (RNG state: the streams differ per rank, are
+      reproducible, and depend on what was saved).
+    - ``MERGE``: rank 0 loads the first saved copy and merges every other one into it (the stateful's
+      ``merge_state``, or the callable given as ``on_resize``); the other ranks start empty (``reset()``),
+      so a metric's ``compute()`` covers every sample seen, once.
+    - ``DROP``: every rank starts fresh (its current value), logged once.
+    """
+
+    ERROR = "error"
+    RESEED = "reseed"
+    MERGE = "merge"
+    DROP = "drop"
 
 
 def parse_enum(cls: Any, value: Any, what: str) -> Any:

@@ -3,7 +3,8 @@
 1. **plan** (every rank, one agreement step): read the manifest, refuse unlisted or strange files
    (``check_listed_files``), apply the loading rules (``plan_load``: strict and non-strict, the topology check),
    and have each component's copy format plan this rank's load (``CopyFormat.prepare_load``: a chunked copy's
-   index and structure are read, verified and matched to the live state here, before anything is loaded).
+   index and structure are read, verified and matched to the live state here, before anything is loaded);
+   rank-specific state saved at another topology gets its ``on_resize`` policy instead (``engine.resize``).
 2. **agree**: one exchange checks that every rank opened the same checkpoint and carries which saved entries of a
    stage-split component each rank takes; an entry no rank takes is refused (strict) or logged.
 3. **read, verify, apply** (one agreement step): each planned load reads this rank's files, verified against the
@@ -32,6 +33,7 @@ from lightning_sharing.engine.component_errors import with_context
 from lightning_sharing.engine.copy_format import LoadContext, PreparedLoad
 from lightning_sharing.engine.formats import format_for
 from lightning_sharing.engine.load_plan import LoadResult, check_listed_files, plan_load
+from lightning_sharing.engine.resize import ResizedLoad
 from lightning_sharing.errors import CheckpointError
 from lightning_sharing.storage import CheckpointStore, is_url
 
@@ -66,6 +68,10 @@ def load_components(path: Any, store: CheckpointStore, components: Sequence[Stat
             fmt = format_for(component.sharing_pattern)  # the saved pattern's, when it is read as it was saved
             prepared.append((component, with_context(component.key, "planning the load", lambda c=component,
                                                      s=saved, f=fmt: f.prepare_load(c, s, context))))
+        for component, saved, reason in plan.resized:  # saved at another topology: its on_resize policy
+            resized = ResizedLoad(component, saved, context, reason)
+            result.resized[component.key] = resized.describe()
+            prepared.append((component, resized))
     # 2. agree
     held = {component.key: load.held for component, load in prepared if load.entries}
     identities = all_gather_object((root, result.manifest.created_at if result.manifest else "", held))

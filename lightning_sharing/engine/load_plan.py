@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lightning_sharing.checkpoint.manifest import CheckpointManifest, ComponentManifest
-from lightning_sharing.core.declarations import StateComponent
+from lightning_sharing.core.declarations import ResizePolicy, StateComponent
 from lightning_sharing.core.rules import file_regex, rule
 from lightning_sharing.core.topology import Topology
 from lightning_sharing.errors import (
@@ -39,6 +39,8 @@ class LoadResult:
     loaded: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
     manifest: CheckpointManifest | None = None
+    #: Components saved at another topology and handled by their ``on_resize`` policy: key -> what was done.
+    resized: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -47,6 +49,8 @@ class LoadPlan:
 
     to_load: list[tuple[StateComponent, ComponentManifest]] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
+    #: Saved at another topology, handled by the component's ``on_resize`` policy: (component, saved, why).
+    resized: list[tuple[StateComponent, ComponentManifest, str]] = field(default_factory=list)
 
 
 def plan_load(manifest: CheckpointManifest, components: list[StateComponent], current: Topology,
@@ -99,13 +103,17 @@ def plan_load(manifest: CheckpointManifest, components: list[StateComponent], cu
         check = rule(component.sharing_pattern).topology_change
         if check is not None:
             problem = check(saved_topology, current, component.process_group_name)
+            if problem is not None and component.resize_policy is not ResizePolicy.ERROR:
+                plan.resized.append((component, saved, problem))
+                continue
             if problem is not None:
                 if strict:
                     raise TopologyMismatchError(
                         f"component {component.key!r} is {component.sharing_pattern.name} and {problem}. "
                         f"Saved topology: {saved_topology.describe(component.process_group_name)}; current "
                         f"topology: {current.describe(component.process_group_name)}. Rank-specific state "
-                        "cannot be redistributed automatically: resume with the same layout, or load "
+                        "cannot be redistributed automatically: resume with the same layout, declare what a "
+                        "resize does (StateComponent(..., on_resize=\"reseed\" | \"merge\" | \"drop\")), or load "
                         "with strict=False to skip it (it keeps its current value)"
                     )
                 plan.skipped[component.key] = f"topology changed: {problem}"

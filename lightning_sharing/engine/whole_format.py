@@ -57,7 +57,8 @@ from lightning_sharing.sharded.dtensor_boxes import has_dtensors, is_dtensor
 from lightning_sharing.sharded.redistribute import shard_state_like
 from lightning_sharing.storage import CheckpointStore
 
-__all__ = ["MIN_SPREAD_SHARD_SIZE", "WholeTensorFormat", "assign_writers", "check_same_layout", "plan_copy"]
+__all__ = ["MIN_SPREAD_SHARD_SIZE", "WholeTensorFormat", "assign_writers", "check_same_layout", "plan_copy",
+           "read_copy"]
 
 # Spreading a small state over ranks only makes many tiny files; below this a shard is not split.
 MIN_SPREAD_SHARD_SIZE = 64 * 1024 * 1024
@@ -206,22 +207,30 @@ class _WholeLoad:
 def load_component(store: CheckpointStore, root: str, component: StateComponent, saved: ComponentManifest,
                    placement: Placement, mode: VerifyMode) -> None:
     """Read the copy ``placement`` of ``component`` under ``root`` and hand it to ``load_state_dict``."""
-    files = ComponentFiles(store, root, component.key, saved, mode, live=lambda: _live_tensors(component))
-    available = set(files.entries)
-    if not any(p.startswith(placement.stem) for p in available):
-        raise CorruptCheckpointError(f"component {component.key!r}: the checkpoint has no copy {placement.stem}")
-    flat = tree_name(placement.stem) not in available
-    merged = index_name(component.key)
-    if merged in available and merged != index_name(placement.stem):
-        # The merged index of per-rank copies (for Hugging Face readers) is not read here, but a damaged
-        # one is still a damaged checkpoint: refuse it like any other file.
-        files.read_file(merged)
-    state = read_payload(placement.stem, available, files.read_file, files.read_tensors, flat)
+    state = read_copy(store, root, component, saved, placement.stem, mode, into_live=True)
     stateful = component.stateful
     if isinstance(stateful, torch.nn.Module) and has_dtensors(stateful):
         # Whole tensors (a DDP checkpoint) into a sharded module: each rank keeps the piece it holds.
         state = shard_state_like(state, stateful.state_dict())
     stateful.load_state_dict(state)
+
+
+def read_copy(store: CheckpointStore, root: str, component: StateComponent, saved: ComponentManifest, stem: str,
+              mode: VerifyMode, *, into_live: bool = False) -> Any:
+    """The state of copy ``stem`` of ``component``, every file verified. ``into_live``: tensors are read straight
+    into the live module's or optimizer's tensors (a load); otherwise into new memory (several copies at once)."""
+    files = ComponentFiles(store, root, component.key, saved, mode,
+                           live=(lambda: _live_tensors(component)) if into_live else None)
+    available = set(files.entries)
+    if not any(p.startswith(stem) for p in available):
+        raise CorruptCheckpointError(f"component {component.key!r}: the checkpoint has no copy {stem}")
+    flat = tree_name(stem) not in available
+    merged = index_name(component.key)
+    if merged in available and merged != index_name(stem):
+        # The merged index of per-rank copies (for Hugging Face readers) is not read here, but a damaged
+        # one is still a damaged checkpoint: refuse it like any other file.
+        files.read_file(merged)
+    return read_payload(stem, available, files.read_file, files.read_tensors, flat)
 
 
 def _live_tensors(component: StateComponent) -> dict[str, torch.Tensor]:

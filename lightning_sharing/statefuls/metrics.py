@@ -50,14 +50,31 @@ class MetricState:
         if unknown:
             raise KeyError(f"metric {type(self.metric).__name__} has no states {sorted(unknown)}")
         for name, value in state["states"].items():
-            current = getattr(self.metric, name)
-            device = current[0].device if isinstance(current, list) and current else getattr(current, "device", None)
-            if isinstance(value, list):
-                setattr(self.metric, name, [torch.as_tensor(v).to(device) if device else v for v in value])
-            else:
-                setattr(self.metric, name, value.to(device) if device is not None else value)
+            setattr(self.metric, name, self._on_device(name, value))
         self.metric._update_count = int(state["update_count"])
         self.metric._computed = None
+
+    def merge_state(self, state: dict[str, Any]) -> None:
+        """Add another rank's saved state to this one (the metric's own reductions: sums add, lists append).
+
+        ``on_resize="merge"`` merges every rank's saved state onto rank 0 so that ``compute()`` covers every sample
+        seen, once. Raises the metric's own error for metrics that cannot merge (``full_state_update=True``).
+        """
+        self.metric.merge_state({name: self._on_device(name, value) for name, value in state["states"].items()})
+        self.metric._update_count += int(state["update_count"])
+        self.metric._computed = None
+
+    def reset(self) -> None:
+        """Empty the metric (the ranks other than 0 after a merge)."""
+        self.metric.reset()
+
+    def _on_device(self, name: str, value: Any) -> Any:
+        """A saved state (a tensor or a list of them) on the device of the metric's state ``name``."""
+        current = getattr(self.metric, name)
+        device = current[0].device if isinstance(current, list) and current else getattr(current, "device", None)
+        if isinstance(value, list):
+            return [torch.as_tensor(v).to(device) if device else v for v in value]
+        return value.to(device) if device is not None else value
 
 
 def module_metrics(module: Any) -> dict[str, Any]:

@@ -15,6 +15,7 @@ import random
 from typing import Any
 
 import torch
+import xxhash
 
 __all__ = ["RNGState"]
 
@@ -41,6 +42,23 @@ class RNGState:
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             state["cuda"] = list(torch.cuda.get_rng_state_all())
         return state
+
+    def reseed(self, seed: int) -> None:
+        """Seed every generator from ``seed`` (``on_resize="reseed"``: a resumed run at another world size).
+
+        Python ``random``, NumPy, torch's CPU generator and every CUDA device's each get a seed derived from
+        ``seed`` and their name, so the streams differ from one another and are reproducible.
+        """
+        def derived(name: str) -> int:
+            return xxhash.xxh64_intdigest(f"{seed}:{name}".encode()) & (2**63 - 1)
+
+        random.seed(derived("python"))
+        torch.manual_seed(derived("torch"))  # also seeds every CUDA device
+        try:
+            import numpy as np
+        except ImportError:
+            return
+        np.random.seed(derived("numpy") % 2**32)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore every generator captured by ``state_dict()``."""
