@@ -140,3 +140,11 @@ def test_lightning_names_are_importable_from_the_top_level():
     assert SharingStrategy.strategy_name == "sharing"
     assert {BuiltinState.__name__, FabricSharingStrategy.__name__, SharingCheckpointIO.__name__} == {
         "BuiltinState", "FabricSharingStrategy", "SharingCheckpointIO"}
+
+
+def test_a_metric_declared_as_it_is_is_wrapped_in_a_fresh_process():
+    # The package imports its names lazily; the first one still registers the MetricState adapter.
+    code = ("import torchmetrics\nfrom lightning_sharing import StateComponent\n"
+            "print(type(StateComponent('m', torchmetrics.SumMetric(), 'per_rank').stateful).__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["MetricState"]
