@@ -52,6 +52,7 @@ __all__ = [
     "hook_ignored_checkpoint_io",
     "hook_last_checkpoint",
     "hook_load_from_checkpoint",
+    "hook_training_sampler",
     "lightning_sigterm_handler",
     "monitor_candidates",
     "ready_batches_reached",
@@ -155,6 +156,29 @@ def hook_ignored_checkpoint_io(check: Callable[[Any], None]) -> None:
 def given_checkpoint_io(strategy: Any) -> Any:
     """The CheckpointIO a strategy was given, or None (``Strategy._checkpoint_io``, without creating a default)."""
     return getattr(strategy, "_checkpoint_io", None)
+
+
+def hook_training_sampler() -> bool:
+    """Offer the sampler Lightning inserts for training to ``trainer.strategy.training_sampler(sampler)``.
+
+    Relies on ``_DataConnector._resolve_sampler(dataloader, shuffle, mode)`` and its ``trainer``; a sampler the user
+    set (a ``DistributedSampler`` of their own, say) never passes there. Idempotent; returns False (logged) when this
+    Lightning has no such method (then the training sampler stays Lightning's: no elastic resume).
+    """
+    from lightning.pytorch.trainer.connectors.data_connector import _DataConnector
+    from lightning.pytorch.trainer.states import RunningStage
+
+    def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
+        def _resolve_sampler(self: Any, dataloader: Any, shuffle: bool, mode: Any = None) -> Any:
+            sampler = original(self, dataloader, shuffle, mode)
+            convert = getattr(getattr(self.trainer, "strategy", None), "training_sampler", None)
+            return convert(sampler) if mode == RunningStage.TRAINING and callable(convert) else sampler
+
+        return _resolve_sampler
+
+    return _wrap_once(_DataConnector, "_resolve_sampler", wrap,
+                      "this Lightning version has no _DataConnector._resolve_sampler: the training sampler stays "
+                      "Lightning's DistributedSampler, which resumes only at the world size it was saved at")
 
 
 def hook_last_checkpoint() -> bool:

@@ -26,6 +26,8 @@ import torch
 from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 from torch.utils.data import DistributedSampler
 
+from lightning_sharing.statefuls.sampler import ElasticSampler
+
 __all__ = ["SeededLoaderState", "loader_state", "replace_shuffle_wrapper", "set_sampler_epoch"]
 
 log = logging.getLogger(__name__)
@@ -68,7 +70,7 @@ class _EpochSeededSampler(DistributedSampler):
         self._reseed()
 
 
-def replace_shuffle_wrapper(dataloader: object, own_generator: bool = False) -> bool:
+def replace_shuffle_wrapper(dataloader: object, own_generator: bool = False, elastic: bool = False) -> bool:
     """Give a shuffled stateful loader an epoch-seeded ``DistributedSampler`` instead of Lightning's wrapper.
 
     Lightning and Fabric inject ``DistributedSampler`` only for torch's own Random/SequentialSampler.
@@ -76,7 +78,8 @@ def replace_shuffle_wrapper(dataloader: object, own_generator: bool = False) -> 
     ``DistributedSamplerWrapper`` whose order is drawn from the global RNG whenever an iterator is
     created, which a mid-epoch resume cannot reproduce. A plain shuffle is equivalent to
     ``DistributedSampler(shuffle=True)``, whose order depends only on (seed, epoch). With ``own_generator``
-    the loader also gets a generator of its own (see the module docstring). Returns whether it replaced it.
+    the loader also gets a generator of its own (see the module docstring); with ``elastic`` the sampler is an
+    ``ElasticSampler`` (the same order, a position that resumes at any world size). Returns whether it replaced it.
     """
     batch_sampler = getattr(dataloader, "batch_sampler", None)
     wrapper = getattr(batch_sampler, "sampler", None)
@@ -91,7 +94,9 @@ def replace_shuffle_wrapper(dataloader: object, own_generator: bool = False) -> 
         return False
     kwargs = {"num_replicas": wrapper.num_replicas, "rank": wrapper.rank, "shuffle": True, "seed": wrapper.seed,
               "drop_last": wrapper.drop_last}
-    if own_generator and getattr(dataloader, "generator", None) is None:
+    if elastic:
+        batch_sampler.sampler = ElasticSampler(dataset, **kwargs)
+    elif own_generator and getattr(dataloader, "generator", None) is None:
         generator = torch.Generator()
         batch_sampler.sampler = _EpochSeededSampler(dataset, generator=generator, **kwargs)
         dataloader.generator = generator  # type: ignore[attr-defined]

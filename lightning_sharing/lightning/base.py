@@ -24,9 +24,17 @@ from lightning_sharing.engine.coordinator import CheckpointCoordinator
 from lightning_sharing.errors import ComponentDeclarationError
 from lightning_sharing.integration.cleanup import adopt_default_group, default_group_exists
 from lightning_sharing.integration.common import LazyProcessGroups, check_storage_options
-from lightning_sharing.integration.compat import given_checkpoint_io, trainer_of, use_storage_options
+from lightning_sharing.integration.compat import (
+    given_checkpoint_io,
+    hook_checkpoint_filesystem,
+    hook_last_checkpoint,
+    hook_training_sampler,
+    trainer_of,
+    use_storage_options,
+)
 from lightning_sharing.lightning.builtins import BUILTIN_KEYS, builtin_components, check_user_components
 from lightning_sharing.lightning.checkpoint_io import SharingCheckpointIO
+from lightning_sharing.lightning.elastic import ElasticData
 from lightning_sharing.lightning.locations import CheckpointLocations
 from lightning_sharing.lightning.preemption import PreemptionHandler
 from lightning_sharing.lightning.restore import ResumeMixin
@@ -48,7 +56,7 @@ class SharingStrategyBase(ResumeMixin):
                  max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, verify: str = "checksum", strict: bool = True,
                  fallback: bool = False, async_save: bool = False, max_pending_saves: int = 1,
                  background_staging: bool = False, preemption_checkpoint: bool | str | os.PathLike[str] | None = True,
-                 storage_options: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
+                 storage_options: Mapping[str, Any] | None = None, elastic_data: bool = True, **kwargs: Any) -> None:
         storage_options = check_storage_options(storage_options)
         io = kwargs.pop("checkpoint_io", None)
         if io is None:  # the strategy's option keywords become its SharingCheckpointIO's one options object
@@ -69,6 +77,7 @@ class SharingStrategyBase(ResumeMixin):
         self._pending_rng: Any = None
         self._rng_at_first_batch = False
         self._resume_after_last_batch = False
+        self.elastic = ElasticData(elastic_data)
 
     @property
     def sharing_io(self) -> SharingCheckpointIO:
@@ -171,7 +180,12 @@ class SharingStrategyBase(ResumeMixin):
         self.sharing_io.save_sharded(checkpoint, filepath, user, self._resolve_process_groups(), overrides,
                                      unreplicated=self.unreplicated_entries(),
                                      metrics=module_metrics(self.lightning_module), storage_options=storage_options,
-                                     staging_roots=[self.lightning_module, *self.optimizers])
+                                     staging_roots=[self.lightning_module, *self.optimizers],
+                                     sampler_positions=self.elastic.positions(trainer_of(self.lightning_module)))
+
+    def training_sampler(self, sampler: Any) -> Any:
+        """The sampler Lightning inserts for training (``integration.compat.hook_training_sampler``): elastic."""
+        return self.elastic.training_sampler(sampler)
 
     @property
     def storage_options(self) -> dict[str, Any] | None:
@@ -185,6 +199,7 @@ class SharingStrategyBase(ResumeMixin):
     def teardown(self) -> None:
         self._pending_rng = None
         self._resume_after_last_batch = False
+        self.elastic.reset()
         super().teardown()
         if isinstance(self.checkpoint_io, SharingCheckpointIO):
             self.checkpoint_io.close()  # waits for pending saves (ModelParallelStrategy does not tear its IO down)
@@ -231,3 +246,9 @@ def refuse_ignored_io(strategy: Any) -> None:
         "strategy=\"sharing_model_parallel\") with fully_shard / tensor parallelism in configure_model(), and drop "
         "SharingCheckpointIO from plugins"
     )
+
+
+# Lightning's private API that both Trainer strategies rely on (integration/compat.py), hooked once.
+hook_last_checkpoint()
+hook_checkpoint_filesystem()
+hook_training_sampler()

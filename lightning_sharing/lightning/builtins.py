@@ -10,6 +10,8 @@ key             holds                                                   default
 ``optimizer``   ``checkpoint["optimizer_states"]`` (one per optimizer)  REPLICATED
 ``scheduler``   ``checkpoint["lr_schedulers"]``                         REPLICATED
 ``dataloader``  the fit loop's stateful dataloader states               PER_RANK
+``sampler``     each elastic training sampler's position                GLOBAL
+                (``{"epoch", "consumed"}``, see ``lightning/elastic.py``)
 ``rng``         this process's RNGs (``RNGState``)                      PER_RANK
 ``model_metrics`` the persistent states of torchmetrics metrics inside  PER_RANK
                 the module (``model`` keeps rank 0's copy, unchecked),
@@ -19,8 +21,12 @@ key             holds                                                   default
                 hyper-parameters, datamodule and precision state
 =============== ======================================================= ============
 
-A user re-declares a built-in (to change its pattern, group or validation) by passing
+A user re-declares a built-in (to change its pattern, group, validation or ``on_resize``) by passing
 ``BuiltinState()`` as the stateful of a ``StateComponent`` with the built-in's key.
+
+Loaded at another topology (``RESIZE_POLICIES``, see docs/patterns.md): ``rng`` is reseeded per rank,
+``model_metrics`` merged onto rank 0 (the other ranks start empty), and ``dataloader`` dropped when the
+checkpoint holds the ``sampler`` position (the new ranks continue that global order); otherwise refused.
 
 Two values of Lightning's dict are stored in another form and restored on the way back:
 
@@ -39,7 +45,8 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from lightning_sharing.core.declarations import SharingPattern, StateComponent, ValidationLevel
+from lightning_sharing.core.declarations import ResizePolicy, SharingPattern, StateComponent, ValidationLevel
+from lightning_sharing.core.rules import rule
 from lightning_sharing.distributed.collectives import warn_on_rank_zero
 from lightning_sharing.errors import ComponentDeclarationError, UnsupportedStateError
 from lightning_sharing.format.codec import encode_state
@@ -47,6 +54,8 @@ from lightning_sharing.format.codec import encode_state
 __all__ = [
     "BUILTIN_KEYS",
     "METRIC_COUNTS_KEY",
+    "RESIZE_POLICIES",
+    "SAMPLER_KEY",
     "BuiltinState",
     "builtin_components",
     "join_checkpoint",
@@ -55,7 +64,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-BUILTIN_KEYS = ("model", "optimizer", "scheduler", "dataloader", "rng", "trainer", "model_metrics")
+BUILTIN_KEYS = ("model", "optimizer", "scheduler", "dataloader", "sampler", "rng", "trainer", "model_metrics")
 _SOURCES = {"model": "state_dict", "optimizer": "optimizer_states", "scheduler": "lr_schedulers"}
 _HPARAM_KEYS = ("hyper_parameters", "datamodule_hyper_parameters")
 _HPARAMS_TYPE_KEY = "hparams_type"
@@ -74,10 +83,15 @@ _DEFAULT_PATTERNS = {
     "optimizer": SharingPattern.REPLICATED,
     "scheduler": SharingPattern.REPLICATED,
     "dataloader": SharingPattern.PER_RANK,
+    "sampler": SharingPattern.GLOBAL,
     "rng": SharingPattern.PER_RANK,
     "trainer": SharingPattern.GLOBAL,
     "model_metrics": SharingPattern.PER_RANK,
 }
+#: What loading a built-in saved at another topology does (``dataloader``: only when ``sampler`` was saved).
+RESIZE_POLICIES = {"rng": ResizePolicy.RESEED, "model_metrics": ResizePolicy.MERGE, "dataloader": ResizePolicy.DROP}
+#: Where ``join_checkpoint`` puts the elastic samplers' positions, for the strategy to give its samplers.
+SAMPLER_KEY = "lightning_sharing.sampler_positions"
 #: Where ``join_checkpoint`` puts the metrics' update counts ({metric name: count}) for the strategy to apply.
 METRIC_COUNTS_KEY = "lightning_sharing.metric_update_counts"
 
@@ -96,6 +110,13 @@ class BuiltinState:
 
     def load_state_dict(self, state: Any) -> None:
         raise RuntimeError("BuiltinState is a marker: the data of a built-in component goes to Lightning")
+
+    # A re-declared built-in may name any on_resize policy: the strategy's own holder of it carries it out.
+    def reseed(self, seed: int) -> None:
+        raise RuntimeError("BuiltinState is a marker: the built-in's own holder is reseeded")
+
+    def merge_state(self, state: Any) -> None:
+        raise RuntimeError("BuiltinState is a marker: the built-in's own holder merges")
 
 
 def _fit_loop_state(checkpoint: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -152,6 +173,8 @@ def join_checkpoint(parts: Mapping[str, Any]) -> dict[str, Any]:
         checkpoint["state_dict"] = {**(model_state if isinstance(model_state, Mapping) else {}),
                                     **dict(metrics.get("states") or {})}
         checkpoint[METRIC_COUNTS_KEY] = dict(metrics.get("update_counts") or {})
+    if "sampler" in parts:
+        checkpoint[SAMPLER_KEY] = parts["sampler"]
     kind = checkpoint.get(_HPARAMS_TYPE_KEY)
     if isinstance(kind, Mapping) and set(kind) == {_TYPE_MARKER}:
         checkpoint[_HPARAMS_TYPE_KEY] = _allowed_type(kind[_TYPE_MARKER])
@@ -164,21 +187,30 @@ def join_checkpoint(parts: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def builtin_components(keys: list[str], holders: Mapping[str, Any], overrides: Mapping[str, StateComponent],
-                       validation_level: ValidationLevel) -> list[StateComponent]:
-    """The built-in components for ``keys``, with their default declarations or the user's overrides."""
+                       validation_level: ValidationLevel,
+                       resize: Mapping[str, ResizePolicy] | None = None) -> list[StateComponent]:
+    """The built-in components for ``keys``, with their default declarations or the user's overrides.
+
+    ``resize``: the ``on_resize`` policies of a load (``RESIZE_POLICIES``, as far as the holders carry them out);
+    a user's re-declaration keeps its own.
+    """
     components = []
     for key in keys:
+        policy = (resize or {}).get(key, ResizePolicy.ERROR)
         if key in overrides:
             user = overrides[key]
+            own = user.on_resize if callable(user.on_resize) or user.resize_policy is not ResizePolicy.ERROR \
+                else policy
             components.append(StateComponent(
                 key, holders[key], user.sharing_pattern, user.process_group_name, user.required,
-                user.validate_replication, user.validation_level, dict(user.metadata)))
+                user.validate_replication, user.validation_level, dict(user.metadata),
+                on_resize=own if rule(user.sharing_pattern).rank_specific else ResizePolicy.ERROR))
         elif key == "model":
             components.append(StateComponent(
                 key, holders[key], _DEFAULT_PATTERNS[key], validate_replication=validation_level
                 is not ValidationLevel.NONE, validation_level=validation_level))
         else:
-            components.append(StateComponent(key, holders[key], _DEFAULT_PATTERNS[key]))
+            components.append(StateComponent(key, holders[key], _DEFAULT_PATTERNS[key], on_resize=policy))
     return components
 
 

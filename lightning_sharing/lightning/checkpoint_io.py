@@ -38,13 +38,14 @@ from lightning_sharing.integration.common import CheckpointHost, is_object_url
 from lightning_sharing.lightning.builtins import (
     BUILTIN_KEYS,
     METRIC_COUNTS_KEY,
+    RESIZE_POLICIES,
     builtin_components,
     join_checkpoint,
     split_checkpoint,
 )
 from lightning_sharing.statefuls.holders import ValueHolder
-from lightning_sharing.statefuls.metrics import persistent_state_keys
-from lightning_sharing.statefuls.rng import RNGState
+from lightning_sharing.statefuls.metrics import ModuleMetricsHolder, persistent_state_keys
+from lightning_sharing.statefuls.rng import RNGHolder, RNGState
 from lightning_sharing.storage import remove_checkpoint, store_for
 
 __all__ = ["SharingCheckpointIO"]
@@ -123,7 +124,8 @@ class SharingCheckpointIO(CheckpointHost, CheckpointIO):
                      user_components: list[StateComponent], process_groups: Any,
                      overrides: Mapping[str, StateComponent], unreplicated: frozenset[str] = frozenset(),
                      metrics: Mapping[str, Any] | None = None,
-                     storage_options: Mapping[str, Any] | None = None, staging_roots: Sequence[Any] = ()) -> None:
+                     storage_options: Mapping[str, Any] | None = None, staging_roots: Sequence[Any] = (),
+                     sampler_positions: list[dict[str, Any]] | None = None) -> None:
         """Collective: save Lightning's checkpoint dict plus the user's components.
 
         ``unreplicated`` names model entries that may differ between ranks (buffers such as
@@ -131,8 +133,11 @@ class SharingCheckpointIO(CheckpointHost, CheckpointIO):
         ``metrics`` (``{name: Metric}`` inside the module): their persistent states in the model's state dict
         differ between ranks; each rank's copy (and update count) is saved as the PER_RANK ``model_metrics``.
         ``staging_roots``: the live module and optimizers, whose tensors background staging may copy late.
+        ``sampler_positions``: the elastic training samplers' positions (the GLOBAL built-in ``sampler``).
         """
         parts = split_checkpoint(checkpoint)
+        if sampler_positions is not None:
+            parts["sampler"] = list(sampler_positions)
         model_state = parts.get("model")
         metric_keys: list[str] = []
         if metrics and isinstance(model_state, Mapping):
@@ -159,11 +164,13 @@ class SharingCheckpointIO(CheckpointHost, CheckpointIO):
     def load_sharded(self, path: str | os.PathLike[str], user_components: list[StateComponent],
                      process_groups: Any, overrides: Mapping[str, StateComponent],
                      strict: bool = True, live: Mapping[str, Any] | None = None,
-                     skip: Collection[str] = ()) -> tuple[dict[str, Any], Any]:
+                     skip: Collection[str] = (), module: Any = None) -> tuple[dict[str, Any], Any]:
         """Collective: load the user's components in place; return Lightning's dict and this rank's RNG state.
 
         ``live`` maps built-in keys to statefuls loaded in place (a sharded model, its optimizers), which are then
-        not part of the returned dict; saved built-ins named in ``skip`` are not read.
+        not part of the returned dict; saved built-ins named in ``skip`` are not read. Built-ins saved at another
+        topology follow ``RESIZE_POLICIES`` (``module``: the LightningModule whose metrics ``model_metrics`` merges);
+        the RNG state returned may then be a ``Reseed``.
         """
         live = dict(live or {})
         self.wait()
@@ -179,8 +186,17 @@ class SharingCheckpointIO(CheckpointHost, CheckpointIO):
             saved = {key: StateComponent(key, ValueHolder(), manifest.components[key].pattern,
                                          manifest.components[key].group_name) for key in keys}
         holders = {key: live[key] if key in live else ValueHolder() for key in keys}
+        resize = dict(RESIZE_POLICIES)
+        if "rng" in holders:
+            holders["rng"] = RNGHolder()
+        if "model_metrics" in holders and module is not None:
+            holders["model_metrics"] = ModuleMetricsHolder(module)
+        else:
+            resize.pop("model_metrics")
+        if "sampler" not in keys:  # without the global position, the per-rank loader states cannot be resized
+            resize.pop("dataloader")
         declared = {**saved, **overrides}
-        components = builtin_components(keys, holders, declared, ValidationLevel.NONE) + list(user_components)
+        components = builtin_components(keys, holders, declared, ValidationLevel.NONE, resize) + list(user_components)
         self._coordinator(components, process_groups, path).load_checkpoint(
             path, strict=strict, ignore=sorted(key for key in skip if key in BUILTIN_KEYS))
         parts = {key: holder.value for key, holder in holders.items()

@@ -23,9 +23,10 @@ from lightning_sharing.errors import (
 from lightning_sharing.integration.common import is_plain_object
 from lightning_sharing.integration.compat import set_restored_path, trainer_of
 from lightning_sharing.integration.data import replace_shuffle_wrapper, set_sampler_epoch
-from lightning_sharing.lightning.builtins import METRIC_COUNTS_KEY
+from lightning_sharing.lightning.builtins import METRIC_COUNTS_KEY, SAMPLER_KEY
+from lightning_sharing.lightning.elastic import ElasticData, pending_positions
 from lightning_sharing.statefuls.metrics import module_metrics
-from lightning_sharing.statefuls.rng import RNGState
+from lightning_sharing.statefuls.rng import restore_rng
 
 __all__ = ["ResumeMixin", "agree_on_flag"]
 
@@ -36,6 +37,7 @@ class ResumeMixin:
     """``load_checkpoint`` and the hooks that make a resumed run continue exactly (for ``SharingStrategyBase``)."""
 
     _pending_rng: Any
+    elastic: ElasticData
     _rng_at_first_batch: bool
     _resume_after_last_batch: bool
     _resumed_from: str | None
@@ -70,6 +72,7 @@ class ResumeMixin:
             set_restored_path(trainer_of(self.lightning_module), self._resumed_from)
         module = self.lightning_module
         _apply_update_counts(module, checkpoint.pop(METRIC_COUNTS_KEY, None))
+        self.elastic.pending = pending_positions(checkpoint.pop(SAMPLER_KEY, None))
         trainer = trainer_of(module)  # None after strategy.connect(model) alone
         fitting = trainer is not None and trainer.state.fn == TrainerFn.FITTING
         self._resume_after_last_batch = fitting and _after_last_batch(checkpoint)
@@ -84,14 +87,14 @@ class ResumeMixin:
         if rng is not None and fitting:
             # Applied now (so an epoch-boundary resume creates its data iterator from the saved
             # state) and again before the first batch of a mid-epoch resume (see on_train_start).
-            RNGState().load_state_dict(rng)
+            restore_rng(rng)
             self._pending_rng = rng
         return checkpoint
 
     def _load_one(self, path: Any, user: list[StateComponent], groups: Any, overrides: dict[str, StateComponent],
                   live: dict[str, Any], skip: set[str]) -> tuple[dict[str, Any], Any]:
-        loaded = self.sharing_io.load_sharded(path, user, groups, overrides,
-                                              strict=self.strict, live=live, skip=skip)
+        loaded = self.sharing_io.load_sharded(path, user, groups, overrides, strict=self.strict, live=live,
+                                              skip=skip, module=self.lightning_module)
         self._resumed_from = self._locations.key(path)
         return loaded
 
@@ -147,7 +150,8 @@ class ResumeMixin:
         dataloader = super().process_dataloader(dataloader)
         trainer = trainer_of(self.lightning_module)
         if trainer is not None and trainer.training:
-            replace_shuffle_wrapper(dataloader)
+            replace_shuffle_wrapper(dataloader, elastic=self.elastic.enabled)
+            self.elastic.restore(trainer, dataloader)
             # Lightning creates the first data iterator of a fit (in FitLoop.setup_data) before it calls
             # set_epoch on the sampler, so a run resumed in epoch e would replay epoch 0's shuffle. Set
             # the epoch the loop is in before that iterator exists (the same value Lightning sets later).
@@ -172,7 +176,7 @@ class ResumeMixin:
         super().on_train_batch_start(batch, batch_idx)
         self.sharing_io.poll()  # a failed background save raises here, on every rank
         if self._pending_rng is not None and self._rng_at_first_batch:
-            RNGState().load_state_dict(self._pending_rng)
+            restore_rng(self._pending_rng)
             self._pending_rng = None
 
     def on_train_end(self) -> None:

@@ -25,7 +25,6 @@ from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 
 from lightning_sharing.errors import ComponentDeclarationError
 from lightning_sharing.integration.common import register_strategy
-from lightning_sharing.integration.compat import hook_checkpoint_filesystem, hook_last_checkpoint
 from lightning_sharing.lightning.base import SharingStrategyBase
 from lightning_sharing.statefuls.optimizer import OptimizerState, is_fqn_state
 
@@ -72,6 +71,11 @@ class SharingStrategy(SharingStrategyBase, DDPStrategy):
             ``ckpt_path="last"`` finds it when ``save_last`` is set (Lightning's ``hpc_ckpt_{n}.ckpt`` under
             ``SLURMEnvironment(auto_requeue=True)``); a ``.ckpt`` path (``{step}``/``{epoch}`` filled in) or a
             directory; ``False``: stop without it. See ``lightning_sharing.lightning.preemption``.
+        elastic_data: the sampler Lightning inserts for training (``use_distributed_sampler=True``) is an
+            ``ElasticSampler`` (the same order as its ``DistributedSampler``) whose position every checkpoint
+            records as GLOBAL state, so a resume at another world size continues the epoch where it stopped: every
+            sample once, the batch counters fitted to the new size, RNG reseeded, in-module metrics merged onto
+            rank 0 (docs/patterns.md, "Resuming at another world size"). ``False`` keeps Lightning's sampler.
         storage_options: fsspec filesystem arguments for checkpoint URLs (``ModelCheckpoint(dirpath="s3://...")``:
             ``endpoint_url``, ``key``, ``secret``, ``client_kwargs``, ...), used for every save, load, removal,
             ``ckpt_path="last"`` and fallback on a URL, and by ``ModelCheckpoint`` itself to list its directory.
@@ -119,5 +123,3 @@ def _dtensor_parameters(model: Any) -> list[str]:
 
 register_strategy(StrategyRegistry, "sharing", SharingStrategy,
                   "DDP with lightning_sharing checkpoints (explicit sharing patterns)")
-hook_last_checkpoint()
-hook_checkpoint_filesystem()

@@ -16,13 +16,15 @@ Example:
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
 
 from lightning_sharing.core.declarations import register_stateful_adapter
+from lightning_sharing.statefuls.holders import ValueHolder
 
-__all__ = ["MetricState", "is_metric", "module_metrics", "persistent_state_keys"]
+__all__ = ["MetricState", "ModuleMetricsHolder", "is_metric", "module_metrics", "persistent_state_keys"]
 
 
 def is_metric(value: Any) -> bool:
@@ -88,6 +90,42 @@ def persistent_state_keys(name: str, metric: Any) -> list[str]:
     """The ``module.state_dict()`` keys of ``metric``'s persistent states (``metric.persistent(True)``)."""
     persistent = getattr(metric, "_persistent", {})
     return [f"{name}.{state}" for state in metric._defaults if persistent.get(state)]
+
+
+class ModuleMetricsHolder(ValueHolder):
+    """The Trainer's ``model_metrics`` built-in on load: ``{"states": {key: state}, "update_counts": {name: n}}``
+    of the metrics inside ``module``, mergeable across ranks (``on_resize="merge"``) with each metric's own
+    reductions, and resettable to the metrics' defaults (the ranks that start empty)."""
+
+    def __init__(self, module: Any) -> None:
+        super().__init__()
+        self.module = module
+
+    def merge_state(self, state: dict[str, Any]) -> None:
+        states, counts = dict(self.value["states"]), dict(self.value["update_counts"])
+        for name, metric in module_metrics(self.module).items():
+            prefix = f"{name}."
+            keys = [key for key in state["states"] if key.startswith(prefix) and key in states]
+            if not keys:
+                continue
+            scratch = MetricState(copy.deepcopy(metric))
+            scratch.load_state_dict({"states": {key[len(prefix):]: states[key] for key in keys},
+                                     "update_count": int(counts.get(name, 0))})
+            scratch.merge_state({"states": {key[len(prefix):]: state["states"][key] for key in keys},
+                                 "update_count": int(state["update_counts"].get(name, 0))})
+            merged = scratch.state_dict()
+            states.update({key: merged["states"][key[len(prefix):]] for key in keys})
+            counts[name] = merged["update_count"]
+        self.value = {"states": states, "update_counts": counts}
+
+    def reset(self) -> None:
+        states: dict[str, Any] = {}
+        for name, metric in module_metrics(self.module).items():
+            for key in persistent_state_keys(name, metric):
+                default = metric._defaults[key[len(name) + 1:]]
+                states[key] = [] if isinstance(default, list) else default.detach().clone()
+        self.value = {"states": states, "update_counts": dict.fromkeys(module_metrics(self.module), 0)}
+        self.loaded = True
 
 
 def _wrap_metric(stateful: Any) -> MetricState | None:

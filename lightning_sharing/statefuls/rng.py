@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import logging
 import random
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import xxhash
 
-__all__ = ["RNGState"]
+from lightning_sharing.statefuls.holders import ValueHolder
+
+__all__ = ["RNGHolder", "RNGState", "Reseed", "restore_rng"]
 
 log = logging.getLogger(__name__)
 
@@ -105,3 +108,25 @@ def _set_numpy_state(state: dict[str, Any]) -> None:
         (state["bit_generator"], keys, int(state["pos"]), int(state["has_gauss"]),
          float(state["cached_gaussian"]))
     )
+
+
+@dataclass(frozen=True)
+class Reseed:
+    """Stands for an RNG state that is to be reseeded rather than restored (``on_resize="reseed"``)."""
+
+    seed: int
+
+
+class RNGHolder(ValueHolder):
+    """Holds a loaded RNG state for the Trainer strategies to apply later (or a ``Reseed`` after a resize)."""
+
+    def reseed(self, seed: int) -> None:
+        self.value, self.loaded = Reseed(seed), True
+
+
+def restore_rng(value: Any) -> None:
+    """Apply what an ``RNGHolder`` holds: a saved RNG state, or a reseed."""
+    if isinstance(value, Reseed):
+        RNGState().reseed(value.seed)
+    else:
+        RNGState().load_state_dict(value)

@@ -71,8 +71,10 @@ class ElasticSampler(Sampler[int]):
         self.dataset = dataset
         self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
         self.epoch = 0
-        self._start = 0  # entries of the epoch's permutation consumed before the current pass began
+        self._resume_at = 0  # where the next pass over the epoch begins (a restored position, else 0)
+        self._begin = 0  # where the current pass began
         self._taken = 0  # entries this rank's current pass has yielded
+        self._done = False  # the current pass ran to its end
 
     # ------------------------------------------------------------------ the global order
     def _permutation(self) -> list[int]:
@@ -91,15 +93,15 @@ class ElasticSampler(Sampler[int]):
             return left // self.num_replicas * self.num_replicas
         return math.ceil(left / self.num_replicas) * self.num_replicas
 
-    def _pass_start(self) -> int:
-        # An epoch used up (its last pass ran to the end) is passed over again from its start, as
-        # DistributedSampler does when set_epoch is not called.
-        return 0 if self._start >= len(self.dataset) else self._start
+    def _next_start(self) -> int:
+        # A position at (or past) the epoch's end means the epoch is used up: another pass starts at its
+        # beginning, as DistributedSampler's does when set_epoch is not called.
+        return 0 if self._resume_at >= len(self.dataset) else self._resume_at
 
     def _order(self) -> list[int]:
         """What is left of this epoch's global order, padded or cut for this world size (DistributedSampler's way)."""
         permutation = self._permutation()
-        order = permutation[self._pass_start():]
+        order = permutation[self._begin:]
         total = self._round_length(len(order))
         if total <= len(order):
             return order[:total]
@@ -111,30 +113,50 @@ class ElasticSampler(Sampler[int]):
 
     # ------------------------------------------------------------------ Sampler
     def __iter__(self) -> Iterator[int]:
+        self._begin, self._resume_at, self._taken, self._done = self._next_start(), 0, 0, False
         order = self._order()
-        self._start, self._taken = self._pass_start(), 0
         for index in order[self.rank::self.num_replicas]:
             self._taken += 1
             yield index
-        self._start, self._taken = len(self.dataset), 0  # used up: a checkpoint now records the epoch complete
+        self._done = True  # used up: a checkpoint now records the epoch complete
 
     def __len__(self) -> int:
-        return self._round_length(len(self.dataset) - self._pass_start()) // self.num_replicas
+        """Samples per rank in a whole epoch at this world size (DistributedSampler's ``len``), also after a
+        restore: a loader counts the batches already taken this epoch and stops where the data ends."""
+        return self._round_length(len(self.dataset)) // self.num_replicas
+
+    def remaining(self) -> int:
+        """Samples per rank the next pass yields: the rest of the epoch after a restore, else a whole epoch."""
+        return self._round_length(len(self.dataset) - self._next_start()) // self.num_replicas
 
     def set_epoch(self, epoch: int) -> None:
         """Start ``epoch`` (its own permutation); the epoch a checkpoint restored keeps its position."""
         if epoch != self.epoch:
-            self.epoch, self._start, self._taken = epoch, 0, 0
+            self.epoch, self._resume_at, self._begin, self._taken, self._done = epoch, 0, 0, 0, False
 
     # ------------------------------------------------------------------ state (GLOBAL)
     @property
     def consumed(self) -> int:
         """Entries of this epoch's global order the ranks together have taken (the same on every rank)."""
-        return self._start + self._taken * self.num_replicas
+        return self._position(self._taken)
+
+    def _position(self, taken: int) -> int:
+        if self._done and taken >= self._taken:
+            return len(self.dataset)
+        pass_length = self._round_length(len(self.dataset) - self._begin) // self.num_replicas
+        return min(self._begin + min(max(taken, 0), pass_length) * self.num_replicas, len(self.dataset))
 
     def state_dict(self) -> dict[str, Any]:
         """``{"epoch", "consumed"}``: the position in the epoch's global order, independent of the world size."""
         return {"epoch": self.epoch, "consumed": self.consumed}
+
+    def state_dict_after(self, taken: int) -> dict[str, Any]:
+        """``state_dict()`` once every rank has taken ``taken`` samples of the current pass.
+
+        For a training loop that knows what it took while its loader ran ahead (prefetching): Lightning's
+        batch counters, say, rather than what the iterator yielded.
+        """
+        return {"epoch": self.epoch, "consumed": self._position(taken)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue the global order of ``state["epoch"]`` after ``state["consumed"]`` entries, at this world size."""
@@ -142,4 +164,5 @@ class ElasticSampler(Sampler[int]):
         if not isinstance(epoch, int) or not isinstance(consumed, int) or epoch < 0 or consumed < 0:
             raise ComponentDeclarationError(
                 f"ElasticSampler.load_state_dict needs non-negative integers 'epoch' and 'consumed', got {state!r}")
-        self.epoch, self._start, self._taken = epoch, min(consumed, len(self.dataset)), 0
+        self.epoch, self._resume_at = epoch, min(consumed, len(self.dataset))
+        self._begin, self._taken, self._done = self._resume_at, 0, False

@@ -63,7 +63,9 @@ def test_killed_and_resumed_run_matches_uninterrupted_run(tmp_path: Path, tmp_pa
     assert manifest.world_size == devices
     patterns = {key: c.sharing_pattern for key, c in manifest.components.items()}
     assert patterns == {"model": "replicated", "optimizer": "replicated", "scheduler": "replicated",
-                        "dataloader": "per_rank", "rng": "per_rank", "trainer": "global", "loss_mean": "per_rank"}
+                        "dataloader": "per_rank", "sampler": "global", "rng": "per_rank", "trainer": "global",
+                        "loss_mean": "per_rank"}
+    assert [f.rank for f in manifest.components["sampler"].files] == [0]  # the elastic sampler's position, once
     assert manifest.components["model"].validation == "quick"
     # Every rank saved its own dataloader position, RNG and metric; Lightning's own DDP save keeps rank 0's only.
     for key in ("dataloader", "rng", "loss_mean"):

@@ -86,7 +86,8 @@ def test_resume_at_the_same_world_size_is_the_uninterrupted_stream() -> None:
         s.load_state_dict(state)
         s.set_epoch(2)
     for rank, s in enumerate(resumed):
-        assert len(s) == len(uninterrupted[rank]) - 3
+        assert len(s) == len(uninterrupted[rank])  # a whole epoch's length, as DistributedSampler's
+        assert s.remaining() == len(uninterrupted[rank]) - 3
         assert head[rank] + list(s) == uninterrupted[rank]
 
 
@@ -115,3 +116,22 @@ def test_bad_arguments_and_states_are_refused() -> None:
         ElasticSampler(range(4), num_replicas=0, rank=0)
     with pytest.raises(ComponentDeclarationError, match="'epoch' and 'consumed'"):
         ElasticSampler(range(4), num_replicas=1, rank=0).load_state_dict({"epoch": 0})
+
+
+def test_state_after_what_a_loop_took_while_its_loader_ran_ahead() -> None:
+    sampler = ElasticSampler(range(10), shuffle=False, num_replicas=2, rank=0)
+    iterator = iter(sampler)
+    assert [next(iterator) for _ in range(4)] == [0, 2, 4, 6]  # the loader fetched four, the loop took two
+    assert sampler.state_dict() == {"epoch": 0, "consumed": 8}
+    assert sampler.state_dict_after(2) == {"epoch": 0, "consumed": 4}
+    assert sampler.state_dict_after(99) == {"epoch": 0, "consumed": 10}  # never past the epoch
+
+
+def test_a_resumed_pass_run_to_its_end_records_the_epoch_complete() -> None:
+    sampler = ElasticSampler(range(24), num_replicas=4, rank=1)
+    sampler.load_state_dict({"epoch": 0, "consumed": 12})
+    assert sampler.remaining() == 3 and len(sampler) == 6
+    assert sampler.state_dict() == {"epoch": 0, "consumed": 12}
+    assert len(list(sampler)) == 3
+    assert sampler.state_dict() == sampler.state_dict_after(3) == {"epoch": 0, "consumed": 24}
+    assert sampler.state_dict_after(1) == {"epoch": 0, "consumed": 16}
