@@ -34,14 +34,14 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import Sampler
+from torch.utils.data import DistributedSampler
 
 from lightning_sharing.errors import ComponentDeclarationError
 
 __all__ = ["ElasticSampler"]
 
 
-class ElasticSampler(Sampler[int]):
+class ElasticSampler(DistributedSampler):
     """A ``DistributedSampler`` whose position (GLOBAL state) resumes at any world size (see the module docstring).
 
     Args:
@@ -53,7 +53,8 @@ class ElasticSampler(Sampler[int]):
         rank: this rank (default: the default process group's, else 0).
 
     Call ``set_epoch(epoch)`` at the start of every epoch, as with DistributedSampler; calling it with the
-    epoch a checkpoint restored keeps the restored position.
+    epoch a checkpoint restored keeps the restored position. It is a ``DistributedSampler`` (a subclass), so
+    Lightning and other tools that look for one leave it in place.
     """
 
     def __init__(self, dataset: Sized, shuffle: bool = True, seed: int = 0, drop_last: bool = False,
@@ -68,9 +69,8 @@ class ElasticSampler(Sampler[int]):
         if not isinstance(self.rank, int) or not 0 <= self.rank < self.num_replicas:
             raise ComponentDeclarationError(f"ElasticSampler: rank must be in [0, {self.num_replicas - 1}], got "
                                             f"{self.rank!r}")
-        self.dataset = dataset
-        self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
-        self.epoch = 0
+        super().__init__(dataset, num_replicas=self.num_replicas, rank=self.rank, shuffle=shuffle, seed=seed,
+                         drop_last=drop_last)
         self._resume_at = 0  # where the next pass over the epoch begins (a restored position, else 0)
         self._begin = 0  # where the current pass began
         self._taken = 0  # entries this rank's current pass has yielded

@@ -6,29 +6,14 @@ checksums) and matched against the error a real load raises, so the page and the
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import pytest
 import torch
+from support.documented import documented as _documented
+from support.documented import pattern as _pattern
 
 from lightning_sharing import CorruptCheckpointError, SharingCheckpointIO
-
-DOC = Path(__file__).resolve().parents[2] / "docs" / "troubleshooting.md"
-
-
-def _documented(title: str) -> str:
-    text = DOC.read_text()
-    section = text[text.index(title):]
-    block = section[section.index("```") + 3:]
-    return " ".join(block[:block.index("```")].split())
-
-
-def _pattern(documented: str) -> re.Pattern[str]:
-    parts = re.split(r"(\.\.\.|xxh3_128:[0-9a-f]{32})", documented)
-    regex = "".join(".*" if p == "..." else r"xxh3_128:[0-9a-f]{32}" if p.startswith("xxh3_128:") else re.escape(p)
-                    for p in parts)
-    return re.compile(regex)
 
 
 def test_corrupt_file_message_matches_the_troubleshooting_page(tmp_path: Path) -> None:

@@ -90,8 +90,8 @@ def test_what_each_rank_wrote(runs: dict[str, Path], name: str) -> None:
     assert manifest.world_size == world and manifest.step == 6
     patterns = {key: (c.sharing_pattern, c.group_name) for key, c in manifest.components.items()}
     assert patterns == {"model": ("sharded", None), "optimizer": ("sharded", None), "scheduler": ("global", None),
-                        "dataloader": ("per_group", "tensor_parallel"), "rng": ("per_rank", None),
-                        "trainer": ("global", None), "loss_mean": ("per_rank", None)}
+                        "dataloader": ("per_group", "tensor_parallel"), "sampler": ("global", None),
+                        "rng": ("per_rank", None), "trainer": ("global", None), "loss_mean": ("per_rank", None)}
     files = {key: sorted((f.path, f.rank) for f in c.files) for key, c in manifest.components.items()}
     chunks = [(f"model/chunks-{r:05d}.safetensors", r) for r in range(world)]
     assert files["model"] == [*chunks, ("model/index.json", 0)]
@@ -155,9 +155,10 @@ def test_layout_changes_ddp_one_device_and_load_from_checkpoint(runs: dict[str, 
         assert result["global_step"] == 6 and result["scheduler"]["last_epoch"] == 6
         assert result["optimizer"]["param_groups.0.weight.lr"] == pytest.approx(0.05 * 0.5 * (1 + math.cos(
             math.pi * 2 / 8)))
-    # strict (the default): the per-group / per-rank state does not map onto another layout; the error says so.
-    assert "component 'dataloader' is PER_GROUP and group 'tensor_parallel' was saved as [[0], [1]]; this run has " \
-           "[[0, 1], [2, 3]]" in to_4[0]["mp"]["strict_error"]
+    # strict (the default): per-rank state without an on_resize policy (the module's own loss_mean) does not map
+    # onto another layout; the error says so. The built-ins resize (the data position is the GLOBAL sampler's).
+    assert "component 'loss_mean' is PER_RANK and it was saved at world_size=2; this run has world_size=4" \
+        in to_4[0]["mp"]["strict_error"]
     assert "load with strict=False to skip it" in to_4[0]["mp"]["strict_error"]
     for result in (to_2[1]["ddp"], to_1["ddp"]):
         assert (f"{from_4}: component 'dataloader' was saved PER_GROUP over the process group 'tensor_parallel', "
