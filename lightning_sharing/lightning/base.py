@@ -171,7 +171,8 @@ class SharingStrategyBase(ResumeMixin):
         self.sharing_io.save_sharded(checkpoint, filepath, user, self._resolve_process_groups(), overrides,
                                      unreplicated=self.unreplicated_entries(),
                                      metrics=module_metrics(self.lightning_module), storage_options=storage_options,
-                                     staging_roots=[self.lightning_module, *self.optimizers])
+                                     staging_roots=[self.lightning_module, *self.optimizers],
+                                     module=self.lightning_module)
 
     @property
     def storage_options(self) -> dict[str, Any] | None:

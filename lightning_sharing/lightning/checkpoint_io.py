@@ -117,7 +117,8 @@ class SharingCheckpointIO(CheckpointHost, CheckpointIO):
                      user_components: list[StateComponent], process_groups: Any,
                      overrides: Mapping[str, StateComponent], unreplicated: frozenset[str] = frozenset(),
                      metrics: Mapping[str, Any] | None = None,
-                     storage_options: Mapping[str, Any] | None = None, staging_roots: Sequence[Any] = ()) -> None:
+                     storage_options: Mapping[str, Any] | None = None, staging_roots: Sequence[Any] = (),
+                     module: Any = None) -> None:
         """Collective: save Lightning's checkpoint dict plus the user's components.
 
         ``unreplicated`` names model entries that may differ between ranks (buffers such as
@@ -125,6 +126,8 @@ class SharingCheckpointIO(CheckpointHost, CheckpointIO):
         ``metrics`` (``{name: Metric}`` inside the module): their persistent states in the model's state dict
         differ between ranks; each rank's copy (and update count) is saved as the PER_RANK ``model_metrics``.
         ``staging_roots``: the live module and optimizers, whose tensors background staging may copy late.
+        ``module``: the LightningModule whose state dict ``checkpoint["state_dict"]`` is (a ``transformers`` model in it
+        is described in the manifest, for the export).
         """
         parts = split_checkpoint(checkpoint)
         model_state = parts.get("model")
@@ -140,6 +143,7 @@ class SharingCheckpointIO(CheckpointHost, CheckpointIO):
         holders: dict[str, Any] = {key: ValueHolder(value) for key, value in parts.items()}
         if "model" in holders:
             holders["model"].exempt = unreplicated | frozenset(metric_keys)
+            holders["model"].source_module = module
         holders["rng"] = RNGState()
         keys = [key for key in BUILTIN_KEYS if key in holders]
         components = builtin_components(keys, holders, overrides, self.validation_level) + list(user_components)
