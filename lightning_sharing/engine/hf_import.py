@@ -131,13 +131,25 @@ def _match(module: torch.nn.Module, index: ShardedIndex, prefix: str, strict: bo
         raise CheckpointError(
             f"{where} and the module (prefix {prefix!r}) hold different tensors: the files lack "
             f"{_listing(result.missing) if result.missing else 'none'}; the module lacks "
-            f"{_listing(result.unexpected) if result.unexpected else 'none'} (check prefix=, or pass strict=False "
-            "to load the rest)"
+            f"{_listing(result.unexpected) if result.unexpected else 'none'}{_prefix_hint(live, index, prefix)} "
+            "(pass strict=False to load the rest)"
         )
     if result.missing or result.unexpected:
         log.warning("%s: loading without %s (not in the files: they keep their values); not loaded: %s", where,
                     _listing(result.missing), _listing(result.unexpected))
     return _Match(reads, result)
+
+
+def _prefix_hint(live: dict[str, Any], index: ShardedIndex, prefix: str) -> str:
+    """Where the files' keys are in the module, when ``prefix`` is not it (a module key ending with a file key)."""
+    for key in sorted(index.tensors, key=len, reverse=True):
+        found = sorted(name[:-len(key)] for name in live if name.endswith(key) and (name == key or
+                                                                                name[-len(key) - 1] == "."))
+        if found and found[0] != prefix:
+            return f"; the module holds {key!r} under the prefix {found[0]!r}: pass prefix={found[0]!r}"
+        if found:
+            return ""
+    return ""
 
 
 def _read(match: _Match, index: ShardedIndex, files: HFFiles) -> None:

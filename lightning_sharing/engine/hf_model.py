@@ -33,8 +33,11 @@ __all__ = ["describe_hf_model", "find_hf_model"]
 
 log = logging.getLogger(__name__)
 
-# Wrapper modules whose own name does not appear in the state dicts saved through them.
-_WRAPPER_PARTS = frozenset({"_orig_mod", "_checkpoint_wrapped_module", "_fsdp_wrapped_module", "_forward_module"})
+# Wrapper modules whose own name ``Module.state_dict()`` leaves out (their state-dict hooks take it off).
+_HIDDEN_PARTS = frozenset({"_checkpoint_wrapped_module", "_fsdp_wrapped_module"})
+# Wrappers that a stateful's own state dict leaves out as well (``get_model_state_dict``, Lightning's and Fabric's
+# module state dicts): torch.compile's, Fabric's, and the ``module`` of DDP.
+_WRAPPER_PARTS = _HIDDEN_PARTS | {"_orig_mod", "_forward_module"}
 _DATA_PARALLEL = frozenset({"DistributedDataParallel", "DataParallel"})
 
 
@@ -44,20 +47,23 @@ def _pretrained_class() -> type | None:
     return base if isinstance(base, type) else None
 
 
-def _root_module(stateful: Any) -> torch.nn.Module | None:
+def _root_module(stateful: Any) -> tuple[torch.nn.Module, bool] | None:
+    """The module whose state dict ``stateful`` saves, and whether it is the stateful itself (raw ``state_dict()``)."""
     if isinstance(stateful, torch.nn.Module):
-        return stateful
+        return stateful, True
     source = getattr(stateful, "source_module", None)  # the module whose state dict the stateful saves
-    return source if isinstance(source, torch.nn.Module) else None
+    return (source, False) if isinstance(source, torch.nn.Module) else None
 
 
-def _state_dict_prefix(root: torch.nn.Module, path: str) -> str:
-    """The prefix of the module at ``path`` in the state dict saved from ``root`` (wrapper names taken out)."""
+def _state_dict_prefix(root: torch.nn.Module, path: str, raw: bool) -> str:
+    """The prefix of the module at ``path`` in the state dict saved from ``root``: its path, less the wrapper names
+    that ``root.state_dict()`` (``raw``) or a stateful's unwrapped state dict leaves out."""
     kept: list[str] = []
     node: Any = root
     for part in path.split(".") if path else []:
         parent, node = node, getattr(node, part)
-        if part in _WRAPPER_PARTS or (part == "module" and type(parent).__name__ in _DATA_PARALLEL):
+        if part in _HIDDEN_PARTS or (not raw and (part in _WRAPPER_PARTS or (
+                part == "module" and type(parent).__name__ in _DATA_PARALLEL))):
             continue
         kept.append(part)
     return "".join(f"{part}." for part in kept)
@@ -69,9 +75,10 @@ def find_hf_model(stateful: Any) -> tuple[torch.nn.Module, str] | None:
     With several models side by side (a teacher and a student), the first one registered is taken (logged).
     """
     base = _pretrained_class()
-    root = _root_module(stateful) if base is not None else None
-    if root is None or base is None:
+    held = _root_module(stateful) if base is not None else None
+    if held is None or base is None:
         return None
+    root, raw = held
     found: list[tuple[str, torch.nn.Module]] = []
     for path, module in root.named_modules():
         if isinstance(module, base) and not any(path.startswith(f"{p}.") or not p for p, _ in found):
@@ -82,7 +89,7 @@ def find_hf_model(stateful: Any) -> tuple[torch.nn.Module, str] | None:
     if len(found) > 1:
         log.warning("several transformers models found (%s); the export describes %r, pass --prefix (and its "
                     "config.json) for another", [p for p, _ in found], path)
-    return model, _state_dict_prefix(root, path)
+    return model, _state_dict_prefix(root, path, raw)
 
 
 def _hf_class(model: torch.nn.Module, base: type) -> type:
