@@ -46,7 +46,7 @@ from lightning_sharing.distributed.collectives import agreement, get_rank, get_w
 from lightning_sharing.engine.commit import staged
 from lightning_sharing.engine.copy_format import FullTensors
 from lightning_sharing.engine.formats import all_formats, format_for
-from lightning_sharing.engine.hf_export import config_files, output_names
+from lightning_sharing.engine.hf_export import config_files, derived_keys, output_names
 from lightning_sharing.engine.verified_files import ComponentFiles
 from lightning_sharing.engine.whole_format import assign_writers
 from lightning_sharing.errors import CheckpointError, ComponentDeclarationError
@@ -207,7 +207,7 @@ def plan_export(store: CheckpointStore, root: str, spec: HFExport, display: str 
     record = saved.hf_model
     prefix = spec.prefix if spec.prefix is not None else (record.prefix if record is not None else "")
     saved_tensors = {t.name: t for t in source.tensors}
-    names = output_names(list(saved_tensors), source.ties, prefix, record.tied if record else {}, record is not None)
+    names = output_names(list(saved_tensors), source.ties, prefix, derived_keys(record, prefix), record is not None)
     tensors = []
     for out, name in names.pairs:
         t = saved_tensors[name]

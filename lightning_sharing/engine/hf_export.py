@@ -26,7 +26,7 @@ import torch
 from lightning_sharing.checkpoint.hf_record import HFModelRecord
 from lightning_sharing.errors import ComponentDeclarationError
 
-__all__ = ["CONFIG_NAME", "GENERATION_CONFIG_NAME", "OutputNames", "config_files", "output_names"]
+__all__ = ["CONFIG_NAME", "GENERATION_CONFIG_NAME", "OutputNames", "config_files", "derived_keys", "output_names"]
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,21 @@ def output_names(stored: Sequence[str], ties: Mapping[str, str], prefix: str, de
     if result.dropped:
         log.info("export: %d tensors outside the prefix %r are not written (%s...)", len(result.dropped), prefix,
                  result.dropped[:4])
+    return result
+
+
+def derived_keys(record: HFModelRecord | None, prefix: str) -> dict[str, str]:
+    """The record's ties (derived key -> kept key, relative to the model) as output names under ``prefix``.
+
+    The record's keys sit under ``record.prefix`` in the component; ties outside ``prefix`` are dropped.
+    """
+    if record is None:
+        return {}
+    result = {}
+    for derived, kept in record.tied.items():
+        full_derived, full_kept = record.prefix + derived, record.prefix + kept
+        if full_derived.startswith(prefix) and full_kept.startswith(prefix):
+            result[full_derived[len(prefix):]] = full_kept[len(prefix):]
     return result
 
 
