@@ -6,8 +6,9 @@ One launched job (``_job``, two processes), checked several ways:
     (``export_hf``, small shards);
   FSDP2: the same wrapper under ``fully_shard``, trained one step, saved SHARDED through ``ShardedModuleState``;
   TP: a tiny Llama split by ``parallelize_module`` (column / row parallel), saved SHARDED as the model itself;
-  import: the DDP export loaded with ``load_hf_weights`` into a fresh FSDP2 wrapper (prefix ``model.``), and a
-    ``save_pretrained`` directory into a fresh TP Llama; a wrong prefix fails on both ranks, naming the keys.
+  import: the DDP export loaded with ``load_hf_weights`` into a fresh FSDP2 wrapper and a fresh DDP one (prefix
+    ``model.``), and a ``save_pretrained`` directory into a fresh TP Llama; a wrong prefix fails on both ranks,
+    naming the keys.
 Then, in this process: ``from_pretrained`` of each export (the FSDP2 and TP ones written by the command line) loads
 with an empty report and gives logits ``torch.equal`` to the training module's; the imported models' logits equal
 the originals'.
@@ -104,6 +105,9 @@ def _job(rank: int, world: int, root: str) -> dict[str, Any]:
     out["fsdp_import"] = {"logits": logits(fresh), "missing": result.missing, "unexpected": result.unexpected,
                           "loaded": len(result.loaded), "tied": fresh.model.lm_head.weight is
                           fresh.model.transformer.wte.weight}
+    fresh_ddp = Wrapper(seed=5)
+    load_hf_weights(DistributedDataParallel(fresh_ddp), f"{root}/hf-ddp", prefix="model.")  # DDP's module. unwrapped
+    out["ddp_import"] = logits(fresh_ddp)
     fresh_tp = _tp(llama(seed=9), mesh)
     result = load_hf_weights(fresh_tp, f"{root}/hf-llama")
     out["tp_import"] = {"logits": logits(fresh_tp), "missing": result.missing, "unexpected": result.unexpected}
@@ -158,13 +162,14 @@ def test_tensor_parallel_checkpoint_exports_exactly(job, tmp_path: Path) -> None
     assert model.lm_head.weight is not model.model.embed_tokens.weight  # untied, both written
 
 
-def test_import_into_fsdp2_and_tensor_parallel(job) -> None:
+def test_import_into_fsdp2_ddp_and_tensor_parallel(job) -> None:
     _, results = job
     for rank, result in enumerate(results):
         imported = result["fsdp_import"]
         assert (imported["missing"], imported["unexpected"], imported["loaded"]) == ([], [], 29), rank
         assert imported["tied"], rank
         assert torch.equal(imported["logits"], results[0]["ddp_logits"]), rank
+        assert torch.equal(result["ddp_import"], results[0]["ddp_logits"]), rank
         assert (result["tp_import"]["missing"], result["tp_import"]["unexpected"]) == ([], []), rank
         assert torch.equal(result["tp_import"]["logits"], result["tp_logits"]), rank
 
