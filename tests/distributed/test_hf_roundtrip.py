@@ -47,6 +47,7 @@ def _fsdp(module: Wrapper, mesh: Any) -> Wrapper:
 
     for block in module.model.transformer.h:
         fully_shard(block, mesh=mesh)
+    fully_shard(module.model, mesh=mesh)  # its class becomes FSDPGPT2LMHeadModel
     fully_shard(module, mesh=mesh)
     return module
 
@@ -150,6 +151,8 @@ def test_ddp_export_written_by_both_ranks_loads_exactly(job) -> None:
 def test_fsdp2_checkpoint_exports_exactly(job, tmp_path: Path) -> None:
     root, results = job
     assert main(["export", str(root / "fsdp.ckpt"), str(tmp_path / "hf")]) == 0
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["architectures"] == ["GPT2LMHeadModel"]  # the transformers class, not fully_shard's FSDP class
     _check_load(tmp_path / "hf", results[0]["fsdp_logits"])
 
 

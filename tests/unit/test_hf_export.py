@@ -36,7 +36,7 @@ def _save(stateful, path: Path, pattern: SharingPattern = SharingPattern.REPLICA
     return path
 
 
-def test_lightning_checkpoint_exports_what_transformers_loads_exactly(tmp_path: Path) -> None:
+def test_lightning_checkpoint_exports_what_transformers_loads_exactly(tmp_path: Path, capsys) -> None:
     """The issue's case: a LightningModule with ``self.model = GPT2LMHeadModel(config)``, saved by the strategy's
     checkpoint IO (the model's state dict in a holder that names the module), exported by the command line."""
     import lightning.pytorch as pl
@@ -62,6 +62,8 @@ def test_lightning_checkpoint_exports_what_transformers_loads_exactly(tmp_path: 
     assert record.config["architectures"] == ["GPT2LMHeadModel"] and record.config["n_embd"] == 32
     assert record.generation_config == json.loads(module.model.generation_config.to_json_string(use_diff=True))
 
+    assert main(["inspect", str(tmp_path / "step=1.ckpt")]) == 0
+    assert "model: transformers GPT2LMHeadModel under prefix 'model.'" in " ".join(capsys.readouterr().out.split())
     assert main(["export", str(tmp_path / "step=1.ckpt"), str(tmp_path / "hf")]) == 0
     assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == [
         "config.json", "generation_config.json", "model-00001-of-00001.safetensors", "model.safetensors.index.json"]
