@@ -113,6 +113,9 @@ def _match(module: torch.nn.Module, index: ShardedIndex, prefix: str, strict: bo
         name = present[0]
         key = name[len(prefix):]
         saved, tensor = index.tensors[key].shape, live[name]
+        if tensor.device.type == "meta":
+            raise CheckpointError(f"{name} is on the meta device, which holds no data to load into; materialize the "
+                                  "module first (module.to_empty(device=...)), then call load_hf_weights")
         if tuple(tensor.shape) != saved:
             mismatched.extend(group)
             details.append(f"{name}: {list(saved)} in the files, {list(tensor.shape)} in the module")

@@ -144,6 +144,8 @@ def test_malformed_directories_are_refused_naming_the_file(tmp_path: Path) -> No
     with pytest.raises(CheckpointNotFoundError, match=r"holds neither model\.safetensors\.index\.json nor"):
         load_hf_weights(gpt2(), tmp_path / "empty")
     _, path = _pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match=r"transformer\.wte\.weight is on the meta device.*to_empty"):
+        load_hf_weights(gpt2().to("meta"), path)
     data = (path / "model.safetensors").read_bytes()
     (path / "model.safetensors").write_bytes(data[:-100])  # truncated
     with pytest.raises(CheckpointError, match=r"tensor '.*' in .*/model.safetensors: bytes .* do not hold shape"):
