@@ -1,4 +1,5 @@
-"""The manifest of a save, built on rank 0 from what every rank wrote: a pure function.
+"""The manifest of a save, built on rank 0 from what every rank wrote (and nothing else, but a transformers model's
+description read from its component).
 
 ``build_manifest`` describes every component (pattern, group, writer ranks, replicas, files with their sizes and
 checksums) from the ``WrittenCopy`` records gathered at the commit, plus the files rank 0 itself wrote there
