@@ -34,6 +34,7 @@ from support.hf import (
     train_step,
 )
 
+from lightning_sharing import CheckpointManifest
 from lightning_sharing.cli import main
 
 pytest.importorskip("transformers", reason=SKIP_REASON)
@@ -143,6 +144,8 @@ def test_ddp_export_written_by_both_ranks_loads_exactly(job) -> None:
     config = json.loads((root / "hf-ddp" / "config.json").read_text())
     assert config["architectures"] == ["GPT2LMHeadModel"] and config["dtype"] == "float32"
     assert (root / "hf-ddp" / "generation_config.json").is_file()
+    record = CheckpointManifest.load(root / "ddp.ckpt").components["model"].hf_model
+    assert record.prefix == "module.model."  # the DDP wrapper was declared: its state dict keeps "module."
     model = _check_load(root / "hf-ddp", results[0]["ddp_logits"])
     assert model.lm_head.weight is model.transformer.wte.weight  # the tie holds after loading
     assert torch.equal(results[0]["ddp_logits"], results[1]["ddp_logits"])
@@ -153,6 +156,10 @@ def test_fsdp2_checkpoint_exports_exactly(job, tmp_path: Path) -> None:
     assert main(["export", str(root / "fsdp.ckpt"), str(tmp_path / "hf")]) == 0
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["architectures"] == ["GPT2LMHeadModel"]  # the transformers class, not fully_shard's FSDP class
+    record = CheckpointManifest.load(root / "fsdp.ckpt").components["model"].hf_model
+    assert (record.prefix, record.tied) == ("model.", {"lm_head.weight": "transformer.wte.weight"})
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    assert "lm_head.weight" not in index["weight_map"] and "tied" not in index["metadata"]
     _check_load(tmp_path / "hf", results[0]["fsdp_logits"])
 
 
@@ -161,6 +168,8 @@ def test_tensor_parallel_checkpoint_exports_exactly(job, tmp_path: Path) -> None
     assert main(["export", str(root / "tp.ckpt"), str(tmp_path / "hf")]) == 0
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"]
+    record = CheckpointManifest.load(root / "tp.ckpt").components["model"].hf_model
+    assert (record.prefix, record.tied) == ("", {})
     model = _check_load(tmp_path / "hf", results[0]["tp_plain_logits"])
     assert model.lm_head.weight is not model.model.embed_tokens.weight  # untied, both written
 
