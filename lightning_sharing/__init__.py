@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from lightning_sharing.distributed.async_save import BackgroundSaver
     from lightning_sharing.engine.coordinator import CheckpointCoordinator
     from lightning_sharing.engine.export import HFExport, export_checkpoint
+    from lightning_sharing.engine.hf_import import HFLoadResult, load_hf_weights
     from lightning_sharing.engine.load_plan import LoadResult
     from lightning_sharing.errors import (
         CheckpointError,
@@ -72,6 +73,7 @@ _PUBLIC = {
     "FabricSharingStrategy": "lightning_sharing.fabric.strategy",
     "FileEntry": "lightning_sharing.checkpoint.manifest",
     "HFExport": "lightning_sharing.engine.export",
+    "HFLoadResult": "lightning_sharing.engine.hf_import",
     "LoadResult": "lightning_sharing.engine.load_plan",
     "ManifestError": "lightning_sharing.errors",
     "MetricState": "lightning_sharing.statefuls.metrics",
@@ -90,6 +92,7 @@ _PUBLIC = {
     "VerifyMode": "lightning_sharing.core.options",
     "export_checkpoint": "lightning_sharing.engine.export",
     "find_latest_checkpoint": "lightning_sharing.checkpoint.discovery",
+    "load_hf_weights": "lightning_sharing.engine.hf_import",
 }
 
 __all__ = [
@@ -109,6 +112,7 @@ __all__ = [
     "FabricSharingStrategy",
     "FileEntry",
     "HFExport",
+    "HFLoadResult",
     "LoadResult",
     "ManifestError",
     "MetricState",
@@ -128,6 +132,7 @@ __all__ = [
     "__version__",
     "export_checkpoint",
     "find_latest_checkpoint",
+    "load_hf_weights",
 ]
 
 

@@ -19,6 +19,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from lightning_sharing.checkpoint.hf_record import HFModelRecord
 from lightning_sharing.core.declarations import SharingPattern
 from lightning_sharing.core.topology import Topology
 from lightning_sharing.errors import CheckpointNotFoundError, ComponentDeclarationError, ManifestError
@@ -88,6 +89,8 @@ class ComponentManifest:
     ``ranks`` are the writing ranks; ``replicated_across`` the ranks holding identical state
     (REPLICATED) or each group instance's members (PER_GROUP); ``storage`` is ``"tensors"`` for a
     flat tensor dict stored as safetensors alone, ``"tree"`` for a JSON structure plus tensors.
+    ``hf_model`` describes the ``transformers`` model the component wraps (``checkpoint.hf_record``); None (the
+    key is absent from the JSON) for any other component and in checkpoints older than the field.
     """
 
     key: str
@@ -100,6 +103,7 @@ class ComponentManifest:
     validation: str = "none"
     files: list[FileEntry] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict)
+    hf_model: HFModelRecord | None = None
 
     @property
     def size_bytes(self) -> int:
@@ -114,6 +118,10 @@ class ComponentManifest:
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["size_bytes"] = self.size_bytes
+        if self.hf_model is None:  # components that wrap no transformers model keep the format they always had
+            del data["hf_model"]
+        else:
+            data["hf_model"] = self.hf_model.to_json()
         return data
 
     @classmethod
@@ -134,6 +142,9 @@ class ComponentManifest:
         _expect(group is None or isinstance(group, str), f"component {key!r}: group_name is not a string")
         metadata = data.get("metadata", {})
         _expect(isinstance(metadata, dict), f"component {key!r}: metadata is not an object")
+        hf_model = data.get("hf_model")
+        if hf_model is not None:
+            hf_model = HFModelRecord.from_json(hf_model, f"component {key!r}: hf_model")
         return cls(
             key=key,
             sharing_pattern=pattern,
@@ -145,6 +156,7 @@ class ComponentManifest:
             validation=str(data.get("validation", "none")),
             files=[FileEntry.from_json(f) for f in files],
             metadata=metadata,
+            hf_model=hf_model,
         )
 
 

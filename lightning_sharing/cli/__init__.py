@@ -2,7 +2,7 @@
 
     lightning-sharing verify PATH [--size-only] [--json]   # exit 0 if intact, 1 if not, 2 if PATH is no checkpoint
     lightning-sharing inspect PATH [--files] [--json]      # the manifest as a table; SHARDED chunks per rank
-    lightning-sharing export CKPT OUT [--component model] [--dtype bfloat16] [--max-shard-size 5GB]
+    lightning-sharing export CKPT OUT [--component model] [--dtype bfloat16] [--max-shard-size 5GB] [--prefix P]
     lightning-sharing --version
 
 Only the parser is built before a command runs: torch and the package's engine are imported by the
@@ -48,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--component", default="model", help="the component to export (default: model)")
     export.add_argument("--dtype", default=None, help="cast floating-point tensors, e.g. bfloat16")
     export.add_argument("--max-shard-size", default="5GB", help="largest output file, e.g. 5GB, 500MB (default 5GB)")
+    export.add_argument("--prefix", default=None,
+                        help="taken off the tensor names, tensors outside it left out (default: the prefix of the "
+                             "transformers model found at save, e.g. 'model.'; '' keeps the names as saved)")
     for command in (verify, inspect):
         command.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
     for command in (verify, inspect, export):

@@ -1,8 +1,9 @@
-"""``lightning-sharing export CKPT OUT [--component model] [--dtype bfloat16] [--max-shard-size 5GB]``.
+"""``lightning-sharing export CKPT OUT [--component model] [--dtype bfloat16] [--max-shard-size 5GB] [--prefix P]``.
 
 Writes the component's full tensors (SHARDED chunks assembled) into ``OUT`` as Hugging Face sharded
 safetensors with ``model.safetensors.index.json``, one tensor at a time (see
-``lightning_sharing.engine.export``).
+``lightning_sharing.engine.export``); for a component that wraps a ``transformers`` model, also ``config.json``,
+with keys that ``from_pretrained`` loads.
 
 Example:
     >>> from lightning_sharing.cli import main
@@ -24,8 +25,10 @@ __all__ = ["run_export"]
 def run_export(args: argparse.Namespace, console: Console) -> int:
     """The ``export`` command: write the files, print what was written; 0 on success."""
     result = export_checkpoint(args.path, args.out, component=args.component, dtype=args.dtype,
-                               max_shard_size=args.max_shard_size)
+                               max_shard_size=args.max_shard_size, storage_options=args.storage_options,
+                               prefix=args.prefix)
+    config = " + config.json" if (result.path / "config.json").is_file() else ""
     console.print(f"exported component {args.component!r} of {args.path} to {result.path}: {result.tensors} tensors, "
-                  f"{human_size(result.total_size)} in {len(result.files)} file(s) + model.safetensors.index.json",
-                  markup=False)
+                  f"{human_size(result.total_size)} in {len(result.files)} file(s) + model.safetensors.index.json"
+                  f"{config}", markup=False)
     return 0

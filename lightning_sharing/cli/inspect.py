@@ -101,6 +101,11 @@ def run_inspect(args: argparse.Namespace, console: Console) -> int:
                       ",".join(str(r) for r in component.ranks), str(len(component.files)),
                       human_size(component.size_bytes), component.validation)
     console.print(table)
+    for key, component in manifest.components.items():
+        if component.hf_model is not None:
+            record = component.hf_model
+            console.print(f"{key}: transformers {record.class_name} under prefix {record.prefix!r} (lightning-sharing "
+                          "export writes its config.json)", markup=False)
     if manifest.data_prefix:
         console.print(f"files under {manifest.data_prefix}/ (this save's generation on an object store)")
     _chunk_tables(indexes, console)

@@ -8,6 +8,12 @@ from its chunks, each read and verified block by block) or one input shard (a co
 shards: each shard is read once, verified against the manifest, and its tensors written in order): never the
 whole model. Tied weights are stored once and listed under ``metadata.tied``, as in the checkpoint.
 
+A component that wraps a ``transformers`` model (recorded at save time in the manifest's ``hf_model``, see
+``engine.hf_model``) is exported for ``from_pretrained``: its prefix in the component (``model.`` for ``self.model``
+in a LightningModule) taken off the keys, tensors outside it left out, ``config.json`` and ``generation_config.json``
+written, and ties written as ``transformers`` expects them (``engine.hf_export``). ``prefix`` overrides the detected
+prefix (or strips one from any model's keys).
+
 The export commits like a save (``engine.commit.staged``): the files are written into a hidden directory beside
 the output, the index last, then renamed into place (an earlier export there is replaced, anything else is
 refused). The output shards can be written by several ranks at once (``export_in_parallel``):
@@ -40,6 +46,7 @@ from lightning_sharing.distributed.collectives import agreement, get_rank, get_w
 from lightning_sharing.engine.commit import staged
 from lightning_sharing.engine.copy_format import FullTensors
 from lightning_sharing.engine.formats import all_formats, format_for
+from lightning_sharing.engine.hf_export import config_files, derived_keys, output_names
 from lightning_sharing.engine.verified_files import ComponentFiles
 from lightning_sharing.engine.whole_format import assign_writers
 from lightning_sharing.errors import CheckpointError, ComponentDeclarationError
@@ -91,12 +98,15 @@ class HFExport:
         component: the component whose tensors are exported.
         dtype: cast floating-point tensors to this dtype (None keeps the saved dtypes).
         max_shard_size: the largest output file, in bytes or as ``"5GB"``.
+        prefix: taken off the tensor names, tensors outside it left out (None: the prefix of the ``transformers``
+            model found in the component at save time, else none; ``""``: keep the names as saved).
     """
 
     path: str | os.PathLike[str]
     component: str = "model"
     dtype: torch.dtype | str | None = None
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE
+    prefix: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", parse_dtype(self.dtype))
@@ -116,7 +126,8 @@ class HFExport:
 
 @dataclass(frozen=True)
 class _Tensor:
-    name: str
+    name: str  # in the output
+    source: str  # in the checkpoint
     shape: tuple[int, ...]
     saved: torch.dtype
     out: torch.dtype
@@ -128,13 +139,17 @@ class _Tensor:
 
 @dataclass
 class ExportPlan:
-    """The output shards (tensors in write order) of one component's export, and where their tensors come from."""
+    """The output shards (tensors in write order) of one component's export, and where their tensors come from.
+
+    ``extra`` are the files written beside the shards (``config.json`` for a ``transformers`` model).
+    """
 
     key: str
     manifest: CheckpointManifest
     shards: list[list[_Tensor]]
     ties: dict[str, str]
     source: FullTensors
+    extra: dict[str, bytes]
 
     def file_name(self, number: int) -> str:
         return f"model-{number + 1:05d}-of-{len(self.shards):05d}.safetensors"
@@ -167,7 +182,7 @@ def plan_export(store: CheckpointStore, root: str, spec: HFExport, display: str 
     """Read the manifest and the component's index (both verified) and lay out the output shards of ``spec``.
 
     The component's own copy format reads its tensors (the other formats are asked next, for a component whose
-    files another format wrote).
+    files another format wrote). The output names follow ``spec.prefix`` and the manifest's ``hf_model`` record.
     """
     manifest = read_manifest(store, root, display=display)
     root = data_root(store, root, manifest)  # where the files are (an object store's generation)
@@ -189,8 +204,16 @@ def plan_export(store: CheckpointStore, root: str, spec: HFExport, display: str 
             f"no {index_name(key)}); export a SHARDED, REPLICATED or GLOBAL component"
         )
     dtype = spec.dtype
-    tensors = [_Tensor(t.name, t.shape, t.dtype, dtype if dtype is not None and t.dtype.is_floating_point
-                       else t.dtype) for t in source.tensors]  # type: ignore[arg-type]
+    record = saved.hf_model
+    prefix = spec.prefix if spec.prefix is not None else (record.prefix if record is not None else "")
+    saved_tensors = {t.name: t for t in source.tensors}
+    names = output_names(list(saved_tensors), source.ties, prefix, derived_keys(record, prefix), record is not None)
+    tensors = []
+    for out, name in names.pairs:
+        t = saved_tensors[name]
+        tensors.append(_Tensor(out, name, t.shape, t.dtype, dtype if dtype is not None and t.dtype.is_floating_point
+                               else t.dtype))  # type: ignore[arg-type]
+    floating = dtype or next((t.out for t in tensors if t.out.is_floating_point), None)  # type: ignore[arg-type]
     shards: list[list[_Tensor]] = [[]]
     used = 0
     for tensor in tensors:
@@ -199,7 +222,8 @@ def plan_export(store: CheckpointStore, root: str, spec: HFExport, display: str 
             used = 0
         shards[-1].append(tensor)
         used += tensor.nbytes
-    return ExportPlan(key, manifest, shards if tensors else [], source.ties, source)
+    extra = config_files(record, floating) if record is not None else {}
+    return ExportPlan(key, manifest, shards if tensors else [], names.ties, source, extra)
 
 
 def _write_shard(store: LocalStore, location: str, shard: Sequence[_Tensor], source: FullTensors) -> None:
@@ -209,18 +233,25 @@ def _write_shard(store: LocalStore, location: str, shard: Sequence[_Tensor], sou
     with store.open_write(location) as sink:
         sink.write(encode_header(metas, order, {"format": "pt"}))
         for name in order:
-            tensor = source.tensor(name).to(by_name[name].out).contiguous()
+            tensor = source.tensor(by_name[name].source).to(by_name[name].out).contiguous()
             if tensor.numel():
                 sink.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
             del tensor
 
 
-def write_shards(plan: ExportPlan, numbers: Sequence[int], directory: str | os.PathLike[str]) -> list[str]:
-    """Write output shards ``numbers`` of ``plan`` into ``directory`` (all durable on return); their file names."""
+def write_shards(plan: ExportPlan, numbers: Sequence[int], directory: str | os.PathLike[str],
+                 extra: bool = False) -> list[str]:
+    """Write output shards ``numbers`` of ``plan`` into ``directory`` (all durable on return); their file names.
+
+    ``extra``: also write the plan's other files (``config.json``, ...), which are not returned.
+    """
     store = LocalStore()
     written = []
     try:
         with store.write_batch():
+            for name, data in plan.extra.items() if extra else ():
+                with store.open_write(store.join(os.fspath(directory), name)) as sink:
+                    sink.write(data)
             for number in numbers:
                 name = plan.file_name(number)
                 _write_shard(store, store.join(os.fspath(directory), name), plan.shards[number], plan.source)
@@ -294,14 +325,22 @@ def _fsync_dir(path: Path) -> None:
 
 def export_checkpoint(path: str | os.PathLike[str], out: str | os.PathLike[str], component: str = "model",
                       dtype: torch.dtype | str | None = None, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
-                      storage_options: dict[str, Any] | None = None) -> ExportResult:
-    """Export ``component`` of the checkpoint at ``path`` into the directory ``out`` (this process alone)."""
+                      storage_options: dict[str, Any] | None = None, prefix: str | None = None) -> ExportResult:
+    """Export ``component`` of the checkpoint at ``path`` into the directory ``out`` (this process alone).
+
+    A component that wraps a ``transformers`` model gets ``config.json`` and keys ``from_pretrained`` loads
+    (see the module docstring); ``prefix`` overrides the detected prefix (``""``: keep the saved names).
+
+    Example:
+        >>> export_checkpoint("runs/step=500.ckpt", "runs/hf")                             # doctest: +SKIP
+        >>> AutoModelForCausalLM.from_pretrained("runs/hf")                                # doctest: +SKIP
+    """
     store = store_for(path, storage_options)
     root = store.normalize(os.fspath(path))
-    plan = plan_export(store, root, HFExport(out, component, dtype, max_shard_size), os.fspath(path))
+    plan = plan_export(store, root, HFExport(out, component, dtype, max_shard_size, prefix), os.fspath(path))
     target = ExportDirectory(out)
     with staged(target, f"preparing the export to {out}", alone=True) as staging:
-        files = write_shards(plan, range(len(plan.shards)), staging)
+        files = write_shards(plan, range(len(plan.shards)), staging, extra=True)
         target.commit(staging, json_bytes(plan.hf_index()))
     return ExportResult(Path(out), files, sum(t.nbytes for s in plan.shards for t in s),
                         sum(len(s) for s in plan.shards))
@@ -326,7 +365,7 @@ def export_in_parallel(store: CheckpointStore, checkpoint: str, spec: HFExport, 
         plan: ExportPlan | None = None
         with agreement(f"exporting {checkpoint} to {spec.path}", group):
             plan = plan_export(store, checkpoint, spec)
-            written = write_shards(plan, plan.assign(world)[rank], staging)
+            written = write_shards(plan, plan.assign(world)[rank], staging, extra=rank == 0)
         with agreement(f"committing the export {spec.path}", group):
             if rank == 0 and plan is not None:
                 target.commit(staging, json_bytes(plan.hf_index()))

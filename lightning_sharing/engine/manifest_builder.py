@@ -1,8 +1,10 @@
-"""The manifest of a save, built on rank 0 from what every rank wrote: a pure function.
+"""The manifest of a save, built on rank 0 from what every rank wrote (and nothing else, but a transformers model's
+description read from its component).
 
 ``build_manifest`` describes every component (pattern, group, writer ranks, replicas, files with their sizes and
 checksums) from the ``WrittenCopy`` records gathered at the commit, plus the files rank 0 itself wrote there
-(the merged indexes). The store's ``commit`` then writes it last.
+(the merged indexes). The store's ``commit`` then writes it last. A component that wraps a ``transformers`` model
+gets its ``hf_model`` record (``engine.hf_model``), which the export turns into ``config.json``.
 
 Example:
     >>> manifest = build_manifest(components, topology, copies, extra_files, step=500, metadata={})
@@ -12,19 +14,24 @@ Example:
 from __future__ import annotations
 
 import datetime
+import logging
 from typing import Any
 
 import torch
 
 from lightning_sharing._version import __version__
+from lightning_sharing.checkpoint.hf_record import HFModelRecord
 from lightning_sharing.checkpoint.manifest import CheckpointManifest, ComponentManifest, FileEntry
 from lightning_sharing.core.declarations import StateComponent
 from lightning_sharing.core.rules import Placement, Replicas, placements, rule
 from lightning_sharing.core.topology import Topology
 from lightning_sharing.engine.copy_format import WrittenCopy
+from lightning_sharing.engine.hf_model import describe_hf_model
 from lightning_sharing.format.copy_files import tree_name
 
 __all__ = ["build_manifest"]
+
+log = logging.getLogger(__name__)
 
 
 def build_manifest(components: list[StateComponent], topology: Topology, copies: list[WrittenCopy],
@@ -49,6 +56,7 @@ def build_manifest(components: list[StateComponent], topology: Topology, copies:
             validation=component.effective_validation.value,
             files=files,
             metadata=dict(component.metadata),
+            hf_model=_hf_model(component),
         )
     return CheckpointManifest(
         world_size=topology.world_size,
@@ -69,3 +77,13 @@ def _replicated_across(component: StateComponent, plan: tuple[Placement, ...]) -
     if replicas is Replicas.PER_COPY:
         return [list(p.readers) for p in plan]
     return None
+
+
+def _hf_model(component: StateComponent) -> HFModelRecord | None:
+    """The record of the ``transformers`` model ``component`` wraps, if any; describing it never fails a save."""
+    try:
+        return describe_hf_model(component.stateful)
+    except Exception as exc:  # a model we cannot describe still saves; only its export lacks config.json
+        log.warning("component %r: cannot describe its transformers model for the export (%s: %s)",
+                    component.key, type(exc).__name__, exc)
+        return None

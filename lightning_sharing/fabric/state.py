@@ -45,6 +45,11 @@ class ModuleState:
     def __init__(self, strategy: DDPStrategy, module: nn.Module, strict: bool) -> None:
         self._strategy, self._module, self._strict = strategy, module, strict
 
+    @property
+    def source_module(self) -> nn.Module:
+        """The module whose state this saves (for the description of a ``transformers`` model at save time)."""
+        return self._module
+
     def state_dict(self) -> dict[str, Any]:
         return self._strategy.get_module_state_dict(self._module)
 

@@ -181,6 +181,7 @@ class SharingStrategyBase(ResumeMixin):
                                      unreplicated=self.unreplicated_entries(),
                                      metrics=module_metrics(self.lightning_module), storage_options=storage_options,
                                      staging_roots=[self.lightning_module, *self.optimizers],
+                                     module=self.lightning_module,
                                      # A weights-only save has no loop state: no data position either.
                                      sampler_positions=self.elastic.positions(trainer_of(self.lightning_module))
                                      if "loops" in checkpoint else None)

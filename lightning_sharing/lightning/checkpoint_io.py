@@ -125,7 +125,7 @@ class SharingCheckpointIO(CheckpointHost, CheckpointIO):
                      overrides: Mapping[str, StateComponent], unreplicated: frozenset[str] = frozenset(),
                      metrics: Mapping[str, Any] | None = None,
                      storage_options: Mapping[str, Any] | None = None, staging_roots: Sequence[Any] = (),
-                     sampler_positions: list[dict[str, Any]] | None = None) -> None:
+                     module: Any = None, sampler_positions: list[dict[str, Any]] | None = None) -> None:
         """Collective: save Lightning's checkpoint dict plus the user's components.
 
         ``unreplicated`` names model entries that may differ between ranks (buffers such as
@@ -133,6 +133,8 @@ class SharingCheckpointIO(CheckpointHost, CheckpointIO):
         ``metrics`` (``{name: Metric}`` inside the module): their persistent states in the model's state dict
         differ between ranks; each rank's copy (and update count) is saved as the PER_RANK ``model_metrics``.
         ``staging_roots``: the live module and optimizers, whose tensors background staging may copy late.
+        ``module``: the LightningModule whose state dict ``checkpoint["state_dict"]`` is (a ``transformers`` model in it
+        is described in the manifest, for the export).
         ``sampler_positions``: the elastic training samplers' positions (the GLOBAL built-in ``sampler``).
         """
         parts = split_checkpoint(checkpoint)
@@ -151,6 +153,7 @@ class SharingCheckpointIO(CheckpointHost, CheckpointIO):
         holders: dict[str, Any] = {key: ValueHolder(value) for key, value in parts.items()}
         if "model" in holders:
             holders["model"].exempt = unreplicated | frozenset(metric_keys)
+            holders["model"].source_module = module
         holders["rng"] = RNGState()
         keys = [key for key in BUILTIN_KEYS if key in holders]
         components = builtin_components(keys, holders, overrides, self.validation_level) + list(user_components)

@@ -8,6 +8,10 @@ and in memory (resharding along dim 0, as FSDP does) is read into the tensor's m
 otherwise (a column piece, say) the saved rows holding it are read into a bounded scratch window and
 copied into place.
 
+Files that carry no block digests (a Hugging Face safetensors directory, described as one chunk per tensor by
+``engine.hf_files``) are read with ``read_chunks(..., verified=False)``, said explicitly by the caller; a verified
+read (the default, and every read of our own chunk files) refuses a chunk without digests.
+
 Example:
     >>> stats = load_sharded("step=5.ckpt", index, model.state_dict())   # doctest: +SKIP
     >>> stats.bytes_read, stats.bytes_needed                              # doctest: +SKIP
@@ -27,7 +31,8 @@ from lightning_sharing.sharded.chunkfile import ByteSource, ChunkStore, LocalFil
 from lightning_sharing.sharded.dtensor_boxes import Box, local_box, local_tensor
 from lightning_sharing.sharded.index import ChunkRecord, FileRecord, ShardedIndex, TensorRecord
 
-__all__ = ["ReadPiece", "ReadPlan", "ReadStats", "TensorRead", "load_sharded", "plan_reads", "read_chunks"]
+__all__ = ["ReadPiece", "ReadPlan", "ReadStats", "TensorRead", "load_sharded", "plan_box", "plan_reads",
+           "read_chunks"]
 
 DEFAULT_WINDOW = 64 << 20
 
@@ -118,11 +123,12 @@ def _plan_tensor(name: str, record: TensorRecord, tensor: torch.Tensor) -> Tenso
         raise CheckpointError(f"tensor {name!r} has dtype {record.torch_dtype} in the checkpoint but "
                               f"{tensor.dtype} in the live state")
     # local_box checks a DTensor's placements (and that DTensor agrees with them) before any byte lands.
-    return _plan_box(name, record, local_box(name, tensor, rank=_rank()), local_tensor(tensor))
+    return plan_box(name, record, local_box(name, tensor, rank=_rank()), local_tensor(tensor))
 
 
-def _plan_box(name: str, record: TensorRecord, live: Box, target: torch.Tensor) -> TensorRead:
-    """The reads that fill ``target``, the box ``live`` of the saved tensor."""
+def plan_box(name: str, record: TensorRecord, live: Box, target: torch.Tensor) -> TensorRead:
+    """The reads that fill ``target`` (of ``record``'s dtype, shaped as ``live``) with the box ``live`` of the saved
+    tensor ``name``; no shape or dtype check (``plan_reads`` makes them)."""
     pieces = []
     for chunk in record.chunks:
         overlap = live.intersect(chunk.box) if live.numel else None
@@ -162,12 +168,13 @@ class _Counting:
 
 
 def read_chunks(plan: ReadPlan, index: ShardedIndex, source: ByteSource, *,
-                window: int = DEFAULT_WINDOW) -> ReadStats:
+                window: int = DEFAULT_WINDOW, verified: bool = True) -> ReadStats:
     """Carry out ``plan``: read and verify the overlapping bytes into the live tensors, file by file.
 
     ``window`` bounds the scratch memory of a non-contiguous overlap. Raises
     ``CorruptCheckpointError`` naming the tensor, the chunk, the file and the block for any byte
     whose block checksum does not match; the live tensor may then hold part of the corrupt data.
+    ``verified=False`` reads the bytes as they are, for files that carry no digests (Hugging Face files).
 
     Example:
         >>> with LocalFiles("step=5.ckpt") as files:          # doctest: +SKIP
@@ -182,7 +189,10 @@ def read_chunks(plan: ReadPlan, index: ShardedIndex, source: ByteSource, *,
             chunk = piece.chunk
             what = f"tensor {read.name!r}, chunk at offsets {list(chunk.offsets)} in {chunk.file}"
             dest = read.target[piece.dest.slices()] if piece.dest.sizes else read.target
-            _read_box(_Reader(counting, index.files[chunk.file], chunk, what, window, read.target.dtype),
+            if verified and chunk.length and not chunk.blocks:
+                raise CorruptCheckpointError(f"{what}: the index records no block digests, so its bytes cannot "
+                                             "be verified")
+            _read_box(_Reader(counting, index.files[chunk.file], chunk, what, window, read.target.dtype, verified),
                       chunk.sizes, 0, piece.saved.offsets, piece.saved.sizes, dest)
     return stats
 
@@ -203,8 +213,14 @@ class _Reader:
     what: str
     window: int
     dtype: torch.dtype
+    verified: bool = True
 
     def read(self, start: int, end: int, into: memoryview | None) -> torch.Tensor | None:
+        if not self.verified:  # bytes [start, end) of the chunk as they are (files without digests)
+            scratch = None if into is not None else torch.empty(end - start, dtype=torch.uint8)
+            buffer = into if into is not None else memoryview(scratch.numpy())  # type: ignore[union-attr]
+            self.source.read_into(self.chunk.file, self.chunk.begin + start, [buffer])
+            return scratch
         return read_blocks(self.source, self.chunk.file, self.chunk.begin, self.chunk.length, self.file.block_size,
                            self.chunk.blocks, start, end, into, self.what)
 

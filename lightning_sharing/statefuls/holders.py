@@ -17,13 +17,16 @@ __all__ = ["ValueHolder"]
 class ValueHolder:
     """A stateful that saves a given value and keeps what it is loaded with.
 
-    ``exempt`` names entries left out of the replication check (see ``replicated_view``).
+    ``exempt`` names entries left out of the replication check (see ``replicated_view``); ``source_module`` is the
+    module ``value`` is the state dict of, where there is one (what the save describes when it wraps a
+    ``transformers`` model, see ``engine.hf_model``).
     """
 
-    def __init__(self, value: Any = None, exempt: frozenset[str] = frozenset()) -> None:
+    def __init__(self, value: Any = None, exempt: frozenset[str] = frozenset(), source_module: Any = None) -> None:
         self.value = value
         self.loaded = False
         self.exempt = exempt
+        self.source_module = source_module
 
     def replicated_view(self, state: Any) -> Any:
         if not self.exempt or not isinstance(state, Mapping):

@@ -27,6 +27,11 @@ class ShardedModuleState:
     def __init__(self, model: torch.nn.Module, strict: bool = True) -> None:
         self.model, self.strict = model, strict
 
+    @property
+    def source_module(self) -> torch.nn.Module:
+        """The module whose state this saves (for the description of a ``transformers`` model at save time)."""
+        return self.model
+
     def state_dict(self) -> dict[str, Any]:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 

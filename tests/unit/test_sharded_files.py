@@ -36,7 +36,7 @@ from lightning_sharing.sharded import (
     write_chunks,
 )
 from lightning_sharing.sharded.chunkfile import write_chunk_file
-from lightning_sharing.sharded.load import ReadPlan, _plan_box
+from lightning_sharing.sharded.load import ReadPlan, plan_box
 
 
 def _grid_boxes(shape: tuple[int, ...], cuts: list[list[int]]) -> list[Box]:
@@ -69,7 +69,7 @@ def save_grid(root: Path, name: str, full: torch.Tensor, cuts: list[list[int]], 
 def read_box(root: Path, index: ShardedIndex, name: str, live: Box, window: int = 1 << 20):
     record = index.tensors[name]
     target = torch.zeros(live.sizes, dtype=record.torch_dtype)
-    plan = ReadPlan((_plan_box(name, record, live, target),))
+    plan = ReadPlan((plan_box(name, record, live, target),))
     with LocalFiles(root) as files:
         stats = read_chunks(plan, index, files, window=window)
     return target, stats
