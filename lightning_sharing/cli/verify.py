@@ -42,7 +42,7 @@ from lightning_sharing.format.copy_files import parse_index
 from lightning_sharing.sharded.index import ShardedIndex
 from lightning_sharing.storage import store_for
 
-__all__ = ["Problem", "human_size", "run_verify", "verify_checkpoint"]
+__all__ = ["Problem", "byte_progress", "human_size", "run_verify", "verify_checkpoint"]
 
 
 @dataclass(frozen=True)
@@ -161,13 +161,32 @@ def run_verify(args: argparse.Namespace, console: Console) -> int:
 
 
 @contextlib.contextmanager
-def _progress(console: Console, enabled: bool) -> Iterator[tuple[Any, Any]]:
-    """``(on_manifest, on_file)`` callbacks that drive a byte-counting progress bar on a terminal, else nothing."""
+def byte_progress(console: Console, label: str, enabled: bool = True) -> Iterator[Callable[[int, int], None] | None]:
+    """``update(done, total)`` driving a byte-counting progress bar on a terminal; None when piped (no bar)."""
     if not (enabled and console.is_terminal):
-        yield None, None
+        yield None
         return
-    with Progress(TextColumn("verifying"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                  TimeRemainingColumn(), console=console, transient=True) as progress:
-        task = progress.add_task("verify", total=None)
-        yield (lambda manifest: progress.update(task, total=sum(f.size for f in manifest.all_files())),
-               lambda entry: progress.advance(task, entry.size))
+    with Progress(TextColumn(label), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
+                  console=console, transient=True) as progress:
+        task = progress.add_task(label, total=None)
+        yield lambda done, total: progress.update(task, completed=done, total=total)
+
+
+@contextlib.contextmanager
+def _progress(console: Console, enabled: bool) -> Iterator[tuple[Any, Any]]:
+    """``(on_manifest, on_file)`` callbacks for ``verify_checkpoint`` that drive ``byte_progress``, else Nones."""
+    with byte_progress(console, "verifying", enabled) as update:
+        if update is None:
+            yield None, None
+            return
+        state = {"done": 0, "total": 0}
+
+        def on_manifest(manifest: CheckpointManifest) -> None:
+            state["total"] = sum(f.size for f in manifest.all_files())
+            update(0, state["total"])
+
+        def on_file(entry: FileEntry) -> None:
+            state["done"] += entry.size
+            update(state["done"], state["total"])
+
+        yield on_manifest, on_file

@@ -33,7 +33,7 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -226,7 +226,8 @@ def plan_export(store: CheckpointStore, root: str, spec: HFExport, display: str 
     return ExportPlan(key, manifest, shards if tensors else [], names.ties, source, extra)
 
 
-def _write_shard(store: LocalStore, location: str, shard: Sequence[_Tensor], source: FullTensors) -> None:
+def _write_shard(store: LocalStore, location: str, shard: Sequence[_Tensor], source: FullTensors,
+                 progress: Callable[[int], None] | None = None) -> None:
     metas = {t.name: torch.empty(t.shape, dtype=t.out, device="meta") for t in shard}
     order = sorted(metas, key=lambda name: (-metas[name].element_size(), name))
     by_name = {t.name: t for t in shard}
@@ -236,14 +237,17 @@ def _write_shard(store: LocalStore, location: str, shard: Sequence[_Tensor], sou
             tensor = source.tensor(by_name[name].source).to(by_name[name].out).contiguous()
             if tensor.numel():
                 sink.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+            if progress is not None:
+                progress(by_name[name].nbytes)
             del tensor
 
 
 def write_shards(plan: ExportPlan, numbers: Sequence[int], directory: str | os.PathLike[str],
-                 extra: bool = False) -> list[str]:
+                 extra: bool = False, progress: Callable[[int], None] | None = None) -> list[str]:
     """Write output shards ``numbers`` of ``plan`` into ``directory`` (all durable on return); their file names.
 
-    ``extra``: also write the plan's other files (``config.json``, ...), which are not returned.
+    ``extra``: also write the plan's other files (``config.json``, ...), which are not returned. ``progress`` is
+    called with each tensor's output bytes once it is written.
     """
     store = LocalStore()
     written = []
@@ -254,7 +258,8 @@ def write_shards(plan: ExportPlan, numbers: Sequence[int], directory: str | os.P
                     sink.write(data)
             for number in numbers:
                 name = plan.file_name(number)
-                _write_shard(store, store.join(os.fspath(directory), name), plan.shards[number], plan.source)
+                _write_shard(store, store.join(os.fspath(directory), name), plan.shards[number], plan.source,
+                             progress)
                 written.append(name)
     finally:
         plan.source.close()
@@ -325,11 +330,13 @@ def _fsync_dir(path: Path) -> None:
 
 def export_checkpoint(path: str | os.PathLike[str], out: str | os.PathLike[str], component: str = "model",
                       dtype: torch.dtype | str | None = None, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
-                      storage_options: dict[str, Any] | None = None, prefix: str | None = None) -> ExportResult:
+                      storage_options: dict[str, Any] | None = None, prefix: str | None = None,
+                      progress: Callable[[int, int], None] | None = None) -> ExportResult:
     """Export ``component`` of the checkpoint at ``path`` into the directory ``out`` (this process alone).
 
     A component that wraps a ``transformers`` model gets ``config.json`` and keys ``from_pretrained`` loads
     (see the module docstring); ``prefix`` overrides the detected prefix (``""``: keep the saved names).
+    ``progress(done, total)`` is called with the output bytes written so far after each tensor (a progress bar).
 
     Example:
         >>> export_checkpoint("runs/step=500.ckpt", "runs/hf")                             # doctest: +SKIP
@@ -339,8 +346,16 @@ def export_checkpoint(path: str | os.PathLike[str], out: str | os.PathLike[str],
     root = store.normalize(os.fspath(path))
     plan = plan_export(store, root, HFExport(out, component, dtype, max_shard_size, prefix), os.fspath(path))
     target = ExportDirectory(out)
+    total, done = sum(t.nbytes for shard in plan.shards for t in shard), 0
+
+    def advance(nbytes: int) -> None:
+        nonlocal done
+        done += nbytes
+        if progress is not None:
+            progress(done, total)
+
     with staged(target, f"preparing the export to {out}", alone=True) as staging:
-        files = write_shards(plan, range(len(plan.shards)), staging, extra=True)
+        files = write_shards(plan, range(len(plan.shards)), staging, extra=True, progress=advance)
         target.commit(staging, json_bytes(plan.hf_index()))
     return ExportResult(Path(out), files, sum(t.nbytes for s in plan.shards for t in s),
                         sum(len(s) for s in plan.shards))

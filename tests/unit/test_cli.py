@@ -252,3 +252,8 @@ def test_progress_bar_only_on_a_terminal(checkpoint: Path) -> None:
     forced = subprocess.run([sys.executable, "-m", "lightning_sharing.cli", "verify", str(checkpoint)],
                             capture_output=True, text=True, timeout=60, env=env)
     assert forced.returncode == 0 and "verifying" in forced.stdout and "OK:" in forced.stdout
+    for output, environment in ((checkpoint.parent / "piped", None), (checkpoint.parent / "forced", env)):
+        exported = subprocess.run([sys.executable, "-m", "lightning_sharing.cli", "export", str(checkpoint),
+                                   str(output)], capture_output=True, text=True, timeout=60, env=environment)
+        assert exported.returncode == 0 and "exported component 'model'" in exported.stdout
+        assert ("exporting" in exported.stdout) == (environment is not None)
