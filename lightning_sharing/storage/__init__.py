@@ -1,8 +1,8 @@
 """Storage backends: where checkpoints live and how a save commits there (see ``base.CheckpointStore``).
 
 ``store_for(location)`` picks the backend: a local (or mounted) filesystem for plain paths and
-``file://`` URLs (``LocalStore``); the object store for other fsspec URLs (``ObjectStore``, imported
-when first used).
+``file://`` URLs (``LocalStore``); the object store for other URLs (``object_store.ObjectStore``, on one of
+the object clients of ``client``: fsspec or obstore; imported when first used).
 
 Example:
     >>> store = store_for("runs/checkpoints")

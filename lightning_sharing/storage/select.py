@@ -26,7 +26,8 @@ def is_url(location: Any) -> bool:
 
 def store_for(location: Any, storage_options: dict[str, Any] | None = None) -> CheckpointStore:
     """The store holding ``location``: ``LocalStore`` for a path or ``file://`` URL (a filesystem with rename),
-    ``ObjectStore`` for any other fsspec URL (``s3://``, ``memory://``, ...; ``storage_options`` go to fsspec)."""
+    ``ObjectStore`` for any other URL (``s3://``, ``memory://``, ...; ``storage_options`` choose and configure its
+    client: see ``storage.client.open_client``)."""
     text = os.fspath(location)
     if not is_url(text) or text.startswith("file://"):
         if storage_options:
@@ -35,6 +36,6 @@ def store_for(location: Any, storage_options: dict[str, Any] | None = None) -> C
                 "apply to object-store URLs such as s3://bucket/path"
             )
         return LocalStore()
-    from lightning_sharing.storage.object_backend import ObjectStore  # fsspec is imported only for URLs
+    from lightning_sharing.storage.object_store import ObjectStore  # object-store clients load only for URLs
 
     return ObjectStore.for_url(text, storage_options)
