@@ -181,6 +181,8 @@ class _FileWriter:
 
     def abort(self) -> None:
         self._handle.discard()  # s3fs: aborts the multipart upload
+        with contextlib.suppress(AttributeError):  # discarded: never to be flushed (memory:// files have no flag)
+            self._handle.closed = True
         with contextlib.suppress(FileNotFoundError):  # memory:// shows a file while it is written
             if self._fs.isfile(self._path):
                 self._fs.rm_file(self._path)

@@ -44,8 +44,8 @@ _TRANSIENT_CLASSES = frozenset({
     "ResponseStreamingError", "IncompleteReadError", "ClientConnectionError", "ClientPayloadError",
     "ServerDisconnectedError", "ClientOSError", "FSTimeoutError", "FileExpired",
 })
-# obstore reports HTTP failures as text: "... status code: 503 Service Unavailable: <Error><Code>SlowDown..."
-_STATUS_RE = re.compile(r"status code: (\d{3})")
+# obstore reports HTTP failures as text: "... non-2xx status code: 503 Service Unavailable: <Error><Code>SlowDown..."
+_STATUS_RE = re.compile(r"non-2xx status code: (\d{3})")
 _CODE_RE = re.compile(r"<Code>(\w+)</Code>")
 _NETWORK_TEXT = ("error sending request", "response body error", "connection", "timed out", "broken pipe")
 
@@ -114,11 +114,12 @@ def _answer(exc: BaseException) -> tuple[str | None, int | None] | None:
     response = getattr(exc, "response", None)
     if isinstance(response, dict) and "Error" in response:
         return response["Error"].get("Code"), response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-    if type(exc).__module__.startswith("obstore"):
-        status, code = _STATUS_RE.search(str(exc)), _CODE_RE.search(str(exc))
-        if status:
-            return code[1] if code else None, int(status[1])
-    return None
+    status, code = _STATUS_RE.search(str(exc)), _CODE_RE.search(str(exc))
+    return (code[1] if code else None, int(status[1])) if status else None
+
+
+def _from_obstore(exc: BaseException) -> bool:  # its errors, or an OSError its writer made of one
+    return type(exc).__module__.startswith("obstore") or "Error performing " in str(exc) or "HTTP error: " in str(exc)
 
 
 def http_status(exc: BaseException) -> int | None:
@@ -136,7 +137,7 @@ def is_transient(exc: BaseException) -> bool:
             return True
         if any(cls.__name__ in _TRANSIENT_CLASSES for cls in type(link).__mro__):
             return True
-        if type(link).__module__.startswith("obstore") and any(t in str(link).lower() for t in _NETWORK_TEXT):
+        if _from_obstore(link) and any(text in str(link).lower() for text in _NETWORK_TEXT):
             return True
     return False
 

@@ -160,9 +160,14 @@ class FaultProxy:
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self._server.daemon_threads = True
+        self._server.handle_error = self._handle_error  # type: ignore[method-assign]
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
         self._thread = threading.Thread(target=self._server.serve_forever, name="fault-proxy", daemon=True)
         self._thread.start()
+
+    def _handle_error(self, request: object, address: object) -> None:
+        if not isinstance(sys.exc_info()[1], OSError):  # a client that went away (a timeout, an abort) is no error
+            ThreadingHTTPServer.handle_error(self._server, request, address)
 
     def add(self, rule: Rule) -> Rule:
         self.rules.append(rule)
