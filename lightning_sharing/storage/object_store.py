@@ -222,8 +222,7 @@ class ObjectStore(CheckpointStore):
             raw, version = self._calls.get(f"{key}/{MANIFEST_NAME}") if state.has_manifest else (b"", None)
         except FileNotFoundError:
             raw, version = b"", None
-        if "/" in key:
-            clean_directory(self._calls, key.rsplit("/", 1)[0], key, self._url)
+        clean_directory(self._calls, key.rsplit("/", 1)[0] if "/" in key else "", key, self._url)
         write_root = f"{target}/{generation_name(token, version)}"
         self._expected[write_root] = version
         self._replaced_files[write_root] = _files_in_place(raw) if state.foreign else []

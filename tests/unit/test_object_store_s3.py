@@ -188,7 +188,8 @@ def test_a_lost_answer_to_the_manifest_put_is_recognised_as_ours(s3, s3_prefix, 
     store.commit(root, target, "0" * 32, manifest)  # moto stored it; the answer was lost; the retry is refused
     assert fault_proxy.count("PUT", "checkpoint_manifest.json") == 2
     assert fault_proxy.count("GET", "checkpoint_manifest.json") == 1  # read back: these bytes, so committed
-    assert manifest_data_prefix(s3.cat_file(f"{s3_prefix}/step=1.ckpt/checkpoint_manifest.json")) == "g-" + "0" * 32 + "-new"
+    stored = s3.cat_file(f"{s3_prefix}/step=1.ckpt/checkpoint_manifest.json")
+    assert stored == manifest and manifest_data_prefix(stored) == f"g-{'0' * 32}-new"
 
 
 def test_listings_and_lookups_see_other_clients_at_once(s3, s3_prefix, client_kind) -> None:
