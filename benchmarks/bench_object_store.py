@@ -37,7 +37,7 @@ from support.s3 import BUCKET, MotoServer, s3_environment  # noqa: E402
 
 MIB = 1024 * 1024
 CLIENTS = ("fsspec", "obstore")
-_REQUEST = re.compile(r'"(GET|PUT|POST|HEAD|DELETE) ')
+_REQUEST = re.compile(r'"(?:\x1b\[[0-9;]*m)*(GET|PUT|POST|HEAD|DELETE) ')  # werkzeug colours some lines
 
 
 def _requests(log: Path, since: int) -> tuple[collections.Counter, int]:
