@@ -1,13 +1,11 @@
-"""``ObjectClient`` on any fsspec filesystem (``s3://``, ``gs://``, ``az://``, ``memory://``), through its public API.
+"""``ObjectClient`` on any fsspec filesystem (``s3://``, ``gs://``, ``az://``, ``memory://``), by its public API.
 
 Puts are ``pipe_file`` (create-only: ``mode="create"``, which s3fs sends as ``If-None-Match: *``; replacing:
-``IfMatch=<etag>``, which s3fs passes to PutObject), reads ``open``/``cat_file``, listings ``ls``/``find``, deletes
-``rm`` (one DeleteObjects per 1000 keys on S3), copies ``copy`` (server-side), streamed writes ``open(path,
-"wb")`` with ``discard()`` to abort. Conditions are exact where the store checks them: S3 (the server) and
-``memory://`` (one process: checked under a lock, versions are content checksums). Elsewhere a create-only put is
-only as exclusive as that filesystem's ``mode="create"`` (a warning says so) and a conditional replace is refused.
-Listing caches are off, so every listing is fresh. For S3, s3fs's and botocore's own retries are off (botocore
-counts the attempts of a streamed upload's parts: see ``retry``), and ``RetryPolicy.timeout`` bounds each read.
+``IfMatch=<etag>``, which s3fs passes on to PutObject); reads ``open``/``cat_file``; listings ``ls``/``find``, never
+cached; deletes ``rm``; copies ``copy``; streamed writes ``open(path, "wb")``, ``discard()`` to abort. Conditions are
+exact where the store checks them: S3, and ``memory://`` (one process: a lock; versions are content checksums).
+Elsewhere a create-only put is only as exclusive as ``mode="create"`` there (a warning says so), and replacing is
+refused. On S3, s3fs's and botocore's retries are off (but botocore's for a streamed upload's parts: see ``retry``).
 
 Example:
     >>> client = FsspecClient.open("memory", "demo", {}, RetryPolicy())
@@ -36,20 +34,13 @@ _LOCK = threading.Lock()  # conditions on memory://, a store in this process
 _WARNED: set[str] = set()
 
 
-def _s3_options(options: dict[str, Any], policy: RetryPolicy, attempts: int) -> dict[str, Any]:
-    config = {"connect_timeout": policy.timeout, "read_timeout": policy.timeout, **(options.get("config_kwargs") or {})}
-    config["retries"] = {"total_max_attempts": attempts, "mode": "standard"}
-    return {**options, "config_kwargs": config, "use_listings_cache": False}
-
-
 class FsspecClient:
     """An ``ObjectClient`` on the fsspec filesystem ``fs`` for ``scheme://bucket`` (see the module docstring)."""
 
     def __init__(self, fs: Any, scheme: str, bucket: str, stream_fs: Any = None) -> None:
-        self.fs, self._stream_fs, self._bucket = fs, stream_fs or fs, bucket
-        self.url = f"{scheme}://{bucket}"
+        self.fs, self._stream_fs, self._bucket, self.url = fs, stream_fs or fs, bucket, f"{scheme}://{bucket}"
         self._in_process = "memory" in ([fs.protocol] if isinstance(fs.protocol, str) else fs.protocol)
-        self._server_conditions = scheme in ("s3", "s3a")
+        self._server_checks = scheme in ("s3", "s3a")
         self.max_concurrency = 1 if self._in_process else 8
 
     @classmethod
@@ -62,15 +53,19 @@ class FsspecClient:
             if "file" in fs.protocol or "local" in fs.protocol:
                 raise ValueError(f"{scheme}:// is a local filesystem: use LocalStore (store_for picks it)")
             return cls(fs, scheme, bucket)
-        fs, stream_fs = (fsspec.filesystem(scheme, **_s3_options(options, policy, n)) for n in (1, policy.attempts))
-        fs.retries = stream_fs.retries = 1  # s3fs's own retry loop (over botocore's) off
-        return cls(fs, scheme, bucket, stream_fs)
+
+        def s3(attempts: int) -> Any:  # RetryPolicy retries the calls; botocore a streamed upload's parts
+            config = {"connect_timeout": policy.timeout, "read_timeout": policy.timeout,
+                      **(options.get("config_kwargs") or {}), "retries": {"total_max_attempts": attempts,
+                                                                          "mode": "standard"}}
+            fs = fsspec.filesystem(scheme, **{**options, "config_kwargs": config, "use_listings_cache": False})
+            fs.retries = 1  # s3fs's own retry loop, over botocore's, off
+            return fs
+
+        return cls(s3(1), scheme, bucket, s3(policy.attempts))
 
     def _path(self, key: str) -> str:
         return f"{self._bucket}/{key}".rstrip("/")
-
-    def _key(self, name: str) -> str:
-        return name.strip("/")[len(self._bucket) + 1:]
 
     def put(self, key: str, data: bytes, *, create: bool = False, if_match: str | None = None) -> str:
         path, where = self._path(key), f"{self.url}/{key}"
@@ -81,9 +76,9 @@ class FsspecClient:
                     raise refused(where, None if create else if_match, gone=current is None)
                 self.fs.pipe_file(path, data)
             return bytes_checksum(data)
-        if if_match is not None and not self._server_conditions:
+        if if_match is not None and not self._server_checks:
             raise ObjectStoreError(f"{where}: fsspec offers no conditional overwrite on {self.url} (only s3://)")
-        if create and not self._server_conditions and self.url not in _WARNED:
+        if create and not self._server_checks and self.url not in _WARNED:
             _WARNED.add(self.url)
             log.warning("%s: create-only puts rely on this fsspec store's mode='create', which may check and write in "
                         "two steps: two jobs racing for one checkpoint may both succeed", self.url)
@@ -127,10 +122,10 @@ class FsspecClient:
             entries = self.fs.ls(path, detail=True) if delimiter else self.fs.find(path, detail=True).values()
         except FileNotFoundError:
             return [], []
-        found = [(self._key(entry["name"]), entry) for entry in entries]
-        found = [(key, entry) for key, entry in found if key.startswith(prefix) and key.rstrip("/") != prefix[:-1]]
-        return (sorted(key.rstrip("/") for key, entry in found if entry["type"] == "directory"),
-                sorted((ObjectInfo(key, int(entry.get("size") or 0)) for key, entry in found
+        keys = [(entry["name"].strip("/")[len(self._bucket) + 1:], entry) for entry in entries]
+        keys = [(key, entry) for key, entry in keys if key.startswith(prefix) and key.rstrip("/") != prefix[:-1]]
+        return (sorted(key.rstrip("/") for key, entry in keys if entry["type"] == "directory"),
+                sorted((ObjectInfo(key, int(entry.get("size") or 0)) for key, entry in keys
                         if entry["type"] != "directory"), key=lambda info: info.key))
 
     def delete(self, keys: list[str]) -> None:
@@ -138,7 +133,7 @@ class FsspecClient:
         try:
             if paths:
                 self.fs.rm(paths)
-        except FileNotFoundError:  # a store that refuses the whole batch for one missing object
+        except FileNotFoundError:  # a store that refuses the whole batch for one absent object
             for path in paths:
                 with contextlib.suppress(FileNotFoundError):
                     self.fs.rm_file(path)
@@ -150,9 +145,7 @@ class FsspecClient:
         return _FileWriter(self._stream_fs, self._path(key), part_size)
 
     def uploads(self, prefix: str) -> list[tuple[str, str]]:
-        call = getattr(self.fs, "call_s3", None)  # s3fs; elsewhere unfinished uploads expire by themselves
-        found: list[tuple[str, str]] = []
-        marker: dict[str, str] = {}
+        call, found, marker = getattr(self.fs, "call_s3", None), [], {}  # s3fs; elsewhere uploads expire by themselves
         while call is not None:
             page = call("list_multipart_uploads", Bucket=self._bucket, Prefix=prefix, **marker)
             found += [(upload["Key"], upload["UploadId"]) for upload in page.get("Uploads", [])]
@@ -170,14 +163,8 @@ class _FileWriter:
     """``fs.open(path, "wb")``: ``commit`` closes it; ``abort`` discards it and deletes what may have appeared."""
 
     def __init__(self, fs: Any, path: str, part_size: int) -> None:
-        self._fs, self._path = fs, path
-        self._handle = fs.open(path, "wb", block_size=part_size)
-
-    def write(self, data: memoryview) -> None:
-        self._handle.write(data)
-
-    def commit(self) -> None:
-        self._handle.close()
+        self._fs, self._path, self._handle = fs, path, fs.open(path, "wb", block_size=part_size)
+        self.write, self.commit = self._handle.write, self._handle.close
 
     def abort(self) -> None:
         self._handle.discard()  # s3fs: aborts the multipart upload

@@ -1,28 +1,12 @@
-"""A checkpoint on an object store: its generations, and which leftovers a save may delete.
+"""A checkpoint on an object store: its generations, and which leftovers a save may delete (docs/storage.md).
 
-There is no rename on an object store, so a save never writes where a reader looks. Each save writes its files
-under a *generation* of the checkpoint's prefix, and the manifest, written last with a conditional put, names the
-generation it commits::
-
-    s3://bucket/run/step=500.ckpt/
-      checkpoint_manifest.json                 # {"data_prefix": "g-<token>-<base>", ...}
-      g-<token>-<base>/model-00001-of-00001.safetensors ...
-
-``token`` is the save's (32 hex digits, agreed by all ranks); ``base`` says which manifest the save expects to
-replace: ``new`` when there was none, else 16 hex digits of that manifest's version. A save commits only if the
-manifest is still the one it read (create-only, or ``If-Match``), so a generation whose base is not the current
-manifest's version can never be committed: it belongs to a crashed save, or to one that lost (or will lose) its
-race. That test is exact (no clocks), and it is what makes deleting such leftovers safe while other saves run:
-
-- after a commit, ``clean_after_commit`` deletes every other generation of the checkpoint (and the unfinished
-  multipart uploads in them) whose base is not the new manifest's version;
-- before a save, ``clean_directory`` visits the other checkpoints of the directory: in a committed one it deletes
-  unnamed generations whose base is not its manifest's version; a prefix that holds generations and no manifest
-  (an interrupted first save, or removal) is deleted whole. That rule assumes one job saves into a directory at a
-  time, as the local store's staging cleanup does.
-
-Nothing here deletes what it does not recognise: a prefix holding objects of other names is left alone. Every
-function takes an ``ObjectClient`` (the object store passes one whose calls are retried) and keys.
+Each save writes under a generation ``g-<token>-<base>/`` of the checkpoint's prefix; the manifest, put last and
+conditionally, names the one it commits. ``base`` is ``new`` or 16 hex digits of the manifest version the save
+expects to replace, so a generation whose base is not the current manifest's version can never be committed: that
+exact test (no clocks) makes deleting it safe while other saves run. ``clean_after_commit`` deletes such generations
+of the committed checkpoint (and their unfinished uploads); ``clean_directory``, before a save, deletes them in the
+directory's other checkpoints, and deletes whole a prefix holding generations and no manifest (one job saves into a
+directory at a time). Nothing is deleted that does not look like ours. Functions take an ``ObjectClient`` and keys.
 
 Example:
     >>> name = generation_name("0" * 32, None)
@@ -44,11 +28,10 @@ import xxhash
 from lightning_sharing.storage.base import MANIFEST_NAME
 from lightning_sharing.storage.client import ObjectClient
 
-__all__ = ["PrefixState", "base_tag", "clean_after_commit", "clean_directory", "delete_prefix", "generation_name",
-           "manifest_data_prefix", "parse_generation", "scan"]
+__all__ = ["PrefixState", "base_tag", "below", "clean_after_commit", "clean_directory", "delete_prefix",
+           "generation_name", "manifest_data_prefix", "parse_generation", "scan"]
 
 log = logging.getLogger(__name__)
-
 _GENERATION_RE = re.compile(r"^g-(?P<token>[0-9a-f]{32})-(?P<base>new|[0-9a-f]{16})$")
 
 
@@ -84,12 +67,12 @@ def below(key: str) -> str:
 
 @dataclass
 class PrefixState:
-    """What one listing of a checkpoint prefix showed: its manifest, generations and anything else."""
+    """What one listing of a checkpoint prefix showed: its manifest, generations and names of others."""
 
     key: str
     has_manifest: bool = False
     generations: list[str] = field(default_factory=list)
-    foreign: list[str] = field(default_factory=list)  # names lightning_sharing never writes there
+    foreign: list[str] = field(default_factory=list)
 
     @property
     def ours(self) -> bool:
@@ -98,11 +81,10 @@ class PrefixState:
 
 
 def scan(client: ObjectClient, key: str) -> PrefixState:
-    """List ``key/`` once and sort what is directly below it (a 0-byte "folder/" marker some tools create is ignored)."""
+    """List ``key/`` once and sort what is right below it (a 0-byte "folder/" marker some tools make is ignored)."""
     dirs, objects = client.list(below(key), delimiter=True)
     state = PrefixState(key)
-    for child in dirs:
-        name = child.rsplit("/", 1)[-1]
+    for name in (child.rsplit("/", 1)[-1] for child in dirs):
         (state.generations if parse_generation(name) else state.foreign).append(name)
     for info in objects:
         name = info.key[len(below(key)):]
@@ -124,8 +106,8 @@ def _delete_objects_below(client: ObjectClient, key: str) -> int:
 def delete_prefix(client: ObjectClient, key: str) -> int:
     """Delete every object below ``key/`` (not ``key-other``) and abort its unfinished uploads; the object count."""
     count = _delete_objects_below(client, key)
-    for upload_key, upload_id in client.uploads(below(key)):
-        client.abort_upload(upload_key, upload_id)
+    for upload in client.uploads(below(key)):
+        client.abort_upload(*upload)
     return count
 
 
@@ -135,16 +117,15 @@ def _dead(name: str, keep: str, tag: str) -> bool:
 
 
 def clean_after_commit(client: ObjectClient, state: PrefixState, committed: str, version: str) -> list[str]:
-    """After ``committed`` became the generation of ``state.key`` (manifest ``version``): delete the others that can
-    never be committed, and every unfinished upload in them (one listing of the uploads). Returns their names."""
+    """After ``committed`` became ``state.key``'s generation (manifest ``version``): delete the others that can never
+    be committed, and every unfinished upload in them (one listing of uploads). Returns their names."""
     tag = base_tag(version)
     doomed = [name for name in state.generations if _dead(name, committed, tag)]
     for name in doomed:
         _delete_objects_below(client, f"{state.key}/{name}")
-    # A generation holding only unfinished uploads (every rank killed mid-upload) is not listed as a prefix.
-    for upload_key, upload_id in client.uploads(below(state.key)):
-        generation = upload_key[len(below(state.key)):].split("/", 1)[0]
-        if "/" in upload_key[len(below(state.key)):] and _dead(generation, committed, tag):
+    for upload_key, upload_id in client.uploads(below(state.key)):  # a generation of uploads only is not listed
+        generation, _, rest = upload_key[len(below(state.key)):].partition("/")
+        if rest and _dead(generation, committed, tag):
             client.abort_upload(upload_key, upload_id)
             doomed += [] if generation in doomed else [generation]
     return doomed
@@ -152,16 +133,14 @@ def clean_after_commit(client: ObjectClient, state: PrefixState, committed: str,
 
 def _clean_one(client: ObjectClient, key: str) -> list[str]:
     state = scan(client, key)
-    if state.foreign or not state.generations:
-        return []
+    if state.foreign or not state.generations or (state.has_manifest and len(state.generations) < 2):
+        return []  # not ours, or one generation: the named one (else the checkpoint is damaged: keep it)
     if not state.has_manifest:
         delete_prefix(client, key)
         return [key]
-    if len(state.generations) < 2:
-        return []  # the one generation is the named one (if it is not, the checkpoint is damaged: keep it)
     raw, version = client.get(f"{key}/{MANIFEST_NAME}")
     named = manifest_data_prefix(raw)
-    if named is None or named not in state.generations:
+    if named not in state.generations:
         return []
     doomed = [name for name in state.generations if _dead(name, named, base_tag(version))]
     for name in doomed:
@@ -170,9 +149,8 @@ def _clean_one(client: ObjectClient, key: str) -> list[str]:
 
 
 def clean_directory(client: ObjectClient, directory: str, skip: str, shown: Callable[[str], str]) -> list[str]:
-    """Before a save into ``directory``: delete leftovers of interrupted saves and removals in its other checkpoints
-    (``skip`` is the save's own target). Returns what was deleted (as ``shown`` spells a key). A failure to clean
-    one prefix is logged and does not stop the save."""
+    """Before a save into ``directory``: delete leftovers of interrupted saves and removals in its checkpoints but
+    ``skip`` (the save's own). Returns them as ``shown`` spells a key; a failure is logged, never raised."""
     others = [key for key in client.list(below(directory), delimiter=True)[0]
               if key != skip and not key.rsplit("/", 1)[-1].startswith(".")]
 

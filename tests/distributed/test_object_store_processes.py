@@ -15,8 +15,8 @@ import pytest
 from support.launch import ROOT, start, wait
 
 from lightning_sharing._faults import FAULTS_ENV
-from lightning_sharing.storage.client import open_client
 from lightning_sharing.storage.generations import delete_prefix
+from lightning_sharing.storage.object_store import open_client
 
 RACE = str(ROOT / "tests" / "scripts" / "object_store_race.py")
 KILLED = str(ROOT / "tests" / "scripts" / "object_store_killed_writer.py")

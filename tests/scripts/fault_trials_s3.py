@@ -47,8 +47,8 @@ from lightning_sharing import CheckpointCoordinator, SharingPattern, StateCompon
 from lightning_sharing.checkpoint.manifest import MANIFEST_NAME
 from lightning_sharing.cli import verify_checkpoint
 from lightning_sharing.storage import store_for
-from lightning_sharing.storage.client import open_client
 from lightning_sharing.storage.generations import manifest_data_prefix, scan
+from lightning_sharing.storage.object_store import open_client
 
 BIG_ELEMENTS = 17 * 1024 * 1024 // 4  # float32: just over one 16 MiB part
 

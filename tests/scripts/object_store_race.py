@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from lightning_sharing.errors import ObjectChangedError, ObjectExistsError
-from lightning_sharing.storage.client import open_client
+from lightning_sharing.storage.object_store import open_client
 
 
 def main() -> None:

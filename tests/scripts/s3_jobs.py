@@ -35,8 +35,8 @@ from support.s3 import FaultProxy, Rule
 from lightning_sharing import CheckpointManifest, find_latest_checkpoint
 from lightning_sharing.cli import main as cli_main
 from lightning_sharing.storage import store_for
-from lightning_sharing.storage.client import open_client
 from lightning_sharing.storage.generations import scan
+from lightning_sharing.storage.object_store import open_client
 
 
 def _error(exc: BaseException) -> dict[str, Any]:

@@ -28,9 +28,8 @@ from lightning_sharing import (
     find_latest_checkpoint,
 )
 from lightning_sharing.storage import LocalStore, remove_checkpoint, store_for
-from lightning_sharing.storage.client import open_client
 from lightning_sharing.storage.generations import generation_name, parse_generation, scan
-from lightning_sharing.storage.object_store import ObjectStore
+from lightning_sharing.storage.object_store import ObjectStore, open_client
 
 
 @pytest.fixture

@@ -13,10 +13,9 @@ import torch
 
 from lightning_sharing import _faults
 from lightning_sharing.errors import ObjectChangedError, ObjectExistsError, ObjectStoreError
-from lightning_sharing.storage import object_store
-from lightning_sharing.storage.client import open_client
+from lightning_sharing.storage import object_files, object_store
 from lightning_sharing.storage.generations import delete_prefix
-from lightning_sharing.storage.object_store import ObjectStore, probe_conditional_writes
+from lightning_sharing.storage.object_store import ObjectStore, open_client, probe_conditional_writes
 
 MIB = 1024 * 1024
 KINDS = ["memory", "s3-fsspec", "s3-obstore"]
@@ -42,7 +41,7 @@ def root(kind: str, request: pytest.FixtureRequest):
 
 @pytest.fixture(autouse=True)
 def small_parts(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(object_store, "PART_SIZE", 5 * MIB)  # multipart uploads of a few MiB
+    monkeypatch.setattr(object_files, "PART_SIZE", 5 * MIB)  # multipart uploads of a few MiB
 
 
 @pytest.fixture

@@ -17,11 +17,10 @@ from support.s3 import Rule
 
 from lightning_sharing import _faults
 from lightning_sharing.errors import ObjectStoreError, TransientStoreError
-from lightning_sharing.storage import object_store
-from lightning_sharing.storage.client import open_client
+from lightning_sharing.storage import object_files
 from lightning_sharing.storage.fsspec_client import FsspecClient
 from lightning_sharing.storage.generations import delete_prefix, manifest_data_prefix
-from lightning_sharing.storage.object_store import ObjectStore
+from lightning_sharing.storage.object_store import ObjectStore, open_client
 from lightning_sharing.storage.obstore_client import ObstoreClient, s3_config
 from lightning_sharing.storage.retry import RetryPolicy
 
@@ -36,7 +35,7 @@ def client_kind(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture(autouse=True)
 def small_parts(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(object_store, "PART_SIZE", 5 * MIB)
+    monkeypatch.setattr(object_files, "PART_SIZE", 5 * MIB)
 
 
 def _proxied(proxy, prefix: str, kind: str, **retry) -> tuple[ObjectStore, str]:
