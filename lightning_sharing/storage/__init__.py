@@ -16,9 +16,16 @@ from typing import Any
 
 from lightning_sharing.errors import ComponentDeclarationError
 from lightning_sharing.storage.base import MANIFEST_NAME, CheckpointStore
+from lightning_sharing.storage.client import OWN_OPTIONS
 from lightning_sharing.storage.local import LocalStore
 
-__all__ = ["MANIFEST_NAME", "CheckpointStore", "LocalStore", "is_url", "remove_checkpoint", "store_for"]
+__all__ = ["MANIFEST_NAME", "OWN_OPTIONS", "CheckpointStore", "LocalStore", "is_url", "library_options",
+           "remove_checkpoint", "store_for"]
+
+
+def library_options(storage_options: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``storage_options`` without ``OWN_OPTIONS``: what to hand to fsspec directly (None stays None)."""
+    return None if storage_options is None else {k: v for k, v in storage_options.items() if k not in OWN_OPTIONS}
 
 
 def is_url(location: Any) -> bool:

@@ -21,7 +21,10 @@ from typing import Protocol
 
 from lightning_sharing.errors import ObjectChangedError, ObjectExistsError, ObjectStoreError
 
-__all__ = ["ObjectClient", "ObjectInfo", "ObjectWriter", "refused"]
+__all__ = ["OWN_OPTIONS", "ObjectClient", "ObjectInfo", "ObjectWriter", "refused"]
+
+#: The ``storage_options`` keys lightning_sharing takes for itself (the client, retries); the rest are the library's.
+OWN_OPTIONS = frozenset({"client", "retry"})
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ from lightning_sharing.errors import (
 )
 from lightning_sharing.storage import generations as gen
 from lightning_sharing.storage.base import MANIFEST_NAME, CheckpointStore
-from lightning_sharing.storage.client import ObjectClient
+from lightning_sharing.storage.client import OWN_OPTIONS, ObjectClient
 from lightning_sharing.storage.object_files import ObjectFileWriter, RangedReader
 from lightning_sharing.storage.retry import RetryingClient, RetryPolicy
 
@@ -102,7 +102,7 @@ class ObjectStore(CheckpointStore):
             raise ComponentDeclarationError(f"{url!r} needs a package that is not installed{extra}: {exc}") from exc
         except (ValueError, TypeError) as exc:
             raise ComponentDeclarationError(f"{url!r} is not a location fsspec knows: {exc}") from exc
-        return cls(client, policy, {k: v for k, v in (storage_options or {}).items() if k not in ("client", "retry")})
+        return cls(client, policy, {k: v for k, v in (storage_options or {}).items() if k not in OWN_OPTIONS})
 
     # ------------------------------------------------------------------ locations
     def _key(self, location: str) -> str:

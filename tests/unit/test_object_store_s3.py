@@ -17,7 +17,7 @@ from support.s3 import Rule
 
 from lightning_sharing import _faults
 from lightning_sharing.errors import ObjectStoreError, TransientStoreError
-from lightning_sharing.storage import object_files
+from lightning_sharing.storage import library_options, object_files
 from lightning_sharing.storage.fsspec_client import FsspecClient
 from lightning_sharing.storage.generations import delete_prefix, manifest_data_prefix
 from lightning_sharing.storage.object_store import ObjectStore, open_client
@@ -246,3 +246,6 @@ def test_retry_policies_come_from_storage_options() -> None:
     assert open_client("memory://b/k", {"retry": RetryPolicy(attempts=2)})[2].attempts == 2
     with pytest.raises(ValueError, match="invalid retry policy"):
         RetryPolicy(attempts=0)
+    # What code handing storage_options to fsspec itself (Lightning's ModelCheckpoint) must pass on.
+    assert library_options({"client": "fsspec", "retry": {"attempts": 2}, "anon": True}) == {"anon": True}
+    assert library_options(None) is None
