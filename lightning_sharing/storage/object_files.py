@@ -136,6 +136,8 @@ class RangedReader(io.RawIOBase):
                                        f"{start + high - 1} were asked for")
 
         lows = range(0, len(view), _READ_CHUNK)
+        if len(lows) == 1:
+            return one(0)
         with ThreadPoolExecutor(max(1, min(self._calls.max_concurrency, len(lows)))) as pool:
             futures = [pool.submit(one, low) for low in lows]
             try:
