@@ -18,8 +18,8 @@ from typing import Any
 
 from lightning_sharing.checkpoint.manifest import CheckpointManifest, read_manifest
 from lightning_sharing.errors import ManifestError
+from lightning_sharing.storage import is_url, store_for
 from lightning_sharing.storage.base import CheckpointStore
-from lightning_sharing.storage.select import is_url, store_for
 
 __all__ = ["checkpoint_step", "complete_checkpoints", "find_complete", "find_latest_checkpoint"]
 

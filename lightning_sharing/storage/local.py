@@ -1,14 +1,13 @@
 """The local (or shared, mounted) filesystem store: durable writes, a staging directory and an atomic rename.
 
-A checkpoint is built in a hidden staging directory beside its target and renamed into place
-once its manifest is written, so the target path only ever names a complete checkpoint.
-Replacing an existing checkpoint swaps the two directories atomically where the OS supports it
-(Linux ``renameat2(RENAME_EXCHANGE)``); elsewhere the old one is first moved aside, and a crash
-between the two renames is repaired by the next save.
+A checkpoint is built in a hidden staging directory beside its target and renamed into place once its manifest is
+written, so the target path only ever names a complete checkpoint. Replacing one swaps the two directories
+atomically where the OS can (Linux ``renameat2(RENAME_EXCHANGE)``); elsewhere the old one is moved aside first, and
+a crash between the two renames is repaired by the next save.
 
 Example:
     >>> store = LocalStore()
-    >>> root = store.begin_save("/tmp/ckpts/step=1.ckpt", "0" * 32)     # doctest: +SKIP
+    >>> root = store.begin_save("/tmp/ckpts/step=1.ckpt", "0" * 32)  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -33,24 +32,15 @@ from lightning_sharing.format.safetensors_io import DescriptorSink
 from lightning_sharing.storage.base import MANIFEST_NAME, CheckpointStore
 from lightning_sharing.storage.durable import DurableBatch, start_writeback
 
-__all__ = [
-    "LocalStore",
-    "commit_directory",
-    "fsync_dir",
-    "fsync_tree",
-    "list_checkpoint_files",
-    "remove_checkpoint",
-    "remove_stale_staging",
-    "rmtree_missing_ok",
-    "staging_path",
-]
+__all__ = ["LocalStore", "fsync_dir", "remove_checkpoint", "remove_stale_staging", "rmtree_missing_ok",
+           "staging_path"]
 
 log = logging.getLogger(__name__)
 
-# Staging and removal directories carry no checkpoint name (".staging-<hex>", ".removing-<hex>"): Lightning
-# reads version numbers out of any name containing "hpc_ckpt_", so a leftover named after one would mislead
-# its SLURM auto-resume. Only a ".NAME.replaced-<hex>" directory needs its name, to be moved back.
-# Older versions named all three ".NAME.KIND-<hex>"; those are recognised too.
+# Staging and removal directories carry no checkpoint name (".staging-<hex>", ".removing-<hex>"): Lightning reads
+# version numbers out of any name containing "hpc_ckpt_", so a leftover named after one would mislead its SLURM
+# auto-resume. Only ".NAME.replaced-<hex>" needs its name, to be moved back. Older versions named all three
+# ".NAME.KIND-<hex>"; those are recognised too.
 _TEMP_RE = re.compile(r"^\.(?:(?P<name>.+)\.)?(?P<kind>staging|replaced|removing)-[0-9a-f]{32}$")
 
 
@@ -68,12 +58,6 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
             raise
     finally:
         os.close(fd)
-
-
-def fsync_tree(root: Path) -> None:
-    """fsync every directory below and including ``root``, each once (files are synced by their writers)."""
-    for dirpath, _, _ in os.walk(root):
-        fsync_dir(dirpath)
 
 
 def rmtree_missing_ok(path: Path) -> None:
@@ -94,30 +78,20 @@ def staging_path(target: Path, token: str) -> Path:
     return target.parent / f".staging-{token}"
 
 
-def _replaced_path(target: Path, token: str) -> Path:
-    return target.parent / f".{target.name}.replaced-{token}"
-
-
 def remove_stale_staging(parent: Path) -> list[Path]:
-    """Delete leftovers of interrupted saves in ``parent``; returns what was removed.
+    """Delete leftovers of interrupted saves in ``parent`` (no other save to it is running); returns them.
 
-    Called before a save, when no other save to ``parent`` is in progress (background saves run one
-    at a time and create their staging directory themselves).
-
-    A ``.replaced-`` directory whose target is missing is the previous checkpoint caught between
-    the two renames of a non-atomic replace: it is moved back rather than deleted.
+    A ``.replaced-`` directory whose target is missing is the previous checkpoint caught between the two renames of
+    a non-atomic replace: it is moved back rather than deleted.
     """
     removed: list[Path] = []
-    if not parent.is_dir():
-        return removed
-    for entry in sorted(parent.iterdir()):
+    for entry in sorted(parent.iterdir()) if parent.is_dir() else []:
         match = _TEMP_RE.match(entry.name)
         if not match or not entry.is_dir() or entry.is_symlink():
             continue
         if match["kind"] == "replaced" and match["name"] and not os.path.lexists(parent / match["name"]):
-            target = parent / match["name"]
-            log.warning("restoring %s from %s (a replace was interrupted)", target, entry)
-            os.rename(entry, target)
+            log.warning("restoring %s from %s (a replace was interrupted)", parent / match["name"], entry)
+            os.rename(entry, parent / match["name"])
             continue
         log.info("removing stale checkpoint staging directory %s", entry)
         rmtree_missing_ok(entry)
@@ -128,14 +102,12 @@ def remove_stale_staging(parent: Path) -> list[Path]:
 def _rename_exchange(source: Path, target: Path) -> bool:
     """Atomically swap two paths with renameat2(RENAME_EXCHANGE); False where unsupported."""
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        renameat2 = libc.renameat2
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
     except (OSError, AttributeError):
         return False
     at_fdcwd, rename_exchange = -100, 2
     renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    result = renameat2(at_fdcwd, os.fsencode(source), at_fdcwd, os.fsencode(target), rename_exchange)
-    if result == 0:
+    if renameat2(at_fdcwd, os.fsencode(source), at_fdcwd, os.fsencode(target), rename_exchange) == 0:
         return True
     err = ctypes.get_errno()
     if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
@@ -143,79 +115,43 @@ def _rename_exchange(source: Path, target: Path) -> bool:
     raise OSError(err, f"renameat2 exchange of {source} and {target} failed: {os.strerror(err)}")
 
 
-def _check_replaceable(target: Path) -> None:
-    if target.is_symlink() or not target.exists():
-        return
-    if target.is_dir() and ((target / MANIFEST_NAME).is_file() or not any(target.iterdir())):
-        return
-    raise CheckpointError(
-        f"refusing to replace {target}: it exists and is not a lightning_sharing checkpoint "
-        "directory; remove it or save to another path"
-    )
-
-
-def commit_directory(staging: Path, target: Path, token: str) -> None:
+def _commit_directory(staging: Path, target: Path, token: str) -> None:
     """Move the finished ``staging`` directory to ``target``, replacing an old checkpoint safely."""
-    _check_replaceable(target)
-    if target.is_symlink():
-        # e.g. a ``last.ckpt`` link left by ModelCheckpoint(save_last="link"): the link, not
-        # what it points to, is what gets replaced.
+    if target.exists() and not target.is_symlink() and not (
+            target.is_dir() and ((target / MANIFEST_NAME).is_file() or not any(target.iterdir()))):
+        raise CheckpointError(f"refusing to replace {target}: it exists and is not a lightning_sharing checkpoint "
+                              "directory; remove it or save to another path")
+    if target.is_symlink():  # e.g. ModelCheckpoint(save_last="link")'s last.ckpt: the link is what is replaced
         target.unlink()
     if not os.path.lexists(target):
         os.rename(staging, target)
-        fsync_dir(target.parent)
-        return
-    if _rename_exchange(staging, target):
-        fsync_dir(target.parent)
-        _remove_previous(staging)  # now holds the previous checkpoint
-        return
-    replaced = _replaced_path(target, token)
-    os.rename(target, replaced)
-    os.rename(staging, target)
+        return fsync_dir(target.parent)
+    previous = staging  # holds the previous checkpoint after the exchange
+    if not _rename_exchange(staging, target):
+        previous = target.parent / f".{target.name}.replaced-{token}"
+        os.rename(target, previous)
+        os.rename(staging, target)
     fsync_dir(target.parent)
-    _remove_previous(replaced)
-
-
-def _remove_previous(path: Path) -> None:
-    # The new checkpoint is already committed: failing to delete the old one must not fail the save.
-    # Its hidden name makes the next save's remove_stale_staging() delete it.
-    try:
-        rmtree_missing_ok(path)
+    try:  # committed: failing to delete the old one must not fail the save; its hidden name gets it cleaned later
+        rmtree_missing_ok(previous)
     except OSError as exc:
-        log.warning("could not remove the replaced checkpoint %s (%s); the next save removes it", path, exc)
+        log.warning("could not remove the replaced checkpoint %s (%s); the next save removes it", previous, exc)
 
 
 def remove_checkpoint(path: str | os.PathLike[str]) -> None:
     """Delete a checkpoint so that it is never seen half-deleted.
 
-    A directory is first renamed to a hidden name (one atomic step: it stops being a checkpoint),
-    then deleted; an interrupted deletion is finished by the next save's cleanup. A symbolic link
-    is removed, not what it points to.
+    A directory is first renamed to a hidden name (one atomic step: it stops being a checkpoint), then deleted; an
+    interrupted deletion is finished by the next save's cleanup. A symbolic link is removed, not what it points to.
     """
     target = Path(path)
     if target.is_symlink() or target.is_file():
-        target.unlink()
-        return
-    if not target.is_dir():
-        return
-    doomed = target.parent / f".removing-{uuid.uuid4().hex}"
-    os.rename(target, doomed)
-    fsync_dir(target.parent)
-    rmtree_missing_ok(doomed)
-
-
-def list_checkpoint_files(root: Path) -> list[str]:
-    """Every file and symlink below ``root`` as a relative POSIX path (the manifest excluded)."""
-    found: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        base = Path(dirpath).relative_to(root)
-        for name in filenames + [d for d in dirnames if (Path(dirpath) / d).is_symlink()]:
-            rel = (base / name).as_posix()
-            if rel != MANIFEST_NAME:
-                found.append(rel)
-    return sorted(found)
-
-
+        return target.unlink()
+    if target.is_dir():
+        doomed = target.parent / f".removing-{uuid.uuid4().hex}"
+        os.rename(target, doomed)
+        fsync_dir(target.parent)
+        rmtree_missing_ok(doomed)
 
 
 class LocalStore(CheckpointStore):
@@ -228,9 +164,7 @@ class LocalStore(CheckpointStore):
 
     def normalize(self, location: str) -> str:
         text = os.fspath(location)
-        if text.startswith("file://"):
-            text = text[len("file://"):]
-        return os.path.abspath(text)
+        return os.path.abspath(text[len("file://"):] if text.startswith("file://") else text)
 
     def open_read(self, location: str) -> BinaryIO:
         return open(location, "rb", buffering=0)
@@ -243,14 +177,17 @@ class LocalStore(CheckpointStore):
         return Path(location).is_dir()
 
     def list_files(self, root: str) -> list[str]:
-        return list_checkpoint_files(Path(root))
+        found: list[str] = []  # files and symbolic links (also to directories), the manifest excluded
+        for dirpath, dirnames, filenames in os.walk(root):
+            base = Path(dirpath).relative_to(root)
+            found += [(base / name).as_posix() for name in filenames + dirnames
+                      if name in filenames or (Path(dirpath) / name).is_symlink()]
+        return sorted(rel for rel in found if rel != MANIFEST_NAME)
 
     def list_checkpoint_candidates(self, directory: str) -> list[str]:
         root = Path(directory)
-        if not root.is_dir():
-            return []
-        return [str(entry) for entry in sorted(root.iterdir())
-                if not entry.name.startswith(".") and not entry.is_symlink() and entry.is_dir()]
+        return [str(entry) for entry in sorted(root.iterdir()) if not entry.name.startswith(".")
+                and not entry.is_symlink() and entry.is_dir()] if root.is_dir() else []
 
     def check_inside(self, root: str, rel: str) -> str | None:
         path = Path(root) / rel
@@ -300,29 +237,27 @@ class LocalStore(CheckpointStore):
     def begin_save(self, target: str, token: str) -> str:
         staging = staging_path(Path(target), token)
         staging.parent.mkdir(parents=True, exist_ok=True)
-        # Saves run one at a time (the background ones in order), so any other staging directory
-        # here is a leftover of an interrupted save.
+        # Saves run one at a time (background ones in order): any other staging directory here is a leftover.
         remove_stale_staging(staging.parent)
         staging.mkdir()
         return str(staging)
 
     def check_write_root(self, write_root: str, rank: int) -> None:
         if not Path(write_root).is_dir():
-            raise CheckpointError(
-                f"rank {rank} cannot see the staging directory {write_root} that rank 0 created: the "
-                "checkpoint directory must be on a filesystem shared by all ranks"
-            )
+            raise CheckpointError(f"rank {rank} cannot see the staging directory {write_root} that rank 0 created: "
+                                  "the checkpoint directory must be on a filesystem shared by all ranks")
 
     def commit(self, write_root: str, target: str, token: str, manifest: bytes) -> None:
         staging = Path(write_root)
         fault_point("commit:manifest")
         with self.open_write(str(staging / MANIFEST_NAME)) as sink:
             sink.write(manifest)
-        # Every file is durable (its writer fsynced it); now every directory's entries, the manifest's
-        # included, each directory once, before the rename makes the checkpoint visible.
-        fsync_tree(staging)
+        # Every file is durable (its writer fsynced it); now every directory's entries, each directory once, the
+        # manifest's included, before the rename makes the checkpoint visible.
+        for dirpath, _, _ in os.walk(staging):
+            fsync_dir(dirpath)
         fault_point("commit:rename")
-        commit_directory(staging, Path(target), token)
+        _commit_directory(staging, Path(target), token)
         fault_point("commit:renamed")
 
     def abort(self, write_root: str, target: str) -> None:

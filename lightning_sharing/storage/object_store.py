@@ -1,367 +1,321 @@
-"""Checkpoint objects on any fsspec store: streamed writes, create-only and conditional puts, ranged reads.
+"""``ObjectStore``: checkpoints on an object store (``s3://``, ``memory://``, ...), committed without rename.
 
-The same calls work on ``s3://`` (s3fs, with fast paths: parallel multipart uploads, parallel ranged
-GETs, ``If-None-Match`` / ``If-Match`` PUTs), ``file://`` and ``memory://`` (exact local semantics,
-see ``object_generic``), and other fsspec stores (generic API, weaker guarantees). Transient failures
-(throttling, 5xx, dropped connections) are retried with bounded, logged exponential backoff.
-
-Commit without rename is built from these pieces by ``object_backend.ObjectStore`` (layout and cleanup rules in
-``object_layout``; docs/storage.md): every rank streams its files into a fresh generation ``g-<token>-<base>/``
-of the checkpoint's prefix with ``ObjectWriter``; rank 0 then puts the manifest naming that generation with
-``put_create_only`` (a new checkpoint) or ``put_if_match`` (replacing one, with the version ``read_versioned``
-returned when the save began). ``ObjectExistsError`` / ``ObjectChangedError`` mean another job committed first.
-What moto's server was shown to do is in tests/unit/test_object_store_s3.py.
+A save writes its files into a fresh generation of the checkpoint's prefix (``generations``) and commits by writing
+the manifest last, with one conditional put (``If-None-Match: *`` for a new checkpoint, ``If-Match`` with the
+version read when the save began for a replaced one): a reader sees one save's files, never a mix. A save whose put
+is refused (another job committed first) deletes its generation and raises ``ObjectExistsError`` /
+``ObjectChangedError``. The store runs on an ``ObjectClient``, each call retried under a ``RetryPolicy``.
+Guarantees, costs and credentials: docs/storage.md.
 
 Example:
-    >>> fs, root = open_store("memory://run/step=5.ckpt")
-    >>> with ObjectWriter(fs, root + "/g-1/blob") as writer:
-    ...     _ = writer.write(b"hello ")
-    ...     _ = writer.write(b"world")
-    >>> writer.result[0]
-    11
-    >>> _ = put_create_only(fs, root + "/checkpoint_manifest.json", b"{}")
-    >>> buffer = bytearray(5)
-    >>> read_range_into(fs, root + "/g-1/blob", 6, buffer); bytes(buffer)
-    b'world'
+    >>> store = ObjectStore.for_url("memory://runs/demo")
+    >>> target = store.normalize("memory://runs/demo/step=1.ckpt")
+    >>> root = store.begin_save(target, "0" * 32)
+    >>> with store.open_write(store.join(root, "x.json")) as sink:
+    ...     _ = sink.write(b"{}")
+    >>> store.commit(root, target, "0" * 32, b'{"data_prefix": "%s"}' % store.data_prefix(root, target).encode())
+    >>> store.list_files(root)
+    ['x.json']
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import logging
-import math
+import os
 import uuid
-from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import Any
-
-import xxhash
+from typing import Any, NamedTuple, TypeVar
 
 from lightning_sharing._faults import fault_point
-from lightning_sharing.format.safetensors_io import CHECKSUM_ALGORITHM
-from lightning_sharing.storage import object_generic as _generic
-from lightning_sharing.storage import object_s3 as _s3
-from lightning_sharing.storage import object_s3_prefix as _s3_prefix
-from lightning_sharing.storage.object_common import (
-    DEFAULT_RETRY,
+from lightning_sharing.errors import (
+    CheckpointError,
+    ComponentDeclarationError,
     ObjectChangedError,
     ObjectExistsError,
-    ObjectInfo,
     ObjectStoreError,
-    RetryPolicy,
-    TransientStoreError,
 )
+from lightning_sharing.storage import generations as gen
+from lightning_sharing.storage.base import MANIFEST_NAME, CheckpointStore
+from lightning_sharing.storage.client import OWN_OPTIONS, ObjectClient
+from lightning_sharing.storage.object_files import ObjectFileWriter, RangedReader
+from lightning_sharing.storage.retry import RetryingClient, RetryPolicy
 
-__all__ = [
-    "DEFAULT_MAX_IN_FLIGHT",
-    "DEFAULT_PART_SIZE",
-    "DEFAULT_READ_CHUNK",
-    "DEFAULT_RETRY",
-    "ConditionalSupport",
-    "ObjectChangedError",
-    "ObjectExistsError",
-    "ObjectInfo",
-    "ObjectStoreError",
-    "ObjectWriter",
-    "RetryPolicy",
-    "TransientStoreError",
-    "delete_objects",
-    "delete_prefix",
-    "find_objects",
-    "list_dir",
-    "object_info",
-    "open_store",
-    "probe_conditional_writes",
-    "put_create_only",
-    "put_if_match",
-    "read_range_into",
-    "read_versioned",
-    "write_object",
-]
+__all__ = ["DEFAULT_CLIENT", "ConditionalSupport", "ObjectStore", "open_client", "probe_conditional_writes"]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
-DEFAULT_PART_SIZE = 16 * 1024 * 1024
-DEFAULT_MAX_IN_FLIGHT = 8
-DEFAULT_READ_CHUNK = 16 * 1024 * 1024
+#: The client a scheme gets when ``storage_options`` name none (measured: docs/storage.md, "Clients").
+DEFAULT_CLIENT = {"s3": "obstore", "s3a": "obstore"}
+_OPEN: dict[tuple[Any, ...], Any] = {}
 
 
-def open_store(url: str, storage_options: dict[str, Any] | None = None) -> tuple[Any, str]:
-    """``(filesystem, path)`` for a URL or local path; ``storage_options`` go to the fsspec filesystem.
+def open_client(url: str, storage_options: dict[str, Any] | None = None) -> tuple[ObjectClient, str, RetryPolicy]:
+    """``(client, key, retry policy)`` for ``url`` (``scheme://bucket/key``); clients are reused in a process.
 
-    Example:
-        >>> fs, path = open_store("memory://bucket/run")
-        >>> path
-        '/bucket/run'
+    ``storage_options`` choose the client with ``"client"`` (``"obstore"`` or ``"fsspec"``; default:
+    ``DEFAULT_CLIENT``) and the retries with ``"retry"`` (a ``RetryPolicy`` or a dict of its fields); both are taken
+    out, the rest (s3fs-style) configure the library.
     """
-    from fsspec.core import url_to_fs
+    options = dict(storage_options or {})
+    choice, policy = options.pop("client", None), RetryPolicy.of(options.pop("retry", None))
+    scheme, _, rest = url.partition("://")
+    bucket, _, key = rest.strip("/").partition("/")
+    choice = choice or DEFAULT_CLIENT.get(scheme, "fsspec")
+    if choice not in ("fsspec", "obstore"):
+        raise ValueError(f"storage_options['client'] must be 'fsspec' or 'obstore', not {choice!r}")
+    cache_key = (os.getpid(), scheme, bucket, choice, policy, json.dumps(options, sort_keys=True, default=repr))
+    if cache_key not in _OPEN:
+        from lightning_sharing.storage.fsspec_client import FsspecClient
 
-    return url_to_fs(url, **(storage_options or {}))
+        opened = None
+        if choice == "obstore":
+            from lightning_sharing.storage.obstore_client import ObstoreClient
 
-
-def _byte_view(data: Any) -> memoryview:
-    view = memoryview(data)
-    if not view.contiguous:
-        raise ValueError("object writes need contiguous buffers")
-    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
-
-
-def _missing(fs: Any, path: str) -> FileNotFoundError:
-    # s3fs's own message ("The specified key does not exist.") does not say which object.
-    return FileNotFoundError(errno.ENOENT, "no such object", _generic.shown(fs, path))
-
-
-def _part_size(part_size: int, size_hint: int | None) -> int:
-    if not size_hint:
-        return part_size
-    mib = 1024 * 1024
-    needed = math.ceil(size_hint / (_s3.MAX_PARTS - 1) / mib) * mib  # one part spare: hints may be a bit low
-    return max(part_size, needed)
+            opened = ObstoreClient.open(scheme, bucket, options, policy)
+        _OPEN[cache_key] = opened or FsspecClient.open(scheme, bucket, options, policy)
+    return _OPEN[cache_key], key.rstrip("/"), policy
 
 
-class ObjectWriter:
-    """Streams one object to a store; ``(size, checksum)`` of what was written, checksum as ``"xxh3_128:<hex>"``.
+class ObjectStore(CheckpointStore):
+    """Checkpoints as prefixes of one bucket (see the module docstring); locations are URLs. Use ``for_url``."""
 
-    On S3, parts of ``part_size`` bytes go up ``max_in_flight`` at a time while the caller produces the next
-    (memory: about ``(max_in_flight + 1) * part_size``); pass ``size_hint`` for objects over 10,000 parts.
-    Nothing is staged on local disk. The object appears only at ``commit()``; on ``abort()`` (or an exception
-    inside ``with``) it does not appear and no multipart upload remains. The fault point ``save:write`` fires
-    once per object, after the first of its bytes were handed to the store.
+    atomic_rename = False
 
-    Example:
-        >>> fs, path = open_store("memory://demo/blob")
-        >>> with ObjectWriter(fs, path) as writer:
-        ...     _ = writer.write(memoryview(b"abc"))
-        >>> writer.result[0]
-        3
-    """
+    def __init__(self, client: ObjectClient, policy: RetryPolicy | None = None,
+                 fsspec_options: dict[str, Any] | None = None) -> None:
+        self.client, self._fsspec_options = client, fsspec_options
+        self._calls = RetryingClient(client, policy or RetryPolicy())
+        self._expected: dict[str, str | None] = {}  # write root -> manifest version the save replaces
+        self._replaced_files: dict[str, list[str]] = {}  # write root -> files of a replaced filesystem-layout copy
+        self._sizes: dict[str, int] = {}  # sizes just looked up: opening the file needs no second HEAD
+        self._listed: dict[str, int] = {}  # sizes from listings (objects are never rewritten in place)
 
-    def __init__(self, fs: Any, path: str, *, part_size: int = DEFAULT_PART_SIZE,
-                 max_in_flight: int = DEFAULT_MAX_IN_FLIGHT, size_hint: int | None = None,
-                 retry: RetryPolicy = DEFAULT_RETRY) -> None:
-        self.path = path
-        if _s3.is_s3(fs):
-            self._sink: Any = _s3.S3MultipartSink(fs, path, _part_size(part_size, size_hint), max_in_flight, retry)
-        elif _generic.is_local(fs):
-            self._sink = _generic.LocalSink(fs, path)
-        elif _generic.is_memory(fs):
-            self._sink = _generic.MemorySink(fs, path)
-        else:
-            self._sink = _generic.FileSink(fs, path)
-        self._digest = xxhash.xxh3_128()
-        self._size = 0
-        self._state = "open"
-        self._fault_fired = False
-        self.result: tuple[int, str] | None = None
-
-    def _sent(self) -> bool:
-        return getattr(self._sink, "has_sent", False) or getattr(self._sink, "parts_started", 0) > 0
-
-    def _fault(self) -> None:
-        if not self._fault_fired:
-            self._fault_fired = True
-            fault_point("save:write")
-
-    def _check_open(self) -> None:
-        if self._state != "open":
-            raise ObjectStoreError(f"{self.path}: the writer is {self._state}")
-
-    def write(self, data: Any) -> int:
-        """Append ``data`` (any contiguous buffer: bytes, memoryview, NumPy array); returns its byte count."""
-        self._check_open()
-        view = _byte_view(data)
+    @classmethod
+    def for_url(cls, url: str, storage_options: dict[str, Any] | None = None) -> ObjectStore:
+        """The store holding ``url``; ``storage_options`` choose the client and retries, and configure the library."""
         try:
-            self._digest.update(view)
-            self._sink.write(view)
-            self._size += len(view)
-            if self._sent():
-                self._fault()
-        except BaseException:
-            self._abort_quietly()
-            raise
-        return len(view)
+            client, _, policy = open_client(url, storage_options)
+        except ImportError as exc:
+            extra = " (pip install 'lightning_sharing[s3]')" if url.startswith(("s3://", "s3a://")) else ""
+            raise ComponentDeclarationError(f"{url!r} needs a package that is not installed{extra}: {exc}") from exc
+        except (ValueError, TypeError) as exc:
+            raise ComponentDeclarationError(f"{url!r} is not a location fsspec knows: {exc}") from exc
+        return cls(client, policy, {k: v for k, v in (storage_options or {}).items() if k not in OWN_OPTIONS})
 
-    def commit(self) -> tuple[int, str]:
-        """Make the object appear; returns ``(size, checksum)``."""
-        self._check_open()
+    # ------------------------------------------------------------------ locations
+    def _key(self, location: str) -> str:
+        url = self.normalize(location)
+        if not (url + "/").startswith(self.client.url + "/"):
+            raise ValueError(f"{location} is not in {self.client.url}")
+        return url[len(self.client.url) + 1:]
+
+    def _url(self, key: str) -> str:
+        return f"{self.client.url}/{key}".rstrip("/")
+
+    def normalize(self, location: str) -> str:
+        scheme, _, rest = os.fspath(location).partition("://")
+        return f"{scheme}://{rest.strip('/')}"
+
+    def data_prefix(self, write_root: str, target: str) -> str | None:
+        return self.basename(write_root)
+
+    def _forget(self, key: str) -> None:
+        """Drop fsspec's cached listings of ``key`` in the filesystem users (and Lightning) get for these options."""
+        import fsspec
+
+        scheme, bucket = self.client.url.split("://", 1)
+        if fsspec.registry.get(scheme) is not None:  # only an imported implementation can have cached anything
+            try:
+                fsspec.registry[scheme](**(self._fsspec_options or {})).invalidate_cache(f"{bucket}/{key}")
+            except Exception as exc:  # only a cache
+                log.debug("could not invalidate fsspec's listings of %s: %s", key, exc)
+
+    # ------------------------------------------------------------------ reading
+    def open_read(self, location: str) -> Any:
+        size = self._sizes.pop(location, None)
+        size = self._listed.get(location) if size is None else size
+        if size is None and (size := self.size(location)) is not None:
+            self._sizes.pop(location, None)
+        if size is None:
+            raise FileNotFoundError(errno.ENOENT, "no such object", location)
+        return RangedReader(self._calls, self._key(location), size, location)
+
+    def size(self, location: str) -> int | None:
+        if location in self._listed:
+            return self._listed[location]
+        info = self._calls.head(self._key(location))
+        if info is not None:
+            self._sizes[location] = info.size
+        return None if info is None else info.size
+
+    def sizes(self, root: str, rels: list[str]) -> dict[str, int | None]:
+        self.list_files(root)  # one listing (1000 objects a request) instead of a HEAD per object
+        return {rel: self._listed.get(self.join(root, rel)) for rel in rels}
+
+    def read_bytes(self, location: str) -> bytes:
+        return self._calls.get(self._key(location))[0]
+
+    def is_dir(self, location: str) -> bool:
+        return any(self._calls.list(gen.below(self._key(location)), delimiter=True))
+
+    def list_files(self, root: str) -> list[str]:
+        base = gen.below(self._key(root))
+        found = {info.key[len(base):]: info.size for info in self._calls.list(base, delimiter=False)[1]
+                 if not (info.key.endswith("/") and info.size == 0)}  # a "folder/" marker some tools make
+        self._listed.update({self.join(root, rel): size for rel, size in found.items()})
+        # Generations are other saves' files, not part of a checkpoint kept in the filesystem layout at ``root``.
+        return sorted(rel for rel in found if rel != MANIFEST_NAME and not gen.parse_generation(rel.split("/")[0]))
+
+    def list_checkpoint_candidates(self, directory: str) -> list[str]:
+        dirs = self._calls.list(gen.below(self._key(directory)), delimiter=True)[0]
+        return [self._url(key) for key in dirs if not key.rsplit("/", 1)[-1].startswith(".")]
+
+    # ------------------------------------------------------------------ writing and committing
+    def open_write(self, location: str) -> ObjectFileWriter:
+        return ObjectFileWriter(self._calls, self._key(location), location)
+
+    def begin_save(self, target: str, token: str) -> str:
+        key = self._key(target)
+        if self._calls.head(key) is not None:
+            raise CheckpointError(f"refusing to save to {target}: an object (a file) of that name exists, not a "
+                                  "lightning_sharing checkpoint (e.g. one written by torch.save); remove it or save to "
+                                  "another path")
+        state = gen.scan(self._calls, key)
+        if state.foreign and not state.has_manifest:
+            raise CheckpointError(f"refusing to save to {target}: it holds objects lightning_sharing did not write "
+                                  f"({', '.join(sorted(state.foreign)[:5])}); remove them or save to another path")
         try:
-            self._fault()
-            self._sink.commit()
-        except BaseException:
-            self._abort_quietly()
-            raise
-        self._state = "committed"
-        self.result = (self._size, f"{CHECKSUM_ALGORITHM}:{self._digest.hexdigest()}")
-        return self.result
+            raw, version = self._calls.get(f"{key}/{MANIFEST_NAME}") if state.has_manifest else (b"", None)
+        except FileNotFoundError:
+            raw, version = b"", None
+        gen.clean_directory(self._calls, key.rsplit("/", 1)[0] if "/" in key else "", key, self._url)
+        write_root = f"{target}/{gen.generation_name(token, version)}"
+        self._expected[write_root] = version
+        self._replaced_files[write_root] = _files_in_place(raw) if state.foreign else []
+        return write_root
 
-    def abort(self) -> None:
-        """Drop the object: nothing appears under its name and no upload remains (idempotent)."""
-        if self._state == "open":
-            self._state = "aborted"
-            self._sink.abort()
+    def check_write_root(self, write_root: str, rank: int) -> None:
+        return None  # there is no directory to see; a rank that cannot reach the store fails its first write
 
-    def _abort_quietly(self) -> None:
-        # The error that made us abort is the one to report; a failed abort only leaves an upload behind,
-        # which delete_prefix (run by a later save) removes.
+    def commit(self, write_root: str, target: str, token: str, manifest: bytes) -> None:
+        if write_root not in self._expected:
+            raise CheckpointError(f"commit of {write_root} without begin_save on this store")
+        expected, key = self._expected.pop(write_root), self._key(target)
+        fault_point("commit:manifest")
+        fault_point("commit:rename")  # the conditional put of the manifest is this store's rename
         try:
-            self.abort()
+            version = self._put_manifest(f"{key}/{MANIFEST_NAME}", manifest, expected)
+        except ObjectExistsError as exc:
+            raise ObjectExistsError(f"another job committed a checkpoint at {target} while this save was being "
+                                    "written (its manifest appeared first); this save was discarded. Two jobs must "
+                                    "not save to the same path") from exc
+        except ObjectChangedError as exc:
+            raise ObjectChangedError(f"the checkpoint at {target} was replaced or removed by another job while this "
+                                     "save was being written; this save was discarded. Two jobs must not save to the "
+                                     "same path") from exc
+        finally:
+            self._forget(key)  # a cached listing (Lightning's own calls) must show the change
+        fault_point("commit:renamed")
+        try:
+            removed = gen.clean_after_commit(self._calls, gen.scan(self._calls, key), self.basename(write_root),
+                                             version)
+            if in_place := self._replaced_files.pop(write_root, []):  # a replaced filesystem-layout copy's files
+                self._calls.delete([f"{key}/{rel}" for rel in in_place])
+                removed.append(f"{len(in_place)} files of the replaced checkpoint")
+        except Exception as exc:  # committed already: a leftover is removed by a later save
+            log.warning("%s is committed, but removing replaced files failed (%s); a later save removes them", target,
+                        exc)
+            return
+        if removed:
+            log.info("%s: removed the files of earlier saves (%s)", target, ", ".join(removed))
+
+    def _put_manifest(self, key: str, data: bytes, expected: str | None) -> str:
+        try:
+            return self._calls.put(key, data, create=expected is None, if_match=expected)
+        except (ObjectExistsError, ObjectChangedError):
+            try:  # a retried PUT whose first answer was lost is refused: the manifest is ours if it holds our bytes
+                current, version = self._calls.get(key)
+            except FileNotFoundError:
+                current, version = None, ""
+            if current != data:
+                raise
+            log.info("%s: the manifest put's answer was lost; the manifest holds this save's bytes", self._url(key))
+            return version
+
+    def abort(self, write_root: str, target: str) -> None:
+        self._expected.pop(write_root, None)
+        self._replaced_files.pop(write_root, None)
+        try:
+            if gen.manifest_data_prefix(self.read_bytes(f"{target}/{MANIFEST_NAME}")) == self.basename(write_root):
+                return  # the put went through although the save reports a failure: the files are committed
+        except FileNotFoundError:
+            pass
         except Exception as exc:
-            log.warning("%s: aborting the upload failed (%s); a later cleanup of its prefix removes it", self.path, exc)
+            log.warning("could not check whether %s was committed (%s); leaving it for a later save", write_root, exc)
+            return
+        try:
+            gen.delete_prefix(self._calls, self._key(write_root))
+        except Exception as exc:  # the save's own error is the one to report
+            log.warning("could not delete %s after a failed save (%s); a later save removes it", write_root, exc)
 
-    def __enter__(self) -> ObjectWriter:
-        return self
-
-    def __exit__(self, exc_type: object, exc: object, traceback: object) -> None:
-        if exc_type is None:
-            self.commit()
-        else:
-            self._abort_quietly()
-
-
-def write_object(fs: Any, path: str, chunks: Iterable[Any], **options: Any) -> tuple[int, str]:
-    """Stream ``chunks`` (contiguous buffers) to one object; ``(size, checksum)``. Options as ``ObjectWriter``.
-
-    Example:
-        >>> fs, path = open_store("memory://demo/two-chunks")
-        >>> write_object(fs, path, [b"ab", b"c"])[0]
-        3
-    """
-    with ObjectWriter(fs, path, **options) as writer:
-        for chunk in chunks:
-            writer.write(chunk)
-    assert writer.result is not None
-    return writer.result
+    def remove_checkpoint(self, location: str) -> None:
+        key = self._key(location)
+        if self._calls.head(key) is not None:  # a plain object of that name (e.g. a torch.save file)
+            self._calls.delete([key])
+            return self._forget(key)
+        state = gen.scan(self._calls, key)
+        if state.foreign and not state.has_manifest:
+            raise CheckpointError(f"refusing to remove {location}: it is not a lightning_sharing checkpoint (it holds "
+                                  f"{', '.join(sorted(state.foreign)[:5])}); delete it yourself if it really is to go")
+        if state.ours:  # the manifest first: from then on it is no checkpoint; a later save finishes a removal
+            self._calls.delete([f"{key}/{MANIFEST_NAME}"])
+            self._forget(key)
+            gen.delete_prefix(self._calls, key)
 
 
-def put_create_only(fs: Any, path: str, data: bytes, *, retry: RetryPolicy = DEFAULT_RETRY) -> str:
-    """Create a small object only if none exists (``ObjectExistsError`` otherwise); returns its version.
-
-    S3: one PUT with ``If-None-Match: *``. Local files: a hard link, which fails if the name exists.
-    memory://: exclusive between threads. Other stores: fsspec's ``mode="create"`` (see ``object_generic``).
-
-    Example:
-        >>> fs, path = open_store("memory://demo/once.json")
-        >>> _ = put_create_only(fs, path, b"{}")
-        >>> put_create_only(fs, path, b"{}")
-        Traceback (most recent call last):
-        ...
-        lightning_sharing.errors.ObjectExistsError: memory://demo/once.json already exists: ...
-    """
-    if _s3.is_s3(fs):
-        return _s3.put_create_only(fs, path, bytes(data), retry)
-    return _generic.put_create_only(fs, path, bytes(data))
-
-
-def put_if_match(fs: Any, path: str, data: bytes, version: str, *, retry: RetryPolicy = DEFAULT_RETRY) -> str:
-    """Replace an object only if it still has ``version`` (from ``read_versioned``); returns the new version.
-
-    ``ObjectChangedError`` when another writer replaced or deleted it meanwhile. S3: ``If-Match: <ETag>``.
-    """
-    if _s3.is_s3(fs):
-        return _s3.put_if_match(fs, path, bytes(data), version, retry)
-    return _generic.put_if_match(fs, path, bytes(data), version)
-
-
-def read_versioned(fs: Any, path: str, *, retry: RetryPolicy = DEFAULT_RETRY) -> tuple[bytes, str]:
-    """A small object's bytes and version (S3 ETag, else content checksum); ``FileNotFoundError`` if missing."""
+def _files_in_place(raw: bytes) -> list[str]:
+    """The files of a manifest without ``data_prefix`` (a checkpoint in the filesystem layout, copied to the store)."""
     try:
-        if _s3.is_s3(fs):
-            return _s3.read_versioned(fs, path, retry)
-        return _generic.read_versioned(fs, path)
-    except FileNotFoundError as exc:
-        raise _missing(fs, path) from exc
+        data = json.loads(raw.decode("utf-8"))
+        return [] if data.get("data_prefix") else [
+            entry["path"] for component in data["components"].values() for entry in component["files"]
+            if isinstance(entry["path"], str) and ".." not in entry["path"].split("/")]
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        return []  # unreadable: delete nothing of it
 
 
-def read_range_into(fs: Any, path: str, start: int, buffer: Any, *, chunk: int = DEFAULT_READ_CHUNK,
-                    max_concurrency: int = DEFAULT_MAX_IN_FLIGHT, retry: RetryPolicy = DEFAULT_RETRY) -> None:
-    """Fill ``buffer`` (any writable contiguous buffer) with the object's bytes from ``start`` on.
-
-    Reads exactly ``len(buffer)`` bytes or raises (``ObjectStoreError`` if the object is shorter,
-    ``FileNotFoundError`` if it is missing); checking the bytes is the caller's job. On S3 the range is
-    fetched as ranged GETs of ``chunk`` bytes, ``max_concurrency`` at a time.
-    """
-    view = _byte_view(buffer)
-    if view.readonly:
-        raise ValueError("read_range_into needs a writable buffer")
-    if start < 0:
-        raise ValueError(f"start must be >= 0, not {start}")
-    if not len(view):
-        return
-    try:
-        if _s3.is_s3(fs):
-            _s3.read_range_into(fs, path, start, view, chunk, max_concurrency, retry)
-        else:
-            _generic.read_range_into(fs, path, start, view)
-    except FileNotFoundError as exc:
-        raise _missing(fs, path) from exc
-
-
-def list_dir(fs: Any, path: str, *, retry: RetryPolicy = DEFAULT_RETRY) -> tuple[list[str], list[ObjectInfo]]:
-    """``(child prefixes, objects)`` directly below ``path``, fresh from the store (no listing cache)."""
-    if _s3.is_s3(fs):
-        return _s3_prefix.list_dir(fs, path, retry)
-    return _generic.list_dir(fs, path)
-
-
-def find_objects(fs: Any, path: str, *, retry: RetryPolicy = DEFAULT_RETRY) -> list[ObjectInfo]:
-    """Every object below ``path``, at any depth, fresh from the store."""
-    if _s3.is_s3(fs):
-        return _s3_prefix.find(fs, path, retry)
-    return _generic.find(fs, path)
-
-
-def object_info(fs: Any, path: str, *, retry: RetryPolicy = DEFAULT_RETRY) -> ObjectInfo | None:
-    """The object at ``path`` (size, mtime, version), or None when there is none."""
-    if _s3.is_s3(fs):
-        return _s3.object_info(fs, path, retry)
-    return _generic.object_info(fs, path)
-
-
-def delete_objects(fs: Any, paths: Iterable[str], *, retry: RetryPolicy = DEFAULT_RETRY) -> int:
-    """Delete these objects (missing ones are fine); returns how many were asked for (S3) or found."""
-    if _s3.is_s3(fs):
-        return _s3_prefix.delete_objects(fs, paths, retry)
-    return _generic.delete_objects(fs, paths)
-
-
-def delete_prefix(fs: Any, path: str, *, retry: RetryPolicy = DEFAULT_RETRY) -> int:
-    """Delete everything below ``path/`` (not ``path-other``), and on S3 its unfinished uploads; object count."""
-    if _s3.is_s3(fs):
-        return _s3_prefix.delete_prefix(fs, path, retry)
-    return _generic.delete_prefix(fs, path)
-
-
-@dataclass(frozen=True)
-class ConditionalSupport:
+class ConditionalSupport(NamedTuple):
     """What a store was seen to enforce: refusing a second create-only put, refusing a stale ``If-Match``."""
 
     create_only: bool
     if_match: bool
 
 
-def probe_conditional_writes(fs: Any, prefix: str, *, retry: RetryPolicy = DEFAULT_RETRY) -> ConditionalSupport:
-    """Try both conditions on a scratch object below ``prefix`` (then deleted).
+def probe_conditional_writes(url: str, storage_options: dict[str, Any] | None = None) -> ConditionalSupport:
+    """Try both conditions on a scratch object below ``url`` (deleted after): some S3-compatible stores accept the
+    headers and ignore them, and there the commit is not race-safe.
 
-    Some S3-compatible stores accept the headers and ignore them; on those the commit protocol above is not
-    race-safe, and a backend should say so (or refuse) rather than trust them.
+    Example:
+        >>> probe_conditional_writes("memory://scratch/probe")
+        ConditionalSupport(create_only=True, if_match=True)
     """
-    scratch = f"{prefix.rstrip('/')}/.probe-{uuid.uuid4().hex}"
+    client, key, policy = open_client(url, storage_options)
+    calls, scratch = RetryingClient(client, policy), f"{key}/.probe-{uuid.uuid4().hex}".lstrip("/")
     try:
-        first = put_create_only(fs, scratch, b"first", retry=retry)
-        try:
-            put_create_only(fs, scratch, b"second", retry=retry)
-            create_only = False
-        except ObjectExistsError:
-            create_only = True
-        try:
-            put_if_match(fs, scratch, b"third", first, retry=retry)
-            put_if_match(fs, scratch, b"fourth", first, retry=retry)  # ``first`` is stale now
-            if_match = False
-        except ObjectChangedError:
-            if_match = True
-        except ObjectStoreError as exc:  # a store with no conditional overwrite at all
-            log.info("%s: %s", prefix, exc)
-            if_match = False
+        first = calls.put(scratch, b"first", create=True)
+        refusals = []
+        for attempt in (lambda: calls.put(scratch, b"second", create=True),
+                        lambda: [calls.put(scratch, data, if_match=first) for data in (b"third", b"fourth")]):
+            try:
+                attempt()  # the second put over ``first`` is over a stale version
+                refusals.append(False)
+            except (ObjectExistsError, ObjectChangedError):
+                refusals.append(True)
+            except ObjectStoreError as exc:  # a store with no conditional overwrite at all
+                log.info("%s: %s", url, exc)
+                refusals.append(False)
     finally:
-        delete_objects(fs, [scratch], retry=retry)
-    return ConditionalSupport(create_only=create_only, if_match=if_match)
+        calls.delete([scratch])
+    return ConditionalSupport(*refusals)

@@ -30,6 +30,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -53,8 +54,7 @@ NO_AWS_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", 
 
 def _listing(url: str) -> dict[str, int | None]:
     """Every checkpoint name under ``url`` with its manifest's step (None: a prefix without a manifest)."""
-    store = store_for(url)
-    store.fs.invalidate_cache()
+    store = store_for(url)  # its listings are fresh: no cache to invalidate
     found: dict[str, int | None] = {}
     for location in store.list_checkpoint_candidates(store.normalize(url)):
         try:
@@ -69,8 +69,8 @@ def _damage(url: str) -> str:
     manifest = CheckpointManifest.load(url)
     store = store_for(url)
     victim = store.join(store.normalize(url), manifest.data_prefix or "", "model-00001-of-00001.safetensors")
-    store.fs.rm(store.fs._strip_protocol(victim))
-    store.fs.invalidate_cache()
+    fs = fsspec.filesystem("s3", skip_instance_cache=True)
+    fs.rm(victim)
     return victim
 
 

@@ -47,9 +47,8 @@ from lightning_sharing import CheckpointCoordinator, SharingPattern, StateCompon
 from lightning_sharing.checkpoint.manifest import MANIFEST_NAME
 from lightning_sharing.cli import verify_checkpoint
 from lightning_sharing.storage import store_for
-from lightning_sharing.storage.object_layout import manifest_data_prefix, scan
-from lightning_sharing.storage.object_s3_prefix import unfinished_uploads
-from lightning_sharing.storage.object_store import DEFAULT_RETRY, list_dir, read_versioned
+from lightning_sharing.storage.generations import manifest_data_prefix, scan
+from lightning_sharing.storage.object_store import open_client
 
 BIG_ELEMENTS = 17 * 1024 * 1024 // 4  # float32: just over one 16 MiB part
 
@@ -92,27 +91,26 @@ def target(root: str, mode: str, step: int) -> str:
 
 def leftovers(root: str) -> list[str]:
     """What interrupted saves left below ``root``: unnamed generations, manifest-less prefixes, unfinished uploads."""
-    fs = store_for(root).fs
-    base = fs._strip_protocol(root).rstrip("/")
+    client, base, _ = open_client(root, {"client": "fsspec"})  # s3fs sees unfinished uploads itself
     found: list[str] = []
-    for prefix in list_dir(fs, base)[0]:
-        name, state = posixpath.basename(prefix), scan(fs, prefix)
+    for prefix in client.list(f"{base}/", delimiter=True)[0]:
+        name, state = posixpath.basename(prefix), scan(client, prefix)
         if not state.has_manifest:
             found.append(f"{name} (no manifest: {sorted(state.generations + state.foreign)})")
             continue
-        named = manifest_data_prefix(read_versioned(fs, f"{prefix}/{MANIFEST_NAME}")[0])
+        named = manifest_data_prefix(client.get(f"{prefix}/{MANIFEST_NAME}")[0])
         found += [f"{name}/{generation}" for generation in state.generations if generation != named]
-    uploads = unfinished_uploads(fs, base, DEFAULT_RETRY)
-    found += [f"unfinished upload {upload.path[len(base) + 1:]}" for upload in uploads]
+    found += [f"unfinished upload {key[len(base) + 1:]}" for key, _ in client.uploads(f"{base}/")]
     return sorted(found)
 
 
 def audit(root: str) -> list[str]:
     """Every committed checkpoint below ``root`` that does not verify (with the problems)."""
     store = store_for(root)
+    client = open_client(root)[0]
     bad = []
     for location in store.list_checkpoint_candidates(store.normalize(root)):
-        if not scan(store.fs, store.fs._strip_protocol(location)).has_manifest:
+        if not scan(client, open_client(location)[1]).has_manifest:
             continue  # not a checkpoint; leftovers() reports it
         try:
             problems = [p.message for p in verify_checkpoint(location)[1]]

@@ -70,9 +70,8 @@ class Module(TinyRegression):
 
 
 def _exists(url: str, options: dict[str, Any] | None) -> bool:
-    store = store_for(url, options)
+    store = store_for(url, options)  # its listings are fresh: no cache to invalidate
     location = store.normalize(url)
-    store.fs.invalidate_cache()
     return store.is_dir(location) or store.size(location) is not None
 
 

@@ -1,7 +1,8 @@
-"""Streams one 12 MiB object to URL in 5 MiB parts; run with LIGHTNING_SHARING_FAULTS=save:write@0:kill to be
-SIGKILLed mid-upload (by tests/distributed/test_object_store_processes.py).
+"""Streams one 12 MiB object to URL in 5 MiB parts with the object client CLIENT; run with
+LIGHTNING_SHARING_FAULTS=save:write@0:kill to be SIGKILLed mid-upload
+(by tests/distributed/test_object_store_processes.py).
 
-    python object_store_killed_writer.py URL
+    python object_store_killed_writer.py URL CLIENT
 """
 
 from __future__ import annotations
@@ -9,11 +10,14 @@ from __future__ import annotations
 import os
 import sys
 
-from lightning_sharing.storage.object_store import open_store, write_object
+from lightning_sharing.storage import object_files, object_store
 
 MIB = 1024 * 1024
 
 if __name__ == "__main__":
-    fs, path = open_store(sys.argv[1])
-    write_object(fs, path, [os.urandom(6 * MIB), os.urandom(6 * MIB)], part_size=5 * MIB)
+    object_files.PART_SIZE = 5 * MIB
+    store = object_store.ObjectStore.for_url(sys.argv[1], {"client": sys.argv[2]})
+    with store.open_write(sys.argv[1]) as sink:
+        sink.write(os.urandom(6 * MIB))
+        sink.write(os.urandom(6 * MIB))
     print("written")

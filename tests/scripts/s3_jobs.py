@@ -7,9 +7,10 @@ Ranks are forked by ``fault_trials.run_ranks``; the endpoint and credentials com
         --done DIR --out result.json --workdir DIR
 
 ``jobs`` runs every scenario below in turn and writes one JSON report. For the store faults it starts a
-``FaultProxy`` (tests/support/s3.py) in this process in front of moto; the ranks talk through it with botocore's
-and s3fs's own retries off, so each injected fault reaches lightning_sharing's retry layer as it happens.
-``race`` is one of two jobs saving to the same path at once (tests/distributed/test_s3_jobs.py starts both).
+``FaultProxy`` (tests/support/s3.py) in this process in front of moto and runs each fault with each object client
+(fsspec, obstore); the ranks talk through the proxy, so each injected fault reaches lightning_sharing's retry layer
+(the libraries' own retries are off) as it happens. ``race`` is one of two jobs saving to the same path at once
+(tests/distributed/test_s3_jobs.py starts both).
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ from support.s3 import FaultProxy, Rule
 from lightning_sharing import CheckpointManifest, find_latest_checkpoint
 from lightning_sharing.cli import main as cli_main
 from lightning_sharing.storage import store_for
-from lightning_sharing.storage.object_layout import scan
+from lightning_sharing.storage.generations import scan
+from lightning_sharing.storage.object_store import open_client
 
 
 def _error(exc: BaseException) -> dict[str, Any]:
@@ -44,7 +46,7 @@ def _error(exc: BaseException) -> dict[str, Any]:
 def _layout(url: str) -> dict[str, Any]:
     """A committed checkpoint as stored: its generations, the one the manifest names, the files there."""
     store = store_for(url)
-    state = scan(store.fs, store.fs._strip_protocol(url))
+    state = scan(*open_client(url)[:2])
     manifest = CheckpointManifest.load(url)
     root = f"{url}/{manifest.data_prefix}"
     return {"generations": state.generations, "foreign": state.foreign, "data_prefix": manifest.data_prefix,
@@ -97,17 +99,17 @@ def refusal_worker(rank: int, world: int, root: str) -> dict[str, Any]:
     coordinator.save_checkpoint(f"{root}/step=2.ckpt", step=2)
     damaged: dict[str, str] = {}
     if rank == 0:
-        store = store_for(root)
+        client, _, _ = open_client(root)
         for name, rel in (("step=1.ckpt", "rng/rank-00001-00001-of-00001.safetensors"),
                           ("step=2.ckpt", "model-00001-of-00001.safetensors")):
             url = f"{root}/{name}/{CheckpointManifest.load(f'{root}/{name}').data_prefix}/{rel}"
-            path = store.fs._strip_protocol(url)
+            key = url[len(client.url) + 1:]
             if name == "step=1.ckpt":
-                store.fs.rm_file(path)
+                client.delete([key])
             else:
-                data = bytearray(store.fs.cat_file(path))
+                data = bytearray(client.get(key)[0])
                 data[-1] ^= 0xFF
-                store.fs.pipe_file(path, bytes(data))
+                client.put(key, bytes(data))
             damaged[name] = url
     damaged = broadcast(damaged)
     report: dict[str, Any] = {"damaged": damaged}
@@ -120,15 +122,14 @@ def refusal_worker(rank: int, world: int, root: str) -> dict[str, Any]:
     return report
 
 
-def fault_worker(rank: int, world: int, root: str, endpoint: str) -> dict[str, Any]:
-    """Through the fault proxy: save step 1, save step 2 (the proxy's rules target it), load what is latest,
-    save step 3 cleanly."""
-    import fsspec
+#: The retry policy of the fault jobs: the default attempts (6), short pauses, a short silence counts as a failure.
+FAULT_RETRY = {"initial_delay": 0.05, "max_delay": 0.2, "timeout": 2}
 
-    options = {"endpoint_url": endpoint, "config_kwargs": {"retries": {"total_max_attempts": 1, "mode": "standard"}}}
-    fs = fsspec.filesystem("s3", **options)
-    fs.retries = 1  # s3fs's own retry loop off: the injected fault reaches lightning_sharing's retries
-    assert store_for(root, options).fs is fs
+
+def fault_worker(rank: int, world: int, root: str, endpoint: str, client: str) -> dict[str, Any]:
+    """Through the fault proxy, with the object client ``client``: save step 1, save step 2 (the proxy's rules
+    target it and the load of it), load what is latest, save step 3 cleanly."""
+    options = {"endpoint_url": endpoint, "client": client, "retry": FAULT_RETRY}
     coordinator, holders = make_s3_coordinator(1, rank, storage_options=options)
     coordinator.save_checkpoint(f"{root}/step=1.ckpt", step=1)
     set_s3_state(holders, 2, rank)
@@ -151,15 +152,24 @@ def fault_worker(rank: int, world: int, root: str, endpoint: str) -> dict[str, A
     return report
 
 
-FAULTS = {  # name: proxy rules, aimed at the second save (request paths are URL-encoded: "=" is %3D)
-    "throttled-writes": [Rule("slowdown", times=4, method="PUT", contains=("step%3D2.ckpt/g-",))],
-    "throttled-for-good": [Rule("slowdown", times=10**6, method="PUT",
-                                contains=("step%3D2.ckpt/g-", "rng/rank-00001"))],
-    "access-denied": [Rule("error", status=403, code="AccessDenied", method="PUT",
-                           contains=("step%3D2.ckpt/g-", "rng/rank-00001"))],
-    "manifest-answer-lost": [Rule("drop_answer", method="PUT", contains=("step%3D2.ckpt/checkpoint_manifest.json",))],
-    "throttled-reads": [Rule("slowdown", times=3, method="GET", contains=("step%3D2.ckpt/g-",))],
+WRITES, READS = ("step%3D2.ckpt/g-",), ("step%3D2.ckpt/g-",)  # the second save's files (URL-encoded: "=" is %3D)
+RANK1_RNG = ("step%3D2.ckpt/g-", "rng/rank-00001")
+FAULTS: dict[str, list[dict[str, Any]]] = {  # name: the proxy's rules (Rule's fields), aimed at the second save
+    "throttled-writes": [{"action": "slowdown", "times": 4, "method": "PUT", "contains": WRITES}],
+    "reset-writes": [{"action": "reset", "times": 3, "method": "PUT", "contains": WRITES}],
+    "stalled-write": [{"action": "stall", "times": 1, "method": "PUT", "contains": WRITES, "stall": 6}],
+    "throttled-for-good": [{"action": "slowdown", "times": 10**6, "method": "PUT", "contains": RANK1_RNG}],
+    "access-denied": [{"action": "error", "status": 403, "code": "AccessDenied", "method": "PUT",
+                       "contains": RANK1_RNG}],
+    "manifest-answer-lost": [{"action": "drop_answer", "method": "PUT",
+                              "contains": ("step%3D2.ckpt/checkpoint_manifest.json",)}],
+    "throttled-reads": [{"action": "slowdown", "times": 3, "method": "GET", "contains": READS}],
+    "reads-reset-mid-body": [{"action": "reset_body", "times": 3, "method": "GET", "contains": READS}],
+    "stalled-reads": [{"action": "stall", "times": 2, "method": "GET", "contains": READS, "stall": 6}],
+    "reads-reset-for-good": [{"action": "reset_body", "times": 10**6, "method": "GET",
+                              "contains": ("step%3D2.ckpt/g-", "model-00001")}],
 }
+CLIENTS = ("fsspec", "obstore")
 
 
 def jobs_suite(root: str, workdir: Path) -> dict[str, Any]:
@@ -170,12 +180,14 @@ def jobs_suite(root: str, workdir: Path) -> dict[str, Any]:
     proxy = FaultProxy(os.environ["AWS_ENDPOINT_URL"])
     try:
         for name, rules in FAULTS.items():
-            proxy.rules = list(rules)
-            before = len(proxy.requests)
-            outcomes = run_ranks(fault_worker, f"{root}/{name}", proxy.url, workdir=workdir / name, timeout=120,
-                                 pg_timeout=30)
-            report[name] = {"outcomes": [asdict(o) for o in outcomes], "hits": [rule.hits for rule in rules],
-                            "requests": proxy.requests[before:]}
+            for client in CLIENTS:
+                proxy.rules = [Rule(**rule) for rule in rules]
+                before = len(proxy.requests)
+                outcomes = run_ranks(fault_worker, f"{root}/{name}-{client}", proxy.url, client,
+                                     workdir=workdir / f"{name}-{client}", timeout=150, pg_timeout=60)
+                report[f"{name}-{client}"] = {"outcomes": [asdict(o) for o in outcomes],
+                                              "hits": [rule.hits for rule in proxy.rules],
+                                              "requests": proxy.requests[before:]}
     finally:
         proxy.close()
     return report
@@ -184,10 +196,11 @@ def jobs_suite(root: str, workdir: Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------- one side of a race
 
 
-def race_worker(rank: int, world: int, url: str, endpoint: str, step: int, tag: str, done: str) -> dict[str, Any]:
+def race_worker(rank: int, world: int, url: str, endpoint: str, step: int, tag: str, done: str,
+                client: str) -> dict[str, Any]:
     """Save the state of ``step`` to ``url`` (the other job saves another step there at the same time); once both
     jobs are done, load what ``url`` holds."""
-    options = {"endpoint_url": endpoint}
+    options = {"endpoint_url": endpoint, "client": client}
     coordinator, _ = make_s3_coordinator(step, rank, storage_options=options)
     report: dict[str, Any] = {"error": None}
     try:
@@ -217,12 +230,13 @@ def main() -> None:
     parser.add_argument("--tag")
     parser.add_argument("--step", type=int)
     parser.add_argument("--done")
+    parser.add_argument("--client", default="obstore")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.suite == "jobs":
         result: Any = jobs_suite(args.url.rstrip("/"), args.workdir)
     else:
-        outcomes = run_ranks(race_worker, args.url, args.endpoint, args.step, args.tag, args.done,
+        outcomes = run_ranks(race_worker, args.url, args.endpoint, args.step, args.tag, args.done, args.client,
                              workdir=args.workdir, timeout=240, pg_timeout=180)
         result = [asdict(o) for o in outcomes]
     args.out.write_text(json.dumps(result, indent=1, default=str))

@@ -7,8 +7,9 @@ end. Nothing of boto or fsspec is mocked: clients talk HTTP to the server.
 
 ``FaultProxy`` forwards HTTP to moto, except for the requests a ``Rule`` matches, which get a real
 fault: a 503 ``SlowDown`` (throttling), another S3 error, a reset connection, an answer dropped after
-moto carried the request out (the client never hears of its success), or a hold until several matching
-requests are in flight at once (proving concurrency without timing).
+moto carried the request out (the client never hears of its success), an answer reset mid-body, a
+stall past the client's timeout, or a hold until several matching requests are in flight at once
+(proving concurrency without timing).
 """
 
 from __future__ import annotations
@@ -110,10 +111,13 @@ class Rule:
 
     ``action``: ``"slowdown"`` (503 SlowDown), ``"error"`` (``status`` with S3 error ``code``), ``"reset"``
     (the connection is reset before anything is forwarded), ``"drop_answer"`` (forwarded, carried out by
-    moto, then the connection is closed without an answer) or ``"hold"`` (kept until ``times`` matching
-    requests are waiting at once, then all forwarded; ``hold_timeout`` later they go on regardless, and
-    ``timed_out`` says so). A request matches when its method is ``method`` (any if None) and its path
-    with query contains every string in ``contains``.
+    moto, then the connection is closed without an answer), ``"reset_body"`` (forwarded, then the answer's
+    status, headers and half its body are sent and the connection is reset), ``"stall"`` (nothing is
+    forwarded or answered for ``stall`` seconds, then the connection is reset: a client whose timeout is
+    shorter gives up first) or ``"hold"`` (kept until ``times`` matching requests are waiting at once, then
+    all forwarded; ``hold_timeout`` later they go on regardless, and ``timed_out`` says so). A request
+    matches when its method is ``method`` (any if None) and its path with query contains every string in
+    ``contains``; the first ``after`` matching requests are let through untouched.
     """
 
     action: str
@@ -123,7 +127,10 @@ class Rule:
     status: int = 403
     code: str = "AccessDenied"
     hold_timeout: float = 30.0
+    after: int = 0
+    stall: float = 30.0
     hits: int = 0
+    passed: int = 0
     timed_out: bool = False
     _arrived: threading.Condition = field(default_factory=threading.Condition, repr=False)
 
@@ -153,9 +160,14 @@ class FaultProxy:
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self._server.daemon_threads = True
+        self._server.handle_error = self._handle_error  # type: ignore[method-assign]
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
         self._thread = threading.Thread(target=self._server.serve_forever, name="fault-proxy", daemon=True)
         self._thread.start()
+
+    def _handle_error(self, request: object, address: object) -> None:
+        if not isinstance(sys.exc_info()[1], OSError):  # a client that went away (a timeout, an abort) is no error
+            ThreadingHTTPServer.handle_error(self._server, request, address)
 
     def add(self, rule: Rule) -> Rule:
         self.rules.append(rule)
@@ -176,6 +188,9 @@ class FaultProxy:
             self.requests.append((method, path))
             for rule in self.rules:
                 if rule.hits < rule.times and rule.matches(method, path):
+                    if rule.passed < rule.after:
+                        rule.passed += 1
+                        continue
                     rule.hits += 1
                     return rule
         return None
@@ -248,6 +263,10 @@ class FaultProxy:
                 if action == "reset":
                     self._reset()
                     return
+                if rule is not None and action == "stall":
+                    time.sleep(rule.stall)
+                    self._reset()
+                    return
                 if rule is not None and action == "hold":
                     with rule._arrived:
                         rule._arrived.notify_all()
@@ -256,6 +275,16 @@ class FaultProxy:
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_HEADERS}
                 status, answer_headers, data = proxy._forward(self.command, self.path, headers, body)
                 if action == "drop_answer":
+                    self._reset()
+                    return
+                if action == "reset_body":  # the status and headers arrive, then half the body, then a reset
+                    self.send_response(status)
+                    for name, value in answer_headers:
+                        if name.lower() not in _HOP_HEADERS:
+                            self.send_header(name, value)
+                    self.end_headers()
+                    self.wfile.write(data[:len(data) // 2])
+                    self.wfile.flush()
                     self._reset()
                     return
                 kept = [(k, v) for k, v in answer_headers if k.lower() not in _HOP_HEADERS | {"content-length"}]

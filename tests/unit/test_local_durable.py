@@ -16,7 +16,7 @@ from lightning_sharing.format.safetensors_io import write_tensors
 from lightning_sharing.storage import durable
 from lightning_sharing.storage.base import CheckpointStore
 from lightning_sharing.storage.local import LocalStore
-from lightning_sharing.storage.object_backend import ObjectStore
+from lightning_sharing.storage.object_store import ObjectStore
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/fd")
 

@@ -28,9 +28,8 @@ from lightning_sharing import (
     find_latest_checkpoint,
 )
 from lightning_sharing.storage import LocalStore, remove_checkpoint, store_for
-from lightning_sharing.storage.object_backend import ObjectStore
-from lightning_sharing.storage.object_layout import generation_name, parse_generation, scan
-from lightning_sharing.storage.object_store import read_versioned
+from lightning_sharing.storage.generations import generation_name, parse_generation, scan
+from lightning_sharing.storage.object_store import ObjectStore, open_client
 
 
 @pytest.fixture
@@ -51,9 +50,13 @@ def _coordinator(value: float, **kwargs) -> tuple[CheckpointCoordinator, torch.n
 
 
 def _objects(url: str) -> list[str]:
-    fs = fsspec.filesystem("memory")
-    base = fs._strip_protocol(url)
-    return sorted(path[len(base) + 1:] for path in fs.find(base))
+    base = "/" + url.split("://", 1)[1]  # memory:// paths as fsspec's memory filesystem spells them
+    return sorted(path[len(base) + 1:] for path in fsspec.filesystem("memory").find(base))
+
+
+def _generations(url: str) -> list[str]:
+    client, key, _ = open_client(url)
+    return scan(client, key).generations
 
 
 def _generation(url: str) -> str:
@@ -84,7 +87,7 @@ def test_a_data_prefix_leaving_the_checkpoint_is_refused(root, bad):
     coordinator, _, _ = _coordinator(1.0)
     coordinator.save_checkpoint(f"{root}/step=1.ckpt", step=1)
     fs = fsspec.filesystem("memory")
-    path = f"{fs._strip_protocol(root)}/step=1.ckpt/checkpoint_manifest.json"
+    path = f"{root}/step=1.ckpt/checkpoint_manifest.json"
     manifest = json.loads(fs.cat_file(path))
     manifest["data_prefix"] = bad
     fs.pipe_file(path, json.dumps(manifest).encode())
@@ -134,9 +137,8 @@ def test_a_background_save_to_an_object_store(root):
 
 def test_saving_over_something_that_is_not_a_checkpoint_is_refused(root):
     fs = fsspec.filesystem("memory")
-    base = fs._strip_protocol(root)
-    fs.pipe_file(f"{base}/plain.ckpt", b"a torch.save file")
-    fs.pipe_file(f"{base}/mixed.ckpt/notes.txt", b"mine")
+    fs.pipe_file(f"{root}/plain.ckpt", b"a torch.save file")
+    fs.pipe_file(f"{root}/mixed.ckpt/notes.txt", b"mine")
     coordinator, _, _ = _coordinator(1.0)
     with pytest.raises(CheckpointError, match=r"an object \(a file\) of that name exists"):
         coordinator.save_checkpoint(f"{root}/plain.ckpt")
@@ -163,11 +165,12 @@ def test_a_failure_after_the_manifest_put_keeps_the_committed_checkpoint(root, m
 
 def test_leftovers_of_interrupted_saves_are_deleted_by_later_saves_and_nothing_else_is(root):
     fs = fsspec.filesystem("memory")
-    base = fs._strip_protocol(root)
+    base = root
     coordinator, _, _ = _coordinator(1.0)
     coordinator.save_checkpoint(f"{root}/last.ckpt", step=1)
     committed = _generation(f"{root}/last.ckpt")
-    _, version = read_versioned(fs, f"{base}/last.ckpt/checkpoint_manifest.json")
+    client, key, _ = open_client(f"{root}/last.ckpt")
+    _, version = client.get(f"{key}/checkpoint_manifest.json")
     crashed_first_save = generation_name(uuid.uuid4().hex, None)  # can never commit: a manifest exists now
     stale = generation_name(uuid.uuid4().hex, '"a manifest that is gone"')  # expected another manifest: dead
     in_progress = generation_name(uuid.uuid4().hex, version)  # a save replacing last.ckpt right now: kept
@@ -177,18 +180,19 @@ def test_leftovers_of_interrupted_saves_are_deleted_by_later_saves_and_nothing_e
     fs.pipe_file(f"{base}/logs/events.txt", b"not ours")  # never touched
     coordinator.save_checkpoint(f"{root}/step=8.ckpt", step=8)
     assert {p.split("/")[0] for p in _objects(root)} == {"last.ckpt", "step=8.ckpt", "logs"}
-    assert sorted(scan(fs, f"{base}/last.ckpt").generations) == sorted([committed, in_progress])
+    assert sorted(_generations(f"{root}/last.ckpt")) == sorted([committed, in_progress])
     assert _objects(f"{root}/logs") == ["events.txt"]
     # The next save of last.ckpt itself deletes every generation that can no longer be committed.
     coordinator.save_checkpoint(f"{root}/last.ckpt", step=9)
-    assert scan(fs, f"{base}/last.ckpt").generations == [_generation(f"{root}/last.ckpt")]
+    assert _generations(f"{root}/last.ckpt") == [_generation(f"{root}/last.ckpt")]
 
 
-def test_every_rank_killed_mid_upload_leaves_only_uploads_and_the_next_save_aborts_all_of_them(s3, s3_prefix):
+@pytest.mark.parametrize("client", ["fsspec", "obstore"])
+def test_every_rank_killed_mid_upload_leaves_only_uploads_and_the_next_save_aborts_all_of_them(s3, s3_prefix, client):
     # Both ranks killed while uploading into a generation that never got a finished object: S3 lists no prefix
     # for it, only its unfinished uploads, one per rank. Each of them must go, not just the first one found.
     bucket, key, _ = s3.split_path(s3_prefix)
-    coordinator, _, _ = _coordinator(1.0)
+    coordinator, _, _ = _coordinator(1.0, storage_options={"client": client})
     coordinator.save_checkpoint(f"s3://{s3_prefix}/step=2.ckpt", step=2)
     dead = generation_name(uuid.uuid4().hex, None)  # a first save of step=2.ckpt: can never commit now
     for rank in (0, 1):
@@ -201,7 +205,7 @@ def test_every_rank_killed_mid_upload_leaves_only_uploads_and_the_next_save_abor
 
 def test_remove_checkpoint_deletes_the_manifest_first_and_refuses_what_is_not_a_checkpoint(root):
     fs = fsspec.filesystem("memory")
-    base = fs._strip_protocol(root)
+    base = root
     coordinator, _, _ = _coordinator(1.0)
     for step in (1, 2):
         coordinator.save_checkpoint(f"{root}/step={step}.ckpt", step=step)
@@ -225,26 +229,27 @@ def test_remove_checkpoint_deletes_the_manifest_first_and_refuses_what_is_not_a_
 # --------------------------------------------------------------------------- S3 specifics
 
 
-def test_s3_listing_caches_see_a_save_and_a_removal(s3, s3_prefix):
+@pytest.mark.parametrize("client", ["fsspec", "obstore"])
+def test_s3_listing_caches_see_a_save_and_a_removal(s3, s3_prefix, client):
     # Lightning's ModelCheckpoint holds fsspec's (cached) S3FileSystem (get_filesystem: url_to_fs) and asks it
-    # exists()/ls() on rank 0.
+    # exists()/ls() on rank 0; the store's own client is another one, whichever it is.
     url = f"s3://{s3_prefix}"
     fs = fsspec.core.url_to_fs(url)[0]
     fs.pipe_file(f"{s3_prefix}/other.txt", b"x")
     fs.invalidate_cache()
     assert fs.ls(s3_prefix, detail=False) == [f"{s3_prefix}/other.txt"]  # the listing is now cached
-    coordinator, _, _ = _coordinator(1.0)
+    coordinator, _, _ = _coordinator(1.0, storage_options={"client": client})
     coordinator.save_checkpoint(f"{url}/step=1.ckpt", step=1)
-    assert store_for(url).fs is fs
     assert fs.exists(f"{url}/step=1.ckpt") and f"{s3_prefix}/step=1.ckpt" in fs.ls(s3_prefix, detail=False)
-    remove_checkpoint(f"{url}/step=1.ckpt")
+    remove_checkpoint(f"{url}/step=1.ckpt", {"client": client})
     assert not fs.exists(f"{url}/step=1.ckpt") and fs.ls(s3_prefix, detail=False) == [f"{s3_prefix}/other.txt"]
 
 
-def test_loading_many_small_tensors_from_s3_takes_few_requests(moto_server, s3_prefix):
+@pytest.mark.parametrize("client", ["fsspec", "obstore"])
+def test_loading_many_small_tensors_from_s3_takes_few_requests(moto_server, s3_prefix, client):
     proxy = FaultProxy(moto_server.endpoint_url)
     try:
-        options = {"endpoint_url": proxy.url}
+        options = {"endpoint_url": proxy.url, "client": client}
         state = {f"t{i:03d}": torch.full((16,), float(i)) for i in range(300)}
         holder = Holder(state)
         coordinator = CheckpointCoordinator([StateComponent("many", holder, SharingPattern.GLOBAL)],
@@ -298,8 +303,7 @@ def test_a_filesystem_checkpoint_copied_to_an_object_store_loads_and_can_be_repl
     coordinator, model, _ = _coordinator(1.0)
     coordinator.save_checkpoint(tmp_path / "last.ckpt", step=1)
     fs = fsspec.filesystem("memory")
-    base = fs._strip_protocol(root)
-    fs.put(str(tmp_path / "last.ckpt"), f"{base}/last.ckpt", recursive=True)  # what `aws s3 cp --recursive` does
+    fs.put(str(tmp_path / "last.ckpt"), f"{root}/last.ckpt", recursive=True)  # what `aws s3 cp --recursive` does
     copied = _objects(f"{root}/last.ckpt")
     assert "model-00001-of-00001.safetensors" in copied
     assert CheckpointManifest.load(f"{root}/last.ckpt").data_prefix is None

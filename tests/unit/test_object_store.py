@@ -1,62 +1,54 @@
-"""The object-store API behaves the same on memory://, file:// and s3:// (moto's real server on loopback)."""
+"""The object store's files behave the same on memory:// and on s3:// through both clients (fsspec, obstore), the
+latter against moto's real server on loopback: streamed writes, conditional puts, ranged reads, listings, deletion."""
 
 from __future__ import annotations
 
 import os
 import uuid
 
+import fsspec
 import numpy as np
 import pytest
 import torch
 
 from lightning_sharing import _faults
-from lightning_sharing.format.safetensors_io import bytes_checksum
-from lightning_sharing.storage.object_store import (
-    ObjectChangedError,
-    ObjectExistsError,
-    ObjectStoreError,
-    ObjectWriter,
-    delete_objects,
-    delete_prefix,
-    find_objects,
-    list_dir,
-    object_info,
-    open_store,
-    probe_conditional_writes,
-    put_create_only,
-    put_if_match,
-    read_range_into,
-    read_versioned,
-    write_object,
-)
+from lightning_sharing.errors import ObjectChangedError, ObjectExistsError, ObjectStoreError
+from lightning_sharing.storage import object_files, object_store
+from lightning_sharing.storage.generations import delete_prefix
+from lightning_sharing.storage.object_store import ObjectStore, open_client, probe_conditional_writes
 
 MIB = 1024 * 1024
-STORES = ["memory", "file", "s3"]
+KINDS = ["memory", "s3-fsspec", "s3-obstore"]
 
 
-@pytest.fixture(params=STORES)
-def store(request: pytest.FixtureRequest, tmp_path):
-    """``(fs, root, url)``: a fresh, empty prefix on each kind of store, and the URL users would write."""
-    if request.param == "s3":
-        fs, root = request.getfixturevalue("s3"), request.getfixturevalue("s3_prefix")
-        yield fs, root, f"s3://{root}"
+@pytest.fixture(params=KINDS)
+def kind(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def root(kind: str, request: pytest.FixtureRequest):
+    """``(url, storage_options)``: a fresh, empty prefix on each kind of store, with the options choosing the client."""
+    if kind == "memory":
+        bucket = f"memory://t-{uuid.uuid4().hex[:12]}"
+        yield f"{bucket}/run", None
+        fs = fsspec.filesystem("memory")
+        if fs.exists(bucket):
+            fs.rm(bucket, recursive=True)
         return
-    url = f"memory://t-{uuid.uuid4().hex[:12]}" if request.param == "memory" else f"file://{tmp_path}/store"
-    fs, root = open_store(url)
-    yield fs, root, url
-    if request.param == "memory" and fs.exists(root):
-        fs.rm(root, recursive=True)
+    yield f"s3://{request.getfixturevalue('s3_prefix')}", {"client": kind.split("-")[1]}
+
+
+@pytest.fixture(autouse=True)
+def small_parts(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(object_files, "PART_SIZE", 5 * MIB)  # multipart uploads of a few MiB
 
 
 @pytest.fixture
 def faults(monkeypatch: pytest.MonkeyPatch):
     """Set ``LIGHTNING_SHARING_FAULTS`` for this test, with the per-process hit counts starting afresh."""
     _faults._hits.clear()
-
-    def arm(spec: str) -> None:
-        monkeypatch.setenv(_faults.FAULTS_ENV, spec)
-
-    yield arm
+    yield lambda spec: monkeypatch.setenv(_faults.FAULTS_ENV, spec)
     _faults._hits.clear()
 
 
@@ -68,131 +60,145 @@ def _chunks(data: bytes) -> list[object]:
             data[9 * MIB + 17:]]
 
 
-def _rel(root: str, paths: list[str]) -> list[str]:
-    return sorted(path[len(root.rstrip("/")) + 1:] for path in paths)
+def _write(store: ObjectStore, url: str, chunks: list[object]) -> None:
+    with store.open_write(url) as sink:
+        for chunk in chunks:
+            sink.write(chunk)
 
 
-def test_streamed_write_returns_the_local_checksum_and_the_bytes_arrive(store) -> None:
-    fs, root, _ = store
-    data = os.urandom(12 * MIB + 5)
-    size, checksum = write_object(fs, f"{root}/g-1/model.safetensors", _chunks(data), part_size=5 * MIB,
-                                  max_in_flight=2)
-    assert (size, checksum) == (len(data), bytes_checksum(data))
-    assert fs.cat_file(f"{root}/g-1/model.safetensors") == data
-    assert object_info(fs, f"{root}/g-1/model.safetensors").size == len(data)
+def _read(store: ObjectStore, url: str, start: int, length: int) -> bytes:
+    with store.open_read(url) as handle:
+        handle.seek(start)
+        buffer = bytearray(length)
+        assert handle.readinto(buffer) == length
+    return bytes(buffer)
 
 
-def test_empty_and_tiny_objects(store) -> None:
-    fs, root, _ = store
-    assert write_object(fs, f"{root}/empty", []) == (0, bytes_checksum(b""))
-    assert write_object(fs, f"{root}/tiny", [b"x"]) == (1, bytes_checksum(b"x"))
-    assert fs.cat_file(f"{root}/empty") == b"" and fs.cat_file(f"{root}/tiny") == b"x"
+def test_streamed_writes_arrive_whole_and_read_back_exactly(root) -> None:
+    url, options = root
+    store = ObjectStore.for_url(url, options)
+    data = os.urandom(12 * MIB + 5)  # three parts of 5 MiB (the last smaller)
+    _write(store, f"{url}/g-1/model.safetensors", _chunks(data))
+    _write(store, f"{url}/empty", [])
+    _write(store, f"{url}/tiny", [b"x"])
+    assert store.size(f"{url}/g-1/model.safetensors") == len(data)
+    assert store.read_bytes(f"{url}/g-1/model.safetensors") == data
+    assert store.read_bytes(f"{url}/empty") == b"" and store.read_bytes(f"{url}/tiny") == b"x"
+    for start, length in [(0, 10), (3 * MIB - 7, 2 * MIB + 11), (5 * MIB - 1, 1), (0, len(data))]:
+        assert _read(store, f"{url}/g-1/model.safetensors", start, length) == data[start:start + length]
+    tensor = torch.empty(MIB, dtype=torch.int32)
+    with store.open_read(f"{url}/g-1/model.safetensors") as handle:
+        handle.seek(4)
+        handle.readinto(tensor.numpy())
+    assert torch.equal(tensor, torch.frombuffer(bytearray(data[4:4 + 4 * MIB]), dtype=torch.int32))
 
 
-def test_an_error_inside_the_writer_leaves_no_object(store) -> None:
-    fs, root, _ = store
-    with pytest.raises(KeyError, match="the caller's own error"), \
-            ObjectWriter(fs, f"{root}/doomed", part_size=5 * MIB, max_in_flight=2) as writer:
-        writer.write(os.urandom(11 * MIB))
+@pytest.mark.parametrize("size", [100, 11 * MIB], ids=["one-put", "multipart"])
+def test_an_error_inside_the_writer_leaves_no_object(root, size: int) -> None:
+    url, options = root
+    store = ObjectStore.for_url(url, options)
+    with pytest.raises(KeyError, match="the caller's own error"), store.open_write(f"{url}/g-1/doomed") as sink:
+        sink.write(os.urandom(size))
         raise KeyError("the caller's own error")
-    assert object_info(fs, f"{root}/doomed") is None
-    assert find_objects(fs, root) == []
-    with pytest.raises(ObjectStoreError, match="the writer is aborted"):
-        writer.write(b"more")
+    assert store.size(f"{url}/g-1/doomed") is None and store.list_files(url) == []
+    with pytest.raises(ObjectStoreError, match="the writer is closed"):
+        sink.write(b"more")
+    client, key, _ = open_client(url, options)
+    assert client.uploads(f"{key}/") == []
 
 
-def test_injected_write_fault_leaves_no_object(store, faults) -> None:
-    fs, root, _ = store
+def test_an_injected_write_fault_leaves_no_object(root, faults) -> None:
+    url, options = root
+    store = ObjectStore.for_url(url, options)
     faults("save:write@*:enospc")
     with pytest.raises(OSError, match=r"No space left on device \(injected at save:write on rank 0\)"):
-        write_object(fs, f"{root}/faulty", [os.urandom(6 * MIB), os.urandom(6 * MIB)], part_size=5 * MIB)
-    assert find_objects(fs, root) == []
+        _write(store, f"{url}/faulty", [os.urandom(6 * MIB), os.urandom(6 * MIB)])
+    assert store.list_files(url) == []
 
 
-def test_create_only_put_refuses_the_second_writer(store) -> None:
-    fs, root, url = store
-    put_create_only(fs, f"{root}/checkpoint_manifest.json", b'{"writer": 1}')
+def test_create_only_puts_refuse_the_second_writer(root) -> None:
+    url, options = root
+    client, key, _ = open_client(url, options)
+    client.put(f"{key}/checkpoint_manifest.json", b'{"writer": 1}', create=True)
     with pytest.raises(ObjectExistsError) as refused:
-        put_create_only(fs, f"{root}/checkpoint_manifest.json", b'{"writer": 2}')
-    shown = url if not url.startswith("file://") else url[len("file://"):]
-    assert str(refused.value) == f"{shown}/checkpoint_manifest.json already exists: another writer created it first"
-    assert read_versioned(fs, f"{root}/checkpoint_manifest.json")[0] == b'{"writer": 1}'
-    assert [os.path.basename(i.path) for i in find_objects(fs, root)] == ["checkpoint_manifest.json"]
+        client.put(f"{key}/checkpoint_manifest.json", b'{"writer": 2}', create=True)
+    assert str(refused.value) == f"{url}/checkpoint_manifest.json already exists: another writer created it first"
+    assert client.get(f"{key}/checkpoint_manifest.json")[0] == b'{"writer": 1}'
+    assert [info.key for info in client.list(f"{key}/", delimiter=False)[1]] == [f"{key}/checkpoint_manifest.json"]
 
 
-def test_conditional_overwrite_needs_the_version_that_was_read(store) -> None:
-    fs, root, url = store
-    path = f"{root}/checkpoint_manifest.json"
-    first = put_create_only(fs, path, b"generation 1")
-    data, version = read_versioned(fs, path)
+def test_conditional_overwrites_need_the_version_that_was_read(root) -> None:
+    url, options = root
+    client, key, _ = open_client(url, options)
+    path = f"{key}/checkpoint_manifest.json"
+    first = client.put(path, b"generation 1", create=True)
+    data, version = client.get(path)
     assert (data, version) == (b"generation 1", first)
-    second = put_if_match(fs, path, b"generation 2", version)
-    assert read_versioned(fs, path) == (b"generation 2", second)
-    shown = url if not url.startswith("file://") else url[len("file://"):]
+    second = client.put(path, b"generation 2", if_match=version)
+    assert client.get(path) == (b"generation 2", second)
     with pytest.raises(ObjectChangedError) as stale:
-        put_if_match(fs, path, b"generation 3 from a stale reader", version)
-    assert str(stale.value) == (f"{shown}/checkpoint_manifest.json was changed by another writer since version "
+        client.put(path, b"generation 3 from a stale reader", if_match=version)
+    assert str(stale.value) == (f"{url}/checkpoint_manifest.json was changed by another writer since version "
                                 f"{version} was read")
-    assert read_versioned(fs, path)[0] == b"generation 2"
-    delete_objects(fs, [path])
+    assert client.get(path)[0] == b"generation 2"
+    client.delete([path])
     with pytest.raises(ObjectChangedError, match=r"checkpoint_manifest.json was deleted since version"):
-        put_if_match(fs, path, b"generation 3", second)
+        client.put(path, b"generation 3", if_match=second)
     with pytest.raises(FileNotFoundError):
-        read_versioned(fs, path)
+        client.get(path)
 
 
-@pytest.mark.parametrize("start, length", [(0, 10), (3 * MIB - 7, 2 * MIB + 11), (5 * MIB - 1, 1), (0, 6 * MIB)])
-def test_ranged_reads_fill_the_callers_buffer(store, start: int, length: int) -> None:
-    fs, root, _ = store
-    data = os.urandom(6 * MIB)
-    write_object(fs, f"{root}/blob", [data], part_size=5 * MIB)
-    into_bytes = bytearray(length)
-    read_range_into(fs, f"{root}/blob", start, into_bytes, chunk=MIB, max_concurrency=3)
-    assert bytes(into_bytes) == data[start:start + length]
-    if length % 4 == 0:
-        tensor = torch.empty(length // 4, dtype=torch.int32)
-        read_range_into(fs, f"{root}/blob", start, tensor.numpy(), chunk=MIB)
-        assert torch.equal(tensor, torch.frombuffer(bytearray(data[start:start + length]), dtype=torch.int32))
-
-
-def test_ranged_read_errors(store) -> None:
-    fs, root, url = store
-    write_object(fs, f"{root}/blob", [b"0123456789"])
-    with pytest.raises(ObjectStoreError, match=r"blob has fewer than 12 bytes: bytes 4-11 were asked for"):
-        read_range_into(fs, f"{root}/blob", 4, bytearray(8))
-    fs_url = url if not url.startswith("file://") else url[len("file://"):]
+def test_ranged_read_errors_name_the_object(root) -> None:
+    url, options = root
+    store = ObjectStore.for_url(url, options)
+    _write(store, f"{url}/g-1/blob", [b"0123456789ab"])
+    assert store.list_files(f"{url}/g-1") == ["blob"]  # the listing's size (12) is what reads go by
+    client, key, _ = open_client(url, options)
+    client.put(f"{key}/g-1/blob", b"0123456789")  # replaced since (another job): shorter
+    with pytest.raises(ObjectStoreError, match=r"/g-1/blob has fewer than 12 bytes: bytes 4-11 were asked for"):
+        _read(store, f"{url}/g-1/blob", 4, 8)
     with pytest.raises(FileNotFoundError) as missing:
-        read_range_into(fs, f"{root}/missing", 0, bytearray(4))
-    assert str(missing.value) == f"[Errno 2] no such object: '{fs_url}/missing'"
-    with pytest.raises(ValueError, match="needs a writable buffer"):
-        read_range_into(fs, f"{root}/blob", 0, b"read-only")
-    read_range_into(fs, f"{root}/blob", 3, bytearray())  # nothing asked, nothing read
+        store.open_read(f"{url}/missing")
+    assert str(missing.value) == f"[Errno 2] no such object: '{url}/missing'"
+    with pytest.raises(FileNotFoundError) as missing:
+        store.read_bytes(f"{url}/missing")
+    assert str(missing.value) == f"[Errno 2] no such object: '{url}/missing'"
 
 
-def test_listing_and_prefix_deletion_stay_inside_the_prefix(store) -> None:
-    fs, root, _ = store
+def test_listings_and_prefix_deletion_stay_inside_the_prefix(root) -> None:
+    url, options = root
+    store = ObjectStore.for_url(url, options)
+    client, key, _ = open_client(url, options)
     for name in ["step=5.ckpt/checkpoint_manifest.json", "step=5.ckpt/g-1/model.safetensors",
                  "step=5.ckpt/g-1/rng/rank-00001", "step=5.ckpt.bak/keep", "step=50.ckpt/keep", "top"]:
-        write_object(fs, f"{root}/{name}", [name.encode()])
-    dirs, files = list_dir(fs, root)
-    assert _rel(root, dirs) == ["step=5.ckpt", "step=5.ckpt.bak", "step=50.ckpt"]
-    assert _rel(root, [f.path for f in files]) == ["top"] and files[0].size == 3
-    dirs, files = list_dir(fs, f"{root}/step=5.ckpt")
-    assert _rel(root, dirs) == ["step=5.ckpt/g-1"]
-    assert _rel(root, [f.path for f in files]) == ["step=5.ckpt/checkpoint_manifest.json"]
-    found = find_objects(fs, f"{root}/step=5.ckpt")
-    assert _rel(root, [f.path for f in found]) == [
-        "step=5.ckpt/checkpoint_manifest.json", "step=5.ckpt/g-1/model.safetensors", "step=5.ckpt/g-1/rng/rank-00001"]
-    assert all(f.mtime is not None for f in found)
-    assert delete_prefix(fs, f"{root}/step=5.ckpt") == 3
-    assert find_objects(fs, f"{root}/step=5.ckpt") == [] and list_dir(fs, f"{root}/step=5.ckpt") == ([], [])
-    assert _rel(root, [f.path for f in find_objects(fs, root)]) == ["step=5.ckpt.bak/keep", "step=50.ckpt/keep", "top"]
-    assert delete_prefix(fs, f"{root}/never-written") == 0
-    assert object_info(fs, f"{root}/step=5.ckpt/checkpoint_manifest.json") is None
+        _write(store, f"{url}/{name}", [name.encode()])
+    dirs, objects = client.list(f"{key}/", delimiter=True)
+    assert dirs == [f"{key}/step=5.ckpt", f"{key}/step=5.ckpt.bak", f"{key}/step=50.ckpt"]
+    assert [(o.key, o.size) for o in objects] == [(f"{key}/top", 3)]
+    assert client.list(f"{key}/step=5.ckpt/", delimiter=True) == (
+        [f"{key}/step=5.ckpt/g-1"], [client.head(f"{key}/step=5.ckpt/checkpoint_manifest.json")])
+    assert store.list_checkpoint_candidates(url) == [f"{url}/step=5.ckpt", f"{url}/step=5.ckpt.bak",
+                                                     f"{url}/step=50.ckpt"]
+    assert store.list_files(f"{url}/step=5.ckpt/g-1") == ["model.safetensors", "rng/rank-00001"]
+    assert delete_prefix(client, f"{key}/step=5.ckpt") == 3
+    assert client.list(f"{key}/step=5.ckpt/", delimiter=True) == ([], [])
+    assert [o.key for o in client.list(f"{key}/", delimiter=False)[1]] == [
+        f"{key}/step=5.ckpt.bak/keep", f"{key}/step=50.ckpt/keep", f"{key}/top"]
+    assert delete_prefix(client, f"{key}/never-written") == 0 and client.head(f"{key}/never-written") is None
+    with pytest.raises(ValueError, match="refusing to delete everything in"):
+        delete_prefix(client, "")
 
 
-def test_the_store_is_seen_to_enforce_both_conditions(store) -> None:
-    fs, root, _ = store
-    support = probe_conditional_writes(fs, root)
-    assert (support.create_only, support.if_match) == (True, True)
-    assert find_objects(fs, root) == []
+def test_a_server_side_copy_holds_the_same_bytes(root) -> None:
+    url, options = root
+    client, key, _ = open_client(url, options)
+    client.put(f"{key}/a/model.safetensors", b"weights")
+    client.copy(f"{key}/a/model.safetensors", f"{key}/b/model.safetensors")
+    assert client.get(f"{key}/b/model.safetensors")[0] == b"weights"
+
+
+def test_the_store_is_seen_to_enforce_both_conditions(root) -> None:
+    url, options = root
+    assert probe_conditional_writes(url, options) == object_store.ConditionalSupport(create_only=True, if_match=True)
+    client, key, _ = open_client(url, options)
+    assert client.list(f"{key}/", delimiter=False) == ([], [])
