@@ -43,6 +43,8 @@ from collections.abc import Callable
 from pathlib import PurePath
 from typing import Any
 
+from lightning_sharing.storage import library_options
+
 __all__ = [
     "allow_launch_under_fabric_cli",
     "checkpoint_dir",
@@ -234,9 +236,12 @@ _current_storage_options: dict[str, Any] | None = None
 
 
 def use_storage_options(storage_options: dict[str, Any] | None) -> None:
-    """The storage options ``ModelCheckpoint`` gets for URLs from now on (None: fsspec's defaults)."""
+    """The storage options ``ModelCheckpoint`` gets for URLs from now on (None: fsspec's defaults).
+
+    Our own keys (the object client, the retry policy: ``storage.OWN_OPTIONS``) are not fsspec's and stay out.
+    """
     global _current_storage_options
-    _current_storage_options = dict(storage_options) if storage_options else None
+    _current_storage_options = library_options(dict(storage_options)) if storage_options else None
 
 
 def hook_checkpoint_filesystem() -> bool:
