@@ -16,8 +16,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from _bench_context import Ctx, dcp_load_into, dcp_state
 from _bench_state import layer_plan, timed, tree_bytes
-from _bench_worker import Ctx, dcp_load_into, dcp_state
 from torch import nn
 
 from lightning_sharing import CheckpointCoordinator, OptimizerState, SharingPattern, StateComponent
