@@ -51,11 +51,14 @@ from lightning_sharing.distributed.basics import (
 )
 from lightning_sharing.errors import DistributedCheckpointError
 
-__all__ = ["Ballot", "Field", "judge_equal", "stable_hash"]
+__all__ = ["ABSENT", "Ballot", "Field", "judge_equal", "stable_hash"]
 
 _HASH_BITS = (1 << 62) - 1
 _WORD = 7  # bytes per int64 word of rank 0's data: non-negative, so the max over the ranks is rank 0's word
 _NONE = -1  # what ranks other than 0 (and rank 0 without data) contribute to rank 0's fields
+_LOWEST = -(1 << 63)  # what a rank outside a check contributes to it: never the max
+#: ``Field.set(ABSENT)``: this rank takes no part in a hash check (it holds another instance's state).
+ABSENT = object()
 
 Judge = Callable[[list[Any]], BaseException | None]
 
@@ -89,6 +92,8 @@ class Field:
 
     def _contribution(self, rank: int) -> list[int]:
         if self.kind == "hash":
+            if self._mine is ABSENT:
+                return [_LOWEST, _LOWEST]
             digest = stable_hash(self._mine)
             return [digest, -digest]
         if self.kind == "max":

@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 import torch.distributed as dist
 
 from lightning_sharing.core.topology import Topology
-from lightning_sharing.distributed.ballot import Ballot, stable_hash
+from lightning_sharing.distributed.ballot import ABSENT, Ballot, Field, judge_equal, stable_hash
 from lightning_sharing.distributed.basics import (
     active,
     agreed_error,
@@ -45,10 +45,10 @@ from lightning_sharing.distributed.basics import (
 from lightning_sharing.distributed.settle import report_size, settle_on_rank_zero
 from lightning_sharing.errors import ComponentDeclarationError
 
-__all__ = ["Ballot", "active", "agree", "agreed_error", "agreement", "all_gather_object", "all_ranks", "any_rank",
-           "broadcast_object", "broadcast_tensor", "gather_topology", "get_rank", "get_world_size", "local_only",
-           "may_run_in_background", "new_gloo_group", "on_rank_zero", "report_size", "resolve_process_groups",
-           "settle_on_rank_zero", "stable_hash", "warn_on_rank_zero"]
+__all__ = ["ABSENT", "Ballot", "Field", "active", "agree", "agreed_error", "agreement", "all_gather_object",
+           "all_ranks", "any_rank", "broadcast_object", "broadcast_tensor", "gather_topology", "get_rank",
+           "get_world_size", "judge_equal", "local_only", "may_run_in_background", "new_gloo_group", "on_rank_zero",
+           "report_size", "resolve_process_groups", "settle_on_rank_zero", "stable_hash", "warn_on_rank_zero"]
 
 T = TypeVar("T")
 

@@ -1,9 +1,11 @@
 """Replication validation: prove that REPLICATED state really is identical on every rank.
 
-Each rank digests its state locally; the digests are exchanged so every rank reaches the same
-verdict, and a mismatch raises ``ReplicationMismatchError`` on all ranks naming the component,
-the tensor paths and the diverging ranks. ``FULL`` compares bytes against the writer's copy
-instead of hashes.
+Each rank digests its state locally; the ranks compare one 62-bit hash of their digests in one all-reduce (per
+group instance whose members must agree), so every rank reaches the same verdict while receiving a few bytes,
+whatever the world size. Only on a mismatch are the digests themselves gathered, and then
+``ReplicationMismatchError`` is raised on all ranks naming the component, the tensor paths and the diverging
+ranks. ``FULL`` compares bytes against the writer's copy instead of hashes. A save folds the common case (one
+instance, below ``FULL``) into its own agreement step with ``replication_digests`` and ``mismatch_error``.
 
 Example:
     >>> check_replication("model", model.state_dict(), ValidationLevel.TENSOR)   # doctest: +SKIP
@@ -19,11 +21,14 @@ import torch
 import xxhash
 
 from lightning_sharing.core.declarations import ValidationLevel
-from lightning_sharing.distributed.collectives import agreement, all_gather_object, broadcast_tensor, get_world_size
+from lightning_sharing.distributed.ballot import ABSENT, Ballot
+from lightning_sharing.distributed.basics import all_gather_object, broadcast_tensor, get_rank, get_world_size
+from lightning_sharing.distributed.collectives import any_rank
 from lightning_sharing.errors import ComponentDeclarationError, ReplicationMismatchError
 from lightning_sharing.format.codec import EncodedState, encode_state, is_dtensor
 
-__all__ = ["check_replication", "replicated_view", "state_digests"]
+__all__ = ["check_replication", "combined_digest", "mismatch_error", "references", "replicated_view",
+           "replication_digests", "state_digests"]
 
 _QUICK_SAMPLES = 64
 _STRUCTURE = "<structure: keys and non-tensor values>"
@@ -79,8 +84,35 @@ def _digests(encoded: EncodedState, level: ValidationLevel) -> dict[str, str]:
     return digests
 
 
-def _combined(digests: dict[str, str]) -> str:
+def combined_digest(digests: dict[str, str]) -> str:
+    """One digest of a component's per-path digests (what the ranks compare first)."""
     return xxhash.xxh3_128_hexdigest(json.dumps(sorted(digests.items())).encode())
+
+
+def replication_digests(key: str, state: Any, level: ValidationLevel, *, dtensors: bool = False
+                        ) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """This rank's per-path digests of ``state`` at ``level``, and its encoded tensors (for ``FULL``)."""
+    encoded = encode_state(state, key, dtensors=dtensors)
+    return _digests(encoded, level), encoded.tensors
+
+
+def references(world: int, writer: int, instances: Sequence[Sequence[int]] | None) -> list[int]:
+    """The rank each rank's state is compared with: ``writer``, or the lowest rank of its group instance."""
+    result = [writer] * world
+    for members in instances or ():
+        for rank in members:
+            result[rank] = min(members)
+    return result
+
+
+def mismatch_error(key: str, level: ValidationLevel, refs: list[int], per_rank: list[dict[str, str] | None],
+                   pattern: str = "REPLICATED") -> ReplicationMismatchError | None:
+    """The error naming where every rank's digests differ from its reference rank's, or None when they agree."""
+    if all(digests is not None for digests in per_rank):
+        diverging = _differences(per_rank, refs)  # type: ignore[arg-type]
+        if diverging:
+            return _mismatch(key, level, refs, diverging, pattern)
+    return None
 
 
 def _differences(per_rank: list[dict[str, str]], references: list[int]) -> dict[str, list[int]]:
@@ -95,8 +127,8 @@ def _differences(per_rank: list[dict[str, str]], references: list[int]) -> dict[
     return diverging
 
 
-def _raise_mismatch(key: str, level: ValidationLevel, writers: list[int], diverging: dict[str, list[int]],
-                    pattern: str) -> None:
+def _mismatch(key: str, level: ValidationLevel, writers: list[int], diverging: dict[str, list[int]],
+              pattern: str) -> ReplicationMismatchError:
     ranks = sorted({r for rs in diverging.values() for r in rs})
     listed = "; ".join(f"{path!r} on ranks {rs}" for path, rs in list(diverging.items())[:_MAX_LISTED])
     more = f" (and {len(diverging) - _MAX_LISTED} more)" if len(diverging) > _MAX_LISTED else ""
@@ -104,7 +136,7 @@ def _raise_mismatch(key: str, level: ValidationLevel, writers: list[int], diverg
     against = (f"rank {leads[0]}, the writing rank" if len(leads) == 1
                else f"the writing ranks {leads} of their groups")
     what = "REPLICATED state" if pattern == "REPLICATED" else f"The plain tensors and other values of {pattern} state"
-    raise ReplicationMismatchError(
+    return ReplicationMismatchError(
         f"{pattern} component {key!r} differs across ranks (validation level {level.name}): ranks "
         f"{ranks} differ from {against}, at {listed}{more}. {what} must be "
         "identical on every rank: if it legitimately differs, declare it PER_RANK (or PER_GROUP); "
@@ -130,38 +162,35 @@ def check_replication(key: str, state: Any, level: ValidationLevel, writer: int 
     ``dtensors=True`` (SHARDED state) accepts ``DTensor``s and compares only what each one is (global
     shape, dtype, placements), not its pieces. ``instances`` (the ranks of each group instance, which
     hold different state) compares each rank with the lowest rank of its instance instead of ``writer``.
-    ``pattern`` names the component's pattern in the error.
+    ``pattern`` names the component's pattern in the error. One all-reduce (of two integers per instance)
+    when every rank agrees; ``FULL`` adds one broadcast per tensor and one all-reduce.
     """
     level = ValidationLevel.parse(level)
     world = get_world_size()
     if level is ValidationLevel.NONE or world == 1:
         return
-    references = [writer] * world
-    for members in instances or ():
-        for rank in members:
-            references[rank] = min(members)
-    if level is ValidationLevel.FULL and len(set(references)) > 1:
+    refs = references(world, writer, instances)
+    if level is ValidationLevel.FULL and len(set(refs)) > 1:
         raise ComponentDeclarationError(
             f"component {key!r}: validation level FULL compares every rank's bytes with one writing rank, but "
-            f"its group instances hold different state (writers {sorted(set(references))}); use TENSOR, which "
+            f"its group instances hold different state (writers {sorted(set(refs))}); use TENSOR, which "
             "hashes every byte"
         )
-    digests: dict[str, str] = {}
-    tensors: dict[str, torch.Tensor] = {}
-    with agreement(f"replication check of component {key!r}"):
-        encoded = encode_state(state, key, dtensors=dtensors)
-        tensors = encoded.tensors
-        digests = _digests(encoded, level)
-    combined = all_gather_object(_combined(digests))
-    if any(combined[rank] != combined[references[rank]] for rank in range(world)):
-        _raise_mismatch(key, level, references, _differences(all_gather_object(digests), references), pattern)
+    phase = f"replication check of component {key!r}"
+    ballot = Ballot(phase)
+    digests, tensors = ballot.run(phase, lambda: replication_digests(key, state, level, dtensors=dtensors)) or ({}, {})
+    mine = refs[get_rank()]
+    for reference in sorted(set(refs)):  # one hash check per group of ranks that must agree
+        ballot.hashed(combined_digest(digests) if mine == reference else ABSENT)
+    ballot.judge(f"replicas of {key!r}", lambda: digests, lambda per_rank: mismatch_error(key, level, refs, per_rank,
+                                                                                          pattern))
+    ballot.agree()
     if level is not ValidationLevel.FULL:
         return
     differing = _full_compare(digests, tensors, writer)
-    per_rank = all_gather_object(differing)
-    diverging: dict[str, list[int]] = {}
-    for rank, paths in enumerate(per_rank):
-        for path in paths:
-            diverging.setdefault(path, []).append(rank)
-    if diverging:
-        _raise_mismatch(key, level, references, diverging, pattern)
+    if any_rank(bool(differing), phase=phase)[0]:
+        diverging: dict[str, list[int]] = {}
+        for rank, paths in enumerate(all_gather_object(differing, phase=phase)):
+            for path in paths:
+                diverging.setdefault(path, []).append(rank)
+        raise _mismatch(key, level, refs, diverging, pattern)

@@ -36,11 +36,13 @@ from lightning_sharing.engine.copy_format import (
     LoadContext,
     SavedTensor,
     WrittenCopy,
+    tree_job,
     write_file,
 )
 from lightning_sharing.engine.verified_files import ComponentFiles
 from lightning_sharing.errors import CheckpointError
-from lightning_sharing.format.copy_files import TREE_FORMAT, index_name, json_bytes, tree_name
+from lightning_sharing.format.codec import EncodedState
+from lightning_sharing.format.copy_files import index_name, json_bytes
 from lightning_sharing.sharded.chunkfile import StoreFiles
 from lightning_sharing.sharded.dtensor_boxes import local_tensor
 from lightning_sharing.sharded.index import ShardedIndex, merge_indexes
@@ -67,21 +69,23 @@ class ChunkFormat(CopyFormat):
     def __init__(self, files: ChunkFiles) -> None:
         self.files = files
 
-    def plan(self, key: str, placement: Placement, state: Any, rank: int, options: CheckpointOptions) -> CopyPlan:
+    def plan_encoded(self, key: str, placement: Placement, encoded: EncodedState, rank: int,
+                     options: CheckpointOptions) -> CopyPlan:
         """This rank's part of copy ``placement``: its chunks (one file), and (lead) the structure.
 
         The copy's tensors are held by ``placement.readers`` (plain tensors whole by each of them, ``DTensor``s
         piece by piece). A rank writing no chunk still reports its part of the index (shapes and dtypes).
         """
-        encoded = self.encode(state, key)
         writes = plan_writes(encoded.tensors, rank=rank, group_ranks=placement.readers)
         mine = {write.name: local_tensor(encoded.tensors[write.name]) for write in writes.mine()}
         plan = CopyPlan(key, placement.stem, detail=_Detail(writes, dict(encoded.ties)))
         plan.jobs.append(FileJob(self.files.file_for(key, rank), tensors=mine))
         if rank == placement.writer and not encoded.flat:
-            body = {"format": TREE_FORMAT, "version": 1, "tree": encoded.tree, "ties": encoded.ties}
-            plan.jobs.append(FileJob(tree_name(placement.stem), data=json_bytes(body)))
+            plan.jobs.append(tree_job(placement.stem, encoded))
         return plan
+
+    def piece(self, tensor: torch.Tensor) -> torch.Tensor:
+        return local_tensor(tensor)
 
     def write(self, store: CheckpointStore, root: str, plan: CopyPlan, rank: int) -> WrittenCopy:
         """This rank's chunk file (none when it writes no chunk) and the structure; the detail is its index part."""

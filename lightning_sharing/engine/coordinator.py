@@ -29,9 +29,11 @@ from lightning_sharing.core.options import CheckpointOptions, VerifyMode, checkp
 from lightning_sharing.core.topology import Topology
 from lightning_sharing.distributed.async_save import BackgroundSaver
 from lightning_sharing.distributed.collectives import (
-    all_gather_object,
+    Ballot,
     gather_topology,
     get_rank,
+    get_world_size,
+    judge_equal,
     may_run_in_background,
     resolve_process_groups,
 )
@@ -39,6 +41,7 @@ from lightning_sharing.engine.commit import CheckpointTarget
 from lightning_sharing.engine.export import HFExport, export_in_parallel
 from lightning_sharing.engine.load import load_components
 from lightning_sharing.engine.load_plan import LoadResult
+from lightning_sharing.engine.plan_cache import PlanCache
 from lightning_sharing.engine.save import commit_save, display, plan_save
 from lightning_sharing.errors import ComponentDeclarationError
 from lightning_sharing.storage import store_for
@@ -98,6 +101,8 @@ class CheckpointCoordinator:
                                           async_save=saver is not None or async_save)
         self.storage_options = storage_options
         self._topology: Topology | None = None
+        self._topology_of: tuple[int, int] | None = None  # (world size, rank) it was gathered at
+        self._plans = PlanCache()
         if saver is None and self.options.async_save:
             saver = BackgroundSaver.for_options(self.options)
         self._saver = saver
@@ -120,26 +125,33 @@ class CheckpointCoordinator:
         """The topology gathered at the first save or load (None before that)."""
         return self._topology
 
+    @property
+    def plan_stats(self) -> dict[str, int]:
+        """This rank's copies planned anew and reused from the previous save's plans, in the last save.
+
+        Example:
+            >>> coordinator.save_checkpoint("ckpt/step=2.ckpt"); coordinator.plan_stats   # doctest: +SKIP
+            {'planned': 0, 'reused': 3}
+        """
+        return dict(self._plans.stats)
+
     def _declaration(self) -> list[tuple[str, str, str | None, str]]:
         return [(c.key, c.sharing_pattern.value, c.process_group_name, c.effective_validation.value)
                 for c in self.components]
 
-    def _prepare(self, extra: Any = None) -> tuple[Topology, list[Any]]:
-        """Collective: gather the topology once and check that every rank declared the same state.
-
-        ``extra`` rides along in the same exchange; every rank's ``extra`` is returned, by rank.
-        """
-        if self._topology is None:
+    def _topology_now(self) -> Topology:
+        """Collective the first time (and after the process group changed size): the job's topology."""
+        now = (get_world_size(), get_rank())
+        if self._topology is None or self._topology_of != now:
             self._topology = gather_topology(self.process_groups)
-        gathered = all_gather_object((self._declaration(), extra), phase="comparing declarations")
-        declarations = [declaration for declaration, _ in gathered]
-        for rank, declaration in enumerate(declarations):
-            if declaration != declarations[0]:
-                raise ComponentDeclarationError(
-                    f"rank {rank} declared components {declaration} but rank 0 declared "
-                    f"{declarations[0]}; every rank must declare the same keys, patterns and groups"
-                )
-        return self._topology, [item for _, item in gathered]
+            self._topology_of = now
+        return self._topology
+
+    def _check_declarations(self, ballot: Ballot) -> None:
+        """Add to ``ballot`` the check that every rank declared the same components (by hash; the declarations
+        themselves are gathered only when they differ, to name the rank)."""
+        ballot.equal(self._declaration(), judge_equal(_declarations_differ), name="declarations")
+
 
     # ------------------------------------------------------------------ save
     def save_checkpoint(self, path: PathT, *, step: int | None = None, metadata: dict[str, Any] | None = None,
@@ -169,17 +181,20 @@ class CheckpointCoordinator:
         location = store.normalize(os.fspath(path))
         exported = None if export is None else (os.fspath(export.path), export.component, str(export.dtype),
                                                  export.max_shard_size)
-        topology, proposals = self._prepare(extra=(location, uuid.uuid4().hex, exported))
-        if len({(proposed, export_of) for proposed, _, export_of in proposals}) > 1:
-            raise ComponentDeclarationError(
-                f"ranks passed different checkpoint paths or exports: {[(t, e) for t, _, e in proposals]}")
-        target = CheckpointTarget(store, location, proposals[0][1])  # rank 0's token
+        topology = self._topology_now()
+        target = CheckpointTarget(store, location, uuid.uuid4().hex)  # rank 0 begins, commits or aborts: its token
         group = saver.group() if saver is not None else None
-        planned = plan_save(self.components, topology, get_rank(), self.options, saver, self.staging_roots)
+
+        def checks(ballot: Ballot) -> None:
+            self._check_declarations(ballot)
+            ballot.equal((location, exported), judge_equal(_paths_differ), name="path")
+
+        planned = plan_save(target, self.components, topology, self.options, saver, self._plans, checks,
+                            self.staging_roots)
 
         def finish() -> None:
             """Write, agree and commit (on the saver's thread for a background save), then export."""
-            commit_save(target, self.components, topology, planned, step, metadata, group)
+            self._plans.report_size = commit_save(target, self.components, topology, planned, step, metadata, group)
             log.info("saved checkpoint %s in %.2fs", location, time.perf_counter() - started)
             if export is not None:
                 export_in_parallel(store, location, export, group)
@@ -188,7 +203,7 @@ class CheckpointCoordinator:
         if saver is None:
             finish()
         else:
-            saver.submit(display(location), finish, [t for copy in planned for t in copy.tensors()])
+            saver.submit(display(location), finish, planned.tensors())
             log.info("staged checkpoint %s in %.2fs; writing it in the background", location,
                      time.perf_counter() - started)
         return path
@@ -215,6 +230,20 @@ class CheckpointCoordinator:
         """
         mode = VerifyMode.parse(verify) if verify is not None else self.verify
         self.wait()  # a pending save of this very checkpoint must be complete before it is read
-        topology, _ = self._prepare()
-        return load_components(path, store_for(path, self.storage_options), self.components, topology, strict,
-                               mode, ignore)
+        return load_components(path, store_for(path, self.storage_options), self.components, self._topology_now(),
+                               strict, mode, ignore, checks=self._check_declarations)
+
+
+def _declarations_differ(declarations: list[Any]) -> ComponentDeclarationError:
+    for rank, declaration in enumerate(declarations):
+        if declaration != declarations[0]:
+            return ComponentDeclarationError(
+                f"rank {rank} declared components {declaration} but rank 0 declared "
+                f"{declarations[0]}; every rank must declare the same keys, patterns and groups"
+            )
+    raise AssertionError("the declarations do not differ")
+
+
+def _paths_differ(proposals: list[Any]) -> ComponentDeclarationError:
+    listing = [(target, export) for target, export in proposals]
+    return ComponentDeclarationError(f"ranks passed different checkpoint paths or exports: {listing}")

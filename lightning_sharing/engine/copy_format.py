@@ -38,11 +38,12 @@ from lightning_sharing.core.rules import Placement
 from lightning_sharing.core.topology import Topology
 from lightning_sharing.engine.verified_files import ComponentFiles
 from lightning_sharing.format.codec import EncodedState, encode_state
+from lightning_sharing.format.copy_files import TREE_FORMAT, json_bytes, tree_name
 from lightning_sharing.format.safetensors_io import write_blob, write_tensors
 from lightning_sharing.storage import CheckpointStore
 
 __all__ = ["CopyFormat", "CopyPlan", "FileJob", "FullTensors", "LoadContext", "PreparedLoad", "SavedTensor",
-           "WrittenCopy", "write_file"]
+           "WrittenCopy", "tree_job", "write_file"]
 
 
 @dataclass
@@ -154,9 +155,35 @@ class CopyFormat(ABC):
         """``state`` split into a JSON tree and tensors, as this format stores it."""
         return encode_state(state, key, dtensors=self.holds_dtensors)
 
-    @abstractmethod
     def plan(self, key: str, placement: Placement, state: Any, rank: int, options: CheckpointOptions) -> CopyPlan:
         """This rank's files of copy ``placement`` of component ``key`` (none when it writes none of them)."""
+        return self.plan_encoded(key, placement, self.encode(state, key), rank, options)
+
+    @abstractmethod
+    def plan_encoded(self, key: str, placement: Placement, encoded: EncodedState, rank: int,
+                     options: CheckpointOptions) -> CopyPlan:
+        """``plan`` of a state already encoded (``encode``)."""
+
+    def piece(self, tensor: torch.Tensor) -> torch.Tensor:
+        """What this rank writes of one of the state's tensors (a format of pieces writes a DTensor's local one)."""
+        return tensor
+
+    def refill(self, plan: CopyPlan, encoded: EncodedState) -> CopyPlan:
+        """``plan`` (made by ``plan_encoded`` for a state of the same layout: names, shapes, dtypes, ties) with the
+        tensors and the structure of ``encoded``: what ``plan_encoded`` would return, without planning again.
+
+        A job's ``tensors`` give the names to take (their values are ignored); the structure file is written anew
+        (it holds the state's non-tensor values); every other file and the ``detail`` depend on the layout only.
+        """
+        jobs = []
+        for job in plan.jobs:
+            if job.tensors is not None:
+                jobs.append(FileJob(job.rel, tensors={name: self.piece(encoded.tensors[name]) for name in job.tensors}))
+            elif job.rel == tree_name(plan.stem):
+                jobs.append(tree_job(plan.stem, encoded))
+            else:
+                jobs.append(FileJob(job.rel, data=job.data))
+        return CopyPlan(plan.key, plan.stem, jobs, plan.detail)
 
     @abstractmethod
     def write(self, store: CheckpointStore, root: str, plan: CopyPlan, rank: int) -> WrittenCopy:
@@ -176,6 +203,12 @@ class CopyFormat(ABC):
     @abstractmethod
     def full_tensors(self, files: ComponentFiles) -> FullTensors | None:
         """The component's full tensors for an export; None when its files hold none in this format."""
+
+
+def tree_job(stem: str, encoded: EncodedState) -> FileJob:
+    """The structure file of copy ``stem`` (a non-flat state's tree, its non-tensor values and ties)."""
+    body = {"format": TREE_FORMAT, "version": 1, "tree": encoded.tree, "ties": encoded.ties}
+    return FileJob(tree_name(stem), data=json_bytes(body))
 
 
 def write_file(store: CheckpointStore, root: str, job: FileJob, rank: int) -> FileEntry:

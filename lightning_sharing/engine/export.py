@@ -376,7 +376,7 @@ def export_in_parallel(store: CheckpointStore, checkpoint: str, spec: HFExport, 
     rank, world = get_rank(), get_world_size()
     target = ExportDirectory(spec.path)
     written: list[str] = []
-    with staged(target, f"preparing the export to {spec.path}", group) as staging:
+    with staged(target, f"preparing the export to {spec.path}", group, location=os.fspath(spec.path)) as staging:
         plan: ExportPlan | None = None
         with agreement(f"exporting {checkpoint} to {spec.path}", group):
             plan = plan_export(store, checkpoint, spec)

@@ -5,8 +5,11 @@
    and have each component's copy format plan this rank's load (``CopyFormat.prepare_load``: a chunked copy's
    index and structure are read, verified and matched to the live state here, before anything is loaded);
    rank-specific state saved at another topology gets its ``on_resize`` policy instead (``engine.resize``).
-2. **agree**: one exchange checks that every rank opened the same checkpoint and carries which saved entries of a
-   stage-split component each rank takes; an entry no rank takes is refused (strict) or logged.
+2. **agree**: the plan's agreement step (one all-reduce of a few integers) also checks, by hash, that every rank
+   declared the same components (the coordinator's check) and opened the same checkpoint; only when something
+   differs are the ranks' values gathered, to name them. Which saved entries of a stage-split component each rank
+   takes is one more all-reduce (of one flag per entry, only when such a component is loaded): an entry no rank
+   takes is refused (strict) or logged.
 3. **read, verify, apply** (one agreement step): each planned load reads this rank's files, verified against the
    manifest (``PreparedLoad.finish``), and hands the state to the stateful's ``load_state_dict``.
 
@@ -20,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +31,14 @@ from lightning_sharing.checkpoint.manifest import data_root, read_manifest
 from lightning_sharing.core.declarations import StateComponent
 from lightning_sharing.core.options import VerifyMode
 from lightning_sharing.core.topology import Topology
-from lightning_sharing.distributed.collectives import agreement, all_gather_object, get_rank, warn_on_rank_zero
+from lightning_sharing.distributed.collectives import (
+    Ballot,
+    agreement,
+    any_rank,
+    get_rank,
+    judge_equal,
+    warn_on_rank_zero,
+)
 from lightning_sharing.engine.component_errors import with_context
 from lightning_sharing.engine.copy_format import LoadContext, PreparedLoad
 from lightning_sharing.engine.formats import format_for
@@ -44,11 +54,13 @@ _LISTED = 8
 
 
 def load_components(path: Any, store: CheckpointStore, components: Sequence[StateComponent], topology: Topology,
-                    strict: bool, mode: VerifyMode, ignore: Collection[str] = ()) -> LoadResult:
+                    strict: bool, mode: VerifyMode, ignore: Collection[str] = (),
+                    checks: Callable[[Ballot], None] | None = None) -> LoadResult:
     """Collective: load every component of ``components`` this rank reads from the checkpoint at ``path``.
 
     See the module docstring for the steps and ``CheckpointCoordinator.load_checkpoint`` for ``strict``,
-    ``mode`` (``verify``) and ``ignore``.
+    ``mode`` (``verify``) and ``ignore``. ``checks(ballot)`` adds the caller's checks to the plan's agreement step,
+    first (the coordinator's: every rank declared the same components).
     """
     rank = get_rank()
     shown = os.fspath(path)
@@ -56,8 +68,13 @@ def load_components(path: Any, store: CheckpointStore, components: Sequence[Stat
     result = LoadResult(path=Path(shown) if not is_url(path) else shown)
     prepared: list[tuple[StateComponent, PreparedLoad]] = []
     files_root = root
-    # 1. plan
-    with agreement(f"reading checkpoint {shown}"):
+    # 1. plan, 2. agree
+    ballot = Ballot(f"reading checkpoint {shown}")
+    if checks is not None:
+        checks(ballot)
+
+    def plan() -> None:
+        nonlocal files_root
         manifest = read_manifest(store, root, display=shown)
         files_root = data_root(store, root, manifest)
         check_listed_files(store, files_root, manifest)
@@ -72,32 +89,50 @@ def load_components(path: Any, store: CheckpointStore, components: Sequence[Stat
             resized = ResizedLoad(component, saved, context, reason)
             result.resized[component.key] = resized.describe()
             prepared.append((component, resized))
-    # 2. agree
-    held = {component.key: load.held for component, load in prepared if load.entries}
-    identities = all_gather_object((root, result.manifest.created_at if result.manifest else "", held))
-    if len({(p, c) for p, c, _ in identities}) > 1:
-        listing = "; ".join(f"rank {r}: {p} (saved {c})" for r, (p, c, _) in enumerate(identities))
-        raise CheckpointError(
-            f"ranks are loading different checkpoints ({listing}); every rank must load the same one "
-            "(choose it on rank 0 and broadcast it, or pass the same path everywhere)"
-        )
+
+    ballot.run(f"reading checkpoint {shown}", plan)
+    ballot.equal((root, result.manifest.created_at if result.manifest else ""), judge_equal(_different_checkpoints),
+                 name="checkpoint")
+    split = [(component.key, load) for component, load in prepared if load.entries]
+    ballot.hashed([(key, list(load.entries)) for key, load in split])  # the held flags below line up
+    ballot.agree()
+    held = _held_anywhere(split)
     for key, reason in result.skipped.items():
         warn_on_rank_zero(log, "checkpoint %s: skipped component %r (%s)", shown, key, reason)
     # 3. read, verify, apply
     with agreement(f"loading checkpoint {shown}"):
-        for component, load in prepared:  # every rank reaches the same verdict from the same exchange
-            if component.key in held:
-                _check_taken(component.key, load, [h[component.key] for _, _, h in identities], strict, shown)
+        for key, load in split:  # every rank reaches the same verdict from the same all-reduce
+            _check_taken(key, load, held[key], strict, shown)
         for component, load in prepared:
             with_context(component.key, "loading", lambda loading=load: loading.finish(store, files_root))
             result.loaded.append(component.key)
     return result
 
 
-def _check_taken(key: str, load: PreparedLoad, held_by_rank: list[tuple[bool, ...]], strict: bool,
-                 path: str) -> None:
-    """Refuse (``strict``; else log) saved entries that no rank takes, from every rank's ``held``."""
-    unheld = [name for i, name in enumerate(load.entries) if not any(held[i] for held in held_by_rank)]
+def _different_checkpoints(identities: list[Any]) -> CheckpointError:
+    listing = "; ".join(f"rank {r}: {p} (saved {c})" for r, (p, c) in enumerate(identities))
+    return CheckpointError(
+        f"ranks are loading different checkpoints ({listing}); every rank must load the same one "
+        "(choose it on rank 0 and broadcast it, or pass the same path everywhere)"
+    )
+
+
+def _held_anywhere(split: list[tuple[str, PreparedLoad]]) -> dict[str, tuple[bool, ...]]:
+    """Collective when a stage-split component is loaded (the same on every rank: its entries were compared):
+    for each of its saved entries, whether some rank takes it (one all-reduce of one flag per entry)."""
+    if not split:
+        return {}
+    flags = any_rank(*(taken for _, load in split for taken in load.held), phase="agreeing on the entries held")
+    held, start = {}, 0
+    for key, load in split:
+        held[key] = tuple(flags[start:start + len(load.entries)])
+        start += len(load.entries)
+    return held
+
+
+def _check_taken(key: str, load: PreparedLoad, held_anywhere: tuple[bool, ...], strict: bool, path: str) -> None:
+    """Refuse (``strict``; else log) saved entries that no rank takes (``held_anywhere``: by entry)."""
+    unheld = [name for i, name in enumerate(load.entries) if not held_anywhere[i]]
     if not unheld:
         return
     listed = f"{unheld[:_LISTED]}{f' (and {len(unheld) - _LISTED} more)' if len(unheld) > _LISTED else ''}"

@@ -38,13 +38,13 @@ from lightning_sharing.engine.copy_format import (
     LoadContext,
     SavedTensor,
     WrittenCopy,
+    tree_job,
     write_file,
 )
 from lightning_sharing.engine.verified_files import ComponentFiles
 from lightning_sharing.errors import CheckpointError, CorruptCheckpointError
 from lightning_sharing.format.codec import EncodedState, encode_state
 from lightning_sharing.format.copy_files import (
-    TREE_FORMAT,
     index_name,
     json_bytes,
     merged_index,
@@ -129,8 +129,7 @@ def plan_copy(stem: str, encoded: EncodedState, spread: tuple[int, ...], lead: i
         index = {"metadata": metadata, "weight_map": weight_map}
         plan.jobs.append(FileJob(index_name(stem), data=json_bytes(index)))
     if not encoded.flat:
-        body = {"format": TREE_FORMAT, "version": 1, "tree": encoded.tree, "ties": encoded.ties}
-        plan.jobs.append(FileJob(tree_name(stem), data=json_bytes(body)))
+        plan.jobs.append(tree_job(stem, encoded))
     plan.detail = _Detail(index if encoded.flat else None, digest, sorted(set(owners)))
     return plan
 
@@ -158,8 +157,8 @@ class WholeTensorFormat(CopyFormat):
     def __init__(self, files: WholeTensorFiles) -> None:
         self.files = files
 
-    def plan(self, key: str, placement: Placement, state: Any, rank: int, options: CheckpointOptions) -> CopyPlan:
-        encoded = self.encode(state, key)
+    def plan_encoded(self, key: str, placement: Placement, encoded: EncodedState, rank: int,
+                     options: CheckpointOptions) -> CopyPlan:
         plan = plan_copy(placement.stem, encoded, placement.writers, placement.writer, rank, options, self.files)
         plan.key = key
         return plan
