@@ -31,8 +31,6 @@ from lightning_sharing.distributed.async_save import BackgroundSaver
 from lightning_sharing.distributed.collectives import (
     Ballot,
     gather_topology,
-    get_rank,
-    get_world_size,
     judge_equal,
     may_run_in_background,
     resolve_process_groups,
@@ -69,6 +67,9 @@ class CheckpointCoordinator:
             one (and its memory bound) between coordinators. The next save, a load and ``wait()``
             wait for a pending save and raise its failure on every rank.
         storage_options: passed to the object-store backend of a URL path (credentials, endpoint).
+        plan_cache: the ``PlanCache`` of the previous saves' plans and the topology; pass one to share it between
+            coordinators made one per save (as the Lightning and Fabric adapters do), so that a repeat save reuses
+            the plan and gathers the topology once. Default: a cache of this coordinator's own.
 
     Both ``save_checkpoint`` and ``load_checkpoint`` are collective: every rank must call them.
     """
@@ -83,6 +84,7 @@ class CheckpointCoordinator:
         verify: VerifyMode | str | None = None,
         async_save: bool | BackgroundSaver | None = None,
         storage_options: dict[str, Any] | None = None,
+        plan_cache: PlanCache | None = None,
     ) -> None:
         self.components = check_unique_keys(components)
         self.process_groups = resolve_process_groups(process_groups)
@@ -101,8 +103,7 @@ class CheckpointCoordinator:
                                           async_save=saver is not None or async_save)
         self.storage_options = storage_options
         self._topology: Topology | None = None
-        self._topology_of: tuple[int, int] | None = None  # (world size, rank) it was gathered at
-        self._plans = PlanCache()
+        self._plans = plan_cache if plan_cache is not None else PlanCache()
         if saver is None and self.options.async_save:
             saver = BackgroundSaver.for_options(self.options)
         self._saver = saver
@@ -140,11 +141,8 @@ class CheckpointCoordinator:
                 for c in self.components]
 
     def _topology_now(self) -> Topology:
-        """Collective the first time (and after the process group changed size): the job's topology."""
-        now = (get_world_size(), get_rank())
-        if self._topology is None or self._topology_of != now:
-            self._topology = gather_topology(self.process_groups)
-            self._topology_of = now
+        """Collective the first time (and after the world size or the process groups changed): the job's topology."""
+        self._topology = self._plans.topology(self.process_groups, lambda: gather_topology(self.process_groups))
         return self._topology
 
     def _check_declarations(self, ballot: Ballot) -> None:

@@ -11,6 +11,10 @@ declaration and the topology decide), and that copy is planned again.
 Each rank's cache is its own: whether a rank planned or reused, its collectives are the same (a save's agreement
 step compares every rank's declarations and path by hash, whichever it did), so the ranks never need to agree on it.
 
+The cache also keeps the job's topology (``topology``), gathered once per world size and set of process groups (the
+group objects themselves, which every rank creates together: a new set is new objects on every rank). A coordinator
+has one cache; coordinators made one per save (the Lightning and Fabric adapters) share their host's.
+
 Example:
     >>> cache = PlanCache()
     >>> plan = cache.plan(fmt, "model", placement, state, rank, options)   # doctest: +SKIP
@@ -20,11 +24,13 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable, Mapping
 from typing import Any
 
 from lightning_sharing.core.options import CheckpointOptions
 from lightning_sharing.core.rules import Placement
+from lightning_sharing.core.topology import Topology
+from lightning_sharing.distributed.collectives import get_rank, get_world_size
 from lightning_sharing.engine.copy_format import CopyFormat, CopyPlan, FileJob
 from lightning_sharing.format.codec import EncodedState
 from lightning_sharing.sharded.dtensor_boxes import is_dtensor
@@ -68,6 +74,19 @@ class PlanCache:
         self.stats = {"planned": 0, "reused": 0}
         #: The bytes of this rank's commit report in the last save (sizes the next save's gather); None before one.
         self.report_size: int | None = None
+        self._topologies: dict[Hashable, tuple[Topology, tuple[Any, ...]]] = {}
+
+    def topology(self, process_groups: Mapping[str, Any], gather: Callable[[], Topology]) -> Topology:
+        """The topology for this world size and these process groups: ``gather()``ed (collective) the first time.
+
+        The same decision on every rank: the world size is the same everywhere, and a new set of groups is new
+        objects on every rank (``dist.new_group`` is collective). The groups are kept, so their ids stay theirs.
+        """
+        names = sorted(process_groups)
+        key = (get_world_size(), get_rank(), tuple((name, id(process_groups[name])) for name in names))
+        if key not in self._topologies:
+            self._topologies[key] = (gather(), tuple(process_groups[name] for name in names))
+        return self._topologies[key][0]
 
     def begin(self) -> None:
         """A save starts: count afresh; the plans it makes or reuses replace the cached ones at ``end``."""

@@ -28,6 +28,7 @@ from lightning_sharing.core.declarations import StateComponent
 from lightning_sharing.core.options import CheckpointOptions
 from lightning_sharing.distributed.async_save import BackgroundSaver
 from lightning_sharing.engine.coordinator import CheckpointCoordinator
+from lightning_sharing.engine.plan_cache import PlanCache
 from lightning_sharing.integration import LAZY_FLAG
 from lightning_sharing.storage import is_url, store_for
 
@@ -51,6 +52,8 @@ class CheckpointHost:
         self.options = options
         self.storage_options = check_storage_options(storage_options)
         self.saver = BackgroundSaver.for_options(options) if options.async_save else None
+        #: Shared by the coordinators made one per save: a repeat save reuses the last plan and the topology.
+        self.plans = PlanCache()
 
     def storage_options_for(self, path: Any, given: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
         """The storage options for ``path``: ``given`` (a call's own) if not None, else this host's for a URL.
@@ -66,7 +69,7 @@ class CheckpointHost:
                     storage_options: dict[str, Any] | None = None) -> CheckpointCoordinator:
         """A coordinator for ``components`` that shares this host's options and saver."""
         return CheckpointCoordinator(components, process_groups, options=self.options, async_save=self.saver,
-                                     storage_options=storage_options)
+                                     storage_options=storage_options, plan_cache=self.plans)
 
     def wait(self) -> None:
         """Block until pending background saves are committed; raise a failed one's error (every rank)."""
