@@ -86,7 +86,6 @@ def test_cuda_state_round_trips_on_its_device_in_place(tmp_path: Path, device: t
         assert fresh_moments[name].device == value.device and torch.equal(fresh_moments[name], value), name
 
 
-
 @pytest.mark.parametrize("level", [ValidationLevel.QUICK, ValidationLevel.TENSOR], ids=lambda level: level.name)
 def test_replication_digests_of_cuda_tensors_equal_those_of_their_cpu_copies(level: ValidationLevel) -> None:
     """The replication check hashes CUDA tensors as it hashes CPU ones; QUICK samples stay inside a tensor past

@@ -28,7 +28,9 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA
 
 def requires_gpus(count: int) -> pytest.MarkDecorator:
     """Skip unless ``count`` CUDA devices are visible (a 2-rank NCCL test needs one GPU per rank)."""
-    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if not torch.cuda.is_available():
+        return requires_cuda
+    have = torch.cuda.device_count()
     return pytest.mark.skipif(have < count, reason=f"needs {count} CUDA devices, {have} visible")
 
 
