@@ -7,8 +7,8 @@
 #
 # Which Python and torch:
 #   - PYTHON=/path/to/python: use that interpreter as it is (no .venv), e.g. one with a CUDA torch installed
-#     system-wide or in a conda env; lightning_sharing and the test tools are pip-installed into it if missing
-#     (its torch is left alone).
+#     system-wide or in a conda env; lightning_sharing is imported from this checkout, and its dependencies and
+#     pytest are pip-installed into it only if missing (its torch is left alone).
 #   - otherwise .venv (scripts/setup.sh). When there is no .venv yet and python3 already has a CUDA build of torch,
 #     .venv is created with --system-site-packages so that torch is reused instead of downloaded. Else setup.sh
 #     installs ${LIGHTNING_SHARING_TORCH:-torch==2.13.0}: PyPI's Linux x86_64 wheel is a CUDA build, but if your
@@ -29,10 +29,14 @@ limit() { if command -v timeout >/dev/null 2>&1; then timeout --kill-after=10 "$
 if [ -n "${PYTHON:-}" ]; then
   PY=$PYTHON
   "$PY" -c "import torch" 2>/dev/null || fail "PYTHON=$PY cannot import torch; install a CUDA build of torch into it"
-  if ! "$PY" -c "import lightning_sharing, pytest, lightning, safetensors, xxhash" 2>/dev/null; then
-    say "installing lightning_sharing (editable) and the test tools into $PY (its torch is kept)"
-    "$PY" -m pip install -q -e ".[dev]" || fail "pip could not install lightning_sharing into $PY (offline? then \
-install its dependencies there first: pip install -e '.[dev]' from a machine with access)"
+  # The package is imported from this checkout; only its dependencies and pytest must be installed.
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+  probe="import torch, pytest, numpy, xxhash, fsspec, safetensors; import lightning_sharing.engine.coordinator"
+  if ! "$PY" -c "$probe" 2>/dev/null; then
+    say "installing lightning_sharing's dependencies and pytest into $PY (its torch is kept)"
+    "$PY" -m pip install -q -e . pytest || say "pip failed (offline?)"
+    "$PY" -c "$probe" || fail "PYTHON=$PY lacks what the checks import (above); install lightning_sharing's \
+dependencies and pytest into it (pip install -e . pytest), or run without PYTHON to use .venv"
   fi
 else
   if [ ! -x .venv/bin/python ] && python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" \
@@ -95,6 +99,7 @@ EOF
 
 # ------------------------------------------------------------------ 3. the tests
 say "running pytest tests/gpu (log: $OUT_DIR/pytest.log)"
+rm -f "$OUT_DIR/pytest.xml" "$OUT_DIR/bench.json"  # a report left by an earlier run must not count for this one
 OMP_NUM_THREADS=${OMP_NUM_THREADS:-4} limit 420 "$PY" -m pytest tests/gpu -v -rs --durations=5 \
   -p no:cacheprovider --junitxml="$OUT_DIR/pytest.xml" 2>&1 | tee "$OUT_DIR/pytest.log"
 pytest_status=${PIPESTATUS[0]}
@@ -110,6 +115,7 @@ if [ "${GPU_CHECK_BENCH:-1}" != "0" ]; then
 fi
 
 # ------------------------------------------------------------------ 5. the summary
+say "logs and reports: $OUT_DIR"
 "$PY" - "$OUT_DIR/pytest.xml" "$pytest_status" "$bench_status" "$((SECONDS - started))" <<'EOF'
 import sys
 import xml.etree.ElementTree as ET
