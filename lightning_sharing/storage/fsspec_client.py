@@ -1,11 +1,9 @@
 """``ObjectClient`` on any fsspec filesystem (``s3://``, ``gs://``, ``az://``, ``memory://``), by its public API.
 
-Puts are ``pipe_file`` (create-only: ``mode="create"``, which s3fs sends as ``If-None-Match: *``; replacing:
-``IfMatch=<etag>``, passed on to PutObject); reads ``open``/``cat_file``; listings ``ls``/``find``, never cached;
-deletes ``rm``; copies ``copy``; streamed writes ``open(path, "wb")``, ``discard()`` to abort. Conditions are exact
-where the store checks them: S3, and ``memory://`` (one process: a lock; versions are content checksums). Elsewhere a
-create-only put is only as exclusive as ``mode="create"`` there (a warning says so), and replacing is refused. On S3,
-s3fs's and botocore's retries are off (but botocore's for a streamed upload's parts: see ``retry``).
+Conditional puts are exact where the store checks them: S3 (``mode="create"`` is sent as ``If-None-Match: *``,
+``IfMatch=<etag>`` passed on to PutObject) and ``memory://`` (one process: a lock; versions are content checksums).
+Elsewhere a create-only put is only as exclusive as that store's ``mode="create"`` (a warning says so), and replacing
+is refused. On S3, s3fs's and botocore's retries are off (but botocore's for a streamed upload's parts: ``retry``).
 
 Example:
     >>> client = FsspecClient.open("memory", "demo", {}, RetryPolicy())

@@ -1,9 +1,7 @@
 """``ObjectClient`` on ``obstore`` (Rust ``object_store``) for ``s3://``; the default client there (docs/storage.md).
 
-Puts are ``obstore.put`` with ``mode="create"`` (``If-None-Match: *``) or ``{"e_tag": ...}`` (``If-Match``); streamed
-writes ``open_writer`` (parts sent concurrently; leaving it with an error aborts the upload). s3fs-style
-``storage_options`` are translated (``s3_config``); where one cannot be, ``open`` returns None and logs why, and the
-fsspec client serves the URL. obstore cannot list unfinished multipart uploads: those calls go to s3fs.
+s3fs-style ``storage_options`` are translated (``s3_config``); where one cannot be, ``open`` returns None and logs
+why, and the fsspec client serves the URL. obstore cannot list unfinished multipart uploads: those calls go to s3fs.
 
 Example:
     >>> client = ObstoreClient.open("s3", "bucket", {"endpoint_url": "http://127.0.0.1:9000"}, RetryPolicy())
