@@ -1,9 +1,8 @@
 """A checkpoint on an object store: its generations, and which leftovers a save may delete (docs/storage.md).
 
-Each save writes under a generation ``g-<token>-<base>/`` of the checkpoint's prefix; the manifest, put last and
-conditionally, names the one it commits. ``base`` is ``new`` or 16 hex digits of the manifest version the save
-expects to replace, so a generation whose base is not the current manifest's version can never be committed: that
-exact test (no clocks) makes deleting it safe while other saves run. Nothing is deleted that does not look like ours.
+Each save writes under a generation ``g-<token>-<base>/`` of the checkpoint's prefix, ``base`` naming the manifest
+version it expects to replace (``new``: none): a generation whose base is not the current manifest's version can
+never be committed, an exact test (no clocks) that makes deleting it safe while other saves run.
 
 Example:
     >>> name = generation_name("0" * 32, None)

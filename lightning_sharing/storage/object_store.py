@@ -1,9 +1,8 @@
 """``ObjectStore``: checkpoints on an object store (``s3://``, ``memory://``, ...), committed without rename.
 
 A save writes its files into a fresh generation of the checkpoint's prefix (``generations``) and commits by putting
-the manifest last, conditionally (``If-None-Match: *`` for a new checkpoint, ``If-Match`` with the version read when
-the save began for a replaced one): a reader sees one save's files, never a mix. The store runs on an
-``ObjectClient``, each call retried under a ``RetryPolicy``. Guarantees, costs and credentials: docs/storage.md.
+the manifest last, conditionally (``If-None-Match: *``, or ``If-Match`` the version it replaces): a reader sees one
+save's files, never a mix. Calls go to an ``ObjectClient`` through a ``RetryingClient``. More: docs/storage.md.
 
 Example:
     >>> store = ObjectStore.for_url("memory://runs/demo")
