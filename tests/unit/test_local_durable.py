@@ -13,7 +13,7 @@ import torch
 from lightning_sharing import _faults
 from lightning_sharing.errors import CheckpointError
 from lightning_sharing.format.safetensors_io import write_tensors
-from lightning_sharing.storage import durable
+from lightning_sharing.storage import local
 from lightning_sharing.storage.base import CheckpointStore
 from lightning_sharing.storage.local import LocalStore
 from lightning_sharing.storage.object_store import ObjectStore
@@ -102,14 +102,14 @@ def test_a_failing_block_closes_its_files_without_fsync(tmp_path: Path, fsyncs: 
 
 def test_a_large_batch_keeps_a_bounded_number_of_files_open(tmp_path: Path, fsyncs: list[str]) -> None:
     store = LocalStore()
-    count = 2 * durable._BATCH_OPEN_FILES + 5
+    count = 2 * local._BATCH_OPEN_FILES + 5
     before = _open_fds()
     most_open = 0
     with store.write_batch():
         for i in range(count):
             _write(store, tmp_path / f"{i}.bin", b"w")
             most_open = max(most_open, len(_open_fds() - before))
-    assert most_open <= durable._BATCH_OPEN_FILES
+    assert most_open <= local._BATCH_OPEN_FILES
     assert sorted(fsyncs) == sorted(str(tmp_path / f"{i}.bin") for i in range(count))
     assert _open_fds() == before
 
