@@ -179,6 +179,25 @@ def _rename_exchange(source: Path, target: Path) -> bool:
     raise OSError(err, f"renameat2 exchange of {source} and {target} failed: {os.strerror(err)}")
 
 
+def _rename(source: Path, target: Path, swap: bool = False) -> bool:
+    """``os.rename`` (``swap``: the atomic exchange; False where unsupported); a mount point or a cross-filesystem
+    rename (EBUSY, EXDEV) becomes an error that names both paths and what to do instead."""
+    try:
+        if swap:
+            return _rename_exchange(source, target)
+        os.rename(source, target)
+        return True
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.EBUSY):
+            raise
+        raise CheckpointError(
+            f"cannot rename {source} to {target}: {os.strerror(exc.errno)} ({errno.errorcode[exc.errno]}). A "
+            "checkpoint is committed (and removed) by renaming directories beside it, so the checkpoint and its "
+            "parent directory must be on one filesystem and the checkpoint must not be a mount point itself: save to "
+            "a path inside the mounted directory (e.g. /mnt/ckpt/run/step=5.ckpt, not the mount point /mnt/ckpt)"
+        ) from exc
+
+
 def _commit_directory(staging: Path, target: Path, token: str) -> None:
     """Move the finished ``staging`` directory to ``target``, replacing an old checkpoint safely."""
     if target.exists() and not target.is_symlink() and not (
@@ -188,13 +207,13 @@ def _commit_directory(staging: Path, target: Path, token: str) -> None:
     if target.is_symlink():  # e.g. ModelCheckpoint(save_last="link")'s last.ckpt: the link is what is replaced
         target.unlink()
     if not os.path.lexists(target):
-        os.rename(staging, target)
+        _rename(staging, target)
         return fsync_dir(target.parent)
     previous = staging  # holds the previous checkpoint after the exchange
-    if not _rename_exchange(staging, target):
+    if not _rename(staging, target, swap=True):
         previous = target.parent / f".{target.name}.replaced-{token}"
-        os.rename(target, previous)
-        os.rename(staging, target)
+        _rename(target, previous)
+        _rename(staging, target)
     fsync_dir(target.parent)
     try:  # committed: failing to delete the old one must not fail the save; its hidden name gets it cleaned later
         rmtree_missing_ok(previous)
@@ -213,7 +232,7 @@ def remove_checkpoint(path: str | os.PathLike[str]) -> None:
         return target.unlink()
     if target.is_dir():
         doomed = target.parent / f".removing-{uuid.uuid4().hex}"
-        os.rename(target, doomed)
+        _rename(target, doomed)
         fsync_dir(target.parent)
         rmtree_missing_ok(doomed)
 
