@@ -36,6 +36,7 @@ from lightning_sharing.storage import generations as gen
 from lightning_sharing.storage.base import MANIFEST_NAME, CheckpointStore
 from lightning_sharing.storage.client import OWN_OPTIONS, ObjectClient
 from lightning_sharing.storage.fsspec_client import FsspecClient
+from lightning_sharing.storage.http_client import HttpClient
 from lightning_sharing.storage.object_files import ObjectFileWriter, RangedReader
 from lightning_sharing.storage.obstore_client import ObstoreClient
 from lightning_sharing.storage.retry import RetryingClient, RetryPolicy
@@ -64,6 +65,8 @@ def open_client(url: str, storage_options: dict[str, Any] | None = None) -> tupl
     if choice not in ("fsspec", "obstore"):
         raise ValueError(f"storage_options['client'] must be 'fsspec' or 'obstore', not {choice!r}")
     cache_key = (os.getpid(), scheme, bucket, choice, policy, json.dumps(options, sort_keys=True, default=repr))
+    if cache_key not in _OPEN and scheme in ("http", "https"):  # read-only, on the standard library
+        _OPEN[cache_key] = HttpClient.open(scheme, bucket, options, policy)
     if cache_key not in _OPEN:
         opened = ObstoreClient.open(scheme, bucket, options, policy) if choice == "obstore" else None
         _OPEN[cache_key] = opened or FsspecClient.open(scheme, bucket, options, policy)
@@ -167,6 +170,9 @@ class ObjectStore(CheckpointStore):
 
     def begin_save(self, target: str, token: str) -> str:
         key = self._key(target)
+        if getattr(self.client, "read_only", False):
+            raise CheckpointError(f"refusing to save to {target}: {self.client.url} is read-only here (checkpoints are "
+                                  "read over http(s), not saved); save to a local path or an object store (s3://, ...)")
         if self._calls.head(key) is not None:
             raise CheckpointError(f"refusing to save to {target}: an object (a file) of that name exists, not a "
                                   "lightning_sharing checkpoint (e.g. one written by torch.save); remove it or save to "
