@@ -189,7 +189,7 @@ def raw_write_early(path: Path, nbytes: int) -> None:
     the disk works while the next bytes are copied and the final fdatasync waits for less: the fastest plain
     sequential durable write this benchmark knows (lightning_sharing's writes start write-back as each file closes).
     """
-    from lightning_sharing.storage.durable import start_writeback
+    from lightning_sharing.storage.local import start_writeback
 
     buffer = memoryview(os.urandom(min(RAW_CHUNK, max(nbytes, 1))))
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)

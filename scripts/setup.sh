@@ -18,9 +18,9 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   say "installing ${LIGHTNING_SHARING_TORCH:-torch==2.13.0} (the CPU build here; the largest download, a minute or more)"
   pip_install "${LIGHTNING_SHARING_TORCH:-torch==2.13.0}"
 fi
-say "installing lightning_sharing (editable) with lightning, safetensors, torchmetrics and the dev tools (pip)"
+say "installing lightning_sharing (editable) with lightning, torchmetrics and the dev tools (pip)"
 pip_install -e ".[dev]"
 say "checking the imports"
-.venv/bin/python -c "import torch, lightning, safetensors, lightning_sharing" \
+.venv/bin/python -c "import torch, lightning, lightning_sharing" \
   || { echo "setup failed: see pip output above" >&2; exit 1; }
 say "ready in $((SECONDS - started))s: run things with .venv/bin/python"

@@ -56,7 +56,9 @@ def _tensor_digest(tensor: torch.Tensor, level: ValidationLevel) -> str:
     head = f"{tensor.dtype}|{tuple(tensor.shape)}|"
     if level is ValidationLevel.QUICK and tensor.numel() > _QUICK_SAMPLES:
         flat = tensor.detach().reshape(-1)
-        positions = torch.linspace(0, flat.numel() - 1, _QUICK_SAMPLES, device=flat.device).long()
+        # Integer arithmetic: float32 positions (linspace) round the last one past the end from 2**24 elements on
+        # (an IndexError on the CPU, a device-side assert that poisons the CUDA context on a GPU).
+        positions = torch.arange(_QUICK_SAMPLES, device=flat.device) * (flat.numel() - 1) // (_QUICK_SAMPLES - 1)
         data = _as_bytes(flat[positions])
         return head + xxhash.xxh3_64_hexdigest(data.numpy().tobytes())
     return head + xxhash.xxh3_128_hexdigest(memoryview(_as_bytes(tensor).numpy()))

@@ -30,7 +30,7 @@ from lightning_sharing.distributed.async_save import BackgroundSaver
 from lightning_sharing.engine.coordinator import CheckpointCoordinator
 from lightning_sharing.engine.plan_cache import PlanCache
 from lightning_sharing.integration import LAZY_FLAG
-from lightning_sharing.storage import is_url, store_for
+from lightning_sharing.storage import MANIFEST_NAME, is_url, store_for
 
 __all__ = ["CheckpointHost", "LazyProcessGroups", "check_storage_options", "is_object_url",
            "is_plain_object", "is_sharing_checkpoint_url", "location_key", "register_strategy", "with_mesh_groups"]
@@ -170,11 +170,15 @@ def location_key(path: Any, storage_options: Mapping[str, Any] | None = None) ->
 
 
 def is_plain_object(path: Any, storage_options: Mapping[str, Any] | None = None) -> bool:
-    """Whether ``path`` is a regular file (on an object store: an object of that exact name, not a prefix)."""
+    """Whether ``path`` is a regular file (at a URL: an object of that exact name that is no checkpoint directory;
+    over http(s) a directory's URL also answers, with its index page, so its manifest is what tells them apart)."""
     if not is_object_url(path):
         return os.path.isfile(path)
     store = store_for(path, dict(storage_options) if storage_options else None)
-    return store.size(store.normalize(os.fspath(path))) is not None
+    location = store.normalize(os.fspath(path))
+    if store.size(store.join(location, MANIFEST_NAME)) is not None:
+        return False
+    return store.size(location) is not None
 
 
 def is_sharing_checkpoint_url(url: str, storage_options: Mapping[str, Any] | None = None) -> bool:

@@ -1,8 +1,5 @@
-"""Storage backends: where checkpoints live and how a save commits there (see ``base.CheckpointStore``).
-
-``store_for(location)`` picks the backend: a local (or mounted) filesystem for plain paths and ``file://`` URLs
-(``LocalStore``); for other URLs the object store (``object_store.ObjectStore``, on an object client: obstore or
-fsspec, see ``client``), imported when first used.
+"""Storage backends: where checkpoints live and how a save commits there (``base.CheckpointStore``); ``store_for``
+picks one for a path or URL.
 
 Example:
     >>> type(store_for("runs/checkpoints")).__name__, type(store_for("memory://runs/checkpoints")).__name__

@@ -1,23 +1,17 @@
 """The storage backend interface: the file operations a checkpoint needs, and how a save commits.
 
-A ``CheckpointStore`` is bound to one kind of storage (a local or shared filesystem, an object
-store). Locations are strings native to it (an absolute path, or a URL) built with ``join``; the
-relative paths inside a checkpoint are POSIX paths, as the manifest records them.
+A ``CheckpointStore`` serves one kind of storage (a local or shared filesystem, an object store). Locations are
+strings native to it (an absolute path, a URL) built with ``join``; paths inside a checkpoint are relative POSIX
+paths, as the manifest records them. A save runs, for every store:
 
-A save runs, for every store:
-
-1. ``begin_save(target, token)`` on rank 0: clean leftovers of interrupted saves and return the
-   *write root*, where every rank writes its files (a staging directory beside the target on a
-   filesystem with rename; the target prefix itself on a store without rename);
-2. ``check_write_root(write_root)`` on every rank: this rank can reach the write root;
-3. every rank writes its files with ``open_write`` (durable once the writer is closed, or, inside a
-   ``write_batch()`` block, once the block ends: a store may then make them durable together);
-4. ``commit(write_root, target, token, manifest)`` on rank 0, after checking with ``size`` that
-   every rank's files arrived: write the manifest last and make the checkpoint appear at ``target``
-   in one atomic step (a rename, or a conditional put of the manifest). The manifest records
-   ``data_prefix(write_root, target)``: where the files are once committed, relative to ``target``
-   (None: in ``target`` itself, after a rename; on an object store, the save's generation);
-5. on any failure, ``abort(write_root, target)`` on rank 0.
+1. ``begin_save(target, token)`` on rank 0: clean leftovers of interrupted saves and return the *write root*, where
+   every rank writes (a staging directory beside the target on a filesystem with rename; a fresh generation of the
+   target prefix on a store without: docs/storage.md);
+2. ``check_write_root(write_root, rank)`` on every rank, then each rank's files with ``open_write``;
+3. ``commit(write_root, target, token, manifest)`` on rank 0, once ``sizes`` shows every rank's files arrived: the
+   manifest is written last and the checkpoint appears at ``target`` in one atomic step (a rename, or a conditional
+   put of the manifest); the manifest records ``data_prefix(write_root, target)``, where the files are;
+4. on any failure, ``abort(write_root, target)`` on rank 0.
 
 Example:
     >>> store = store_for("runs/ckpt")                              # doctest: +SKIP
@@ -30,8 +24,8 @@ from __future__ import annotations
 import posixpath
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import BinaryIO, Protocol
+from contextlib import AbstractContextManager, contextmanager
+from typing import BinaryIO
 
 from lightning_sharing.format.safetensors_io import ByteSink
 
@@ -43,9 +37,6 @@ MANIFEST_NAME = "checkpoint_manifest.json"
 
 class CheckpointStore(ABC):
     """The operations the engine runs against where checkpoints live (see the module docstring)."""
-
-    #: True when a whole directory can be renamed atomically (the commit is a rename).
-    atomic_rename: bool = False
 
     # ------------------------------------------------------------------ locations
     def join(self, base: str, *parts: str) -> str:
@@ -104,22 +95,14 @@ class CheckpointStore(ABC):
 
     # ------------------------------------------------------------------ writing
     @abstractmethod
-    def open_write(self, location: str) -> _WriterContext:
-        """A context manager yielding a ``ByteSink`` for ``location``.
-
-        Leaving the block normally makes the file durable (fsync, or a completed upload); an exception
-        discards it (as far as the store allows). Inside ``write_batch()`` the file may become durable
-        only when the batch ends.
-        """
+    def open_write(self, location: str) -> AbstractContextManager[ByteSink]:
+        """A context manager yielding a ``ByteSink`` for ``location``: leaving it normally makes the file durable
+        (fsync, a completed upload), or, inside ``write_batch()``, the batch's end does; an exception discards it."""
 
     @contextmanager
     def write_batch(self) -> Iterator[None]:
-        """A block whose files (``open_write``, this thread) are all durable when it ends normally.
-
-        A store may defer each file's flush to the end of the block and flush them together (one
-        concurrent round of fsyncs instead of one per file, in order). The default flushes each file
-        as it is closed. If the block raises, its files need not be durable.
-        """
+        """A block whose files (``open_write``, this thread) are all durable when it ends normally; a store may
+        flush them together at its end (the default flushes each as it is closed)."""
         yield
 
     # ------------------------------------------------------------------ committing a save
@@ -142,9 +125,3 @@ class CheckpointStore(ABC):
     @abstractmethod
     def remove_checkpoint(self, location: str) -> None:
         """Delete a checkpoint so that it is never seen half-deleted (it stops being complete first)."""
-
-
-class _WriterContext(Protocol):
-    def __enter__(self) -> ByteSink: ...
-
-    def __exit__(self, *exc: object) -> None: ...

@@ -1,9 +1,9 @@
 """The object-client interface the object store runs on (``object_store.open_client`` picks an implementation).
 
 An ``ObjectClient`` serves one bucket (``url``: ``s3://bucket``) and names objects by key. Each call is one request's
-work, not retried (``RetryPolicy`` retries the calls); its errors are the library's, but for the two answers a commit
-needs: ``ObjectExistsError`` (a create-only put found the object) and ``ObjectChangedError`` (a conditional put found
-another version, or none). Implementations: ``obstore_client.ObstoreClient`` and ``fsspec_client.FsspecClient``.
+work, not retried (``retry.RetryingClient`` retries them); its errors are the library's, but for the two answers a
+commit needs: ``ObjectExistsError`` (a create-only put found the object) and ``ObjectChangedError`` (a conditional
+put found another version, or none). Implementations: ``obstore_client.ObstoreClient``, ``fsspec_client.FsspecClient``.
 
 Example:
     >>> from lightning_sharing.storage.object_store import open_client
@@ -27,7 +27,7 @@ __all__ = ["OWN_OPTIONS", "ObjectClient", "ObjectInfo", "ObjectWriter", "refused
 OWN_OPTIONS = frozenset({"client", "retry"})
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, order=True)
 class ObjectInfo:
     """One object: its key (relative to the client's bucket) and size."""
 
@@ -58,14 +58,15 @@ class ObjectClient(Protocol):
         """The whole object and its version (its ETag, or a checksum); ``FileNotFoundError`` if absent."""
 
     def read_into(self, key: str, start: int, view: memoryview) -> int:
-        """One ranged GET into ``view`` from byte ``start``; the byte count (fewer at the object's end)."""
+        """One ranged GET into ``view`` from byte ``start``: the byte count (fewer at the object's end; a range
+        starting past the end is the library's error, HTTP 416)."""
 
     def head(self, key: str) -> ObjectInfo | None:
         """The object at ``key``, or None."""
 
     def list(self, prefix: str, *, delimiter: bool) -> tuple[list[str], list[ObjectInfo]]:
-        """``(child prefixes, objects)`` right below ``prefix`` (``"a/b/"``; ``""``: the bucket), fresh from the
-        store; without ``delimiter``, every object below it and no prefixes."""
+        """Sorted ``(child prefixes, objects)`` right below ``prefix`` (``"a/b/"``; ``""``: the bucket), fresh
+        from the store; without ``delimiter``, every object below it and no prefixes."""
 
     def delete(self, keys: list[str]) -> None:
         """Delete these objects (absent ones are fine), in as few requests as the store allows."""

@@ -1,11 +1,9 @@
 """``ObjectClient`` on any fsspec filesystem (``s3://``, ``gs://``, ``az://``, ``memory://``), by its public API.
 
-Puts are ``pipe_file`` (create-only: ``mode="create"``, which s3fs sends as ``If-None-Match: *``; replacing:
-``IfMatch=<etag>``, which s3fs passes on to PutObject); reads ``open``/``cat_file``; listings ``ls``/``find``, never
-cached; deletes ``rm``; copies ``copy``; streamed writes ``open(path, "wb")``, ``discard()`` to abort. Conditions are
-exact where the store checks them: S3, and ``memory://`` (one process: a lock; versions are content checksums).
-Elsewhere a create-only put is only as exclusive as ``mode="create"`` there (a warning says so), and replacing is
-refused. On S3, s3fs's and botocore's retries are off (but botocore's for a streamed upload's parts: see ``retry``).
+Conditional puts are exact where the store checks them: S3 (``mode="create"`` is sent as ``If-None-Match: *``,
+``IfMatch=<etag>`` passed on to PutObject) and ``memory://`` (one process: a lock; versions are content checksums).
+Elsewhere a create-only put is only as exclusive as that store's ``mode="create"`` (a warning says so), and replacing
+is refused. On S3, s3fs's and botocore's retries are off (but botocore's for a streamed upload's parts: ``retry``).
 
 Example:
     >>> client = FsspecClient.open("memory", "demo", {}, RetryPolicy())
@@ -100,12 +98,7 @@ class FsspecClient:
         return data, version or bytes_checksum(data)
 
     def read_into(self, key: str, start: int, view: memoryview) -> int:
-        try:
-            data = self.fs.cat_file(self._path(key), start=start, end=start + len(view))
-        except OSError as exc:
-            if http_status(exc) == 416:  # the range starts past the end
-                return 0
-            raise
+        data = self.fs.cat_file(self._path(key), start=start, end=start + len(view))
         view[:len(data)] = data
         return len(data)
 
@@ -125,8 +118,8 @@ class FsspecClient:
         keys = [(entry["name"].strip("/")[len(self._bucket) + 1:], entry) for entry in entries]
         keys = [(key, entry) for key, entry in keys if key.startswith(prefix) and key.rstrip("/") != prefix[:-1]]
         return (sorted(key.rstrip("/") for key, entry in keys if entry["type"] == "directory"),
-                sorted((ObjectInfo(key, int(entry.get("size") or 0)) for key, entry in keys
-                        if entry["type"] != "directory"), key=lambda info: info.key))
+                sorted(ObjectInfo(key, int(entry.get("size") or 0)) for key, entry in keys
+                       if entry["type"] != "directory"))
 
     def delete(self, keys: list[str]) -> None:
         paths = [self._path(key) for key in keys]

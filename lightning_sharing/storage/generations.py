@@ -1,12 +1,8 @@
 """A checkpoint on an object store: its generations, and which leftovers a save may delete (docs/storage.md).
 
-Each save writes under a generation ``g-<token>-<base>/`` of the checkpoint's prefix; the manifest, put last and
-conditionally, names the one it commits. ``base`` is ``new`` or 16 hex digits of the manifest version the save
-expects to replace, so a generation whose base is not the current manifest's version can never be committed: that
-exact test (no clocks) makes deleting it safe while other saves run. ``clean_after_commit`` deletes such generations
-of the committed checkpoint (and their unfinished uploads); ``clean_directory``, before a save, deletes them in the
-directory's other checkpoints, and deletes whole a prefix holding generations and no manifest (one job saves into a
-directory at a time). Nothing is deleted that does not look like ours. Functions take an ``ObjectClient`` and keys.
+Each save writes under a generation ``g-<token>-<base>/`` of the checkpoint's prefix, ``base`` naming the manifest
+version it expects to replace (``new``: none): a generation whose base is not the current manifest's version can
+never be committed, an exact test (no clocks) that makes deleting it safe while other saves run.
 
 Example:
     >>> name = generation_name("0" * 32, None)
@@ -22,27 +18,27 @@ import re
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import xxhash
 
 from lightning_sharing.storage.base import MANIFEST_NAME
 from lightning_sharing.storage.client import ObjectClient
 
-__all__ = ["PrefixState", "base_tag", "below", "clean_after_commit", "clean_directory", "delete_prefix",
-           "generation_name", "manifest_data_prefix", "parse_generation", "scan"]
+__all__ = ["PrefixState", "below", "clean_after_commit", "clean_directory", "delete_prefix", "generation_name",
+           "manifest_data_prefix", "manifest_json", "parse_generation", "scan"]
 
 log = logging.getLogger(__name__)
 _GENERATION_RE = re.compile(r"^g-(?P<token>[0-9a-f]{32})-(?P<base>new|[0-9a-f]{16})$")
 
 
-def base_tag(version: str | None) -> str:
-    """The ``base`` part of a generation's name for a save that expects to replace manifest ``version``."""
-    return "new" if version is None else xxhash.xxh3_64(version.encode()).hexdigest()
-
-
 def generation_name(token: str, expected_version: str | None) -> str:
     """The generation a save with ``token`` writes into, expecting the manifest ``expected_version``."""
-    return f"g-{token}-{base_tag(expected_version)}"
+    return f"g-{token}-{_base(expected_version)}"
+
+
+def _base(version: str | None) -> str:
+    return "new" if version is None else xxhash.xxh3_64(version.encode()).hexdigest()
 
 
 def parse_generation(name: str) -> tuple[str, str] | None:
@@ -51,12 +47,24 @@ def parse_generation(name: str) -> tuple[str, str] | None:
     return (match["token"], match["base"]) if match else None
 
 
-def manifest_data_prefix(raw: bytes) -> str | None:
-    """The generation a manifest's bytes name (None if unreadable or unnamed: then nothing is deleted for it)."""
+def _dead(name: str, committed: str | None, version: str) -> bool:
+    """True for a generation other than ``committed`` that can never be committed over manifest ``version``."""
+    parsed = parse_generation(name)
+    return parsed is not None and name != committed and parsed[1] != _base(version)
+
+
+def manifest_json(raw: bytes) -> dict[str, Any]:
+    """A manifest's bytes as JSON, ``{}`` if unreadable (then nothing is deleted for it)."""
     try:
-        value = json.loads(raw.decode("utf-8")).get("data_prefix")
-    except (ValueError, AttributeError, RecursionError):
-        return None
+        data = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def manifest_data_prefix(raw: bytes) -> str | None:
+    """The generation a manifest's bytes name (None if unreadable or unnamed)."""
+    value = manifest_json(raw).get("data_prefix")
     return value if isinstance(value, str) else None
 
 
@@ -95,37 +103,27 @@ def scan(client: ObjectClient, key: str) -> PrefixState:
     return state
 
 
-def _delete_objects_below(client: ObjectClient, key: str) -> int:
+def delete_prefix(client: ObjectClient, key: str, uploads: bool = True) -> int:
+    """Delete every object below ``key/`` (not ``key-other``) and, with ``uploads``, abort its unfinished uploads;
+    returns the object count."""
     if not key.strip("/"):
         raise ValueError(f"refusing to delete everything in {client.url}: name a prefix inside it")
     objects = client.list(below(key), delimiter=False)[1]
     client.delete([info.key for info in objects])
-    return len(objects)
-
-
-def delete_prefix(client: ObjectClient, key: str) -> int:
-    """Delete every object below ``key/`` (not ``key-other``) and abort its unfinished uploads; the object count."""
-    count = _delete_objects_below(client, key)
-    for upload in client.uploads(below(key)):
+    for upload in client.uploads(below(key)) if uploads else []:
         client.abort_upload(*upload)
-    return count
-
-
-def _dead(name: str, keep: str, tag: str) -> bool:
-    parsed = parse_generation(name)
-    return parsed is not None and name != keep and parsed[1] != tag
+    return len(objects)
 
 
 def clean_after_commit(client: ObjectClient, state: PrefixState, committed: str, version: str) -> list[str]:
     """After ``committed`` became ``state.key``'s generation (manifest ``version``): delete the others that can never
     be committed, and every unfinished upload in them (one listing of uploads). Returns their names."""
-    tag = base_tag(version)
-    doomed = [name for name in state.generations if _dead(name, committed, tag)]
+    doomed = [name for name in state.generations if _dead(name, committed, version)]
     for name in doomed:
-        _delete_objects_below(client, f"{state.key}/{name}")
+        delete_prefix(client, f"{state.key}/{name}", uploads=False)
     for upload_key, upload_id in client.uploads(below(state.key)):  # a generation of uploads only is not listed
         generation, _, rest = upload_key[len(below(state.key)):].partition("/")
-        if rest and _dead(generation, committed, tag):
+        if rest and _dead(generation, committed, version):
             client.abort_upload(upload_key, upload_id)
             doomed += [] if generation in doomed else [generation]
     return doomed
@@ -135,14 +133,12 @@ def _clean_one(client: ObjectClient, key: str) -> list[str]:
     state = scan(client, key)
     if state.foreign or not state.generations or (state.has_manifest and len(state.generations) < 2):
         return []  # not ours, or one generation: the named one (else the checkpoint is damaged: keep it)
-    if not state.has_manifest:
+    if not state.has_manifest:  # an interrupted first save or removal (one job saves into a directory at a time)
         delete_prefix(client, key)
         return [key]
     raw, version = client.get(f"{key}/{MANIFEST_NAME}")
     named = manifest_data_prefix(raw)
-    if named not in state.generations:
-        return []
-    doomed = [name for name in state.generations if _dead(name, named, base_tag(version))]
+    doomed = [name for name in state.generations if _dead(name, named, version)] if named in state.generations else []
     for name in doomed:
         delete_prefix(client, f"{key}/{name}")
     return [f"{key}/{name}" for name in doomed]

@@ -3,7 +3,8 @@
 A checkpoint is built in a hidden staging directory beside its target and renamed into place once its manifest is
 written, so the target path only ever names a complete checkpoint. Replacing one swaps the two directories
 atomically where the OS can (Linux ``renameat2(RENAME_EXCHANGE)``); elsewhere the old one is moved aside first, and
-a crash between the two renames is repaired by the next save.
+a crash between the two renames is repaired by the next save. Inside ``write_batch()`` a rank's files are made
+durable together (``DurableBatch``).
 
 Example:
     >>> store = LocalStore()
@@ -22,18 +23,18 @@ import sys
 import threading
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from lightning_sharing._faults import fault_point
 from lightning_sharing.errors import CheckpointError
 from lightning_sharing.format.safetensors_io import DescriptorSink
 from lightning_sharing.storage.base import MANIFEST_NAME, CheckpointStore
-from lightning_sharing.storage.durable import DurableBatch, start_writeback
 
-__all__ = ["LocalStore", "fsync_dir", "remove_checkpoint", "remove_stale_staging", "rmtree_missing_ok",
-           "staging_path"]
+__all__ = ["DurableBatch", "LocalStore", "fsync_dir", "remove_checkpoint", "remove_stale_staging",
+           "rmtree_missing_ok", "staging_path", "start_writeback"]
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,74 @@ log = logging.getLogger(__name__)
 # auto-resume. Only ".NAME.replaced-<hex>" needs its name, to be moved back. Older versions named all three
 # ".NAME.KIND-<hex>"; those are recognised too.
 _TEMP_RE = re.compile(r"^\.(?:(?P<name>.+)\.)?(?P<kind>staging|replaced|removing)-[0-9a-f]{32}$")
+_SYNC_THREADS, _BATCH_OPEN_FILES = 8, 64  # a batch holding that many open files makes them durable before more
+
+
+def _libc(name: str, *argtypes: Any) -> Any:
+    """The C library's function ``name``, or None where there is none."""
+    try:
+        function = getattr(ctypes.CDLL(None, use_errno=True), name)
+    except (OSError, AttributeError, TypeError):
+        return None
+    function.argtypes = list(argtypes)
+    return function
+
+
+_renameat2 = _libc("renameat2", ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
+_sync_file_range = sys.platform.startswith("linux") and _libc("sync_file_range", ctypes.c_int, ctypes.c_int64,
+                                                              ctypes.c_int64, ctypes.c_uint)
+
+
+def start_writeback(fd: int) -> None:
+    """Ask the kernel to start writing a file's dirty pages now, without waiting (Linux ``sync_file_range``), so the
+    disk works while the next file is written. A refusal is harmless: the final fsync then does all the work, and
+    write-back errors are reported by that fsync either way."""
+    if _sync_file_range:
+        _sync_file_range(fd, 0, 0, 2)  # SYNC_FILE_RANGE_WRITE
+
+
+class DurableBatch:
+    """The files of one ``LocalStore.write_batch()`` block, fsynced together when it ends.
+
+    Each file stays open until it is fsynced: an fsync reports write-back errors to the descriptors that were open
+    when they happened, so syncing a descriptor opened later could miss one. One concurrent round of fsyncs lets the
+    filesystem join them into a few journal commits, where an fsync per file, in order, waits for one commit each.
+    """
+
+    def __init__(self) -> None:
+        self.files: list[tuple[int, Path]] = []
+
+    def add(self, fd: int, path: Path) -> None:
+        """Take ownership of ``fd`` (``path``, fully written); ``sync`` or ``close`` closes it."""
+        self.files.append((fd, path))
+        if len(self.files) >= _BATCH_OPEN_FILES:
+            self.sync()
+
+    def sync(self) -> None:
+        """fsync and close every file taken so far; raises the first failure (after all were tried)."""
+        try:
+            with ThreadPoolExecutor(min(_SYNC_THREADS, len(self.files) or 1), "lightning_sharing-fsync") as pool:
+                for future in [pool.submit(_fsync, fd, path) for fd, path in self.files]:
+                    future.result()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Close the files not synced yet (the block failed: they need not be durable)."""
+        files, self.files = self.files, []
+        for fd, _ in files:
+            try:
+                os.close(fd)
+            except OSError as exc:  # closing only releases the descriptor; a failed write was reported by fsync
+                log.debug("closing descriptor %d: %s", fd, exc)
+
+
+def _fsync(fd: int, path: Path) -> None:
+    try:
+        fault_point("save:sync")
+        os.fsync(fd)
+    except OSError as exc:
+        raise CheckpointError(f"making {path} durable (fsync) failed: {exc}") from exc
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:
@@ -63,14 +132,12 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
 def rmtree_missing_ok(path: Path) -> None:
     """Delete a directory tree; entries that vanish meanwhile (another cleanup got them) are fine."""
 
-    def ignore_missing(_function: object, _path: str, error: BaseException) -> None:
+    def ignore_missing(_function: object, _path: str, error: Any) -> None:
+        error = error[1] if isinstance(error, tuple) else error  # onerror passes sys.exc_info(), onexc the error
         if not isinstance(error, FileNotFoundError):
             raise error
 
-    if sys.version_info >= (3, 12):
-        shutil.rmtree(path, onexc=ignore_missing)
-    else:
-        shutil.rmtree(path, onerror=lambda f, p, info: ignore_missing(f, p, info[1]))
+    shutil.rmtree(path, **{"onexc" if sys.version_info >= (3, 12) else "onerror": ignore_missing})
 
 
 def staging_path(target: Path, token: str) -> Path:
@@ -101,18 +168,34 @@ def remove_stale_staging(parent: Path) -> list[Path]:
 
 def _rename_exchange(source: Path, target: Path) -> bool:
     """Atomically swap two paths with renameat2(RENAME_EXCHANGE); False where unsupported."""
-    try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
+    if _renameat2 is None:
         return False
     at_fdcwd, rename_exchange = -100, 2
-    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    if renameat2(at_fdcwd, os.fsencode(source), at_fdcwd, os.fsencode(target), rename_exchange) == 0:
+    if _renameat2(at_fdcwd, os.fsencode(source), at_fdcwd, os.fsencode(target), rename_exchange) == 0:
         return True
     err = ctypes.get_errno()
     if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
         return False
     raise OSError(err, f"renameat2 exchange of {source} and {target} failed: {os.strerror(err)}")
+
+
+def _rename(source: Path, target: Path, swap: bool = False) -> bool:
+    """``os.rename`` (``swap``: the atomic exchange; False where unsupported); a mount point or a cross-filesystem
+    rename (EBUSY, EXDEV) becomes an error that names both paths and what to do instead."""
+    try:
+        if swap:
+            return _rename_exchange(source, target)
+        os.rename(source, target)
+        return True
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.EBUSY):
+            raise
+        raise CheckpointError(
+            f"cannot rename {source} to {target}: {os.strerror(exc.errno)} ({errno.errorcode[exc.errno]}). A "
+            "checkpoint is committed (and removed) by renaming directories beside it, so the checkpoint and its "
+            "parent directory must be on one filesystem and the checkpoint must not be a mount point itself: save to "
+            "a path inside the mounted directory (e.g. /mnt/ckpt/run/step=5.ckpt, not the mount point /mnt/ckpt)"
+        ) from exc
 
 
 def _commit_directory(staging: Path, target: Path, token: str) -> None:
@@ -124,13 +207,13 @@ def _commit_directory(staging: Path, target: Path, token: str) -> None:
     if target.is_symlink():  # e.g. ModelCheckpoint(save_last="link")'s last.ckpt: the link is what is replaced
         target.unlink()
     if not os.path.lexists(target):
-        os.rename(staging, target)
+        _rename(staging, target)
         return fsync_dir(target.parent)
     previous = staging  # holds the previous checkpoint after the exchange
-    if not _rename_exchange(staging, target):
+    if not _rename(staging, target, swap=True):
         previous = target.parent / f".{target.name}.replaced-{token}"
-        os.rename(target, previous)
-        os.rename(staging, target)
+        _rename(target, previous)
+        _rename(staging, target)
     fsync_dir(target.parent)
     try:  # committed: failing to delete the old one must not fail the save; its hidden name gets it cleaned later
         rmtree_missing_ok(previous)
@@ -149,15 +232,13 @@ def remove_checkpoint(path: str | os.PathLike[str]) -> None:
         return target.unlink()
     if target.is_dir():
         doomed = target.parent / f".removing-{uuid.uuid4().hex}"
-        os.rename(target, doomed)
+        _rename(target, doomed)
         fsync_dir(target.parent)
         rmtree_missing_ok(doomed)
 
 
 class LocalStore(CheckpointStore):
     """Checkpoints as directories on a filesystem every rank can see (local, or a shared mount)."""
-
-    atomic_rename = True
 
     def __init__(self) -> None:
         self._batches = threading.local()
@@ -222,17 +303,14 @@ class LocalStore(CheckpointStore):
                 os.fsync(fd)
             else:
                 start_writeback(fd)
-                fd, owned = -1, fd
-                batch.add(owned, path)  # the batch closes it, even if this add's sync fails
         except BaseException:
-            if fd >= 0:
-                os.close(fd)
-                fd = -1
+            os.close(fd)
             path.unlink(missing_ok=True)
             raise
-        finally:
-            if fd >= 0:
-                os.close(fd)
+        if batch is None:
+            os.close(fd)
+        else:
+            batch.add(fd, path)  # the batch owns it now: it closes it, even if this add's sync fails
 
     def begin_save(self, target: str, token: str) -> str:
         staging = staging_path(Path(target), token)
@@ -261,8 +339,7 @@ class LocalStore(CheckpointStore):
         fault_point("commit:renamed")
 
     def abort(self, write_root: str, target: str) -> None:
-        if Path(write_root).exists():
-            shutil.rmtree(write_root, ignore_errors=True)
+        shutil.rmtree(write_root, ignore_errors=True)
 
     def remove_checkpoint(self, location: str) -> None:
         remove_checkpoint(location)

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 from lightning_sharing._faults import fault_point
 from lightning_sharing.errors import ObjectStoreError
-from lightning_sharing.storage.retry import RetryingClient
+from lightning_sharing.storage.retry import RetryingClient, http_status
 
 __all__ = ["PART_SIZE", "ObjectFileWriter", "RangedReader"]
 
@@ -43,7 +43,7 @@ class ObjectFileWriter:
 
     def __init__(self, calls: RetryingClient, key: str, location: str) -> None:
         self._calls, self._key, self._location = calls, key, location
-        self._buffer, self._stream, self._fired, self._open = bytearray(), None, False, True
+        self._buffer, self._stream, self._open = bytearray(), None, True
 
     def __enter__(self) -> ObjectFileWriter:
         return self
@@ -55,13 +55,14 @@ class ObjectFileWriter:
         try:
             if self._stream is None and len(self._buffer) + len(view) < PART_SIZE:
                 self._buffer += view
-                return len(view)
-            if self._stream is None:
+            elif self._stream is None:
                 self._stream = self._run("start writing", lambda: self._calls.client.open_writer(self._key, PART_SIZE))
                 self._send(memoryview(self._buffer))
                 self._buffer = bytearray()
-            self._send(view)
-            self._fault()
+                self._send(view)
+                fault_point("save:write")
+            else:
+                self._send(view)
         except BaseException:
             self._abort()
             raise
@@ -74,17 +75,12 @@ class ObjectFileWriter:
         for start in range(0, len(view), PART_SIZE):
             self._run("write", lambda start=start: self._stream.write(view[start:start + PART_SIZE]))
 
-    def _fault(self) -> None:
-        if not self._fired:
-            self._fired = True
-            fault_point("save:write")
-
     def __exit__(self, exc_type: object, exc: object, traceback: object) -> None:
         if exc_type is not None:
             return self._abort()
         try:
-            self._fault()
             if self._stream is None:
+                fault_point("save:write")
                 self._calls.put(self._key, bytes(self._buffer))
             else:
                 self._run("complete", self._stream.commit)
@@ -118,9 +114,6 @@ class RangedReader(io.RawIOBase):
     def seekable(self) -> bool:
         return True
 
-    def tell(self) -> int:
-        return self._pos
-
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
         position = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence] + offset
         if position < 0:
@@ -131,21 +124,24 @@ class RangedReader(io.RawIOBase):
     def _fetch(self, start: int, view: memoryview) -> None:
         def one(low: int) -> None:
             high = min(low + _READ_CHUNK, len(view))
-            if self._calls.read_into(self._key, start + low, view[low:high]) != high - low:
+            try:
+                got = self._calls.read_into(self._key, start + low, view[low:high])
+            except ObjectStoreError as exc:
+                if http_status(exc) != 416:  # 416: the range starts past the end (the object was replaced since)
+                    raise
+                got = 0
+            if got != high - low:
                 raise ObjectStoreError(f"{self._location} has fewer than {start + high} bytes: bytes {start + low}-"
                                        f"{start + high - 1} were asked for")
 
         lows = range(0, len(view), _READ_CHUNK)
         if len(lows) == 1:
             return one(0)
-        with ThreadPoolExecutor(max(1, min(self._calls.max_concurrency, len(lows)))) as pool:
-            futures = [pool.submit(one, low) for low in lows]
-            try:
-                for future in futures:
-                    future.result()
-            finally:  # nothing may write into the caller's buffer once this returns
-                for future in futures:
-                    future.cancel()
+        pool = ThreadPoolExecutor(min(self._calls.max_concurrency, len(lows)))
+        try:
+            list(pool.map(one, lows))
+        finally:  # nothing may write into the caller's buffer once this returns
+            pool.shutdown(cancel_futures=True)
 
     def readinto(self, buffer: Any) -> int:
         view = memoryview(buffer).cast("B")

@@ -1,11 +1,8 @@
 """``ObjectStore``: checkpoints on an object store (``s3://``, ``memory://``, ...), committed without rename.
 
-A save writes its files into a fresh generation of the checkpoint's prefix (``generations``) and commits by writing
-the manifest last, with one conditional put (``If-None-Match: *`` for a new checkpoint, ``If-Match`` with the
-version read when the save began for a replaced one): a reader sees one save's files, never a mix. A save whose put
-is refused (another job committed first) deletes its generation and raises ``ObjectExistsError`` /
-``ObjectChangedError``. The store runs on an ``ObjectClient``, each call retried under a ``RetryPolicy``.
-Guarantees, costs and credentials: docs/storage.md.
+A save writes its files into a fresh generation of the checkpoint's prefix (``generations``) and commits by putting
+the manifest last, conditionally (``If-None-Match: *``, or ``If-Match`` the version it replaces): a reader sees one
+save's files, never a mix. Calls go to an ``ObjectClient`` through a ``RetryingClient``. More: docs/storage.md.
 
 Example:
     >>> store = ObjectStore.for_url("memory://runs/demo")
@@ -25,7 +22,7 @@ import json
 import logging
 import os
 import uuid
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple
 
 from lightning_sharing._faults import fault_point
 from lightning_sharing.errors import (
@@ -38,17 +35,19 @@ from lightning_sharing.errors import (
 from lightning_sharing.storage import generations as gen
 from lightning_sharing.storage.base import MANIFEST_NAME, CheckpointStore
 from lightning_sharing.storage.client import OWN_OPTIONS, ObjectClient
+from lightning_sharing.storage.fsspec_client import FsspecClient
+from lightning_sharing.storage.http_client import HttpClient
 from lightning_sharing.storage.object_files import ObjectFileWriter, RangedReader
+from lightning_sharing.storage.obstore_client import ObstoreClient
 from lightning_sharing.storage.retry import RetryingClient, RetryPolicy
 
 __all__ = ["DEFAULT_CLIENT", "ConditionalSupport", "ObjectStore", "open_client", "probe_conditional_writes"]
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 #: The client a scheme gets when ``storage_options`` name none (measured: docs/storage.md, "Clients").
 DEFAULT_CLIENT = {"s3": "obstore", "s3a": "obstore"}
-_OPEN: dict[tuple[Any, ...], Any] = {}
+_OPEN: dict[tuple[Any, ...], ObjectClient] = {}
 
 
 def open_client(url: str, storage_options: dict[str, Any] | None = None) -> tuple[ObjectClient, str, RetryPolicy]:
@@ -66,22 +65,16 @@ def open_client(url: str, storage_options: dict[str, Any] | None = None) -> tupl
     if choice not in ("fsspec", "obstore"):
         raise ValueError(f"storage_options['client'] must be 'fsspec' or 'obstore', not {choice!r}")
     cache_key = (os.getpid(), scheme, bucket, choice, policy, json.dumps(options, sort_keys=True, default=repr))
+    if cache_key not in _OPEN and scheme in ("http", "https"):  # read-only, on the standard library
+        _OPEN[cache_key] = HttpClient.open(scheme, bucket, options, policy)
     if cache_key not in _OPEN:
-        from lightning_sharing.storage.fsspec_client import FsspecClient
-
-        opened = None
-        if choice == "obstore":
-            from lightning_sharing.storage.obstore_client import ObstoreClient
-
-            opened = ObstoreClient.open(scheme, bucket, options, policy)
+        opened = ObstoreClient.open(scheme, bucket, options, policy) if choice == "obstore" else None
         _OPEN[cache_key] = opened or FsspecClient.open(scheme, bucket, options, policy)
     return _OPEN[cache_key], key.rstrip("/"), policy
 
 
 class ObjectStore(CheckpointStore):
     """Checkpoints as prefixes of one bucket (see the module docstring); locations are URLs. Use ``for_url``."""
-
-    atomic_rename = False
 
     def __init__(self, client: ObjectClient, policy: RetryPolicy | None = None,
                  fsspec_options: dict[str, Any] | None = None) -> None:
@@ -135,7 +128,6 @@ class ObjectStore(CheckpointStore):
     # ------------------------------------------------------------------ reading
     def open_read(self, location: str) -> Any:
         size = self._sizes.pop(location, None)
-        size = self._listed.get(location) if size is None else size
         if size is None and (size := self.size(location)) is not None:
             self._sizes.pop(location, None)
         if size is None:
@@ -178,6 +170,9 @@ class ObjectStore(CheckpointStore):
 
     def begin_save(self, target: str, token: str) -> str:
         key = self._key(target)
+        if getattr(self.client, "read_only", False):
+            raise CheckpointError(f"refusing to save to {target}: {self.client.url} is read-only here (checkpoints are "
+                                  "read over http(s), not saved); save to a local path or an object store (s3://, ...)")
         if self._calls.head(key) is not None:
             raise CheckpointError(f"refusing to save to {target}: an object (a file) of that name exists, not a "
                                   "lightning_sharing checkpoint (e.g. one written by torch.save); remove it or save to "
@@ -207,14 +202,11 @@ class ObjectStore(CheckpointStore):
         fault_point("commit:rename")  # the conditional put of the manifest is this store's rename
         try:
             version = self._put_manifest(f"{key}/{MANIFEST_NAME}", manifest, expected)
-        except ObjectExistsError as exc:
-            raise ObjectExistsError(f"another job committed a checkpoint at {target} while this save was being "
-                                    "written (its manifest appeared first); this save was discarded. Two jobs must "
-                                    "not save to the same path") from exc
-        except ObjectChangedError as exc:
-            raise ObjectChangedError(f"the checkpoint at {target} was replaced or removed by another job while this "
-                                     "save was being written; this save was discarded. Two jobs must not save to the "
-                                     "same path") from exc
+        except (ObjectExistsError, ObjectChangedError) as exc:
+            what = (f"another job committed a checkpoint at {target} while this save was being written (its manifest "
+                    "appeared first)" if isinstance(exc, ObjectExistsError) else f"the checkpoint at {target} was "
+                    "replaced or removed by another job while this save was being written")
+            raise type(exc)(f"{what}; this save was discarded. Two jobs must not save to the same path") from exc
         finally:
             self._forget(key)  # a cached listing (Lightning's own calls) must show the change
         fault_point("commit:renamed")
@@ -277,12 +269,12 @@ class ObjectStore(CheckpointStore):
 
 def _files_in_place(raw: bytes) -> list[str]:
     """The files of a manifest without ``data_prefix`` (a checkpoint in the filesystem layout, copied to the store)."""
+    data = gen.manifest_json(raw)
     try:
-        data = json.loads(raw.decode("utf-8"))
         return [] if data.get("data_prefix") else [
             entry["path"] for component in data["components"].values() for entry in component["files"]
             if isinstance(entry["path"], str) and ".." not in entry["path"].split("/")]
-    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+    except (KeyError, TypeError, AttributeError):
         return []  # unreadable: delete nothing of it
 
 

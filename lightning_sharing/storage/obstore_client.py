@@ -1,9 +1,7 @@
 """``ObjectClient`` on ``obstore`` (Rust ``object_store``) for ``s3://``; the default client there (docs/storage.md).
 
-Puts are ``obstore.put`` with ``mode="create"`` (``If-None-Match: *``) or ``{"e_tag": ...}`` (``If-Match``); streamed
-writes ``open_writer`` (parts sent concurrently; leaving it with an error aborts the upload). s3fs-style
-``storage_options`` are translated (``s3_config``); where one cannot be, ``open`` returns None and logs why, and the
-fsspec client serves the URL. obstore cannot list unfinished multipart uploads: those calls go to s3fs.
+s3fs-style ``storage_options`` are translated (``s3_config``); where one cannot be, ``open`` returns None and logs
+why, and the fsspec client serves the URL. obstore cannot list unfinished multipart uploads: those calls go to s3fs.
 
 Example:
     >>> client = ObstoreClient.open("s3", "bucket", {"endpoint_url": "http://127.0.0.1:9000"}, RetryPolicy())
@@ -13,6 +11,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from datetime import timedelta
@@ -20,6 +19,7 @@ from typing import Any
 
 from lightning_sharing.format.safetensors_io import bytes_checksum
 from lightning_sharing.storage.client import ObjectInfo, refused
+from lightning_sharing.storage.fsspec_client import FsspecClient
 from lightning_sharing.storage.retry import RetryPolicy, http_status
 
 try:
@@ -74,7 +74,6 @@ class ObstoreClient:
 
     def __init__(self, store: Any, stream_store: Any, url: str, options: dict[str, Any]) -> None:
         self._store, self._stream_store, self.url, self._options = store, stream_store, url, options
-        self._s3fs: Any = None
 
     @classmethod
     def open(cls, scheme: str, bucket: str, options: dict[str, Any], policy: RetryPolicy) -> ObstoreClient | None:
@@ -115,12 +114,7 @@ class ObstoreClient:
         return data, result.meta["e_tag"] or bytes_checksum(data)
 
     def read_into(self, key: str, start: int, view: memoryview) -> int:
-        try:
-            data = obstore.get_range(self._store, key, start=start, length=len(view))
-        except Exception as exc:
-            if http_status(exc) == 416:  # the range starts past the end
-                return 0
-            raise
+        data = obstore.get_range(self._store, key, start=start, length=len(view))
         view[:len(data)] = memoryview(data)
         return len(data)
 
@@ -137,7 +131,7 @@ class ObstoreClient:
         else:
             objects, dirs = [meta for batch in obstore.list(self._store, prefix.rstrip("/") or None)
                              for meta in batch], []
-        return dirs, sorted((ObjectInfo(meta["path"], meta["size"]) for meta in objects), key=lambda info: info.key)
+        return dirs, sorted(ObjectInfo(meta["path"], meta["size"]) for meta in objects)
 
     def delete(self, keys: list[str]) -> None:
         if keys:
@@ -149,24 +143,21 @@ class ObstoreClient:
     def open_writer(self, key: str, part_size: int) -> _Writer:
         return _Writer(obstore.open_writer(self._stream_store, key, buffer_size=part_size, max_concurrency=8))
 
-    def _uploads_client(self) -> Any:
-        if self._s3fs is None:
-            from lightning_sharing.storage.fsspec_client import FsspecClient
-
-            try:
-                self._s3fs = FsspecClient.open(*self.url.split("://"), self._options, RetryPolicy(attempts=1))
-            except ImportError:
-                log.warning("s3fs is not installed: unfinished multipart uploads of killed writers are not found and "
-                            "aborted (give the bucket a lifecycle rule that aborts them)")
-                self._s3fs = False
-        return self._s3fs
+    @functools.cached_property
+    def _s3fs(self) -> FsspecClient | None:  # obstore cannot list unfinished multipart uploads; s3fs can
+        try:
+            return FsspecClient.open(*self.url.split("://"), self._options, RetryPolicy(attempts=1))
+        except ImportError:
+            log.warning("s3fs is not installed: unfinished multipart uploads of killed writers are not found and "
+                        "aborted (give the bucket a lifecycle rule that aborts them)")
+            return None
 
     def uploads(self, prefix: str) -> list[tuple[str, str]]:
-        return self._uploads_client().uploads(prefix) if self._uploads_client() else []
+        return self._s3fs.uploads(prefix) if self._s3fs else []
 
     def abort_upload(self, key: str, upload_id: str) -> None:
-        if self._uploads_client():
-            self._uploads_client().abort_upload(key, upload_id)
+        if self._s3fs:
+            self._s3fs.abort_upload(key, upload_id)
 
 
 class _Writer:

@@ -1,10 +1,6 @@
-"""The one retry layer of object-store calls: transient failures retried with backoff, bounded in attempts and time.
-
-Retried: throttling (``SlowDown``, HTTP 429/503), server errors (500/502/504), dropped, reset or timed-out
-connections, ``ConditionalRequestConflict``. Never: a definite answer (403, 404, 412, 400). Each retry is logged at
-WARNING; when ``attempts`` are spent, or the next try would start after ``deadline`` seconds, ``TransientStoreError``
-names the operation, the object, the attempts and the last cause. The libraries' own retries are off (the clients
-see to it), but for a streamed upload's parts, which only the library can send again (under the same bounds).
+"""The one retry layer of object-store calls: transient failures (``is_transient``) retried with backoff, bounded in
+attempts and time; definite answers (403, 404, 412, 400) never. The libraries' own retries are off, but for a streamed
+upload's parts, which only the library can send again, under the same bounds (docs/storage.md, "Retries").
 
 Example:
     >>> RetryPolicy.of({"attempts": 4, "deadline": 30}).call("put s3://bucket/key", lambda: 42)

@@ -107,3 +107,14 @@ def test_replicated_view_exempts_entries_from_the_check_but_saves_them(tmp_path:
         assert weight_error is not None and "'weight' on ranks [1]" in weight_error
     saved = load_file(tmp_path / "running_mean.ckpt" / "model-00001-of-00001.safetensors")
     assert torch.equal(saved["running_mean"], torch.zeros(3))
+
+
+def test_quick_samples_stay_inside_tensors_past_float32_precision() -> None:
+    """QUICK's sample positions are exact integers: float32 ones rounded the last past the end (IndexError on the
+    CPU, a device-side assert on a GPU) for sizes such as GPT-2's token embedding, 50257 x 768 elements."""
+    from lightning_sharing.core.patterns import ValidationLevel
+    from lightning_sharing.distributed.validation import state_digests
+
+    large = torch.zeros(50257 * 768, dtype=torch.uint8)
+    assert state_digests({"wte": large}, ValidationLevel.QUICK) != state_digests({"wte": large + 1},
+                                                                                 ValidationLevel.QUICK)

@@ -1,9 +1,13 @@
-"""Run a function on N real processes joined by a gloo process group.
+"""Run a function on N real processes joined by a gloo (or NCCL) process group.
 
 ``run_distributed(worker, world_size, *args)`` spawns ``world_size`` processes; each initialises
 ``torch.distributed`` (gloo, loopback) and calls ``worker(rank, world_size, *args)``. It returns the
 workers' return values by rank, or raises ``WorkerFailed`` listing every rank's exception. A run
 that outlives ``timeout`` is killed and reported as a hang.
+
+``backend="nccl"`` (the GPU tests) gives rank ``r`` the CUDA device ``r`` (``torch.cuda.set_device``, and
+``device_id`` so NCCL binds it at once) before the group is created; one GPU per rank, so the caller checks
+``torch.cuda.device_count() >= world_size``. Return plain data (CPU tensors) from an NCCL worker.
 
 ``node_of_rank`` simulates several nodes on one machine by setting ``GROUP_RANK``, ``LOCAL_RANK``
 and ``LOCAL_WORLD_SIZE`` as torchrun would on each node.
@@ -43,7 +47,7 @@ def free_port() -> int:
 
 
 def _entry(worker: Callable[..., Any], rank: int, world_size: int, port: int, env: dict[str, str],
-           results: Any, args: tuple[Any, ...]) -> None:
+           results: Any, args: tuple[Any, ...], backend: str = "gloo") -> None:
     os.environ.update(env)
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
                        "WORLD_SIZE": str(world_size)})
@@ -52,8 +56,13 @@ def _entry(worker: Callable[..., Any], rank: int, world_size: int, port: int, en
 
     torch.set_num_threads(1)
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size,
-                                timeout=datetime.timedelta(seconds=PG_TIMEOUT_S))
+        timeout = datetime.timedelta(seconds=PG_TIMEOUT_S)
+        if backend == "nccl":
+            device = torch.device("cuda", rank)
+            torch.cuda.set_device(device)
+            dist.init_process_group("nccl", rank=rank, world_size=world_size, timeout=timeout, device_id=device)
+        else:
+            dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
         value = worker(rank, world_size, *args)
         # Plain pickle: torch's queue would move tensors to shared memory that dies with this process.
         results.put((rank, "ok", pickle.dumps(value)))
@@ -65,8 +74,12 @@ def _entry(worker: Callable[..., Any], rank: int, world_size: int, port: int, en
 
 
 def run_distributed(worker: Callable[..., Any], world_size: int, *args: Any,
-                    node_of_rank: Sequence[int] | None = None, timeout: float = 120) -> list[Any]:
-    """Run ``worker(rank, world_size, *args)`` on ``world_size`` processes; return values by rank."""
+                    node_of_rank: Sequence[int] | None = None, timeout: float = 120,
+                    backend: str = "gloo") -> list[Any]:
+    """Run ``worker(rank, world_size, *args)`` on ``world_size`` processes; return values by rank.
+
+    ``backend``: ``"gloo"`` (CPU, the default) or ``"nccl"`` (rank ``r`` on CUDA device ``r``).
+    """
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
@@ -78,7 +91,7 @@ def run_distributed(worker: Callable[..., Any], world_size: int, *args: Any,
             local = [r for r in range(world_size) if node_of_rank[r] == node]
             env = {"LOCAL_RANK": str(local.index(rank)), "LOCAL_WORLD_SIZE": str(len(local)),
                    "GROUP_RANK": str(node)}
-        proc = ctx.Process(target=_entry, args=(worker, rank, world_size, port, env, results, args))
+        proc = ctx.Process(target=_entry, args=(worker, rank, world_size, port, env, results, args, backend))
         proc.start()
         processes.append(proc)
     deadline = time.monotonic() + timeout

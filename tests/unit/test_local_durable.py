@@ -4,16 +4,17 @@ ends; a failing fsync is raised, naming the file; no descriptor outlives the blo
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from lightning_sharing import _faults
+from lightning_sharing import CheckpointCoordinator, SharingPattern, StateComponent, _faults
 from lightning_sharing.errors import CheckpointError
 from lightning_sharing.format.safetensors_io import write_tensors
-from lightning_sharing.storage import durable
+from lightning_sharing.storage import local
 from lightning_sharing.storage.base import CheckpointStore
 from lightning_sharing.storage.local import LocalStore
 from lightning_sharing.storage.object_store import ObjectStore
@@ -102,14 +103,14 @@ def test_a_failing_block_closes_its_files_without_fsync(tmp_path: Path, fsyncs: 
 
 def test_a_large_batch_keeps_a_bounded_number_of_files_open(tmp_path: Path, fsyncs: list[str]) -> None:
     store = LocalStore()
-    count = 2 * durable._BATCH_OPEN_FILES + 5
+    count = 2 * local._BATCH_OPEN_FILES + 5
     before = _open_fds()
     most_open = 0
     with store.write_batch():
         for i in range(count):
             _write(store, tmp_path / f"{i}.bin", b"w")
             most_open = max(most_open, len(_open_fds() - before))
-    assert most_open <= durable._BATCH_OPEN_FILES
+    assert most_open <= local._BATCH_OPEN_FILES
     assert sorted(fsyncs) == sorted(str(tmp_path / f"{i}.bin") for i in range(count))
     assert _open_fds() == before
 
@@ -118,3 +119,27 @@ def test_other_stores_keep_the_default_batch(tmp_path: Path) -> None:
     # An object store's files are durable when each upload completes: the batch is the base class's no-op.
     assert ObjectStore.write_batch is CheckpointStore.write_batch
     assert LocalStore.write_batch is not CheckpointStore.write_batch
+
+
+def _mount_tmpfs(path: Path) -> bool:
+    path.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(["mount", "-t", "tmpfs", "none", str(path)], capture_output=True).returncode == 0
+
+
+def test_a_mount_point_as_the_checkpoint_is_refused_naming_both_paths(tmp_path: Path) -> None:
+    # Docker volumes and bind mounts at the checkpoint path itself: the commit's rename cannot replace a mount point.
+    target = tmp_path / "ckpts" / "last.ckpt"
+    if not _mount_tmpfs(target):
+        pytest.skip("mounting a tmpfs needs root (CAP_SYS_ADMIN) here")
+    try:
+        model = torch.nn.Linear(2, 2)
+        coordinator = CheckpointCoordinator([StateComponent("model", model, SharingPattern.REPLICATED)])
+        with pytest.raises(CheckpointError) as info:
+            coordinator.save_checkpoint(target)
+        message = str(info.value)
+        assert f"cannot rename {tmp_path / 'ckpts'}/.staging-" in message and f"to {target}" in message
+        assert "Device or resource busy (EBUSY)" in message and "save to a path inside the mounted directory" in message
+        assert list((tmp_path / "ckpts").iterdir()) == [target]  # the failed save left no staging directory behind
+        assert list(target.iterdir()) == []  # and wrote nothing into the mount
+    finally:
+        subprocess.run(["umount", str(target)], check=True)

@@ -157,6 +157,8 @@ def test_ranged_read_errors_name_the_object(root) -> None:
     client.put(f"{key}/g-1/blob", b"0123456789")  # replaced since (another job): shorter
     with pytest.raises(ObjectStoreError, match=r"/g-1/blob has fewer than 12 bytes: bytes 4-11 were asked for"):
         _read(store, f"{url}/g-1/blob", 4, 8)
+    with pytest.raises(ObjectStoreError, match=r"/g-1/blob has fewer than 12 bytes: bytes 10-11 were asked for"):
+        _read(store, f"{url}/g-1/blob", 10, 2)  # a range past the end: S3 answers 416
     with pytest.raises(FileNotFoundError) as missing:
         store.open_read(f"{url}/missing")
     assert str(missing.value) == f"[Errno 2] no such object: '{url}/missing'"
