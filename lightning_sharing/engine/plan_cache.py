@@ -75,6 +75,7 @@ class PlanCache:
         #: The bytes of this rank's commit report in the last save (sizes the next save's gather); None before one.
         self.report_size: int | None = None
         self._topologies: dict[Hashable, tuple[Topology, tuple[Any, ...]]] = {}
+        self._planned_for: Topology | None = None
 
     def topology(self, process_groups: Mapping[str, Any], gather: Callable[[], Topology]) -> Topology:
         """The topology for this world size and these process groups: ``gather()``ed (collective) the first time.
@@ -88,8 +89,15 @@ class PlanCache:
             self._topologies[key] = (gather(), tuple(process_groups[name] for name in names))
         return self._topologies[key][0]
 
-    def begin(self) -> None:
-        """A save starts: count afresh; the plans it makes or reuses replace the cached ones at ``end``."""
+    def begin(self, topology: Topology | None = None) -> None:
+        """A save starts: count afresh; the plans it makes or reuses replace the cached ones at ``end``.
+
+        A save under another topology than the last one's (a new world size, new process groups) plans afresh:
+        the same placement may mean other files and other ranks there.
+        """
+        if topology is not self._planned_for:
+            self._plans = {}
+        self._planned_for = topology
         self._next = {}
         self.stats = {"planned": 0, "reused": 0}
 

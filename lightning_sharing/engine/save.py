@@ -128,7 +128,7 @@ def plan_save(target: CheckpointTarget, components: Sequence[StateComponent], to
     replicas = ballot.hashed()  # reserved on every rank, whatever it declared: the ballot's layout must match
     root = root_field(ballot, None, target.target)
     capacity, new_plan = ballot.maximum(), ballot.maximum()
-    cache.begin()
+    cache.begin(topology)
     states: dict[str, Any] = {}
     validated = [c for c in components if c.effective_validation is not ValidationLevel.NONE]
     folded = [c for c in validated if _foldable(c, topology)]
