@@ -14,20 +14,13 @@ from typing import Any
 HEADLINE_SIZE_GB = 0.5
 HEADLINE_WORLD = 2
 
-# (group, [(label, variant, quantity, colour)])
-GROUPS: list[tuple[str, list[tuple[str, str, str, str]]]] = [
-    ("save (durable)", [("lightning_sharing", "ls_sync", "save", "C0"), ("torch DCP", "dcp_save", "save", "C1"),
-                        ("Lightning built-in + fsync", "lightning_save", "durable", "C2")]),
-    ("load", [("lightning_sharing (checksums verified)", "ls_load", "load", "C0"),
-              ("torch DCP", "dcp_load", "load", "C1"), ("Lightning built-in", "lightning_load", "load", "C2")]),
-    ("async save: training blocked", [
-        ("lightning_sharing, default", "ls_async", "blocked", "C0"),
-        ("lightning_sharing, background staging", "ls_async_bg", "blocked", "C9"),
-        ("torch DCP async_save", "dcp_async", "blocked", "C1"),
-        ("Lightning built-in (sync only)", "lightning_save", "durable", "C2")]),
+# (group, [(variant, quantity, colour)]): the colour names the system (LEGEND)
+GROUPS: list[tuple[str, list[tuple[str, str, str]]]] = [
+    ("save (durable)", [("ls_sync", "save", "C0"), ("dcp_save", "save", "C1"), ("lightning_save", "durable", "C2")]),
+    ("load", [("ls_load", "load", "C0"), ("dcp_load", "load", "C1"), ("lightning_load", "load", "C2")]),
+    ("async save: training blocked", [("ls_async", "blocked", "C0"), ("ls_async_bg", "blocked", "C9"),
+                                      ("dcp_async", "blocked", "C1"), ("lightning_save", "durable", "C2")]),
 ]
-
-
 LEGEND = {"C0": "lightning_sharing (load: checksums verified)", "C9": "lightning_sharing, background staging",
           "C1": "torch DCP", "C2": "Lightning built-in (torch.save + fsync; no async save: training waits for it)"}
 
@@ -62,7 +55,7 @@ def plot_headline(report: dict[str, Any], path: Path, size_gb: float = HEADLINE_
     x, ticks, labels_seen = 0.0, [], set()
     for group, bars in GROUPS:
         start = x
-        for label, variant, quantity, colour in bars:
+        for variant, quantity, colour in bars:
             found = _bar(point, variant, quantity)
             if found is not None:
                 value, low, high = found
