@@ -77,7 +77,8 @@ def plot_headline(report: dict[str, Any], path: Path, size_gb: float = HEADLINE_
     gib = point["state_bytes"] / 2**30 if point.get("state_bytes") else size_gb
     ax.set_title(f"{gib:.2f} GiB of weights + AdamW state, {world} gloo ranks on CPU; "
                  f"\n{machine['cpu_count']}-core {machine['cpu_model']}, {machine['mem_total_gib']:.0f} GiB RAM, "
-                 f"{machine.get('filesystem', 'local disk')};\nmedian of {report['config']['repeats']} interleaved rounds, whiskers min-max "
+                 f"{machine.get('filesystem', 'local disk')};\n"
+                 f"median of {report['config']['repeats']} interleaved rounds, whiskers min-max "
                  f"({machine['date'][:10]}, {machine.get('git', 'git ?')})", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
