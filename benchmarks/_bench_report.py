@@ -260,11 +260,15 @@ def _normalised(check: Check, point: dict[str, Any] | None) -> float | None:
 
 def write_outputs(report: dict[str, Any], out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
-    paths = [out / "results.json", out / "results.md", out / "results.png", out / "sweep.png"]
+    paths = [out / "results.json", out / "results.md", out / "results.png", out / "sweep.png", out / "headline.png"]
     paths[0].write_text(json.dumps(report, indent=1, default=str) + "\n")
     paths[1].write_text(markdown(report))
     plot(report, paths[2])
     from _bench_sweep import plot_sweep
 
     plot_sweep(report, paths[3])
+    from _bench_headline import plot_headline
+
+    if not plot_headline(report, paths[4]):
+        paths.pop()  # the run did not measure the headline's point: the README keeps the chart it has
     return paths
