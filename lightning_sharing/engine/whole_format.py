@@ -50,6 +50,7 @@ from lightning_sharing.format.copy_files import (
     merged_index,
     parse_index,
     read_payload,
+    shard_pattern,
     tree_name,
 )
 from lightning_sharing.format.safetensors_io import dtype_from_name, nbytes
@@ -189,24 +190,48 @@ class WholeTensorFormat(CopyFormat):
 
 @dataclass
 class _WholeLoad:
-    """A load of this rank's copy, whole: nothing is read before ``finish``."""
+    """A load of this rank's copy, whole: nothing is read before ``finish``.
+
+    Which files each rank reads is known before anything is read (``files_read_by``), so a read-once load
+    (``engine/read_once.py``) can have one rank fetch a file every rank reads and hand its bytes to the others
+    (``given``, served from memory by ``finish``).
+    """
 
     component: StateComponent
     saved: ComponentManifest
     context: LoadContext
     entries: tuple[str, ...] = ()
     held: tuple[bool, ...] = ()
+    given: dict[str, memoryview] = field(default_factory=dict)
+
+    def _stem_of(self, rank: int) -> str:
+        component = self.component
+        copies = placements(component.key, component.sharing_pattern, self.context.topology,
+                            component.process_group_name)
+        return placement_for_reader(copies, rank).stem
+
+    def files_read_by(self, rank: int) -> tuple[str, ...]:
+        """The listed files ``finish`` reads on ``rank``: the copy's index, shards and structure, and the merged
+        index (what ``read_copy`` opens, for a well-formed copy)."""
+        stem = self._stem_of(rank)
+        listed = {entry.path for entry in self.saved.files}
+        folder, shard = posixpath.dirname(stem), shard_pattern(stem)
+        wanted = {index_name(stem), tree_name(stem), index_name(self.component.key)}
+        return tuple(sorted(rel for rel in listed if rel in wanted or (
+            posixpath.dirname(rel) == folder and shard.fullmatch(posixpath.basename(rel)))))
 
     def finish(self, store: CheckpointStore, root: str) -> None:
         component, context = self.component, self.context
         copies = placements(component.key, component.sharing_pattern, context.topology, component.process_group_name)
-        load_component(store, root, component, self.saved, placement_for_reader(copies, context.rank), context.mode)
+        load_component(store, root, component, self.saved, placement_for_reader(copies, context.rank), context.mode,
+                       self.given)
 
 
 def load_component(store: CheckpointStore, root: str, component: StateComponent, saved: ComponentManifest,
-                   placement: Placement, mode: VerifyMode) -> None:
-    """Read the copy ``placement`` of ``component`` under ``root`` and hand it to ``load_state_dict``."""
-    state = read_copy(store, root, component, saved, placement.stem, mode, into_live=True)
+                   placement: Placement, mode: VerifyMode, given: dict[str, memoryview] | None = None) -> None:
+    """Read the copy ``placement`` of ``component`` under ``root`` and hand it to ``load_state_dict``; ``given``: files
+    already read and verified by another rank (``ComponentFiles``)."""
+    state = read_copy(store, root, component, saved, placement.stem, mode, into_live=True, given=given)
     stateful = component.stateful
     if isinstance(stateful, torch.nn.Module) and has_dtensors(stateful):
         # Whole tensors (a DDP checkpoint) into a sharded module: each rank keeps the piece it holds.
@@ -215,11 +240,11 @@ def load_component(store: CheckpointStore, root: str, component: StateComponent,
 
 
 def read_copy(store: CheckpointStore, root: str, component: StateComponent, saved: ComponentManifest, stem: str,
-              mode: VerifyMode, *, into_live: bool = False) -> Any:
+              mode: VerifyMode, *, into_live: bool = False, given: dict[str, memoryview] | None = None) -> Any:
     """The state of copy ``stem`` of ``component``, every file verified. ``into_live``: tensors are read straight
     into the live module's or optimizer's tensors (a load); otherwise into new memory (several copies at once)."""
     files = ComponentFiles(store, root, component.key, saved, mode,
-                           live=(lambda: _live_tensors(component)) if into_live else None)
+                           live=(lambda: _live_tensors(component)) if into_live else None, given=given)
     available = set(files.entries)
     if not any(p.startswith(stem) for p in available):
         raise CorruptCheckpointError(f"component {component.key!r}: the checkpoint has no copy {stem}")

@@ -1,0 +1,165 @@
+"""Read-once loads: a file every rank reads is fetched from storage by one rank and sent to the others.
+
+GLOBAL and REPLICATED state is read whole by every rank, so without this a load of N ranks fetches those files N
+times (N times the bytes from an object store). With ``read_once`` each such *shared* file has one *reader*; the
+readers fetch and verify their files (size and checksum, once) and broadcast the bytes over the process group;
+every rank then parses them through the same path as bytes read from storage (``ComponentFiles``' ``given``).
+
+Who reads what needs no communication: it is a pure function of what every rank loads (``files_read_by`` of each
+prepared load, the same on every rank from the manifest and the topology) and of the manifest's sizes
+(``plan_shared_files``: largest files first, each to the rank with the fewest bytes so far, so the ranks split the
+reading). The broadcasts need no size exchange either: every rank knows each file's size from the manifest.
+
+Failures stay agreed and collectives stay unconditional: for each component with shared files, one agreement step
+runs the loads finished so far and this rank's reads, so a reader's failure (a checksum mismatch, a missing
+object) becomes the same error on every rank, naming the file once; only then, outside it, every rank joins every
+broadcast of the component's files, in the same order. At most one component's shared files are held in memory
+(besides the live state), and each file travels in pieces (``broadcast_bytes``).
+
+``read_once=None`` resolves to on for object-store URLs and for jobs spanning several nodes (``resolve_read_once``),
+off for one node on a local disk, where the page cache already shares the reads.
+
+Example (every rank, inside ``load_components``):
+    >>> schedule = plan_shared_files(prepared_loads, world_size=4)                     # doctest: +SKIP
+    >>> finish_loads(prepared, store, root, "loading checkpoint x", schedule, loaded.append)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+from lightning_sharing.checkpoint.manifest import ComponentManifest
+from lightning_sharing.core.declarations import StateComponent
+from lightning_sharing.core.topology import Topology
+from lightning_sharing.distributed.collectives import agreement, broadcast_bytes, get_rank
+from lightning_sharing.engine.component_errors import with_context
+from lightning_sharing.engine.copy_format import LoadContext, PreparedLoad
+from lightning_sharing.engine.verified_files import ComponentFiles
+from lightning_sharing.storage import CheckpointStore, is_url
+
+__all__ = ["SharedFile", "SharesFiles", "finish_loads", "plan_shared_files", "resolve_read_once"]
+
+log = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class SharesFiles(Protocol):
+    """A prepared load that knows, before reading, which files each rank reads (whole-tensor copies), and that
+    takes bytes another rank read (``given``: listed path -> verified bytes)."""
+
+    saved: ComponentManifest
+    context: LoadContext
+    given: dict[str, memoryview]
+
+    def files_read_by(self, rank: int) -> tuple[str, ...]:
+        """The listed files this load reads on ``rank``."""
+
+
+@dataclass(frozen=True)
+class SharedFile:
+    """One file every rank reads: fetched by ``reader`` alone, ``size`` bytes (from the manifest)."""
+
+    rel: str
+    size: int
+    reader: int
+
+
+def resolve_read_once(setting: bool | None, path: Any, topology: Topology) -> bool:
+    """Whether a load of ``path`` reads shared files once: ``setting`` when given, else on for an object-store URL
+    or a job on several nodes, off for one node on a local disk (the page cache shares the reads already).
+
+    Example:
+        >>> resolve_read_once(None, "s3://bucket/step=1.ckpt", Topology.build(4))
+        True
+        >>> resolve_read_once(None, "/ckpt/step=1.ckpt", Topology.build(4))
+        False
+        >>> resolve_read_once(None, "/ckpt/step=1.ckpt", Topology.build(4, node_of_rank=[0, 0, 1, 1]))
+        True
+    """
+    if topology.world_size == 1:
+        return False  # nobody to share with
+    if setting is not None:
+        return setting
+    return (is_url(path) and not str(path).startswith("file://")) or len(topology.nodes) > 1
+
+
+def plan_shared_files(loads: Sequence[PreparedLoad], world_size: int) -> dict[int, list[SharedFile]]:
+    """For each load (by position) that reads files every one of the ``world_size`` ranks reads, those files and
+    their readers. A pure function of the loads' plans and the manifest: identical on every rank.
+
+    Readers are balanced by bytes: largest files first, each to the rank with the fewest bytes so far (ties: the
+    lowest rank), so with as many files as ranks every rank fetches about the same amount.
+    """
+    found: list[tuple[int, str, int]] = []
+    for position, load in enumerate(loads):
+        if not isinstance(load, SharesFiles):
+            continue
+        common = set(load.files_read_by(0))
+        for rank in range(1, world_size):
+            if not common:
+                break
+            common &= set(load.files_read_by(rank))
+        sizes = {entry.path: entry.size for entry in load.saved.files}
+        found.extend((position, rel, sizes[rel]) for rel in sorted(common) if rel in sizes)
+    assigned: dict[int, list[SharedFile]] = {}
+    fetched = [0] * world_size
+    for position, rel, size in sorted(found, key=lambda item: (-item[2], item[0], item[1])):
+        reader = min(range(world_size), key=lambda r: (fetched[r], r))
+        fetched[reader] += size
+        assigned.setdefault(position, []).append(SharedFile(rel, size, reader))
+    return {position: sorted(files, key=lambda f: f.rel) for position, files in sorted(assigned.items())}
+
+
+def finish_loads(prepared: Sequence[tuple[StateComponent, PreparedLoad]], store: CheckpointStore, root: str,
+                 phase: str, schedule: dict[int, list[SharedFile]], done: Callable[[str], None],
+                 first: Callable[[], None] | None = None) -> int:
+    """Collective: ``finish`` every prepared load in order, each component's shared files (``schedule``, from
+    ``plan_shared_files``; empty: every rank reads its own files) fetched once and broadcast.
+
+    ``first`` runs at the start of the first agreement step (the caller's checks); ``done(key)`` after each load.
+    Every failure is raised on every rank, as ``phase`` (see the module docstring). Returns the bytes of shared
+    files this rank fetched from storage.
+    """
+    pending: list[tuple[StateComponent, PreparedLoad]] = []
+    checks = first
+
+    def finish_pending() -> None:
+        nonlocal checks
+        if checks is not None:
+            checks()
+            checks = None
+        for component, load in pending:
+            with_context(component.key, "loading", lambda loading=load: loading.finish(store, root))
+            if isinstance(load, SharesFiles):
+                load.given = {}  # the shared bytes are no longer needed
+            done(component.key)
+
+    rank, fetched = get_rank(), 0
+    for position, (component, load) in enumerate(prepared):
+        shared = schedule.get(position)
+        if not shared or not isinstance(load, SharesFiles):
+            pending.append((component, load))
+            continue
+        mine: dict[str, memoryview] = {}
+        started = time.perf_counter()
+        with agreement(phase):
+            finish_pending()
+            files = ComponentFiles(store, root, component.key, load.saved, load.context.mode)
+            for file in shared:
+                if file.reader == rank:
+                    mine[file.rel] = memoryview(files.read_file(file.rel))  # size and checksum verified here
+        pending = []
+        fetched += sum(len(data) for data in mine.values())
+        # Outside the agreement: every rank joins every broadcast, in the same order, whatever it reads.
+        load.given = {file.rel: broadcast_bytes(mine.get(file.rel), file.size, file.reader, phase) for file in shared}
+        log.debug("component %r: %d shared files (%d bytes, %d read here) in %.3fs", component.key, len(shared),
+                  sum(f.size for f in shared), sum(len(v) for v in mine.values()), time.perf_counter() - started)
+        pending.append((component, load))
+    with agreement(phase):
+        finish_pending()
+    return fetched
+
