@@ -194,3 +194,40 @@ def test_read_once_must_be_a_bool_or_none() -> None:
     assert CheckpointOptions().read_once is None
     with pytest.raises(ComponentDeclarationError, match="read_once must be True, False or None"):
         CheckpointOptions(read_once="yes")  # type: ignore[arg-type]
+
+
+class _PlannedLoad:
+    """A prepared load as ``plan_shared_files`` sees it: the files each rank reads, the manifest's sizes."""
+
+    def __init__(self, sizes: dict[str, int], per_rank: dict[int, tuple[str, ...]] | None = None) -> None:
+        from types import SimpleNamespace
+
+        self.saved = SimpleNamespace(files=[SimpleNamespace(path=p, size=s) for p, s in sizes.items()])
+        self.context, self.given = None, {}
+        self.entries, self.held = (), ()
+        self._all, self._per_rank = tuple(sizes), per_rank or {}
+
+    def files_read_by(self, rank: int) -> tuple[str, ...]:
+        return self._per_rank.get(rank, self._all)
+
+    def finish(self, store: Any, root: str) -> None:
+        raise AssertionError("not loaded here")
+
+
+def test_the_readers_split_the_shared_files_by_bytes_and_only_files_every_rank_reads_are_shared() -> None:
+    from lightning_sharing.engine.read_once import SharedFile, plan_shared_files
+
+    model = _PlannedLoad({"model-00001-of-00003.safetensors": 30, "model-00002-of-00003.safetensors": 20,
+                          "model-00003-of-00003.safetensors": 10, "model.safetensors.index.json": 1})
+    per_rank = _PlannedLoad({"rng/rank-00000.json": 5, "rng/rank-00001.json": 5},
+                            {0: ("rng/rank-00000.json",), 1: ("rng/rank-00001.json",)})
+    progress = _PlannedLoad({"progress.json": 3})
+    plan = plan_shared_files([model, per_rank, progress], world_size=2)
+    assert plan == {
+        0: [SharedFile("model-00001-of-00003.safetensors", 30, 0),
+            SharedFile("model-00002-of-00003.safetensors", 20, 1),
+            SharedFile("model-00003-of-00003.safetensors", 10, 1),
+            SharedFile("model.safetensors.index.json", 1, 1)],
+        2: [SharedFile("progress.json", 3, 0)],
+    }
+    assert plan_shared_files([per_rank], world_size=2) == {}

@@ -9,7 +9,8 @@ end. Nothing of boto or fsspec is mocked: clients talk HTTP to the server.
 fault: a 503 ``SlowDown`` (throttling), another S3 error, a reset connection, an answer dropped after
 moto carried the request out (the client never hears of its success), an answer reset mid-body, a
 stall past the client's timeout, or a hold until several matching requests are in flight at once
-(proving concurrency without timing).
+(proving concurrency without timing). It also counts the body bytes it answers (``bytes_sent``): the traffic a
+client really fetched.
 """
 
 from __future__ import annotations
