@@ -6,11 +6,13 @@ Starts moto's S3 server on 127.0.0.1 (as the tests do) and a counting proxy in f
 tests, with no fault rules: it counts the body bytes it answers). ``--world`` gloo processes (one node) each hold
 the same REPLICATED state of ``--size-mib`` MiB (float32 tensors, safetensors shards of at most ``--shard-mib``
 MiB) and a small GLOBAL one; rank 0's copy is saved once to a local directory and once to S3. Then, in rounds
-(the order of on/off alternating between rounds), every rank loads each checkpoint into zeroed tensors, every
-checksum verified, with ``read_once=True`` and ``read_once=False``; a load's time is the slowest rank's (barriers
-around it), the figure the median over ``--repeats``; every load is checked ``torch.equal`` to what was saved.
-Timed S3 loads talk to moto directly; one more load of each kind goes through the proxy, which gives the bytes
-fetched from the store per load divided by the checkpoint's bytes (the objects' total size).
+(the order of the modes alternating between rounds), every rank loads each checkpoint into zeroed tensors, every
+checksum verified, with ``read_once=True`` (the files handed over through shared memory, ``on``, the default on one
+node, or broadcast over the process group, ``on-group``, as between nodes) and ``read_once=False``; a load's time is
+the slowest rank's (barriers around it), the figure the median over ``--repeats``; every load is checked
+``torch.equal`` to what was saved. Timed S3 loads talk to moto directly; one more load of each kind goes through the
+proxy, which gives the bytes fetched from the store per load divided by the checkpoint's bytes (the objects' total
+size).
 
 moto runs on the same machine and shares its cores with the ranks: the S3 numbers measure client, server and
 broadcast on loopback, not a network. On a local disk the page cache already shares the reads of one node, so
@@ -38,6 +40,9 @@ from support.dist_harness import free_port  # noqa: E402
 from support.s3 import BUCKET, FaultProxy, MotoServer, s3_environment  # noqa: E402
 
 MIB = 1024 * 1024
+#: read_once on, its files handed over through shared memory (the default on one node) / over the process group
+#: (gloo broadcasts, as between nodes); read_once off.
+MODES = ("on", "on-group", "off")
 
 
 def _state(size_mib: int) -> dict[str, Any]:
@@ -81,6 +86,8 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, paths: d
     import torch
     import torch.distributed as dist
 
+    import lightning_sharing.engine.read_once as read_once_module
+
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=900))
     try:
@@ -92,34 +99,33 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, paths: d
         times: dict[str, list[float]] = {}
         fetched: dict[str, int] = {}
 
-        def load(where: str, read_once: bool, options: dict[str, Any] | None) -> float:
+        def load(where: str, mode: str, options: dict[str, Any] | None) -> float:
+            read_once_module.USE_SHARED_MEMORY = mode != "on-group"
             for tensor in live.values():
                 tensor.zero_()
-            coordinator = _coordinator(live, {}, read_once, args.shard_mib, options)
+            coordinator = _coordinator(live, {}, mode != "off", args.shard_mib, options)
             dist.barrier()
             start = time.perf_counter()
             result = coordinator.load_checkpoint(paths[where])
             dist.barrier()
             elapsed = time.perf_counter() - start
-            assert all(torch.equal(live[n], saved[n]) for n in saved), f"{where} read_once={read_once}: not exact"
-            fetched[f"{where}/{'on' if read_once else 'off'}"] = result.shared_bytes_fetched
+            assert all(torch.equal(live[n], saved[n]) for n in saved), f"{where} {mode}: not bit-exact"
+            fetched[f"{where}/{mode}"] = result.shared_bytes_fetched
             return elapsed
 
         for round_ in range(args.repeats):
-            order = (True, False) if round_ % 2 == 0 else (False, True)
+            order = MODES if round_ % 2 == 0 else MODES[::-1]
             for where in ("local", "s3"):
-                for read_once in order:
-                    options = direct if where == "s3" else None
-                    times.setdefault(f"{where}/{'on' if read_once else 'off'}", []).append(
-                        load(where, read_once, options))
+                for mode in order:
+                    times.setdefault(f"{where}/{mode}", []).append(load(where, mode, direct if where == "s3" else None))
         dist.barrier()
         if rank == 0:
-            results.put(("marker", "counted"))  # the parent resets nothing: counted loads go to their own paths
-        for read_once in (True, False):
-            load("s3", read_once, proxied)
+            results.put(("marker", ""))
+        for mode in ("on", "off"):  # through the counting proxy
+            load("s3", mode, proxied)
             dist.barrier()
             if rank == 0:
-                results.put(("counted", "on" if read_once else "off"))
+                results.put(("counted", mode))
             dist.barrier()
         results.put((rank, pickle.dumps({"times": times, "fetched": fetched})))
     finally:
@@ -183,7 +189,7 @@ def main() -> int:
           f"total {time.perf_counter() - started:.0f}s")
     print(f"{'load':<12} {'read_once':<10} {'time s':>8}  {'min-max':>13}  {'shared MiB fetched per rank':>28}")
     for where in ("local", "s3"):
-        for mode in ("on", "off"):
+        for mode in MODES:
             key = f"{where}/{mode}"
             runs = [max(per_rank[r]["times"][key][i] for r in per_rank) for i in range(args.repeats)]
             shares = [per_rank[r]["fetched"][key] / MIB for r in sorted(per_rank)]

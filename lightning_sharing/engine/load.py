@@ -44,7 +44,13 @@ from lightning_sharing.engine.component_errors import with_context
 from lightning_sharing.engine.copy_format import LoadContext, PreparedLoad
 from lightning_sharing.engine.formats import format_for
 from lightning_sharing.engine.load_plan import LoadResult, check_listed_files, plan_load
-from lightning_sharing.engine.read_once import SharedFile, finish_loads, plan_shared_files, resolve_read_once
+from lightning_sharing.engine.read_once import (
+    SharedFile,
+    finish_loads,
+    hand_over_in_memory,
+    plan_shared_files,
+    resolve_read_once,
+)
 from lightning_sharing.engine.resize import ResizedLoad
 from lightning_sharing.errors import CheckpointError
 from lightning_sharing.storage import CheckpointStore, is_url
@@ -103,7 +109,8 @@ def load_components(path: Any, store: CheckpointStore, components: Sequence[Stat
                  name="checkpoint")
     split = [(component.key, load) for component, load in prepared if load.entries]
     ballot.hashed([(key, list(load.entries)) for key, load in split])  # the held flags below line up
-    ballot.hashed(sorted(shared.items()))  # every rank joins the same broadcasts, or none starts
+    node_local = result.read_once and hand_over_in_memory(topology)
+    ballot.hashed([sorted(shared.items()), node_local])  # every rank joins the same broadcasts, or none starts
     ballot.agree()
     held = _held_anywhere(split)
     for key, reason in result.skipped.items():
@@ -115,7 +122,7 @@ def load_components(path: Any, store: CheckpointStore, components: Sequence[Stat
             _check_taken(key, load, held[key], strict, shown)
 
     result.shared_bytes_fetched = finish_loads(prepared, store, files_root, f"loading checkpoint {shown}", shared,
-                                               result.loaded.append, first=check_taken)
+                                               result.loaded.append, first=check_taken, node_local=node_local)
     return result
 
 

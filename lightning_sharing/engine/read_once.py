@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -35,15 +36,21 @@ from typing import Any, Protocol, runtime_checkable
 from lightning_sharing.checkpoint.manifest import ComponentManifest
 from lightning_sharing.core.declarations import StateComponent
 from lightning_sharing.core.topology import Topology
-from lightning_sharing.distributed.collectives import agreement, broadcast_bytes, get_rank
+from lightning_sharing.distributed.collectives import agreement, broadcast_bytes, broadcast_object, get_rank
+from lightning_sharing.distributed.node_files import NodeFiles
 from lightning_sharing.engine.component_errors import with_context
 from lightning_sharing.engine.copy_format import LoadContext, PreparedLoad
 from lightning_sharing.engine.verified_files import ComponentFiles
 from lightning_sharing.storage import CheckpointStore, is_url
 
-__all__ = ["SharedFile", "SharesFiles", "finish_loads", "plan_shared_files", "resolve_read_once"]
+__all__ = ["USE_SHARED_MEMORY", "SharedFile", "SharesFiles", "finish_loads", "hand_over_in_memory",
+           "plan_shared_files", "resolve_read_once"]
 
 log = logging.getLogger(__name__)
+
+#: Whether the ranks of a one-node job hand shared files over through shared memory (else over the process group,
+#: as between nodes); ``benchmarks/read_once.py`` turns it off to compare the two.
+USE_SHARED_MEMORY = True
 
 
 @runtime_checkable
@@ -87,6 +94,12 @@ def resolve_read_once(setting: bool | None, path: Any, topology: Topology) -> bo
     return (is_url(path) and not str(path).startswith("file://")) or len(topology.nodes) > 1
 
 
+def hand_over_in_memory(topology: Topology) -> bool:
+    """Whether shared files go from reader to ranks through shared memory: every rank on one node (and a
+    shared-memory directory there); else they are broadcast over the process group."""
+    return USE_SHARED_MEMORY and len(topology.nodes) == 1 and NodeFiles.available()
+
+
 def plan_shared_files(loads: Sequence[PreparedLoad], world_size: int) -> dict[int, list[SharedFile]]:
     """For each load (by position) that reads files every one of the ``world_size`` ranks reads, those files and
     their readers. A pure function of the loads' plans and the manifest: identical on every rank.
@@ -116,15 +129,20 @@ def plan_shared_files(loads: Sequence[PreparedLoad], world_size: int) -> dict[in
 
 def finish_loads(prepared: Sequence[tuple[StateComponent, PreparedLoad]], store: CheckpointStore, root: str,
                  phase: str, schedule: dict[int, list[SharedFile]], done: Callable[[str], None],
-                 first: Callable[[], None] | None = None) -> int:
+                 first: Callable[[], None] | None = None, node_local: bool = False) -> int:
     """Collective: ``finish`` every prepared load in order, each component's shared files (``schedule``, from
-    ``plan_shared_files``; empty: every rank reads its own files) fetched once and broadcast.
+    ``plan_shared_files``; empty: every rank reads its own files) fetched once and handed to the other ranks:
+    through shared memory when every rank is on one node (``node_local``, the same on every rank), else broadcast.
 
     ``first`` runs at the start of the first agreement step (the caller's checks); ``done(key)`` after each load.
     Every failure is raised on every rank, as ``phase`` (see the module docstring). Returns the bytes of shared
     files this rank fetched from storage.
     """
-    pending: list[tuple[StateComponent, PreparedLoad]] = []
+    rank, fetched = get_rank(), 0
+    # One broadcast names this load's shared-memory files (two jobs on one node never collide).
+    node_files = NodeFiles(broadcast_object(uuid.uuid4().hex if rank == 0 else None, phase=phase)) \
+        if node_local and schedule else None
+    pending: list[tuple[StateComponent, PreparedLoad, Callable[[], dict[str, memoryview]] | None]] = []
     checks = first
 
     def finish_pending() -> None:
@@ -132,34 +150,54 @@ def finish_loads(prepared: Sequence[tuple[StateComponent, PreparedLoad]], store:
         if checks is not None:
             checks()
             checks = None
-        for component, load in pending:
+        for component, load, receive in pending:
+            if receive is not None and isinstance(load, SharesFiles):
+                load.given = receive()  # opened here, inside the agreement step: a failure is everyone's
             with_context(component.key, "loading", lambda loading=load: loading.finish(store, root))
             if isinstance(load, SharesFiles):
                 load.given = {}  # the shared bytes are no longer needed
             done(component.key)
 
-    rank, fetched = get_rank(), 0
-    for position, (component, load) in enumerate(prepared):
-        shared = schedule.get(position)
-        if not shared or not isinstance(load, SharesFiles):
-            pending.append((component, load))
-            continue
-        mine: dict[str, memoryview] = {}
-        started = time.perf_counter()
+    try:
+        for position, (component, load) in enumerate(prepared):
+            shared = schedule.get(position)
+            if not shared or not isinstance(load, SharesFiles):
+                pending.append((component, load, None))
+                continue
+            mine: dict[str, memoryview] = {}
+            earlier = node_files.written() if node_files is not None else []
+            started = time.perf_counter()
+            with agreement(phase):
+                finish_pending()
+                files = ComponentFiles(store, root, component.key, load.saved, load.context.mode)
+                for number, file in enumerate(shared):
+                    if file.reader == rank:
+                        mine[file.rel] = memoryview(files.read_file(file.rel))  # size and checksum verified here
+                        if node_files is not None:
+                            node_files.put(rank, f"{position}-{number}", mine[file.rel])
+            if node_files is not None:
+                node_files.remove(earlier)  # every rank has opened them: they finished the previous loads
+            fetched += sum(len(data) for data in mine.values())
+            pending = [(component, load, _receiver(shared, mine, position, node_files, phase))]
+            log.debug("component %r: %d shared files (%d bytes, %d read here) in %.3fs", component.key, len(shared),
+                      sum(f.size for f in shared), sum(len(v) for v in mine.values()), time.perf_counter() - started)
         with agreement(phase):
             finish_pending()
-            files = ComponentFiles(store, root, component.key, load.saved, load.context.mode)
-            for file in shared:
-                if file.reader == rank:
-                    mine[file.rel] = memoryview(files.read_file(file.rel))  # size and checksum verified here
-        pending = []
-        fetched += sum(len(data) for data in mine.values())
-        # Outside the agreement: every rank joins every broadcast, in the same order, whatever it reads.
-        load.given = {file.rel: broadcast_bytes(mine.get(file.rel), file.size, file.reader, phase) for file in shared}
-        log.debug("component %r: %d shared files (%d bytes, %d read here) in %.3fs", component.key, len(shared),
-                  sum(f.size for f in shared), sum(len(v) for v in mine.values()), time.perf_counter() - started)
-        pending.append((component, load))
-    with agreement(phase):
-        finish_pending()
+    finally:
+        if node_files is not None:
+            node_files.remove()
     return fetched
 
+
+def _receiver(shared: list[SharedFile], mine: dict[str, memoryview], position: int, node_files: NodeFiles | None,
+              phase: str) -> Callable[[], dict[str, memoryview]]:
+    """How this rank gets a component's shared files: mapped from the readers' shared-memory files when the load
+    runs (``node_files``), or broadcast now, outside any agreement step: every rank joins every broadcast, in the
+    same order, whatever it reads."""
+    rank = get_rank()
+    if node_files is not None:
+        return lambda: {file.rel: mine[file.rel] if file.reader == rank else
+                        node_files.get(file.reader, f"{position}-{number}", file.size)
+                        for number, file in enumerate(shared)}
+    received = {file.rel: broadcast_bytes(mine.get(file.rel), file.size, file.reader, phase) for file in shared}
+    return lambda: received
