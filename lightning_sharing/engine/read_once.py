@@ -2,8 +2,10 @@
 
 GLOBAL and REPLICATED state is read whole by every rank, so without this a load of N ranks fetches those files N
 times (N times the bytes from an object store). With ``read_once`` each such *shared* file has one *reader*; the
-readers fetch and verify their files (size and checksum, once) and broadcast the bytes over the process group;
-every rank then parses them through the same path as bytes read from storage (``ComponentFiles``' ``given``).
+readers fetch and verify their files (size and checksum, once) and hand the bytes to the other ranks: through
+shared memory when every rank is on one node (``distributed/node_files.py``: written once, mapped by the others;
+faster than gloo's sockets, ``benchmarks/read_once.py``), else broadcast over the process group; every rank then
+parses them through the same path as bytes read from storage (``ComponentFiles``' ``given``).
 
 Who reads what needs no communication: it is a pure function of what every rank loads (``files_read_by`` of each
 prepared load, the same on every rank from the manifest and the topology) and of the manifest's sizes
@@ -11,9 +13,10 @@ prepared load, the same on every rank from the manifest and the topology) and of
 reading). The broadcasts need no size exchange either: every rank knows each file's size from the manifest.
 
 Failures stay agreed and collectives stay unconditional: for each component with shared files, one agreement step
-runs the loads finished so far and this rank's reads, so a reader's failure (a checksum mismatch, a missing
-object) becomes the same error on every rank, naming the file once; only then, outside it, every rank joins every
-broadcast of the component's files, in the same order. At most one component's shared files are held in memory
+runs the loads finished so far and this rank's reads (and writes into shared memory), so a reader's failure (a
+checksum mismatch, a missing object) becomes the same error on every rank, naming the file once; only then, outside
+it, every rank joins every broadcast of the component's files, in the same order (shared-memory files are opened in
+the next step, and removed by their writer after it). At most one component's shared files are held in memory
 (besides the live state), and each file travels in pieces (``broadcast_bytes``).
 
 ``read_once=None`` resolves to on for object-store URLs and for jobs spanning several nodes (``resolve_read_once``),
@@ -36,7 +39,13 @@ from typing import Any, Protocol, runtime_checkable
 from lightning_sharing.checkpoint.manifest import ComponentManifest
 from lightning_sharing.core.declarations import StateComponent
 from lightning_sharing.core.topology import Topology
-from lightning_sharing.distributed.collectives import agreement, broadcast_bytes, broadcast_object, get_rank
+from lightning_sharing.distributed.collectives import (
+    agreement,
+    any_rank,
+    broadcast_bytes,
+    broadcast_object,
+    get_rank,
+)
 from lightning_sharing.distributed.node_files import NodeFiles
 from lightning_sharing.engine.component_errors import with_context
 from lightning_sharing.engine.copy_format import LoadContext, PreparedLoad
@@ -166,6 +175,7 @@ def finish_loads(prepared: Sequence[tuple[StateComponent, PreparedLoad]], store:
                 continue
             mine: dict[str, memoryview] = {}
             earlier = node_files.written() if node_files is not None else []
+            not_in_memory = [node_files is None] * len(shared)
             started = time.perf_counter()
             with agreement(phase):
                 finish_pending()
@@ -174,11 +184,13 @@ def finish_loads(prepared: Sequence[tuple[StateComponent, PreparedLoad]], store:
                     if file.reader == rank:
                         mine[file.rel] = memoryview(files.read_file(file.rel))  # size and checksum verified here
                         if node_files is not None:
-                            node_files.put(rank, f"{position}-{number}", mine[file.rel])
+                            not_in_memory[number] = not node_files.put(rank, f"{position}-{number}", mine[file.rel])
             if node_files is not None:
                 node_files.remove(earlier)  # every rank has opened them: they finished the previous loads
+                # The files shared memory could not take go over the process group (one all-reduce says which).
+                not_in_memory = any_rank(*not_in_memory, phase=phase)
             fetched += sum(len(data) for data in mine.values())
-            pending = [(component, load, _receiver(shared, mine, position, node_files, phase))]
+            pending = [(component, load, _receiver(shared, mine, position, node_files, not_in_memory, phase))]
             log.debug("component %r: %d shared files (%d bytes, %d read here) in %.3fs", component.key, len(shared),
                       sum(f.size for f in shared), sum(len(v) for v in mine.values()), time.perf_counter() - started)
         with agreement(phase):
@@ -190,14 +202,22 @@ def finish_loads(prepared: Sequence[tuple[StateComponent, PreparedLoad]], store:
 
 
 def _receiver(shared: list[SharedFile], mine: dict[str, memoryview], position: int, node_files: NodeFiles | None,
-              phase: str) -> Callable[[], dict[str, memoryview]]:
-    """How this rank gets a component's shared files: mapped from the readers' shared-memory files when the load
-    runs (``node_files``), or broadcast now, outside any agreement step: every rank joins every broadcast, in the
-    same order, whatever it reads."""
+              not_in_memory: list[bool], phase: str) -> Callable[[], dict[str, memoryview]]:
+    """How this rank gets a component's shared files: broadcast now, outside any agreement step (every rank joins
+    every broadcast, in the same order, whatever it reads), unless in shared memory (``node_files``), where they
+    are mapped from the readers' files when the load runs."""
     rank = get_rank()
-    if node_files is not None:
-        return lambda: {file.rel: mine[file.rel] if file.reader == rank else
-                        node_files.get(file.reader, f"{position}-{number}", file.size)
-                        for number, file in enumerate(shared)}
-    received = {file.rel: broadcast_bytes(mine.get(file.rel), file.size, file.reader, phase) for file in shared}
-    return lambda: received
+    received = {file.rel: broadcast_bytes(mine.get(file.rel), file.size, file.reader, phase)
+                for file, broadcast in zip(shared, not_in_memory, strict=True) if broadcast}
+    if node_files is None:
+        return lambda: received
+
+    def mapped() -> dict[str, memoryview]:
+        given = dict(received)
+        for number, file in enumerate(shared):
+            if file.rel not in given:
+                given[file.rel] = mine[file.rel] if file.reader == rank else \
+                    node_files.get(file.reader, f"{position}-{number}", file.size)
+        return given
+
+    return mapped

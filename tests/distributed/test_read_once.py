@@ -7,6 +7,8 @@
 - A reader that fails (the proxy refuses one shared file's GET; a shared file corrupted on disk) fails the load on
   every rank with the same error, naming the file once, and no rank hangs.
 - ``read_once=None`` resolves to on for S3 and for a job on several nodes, off for one node on a local disk.
+- On one node the files go through shared memory (nothing left there afterwards); a file shared memory cannot take
+  is broadcast instead; across (simulated) nodes they are broadcast over the process group.
 """
 
 from __future__ import annotations
@@ -141,6 +143,7 @@ def test_read_once_on_s3_fetches_each_file_once_bit_exact_and_a_refused_read_fai
     assert "DistributedCheckpointError" in errors[0]["kinds"], errors[0]
     assert message.startswith(f"loading checkpoint {urls['refused']} failed on rank "), message
     assert " failed on ranks " not in message and message.count(REFUSED) == 1, message
+    assert _shared_memory_files() == []  # one node: the files went through shared memory, removed after the load
 
 
 def _corrupt_worker(rank: int, world_size: int, path: str) -> dict[str, Any]:
@@ -231,3 +234,27 @@ def test_the_readers_split_the_shared_files_by_bytes_and_only_files_every_rank_r
         2: [SharedFile("progress.json", 3, 0)],
     }
     assert plan_shared_files([per_rank], world_size=2) == {}
+
+
+def _full_memory_worker(rank: int, world_size: int, path: str) -> dict[str, Any]:
+    from lightning_sharing.distributed import node_files
+
+    coordinator, _, _ = _coordinator(_saved_state(rank), None, None)
+    coordinator.save_checkpoint(path)
+    if rank == 1:  # this rank's shared memory is full: what it reads must reach the others over the process group
+        node_files.NodeFiles.put = lambda self, writer, name, data: False
+    return _load(rank, path, True, None)
+
+
+def test_files_shared_memory_cannot_take_are_broadcast_instead(tmp_path: Path) -> None:
+    reports = run_distributed(_full_memory_worker, WORLD, str(tmp_path / "step=1.ckpt"), timeout=240)
+    for rank, report in enumerate(reports):
+        assert report["read_once"] and report["mismatch"] == [], (rank, report)
+    assert reports[1]["fetched"] > 0  # rank 1 did read shared files, which went over the process group
+    assert _shared_memory_files() == []  # the readers removed what they wrote
+
+
+def _shared_memory_files() -> list[str]:
+    from lightning_sharing.distributed.node_files import SHARED_MEMORY
+
+    return sorted(p.name for p in Path(SHARED_MEMORY).glob("lightning-sharing-*"))
