@@ -258,3 +258,22 @@ def _shared_memory_files() -> list[str]:
     from lightning_sharing.distributed.node_files import SHARED_MEMORY
 
     return sorted(p.name for p in Path(SHARED_MEMORY).glob("lightning-sharing-*"))
+
+
+def test_every_entry_point_takes_read_once_into_its_options() -> None:
+    from lightning_sharing import (
+        CheckpointCoordinator,
+        FabricSharingModelParallelStrategy,
+        FabricSharingStrategy,
+        SharingCheckpointIO,
+        SharingModelParallelStrategy,
+        SharingStrategy,
+    )
+
+    assert CheckpointCoordinator([], read_once=True).options.read_once is True
+    assert SharingCheckpointIO(read_once=False).options.read_once is False
+    assert SharingStrategy(read_once=True).checkpoint_io.options.read_once is True
+    assert SharingModelParallelStrategy(1, 1, read_once=False).checkpoint_io.options.read_once is False
+    assert FabricSharingStrategy(read_once=True)._host.options.read_once is True
+    assert FabricSharingModelParallelStrategy(lambda module, mesh: module, read_once=True)._host.options.read_once
+    assert SharingStrategy().checkpoint_io.options.read_once is None  # auto by default
