@@ -29,6 +29,7 @@ Example (every rank, inside ``load_components``):
 
 from __future__ import annotations
 
+import heapq
 import logging
 import time
 import uuid
@@ -128,10 +129,10 @@ def plan_shared_files(loads: Sequence[PreparedLoad], world_size: int) -> dict[in
         sizes = {entry.path: entry.size for entry in load.saved.files}
         found.extend((position, rel, sizes[rel]) for rel in sorted(common) if rel in sizes)
     assigned: dict[int, list[SharedFile]] = {}
-    fetched = [0] * world_size
+    fetched = [(0, rank) for rank in range(world_size)]  # a heap: the rank with the fewest bytes so far on top
     for position, rel, size in sorted(found, key=lambda item: (-item[2], item[0], item[1])):
-        reader = min(range(world_size), key=lambda r: (fetched[r], r))
-        fetched[reader] += size
+        bytes_so_far, reader = heapq.heappop(fetched)
+        heapq.heappush(fetched, (bytes_so_far + size, reader))
         assigned.setdefault(position, []).append(SharedFile(rel, size, reader))
     return {position: sorted(files, key=lambda f: f.rel) for position, files in sorted(assigned.items())}
 

@@ -204,21 +204,24 @@ class _WholeLoad:
     held: tuple[bool, ...] = ()
     given: dict[str, memoryview] = field(default_factory=dict)
 
-    def _stem_of(self, rank: int) -> str:
-        component = self.component
-        copies = placements(component.key, component.sharing_pattern, self.context.topology,
-                            component.process_group_name)
-        return placement_for_reader(copies, rank).stem
+    _stems: dict[int, str] = field(default_factory=dict, repr=False)  # rank -> the stem of the copy it reads
+    _files: dict[str, tuple[str, ...]] = field(default_factory=dict, repr=False)  # stem -> its files
 
     def files_read_by(self, rank: int) -> tuple[str, ...]:
         """The listed files ``finish`` reads on ``rank``: the copy's index, shards and structure, and the merged
-        index (what ``read_copy`` opens, for a well-formed copy)."""
-        stem = self._stem_of(rank)
-        listed = {entry.path for entry in self.saved.files}
-        folder, shard = posixpath.dirname(stem), shard_pattern(stem)
-        wanted = {index_name(stem), tree_name(stem), index_name(self.component.key)}
-        return tuple(sorted(rel for rel in listed if rel in wanted or (
-            posixpath.dirname(rel) == folder and shard.fullmatch(posixpath.basename(rel)))))
+        index (what ``read_copy`` opens, for a well-formed copy). O(world size) once, then a look-up per rank."""
+        if not self._stems:
+            component = self.component
+            for copy in placements(component.key, component.sharing_pattern, self.context.topology,
+                                   component.process_group_name):
+                self._stems.update(dict.fromkeys(copy.readers, copy.stem))
+        stem = self._stems[rank]
+        if stem not in self._files:
+            folder, shard = posixpath.dirname(stem), shard_pattern(stem)
+            wanted = {index_name(stem), tree_name(stem), index_name(self.component.key)}
+            self._files[stem] = tuple(sorted(entry.path for entry in self.saved.files if entry.path in wanted or (
+                posixpath.dirname(entry.path) == folder and shard.fullmatch(posixpath.basename(entry.path)))))
+        return self._files[stem]
 
     def finish(self, store: CheckpointStore, root: str) -> None:
         component, context = self.component, self.context
