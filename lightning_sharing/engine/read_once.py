@@ -167,6 +167,7 @@ def finish_loads(prepared: Sequence[tuple[StateComponent, PreparedLoad]], store:
             if isinstance(load, SharesFiles):
                 load.given = {}  # the shared bytes are no longer needed
             done(component.key)
+        pending.clear()  # and neither are their receivers: this rank holds one component's shared files at a time
 
     try:
         for position, (component, load) in enumerate(prepared):
