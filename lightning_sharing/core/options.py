@@ -2,7 +2,7 @@
 
 The coordinator, ``SharingCheckpointIO``, ``SharingStrategy`` and the Fabric strategies all take the
 same keyword arguments (``max_shard_size``, ``verify``, ``validation_level``, ``async_save``,
-``max_pending_saves``, ``background_staging``); each turns them into one ``CheckpointOptions`` with
+``max_pending_saves``, ``background_staging``, ``read_once``); each turns them into one ``CheckpointOptions`` with
 ``checkpoint_options``, once, at its constructor, and passes that object down whole: nothing below an entry
 point takes the fields one by one.
 
@@ -73,6 +73,10 @@ class CheckpointOptions:
         background_staging: with ``async_save``, the parameters and optimizer state are copied in the
             background too, so ``save_checkpoint`` returns before they are copied; the next
             ``optimizer.step()`` waits for the copy (``BackgroundSaver``'s documentation).
+        read_once: each file every rank reads (GLOBAL and REPLICATED state) is fetched from storage by one rank,
+            verified there, and broadcast to the others over the process group, the ranks splitting the files
+            between them (``engine/read_once.py``). ``None`` (auto): on for object-store URLs and for jobs that
+            span several nodes, off for one node on a local disk, where the page cache already shares the reads.
     """
 
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE
@@ -81,6 +85,7 @@ class CheckpointOptions:
     async_save: bool = False
     max_pending_saves: int = 1
     background_staging: bool = False
+    read_once: bool | None = None
 
     def __post_init__(self) -> None:
         _positive_int("max_shard_size", self.max_shard_size)
@@ -90,6 +95,8 @@ class CheckpointOptions:
         for name in ("async_save", "background_staging"):
             if not isinstance(getattr(self, name), bool):
                 raise ComponentDeclarationError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.read_once is not None and not isinstance(self.read_once, bool):
+            raise ComponentDeclarationError(f"read_once must be True, False or None (auto), got {self.read_once!r}")
 
     def replace(self, **changes: Any) -> CheckpointOptions:
         """A copy with ``changes`` applied (and validated)."""

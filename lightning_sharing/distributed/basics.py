@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -30,7 +31,7 @@ import torch.distributed as dist
 from lightning_sharing.distributed.exit import settle_at_exit
 from lightning_sharing.errors import CheckpointError, DistributedCheckpointError, distributed_error_class
 
-__all__ = ["active", "agreed_error", "all_gather_object", "broadcast_object", "broadcast_tensor",
+__all__ = ["active", "agreed_error", "all_gather_object", "broadcast_bytes", "broadcast_object", "broadcast_tensor",
            "collective_device", "get_rank", "get_world_size", "group_size", "local_only", "may_run_in_background",
            "outcome_of", "peer_failures", "reduce_ints", "warn_on_rank_zero"]
 
@@ -146,6 +147,54 @@ def broadcast_tensor(tensor: torch.Tensor, src: int, phase: str = "comparing ten
     with peer_failures(phase):
         dist.broadcast(theirs, src=src)
     return theirs
+
+
+#: The largest piece of a file ``broadcast_bytes`` sends at once: it bounds the device buffer under NCCL.
+BROADCAST_PIECE = 64 * 1024 * 1024
+
+
+def broadcast_bytes(data: Any, size: int, src: int, phase: str = "sending checkpoint files") -> memoryview:
+    """Rank ``src``'s ``size`` bytes (``data``: bytes-like on ``src``, ignored elsewhere) on every rank.
+
+    Every rank must already know ``size`` (from the manifest), so no length is exchanged. The bytes travel in
+    pieces of at most ``BROADCAST_PIECE`` over the default group: straight into a CPU buffer under gloo, through one
+    device buffer per piece under NCCL. Returns a read-only view (of ``data`` itself on ``src``).
+
+    Example:
+        >>> broadcast_bytes(b"abc" if get_rank() == 0 else None, 3, src=0).tobytes()   # doctest: +SKIP
+        b'abc'
+    """
+    if group_size() == 1 or get_rank() == src:
+        # ``data`` was checked against the manifest (size and checksum) before: a check here could raise on this
+        # rank alone while the others wait in the broadcast.
+        view = memoryview(data).cast("B")
+        if group_size() > 1 and size:
+            _broadcast_pieces(_tensor_of(view), size, src, phase)
+        return view.toreadonly()
+    buffer = bytearray(size)
+    if size:
+        _broadcast_pieces(torch.frombuffer(buffer, dtype=torch.uint8), size, src, phase)
+    return memoryview(buffer).toreadonly()
+
+
+def _tensor_of(view: memoryview) -> torch.Tensor:
+    with warnings.catch_warnings():  # a read-only buffer: the sending rank only reads it
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.frombuffer(view, dtype=torch.uint8)
+
+
+def _broadcast_pieces(cpu: torch.Tensor, size: int, src: int, phase: str) -> None:
+    device = collective_device()
+    with peer_failures(phase):
+        for start in range(0, size, BROADCAST_PIECE):
+            piece = cpu[start:start + BROADCAST_PIECE]
+            if device.type == "cpu":
+                dist.broadcast(piece, src=src)
+                continue
+            staged = piece.to(device) if get_rank() == src else torch.empty_like(piece, device=device)
+            dist.broadcast(staged, src=src)
+            if get_rank() != src:
+                piece.copy_(staged)
 
 
 def reduce_ints(values: Sequence[int], op: Any, group: Any = None, phase: str = "agreeing") -> list[int]:

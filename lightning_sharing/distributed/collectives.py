@@ -32,6 +32,7 @@ from lightning_sharing.distributed.basics import (
     active,
     agreed_error,
     all_gather_object,
+    broadcast_bytes,
     broadcast_object,
     broadcast_tensor,
     get_rank,
@@ -46,9 +47,10 @@ from lightning_sharing.distributed.settle import report_size, settle_on_rank_zer
 from lightning_sharing.errors import ComponentDeclarationError
 
 __all__ = ["ABSENT", "Ballot", "Field", "active", "agree", "agreed_error", "agreement", "all_gather_object",
-           "all_ranks", "any_rank", "broadcast_object", "broadcast_tensor", "gather_topology", "get_rank",
-           "get_world_size", "judge_equal", "local_only", "may_run_in_background", "new_gloo_group", "on_rank_zero",
-           "report_size", "resolve_process_groups", "settle_on_rank_zero", "stable_hash", "warn_on_rank_zero"]
+           "all_ranks", "any_rank", "broadcast_bytes", "broadcast_object", "broadcast_tensor", "gather_topology",
+           "get_rank", "get_world_size", "judge_equal", "local_only", "may_run_in_background", "new_gloo_group",
+           "on_rank_zero", "report_size", "resolve_process_groups", "settle_on_rank_zero", "stable_hash",
+           "warn_on_rank_zero"]
 
 T = TypeVar("T")
 

@@ -66,6 +66,8 @@ class CheckpointCoordinator:
             writing and committing it on a background thread; pass a ``BackgroundSaver`` to share
             one (and its memory bound) between coordinators. The next save, a load and ``wait()``
             wait for a pending save and raise its failure on every rank.
+        read_once: loads fetch each file every rank reads (GLOBAL, REPLICATED) once, on one rank, and broadcast it;
+            ``None`` (auto): on for object-store URLs and multi-node jobs, off for one node on a local disk.
         storage_options: passed to the object-store backend of a URL path (credentials, endpoint).
         plan_cache: the ``PlanCache`` of the previous saves' plans and the topology; pass one to share it between
             coordinators made one per save (as the Lightning and Fabric adapters do), so that a repeat save reuses
@@ -83,6 +85,7 @@ class CheckpointCoordinator:
         max_shard_size: int | None = None,
         verify: VerifyMode | str | None = None,
         async_save: bool | BackgroundSaver | None = None,
+        read_once: bool | None = None,
         storage_options: dict[str, Any] | None = None,
         plan_cache: PlanCache | None = None,
     ) -> None:
@@ -100,7 +103,7 @@ class CheckpointCoordinator:
         if async_save is not None and saver is None and not isinstance(async_save, bool):
             raise ComponentDeclarationError(f"async_save must be a bool or a BackgroundSaver, got {async_save!r}")
         self.options = checkpoint_options(options, max_shard_size=max_shard_size, verify=verify,
-                                          async_save=saver is not None or async_save)
+                                          async_save=saver is not None or async_save, read_once=read_once)
         self.storage_options = storage_options
         self._topology: Topology | None = None
         self._plans = plan_cache if plan_cache is not None else PlanCache()
@@ -229,7 +232,7 @@ class CheckpointCoordinator:
         mode = VerifyMode.parse(verify) if verify is not None else self.verify
         self.wait()  # a pending save of this very checkpoint must be complete before it is read
         return load_components(path, store_for(path, self.storage_options), self.components, self._topology_now(),
-                               strict, mode, ignore, checks=self._check_declarations)
+                               strict, mode, ignore, checks=self._check_declarations, read_once=self.options.read_once)
 
 
 def _declarations_differ(declarations: list[Any]) -> ComponentDeclarationError:

@@ -11,7 +11,9 @@
    takes is one more all-reduce (of one flag per entry, only when such a component is loaded): an entry no rank
    takes is refused (strict) or logged.
 3. **read, verify, apply** (one agreement step): each planned load reads this rank's files, verified against the
-   manifest (``PreparedLoad.finish``), and hands the state to the stateful's ``load_state_dict``.
+   manifest (``PreparedLoad.finish``), and hands the state to the stateful's ``load_state_dict``. With
+   ``read_once`` (``engine/read_once.py``), files every rank reads are fetched by one rank each and broadcast: one
+   more agreement step per component that has such files.
 
 Example (every rank):
     >>> result = load_components("ckpt/step=5.ckpt", store, components, topology, strict=True,
@@ -33,7 +35,6 @@ from lightning_sharing.core.options import VerifyMode
 from lightning_sharing.core.topology import Topology
 from lightning_sharing.distributed.collectives import (
     Ballot,
-    agreement,
     any_rank,
     get_rank,
     judge_equal,
@@ -43,6 +44,13 @@ from lightning_sharing.engine.component_errors import with_context
 from lightning_sharing.engine.copy_format import LoadContext, PreparedLoad
 from lightning_sharing.engine.formats import format_for
 from lightning_sharing.engine.load_plan import LoadResult, check_listed_files, plan_load
+from lightning_sharing.engine.read_once import (
+    SharedFile,
+    finish_loads,
+    hand_over_in_memory,
+    plan_shared_files,
+    resolve_read_once,
+)
 from lightning_sharing.engine.resize import ResizedLoad
 from lightning_sharing.errors import CheckpointError
 from lightning_sharing.storage import CheckpointStore, is_url
@@ -55,12 +63,13 @@ _LISTED = 8
 
 def load_components(path: Any, store: CheckpointStore, components: Sequence[StateComponent], topology: Topology,
                     strict: bool, mode: VerifyMode, ignore: Collection[str] = (),
-                    checks: Callable[[Ballot], None] | None = None) -> LoadResult:
+                    checks: Callable[[Ballot], None] | None = None, read_once: bool | None = None) -> LoadResult:
     """Collective: load every component of ``components`` this rank reads from the checkpoint at ``path``.
 
     See the module docstring for the steps and ``CheckpointCoordinator.load_checkpoint`` for ``strict``,
     ``mode`` (``verify``) and ``ignore``. ``checks(ballot)`` adds the caller's checks to the plan's agreement step,
-    first (the coordinator's: every rank declared the same components).
+    first (the coordinator's: every rank declared the same components). ``read_once``: as for
+    ``CheckpointOptions`` (None: auto, ``read_once.resolve_read_once``).
     """
     rank = get_rank()
     shown = os.fspath(path)
@@ -68,6 +77,8 @@ def load_components(path: Any, store: CheckpointStore, components: Sequence[Stat
     result = LoadResult(path=Path(shown) if not is_url(path) else shown)
     prepared: list[tuple[StateComponent, PreparedLoad]] = []
     files_root = root
+    shared: dict[int, list[SharedFile]] = {}  # read_once: the files every rank reads, by position in ``prepared``
+    result.read_once = resolve_read_once(read_once, path, topology)
     # 1. plan, 2. agree
     ballot = Ballot(f"reading checkpoint {shown}")
     if checks is not None:
@@ -89,23 +100,29 @@ def load_components(path: Any, store: CheckpointStore, components: Sequence[Stat
             resized = ResizedLoad(component, saved, context, reason)
             result.resized[component.key] = resized.describe()
             prepared.append((component, resized))
+        if result.read_once:
+            shared.update(plan_shared_files([load for _, load in prepared], topology.world_size))
+            result.shared_files = sum(len(files) for files in shared.values())
 
     ballot.run(f"reading checkpoint {shown}", plan)
     ballot.equal((root, result.manifest.created_at if result.manifest else ""), judge_equal(_different_checkpoints),
                  name="checkpoint")
     split = [(component.key, load) for component, load in prepared if load.entries]
     ballot.hashed([(key, list(load.entries)) for key, load in split])  # the held flags below line up
+    node_local = result.read_once and hand_over_in_memory(topology)
+    ballot.hashed([sorted(shared.items()), node_local])  # every rank joins the same broadcasts, or none starts
     ballot.agree()
     held = _held_anywhere(split)
     for key, reason in result.skipped.items():
         warn_on_rank_zero(log, "checkpoint %s: skipped component %r (%s)", shown, key, reason)
     # 3. read, verify, apply
-    with agreement(f"loading checkpoint {shown}"):
+
+    def check_taken() -> None:
         for key, load in split:  # every rank reaches the same verdict from the same all-reduce
             _check_taken(key, load, held[key], strict, shown)
-        for component, load in prepared:
-            with_context(component.key, "loading", lambda loading=load: loading.finish(store, files_root))
-            result.loaded.append(component.key)
+
+    result.shared_bytes_fetched = finish_loads(prepared, store, files_root, f"loading checkpoint {shown}", shared,
+                                               result.loaded.append, first=check_taken, node_local=node_local)
     return result
 
 

@@ -41,6 +41,12 @@ class LoadResult:
     manifest: CheckpointManifest | None = None
     #: Components saved at another topology and handled by their ``on_resize`` policy: key -> what was done.
     resized: dict[str, str] = field(default_factory=dict)
+    #: Whether files every rank reads were fetched once and broadcast (``read_once``, resolved).
+    read_once: bool = False
+    #: With ``read_once``: how many files every rank read, each fetched by one rank; and the bytes of those this
+    #: rank fetched from storage.
+    shared_files: int = 0
+    shared_bytes_fetched: int = 0
 
 
 @dataclass

@@ -50,6 +50,7 @@ from lightning_sharing.format.copy_files import (
     merged_index,
     parse_index,
     read_payload,
+    shard_pattern,
     tree_name,
 )
 from lightning_sharing.format.safetensors_io import dtype_from_name, nbytes
@@ -189,24 +190,51 @@ class WholeTensorFormat(CopyFormat):
 
 @dataclass
 class _WholeLoad:
-    """A load of this rank's copy, whole: nothing is read before ``finish``."""
+    """A load of this rank's copy, whole: nothing is read before ``finish``.
+
+    Which files each rank reads is known before anything is read (``files_read_by``), so a read-once load
+    (``engine/read_once.py``) can have one rank fetch a file every rank reads and hand its bytes to the others
+    (``given``, served from memory by ``finish``).
+    """
 
     component: StateComponent
     saved: ComponentManifest
     context: LoadContext
     entries: tuple[str, ...] = ()
     held: tuple[bool, ...] = ()
+    given: dict[str, memoryview] = field(default_factory=dict)
+
+    _stems: dict[int, str] = field(default_factory=dict, repr=False)  # rank -> the stem of the copy it reads
+    _files: dict[str, tuple[str, ...]] = field(default_factory=dict, repr=False)  # stem -> its files
+
+    def files_read_by(self, rank: int) -> tuple[str, ...]:
+        """The listed files ``finish`` reads on ``rank``: the copy's index, shards and structure, and the merged
+        index (what ``read_copy`` opens, for a well-formed copy). O(world size) once, then a look-up per rank."""
+        if not self._stems:
+            component = self.component
+            for copy in placements(component.key, component.sharing_pattern, self.context.topology,
+                                   component.process_group_name):
+                self._stems.update(dict.fromkeys(copy.readers, copy.stem))
+        stem = self._stems[rank]
+        if stem not in self._files:
+            folder, shard = posixpath.dirname(stem), shard_pattern(stem)
+            wanted = {index_name(stem), tree_name(stem), index_name(self.component.key)}
+            self._files[stem] = tuple(sorted(entry.path for entry in self.saved.files if entry.path in wanted or (
+                posixpath.dirname(entry.path) == folder and shard.fullmatch(posixpath.basename(entry.path)))))
+        return self._files[stem]
 
     def finish(self, store: CheckpointStore, root: str) -> None:
         component, context = self.component, self.context
         copies = placements(component.key, component.sharing_pattern, context.topology, component.process_group_name)
-        load_component(store, root, component, self.saved, placement_for_reader(copies, context.rank), context.mode)
+        load_component(store, root, component, self.saved, placement_for_reader(copies, context.rank), context.mode,
+                       self.given)
 
 
 def load_component(store: CheckpointStore, root: str, component: StateComponent, saved: ComponentManifest,
-                   placement: Placement, mode: VerifyMode) -> None:
-    """Read the copy ``placement`` of ``component`` under ``root`` and hand it to ``load_state_dict``."""
-    state = read_copy(store, root, component, saved, placement.stem, mode, into_live=True)
+                   placement: Placement, mode: VerifyMode, given: dict[str, memoryview] | None = None) -> None:
+    """Read the copy ``placement`` of ``component`` under ``root`` and hand it to ``load_state_dict``; ``given``: files
+    already read and verified by another rank (``ComponentFiles``)."""
+    state = read_copy(store, root, component, saved, placement.stem, mode, into_live=True, given=given)
     stateful = component.stateful
     if isinstance(stateful, torch.nn.Module) and has_dtensors(stateful):
         # Whole tensors (a DDP checkpoint) into a sharded module: each rank keeps the piece it holds.
@@ -215,11 +243,11 @@ def load_component(store: CheckpointStore, root: str, component: StateComponent,
 
 
 def read_copy(store: CheckpointStore, root: str, component: StateComponent, saved: ComponentManifest, stem: str,
-              mode: VerifyMode, *, into_live: bool = False) -> Any:
+              mode: VerifyMode, *, into_live: bool = False, given: dict[str, memoryview] | None = None) -> Any:
     """The state of copy ``stem`` of ``component``, every file verified. ``into_live``: tensors are read straight
     into the live module's or optimizer's tensors (a load); otherwise into new memory (several copies at once)."""
     files = ComponentFiles(store, root, component.key, saved, mode,
-                           live=(lambda: _live_tensors(component)) if into_live else None)
+                           live=(lambda: _live_tensors(component)) if into_live else None, given=given)
     available = set(files.entries)
     if not any(p.startswith(stem) for p in available):
         raise CorruptCheckpointError(f"component {component.key!r}: the checkpoint has no copy {stem}")

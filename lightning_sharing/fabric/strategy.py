@@ -106,6 +106,8 @@ class FabricSharingStrategy(FabricSharingBase, DDPStrategy):
             teardown wait for it and raise its failure on every rank.
         background_staging: with ``async_save``, the weights and optimizer state are copied in the background too;
             the next ``optimizer.step()`` waits for the copy (as for ``SharingStrategy``).
+        read_once: ``fabric.load`` fetches each file every rank reads once, on one rank, and broadcasts it
+            (``None``, the default: on for object-store URLs and multi-node jobs; as for ``SharingStrategy``).
         storage_options: fsspec filesystem arguments for checkpoint URLs (``s3://...``: ``endpoint_url``, ``key``,
             ``secret``, ...), used for every save and load of a URL (a ``storage_options`` given to one
             ``save_checkpoint`` replaces them for it). Local paths do not use them. Default: fsspec's own
@@ -141,6 +143,7 @@ class FabricSharingStrategy(FabricSharingBase, DDPStrategy):
         async_save: bool = False,
         max_pending_saves: int = 1,
         background_staging: bool = False,
+        read_once: bool | None = None,
         storage_options: Mapping[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
@@ -154,7 +157,8 @@ class FabricSharingStrategy(FabricSharingBase, DDPStrategy):
             timeout=timeout,
             start_method=start_method,
             options=checkpoint_options(max_shard_size=max_shard_size, verify=verify, async_save=async_save,
-                                       max_pending_saves=max_pending_saves, background_staging=background_staging),
+                                       max_pending_saves=max_pending_saves, background_staging=background_staging,
+                                       read_once=read_once),
             components=components,
             process_groups=process_groups,
             rng=rng,

@@ -35,6 +35,7 @@ __all__ = [
     "parse_index",
     "parse_json",
     "read_payload",
+    "shard_pattern",
     "tree_name",
 ]
 
@@ -52,7 +53,8 @@ def tree_name(stem: str) -> str:
     return f"{stem}.json"
 
 
-def _shard_re(stem: str) -> re.Pattern[str]:
+def shard_pattern(stem: str) -> re.Pattern[str]:
+    """The names (without folder) of copy ``stem``'s safetensors shards."""
     return re.compile(re.escape(posixpath.basename(stem)) + r"-\d{5}-of-\d{5}\.safetensors")
 
 
@@ -113,7 +115,7 @@ def read_payload(stem: str, available: set[str], read_file: Callable[[str], byte
     ties: dict[str, str] = {}
     if index_name(stem) in available:
         index = parse_index(read_file(index_name(stem)), index_name(stem))
-        shard_re = _shard_re(stem)
+        shard_re = shard_pattern(stem)
         folder = posixpath.dirname(stem)
         for file in sorted(set(index["weight_map"].values())):
             if not isinstance(file, str) or not shard_re.fullmatch(file):

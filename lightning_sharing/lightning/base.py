@@ -55,14 +55,16 @@ class SharingStrategyBase(ResumeMixin):
     def __init__(self, *, process_groups: Any = None, validation_level: ValidationLevel | str = ValidationLevel.QUICK,
                  max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, verify: str = "checksum", strict: bool = True,
                  fallback: bool = False, async_save: bool = False, max_pending_saves: int = 1,
-                 background_staging: bool = False, preemption_checkpoint: bool | str | os.PathLike[str] | None = True,
+                 background_staging: bool = False, read_once: bool | None = None,
+                 preemption_checkpoint: bool | str | os.PathLike[str] | None = True,
                  storage_options: Mapping[str, Any] | None = None, elastic_data: bool = True, **kwargs: Any) -> None:
         storage_options = check_storage_options(storage_options)
         io = kwargs.pop("checkpoint_io", None)
         if io is None:  # the strategy's option keywords become its SharingCheckpointIO's one options object
             options = checkpoint_options(max_shard_size=max_shard_size, verify=verify,
                                          validation_level=validation_level, async_save=async_save,
-                                         max_pending_saves=max_pending_saves, background_staging=background_staging)
+                                         max_pending_saves=max_pending_saves, background_staging=background_staging,
+                                         read_once=read_once)
             io = SharingCheckpointIO(options=options, storage_options=storage_options)
         elif storage_options is not None and isinstance(io, SharingCheckpointIO):
             io.adopt_storage_options(storage_options, type(self).__name__)

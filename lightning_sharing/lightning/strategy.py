@@ -63,6 +63,9 @@ class SharingStrategy(SharingStrategyBase, DDPStrategy):
             too: the save returns before they are copied and the next optimizer step waits for the copy (the
             forward and backward passes run beside it). A weight changed in place outside ``optimizer.step()``
             before it is copied fails that save on every rank. Off by default.
+        read_once: on resume, each file every rank reads (the model's and optimizer's REPLICATED state, GLOBAL
+            state) is fetched from storage by one rank and broadcast to the others. ``None`` (default, auto): on
+            for object-store URLs and multi-node jobs, off for one node on a local disk.
         strict: the loading rules on resume (see docs/patterns.md). ``False`` skips what cannot be
             loaded (undeclared or missing components, rank-specific state saved under another
             topology), logging each skip, instead of refusing the checkpoint.

@@ -9,7 +9,8 @@ end. Nothing of boto or fsspec is mocked: clients talk HTTP to the server.
 fault: a 503 ``SlowDown`` (throttling), another S3 error, a reset connection, an answer dropped after
 moto carried the request out (the client never hears of its success), an answer reset mid-body, a
 stall past the client's timeout, or a hold until several matching requests are in flight at once
-(proving concurrency without timing).
+(proving concurrency without timing). It also counts the body bytes it answers (``bytes_sent``): the traffic a
+client really fetched.
 """
 
 from __future__ import annotations
@@ -155,6 +156,7 @@ class FaultProxy:
         self._upstream = (match.group(1), int(match.group(2)))
         self.rules: list[Rule] = []
         self.requests: list[tuple[str, str]] = []
+        self.answered: list[tuple[str, str, int]] = []  # (method, path, body bytes sent back): real traffic
         self.in_flight = 0
         self.max_in_flight: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -182,6 +184,11 @@ class FaultProxy:
         """How many requests with this method and these substrings arrived."""
         with self._lock:
             return sum(1 for m, p in self.requests if m == method and all(text in p for text in contains))
+
+    def bytes_sent(self, method: str, *contains: str) -> int:
+        """The body bytes answered to requests with this method and these substrings (e.g. what GETs fetched)."""
+        with self._lock:
+            return sum(n for m, p, n in self.answered if m == method and all(text in p for text in contains))
 
     def _decide(self, method: str, path: str) -> Rule | None:
         with self._lock:
@@ -237,6 +244,8 @@ class FaultProxy:
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(body)
+                    with proxy._lock:
+                        proxy.answered.append((self.command, self.path, len(body)))
 
             def _handle(self) -> None:
                 if "chunked" in self.headers.get("Transfer-Encoding", ""):
