@@ -8,6 +8,11 @@ was written succeeded on every rank, and removed by its writer only after the ne
 it; on Linux an open mapping outlives the removal anyway). A file shared memory cannot take (a container's small
 ``/dev/shm``) is reported by ``put``, and the caller sends it over the process group instead.
 
+A process killed during a load (SIGKILL, the OOM killer) cannot remove its files, and a tmpfs file holds its RAM
+until it is removed. So a writer keeps a shared ``flock`` on each file while it exists (the kernel drops it when the
+process dies), and every ``NodeFiles`` made on a node first removes the files of this package that nobody locks and
+that are older than ``_STALE_AFTER_S`` (a file just created may not be locked yet).
+
 Example:
     >>> files = NodeFiles("4f2c")                                     # the same token on every rank
     >>> files.put(0, "3", b"abc")                                     # on the reader   # doctest: +SKIP
@@ -18,17 +23,50 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import glob
 import logging
 import mmap
 import os
+import time
 from typing import Any
 
-__all__ = ["SHARED_MEMORY", "NodeFiles"]
+__all__ = ["SHARED_MEMORY", "NodeFiles", "remove_stale_files"]
 
 log = logging.getLogger(__name__)
 
 #: Where shared-memory files live (a tmpfs on Linux).
 SHARED_MEMORY = "/dev/shm"
+_PREFIX = "lightning-sharing-"
+_STALE_AFTER_S = 60.0
+
+
+def remove_stale_files(directory: str | None = None, older_than_s: float = _STALE_AFTER_S) -> list[str]:
+    """Remove this package's files in ``directory`` (default: shared memory) that no live process holds (their
+    writer died); returns them."""
+    directory = SHARED_MEMORY if directory is None else directory
+    removed = []
+    for path in glob.glob(os.path.join(directory, _PREFIX + "*")):
+        try:
+            if time.time() - os.stat(path).st_mtime < older_than_s:
+                continue
+            descriptor = os.open(path, os.O_RDONLY)
+        except OSError:  # gone meanwhile, or not ours to open
+            continue
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # its writer is alive and holds it
+            continue
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            removed.append(path)
+        finally:
+            os.close(descriptor)
+    if removed:
+        log.warning("removed %d shared-memory file(s) left by a load whose process died: %s", len(removed),
+                    ", ".join(removed[:4]))
+    return removed
 
 
 class NodeFiles:
@@ -37,6 +75,9 @@ class NodeFiles:
     def __init__(self, token: str) -> None:
         self.token = token
         self._written: list[str] = []
+        self._locks: dict[str, int] = {}  # path -> the descriptor holding its flock while it exists
+        if self.available():
+            remove_stale_files()
 
     @staticmethod
     def available() -> bool:
@@ -45,7 +86,7 @@ class NodeFiles:
 
     def path(self, writer: int, name: str) -> str:
         """The file ``writer`` writes as ``name``."""
-        return os.path.join(SHARED_MEMORY, f"lightning-sharing-{self.token}-{writer}-{name}")
+        return os.path.join(SHARED_MEMORY, f"{_PREFIX}{self.token}-{writer}-{name}")
 
     def written(self) -> list[str]:
         """The files this rank wrote and has not removed yet."""
@@ -62,11 +103,12 @@ class NodeFiles:
             log.warning("cannot create %s in shared memory (%s); sending it over the process group", path, exc)
             return False
         self._written.append(path)
+        fcntl.flock(descriptor, fcntl.LOCK_SH)  # held until remove(): marks the file as alive
+        self._locks[path] = descriptor
         try:
-            with os.fdopen(descriptor, "wb", buffering=0) as handle:
-                view, done = memoryview(data).cast("B"), 0
-                while done < len(view):
-                    done += handle.write(view[done:])
+            view, done = memoryview(data).cast("B"), 0
+            while done < len(view):
+                done += os.write(descriptor, view[done:])
         except OSError as exc:  # ENOSPC: a full tmpfs
             log.warning("cannot write %s into shared memory (%s); sending it over the process group", path, exc)
             self.remove([path])
@@ -87,5 +129,7 @@ class NodeFiles:
         for path in list(self._written) if paths is None else paths:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
+            if path in self._locks:
+                os.close(self._locks.pop(path))
             if path in self._written:
                 self._written.remove(path)
