@@ -31,7 +31,7 @@ from lightning_sharing.sharded.chunkfile import DEFAULT_BLOCK_SIZE
 from lightning_sharing.sharded.index import ChunkRecord, FileRecord, ShardedIndex, TensorRecord
 from lightning_sharing.sharded.save import WritePlan, chunk_key
 
-__all__ = ["Job", "LLAMA_7B", "LLAMA_70B", "ModelShape", "Stateful", "init_fake", "job_state", "simulated_write"]
+__all__ = ["LLAMA_7B", "LLAMA_70B", "Job", "ModelShape", "Stateful", "init_fake", "job_state", "simulated_write"]
 
 CHECKSUM = "xxh3_128:" + "0" * 32  # the length of a real checksum; the value is never checked here
 BLOCK_DIGEST = "0" * 32  # an xxh3-128 hex digest per block

@@ -2,8 +2,8 @@
 
     .venv/bin/python benchmarks/scale_sim.py [--worlds 8 64 512 4096] [--jobs 70b 7b] [--plot docs/benchmarks/scale.png]
 
-For each job (``_scale_state``: a 70B Llama-like model on FSDP x TP 8, a 7B one on DDP, with AdamW state, RNG and trainer
-counters) and world size N, on one core, with meta tensors (no bytes) under torch's fake process group:
+For each job (``_scale_state``: a 70B Llama-like model on FSDP x TP 8, a 7B one on DDP, with AdamW state, RNG and
+trainer counters) and world size N, on one core, with meta tensors (no bytes) under torch's fake process group:
 
 - **measured** (the package's own code): a rank's save planning (``engine.save.plan_save`` for rank 0 and rank 1:
   the rule table, encoding, every copy format's ``plan``, the agreement's ``Ballot``), the ``Ballot``'s all-reduce
@@ -31,23 +31,23 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _scale_model import load_traffic, save_requests  # noqa: E402
-from _scale_state import LLAMA_7B, LLAMA_70B, Job, Stateful, init_fake, job_state, simulated_write  # noqa: E402
+from _scale_model import load_traffic, save_requests
+from _scale_state import CHECKSUM, LLAMA_7B, LLAMA_70B, Job, Stateful, init_fake, job_state, simulated_write
 
-from lightning_sharing.checkpoint.manifest import FileEntry  # noqa: E402
-from lightning_sharing.core.declarations import StateComponent  # noqa: E402
-from lightning_sharing.core.options import CheckpointOptions  # noqa: E402
-from lightning_sharing.core.rules import placements  # noqa: E402
-from lightning_sharing.core.topology import Topology  # noqa: E402
-from lightning_sharing.distributed.settle import VERDICT_BYTES, report_size  # noqa: E402
-from lightning_sharing.engine.commit import CheckpointTarget  # noqa: E402
-from lightning_sharing.engine.formats import format_for  # noqa: E402
-from lightning_sharing.engine.manifest_builder import build_manifest  # noqa: E402
-from lightning_sharing.engine.plan_cache import PlanCache  # noqa: E402
-from lightning_sharing.engine.save import PlannedSave, plan_save  # noqa: E402
-from lightning_sharing.sharded.index import ShardedIndex  # noqa: E402
-from lightning_sharing.sharded.load import plan_reads  # noqa: E402
-from lightning_sharing.storage.local import LocalStore  # noqa: E402
+from lightning_sharing.checkpoint.manifest import FileEntry
+from lightning_sharing.core.declarations import StateComponent
+from lightning_sharing.core.options import CheckpointOptions
+from lightning_sharing.core.rules import placements
+from lightning_sharing.core.topology import Topology
+from lightning_sharing.distributed.settle import VERDICT_BYTES, _decide, report_size
+from lightning_sharing.engine.commit import CheckpointTarget
+from lightning_sharing.engine.formats import format_for
+from lightning_sharing.engine.manifest_builder import build_manifest
+from lightning_sharing.engine.plan_cache import PlanCache
+from lightning_sharing.engine.save import PlannedSave, plan_save
+from lightning_sharing.sharded.index import ShardedIndex
+from lightning_sharing.sharded.load import plan_reads
+from lightning_sharing.storage.local import LocalStore
 
 JOBS = {"70b": Job(LLAMA_70B, "fsdp_tp"), "7b": Job(LLAMA_7B, "ddp")}
 HEADER = 8  # settle's frame header: a report's length before its bytes
@@ -75,26 +75,39 @@ class _AllReduceSpy:
 
 
 def _components(job: Job, rank: int, world: int) -> list[StateComponent]:
-    return [StateComponent(key, Stateful(state), pattern) for key, (pattern, state) in job_state(job, rank, world).items()]
+    state = job_state(job, rank, world)
+    return [StateComponent(key, Stateful(value), pattern) for key, (pattern, value) in state.items()]
 
 
-def _plan_rank(job: Job, rank: int, world: int, topology: Topology, root: str) -> tuple[PlannedSave, float, int,
-                                                                                         list[StateComponent]]:
-    """``plan_save`` as ``rank`` (a first save: nothing cached): (planned, seconds, ballot bytes, components)."""
+def _plan_rank(job: Job, rank: int, world: int, topology: Topology, root: str
+               ) -> tuple[PlannedSave, float, float, int, list[StateComponent]]:
+    """``plan_save`` as ``rank``, a first save (nothing cached) then a repeat one (the plan cache refilled):
+    (first plan, its seconds, the repeat's seconds, the ballot's bytes, components)."""
     init_fake(rank, world)
     components = _components(job, rank, world)
-    target = CheckpointTarget(LocalStore(), str(Path(root) / f"w{world}-r{rank}" / "step.ckpt"), f"w{world}r{rank}")
     keys = tuple(c.key for c in components)
+    cache = PlanCache()
+    timings, planned_saves, ballots = [], [], []
+    for attempt in ("first", "repeat"):
+        target = CheckpointTarget(LocalStore(), str(Path(root) / f"w{world}-r{rank}-{attempt}" / "step.ckpt"),
+                                  f"w{world}r{rank}{attempt}")
 
-    def checks(ballot: Any) -> None:  # the coordinator's: declarations and path alike on every rank
-        ballot.equal(keys, lambda values: None, name="declarations")
-        ballot.equal((target.target, None), lambda values: None, name="path")
+        def checks(ballot: Any, target: CheckpointTarget = target) -> None:  # the coordinator's checks
+            ballot.equal(keys, lambda values: None, name="declarations")
+            ballot.equal((target.target, None), lambda values: None, name="path")
 
-    with _AllReduceSpy() as spy:
-        start = time.perf_counter()
-        planned = plan_save(target, components, topology, OPTIONS, saver=None, cache=PlanCache(), checks=checks)
-        seconds = time.perf_counter() - start
-    return planned, seconds, spy.bytes, components
+        with _AllReduceSpy() as spy:
+            start = time.perf_counter()
+            planned_saves.append(plan_save(target, components, topology, OPTIONS, saver=None, cache=cache,
+                                           checks=checks))
+            timings.append(time.perf_counter() - start)
+        ballots.append(spy.bytes)
+        if attempt == "first":  # what the commit would tell the cache: the size of this rank's report
+            cache.report_size = report_size([simulated_write(c.plan, rank, c.format.holds_dtensors)
+                                             for c in planned_saves[0].copies])
+    if len(set(ballots)) != 1:
+        raise AssertionError(f"the agreement's size changed between saves: {ballots}")
+    return planned_saves[0], timings[0], timings[1], ballots[0], components
 
 
 def _reports(components: list[StateComponent], topology: Topology, planned: PlannedSave) -> dict[int, list[Any]]:
@@ -120,18 +133,27 @@ def _reports(components: list[StateComponent], topology: Topology, planned: Plan
 
 def _assemble(components: list[StateComponent], topology: Topology, frames: list[bytes]) -> tuple[float, bytes,
                                                                                                   dict[str, bytes]]:
-    """Rank 0's commit work on the gathered reports, timed: (seconds, manifest, merged files by name)."""
-    start = time.perf_counter()
-    copies = [copy for frame in frames for copy in pickle.loads(frame)[1]]
-    extra: dict[str, list[FileEntry]] = {}
+    """Rank 0's commit work on the gathered reports, timed: ``settle``'s decision (unpickling every report, then the
+    commit's own work: every format's ``merge``, ``build_manifest``, ``dumps``), less the store's calls: (seconds,
+    manifest, merged files by name)."""
     merged: dict[str, bytes] = {}
-    for component in components:
-        mine = [copy for copy in copies if copy.key == component.key]
-        for job in format_for(component.sharing_pattern).merge(component, mine):
-            merged[job.rel] = job.data or b""
-            extra.setdefault(component.key, []).append(FileEntry(job.rel, len(job.data or b""), "xxh3_128:" + "0" * 32, 0))
-    manifest = build_manifest(components, topology, copies, extra, 100_000, {}).dumps().encode("utf-8")
-    return time.perf_counter() - start, manifest, merged
+
+    def commit(reports: list[list[Any]]) -> bytes:
+        copies = [copy for per_rank in reports for copy in per_rank]
+        extra: dict[str, list[FileEntry]] = {}
+        for component in components:
+            mine = [copy for copy in copies if copy.key == component.key]
+            for job in format_for(component.sharing_pattern).merge(component, mine):
+                merged[job.rel] = job.data or b""
+                extra.setdefault(component.key, []).append(FileEntry(job.rel, len(merged[job.rel]), CHECKSUM, 0))
+        return build_manifest(components, topology, copies, extra, 100_000, {}).dumps().encode("utf-8")
+
+    start = time.perf_counter()
+    verdict, error = _decide(list(frames), "writing checkpoint files", "committing", commit)
+    seconds = time.perf_counter() - start
+    if error is not None:
+        raise error
+    return seconds, verdict[1], merged
 
 
 def _load_plan(components: list[StateComponent], merged: dict[str, bytes]) -> tuple[float, dict[str, Any]]:
@@ -152,9 +174,10 @@ def simulate(job: Job, world: int, root: str) -> dict[str, Any]:
     """One job at one world size: the table's row (see the module docstring)."""
     topology = Topology.build(world, node_of_rank=[r // 8 for r in range(world)])
     torch.set_num_threads(1)
-    planned, plan_s0, ballot_bytes, components = _plan_rank(job, 0, world, topology, root)
+    root = tempfile.mkdtemp(dir=root)  # this simulation's own staging directories
+    planned, plan_s0, _, ballot_bytes, components = _plan_rank(job, 0, world, topology, root)
     sample = 1 if world > 1 else 0
-    _, plan_s1, _, live1 = _plan_rank(job, sample, world, topology, root)
+    _, plan_s1, repeat_s1, _, live1 = _plan_rank(job, sample, world, topology, root)
     reports = _reports(components, topology, planned)
     sizes = {rank: report_size(report) for rank, report in reports.items()}
     largest = max((s for r, s in sizes.items() if r != 0), default=0)
@@ -167,7 +190,8 @@ def simulate(job: Job, world: int, root: str) -> dict[str, Any]:
     verdict = HEADER + VERDICT_BYTES
     row = {
         "job": job.label, "world": world,
-        "plan_s_rank0": plan_s0, "plan_s_rank1": plan_s1, "assemble_s_rank0": assemble_s, "load_plan_s_rank1": load_s,
+        "plan_s_rank0": plan_s0, "plan_s_rank1": plan_s1, "repeat_s_rank1": repeat_s1,
+        "assemble_s_rank0": assemble_s, "load_plan_s_rank1": load_s,
         "manifest_bytes": len(manifest), "index_bytes": sum(len(d) for d in merged.values()),
         "files_written": len(sizes_by_file) + 1,  # + the manifest
         "report_bytes_max": largest, "report_bytes_rank0": sizes[0],
@@ -204,6 +228,7 @@ def _pattern(components: list[StateComponent], key: str) -> Any:
 
 
 COLUMNS = [("world", "N", "{}"), ("plan_s_rank1", "plan s (rank 1)", "{:.2f}"),
+           ("repeat_s_rank1", "repeat plan s", "{:.2f}"),
            ("plan_s_rank0", "plan s (rank 0)", "{:.2f}"), ("assemble_s_rank0", "assemble s (rank 0)", "{:.2f}"),
            ("load_plan_s_rank1", "load plan s", "{:.2f}"), ("manifest_bytes", "manifest", "B"),
            ("index_bytes", "chunk indexes", "B"), ("files_written", "files", "{}"),

@@ -18,8 +18,10 @@ Example (every rank):
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import pickle
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import torch
@@ -104,15 +106,30 @@ def _decide(parts: list[bytes | int], phase: str, decide_phase: str,
     missing = [part for part in parts if isinstance(part, int)]
     if missing:
         return ("resend", max(missing)), None
-    reports = [pickle.loads(part) for part in parts]  # type: ignore[arg-type]
-    failed = {rank: outcome for rank, (outcome, _) in enumerate(reports) if outcome is not None}
-    if failed:
-        return ("fail", phase, {r: text for r, (_, text) in failed.items()}, [k for k, _ in failed.values()]), None
+    with _collection_paused():
+        reports = [pickle.loads(part) for part in parts]  # type: ignore[arg-type]
+        failed = {rank: outcome for rank, (outcome, _) in enumerate(reports) if outcome is not None}
+        if failed:
+            return ("fail", phase, {r: text for r, (_, text) in failed.items()}, [k for k, _ in failed.values()]), None
+        try:
+            return ("done", decide([payload for _, payload in reports])), None
+        except Exception as exc:  # raised on every rank below, as rank 0's failure of decide_phase
+            kind, text = outcome_of(exc)  # type: ignore[misc]
+            return ("fail", decide_phase, {0: text}, [kind]), exc
+
+
+@contextlib.contextmanager
+def _collection_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off while rank 0 unpickles and commits N reports: they are millions of
+    objects on thousands of ranks (a sharded model's index parts), and the collections their allocations trigger walk
+    every one still alive: at 64 ranks of a 70B model, 6 of 7 seconds of unpickling (benchmarks/scale_sim.py)."""
+    enabled = gc.isenabled()
+    gc.disable()
     try:
-        return ("done", decide([payload for _, payload in reports])), None
-    except Exception as exc:  # raised on every rank below, as rank 0's failure of decide_phase
-        kind, text = outcome_of(exc)  # type: ignore[misc]
-        return ("fail", decide_phase, {0: text}, [kind]), exc
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def settle_on_rank_zero(phase: str, error: BaseException | None, payload: Any, decide_phase: str,
