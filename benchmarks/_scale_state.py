@@ -29,7 +29,7 @@ from lightning_sharing.engine.copy_format import CopyPlan, WrittenCopy
 from lightning_sharing.format.safetensors_io import dtype_name, encode_header, nbytes
 from lightning_sharing.sharded.chunkfile import DEFAULT_BLOCK_SIZE
 from lightning_sharing.sharded.index import ChunkRecord, FileRecord, ShardedIndex, TensorRecord
-from lightning_sharing.sharded.save import WritePlan, chunk_key
+from lightning_sharing.sharded.save import ChunkWrite, WritePlan, chunk_key
 
 __all__ = ["LLAMA_7B", "LLAMA_70B", "Job", "ModelShape", "Stateful", "init_fake", "job_state", "simulated_write"]
 
@@ -160,9 +160,24 @@ def job_state(job: Job, rank: int, world_size: int) -> dict[str, Any]:
             "trainer": ("global", trainer)}
 
 
+_GROUPED: dict[int, tuple[WritePlan, dict[int, list[ChunkWrite]]]] = {}
+
+
+def _by_writer(writes: WritePlan) -> dict[int, list[ChunkWrite]]:
+    """Every rank's chunks of a plan, grouped once (not once per rank: that is O(ranks x chunks))."""
+    if id(writes) not in _GROUPED:
+        if len(_GROUPED) > 4:
+            _GROUPED.clear()
+        grouped: dict[int, list[ChunkWrite]] = {}
+        for write in writes.writes:
+            grouped.setdefault(write.writer, []).append(write)
+        _GROUPED[id(writes)] = (writes, grouped)  # the plan kept alive: its id stays its own
+    return _GROUPED[id(writes)][1]
+
+
 def _chunk_part(writes: WritePlan, file: str, rank: int) -> tuple[ShardedIndex, int]:
     """What ``sharded.save.write_chunks`` returns for ``rank`` (its index part), and its chunk file's size."""
-    mine = [w for w in writes.writes if w.writer == rank]
+    mine = _by_writer(writes).get(rank, [])
     records: dict[str, list[ChunkRecord]] = {name: [] for name in writes.layouts}
     files: dict[str, FileRecord] = {}
     if mine:

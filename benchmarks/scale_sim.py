@@ -52,6 +52,9 @@ from lightning_sharing.storage.local import LocalStore
 JOBS = {"70b": Job(LLAMA_70B, "fsdp_tp"), "7b": Job(LLAMA_7B, "ddp")}
 HEADER = 8  # settle's frame header: a report's length before its bytes
 OPTIONS = CheckpointOptions()
+# Above this many chunks (a 70B model on FSDP x TP at 4,096 ranks has 7 million) rank 0's assembly and the load are
+# not simulated by default: one process holding every rank's report needs tens of GB (--commit-limit to try).
+COMMIT_LIMIT = 2_000_000
 
 
 class _AllReduceSpy:
@@ -110,9 +113,11 @@ def _plan_rank(job: Job, rank: int, world: int, topology: Topology, root: str
     return planned_saves[0], timings[0], timings[1], ballots[0], components
 
 
-def _reports(components: list[StateComponent], topology: Topology, planned: PlannedSave) -> dict[int, list[Any]]:
+def _reports(components: list[StateComponent], topology: Topology, planned: PlannedSave,
+             chunk_ranks: set[int] | None = None) -> dict[int, list[Any]]:
     """Every rank's commit report: rank 0's chunk plans stand for every rank's (``plan_writes`` is the same on every
-    rank); whole-tensor copies are planned for each of their writers (``plan_encoded``, the state encoded once)."""
+    rank); whole-tensor copies are planned for each of their writers (``plan_encoded``, the state encoded once).
+    ``chunk_ranks``: the only ranks whose chunk index parts are made (None: all)."""
     world = topology.world_size
     reports: dict[int, list[Any]] = {r: [] for r in range(world)}
     chunk_plans = {copy.component.key: copy.plan for copy in planned.copies if copy.format.holds_dtensors}
@@ -122,7 +127,8 @@ def _reports(components: list[StateComponent], topology: Topology, planned: Plan
         for placement in placements(component.key, component.sharing_pattern, topology):
             for rank in placement.writers:
                 if fmt.holds_dtensors:
-                    reports[rank].append(simulated_write(chunk_plans[component.key], rank, True, own=rank == 0))
+                    if chunk_ranks is None or rank in chunk_ranks:
+                        reports[rank].append(simulated_write(chunk_plans[component.key], rank, True, own=rank == 0))
                     continue
                 encoded = encoded or fmt.encode(component.stateful.state_dict(), component.key)
                 plan = fmt.plan_encoded(component.key, placement, encoded, rank, OPTIONS)
@@ -131,15 +137,17 @@ def _reports(components: list[StateComponent], topology: Topology, planned: Plan
     return reports
 
 
-def _assemble(components: list[StateComponent], topology: Topology, frames: list[bytes]) -> tuple[float, bytes,
-                                                                                                  dict[str, bytes]]:
+def _assemble(components: list[StateComponent], topology: Topology, frames: list[bytes]
+              ) -> tuple[float, bytes, dict[str, bytes], list[Any]]:
     """Rank 0's commit work on the gathered reports, timed: ``settle``'s decision (unpickling every report, then the
     commit's own work: every format's ``merge``, ``build_manifest``, ``dumps``), less the store's calls: (seconds,
-    manifest, merged files by name)."""
+    manifest, merged files by name, every rank's ``WrittenCopy``)."""
     merged: dict[str, bytes] = {}
+    seen: list[Any] = []
 
     def commit(reports: list[list[Any]]) -> bytes:
         copies = [copy for per_rank in reports for copy in per_rank]
+        seen.extend(copies)
         extra: dict[str, list[FileEntry]] = {}
         for component in components:
             mine = [copy for copy in copies if copy.key == component.key]
@@ -153,7 +161,7 @@ def _assemble(components: list[StateComponent], topology: Topology, frames: list
     seconds = time.perf_counter() - start
     if error is not None:
         raise error
-    return seconds, verdict[1], merged
+    return seconds, verdict[1], merged, seen
 
 
 def _load_plan(components: list[StateComponent], merged: dict[str, bytes]) -> tuple[float, dict[str, Any]]:
@@ -170,7 +178,7 @@ def _load_plan(components: list[StateComponent], merged: dict[str, bytes]) -> tu
     return time.perf_counter() - start, plans
 
 
-def simulate(job: Job, world: int, root: str) -> dict[str, Any]:
+def simulate(job: Job, world: int, root: str, commit_limit: int = COMMIT_LIMIT) -> dict[str, Any]:
     """One job at one world size: the table's row (see the module docstring)."""
     topology = Topology.build(world, node_of_rank=[r // 8 for r in range(world)])
     torch.set_num_threads(1)
@@ -178,42 +186,45 @@ def simulate(job: Job, world: int, root: str) -> dict[str, Any]:
     planned, plan_s0, _, ballot_bytes, components = _plan_rank(job, 0, world, topology, root)
     sample = 1 if world > 1 else 0
     _, plan_s1, repeat_s1, _, live1 = _plan_rank(job, sample, world, topology, root)
-    reports = _reports(components, topology, planned)
+    chunk_writes = {copy.component.key: copy.plan.detail.writes for copy in planned.copies
+                    if copy.format.holds_dtensors}
+    chunks = sum(len(writes.writes) for writes in chunk_writes.values())
+    whole = chunks <= commit_limit  # else rank 0's part and the load are not run (module docstring)
+    reports = _reports(components, topology, planned, None if whole else {0, sample})
     sizes = {rank: report_size(report) for rank, report in reports.items()}
-    largest = max((s for r, s in sizes.items() if r != 0), default=0)
+    largest = max((s for r, s in sizes.items() if r != 0), default=0)  # not whole: rank 1's stands for the largest
     capacity = largest + largest // 8 + 256  # a repeat save's gather capacity (engine/save.py)
-    frames = [pickle.dumps((None, reports[r]), protocol=pickle.HIGHEST_PROTOCOL) for r in range(world)]
-    assemble_s, manifest, merged = _assemble(components, topology, frames)
-    load_s, read_plans = _load_plan(live1, merged)
-    files = [entry for report in reports.values() for copy in report for entry in copy.files]
-    sizes_by_file = {e.path: e.size for e in files} | {rel: len(data) for rel, data in merged.items()}
-    verdict = HEADER + VERDICT_BYTES
-    row = {
-        "job": job.label, "world": world,
+    row: dict[str, Any] = {
+        "job": job.label, "world": world, "chunks": chunks,
         "plan_s_rank0": plan_s0, "plan_s_rank1": plan_s1, "repeat_s_rank1": repeat_s1,
+        "report_bytes_max": largest, "report_bytes_rank0": sizes[0], "ballot_bytes": ballot_bytes,
+        "sent_rank": ballot_bytes + HEADER + capacity,  # a rank other than 0: its share of the all-reduce, its report
+        "received_rank": ballot_bytes + HEADER + VERDICT_BYTES,  # a rank other than 0: the all-reduce, the verdict
+        "received_rank0": ballot_bytes + (world - 1) * (HEADER + capacity),
+    }
+    if not whole:
+        return row
+    frames = [pickle.dumps((None, reports[r]), protocol=pickle.HIGHEST_PROTOCOL) for r in range(world)]
+    del reports  # what rank 0 holds from here on is what settle gives it: the frames
+    assemble_s, manifest, merged, copies = _assemble(components, topology, frames)
+    del frames
+    load_s, read_plans = _load_plan(live1, merged)
+    sizes_by_file = {e.path: e.size for copy in copies for e in copy.files} | {r: len(d) for r, d in merged.items()}
+    row.update({
         "assemble_s_rank0": assemble_s, "load_plan_s_rank1": load_s,
         "manifest_bytes": len(manifest), "index_bytes": sum(len(d) for d in merged.values()),
         "files_written": len(sizes_by_file) + 1,  # + the manifest
-        "report_bytes_max": largest, "report_bytes_rank0": sizes[0],
-        "ballot_bytes": ballot_bytes,
-        "sent_rank": ballot_bytes + HEADER + capacity,  # a rank other than 0: its share of the all-reduce, its report
-        "received_rank": ballot_bytes + verdict,  # a rank other than 0: the all-reduce's result, the verdict
-        "received_rank0": ballot_bytes + (world - 1) * (HEADER + capacity),
-        "checkpoint_bytes": sum(sizes_by_file.values()) + len(manifest),
-    }
+        "checkpoint_bytes": sum(sizes_by_file.values()) + len(manifest), "paths": sorted(sizes_by_file),
+    })
     row.update(save_requests(sizes_by_file, len(manifest)))
     files_by_stem: dict[str, dict[str, int]] = {}
-    chunk_meta: dict[str, list[str]] = {}
-    for report in reports.values():
-        for copy in report:
-            if format_for(_pattern(components, copy.key)).holds_dtensors:
-                chunk_meta.setdefault(copy.key, []).extend(e.path for e in copy.files if e.path.endswith(".json"))
-            else:
-                files_by_stem.setdefault(copy.stem, {}).update({e.path: e.size for e in copy.files})
-    for key in chunk_meta:
-        chunk_meta[key] += [rel for rel in merged if rel.startswith(key + "/")]
-    chunk_writes = {copy.component.key: copy.plan.detail.writes for copy in planned.copies
-                    if copy.format.holds_dtensors}
+    chunk_meta: dict[str, list[str]] = {key: [rel for rel in merged if rel.startswith(key + "/")]
+                                        for key in chunk_writes}
+    for copy in copies:
+        if copy.key in chunk_writes:
+            chunk_meta[copy.key].extend(e.path for e in copy.files if e.path.endswith(".json"))
+        else:
+            files_by_stem.setdefault(copy.stem, {}).update({e.path: e.size for e in copy.files})
     row.update(load_traffic(components, topology, files_by_stem, chunk_writes, sizes_by_file, len(manifest),
                             chunk_meta))
     planned_rank1 = sum(plan.bytes_needed for plan in read_plans.values())
@@ -254,7 +265,8 @@ def table(rows: list[dict[str, Any]]) -> str:
         out.append("| " + " | ".join(title for _, title, _ in COLUMNS) + " |")
         out.append("|" + "---:|" * len(COLUMNS))
         for row in (r for r in rows if r["job"] == label):
-            cells = [human(row[key]) if spec == "B" else spec.format(row[key]) for key, _, spec in COLUMNS]
+            cells = ["not run" if key not in row else human(row[key]) if spec == "B" else spec.format(row[key])
+                     for key, _, spec in COLUMNS]
             out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
 
@@ -272,8 +284,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
     for ax, (title, keys) in zip(axes, panels, strict=True):
         for label in dict.fromkeys(r["job"] for r in rows):
-            points = [r for r in rows if r["job"] == label]
             for key in keys:
+                points = [r for r in rows if r["job"] == label and key in r]
                 ax.plot([r["world"] for r in points], [max(r[key], 1e-3) for r in points], marker="o",
                         label=f"{label}: {key}")
         ax.set_xscale("log", base=2)
@@ -292,18 +304,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", nargs="+", choices=sorted(JOBS), default=["70b", "7b"])
     parser.add_argument("--plot", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None, help="write the rows here too")
+    parser.add_argument("--commit-limit", type=int, default=COMMIT_LIMIT,
+                        help="simulate rank 0's commit and the load up to this many chunks (default %(default)s)")
     args = parser.parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory() as root:
         for name in args.jobs:
             for world in args.worlds:
                 start = time.perf_counter()
-                rows.append(simulate(JOBS[name], world, root))
+                rows.append(simulate(JOBS[name], world, root, args.commit_limit))
                 print(f"{JOBS[name].label} at {world} ranks: simulated in {time.perf_counter() - start:.1f} s",
                       file=sys.stderr, flush=True)
     print(table(rows))
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
+        args.json.write_text(json.dumps([{k: v for k, v in r.items() if k != "paths"} for r in rows], indent=1))
     if args.plot:
         plot(rows, args.plot)
     return 0
