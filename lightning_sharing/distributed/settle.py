@@ -18,10 +18,8 @@ Example (every rank):
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import pickle
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import torch
@@ -36,6 +34,7 @@ from lightning_sharing.distributed.basics import (
     outcome_of,
     peer_failures,
 )
+from lightning_sharing.format.gc_pause import collection_paused
 
 __all__ = ["VERDICT_BYTES", "report_size", "settle_on_rank_zero"]
 
@@ -106,7 +105,9 @@ def _decide(parts: list[bytes | int], phase: str, decide_phase: str,
     missing = [part for part in parts if isinstance(part, int)]
     if missing:
         return ("resend", max(missing)), None
-    with _collection_paused():
+    # Unpickling N reports (a sharded model's index parts: millions of objects on thousands of ranks) and committing
+    # them without the cyclic collector: at 64 ranks of a 70B model it was 6 of the 7 seconds (format/gc_pause.py).
+    with collection_paused():
         reports = [pickle.loads(part) for part in parts]  # type: ignore[arg-type]
         failed = {rank: outcome for rank, (outcome, _) in enumerate(reports) if outcome is not None}
         if failed:
@@ -116,20 +117,6 @@ def _decide(parts: list[bytes | int], phase: str, decide_phase: str,
         except Exception as exc:  # raised on every rank below, as rank 0's failure of decide_phase
             kind, text = outcome_of(exc)  # type: ignore[misc]
             return ("fail", decide_phase, {0: text}, [kind]), exc
-
-
-@contextlib.contextmanager
-def _collection_paused() -> Iterator[None]:
-    """Python's cyclic garbage collector off while rank 0 unpickles and commits N reports: they are millions of
-    objects on thousands of ranks (a sharded model's index parts), and the collections their allocations trigger walk
-    every one still alive: at 64 ranks of a 70B model, 6 of 7 seconds of unpickling (benchmarks/scale_sim.py)."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def settle_on_rank_zero(phase: str, error: BaseException | None, payload: Any, decide_phase: str,
