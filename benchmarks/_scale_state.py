@@ -110,6 +110,14 @@ def init_fake(rank: int, world_size: int) -> None:
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
 
 
+def close_fake() -> None:
+    """Destroy the fake process group, if one is up."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def _dtensor_factory(world_size: int, tp: int) -> Any:
     """A function (global shape, TP style, dtype) -> this rank's meta DTensor on a ``(dp, tp)`` mesh."""
     from torch.distributed.device_mesh import init_device_mesh

@@ -32,12 +32,22 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _scale_model import load_traffic, save_requests
-from _scale_state import CHECKSUM, LLAMA_7B, LLAMA_70B, Job, Stateful, init_fake, job_state, simulated_write
+from _scale_state import (
+    CHECKSUM,
+    LLAMA_7B,
+    LLAMA_70B,
+    Job,
+    Stateful,
+    close_fake,
+    init_fake,
+    job_state,
+    simulated_write,
+)
 
 from lightning_sharing.checkpoint.manifest import FileEntry
 from lightning_sharing.core.declarations import StateComponent
 from lightning_sharing.core.options import CheckpointOptions
-from lightning_sharing.core.rules import placements
+from lightning_sharing.core.rules import ChunkFiles, placements
 from lightning_sharing.core.topology import Topology
 from lightning_sharing.distributed.settle import VERDICT_BYTES, _decide, report_size
 from lightning_sharing.engine.commit import CheckpointTarget
@@ -45,6 +55,8 @@ from lightning_sharing.engine.formats import format_for
 from lightning_sharing.engine.manifest_builder import build_manifest
 from lightning_sharing.engine.plan_cache import PlanCache
 from lightning_sharing.engine.save import PlannedSave, plan_save
+from lightning_sharing.errors import CorruptCheckpointError
+from lightning_sharing.format.copy_files import parse_json
 from lightning_sharing.sharded.index import ShardedIndex
 from lightning_sharing.sharded.load import plan_reads
 from lightning_sharing.storage.local import LocalStore
@@ -164,22 +176,34 @@ def _assemble(components: list[StateComponent], topology: Topology, frames: list
     return seconds, verdict[1], merged, seen
 
 
-def _load_plan(components: list[StateComponent], merged: dict[str, bytes]) -> tuple[float, dict[str, Any]]:
-    """Rank 1's load planning of its chunked components (index parsed, ``plan_reads``): (seconds, plans by key)."""
+def _load_plan(components: list[StateComponent], merged: dict[str, bytes]) -> tuple[float, dict[str, Any], str]:
+    """Rank 1's load planning of its chunked components (the index parsed as ``chunk_load.read_index`` does, then
+    ``plan_reads``): (seconds, plans by key, the refusal of an index the load would not read, or "")."""
     start = time.perf_counter()
     plans = {}
     for component in components:
         fmt = format_for(component.sharing_pattern)
-        rel = f"{component.key}/index.json"
+        rel = ChunkFiles().index_for(component.key)
         if fmt.holds_dtensors and rel in merged:
-            index = ShardedIndex.from_json(json.loads(merged[rel]))
+            try:
+                index = ShardedIndex.from_json(parse_json(merged[rel], "chunk index", rel))
+            except CorruptCheckpointError as exc:  # the load's own limit on a JSON file's size
+                return time.perf_counter() - start, {}, str(exc)
             encoded = fmt.encode(component.stateful.state_dict(), component.key)
             plans[component.key] = plan_reads(index, encoded.tensors, strict=False)
-    return time.perf_counter() - start, plans
+    return time.perf_counter() - start, plans, ""
 
 
 def simulate(job: Job, world: int, root: str, commit_limit: int = COMMIT_LIMIT) -> dict[str, Any]:
-    """One job at one world size: the table's row (see the module docstring)."""
+    """One job at one world size: the table's row (see the module docstring); the fake process group is closed
+    when it returns (nothing else in the process sees it)."""
+    try:
+        return _simulate(job, world, root, commit_limit)
+    finally:
+        close_fake()
+
+
+def _simulate(job: Job, world: int, root: str, commit_limit: int) -> dict[str, Any]:
     topology = Topology.build(world, node_of_rank=[r // 8 for r in range(world)])
     torch.set_num_threads(1)
     root = tempfile.mkdtemp(dir=root)  # this simulation's own staging directories
@@ -208,11 +232,12 @@ def simulate(job: Job, world: int, root: str, commit_limit: int = COMMIT_LIMIT) 
     del reports  # what rank 0 holds from here on is what settle gives it: the frames
     assemble_s, manifest, merged, copies = _assemble(components, topology, frames)
     del frames
-    load_s, read_plans = _load_plan(live1, merged)
+    load_s, read_plans, refused = _load_plan(live1, merged)
     sizes_by_file = {e.path: e.size for copy in copies for e in copy.files} | {r: len(d) for r, d in merged.items()}
     row.update({
         "assemble_s_rank0": assemble_s, "load_plan_s_rank1": load_s,
         "manifest_bytes": len(manifest), "index_bytes": sum(len(d) for d in merged.values()),
+        "index_largest": max((len(d) for d in merged.values()), default=0), "load_refused": refused,
         "files_written": len(sizes_by_file) + 1,  # + the manifest
         "checkpoint_bytes": sum(sizes_by_file.values()) + len(manifest), "paths": sorted(sizes_by_file),
     })
@@ -228,6 +253,8 @@ def simulate(job: Job, world: int, root: str, commit_limit: int = COMMIT_LIMIT) 
     row.update(load_traffic(components, topology, files_by_stem, chunk_writes, sizes_by_file, len(manifest),
                             chunk_meta))
     planned_rank1 = sum(plan.bytes_needed for plan in read_plans.values())
+    if refused:
+        return row
     modelled_rank1 = sum(w.nbytes for writes in chunk_writes.values() for w in writes.writes if sample in w.holders)
     if planned_rank1 != modelled_rank1:  # the model of what a rank reads must be what the load planner plans
         raise AssertionError(f"rank {sample}: plan_reads needs {planned_rank1} bytes, the model says {modelled_rank1}")
@@ -268,6 +295,8 @@ def table(rows: list[dict[str, Any]]) -> str:
             cells = ["not run" if key not in row else human(row[key]) if spec == "B" else spec.format(row[key])
                      for key, _, spec in COLUMNS]
             out.append("| " + " | ".join(cells) + " |")
+        for row in (r for r in rows if r["job"] == label and r.get("load_refused")):
+            out.append(f"\nAt {row['world']} ranks the load refuses the checkpoint: {row['load_refused']}")
     return "\n".join(out)
 
 
