@@ -344,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(simulate(JOBS[name], world, root, args.commit_limit))
                 print(f"{JOBS[name].label} at {world} ranks: simulated in {time.perf_counter() - start:.1f} s",
                       file=sys.stderr, flush=True)
+                print(table(rows[-1:]), file=sys.stderr, flush=True)  # a long run keeps what it has so far
     print(table(rows))
     if args.json:
         args.json.write_text(json.dumps([{k: v for k, v in r.items() if k != "paths"} for r in rows], indent=1))

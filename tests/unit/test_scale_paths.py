@@ -3,7 +3,8 @@
 - ``sharded.save._LeastLoaded`` (a heap per holder set) picks what ``min(holders, key=(load, rank))`` picks;
 - ``sharded.index._valid_chunk`` accepts exactly what ``_chunk_record`` accepts, with the same record, and never
   raises (anything it refuses goes to ``_chunk_record``, which names the problem);
-- ``format.gc_pause.collection_paused`` leaves the collector as it found it.
+- ``format.gc_pause.collection_paused`` leaves the collector as it found it;
+- ``engine.whole_format.assign_writers`` (a heap) gives every shard the writer ``min`` over the ranks gives it.
 """
 
 from __future__ import annotations
@@ -93,3 +94,18 @@ def test_the_collector_is_left_as_it_was_found(enabled: bool) -> None:
         assert gc.isenabled() is enabled
     finally:
         (gc.enable if was else gc.disable)()
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_shard_writers_are_the_least_loaded_ranks_as_min_picks_them(seed: int) -> None:
+    from lightning_sharing.engine.whole_format import assign_writers
+
+    rng = random.Random(seed)
+    sizes = [rng.choice([1, 5, 5, 64, 1000]) for _ in range(rng.randint(0, 300))]
+    spread = tuple(sorted(rng.sample(range(100), rng.randint(1, 60))))
+    load = dict.fromkeys(spread, 0)
+    expected = [spread[0]] * len(sizes)
+    for shard in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):  # the reference: min over every rank
+        expected[shard] = min(spread, key=lambda r: (load[r], r))
+        load[expected[shard]] += sizes[shard]
+    assert assign_writers(sizes, spread) == expected
