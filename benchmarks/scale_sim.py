@@ -306,22 +306,26 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")  # no display; must precede pyplot
     import matplotlib.pyplot as plt
 
-    panels = [("Planning time (s, one core)", ["plan_s_rank1", "assemble_s_rank0", "load_plan_s_rank1"]),
+    panels = [("Planning time (s, one core)", ["plan_s_rank0", "plan_s_rank1", "repeat_s_rank1", "assemble_s_rank0",
+                                                "load_plan_s_rank1"]),
               ("Checkpoint metadata (bytes)", ["manifest_bytes", "index_bytes"]),
               ("Collective metadata per save (bytes)", ["received_rank", "received_rank0", "sent_rank"]),
-              ("Bytes read from storage per load", ["load_read_bytes", "load_read_bytes_once"])]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
-    for ax, (title, keys) in zip(axes, panels, strict=True):
+              ("Bytes read from storage per load", ["load_read_bytes", "load_read_bytes_once",
+                                                    "load_meta_bytes_rank"])]
+    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
+    for ax, (title, keys) in zip(axes.flat, panels, strict=True):
         for label in dict.fromkeys(r["job"] for r in rows):
             for key in keys:
-                points = [r for r in rows if r["job"] == label and key in r]
-                ax.plot([r["world"] for r in points], [max(r[key], 1e-3) for r in points], marker="o",
-                        label=f"{label}: {key}")
+                points = [r for r in rows if r["job"] == label and r.get(key)]  # a zero has no place on a log axis
+                if points:
+                    ax.plot([r["world"] for r in points], [r[key] for r in points], marker="o",
+                            label=f"{label}: {key}")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("ranks")
         ax.set_title(title, fontsize=10)
-        ax.legend(fontsize=6)
+        ax.grid(True, which="major", alpha=0.3)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
