@@ -16,11 +16,11 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
-from _scale_state import Job, ModelShape  # noqa: E402
-from scale_sim import simulate  # noqa: E402
+from _scale_state import Job, ModelShape
+from scale_sim import simulate
 
-from lightning_sharing.core.rules import ChunkFiles, file_regex, placements  # noqa: E402
-from lightning_sharing.core.topology import Topology  # noqa: E402
+from lightning_sharing.core.rules import ChunkFiles, file_regex, placements
+from lightning_sharing.core.topology import Topology
 
 TINY = ModelShape("tiny", layers=2, hidden=64, intermediate=128, kv_hidden=16, vocab=256)
 JOBS = {"fsdp_tp": Job(TINY, "fsdp_tp"), "ddp": Job(TINY, "ddp")}
