@@ -27,6 +27,7 @@ import torch
 
 from lightning_sharing.errors import CorruptCheckpointError
 from lightning_sharing.format.codec import decode_state
+from lightning_sharing.format.gc_pause import collection_paused
 
 __all__ = [
     "index_name",
@@ -88,7 +89,8 @@ def parse_json(raw: bytes, what: str, name: str) -> Any:
     if len(raw) > _MAX_JSON_BYTES:
         raise CorruptCheckpointError(f"{what} {name} is larger than {_MAX_JSON_BYTES} bytes")
     try:
-        return json.loads(raw.decode("utf-8"))
+        with collection_paused():  # a chunk index on thousands of ranks is millions of objects (format/gc_pause.py)
+            return json.loads(raw.decode("utf-8"))
     except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, or an integer too long to convert
         raise CorruptCheckpointError(f"{what} {name} is not valid JSON: {exc}") from exc
 

@@ -284,7 +284,20 @@ def _file_record(entry: Any) -> FileRecord:
                       _int(entry["writer"], f"file {path!r}: writer"))
 
 
+_TENSOR_FIELDS = frozenset({"dtype", "shape", "chunks"})
+
+
 def _tensor_record(name: Any, entry: Any, files: Mapping[str, FileRecord]) -> TensorRecord:
+    dtype = dtype_from_name(entry["dtype"]) if type(entry) is dict and type(entry.get("dtype")) is str else None
+    shape = entry.get("shape") if dtype is not None else None
+    if (dtype is not None and type(name) is str and name and entry.keys() == _TENSOR_FIELDS and type(shape) is list
+            and len(shape) <= _MAX_DIMS and all(type(n) is int and n >= 0 for n in shape)
+            and type(entry["chunks"]) is list):
+        # Every check below passes (checked without formatting their messages: N ranks' parts list every tensor).
+        dims, element = tuple(shape), dtype.itemsize  # type: ignore[union-attr]
+        return TensorRecord(entry["dtype"], dims, tuple(
+            _valid_chunk(c, dims, element, files) or _chunk_record(name, c, dims, element, files)
+            for c in entry["chunks"]))
     _expect(isinstance(name, str) and bool(name), f"tensor name {name!r} is not a non-empty string")
     _fields(entry, f"tensor {name!r}", {"dtype", "shape", "chunks"})
     dtype = dtype_from_name(entry["dtype"]) if isinstance(entry["dtype"], str) else None
@@ -293,9 +306,41 @@ def _tensor_record(name: Any, entry: Any, files: Mapping[str, FileRecord]) -> Te
     _expect(isinstance(shape, list) and len(shape) <= _MAX_DIMS, f"tensor {name!r}: shape {shape!r} is not a list")
     shape = _ints(shape, f"tensor {name!r}: shape", len(shape))
     _expect(isinstance(entry["chunks"], list), f"tensor {name!r}: chunks is not a list")
-    element = torch.empty((), dtype=dtype).element_size()
-    chunks = tuple(_chunk_record(name, c, shape, element, files) for c in entry["chunks"])
+    element = dtype.itemsize  # type: ignore[union-attr]
+    chunks = tuple(_valid_chunk(c, shape, element, files) or _chunk_record(name, c, shape, element, files)
+                   for c in entry["chunks"])
     return TensorRecord(entry["dtype"], shape, chunks)
+
+
+_CHUNK_FIELDS = frozenset({"offsets", "sizes", "file", "key", "begin", "length", "writer", "blocks"})
+
+
+def _valid_chunk(entry: Any, shape: tuple[int, ...], element: int,
+                 files: Mapping[str, FileRecord]) -> ChunkRecord | None:
+    """``_chunk_record``'s result for an entry that passes every one of its checks, else None (which then finds
+    and names the problem): the same checks without a message formatted per field. A merged index of a job on
+    thousands of ranks holds millions of chunks, parsed on rank 0 at every save's commit and on every rank at load.
+    """
+    if type(entry) is not dict or entry.keys() != _CHUNK_FIELDS:
+        return None
+    offsets, sizes, path, key = entry["offsets"], entry["sizes"], entry["file"], entry["key"]
+    begin, length, writer, blocks = entry["begin"], entry["length"], entry["writer"], entry["blocks"]
+    if type(offsets) is not list or type(sizes) is not list or len(offsets) != len(shape) or len(sizes) != len(shape):
+        return None
+    for o, n, whole in zip(offsets, sizes, shape, strict=True):
+        if type(o) is not int or type(n) is not int or o < 0 or n < 1 or o + n > whole:
+            return None
+    file = files.get(path) if type(path) is str else None  # the listed paths passed ``_path`` already
+    if file is None or type(key) is not str or type(begin) is not int or type(length) is not int:
+        return None
+    if type(writer) is not int or begin < 0 or writer < 0 or length != math.prod(sizes) * element:
+        return None
+    if begin + length > file.size or type(blocks) is not list or len(blocks) != -(-length // file.block_size):
+        return None
+    match = _HEX128.match
+    if not all(type(b) is str and match(b) for b in blocks):
+        return None
+    return ChunkRecord(tuple(offsets), tuple(sizes), path, key, begin, length, writer, tuple(blocks))
 
 
 def _chunk_record(name: str, entry: Any, shape: tuple[int, ...], element: int,

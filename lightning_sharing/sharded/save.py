@@ -19,6 +19,7 @@ Example (one process, a plain tensor held by ranks 0 and 1):
 
 from __future__ import annotations
 
+import heapq
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -103,17 +104,51 @@ def plan_writes(state: Mapping[str, torch.Tensor], *, rank: int | None = None,
         except CheckpointError as exc:
             raise UnsupportedStateError(f"tensor {name!r}: {exc}") from None
         layouts[name] = layout
-    pending = [(layout.name, chunk, chunk.box.numel * layout.element_size)
-               for layout in layouts.values() for chunk in layout.chunks]
-    pending.sort(key=lambda item: (-item[2], item[0], item[1].box.offsets))
+    # Every chunk of the job, largest first (then by name and offsets, unique): plain tuples, compared as they are,
+    # since a job on thousands of ranks has millions of chunks and this runs on every rank.
+    pending = sorted((-chunk.box.numel * layout.element_size, layout.name, chunk.box.offsets, chunk)
+                     for layout in layouts.values() for chunk in layout.chunks)
     load: dict[int, int] = {}
+    least = _LeastLoaded(load)
+    assigned: dict[str, list[ChunkWrite]] = {name: [] for name in layouts}
+    for negative, name, _, chunk in pending:
+        holders = chunk.holders
+        writer = holders[0] if len(holders) == 1 else least.pick(holders)
+        load[writer] = load.get(writer, 0) - negative
+        assigned[name].append(ChunkWrite(name, chunk.box, -negative, holders, writer))
     writes = []
-    for name, chunk, size in pending:
-        writer = min(chunk.holders, key=lambda r: (load.get(r, 0), r))
-        load[writer] = load.get(writer, 0) + size
-        writes.append(ChunkWrite(name, chunk.box, size, chunk.holders, writer))
-    writes.sort(key=lambda w: (w.name, w.box.offsets))
+    for name in sorted(assigned):  # by name, then offsets
+        chunks = assigned[name]
+        chunks.sort(key=lambda w: w.box.offsets)
+        writes.extend(chunks)
     return WritePlan(rank, layouts, tuple(writes))
+
+
+class _LeastLoaded:
+    """The holder given the fewest bytes so far (ties: the lowest rank), per set of holders, in O(log holders).
+
+    ``min(holders, key=(load, rank))`` over every holder is O(ranks) per chunk: a model's plain tensors, held by every
+    rank, made planning O(tensors x ranks). A heap per holder set gives the same answer: loads only grow, so an entry
+    whose load is out of date is smaller than the truth; popped, it is pushed back with the current load.
+    """
+
+    def __init__(self, load: dict[int, int]) -> None:
+        self.load = load
+        self.heaps: dict[tuple[int, ...], list[tuple[int, int]]] = {}
+
+    def pick(self, holders: tuple[int, ...]) -> int:
+        heap = self.heaps.get(holders)
+        if heap is None:
+            heap = self.heaps[holders] = [(self.load.get(r, 0), r) for r in holders]
+            heapq.heapify(heap)
+        while True:
+            seen, rank = heap[0]
+            now = self.load.get(rank, 0)
+            if seen == now:
+                break
+            heapq.heapreplace(heap, (now, rank))
+        # The caller adds the chunk to the pick's load: its entry here goes out of date until it surfaces again.
+        return rank
 
 
 def chunk_key(name: str, box: Box, global_shape: tuple[int, ...]) -> str:
