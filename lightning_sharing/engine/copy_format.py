@@ -38,7 +38,7 @@ from lightning_sharing.core.rules import Placement
 from lightning_sharing.core.topology import Topology
 from lightning_sharing.engine.verified_files import ComponentFiles
 from lightning_sharing.format.codec import EncodedState, encode_state
-from lightning_sharing.format.copy_files import TREE_FORMAT, json_bytes, tree_name
+from lightning_sharing.format.copy_files import TREE_FORMAT, check_json_size, json_bytes, tree_name
 from lightning_sharing.format.safetensors_io import write_blob, write_tensors
 from lightning_sharing.storage import CheckpointStore
 
@@ -216,6 +216,8 @@ def write_file(store: CheckpointStore, root: str, job: FileJob, rank: int) -> Fi
 
     The checksum is computed from the bytes as they are written; no file is read back.
     """
+    if job.tensors is None and job.rel.endswith(".json"):
+        check_json_size(len(job.data or b""), job.rel)
     with store.open_write(store.join(root, job.rel)) as sink:
         if job.tensors is not None:
             size, checksum = write_tensors(sink, job.tensors)

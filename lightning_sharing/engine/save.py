@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from lightning_sharing._faults import fault_point
-from lightning_sharing.checkpoint.manifest import FileEntry
+from lightning_sharing.checkpoint.manifest import MAX_MANIFEST_BYTES, FileEntry
 from lightning_sharing.core.declarations import StateComponent
 from lightning_sharing.core.options import CheckpointOptions
 from lightning_sharing.core.patterns import ValidationLevel
@@ -71,6 +71,7 @@ from lightning_sharing.engine.formats import format_for
 from lightning_sharing.engine.manifest_builder import build_manifest
 from lightning_sharing.engine.plan_cache import PlanCache
 from lightning_sharing.engine.staging import optimizer_owned
+from lightning_sharing.errors import CheckpointError
 from lightning_sharing.storage import CheckpointStore, is_url
 
 __all__ = ["PlannedCopy", "PlannedSave", "commit_save", "display", "plan_save"]
@@ -320,5 +321,8 @@ def _commit(target: CheckpointTarget, write_root: str, components: Sequence[Stat
                 extra.setdefault(component.key, []).append(write_file(store, write_root, job, rank=0))
     manifest = build_manifest(list(components), topology, copies, extra, step, metadata)
     manifest.data_prefix = store.data_prefix(write_root, target.target)  # an object store's generation, else None
-    text = manifest.dumps()  # fails here, before anything is committed, if metadata is not JSON
-    target.commit(write_root, text.encode("utf-8"))
+    text = manifest.dumps().encode("utf-8")  # fails here, before anything is committed, if metadata is not JSON
+    if len(text) > MAX_MANIFEST_BYTES:  # a load would refuse it: never commit a checkpoint that cannot load
+        raise CheckpointError(f"the manifest would be {len(text)} bytes, over the {MAX_MANIFEST_BYTES}-byte limit a "
+                              "load accepts; keep the metadata passed to save_checkpoint small")
+    target.commit(write_root, text)

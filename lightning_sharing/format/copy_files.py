@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import json
+import os
 import posixpath
 import re
 from collections.abc import Callable, Iterable
@@ -25,13 +26,15 @@ from typing import Any
 
 import torch
 
-from lightning_sharing.errors import CorruptCheckpointError
+from lightning_sharing.errors import CheckpointError, CorruptCheckpointError
 from lightning_sharing.format.codec import decode_state
 from lightning_sharing.format.gc_pause import collection_paused
 
 __all__ = [
+    "check_json_size",
     "index_name",
     "json_bytes",
+    "max_json_bytes",
     "merged_index",
     "parse_index",
     "parse_json",
@@ -42,6 +45,37 @@ __all__ = [
 
 TREE_FORMAT = "lightning_sharing.tree"
 _MAX_JSON_BYTES = 256 * 1024 * 1024
+#: Raises the limit on the JSON files a load parses (and a save writes) for jobs whose chunk index outgrows it.
+MAX_JSON_ENV = "LIGHTNING_SHARING_MAX_JSON_BYTES"
+
+
+def max_json_bytes() -> int:
+    """The largest JSON file a load parses: 256 MiB, or ``LIGHTNING_SHARING_MAX_JSON_BYTES`` when set.
+
+    The bound keeps a damaged or hostile file from exhausting memory; a chunk index grows with the number of chunks
+    (one record each: about 279 MiB for a 70B model's optimizer state on 1,024 ranks, docs/benchmarks/scale.md).
+    """
+    value = os.environ.get(MAX_JSON_ENV)
+    if not value:
+        return _MAX_JSON_BYTES
+    try:
+        limit = int(value)
+    except ValueError:
+        raise CheckpointError(f"{MAX_JSON_ENV} must be a number of bytes, got {value!r}") from None
+    if limit <= 0:
+        raise CheckpointError(f"{MAX_JSON_ENV} must be positive, got {limit}")
+    return limit
+
+
+def check_json_size(size: int, name: str) -> None:
+    """At save: refuse a JSON file a load would refuse, before anything is committed (such a checkpoint would
+    save but never load)."""
+    limit = max_json_bytes()
+    if size > limit:
+        raise CheckpointError(
+            f"{name} would be {size} bytes, over the {limit}-byte limit a load accepts for a JSON file: the checkpoint "
+            f"could be saved but not loaded, so the save is refused. Raise the limit with {MAX_JSON_ENV}=<bytes> in "
+            "the environment of every rank, for the saving job and for every job that loads the checkpoint")
 
 
 def index_name(stem: str) -> str:
@@ -86,8 +120,10 @@ def merged_index(indexes: Iterable[tuple[str, dict[str, Any]]]) -> dict[str, Any
 
 def parse_json(raw: bytes, what: str, name: str) -> Any:
     """Parse a JSON file's bytes; ``what`` and ``name`` describe it in errors."""
-    if len(raw) > _MAX_JSON_BYTES:
-        raise CorruptCheckpointError(f"{what} {name} is larger than {_MAX_JSON_BYTES} bytes")
+    limit = max_json_bytes()
+    if len(raw) > limit:
+        raise CorruptCheckpointError(f"{what} {name} is {len(raw)} bytes, over the {limit}-byte limit for a JSON "
+                                     f"file (raise it with {MAX_JSON_ENV}=<bytes> if the file is genuine)")
     try:
         with collection_paused():  # a chunk index on thousands of ranks is millions of objects (format/gc_pause.py)
             return json.loads(raw.decode("utf-8"))

@@ -167,7 +167,8 @@ def test_oversized_index_or_tree_json_is_refused_without_reading_it(saved: Path,
     limit = payload_module._MAX_JSON_BYTES
     _sparse(saved / rel, limit + 1)
     _fix_up(saved, rel, checksum=False)
-    _refused(saved, CorruptCheckpointError, what, rel, f"larger than {limit} bytes", verify="size")
+    _refused(saved, CorruptCheckpointError, what, rel, f"is {limit + 1} bytes, over the {limit}-byte limit",
+             verify="size")
 
 
 def test_deeply_nested_json_is_refused(saved: Path) -> None:
