@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 import torch
+from support.statefuls import Holder
 
 from lightning_sharing import CheckpointManifest, SharingPattern, StateComponent
 from lightning_sharing.core.options import CheckpointOptions, VerifyMode
@@ -21,19 +22,6 @@ from lightning_sharing.engine.verified_files import ComponentFiles
 from lightning_sharing.engine.whole_format import WholeTensorFormat
 from lightning_sharing.errors import CheckpointError
 from lightning_sharing.storage import LocalStore
-
-
-class Holder:
-    """A stateful that keeps what it is given."""
-
-    def __init__(self, state: Any = None) -> None:
-        self.state = state
-
-    def state_dict(self) -> Any:
-        return self.state
-
-    def load_state_dict(self, state: Any) -> None:
-        self.state = state
 
 
 def _weights(seed: int) -> dict[str, torch.Tensor]:
