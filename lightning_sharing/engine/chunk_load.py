@@ -73,11 +73,20 @@ class ChunkedLoad:
     state: Any
     entries: tuple[str, ...] = ()
     held: tuple[bool, ...] = ()
+    #: The tensors were filled already (``read_now``; read-once, ``engine/shared_pieces.py``).
+    prefetched: bool = False
+
+    def read_now(self, store: CheckpointStore, root: str, plan: ReadPlan | None = None) -> ReadStats:
+        """Read ``plan`` (a part of ``self.plan``; the rest arrives from other ranks) into the live tensors now;
+        ``finish`` then only hands the state over."""
+        with StoreFiles(store, root) as files:
+            stats = read_chunks(self.plan if plan is None else plan, self.index, files)
+        self.prefetched = True
+        return stats
 
     def finish(self, store: CheckpointStore, root: str) -> ReadStats:
         """Read the planned ranges into the live tensors and hand the state to ``load_state_dict``."""
-        with StoreFiles(store, root) as files:
-            stats = read_chunks(self.plan, self.index, files)
+        stats = ReadStats() if self.prefetched else self.read_now(store, root)
         self.component.stateful.load_state_dict(self.state)
         return stats
 

@@ -40,6 +40,8 @@ from lightning_sharing.distributed.collectives import (
     judge_equal,
     warn_on_rank_zero,
 )
+from lightning_sharing.distributed.settle import report_size
+from lightning_sharing.engine.chunk_load import ChunkedLoad
 from lightning_sharing.engine.component_errors import with_context
 from lightning_sharing.engine.copy_format import LoadContext, PreparedLoad
 from lightning_sharing.engine.formats import format_for
@@ -52,6 +54,7 @@ from lightning_sharing.engine.read_once import (
     resolve_read_once,
 )
 from lightning_sharing.engine.resize import ResizedLoad
+from lightning_sharing.engine.shared_pieces import piece_report, read_and_send, route_pieces
 from lightning_sharing.errors import CheckpointError
 from lightning_sharing.storage import CheckpointStore, is_url
 
@@ -105,6 +108,10 @@ def load_components(path: Any, store: CheckpointStore, components: Sequence[Stat
             result.shared_files = sum(len(files) for files in shared.values())
 
     ballot.run(f"reading checkpoint {shown}", plan)
+    # read_once for SHARDED state: the largest rank's list of chunk pieces (0: no chunked load, nothing to route)
+    pieces = ballot.maximum(report_size(piece_report(prepared))
+                            if result.read_once and ballot.ok and any(isinstance(load, ChunkedLoad)
+                                                                      for _, load in prepared) else 0)
     ballot.equal((root, result.manifest.created_at if result.manifest else ""), judge_equal(_different_checkpoints),
                  name="checkpoint")
     split = [(component.key, load) for component, load in prepared if load.entries]
@@ -121,8 +128,14 @@ def load_components(path: Any, store: CheckpointStore, components: Sequence[Stat
         for key, load in split:  # every rank reaches the same verdict from the same all-reduce
             _check_taken(key, load, held[key], strict, shown)
 
-    result.shared_bytes_fetched = finish_loads(prepared, store, files_root, f"loading checkpoint {shown}", shared,
-                                               result.loaded.append, first=check_taken, node_local=node_local)
+    phase, first = f"loading checkpoint {shown}", check_taken
+    if pieces.value:  # the chunk pieces several ranks load: read by one, sent to the others, before the loads finish
+        routes = route_pieces(prepared, pieces.value, phase)
+        result.received_pieces = len(routes.received)
+        result.sent_piece_bytes = read_and_send(prepared, routes, store, files_root, phase, first=check_taken)
+        first = None
+    result.shared_bytes_fetched = finish_loads(prepared, store, files_root, phase, shared, result.loaded.append,
+                                               first=first, node_local=node_local)
     return result
 
 

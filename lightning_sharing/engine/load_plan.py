@@ -47,6 +47,10 @@ class LoadResult:
     #: rank fetched from storage.
     shared_files: int = 0
     shared_bytes_fetched: int = 0
+    #: With ``read_once``: pieces of SHARDED chunk files this rank loads that another rank read and sent it, and
+    #: the bytes this rank read and sent to others (``engine/shared_pieces.py``).
+    received_pieces: int = 0
+    sent_piece_bytes: int = 0
 
 
 @dataclass
