@@ -1,9 +1,11 @@
 """A load, top to bottom: plan -> read -> verify -> apply.
 
 1. **plan** (every rank, one agreement step): read the manifest, refuse unlisted or strange files
-   (``check_listed_files``), apply the loading rules (``plan_load``: strict and non-strict, the topology check),
-   and have each component's copy format plan this rank's load (``CopyFormat.prepare_load``: a chunked copy's
-   index and structure are read, verified and matched to the live state here, before anything is loaded);
+   (``check_listed_files``; with ``read_once``, rank 0 alone reads and lists them, in an agreement step of its own,
+   and every rank plans from what it read), apply the loading rules (``plan_load``: strict and non-strict, the
+   topology check), and have each component's copy format plan this rank's load (``CopyFormat.prepare_load``: a
+   chunked copy's index and structure are read, verified and matched to the live state here, before anything is
+   loaded);
    rank-specific state saved at another topology gets its ``on_resize`` policy instead (``engine.resize``).
 2. **agree**: the plan's agreement step (one all-reduce of a few integers) also checks, by hash, that every rank
    declared the same components (the coordinator's check) and opened the same checkpoint; only when something
@@ -29,7 +31,7 @@ from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any
 
-from lightning_sharing.checkpoint.manifest import data_root, read_manifest
+from lightning_sharing.checkpoint.manifest import CheckpointManifest, data_root, read_manifest
 from lightning_sharing.core.declarations import StateComponent
 from lightning_sharing.core.options import VerifyMode
 from lightning_sharing.core.topology import Topology
@@ -38,6 +40,7 @@ from lightning_sharing.distributed.collectives import (
     any_rank,
     get_rank,
     judge_equal,
+    on_rank_zero,
     warn_on_rank_zero,
 )
 from lightning_sharing.distributed.settle import report_size
@@ -87,11 +90,19 @@ def load_components(path: Any, store: CheckpointStore, components: Sequence[Stat
     if checks is not None:
         checks(ballot)
 
+    def read_and_list() -> tuple[CheckpointManifest, str]:
+        manifest = read_manifest(store, root, display=shown)
+        listed_root = data_root(store, root, manifest)
+        check_listed_files(store, listed_root, manifest)
+        return manifest, listed_root
+
+    # read_once: rank 0 alone reads the manifest and lists the files (an object store's LIST pages through every
+    # object of the checkpoint: N ranks listing it cost N times the requests), and every rank gets what it read.
+    read_by_zero = on_rank_zero(f"reading checkpoint {shown}", read_and_list) if result.read_once else None
+
     def plan() -> None:
         nonlocal files_root
-        manifest = read_manifest(store, root, display=shown)
-        files_root = data_root(store, root, manifest)
-        check_listed_files(store, files_root, manifest)
+        manifest, files_root = read_by_zero if read_by_zero is not None else read_and_list()
         plan = plan_load(manifest, list(components), topology, strict, ignore)
         result.skipped, result.manifest = plan.skipped, manifest
         context = LoadContext(store, files_root, Topology.from_json(manifest.topology), topology, strict, mode, rank)

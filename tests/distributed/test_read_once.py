@@ -3,7 +3,8 @@
 - On moto's S3 server, through a proxy that counts the bytes it answers: 4 ranks load GLOBAL + REPLICATED state
   (a module read into its live parameters, a flat tensor dict, an optimizer-like tree) and PER_RANK state; with
   ``read_once`` on, the bytes fetched per load are about the checkpoint's bytes (<= 1.05x), with it off about 4x;
-  every result is ``torch.equal`` to what was saved either way.
+  every result is ``torch.equal`` to what was saved either way; with it, the manifest is read and the objects
+  listed by rank 0 alone, without it by every rank.
 - A reader that fails (the proxy refuses one shared file's GET; a shared file corrupted on disk) fails the load on
   every rank with the same error, naming the file once, and no rank hangs.
 - ``read_once=None`` resolves to on for S3 and for a job on several nodes, off for one node on a local disk.
@@ -133,6 +134,12 @@ def test_read_once_on_s3_fetches_each_file_once_bit_exact_and_a_refused_read_fai
     on = fault_proxy.bytes_sent("GET", names["on"]) / checkpoint_bytes
     off = fault_proxy.bytes_sent("GET", names["off"]) / s3.du(f"{s3_prefix}/{names['off']}.ckpt")
     assert on <= 1.05, on
+    # Rank 0 alone reads the manifest and lists the checkpoint's objects; without read-once every rank does.
+    manifest_gets = {kind: fault_proxy.count("GET", f"/{names[kind]}.ckpt/checkpoint_manifest.json")
+                     for kind in ("on", "off")}
+    listings = {kind: fault_proxy.count("GET", "list-type", names[kind]) for kind in ("on", "off")}
+    assert manifest_gets == {"on": 1, "off": WORLD}, manifest_gets
+    assert listings["on"] > 0 and listings["off"] == WORLD * listings["on"], listings
     assert off >= 3.8, off  # what every rank reading every shared file costs: the test can tell the two apart
 
     # One rank was refused one shared file: every rank raises the same error, naming that rank and the file once.
