@@ -12,9 +12,10 @@ Derived from ``storage/object_files.py`` and ``storage/object_store.py`` (a mode
   whole (``placement_for_reader``: the copy it reads), a chunked component's index and structure whole and the chunks
   that overlap what it holds (at the saved layout: exactly its own boxes); each read a ranged GET per started 8 MiB
   (``_READ_CHUNK``; the adaptive readahead's first 1 MiB GET on small files is counted as one GET).
-- **read-once** (``CheckpointOptions(read_once=...)``, modelled as "each shared file once"): every file, and every
-  chunk held by several ranks, is read from storage once per load; rank-specific files and chunks held by one rank
-  are read as before; the manifest, its HEAD and the listing still once per rank.
+- **read-once** (``CheckpointOptions(read_once=...)``): the manifest, its HEAD and the listing once per load (rank 0,
+  ``engine/load.py``); every whole-tensor file, and every chunk held by several ranks, read from storage once per
+  load (``engine/read_once.py``, ``engine/shared_pieces.py``); rank-specific files, chunks held by one rank and a
+  chunked component's index and structure (every rank still reads them itself) as before.
 """
 
 from __future__ import annotations
@@ -58,17 +59,17 @@ def load_traffic(components: list[Any], topology: Topology, files_by_stem: Mappi
     world = topology.world_size
     listing = math.ceil((len(sizes_by_file) + 1) / LIST_PAGE)
     per_rank = 2 + listing  # HEAD + GET of the manifest, the listing
-    requests = requests_once = world * per_rank
-    read = read_once = world * manifest_bytes
+    requests, requests_once = world * per_rank, per_rank
+    read, read_once = world * manifest_bytes, manifest_bytes
     meta_rank = manifest_bytes
     for component in components:
         key = component.key
         if key in chunk_writes:
             meta = [sizes_by_file[rel] for rel in chunk_meta[key]]
             requests += world * sum(_gets(s) for s in meta)
-            requests_once += sum(_gets(s) for s in meta)
+            requests_once += world * sum(_gets(s) for s in meta)
             read += world * sum(meta)
-            read_once += sum(meta)
+            read_once += world * sum(meta)
             meta_rank += sum(meta)
             for write in chunk_writes[key].writes:
                 holders = len(write.holders)

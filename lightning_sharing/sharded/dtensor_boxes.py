@@ -22,7 +22,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +30,8 @@ import torch
 
 from lightning_sharing.errors import UnsupportedStateError
 
-__all__ = ["Box", "Chunk", "TensorLayout", "has_dtensors", "is_dtensor", "local_box", "local_tensor", "tensor_layout"]
+__all__ = ["Box", "Chunk", "ChunkGroups", "TensorLayout", "group_chunks", "has_dtensors", "is_dtensor", "local_box",
+           "local_tensor", "tensor_layout"]
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,29 @@ class Chunk:
     holders: tuple[int, ...]
 
 
+@dataclass(frozen=True, eq=False)
+class ChunkGroups:
+    """A layout's chunks as a save plans them: those several ranks hold (one of them writes each), and per rank
+    the chunks it alone holds (it writes them) with their elements summed, so a plan need not list other ranks'."""
+
+    shared: tuple[Chunk, ...]
+    alone: Mapping[int, tuple[Chunk, ...]]
+    alone_numel: Mapping[int, int]
+
+
+def group_chunks(chunks: Sequence[Chunk]) -> ChunkGroups:
+    """``chunks`` split into ``ChunkGroups``."""
+    alone: dict[int, list[Chunk]] = {}
+    numel: dict[int, int] = {}
+    for chunk in chunks:
+        if len(chunk.holders) == 1:
+            holder = chunk.holders[0]
+            alone.setdefault(holder, []).append(chunk)
+            numel[holder] = numel.get(holder, 0) + chunk.box.numel
+    return ChunkGroups(tuple(c for c in chunks if len(c.holders) > 1),
+                       {rank: tuple(found) for rank, found in alone.items()}, numel)
+
+
 @dataclass(frozen=True)
 class TensorLayout:
     """A tensor's global shape and dtype, the box this rank holds, and every non-empty chunk in the job."""
@@ -81,10 +105,16 @@ class TensorLayout:
     local: Box
     chunks: tuple[Chunk, ...]
     placements: str
+    #: ``chunks`` grouped (shared by the tensors of one layout, computed once with them); None: group on demand.
+    grouped: ChunkGroups | None = None
 
     @property
     def element_size(self) -> int:
         return self.dtype.itemsize
+
+    @property
+    def chunk_groups(self) -> ChunkGroups:
+        return self.grouped if self.grouped is not None else group_chunks(self.chunks)
 
 
 def is_dtensor(value: object) -> bool:
@@ -135,9 +165,9 @@ def tensor_layout(name: str, tensor: torch.Tensor, *, rank: int, group_ranks: Se
     ranks, boxes = _dtensor_boxes(name, tensor, rank)
     local = boxes[ranks.index(rank)]
     _replicas(name, mesh, ranks, rank)  # refuses a mesh whose other holders cannot be told
-    chunks = _chunks(tuple(tensor.shape), tuple(tensor.placements), mesh, group)
+    chunks, grouped = _chunks(tuple(tensor.shape), tuple(tensor.placements), mesh, group)
     described = f"{tuple(tensor.placements)} on a mesh of shape {tuple(mesh.shape)}"
-    return TensorLayout(name, tuple(tensor.shape), tensor.dtype, local, chunks, described)
+    return TensorLayout(name, tuple(tensor.shape), tensor.dtype, local, chunks, described, grouped)
 
 
 # The chunks of a DTensor depend on its shape, placements, mesh and group only, not on the rank asking: the many
@@ -145,7 +175,7 @@ def tensor_layout(name: str, tensor: torch.Tensor, *, rank: int, group_ranks: Se
 # that was O(tensors x ranks) per rank and save: a 70B model on 4,096 ranks spent most of its planning here.
 @functools.lru_cache(maxsize=1024)
 def _chunks(shape: tuple[int, ...], placements: tuple[object, ...], mesh: Any,
-            group: tuple[int, ...]) -> tuple[Chunk, ...]:
+            group: tuple[int, ...]) -> tuple[tuple[Chunk, ...], ChunkGroups]:
     ranks = _mesh_ranks(mesh)
     boxes = _mesh_boxes(shape, tuple(mesh.shape), placements)
     replicas = _replicas("", mesh, ranks, None)
@@ -154,8 +184,9 @@ def _chunks(shape: tuple[int, ...], placements: tuple[object, ...], mesh: Any,
     for box, holding in zip(boxes, replicas, strict=True):
         if box.numel:
             holders.setdefault(box, set()).update(r for r in holding if r in members)
-    return tuple(Chunk(box, tuple(sorted(rs))) for box, rs in sorted(holders.items(), key=lambda kv: kv[0].offsets)
-                 if rs)
+    chunks = tuple(Chunk(box, tuple(sorted(rs))) for box, rs in sorted(holders.items(), key=lambda kv: kv[0].offsets)
+                   if rs)
+    return chunks, group_chunks(chunks)
 
 
 def local_box(name: str, tensor: torch.Tensor, *, rank: int) -> Box:

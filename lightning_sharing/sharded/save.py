@@ -1,14 +1,15 @@
 """Saving SHARDED state: who writes each chunk (every chunk exactly once), and writing this rank's chunks.
 
 ``plan_writes`` is a pure function of the state's layouts: every rank computes the same assignment
-for every chunk in the job, with no communication. A chunk held by several ranks (replicas along
-``Replicate`` mesh dims, or the holders of a plain tensor) is written by one of them, chosen so the
-bytes each rank writes stay balanced: chunks are taken largest first (then by name and offsets, a
-canonical order) and each goes to the holder that has been given the fewest bytes so far (ties to the
-lowest rank). Where chunks share one set of holders (the replicas of HSDP, of DDP), no holder writes
-more than their average plus one chunk. For all ranks to reach the same plan, every rank holding a chunk must see the
-same tensors (true for the DTensors of one model spread over ``group_ranks``: the world, or one
-pipeline stage's ranks).
+for every chunk in the job, with no communication. A chunk one rank alone holds is written by it. A chunk held by
+several ranks (replicas along ``Replicate`` mesh dims, or the holders of a plain tensor) is written by one of them,
+chosen so the bytes each rank writes stay balanced: each rank starts with the bytes of the chunks it alone holds
+(summed per distinct layout, never listed: a 70B model on 4,096 ranks has millions of chunks), then the shared
+chunks are taken largest first (then by name and offsets, a canonical order) and each goes to the holder that has
+been given the fewest bytes so far (ties to the lowest rank). Where chunks share one set of holders (the replicas of
+HSDP, of DDP), no holder writes more than their average plus one chunk. For all ranks to reach the same plan, every
+rank holding a chunk must see the same tensors (true for the DTensors of one model spread over ``group_ranks``: the
+world, or one pipeline stage's ranks).
 
 Example (one process, a plain tensor held by ranks 0 and 1):
     >>> import torch
@@ -51,15 +52,31 @@ class ChunkWrite:
 
 @dataclass(frozen=True)
 class WritePlan:
-    """Every chunk of a component's state in the job, who writes it, and this rank's layouts."""
+    """Who writes each chunk of a component's state in the job, and this rank's layouts.
+
+    Planned without listing every chunk: ``shared`` holds the chunks several ranks hold, each with its writer; a
+    chunk one rank alone holds is written by that rank and stays in its layout's ``chunk_groups``. ``mine()`` is
+    what this rank writes; ``writes`` lists every chunk of the job (O(chunks): for tests and the scale simulation).
+    """
 
     rank: int
     layouts: Mapping[str, TensorLayout]
-    writes: tuple[ChunkWrite, ...]
+    shared: tuple[ChunkWrite, ...]
 
     def mine(self) -> list[ChunkWrite]:
-        """The chunks this rank writes."""
-        return [w for w in self.writes if w.writer == self.rank]
+        """The chunks this rank writes, by name, then offsets."""
+        own = [ChunkWrite(name, chunk.box, chunk.box.numel * layout.element_size, chunk.holders, self.rank)
+               for name, layout in self.layouts.items()
+               for chunk in layout.chunk_groups.alone.get(self.rank, ())]
+        return _in_order(own + [w for w in self.shared if w.writer == self.rank])
+
+    @property
+    def writes(self) -> tuple[ChunkWrite, ...]:
+        """Every chunk of the job and its writer, by name, then offsets."""
+        alone = [ChunkWrite(name, chunk.box, chunk.box.numel * layout.element_size, chunk.holders, chunk.holders[0])
+                 for name, layout in self.layouts.items()
+                 for chunks in layout.chunk_groups.alone.values() for chunk in chunks]
+        return tuple(_in_order(alone + list(self.shared)))
 
     def bytes_by_rank(self) -> dict[int, int]:
         """Bytes each rank is to write."""
@@ -67,6 +84,10 @@ class WritePlan:
         for write in self.writes:
             totals[write.writer] = totals.get(write.writer, 0) + write.nbytes
         return dict(sorted(totals.items()))
+
+
+def _in_order(writes: list[ChunkWrite]) -> list[ChunkWrite]:
+    return sorted(writes, key=lambda w: (w.name, w.box.offsets))
 
 
 def _default_rank() -> int:
@@ -104,24 +125,27 @@ def plan_writes(state: Mapping[str, torch.Tensor], *, rank: int | None = None,
         except CheckpointError as exc:
             raise UnsupportedStateError(f"tensor {name!r}: {exc}") from None
         layouts[name] = layout
-    # Every chunk of the job, largest first (then by name and offsets, unique): plain tuples, compared as they are,
-    # since a job on thousands of ranks has millions of chunks and this runs on every rank.
-    pending = sorted((-chunk.box.numel * layout.element_size, layout.name, chunk.box.offsets, chunk)
-                     for layout in layouts.values() for chunk in layout.chunks)
+    # A chunk one rank alone holds is its writer's, and only adds to that rank's bytes: summed per distinct layout
+    # (the tensors of a model share a few), not listed, since a job on thousands of ranks has millions of chunks.
     load: dict[int, int] = {}
+    by_layout: dict[int, list] = {}
+    for layout in layouts.values():
+        groups = layout.chunk_groups
+        by_layout.setdefault(id(groups), [groups, 0])[1] += layout.element_size
+    for groups, element_bytes in by_layout.values():
+        for holder, numel in groups.alone_numel.items():
+            load[holder] = load.get(holder, 0) + numel * element_bytes
+    # The chunks several ranks hold, largest first (then by name and offsets, unique; plain tuples, compared as they
+    # are), each to the holder given the fewest bytes so far.
+    pending = sorted((-chunk.box.numel * layout.element_size, layout.name, chunk.box.offsets, chunk)
+                     for layout in layouts.values() for chunk in layout.chunk_groups.shared)
     least = _LeastLoaded(load)
-    assigned: dict[str, list[ChunkWrite]] = {name: [] for name in layouts}
+    shared = []
     for negative, name, _, chunk in pending:
-        holders = chunk.holders
-        writer = holders[0] if len(holders) == 1 else least.pick(holders)
+        writer = least.pick(chunk.holders)
         load[writer] = load.get(writer, 0) - negative
-        assigned[name].append(ChunkWrite(name, chunk.box, -negative, holders, writer))
-    writes = []
-    for name in sorted(assigned):  # by name, then offsets
-        chunks = assigned[name]
-        chunks.sort(key=lambda w: w.box.offsets)
-        writes.extend(chunks)
-    return WritePlan(rank, layouts, tuple(writes))
+        shared.append(ChunkWrite(name, chunk.box, -negative, chunk.holders, writer))
+    return WritePlan(rank, layouts, tuple(_in_order(shared)))
 
 
 class _LeastLoaded:
