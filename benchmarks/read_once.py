@@ -1,6 +1,6 @@
 """Read-once loads: load time with ``read_once`` on and off, on a local disk and on S3 (moto), and bytes fetched.
 
-    python benchmarks/read_once.py [--size-mib 192] [--world 4] [--repeats 3] [--shard-mib 32]
+    python benchmarks/read_once.py [--size-mib 192] [--world 4] [--repeats 3] [--shard-mib 32] [--pattern sharded]
 
 Starts moto's S3 server on 127.0.0.1 (as the tests do) and a counting proxy in front of it (``FaultProxy`` of the
 tests, with no fault rules: it counts the body bytes it answers). ``--world`` gloo processes (one node) each hold
@@ -12,7 +12,9 @@ node, or broadcast over the process group, ``on-group``, as between nodes) and `
 the slowest rank's (barriers around it), the figure the median over ``--repeats``; every load is checked
 ``torch.equal`` to what was saved. Timed S3 loads talk to moto directly; one more load of each kind goes through the
 proxy, which gives the bytes fetched from the store per load divided by the checkpoint's bytes (the objects' total
-size).
+size). ``--pattern sharded`` declares the same tensors SHARDED instead (plain tensors, so every rank loads every chunk
+whole): read-once then reads each chunk piece on one rank and sends it point-to-point (``engine/shared_pieces.py``;
+there is no shared-memory mode, so ``on-group`` is not run).
 
 moto runs on the same machine and shares its cores with the ranks: the S3 numbers measure client, server and
 broadcast on loopback, not a network. On a local disk the page cache already shares the reads of one node, so
@@ -43,6 +45,7 @@ MIB = 1024 * 1024
 #: read_once on, its files handed over through shared memory (the default on one node) / over the process group
 #: (gloo broadcasts, as between nodes); read_once off.
 MODES = ("on", "on-group", "off")
+PATTERN = {"sharded": False}  # set in each process from --pattern
 
 
 def _state(size_mib: int) -> dict[str, Any]:
@@ -58,7 +61,8 @@ def _coordinator(state: dict[str, Any], progress: dict[str, Any], read_once: boo
     from lightning_sharing import CheckpointCoordinator, SharingPattern, StateComponent
     from lightning_sharing.statefuls.holders import ValueHolder
 
-    components = [StateComponent("model", _Tensors(state), SharingPattern.REPLICATED),
+    pattern = SharingPattern.SHARDED if PATTERN["sharded"] else SharingPattern.REPLICATED
+    components = [StateComponent("model", _Tensors(state), pattern),
                   StateComponent("progress", ValueHolder(progress), SharingPattern.GLOBAL)]
     return CheckpointCoordinator(components, max_shard_size=shard_mib * MIB, read_once=read_once,
                                  storage_options=storage_options)
@@ -89,6 +93,8 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, paths: d
     import lightning_sharing.engine.read_once as read_once_module
 
     torch.set_num_threads(1)
+    PATTERN["sharded"] = args.pattern == "sharded"
+    modes = _modes(args)
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=900))
     try:
         saved = _state(args.size_mib)
@@ -110,11 +116,11 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, paths: d
             dist.barrier()
             elapsed = time.perf_counter() - start
             assert all(torch.equal(live[n], saved[n]) for n in saved), f"{where} {mode}: not bit-exact"
-            fetched[f"{where}/{mode}"] = result.shared_bytes_fetched
+            fetched[f"{where}/{mode}"] = result.shared_bytes_fetched + result.sent_piece_bytes
             return elapsed
 
         for round_ in range(args.repeats):
-            order = MODES if round_ % 2 == 0 else MODES[::-1]
+            order = modes if round_ % 2 == 0 else modes[::-1]
             for where in ("local", "s3"):
                 for mode in order:
                     times.setdefault(f"{where}/{mode}", []).append(load(where, mode, direct if where == "s3" else None))
@@ -132,12 +138,17 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, paths: d
         dist.destroy_process_group()
 
 
+def _modes(args: argparse.Namespace) -> tuple[str, ...]:
+    return ("on", "off") if args.pattern == "sharded" else MODES
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size-mib", type=int, default=192)
     parser.add_argument("--world", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--shard-mib", type=int, default=32)
+    parser.add_argument("--pattern", choices=("replicated", "sharded"), default="replicated")
     args = parser.parse_args()
     import torch.multiprocessing as mp
 
@@ -183,13 +194,14 @@ def main() -> int:
         finally:
             proxy.close()
             server.stop()
-    print(f"read_once benchmark: {args.world} ranks (gloo, one node, {os.cpu_count()} cores), REPLICATED state of "
+    print(f"read_once benchmark: {args.world} ranks (gloo, one node, {os.cpu_count()} cores), "
+          f"{args.pattern.upper()} state of "
           f"{args.size_mib} MiB in shards of <= {args.shard_mib} MiB + a GLOBAL one; checkpoint {checkpoint_bytes} "
           f"bytes; {args.repeats} rounds, median (min-max) of the slowest rank; "
           f"total {time.perf_counter() - started:.0f}s")
     print(f"{'load':<12} {'read_once':<10} {'time s':>8}  {'min-max':>13}  {'shared MiB fetched per rank':>28}")
     for where in ("local", "s3"):
-        for mode in MODES:
+        for mode in _modes(args):
             key = f"{where}/{mode}"
             runs = [max(per_rank[r]["times"][key][i] for r in per_rank) for i in range(args.repeats)]
             shares = [per_rank[r]["fetched"][key] / MIB for r in sorted(per_rank)]

@@ -78,6 +78,22 @@ def _pieces(index: torch.Tensor, parts: int) -> list[torch.Tensor]:
     return chunks + [index[:0]] * (parts - len(chunks))
 
 
+def test_strided_picks_are_torchs():
+    from torch.distributed.tensor.placement_types import _StridedShardOffsetMode
+
+    from lightning_sharing.sharded.dtensor_boxes import _strided_picks
+
+    for length in (0, 1, 5, 7, 16, 29):
+        for factor in (1, 2, 3, 8):
+            placement = _StridedShard(0, split_factor=factor)
+            for parts in (1, 2, 3, 4, 9):
+                for index in range(parts):
+                    _, torchs = placement.local_shard_size_and_offset(length, parts, index,
+                                                                      _StridedShardOffsetMode.ALL)
+                    assert list(_strided_picks(placement, length, parts, index)) == list(torchs or []), (
+                        length, factor, parts, index)
+
+
 def test_non_contiguous_pieces_refused():
     # A _StridedShard with no sharding to its right: every coordinate holds every other pair of rows.
     with pytest.raises(UnsupportedStateError, match=r"give coordinate \(0,\) a non-contiguous piece of dim 0"):
