@@ -41,6 +41,7 @@ from lightning_sharing.errors import ComponentDeclarationError
 
 __all__ = [
     "RULES",
+    "SHARD_GROUPS",
     "ChunkFiles",
     "CopyFiles",
     "Placement",
@@ -83,6 +84,10 @@ class Placement:
         return self.spread or (self.writer,)
 
 
+#: The shard groups of an incremental save: tensors that do not require grad (``frozen``) and tensors seen unchanged
+#: since the previous save (``stable``) go to shards of their own, so that whole files stay unchanged.
+SHARD_GROUPS = ("frozen", "stable")
+
 # The files any copy ``S`` may have besides its tensors: the structure of a non-flat state (``S.json``) and a
 # Hugging Face index (``S.safetensors.index.json``).
 _STRUCTURE_SUFFIXES = (r"\.json", r"\.safetensors\.index\.json")
@@ -94,22 +99,28 @@ class WholeTensorFiles:
 
     ``S-0000k-of-0000N.safetensors`` (no larger than the options' shard size; a larger tensor gets its own),
     ``S.safetensors.index.json`` and, for a non-flat state, ``S.json``. The engine's ``WholeTensorFormat``.
+    An incremental save keeps tensors that do not change in shards of their own group (``SHARD_GROUPS``), numbered
+    apart: ``S-frozen-0000k-of-0000N.safetensors`` (``engine/incremental.py``).
 
     Example:
         >>> WholeTensorFiles().shard_for("model", 1, 2)
         'model-00001-of-00002.safetensors'
+        >>> WholeTensorFiles().shard_for("model", 1, 1, "frozen")
+        'model-frozen-00001-of-00001.safetensors'
     """
 
-    shard: str = "{stem}-{number:05d}-of-{count:05d}.safetensors"
+    shard: str = "{stem}-{group}{number:05d}-of-{count:05d}.safetensors"
 
-    def shard_for(self, stem: str, number: int, count: int) -> str:
-        """Shard ``number`` (from 1) of ``count`` of copy ``stem``."""
-        return self.shard.format(stem=stem, number=number, count=count)
+    def shard_for(self, stem: str, number: int, count: int, group: str = "") -> str:
+        """Shard ``number`` (from 1) of ``count`` of copy ``stem`` (of shard group ``group``: "" or one of
+        ``SHARD_GROUPS``)."""
+        return self.shard.format(stem=stem, number=number, count=count, group=f"{group}-" if group else "")
 
     def regex(self, key: str) -> str:
         """A regular expression matching every file this format may write for component ``key``."""
-        suffixes = (*_STRUCTURE_SUFFIXES, _FIELD_RE.sub(lambda m: r"\d{5}", _escape_literals(
-            self.shard.replace("{stem}", ""))))
+        groups = "(?:(?:" + "|".join(SHARD_GROUPS) + ")-)?"
+        suffixes = (*_STRUCTURE_SUFFIXES, _FIELD_RE.sub(lambda m: groups if m[1] == "group" else r"\d{5}",
+                                                        _escape_literals(self.shard.replace("{stem}", ""))))
         return stem_regex(key) + "(" + "|".join(suffixes) + ")"
 
 

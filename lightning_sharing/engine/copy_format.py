@@ -42,17 +42,34 @@ from lightning_sharing.format.copy_files import TREE_FORMAT, check_json_size, js
 from lightning_sharing.format.safetensors_io import write_blob, write_tensors
 from lightning_sharing.storage import CheckpointStore
 
-__all__ = ["CopyFormat", "CopyPlan", "FileJob", "FullTensors", "LoadContext", "PreparedLoad", "SavedTensor",
-           "WrittenCopy", "tree_job", "write_file"]
+__all__ = ["CopyFormat", "CopyPlan", "FileJob", "FullTensors", "LoadContext", "PreparedLoad", "ReuseSource",
+           "SavedTensor", "WrittenCopy", "tree_job", "write_file"]
+
+
+@dataclass(frozen=True)
+class ReuseSource:
+    """A file of an earlier checkpoint holding exactly what a ``FileJob`` would write (an incremental save):
+    ``location`` in the store, its manifest record (``size``, ``checksum``, ``stamp``) and the checkpoint's name."""
+
+    location: str
+    size: int
+    checksum: str
+    stamp: str
+    checkpoint: str
 
 
 @dataclass
 class FileJob:
-    """One file a rank writes: tensors (``tensors``; the format decides how) or bytes (``data``, JSON)."""
+    """One file a rank writes: tensors (``tensors``; the format decides how) or bytes (``data``, JSON).
+
+    ``reuse``: an earlier checkpoint's file with the same content (``engine/incremental.py``): ``write_file`` links
+    or copies it instead of writing, and writes the tensors only when the store cannot.
+    """
 
     rel: str
     tensors: dict[str, torch.Tensor] | None = None
     data: bytes | None = None
+    reuse: ReuseSource | None = None
 
 
 @dataclass
@@ -214,13 +231,22 @@ def tree_job(stem: str, encoded: EncodedState) -> FileJob:
 def write_file(store: CheckpointStore, root: str, job: FileJob, rank: int) -> FileEntry:
     """Write one file: ``job.tensors`` as one safetensors file, else ``job.data``; returns its manifest entry.
 
-    The checksum is computed from the bytes as they are written; no file is read back.
+    The checksum is computed from the bytes as they are written; no file is read back. With ``job.reuse`` the
+    earlier file is linked or copied (``CheckpointStore.reuse_file``: only when it still is what its manifest
+    recorded); it is written only when that is not possible.
     """
+    location = store.join(root, job.rel)
+    source = job.reuse
+    if source is not None:
+        stamp = store.reuse_file(source.location, source.size, source.stamp, location)
+        if stamp is not None:
+            origin = {"kind": store.reuse_kind or "copied", "from": source.checkpoint}
+            return FileEntry(job.rel, source.size, source.checksum, rank, stamp=stamp, origin=origin)
     if job.tensors is None and job.rel.endswith(".json"):
         check_json_size(len(job.data or b""), job.rel)
-    with store.open_write(store.join(root, job.rel)) as sink:
+    with store.open_write(location) as sink:
         if job.tensors is not None:
             size, checksum = write_tensors(sink, job.tensors)
         else:
             size, checksum = write_blob(sink, job.data or b"")
-    return FileEntry(job.rel, size, checksum, rank)
+    return FileEntry(job.rel, size, checksum, rank, stamp=store.stamp(location), origin={"kind": "written"})
