@@ -1,0 +1,226 @@
+"""Incremental saves on a real 2-rank gloo job (issue 24): what did not change is hard-linked, not written again.
+
+One job, checked several ways: a frozen backbone (about 99% of the weights) with a small trainable adapter, AdamW on
+the adapter and an EMA of it, all REPLICATED (the shards spread over both ranks).
+
+- the second and later saves write <= 5% of the first save's bytes, counted twice: from the manifests' ``origin``
+  and from the files themselves (bytes of files whose inode no earlier checkpoint holds);
+- a partial checkpoint (no manifest) newer than every complete one is never linked from;
+- a previous file damaged in place (same size) or replaced (new inode, same size and mtime) is written afresh;
+- after every older checkpoint is deleted, the newest verifies (``lightning-sharing verify``) and loads, and a run
+  resumed from it is bit-exact with the run that went on;
+- a fresh coordinator (no memory of earlier saves: a restart) still links the frozen shard, by checksum;
+- full fine-tuning (everything trains) writes every tensor file.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from support.dist_harness import run_distributed
+
+from lightning_sharing import CheckpointCoordinator, OptimizerState, SharingPattern, StateComponent
+from lightning_sharing.checkpoint.manifest import MANIFEST_NAME, CheckpointManifest
+from lightning_sharing.cli import main
+from lightning_sharing.cli.inspect import reuse_summary
+from lightning_sharing.cli.verify import human_size
+
+FROZEN = "model-frozen-00001-of-00001.safetensors"
+
+
+class _Ema:
+    """An exponential moving average of the adapter's weights (updated in place)."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.module = module
+        self.shadow = {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+    def update(self) -> None:
+        with torch.no_grad():
+            for name, value in self.module.state_dict().items():
+                self.shadow[name].lerp_(value, 0.25)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.shadow
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for name, value in state.items():
+            self.shadow[name].copy_(value)
+
+
+class _Run:
+    """Model, optimizer and EMA; ``train(step)`` is deterministic in ``step``."""
+
+    def __init__(self, frozen: bool = True, seed: int = 0) -> None:
+        torch.manual_seed(seed)
+        self.model = torch.nn.Sequential(*[torch.nn.Linear(128, 128) for _ in range(16)], torch.nn.Linear(128, 8))
+        trainable = self.model[16] if frozen else self.model
+        if frozen:
+            self.model[:16].requires_grad_(False)
+        self.optimizer = torch.optim.AdamW(trainable.parameters(), lr=1e-2)
+        self.ema = _Ema(self.model[16])
+
+    def components(self) -> list[StateComponent]:
+        return [StateComponent("model", self.model, SharingPattern.REPLICATED),
+                StateComponent("optimizer", OptimizerState(self.model, self.optimizer), SharingPattern.REPLICATED),
+                StateComponent("ema", self.ema, SharingPattern.REPLICATED)]
+
+    def train(self, step: int) -> None:
+        data = torch.randn(4, 128, generator=torch.Generator().manual_seed(step))
+        self.model(data).square().mean().backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        self.ema.update()
+
+    def state(self) -> list[torch.Tensor]:
+        tensors = list(self.model.state_dict().values()) + list(self.ema.shadow.values())
+        for group in self.optimizer.state_dict()["state"].values():
+            tensors += [v for v in group.values() if isinstance(v, torch.Tensor)]
+        return [t.detach().clone() for t in tensors]
+
+
+def _files(path: Path) -> dict[str, os.stat_result]:
+    """Every data file of a checkpoint (the manifest, which is never reused, left out)."""
+    return {p.relative_to(path).as_posix(): p.stat() for p in path.rglob("*")
+            if p.is_file() and p.name != MANIFEST_NAME}
+
+
+def _fresh_bytes(path: Path, earlier: list[Path]) -> int:
+    """Bytes of the files of ``path`` whose inode no ``earlier`` checkpoint holds (what its save really wrote)."""
+    seen = {(s.st_dev, s.st_ino) for old in earlier if old.exists() for s in _files(old).values()}
+    return sum(s.st_size for s in _files(path).values() if (s.st_dev, s.st_ino) not in seen)
+
+
+def _record(path: Path, earlier: list[Path]) -> dict[str, Any]:
+    manifest = CheckpointManifest.load(path)
+    origins = {f.path: (f.origin or {}).get("kind") for f in manifest.all_files()}
+    return {"summary": reuse_summary(manifest), "fresh": _fresh_bytes(path, earlier), "origins": origins,
+            "sources": {f.path: (f.origin or {}).get("from") for f in manifest.all_files()}}
+
+
+def _worker(rank: int, world_size: int, root: str) -> dict[str, Any]:
+    import torch.distributed as dist
+
+    base = Path(root)
+    run = _Run()
+    coordinator = CheckpointCoordinator(run.components(), incremental=True)
+    saved: list[Path] = []
+    records: dict[str, Any] = {}
+
+    def save(step: int, co: CheckpointCoordinator = coordinator) -> Path:
+        path = base / f"step={step}.ckpt"
+        co.save_checkpoint(path, step=step)
+        if rank == 0:
+            records[path.name] = _record(path, saved)
+        saved.append(path)
+        return path
+
+    for step in (1, 2, 3):
+        run.train(step)
+        save(step)
+    if rank == 0:  # a newer save that never completed (no manifest): never a source
+        partial = base / "step=99.ckpt"
+        partial.mkdir()
+        shutil.copy(saved[-1] / FROZEN, partial / FROZEN)
+        (partial / "model.safetensors.index.json").write_bytes((saved[-1] / "model.safetensors.index.json")
+                                                               .read_bytes())
+    dist.barrier()
+    run.train(4)
+    save(4)
+    if rank == 0:  # damage step=4's frozen shard in place: same size, same inode (and so every earlier one's)
+        target = saved[-1] / FROZEN
+        before = target.stat()
+        with open(target, "r+b") as handle:
+            handle.seek(before.st_size // 2)
+            byte = handle.read(1)
+            handle.seek(before.st_size // 2)
+            handle.write(bytes([byte[0] ^ 0xFF]))
+        # A write moves the mtime; set it apart explicitly so the test does not depend on the clock's granularity.
+        os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns + 1_000_000_000))
+    dist.barrier()
+    run.train(5)
+    save(5)
+    run.train(6)
+    save(6)
+    if rank == 0:  # replace step=6's frozen shard: a new inode with the same size and mtime
+        target = saved[-1] / FROZEN
+        before = target.stat()
+        shutil.copy(target, target.with_suffix(".tmp"))
+        os.replace(target.with_suffix(".tmp"), target)
+        os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns))
+    dist.barrier()
+    run.train(7)
+    newest = save(7)
+    kept = run.state()
+    run.train(8)
+    run.train(9)
+    went_on = run.state()
+    if rank == 0:  # retention: every older checkpoint goes
+        for path in saved[:-1]:
+            shutil.rmtree(path)
+        shutil.rmtree(base / "step=99.ckpt")
+    dist.barrier()
+
+    resumed = _Run(seed=1)  # other initial weights: the load must bring everything back
+    restarted = CheckpointCoordinator(resumed.components(), incremental=True)  # no memory of the saves above
+    restarted.load_checkpoint(newest)
+    loaded = resumed.state()
+    restart_path = save(10, restarted)  # the same state, saved by a coordinator without memory: by checksum
+    resumed.train(8)
+    resumed.train(9)
+    result = {"loaded": all(torch.equal(a, b) for a, b in zip(loaded, kept, strict=True)),
+              "resumed": all(torch.equal(a, b) for a, b in zip(resumed.state(), went_on, strict=True))}
+
+    full = _Run(frozen=False)  # full fine-tuning: everything changes between saves
+    everything = CheckpointCoordinator(full.components(), incremental=True)
+    full_dir = base / "full"
+    for step in (1, 2):
+        full.train(step)
+        everything.save_checkpoint(full_dir / f"step={step}.ckpt", step=step)
+    dist.barrier()
+    if rank == 0:
+        result["full"] = _record(full_dir / "step=2.ckpt", [full_dir / "step=1.ckpt"])
+        result["restart"] = records.pop(restart_path.name)
+    result["records"] = records
+    return result
+
+
+def test_incremental_saves_link_what_did_not_change(tmp_path: Path, capsys: Any) -> None:
+    result = run_distributed(_worker, 2, str(tmp_path), timeout=120)[0]
+    records = result["records"]
+    first = records["step=1.ckpt"]["summary"]["written"]
+    assert first > 1_000_000  # the frozen backbone, written once
+    for name in ("step=2.ckpt", "step=3.ckpt", "step=4.ckpt", "step=6.ckpt"):
+        record = records[name]
+        assert record["origins"][FROZEN] == "linked", (name, record)
+        assert record["summary"]["written"] <= 0.05 * first, (name, record["summary"])
+        assert record["fresh"] == record["summary"]["written"], (name, record)  # the inodes agree
+    assert records["step=4.ckpt"]["sources"][FROZEN] == "step=3.ckpt"  # not the partial step=99.ckpt
+    # Damaged in place since step=4 (and replaced since step=6): written afresh, then linked again.
+    for damaged in ("step=5.ckpt", "step=7.ckpt"):
+        assert records[damaged]["origins"][FROZEN] == "written", records[damaged]
+        assert records[damaged]["fresh"] >= 0.95 * first, records[damaged]
+    # Everything older deleted: the newest loads bit-exact and the run resumed from it equals the run that went on.
+    assert result["loaded"] and result["resumed"]
+    newest = tmp_path / "step=7.ckpt"
+    assert main(["verify", str(newest)]) == 0, capsys.readouterr().out
+    # A coordinator without memory (a restart) links the frozen shard after comparing checksums, writes the rest.
+    restart = result["restart"]
+    assert restart["origins"][FROZEN] == "linked" and restart["sources"][FROZEN] == "step=7.ckpt"
+    assert restart["summary"]["written"] <= 0.05 * first
+    assert main(["verify", str(tmp_path / "step=10.ckpt")]) == 0
+    # Full fine-tuning: every tensor file is written again.
+    full = result["full"]
+    assert set(full["origins"].values()) == {"written"}, full
+    assert full["fresh"] == full["summary"]["written"] > 1_000_000
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "step=10.ckpt")]) == 0
+    shown = " ".join(capsys.readouterr().out.split())
+    summary = restart["summary"]
+    assert summary["from"] == {"step=7.ckpt": summary["reused"]}
+    assert (f"bytes written {human_size(summary['written'])}, reused {human_size(summary['reused'])} "
+            "(linked or copied from step=7.ckpt)") in shown, shown
