@@ -10,7 +10,8 @@ the adapter and an EMA of it, all REPLICATED (the shards spread over both ranks)
 - after every older checkpoint is deleted, the newest verifies (``lightning-sharing verify``) and loads, and a run
   resumed from it is bit-exact with the run that went on;
 - a fresh coordinator (no memory of earlier saves: a restart) still links the frozen shard, by checksum;
-- full fine-tuning (everything trains) writes every tensor file.
+- full fine-tuning (everything trains) writes every tensor file;
+- on moto's S3 server the unchanged shard is copied server-side: no byte of it is uploaded (counted by a proxy).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 
 import torch
 from support.dist_harness import run_distributed
+from support.s3 import FaultProxy
 
 from lightning_sharing import CheckpointCoordinator, OptimizerState, SharingPattern, StateComponent
 from lightning_sharing.checkpoint.manifest import MANIFEST_NAME, CheckpointManifest
@@ -224,3 +226,36 @@ def test_incremental_saves_link_what_did_not_change(tmp_path: Path, capsys: Any)
     assert summary["from"] == {"step=7.ckpt": summary["reused"]}
     assert (f"bytes written {human_size(summary['written'])}, reused {human_size(summary['reused'])} "
             "(linked or copied from step=7.ckpt)") in shown, shown
+
+
+def _s3_worker(rank: int, world_size: int, base: str, options: dict[str, Any]) -> list[torch.Tensor]:
+    run = _Run()
+    coordinator = CheckpointCoordinator(run.components(), incremental=True, storage_options=options)
+    for step in (1, 2, 3):
+        run.train(step)
+        coordinator.save_checkpoint(f"{base}/step={step}.ckpt", step=step)
+    return run.state()
+
+
+def test_incremental_saves_on_s3_copy_server_side(moto_server: Any, s3: Any, s3_prefix: str,
+                                                  fault_proxy: FaultProxy, capsys: Any) -> None:
+    """On moto's S3 server, through a proxy counting what the clients upload: the frozen shard of the second and
+    third saves is a server-side copy (a PUT with no body), and those saves upload <= 5% of the first one's bytes."""
+    base = f"s3://{s3_prefix}/run"
+    state = run_distributed(_s3_worker, 2, base, {"endpoint_url": fault_proxy.url}, timeout=120)[0]
+    uploaded = {step: fault_proxy.bytes_received("PUT", f"step%3D{step}.ckpt/") for step in (1, 2, 3)}
+    assert uploaded[1] > 1_000_000, uploaded
+    for step in (2, 3):
+        assert uploaded[step] <= 0.05 * uploaded[1], uploaded
+        assert fault_proxy.count("PUT", f"step%3D{step}.ckpt/", FROZEN) == 1  # one CopyObject ...
+        assert fault_proxy.bytes_received("PUT", f"step%3D{step}.ckpt/", FROZEN) == 0  # ... with no bytes
+        manifest = CheckpointManifest.load(f"{base}/step={step}.ckpt")
+        frozen = next(f for f in manifest.all_files() if f.path == FROZEN)
+        assert frozen.origin == {"kind": "copied", "from": f"step={step - 1}.ckpt"}
+    # Self-contained: with the older checkpoints gone, the newest verifies and loads what was saved.
+    s3.rm(f"{s3_prefix}/run/step=1.ckpt", recursive=True)
+    s3.rm(f"{s3_prefix}/run/step=2.ckpt", recursive=True)
+    assert main(["verify", f"{base}/step=3.ckpt"]) == 0, capsys.readouterr().out
+    resumed = _Run(seed=1)
+    CheckpointCoordinator(resumed.components()).load_checkpoint(f"{base}/step=3.ckpt")
+    assert all(torch.equal(a, b) for a, b in zip(resumed.state(), state, strict=True))
