@@ -133,17 +133,22 @@ class ChunkFiles:
     whole, a Hugging Face index ``{key}.safetensors.index.json`` points into the chunk files. The engine's
     ``ChunkFormat``.
 
+    An incremental save puts the chunks of tensors that do not change in a file of their own per group
+    (``SHARD_GROUPS``): ``{key}/chunks-frozen-{rank:05d}.safetensors``.
+
     Example:
         >>> ChunkFiles().file_for("model", 3), ChunkFiles().index_for("model")
         ('model/chunks-00003.safetensors', 'model/index.json')
+        >>> ChunkFiles().file_for("model", 3, "frozen")
+        'model/chunks-frozen-00003.safetensors'
     """
 
-    file: str = "{key}/chunks-{rank:05d}.safetensors"
+    file: str = "{key}/chunks-{group}{rank:05d}.safetensors"
     index: str = "{key}/index.json"
 
-    def file_for(self, key: str, rank: int) -> str:
-        """The chunk file global ``rank`` writes for component ``key``."""
-        return self.file.format(key=key, rank=rank)
+    def file_for(self, key: str, rank: int, group: str = "") -> str:
+        """The chunk file global ``rank`` writes for component ``key`` (of shard group ``group``)."""
+        return self.file.format(key=key, rank=rank, group=f"{group}-" if group else "")
 
     def index_for(self, key: str) -> str:
         """The merged chunk index of component ``key`` (written by rank 0 at commit)."""
@@ -151,7 +156,7 @@ class ChunkFiles:
 
     def regex(self, key: str) -> str:
         """A regular expression matching every file this format may write for component ``key``."""
-        parts = {"key": re.escape(key), "rank": r"\d{5}"}
+        parts = {"key": re.escape(key), "rank": r"\d{5}", "group": "(?:(?:" + "|".join(SHARD_GROUPS) + ")-)?"}
         names = sorted({_FIELD_RE.sub(lambda m: parts[m[1]], _escape_literals(name)) for name in (self.file,
                                                                                                   self.index)})
         return "(?:" + stem_regex(key) + "(" + "|".join(_STRUCTURE_SUFFIXES) + "))|" + "|".join(names)

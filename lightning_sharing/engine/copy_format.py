@@ -26,6 +26,7 @@ Example:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -39,11 +40,11 @@ from lightning_sharing.core.topology import Topology
 from lightning_sharing.engine.verified_files import ComponentFiles
 from lightning_sharing.format.codec import EncodedState, encode_state
 from lightning_sharing.format.copy_files import TREE_FORMAT, check_json_size, json_bytes, tree_name
-from lightning_sharing.format.safetensors_io import write_blob, write_tensors
+from lightning_sharing.format.safetensors_io import tensors_checksum, tensors_file_size, write_blob, write_tensors
 from lightning_sharing.storage import CheckpointStore
 
 __all__ = ["CopyFormat", "CopyPlan", "FileJob", "FullTensors", "LoadContext", "PreparedLoad", "ReuseSource",
-           "SavedTensor", "WrittenCopy", "tree_job", "write_file"]
+           "SavedTensor", "WrittenCopy", "reuse_file", "tree_job", "write_file"]
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,7 @@ class ReuseSource:
     checksum: str
     stamp: str
     checkpoint: str
+    detail: Any = None  # the format's record of the file when it was written (a chunk file's part of the index)
 
 
 @dataclass
@@ -202,6 +204,11 @@ class CopyFormat(ABC):
                 jobs.append(FileJob(job.rel, data=job.data))
         return CopyPlan(plan.key, plan.stem, jobs, plan.detail)
 
+    def planned_file(self, tensors: dict[str, torch.Tensor]) -> tuple[int, Callable[[], str]] | None:
+        """The size of the file ``write`` makes of ``tensors`` and how to compute its checksum without writing it (an
+        incremental save without memory compares them with the previous checkpoint's); None: not known before."""
+        return tensors_file_size(tensors), lambda: tensors_checksum(tensors)
+
     @abstractmethod
     def write(self, store: CheckpointStore, root: str, plan: CopyPlan, rank: int) -> WrittenCopy:
         """Write this rank's files of ``plan`` under ``root``, checksummed as they are written."""
@@ -228,6 +235,19 @@ def tree_job(stem: str, encoded: EncodedState) -> FileJob:
     return FileJob(tree_name(stem), data=json_bytes(body))
 
 
+def reuse_file(store: CheckpointStore, root: str, job: FileJob, rank: int) -> FileEntry | None:
+    """``job.reuse`` linked or copied to ``job.rel`` under ``root`` (``CheckpointStore.reuse_file``: only when it still
+    is what its manifest recorded); its manifest entry, or None when the file is to be written."""
+    source = job.reuse
+    if source is None:
+        return None
+    stamp = store.reuse_file(source.location, source.size, source.stamp, store.join(root, job.rel))
+    if stamp is None:
+        return None
+    origin = {"kind": store.reuse_kind or "copied", "from": source.checkpoint}
+    return FileEntry(job.rel, source.size, source.checksum, rank, stamp=stamp, origin=origin)
+
+
 def write_file(store: CheckpointStore, root: str, job: FileJob, rank: int) -> FileEntry:
     """Write one file: ``job.tensors`` as one safetensors file, else ``job.data``; returns its manifest entry.
 
@@ -236,12 +256,9 @@ def write_file(store: CheckpointStore, root: str, job: FileJob, rank: int) -> Fi
     recorded); it is written only when that is not possible.
     """
     location = store.join(root, job.rel)
-    source = job.reuse
-    if source is not None:
-        stamp = store.reuse_file(source.location, source.size, source.stamp, location)
-        if stamp is not None:
-            origin = {"kind": store.reuse_kind or "copied", "from": source.checkpoint}
-            return FileEntry(job.rel, source.size, source.checksum, rank, stamp=stamp, origin=origin)
+    reused = reuse_file(store, root, job, rank)
+    if reused is not None:
+        return reused
     if job.tensors is None and job.rel.endswith(".json"):
         check_json_size(len(job.data or b""), job.rel)
     with store.open_write(location) as sink:

@@ -15,7 +15,8 @@ A save with ``CheckpointOptions(incremental=True)``, on every rank that writes f
    the ``frozen`` shard group, tensors seen unchanged since the previous save to the ``stable`` one, the others to
    the copy's usual shards (``core.rules.SHARD_GROUPS``), so a file of unchanged tensors is unchanged as a whole.
 4. **Reuse**: a file whose tensors (names, order, fingerprints) are those of the file of the same name last time, and
-   whose checksum the previous checkpoint records for it, gets ``FileJob.reuse``; ``copy_format.write_file`` then
+   whose checksum the previous checkpoint records for it, gets ``FileJob.reuse`` (a SHARDED chunk file with its part
+   of the chunk index, from memory: after a restart chunk files are written); ``copy_format.write_file`` then
    hard-links it (local) or copies it server-side (object store) after checking its size and stamp, and writes it
    only when that is not possible. The manifest records each file's ``origin``.
 
@@ -30,6 +31,7 @@ Example (every rank; ``save.plan_save`` does this):
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,10 +42,9 @@ import torch
 from lightning_sharing.checkpoint.discovery import newest_complete
 from lightning_sharing.checkpoint.manifest import data_root
 from lightning_sharing.core.declarations import StateComponent
-from lightning_sharing.engine.copy_format import CopyPlan, ReuseSource, WrittenCopy
+from lightning_sharing.engine.copy_format import CopyFormat, CopyPlan, ReuseSource, WrittenCopy
 from lightning_sharing.format.codec import EncodedState
-from lightning_sharing.format.safetensors_io import tensors_checksum, tensors_file_size
-from lightning_sharing.sharded.dtensor_boxes import has_dtensors, is_dtensor
+from lightning_sharing.sharded.dtensor_boxes import is_dtensor, local_tensor
 from lightning_sharing.storage import CheckpointStore
 
 __all__ = ["IncrementalMemory", "IncrementalSave", "fingerprint"]
@@ -54,15 +55,19 @@ Fingerprint = tuple[Any, ...]
 
 
 def fingerprint(tensor: torch.Tensor) -> Fingerprint | None:
-    """What identifies ``tensor``'s content within this process while it is not modified (None: nothing does)."""
+    """What identifies ``tensor``'s content within this process while it is not modified (None: nothing does); a
+    ``DTensor`` by its local piece, its own version counter (an in-place operation on a ``DTensor`` bumps its
+    counter, not its local tensor's), its global shape and its placements."""
+    layout: tuple[Any, ...] = ()
     if is_dtensor(tensor):
-        return None
+        layout = (tensor._version, tuple(tensor.shape), str(tensor.placements))
+        tensor = local_tensor(tensor)
     try:
         address = tensor.untyped_storage().data_ptr()
     except RuntimeError:  # no real storage
         return None
     return (address, tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype,
-            str(tensor.device), tensor._version)
+            str(tensor.device), tensor._version, *layout)
 
 
 @dataclass(frozen=True)
@@ -72,6 +77,7 @@ class _FileRecord:
     tensors: tuple[tuple[str, Fingerprint | None], ...]
     checksum: str
     size: int
+    detail: Any = None  # the format's record of the file (a chunk file's part of the index)
 
 
 class IncrementalMemory:
@@ -127,42 +133,52 @@ class IncrementalSave:
 
         return groups
 
-    def mark(self, key: str, plan: CopyPlan) -> None:
+    def mark(self, key: str, plan: CopyPlan, fmt: CopyFormat) -> None:
         """Give each file of ``plan`` that the previous checkpoint holds unchanged its ``reuse`` source."""
         for job in plan.jobs:
             if job.tensors is None:
                 continue
-            marks = tuple((name, fingerprint(tensor)) for name, tensor in job.tensors.items())
+            # The fingerprints of the state's tensors (a DTensor's, not its local piece's, which the job holds)
+            marks = tuple((name, self._seen.get((key, plan.stem, name), (None,))[0]) for name in job.tensors)
             self._files[key, job.rel] = marks
             source = self.sources.get((key, job.rel))
             if source is None or any(mark is None for _, mark in marks):
                 continue
             record = self.memory.files.get((key, job.rel))
             if record is not None:
-                same = record.tensors == marks and (record.checksum, record.size) == (source.checksum, source.size)
-            else:  # no memory of it (a restart): compare the content's checksum, computed without writing
-                same = (tensors_file_size(job.tensors) == source.size
-                        and tensors_checksum(job.tensors) == source.checksum)
-            if same:
-                job.reuse = source
-                self.reused += 1
+                if record.tensors == marks and (record.checksum, record.size) == (source.checksum, source.size):
+                    job.reuse = dataclasses.replace(source, detail=record.detail)
+            elif (planned := fmt.planned_file(job.tensors)) is not None:  # no memory of it (a restart): compare
+                size, checksum = planned                                  # the content's checksum, not writing it
+                if size == source.size and checksum() == source.checksum:
+                    job.reuse = source
+            self.reused += job.reuse is not None
 
     def remember(self, written: list[WrittenCopy]) -> None:
         """After the commit: this save's tensors and files are what the next save compares with."""
         files = {}
         for copy in written:
+            details = _file_details(copy.detail)
             for entry in copy.files:
                 marks = self._files.get((copy.key, entry.path))
                 if marks is not None:
-                    files[copy.key, entry.path] = _FileRecord(marks, entry.checksum, entry.size)
+                    files[copy.key, entry.path] = _FileRecord(marks, entry.checksum, entry.size,
+                                                              details.get(entry.path))
         self.memory.tensors, self.memory.files = self._seen, files
+
+
+def _file_details(detail: Any) -> dict[str, Any]:
+    """A chunk copy's detail (a list of per-file parts of the index) by file; nothing for other formats."""
+    if not isinstance(detail, list):
+        return {}
+    return {file["path"]: part for part in detail for file in part.get("files", [])}
 
 
 def _frozen_names(component: StateComponent) -> set[str]:
     """The names of a module component's parameters that do not require grad (a module's state dict is stored under
     its own names); none for other statefuls."""
     module = component.stateful
-    if not isinstance(module, torch.nn.Module) or has_dtensors(module):
+    if not isinstance(module, torch.nn.Module):
         return set()
     return {name for name, tensor in module.state_dict(keep_vars=True).items()
             if isinstance(tensor, torch.nn.Parameter) and not tensor.requires_grad}

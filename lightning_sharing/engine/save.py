@@ -214,7 +214,7 @@ def _plan(target: CheckpointTarget, components: Sequence[StateComponent], topolo
                 plan = with_context(component.key, "encoding", lambda c=component, p=placement, f=fmt, g=groups:
                                     cache.plan(f, c.key, p, states[c.key], rank, options, g))
                 if step is not None:
-                    step.mark(component.key, plan)
+                    step.mark(component.key, plan, fmt)
                 planned.append(PlannedCopy(component, fmt, plan))
     if saver is not None:  # copy what this rank writes: training may change the originals meanwhile
         owned = optimizer_owned(components, staging_roots) if saver.background_staging else None

@@ -84,6 +84,7 @@ class ObjectStore(CheckpointStore):
         self._replaced_files: dict[str, list[str]] = {}  # write root -> files of a replaced filesystem-layout copy
         self._sizes: dict[str, int] = {}  # sizes just looked up: opening the file needs no second HEAD
         self._listed: dict[str, int] = {}  # sizes from listings (objects are never rewritten in place)
+        self._writers: dict[str, ObjectFileWriter] = {}  # the last writer of each location, until ``stamp`` asks
 
     @classmethod
     def for_url(cls, url: str, storage_options: dict[str, Any] | None = None) -> ObjectStore:
@@ -168,6 +169,9 @@ class ObjectStore(CheckpointStore):
     reuse_kind = "copied"
 
     def stamp(self, location: str) -> str | None:
+        writer = self._writers.pop(location, None)
+        if writer is not None and writer.version is not None:  # the PUT's answer: no request more
+            return writer.version
         info = self._calls.head(self._key(location))
         return None if info is None else info.version
 
@@ -190,7 +194,8 @@ class ObjectStore(CheckpointStore):
 
     # ------------------------------------------------------------------ writing and committing
     def open_write(self, location: str) -> ObjectFileWriter:
-        return ObjectFileWriter(self._calls, self._key(location), location)
+        writer = self._writers[location] = ObjectFileWriter(self._calls, self._key(location), location)
+        return writer
 
     def begin_save(self, target: str, token: str) -> str:
         key = self._key(target)

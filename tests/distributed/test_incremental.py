@@ -259,3 +259,61 @@ def test_incremental_saves_on_s3_copy_server_side(moto_server: Any, s3: Any, s3_
     resumed = _Run(seed=1)
     CheckpointCoordinator(resumed.components()).load_checkpoint(f"{base}/step=3.ckpt")
     assert all(torch.equal(a, b) for a, b in zip(resumed.state(), state, strict=True))
+
+
+def _sharded_run(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(8)], torch.nn.Linear(64, 4))
+    model[:8].requires_grad_(False)
+    mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("dp",))
+    for layer in model:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model, torch.optim.AdamW(model[8].parameters(), lr=1e-2)
+
+
+def _sharded_worker(rank: int, world_size: int, root: str) -> dict[str, Any]:
+    import torch.distributed as dist
+
+    def components(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[StateComponent]:
+        return [StateComponent("model", model, SharingPattern.SHARDED),
+                StateComponent("optimizer", OptimizerState(model, optimizer), SharingPattern.SHARDED)]
+
+    model, optimizer = _sharded_run(0)
+    coordinator = CheckpointCoordinator(components(model, optimizer), incremental=True)
+    base, records = Path(root), {}
+    for step in (1, 2, 3):
+        model(torch.randn(4, 64, generator=torch.Generator().manual_seed(step))).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        coordinator.save_checkpoint(base / f"step={step}.ckpt", step=step)
+        if rank == 0:
+            records[step] = _record(base / f"step={step}.ckpt", [base / f"step={s}.ckpt" for s in range(1, step)])
+    saved = {k: v.full_tensor() for k, v in model.state_dict().items()}
+    if rank == 0:
+        for step in (1, 2):
+            shutil.rmtree(base / f"step={step}.ckpt")
+    dist.barrier()
+    other, other_optimizer = _sharded_run(1)
+    CheckpointCoordinator(components(other, other_optimizer)).load_checkpoint(base / "step=3.ckpt")
+    loaded = {k: v.full_tensor() for k, v in other.state_dict().items()}
+    return {"records": records, "equal": all(torch.equal(saved[k], loaded[k]) for k in saved)}
+
+
+def test_incremental_sharded_state_links_unchanged_chunk_files(tmp_path: Path) -> None:
+    """FSDP2 (``fully_shard``) with a frozen backbone: each rank's chunks of the frozen tensors go to a chunk file of
+    their own, linked by the later saves; the newest alone loads exactly."""
+    results = run_distributed(_sharded_worker, 2, str(tmp_path), timeout=120)
+    records = results[0]["records"]
+    frozen = [f"model/chunks-frozen-{rank:05d}.safetensors" for rank in (0, 1)]
+    first = records[1]["summary"]["written"]
+    assert all(records[1]["origins"][f] == "written" for f in frozen), records[1]
+    for step in (2, 3):
+        assert all(records[step]["origins"][f] == "linked" for f in frozen), records[step]
+        assert records[step]["summary"]["written"] <= 0.15 * first, records[step]["summary"]
+        assert records[step]["fresh"] == records[step]["summary"]["written"]
+    assert all(result["equal"] for result in results)
+    assert main(["verify", str(tmp_path / "step=3.ckpt")]) == 0
