@@ -50,18 +50,6 @@ def _run(backbone_mib: int, full: bool) -> tuple[Any, Any, Any, list[Any]]:
     return model, adapter, optimizer, [ema]
 
 
-class _Ema:
-    def __init__(self, shadow: dict[str, Any]) -> None:
-        self.shadow = shadow
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.shadow
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for name, value in state.items():
-            self.shadow[name].copy_(value)
-
-
 def _worker(rank: int, world: int, args: argparse.Namespace, base: str) -> list[dict[str, Any]]:
     import torch
     import torch.distributed as dist
@@ -69,13 +57,14 @@ def _worker(rank: int, world: int, args: argparse.Namespace, base: str) -> list[
     from lightning_sharing import CheckpointCoordinator, OptimizerState, SharingPattern, StateComponent
     from lightning_sharing.checkpoint.manifest import CheckpointManifest
     from lightning_sharing.cli.inspect import reuse_summary
+    from lightning_sharing.statefuls.holders import ValueHolder
 
     torch.set_num_threads(1)
     model, adapter, optimizer, (ema,) = _run(args.backbone_mib, args.full)
     both = torch.nn.ModuleDict({"backbone": model, "adapter": adapter})
     components = [StateComponent("model", both, SharingPattern.REPLICATED),
                   StateComponent("optimizer", OptimizerState(both, optimizer), SharingPattern.REPLICATED),
-                  StateComponent("ema", _Ema(ema), SharingPattern.REPLICATED)]
+                  StateComponent("ema", ValueHolder(ema), SharingPattern.REPLICATED)]  # only saved here
     savers = {"inc": CheckpointCoordinator(components, incremental=True),
               "plain": CheckpointCoordinator(components, incremental=False)}
     rows = []
