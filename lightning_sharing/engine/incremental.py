@@ -11,7 +11,8 @@ A save with ``CheckpointOptions(incremental=True)``, on every rank that writes f
    fingerprint from the last committed save, and a reference to it, so that its memory cannot be given to another
    tensor meanwhile. After a restart there is no memory: a file the previous checkpoint holds under the same name and
    size is then hashed in memory (xxh3-128, nothing written) and compared with the checksum its manifest recorded.
-3. **Files of their own**: parameters that do not require grad (of a component whose stateful is a module) go to
+3. **Files of their own**: parameters that do not require grad (of the module a component saves: the stateful, or
+   its ``source_module``, as Lightning's and Fabric's model state has) go to
    the ``frozen`` shard group, tensors seen unchanged since the previous save to the ``stable`` one, the others to
    the copy's usual shards (``core.rules.SHARD_GROUPS``), so a file of unchanged tensors is unchanged as a whole.
 4. **Reuse**: a file whose tensors (names, order, fingerprints) are those of the file of the same name last time, and
@@ -175,9 +176,11 @@ def _file_details(detail: Any) -> dict[str, Any]:
 
 
 def _frozen_names(component: StateComponent) -> set[str]:
-    """The names of a module component's parameters that do not require grad (a module's state dict is stored under
-    its own names); none for other statefuls."""
+    """The names of the parameters that do not require grad of the module a component saves the state dict of (the
+    stateful itself, or its ``source_module``: Lightning's and Fabric's model state); none for other statefuls."""
     module = component.stateful
+    if not isinstance(module, torch.nn.Module):
+        module = getattr(module, "source_module", None)  # as engine.hf_model finds it
     if not isinstance(module, torch.nn.Module):
         return set()
     return {name for name, tensor in module.state_dict(keep_vars=True).items()
