@@ -102,7 +102,6 @@ class IncrementalSave:
         self.sources: dict[tuple[str, str], ReuseSource] = {}
         self._seen: dict[tuple[str, str, str], tuple[Fingerprint, torch.Tensor]] = {}
         self._files: dict[tuple[str, str], tuple[tuple[str, Fingerprint | None], ...]] = {}
-        self.reused = 0
         found = newest_complete(store, store.parent(target))
         if found is None:
             return
@@ -153,7 +152,6 @@ class IncrementalSave:
                 size, checksum = planned                                  # the content's checksum, not writing it
                 if size == source.size and checksum() == source.checksum:
                     job.reuse = source
-            self.reused += job.reuse is not None
 
     def remember(self, written: list[WrittenCopy]) -> None:
         """After the commit: this save's tensors and files are what the next save compares with."""
@@ -166,6 +164,10 @@ class IncrementalSave:
                     files[copy.key, entry.path] = _FileRecord(marks, entry.checksum, entry.size,
                                                               details.get(entry.path))
         self.memory.tensors, self.memory.files = self._seen, files
+        entries = [entry for copy in written for entry in copy.files]
+        log.info("incremental save: this rank linked or copied %d of its %d files (%d of %d bytes)",
+                 sum(e.reused for e in entries), len(entries), sum(e.size for e in entries if e.reused),
+                 sum(e.size for e in entries))
 
 
 def _file_details(detail: Any) -> dict[str, Any]:

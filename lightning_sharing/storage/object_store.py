@@ -227,6 +227,7 @@ class ObjectStore(CheckpointStore):
         if write_root not in self._expected:
             raise CheckpointError(f"commit of {write_root} without begin_save on this store")
         expected, key = self._expected.pop(write_root), self._key(target)
+        self._writers.clear()  # stamps are asked for right after each write: none is pending now
         fault_point("commit:manifest")
         fault_point("commit:rename")  # the conditional put of the manifest is this store's rename
         try:
@@ -267,6 +268,7 @@ class ObjectStore(CheckpointStore):
 
     def abort(self, write_root: str, target: str) -> None:
         self._expected.pop(write_root, None)
+        self._writers.clear()
         self._replaced_files.pop(write_root, None)
         try:
             if gen.manifest_data_prefix(self.read_bytes(f"{target}/{MANIFEST_NAME}")) == self.basename(write_root):
