@@ -66,6 +66,7 @@ class ChunkFormat(CopyFormat):
     """Chunks of ``DTensor``s and plain tensors, each written once, with a merged index (module docstring)."""
 
     holds_dtensors = True
+    shared_layout = False  # each rank's chunk files are its own: their grouping needs no other rank
 
     def __init__(self, files: ChunkFiles) -> None:
         self.files = files

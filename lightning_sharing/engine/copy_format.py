@@ -166,9 +166,12 @@ class CopyFormat(ABC):
 
     ``holds_dtensors``: the format stores ``DTensor``s piece by piece (the state is encoded keeping them, and a
     replication check compares what each one is rather than its bytes).
+    ``shared_layout``: the writers of one copy must plan the same files (a REPLICATED copy's shards spread over its
+    ranks); an incremental save then groups its tensors only by what every rank knows alike (``requires_grad``).
     """
 
     holds_dtensors: bool = False
+    shared_layout: bool = True
 
     def encode(self, state: Any, key: str) -> EncodedState:
         """``state`` split into a JSON tree and tensors, as this format stores it."""

@@ -15,6 +15,8 @@ A save with ``CheckpointOptions(incremental=True)``, on every rank that writes f
    its ``source_module``, as Lightning's and Fabric's model state has) go to
    the ``frozen`` shard group, tensors seen unchanged since the previous save to the ``stable`` one, the others to
    the copy's usual shards (``core.rules.SHARD_GROUPS``), so a file of unchanged tensors is unchanged as a whole.
+   ``stable`` only where one rank plans the copy's files alone (a single writer, SHARDED chunk files): the writers
+   of a spread REPLICATED copy must plan alike, and their version counters need not agree (DDP's buffer broadcast).
 4. **Reuse**: a file whose tensors (names, order, fingerprints) are those of the file of the same name last time, and
    whose checksum the previous checkpoint records for it, gets ``FileJob.reuse`` (a SHARDED chunk file with its part
    of the chunk index, from memory: after a restart chunk files are written); ``copy_format.write_file`` then
@@ -113,9 +115,11 @@ class IncrementalSave:
                     self.sources[key, entry.path] = ReuseSource(store.join(root, entry.path), entry.size,
                                                                 entry.checksum, entry.stamp, name)
 
-    def grouping(self, component: StateComponent, stem: str) -> Callable[[EncodedState], dict[str, str]]:
+    def grouping(self, component: StateComponent, stem: str, observed: bool = True,
+                 ) -> Callable[[EncodedState], dict[str, str]]:
         """The shard groups of copy ``stem`` of ``component`` (``PlanCache.plan`` applies them to the encoded state);
-        records every tensor's fingerprint."""
+        records every tensor's fingerprint. ``observed``: tensors seen unchanged go to the ``stable`` group (False
+        where several ranks must plan the copy alike: only ``requires_grad`` decides then)."""
 
         def groups(encoded: EncodedState) -> dict[str, str]:
             frozen = _frozen_names(component)
@@ -127,7 +131,7 @@ class IncrementalSave:
                     self._seen[key] = (mark, tensor)
                 if name in frozen:
                     result[name] = "frozen"
-                elif mark is not None and self.memory.tensors.get(key, (None,))[0] == mark:
+                elif observed and mark is not None and self.memory.tensors.get(key, (None,))[0] == mark:
                     result[name] = "stable"
             return result
 

@@ -210,7 +210,10 @@ def _plan(target: CheckpointTarget, components: Sequence[StateComponent], topolo
         fmt = format_for(component.sharing_pattern)
         for placement in _placements(component, topology):
             if rank in placement.writers:
-                groups = step.grouping(component, placement.stem) if step is not None else None
+                # Tensors seen unchanged get files of their own only where no other rank must plan alike (its version
+                # counters may differ: DDP's buffer broadcast bumps them on every rank but the first).
+                observed = len(placement.writers) == 1 or not fmt.shared_layout
+                groups = step.grouping(component, placement.stem, observed) if step is not None else None
                 plan = with_context(component.key, "encoding", lambda c=component, p=placement, f=fmt, g=groups:
                                     cache.plan(f, c.key, p, states[c.key], rank, options, g))
                 if step is not None:

@@ -1,7 +1,8 @@
 """Incremental saves on a real 2-rank gloo job (issue 24): what did not change is hard-linked, not written again.
 
 One job, checked several ways: a frozen backbone (about 99% of the weights) with a small trainable adapter, AdamW on
-the adapter and an EMA of it, all REPLICATED (the shards spread over both ranks).
+the adapter and an EMA of it, all REPLICATED (the shards spread over both ranks), and a constant buffer whose version
+counter moves on rank 1 only (as DDP's buffer broadcast does): the ranks must still plan the same files.
 
 - the second and later saves write <= 5% of the first save's bytes, counted twice: from the manifests' ``origin``
   and from the files themselves (bytes of files whose inode no earlier checkpoint holds);
@@ -65,6 +66,7 @@ class _Run:
             self.model[:16].requires_grad_(False)
         self.optimizer = torch.optim.AdamW(trainable.parameters(), lr=1e-2)
         self.ema = _Ema(self.model[16])
+        self.model.register_buffer("constant", torch.arange(8.0))  # never changes, but see ``train``
 
     def components(self) -> list[StateComponent]:
         return [StateComponent("model", self.model, SharingPattern.REPLICATED),
@@ -77,6 +79,9 @@ class _Run:
         self.optimizer.step()
         self.optimizer.zero_grad()
         self.ema.update()
+        if torch.distributed.get_rank() == 1:  # as DDP's buffer broadcast: rank 1's counter moves, rank 0's not
+            with torch.no_grad():
+                self.model.constant.copy_(self.model.constant)
 
     def state(self) -> list[torch.Tensor]:
         tensors = list(self.model.state_dict().values()) + list(self.ema.shadow.values())
