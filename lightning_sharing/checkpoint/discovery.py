@@ -21,7 +21,8 @@ from lightning_sharing.errors import ManifestError
 from lightning_sharing.storage import is_url, store_for
 from lightning_sharing.storage.base import CheckpointStore
 
-__all__ = ["checkpoint_step", "complete_checkpoints", "find_complete", "find_latest_checkpoint"]
+__all__ = ["checkpoint_step", "complete_checkpoints", "find_complete", "find_latest_checkpoint",
+           "newest_complete"]
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +38,9 @@ def checkpoint_step(name: str, manifest: CheckpointManifest | None = None) -> in
     return int(match.group(1)) if match else -1
 
 
-def find_complete(store: CheckpointStore, directory: str) -> list[tuple[str, int]]:
-    """Every complete checkpoint directly under ``directory`` in ``store`` as ``(location, step)``, newest first."""
-    found: list[tuple[tuple[int, str, str], str]] = []
+def _complete(store: CheckpointStore, directory: str) -> list[tuple[str, CheckpointManifest, int]]:
+    """Every complete checkpoint directly under ``directory`` as ``(location, manifest, step)``, newest first."""
+    found: list[tuple[tuple[int, str, str], str, CheckpointManifest]] = []
     for location in store.list_checkpoint_candidates(directory):
         try:
             manifest = read_manifest(store, location)
@@ -47,8 +48,20 @@ def find_complete(store: CheckpointStore, directory: str) -> list[tuple[str, int
             log.debug("skipping %s: %s", location, exc)
             continue
         name = store.basename(location)
-        found.append(((checkpoint_step(name, manifest), manifest.created_at, name), location))
-    return [(location, key[0]) for key, location in sorted(found, key=lambda item: item[0], reverse=True)]
+        found.append(((checkpoint_step(name, manifest), manifest.created_at, name), location, manifest))
+    return [(location, manifest, key[0]) for key, location, manifest in sorted(found, key=lambda item: item[0],
+                                                                               reverse=True)]
+
+
+def find_complete(store: CheckpointStore, directory: str) -> list[tuple[str, int]]:
+    """Every complete checkpoint directly under ``directory`` in ``store`` as ``(location, step)``, newest first."""
+    return [(location, step) for location, _, step in _complete(store, directory)]
+
+
+def newest_complete(store: CheckpointStore, directory: str) -> tuple[str, CheckpointManifest] | None:
+    """The newest complete checkpoint directly under ``directory`` and its manifest; None if there is none."""
+    found = _complete(store, directory)
+    return (found[0][0], found[0][1]) if found else None
 
 
 def complete_checkpoints(directory: str | os.PathLike[str],

@@ -29,6 +29,8 @@ __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "MANIFEST_NAME",
+    "ORIGIN_KINDS",
+    "READABLE_VERSIONS",
     "CheckpointManifest",
     "ComponentManifest",
     "FileEntry",
@@ -38,7 +40,12 @@ __all__ = [
 ]
 
 FORMAT_NAME = "lightning_sharing"
-FORMAT_VERSION = 1
+#: Version 2 (incremental saves) added ``stamp`` and ``origin`` to file entries and shard groups to file names;
+#: version 1 checkpoints are still read. A reader of version 1 refuses version 2, saying to upgrade.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+#: How a file came to be in its checkpoint (``FileEntry.origin["kind"]``).
+ORIGIN_KINDS = ("written", "linked", "copied")
 # A manifest is small (one entry per file); anything bigger is not one of ours.
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024
 _CHECKSUM_RE = re.compile(r"^[a-z0-9_]+:[0-9a-f]+$")
@@ -61,12 +68,36 @@ def check_relative_path(path: Any) -> str:
 
 @dataclass
 class FileEntry:
-    """One file of a checkpoint: relative path, size in bytes, checksum ``"algo:hex"``, writing rank."""
+    """One file of a checkpoint: relative path, size in bytes, checksum ``"algo:hex"``, writing rank.
+
+    ``stamp``: what the store said of the file once written (a local file's inode and modification time, an object's
+    ETag), so that an incremental save can check cheaply that the file is still what was saved before reusing it.
+    ``origin``: where it came from, ``{"kind": "written"}`` or ``{"kind": "linked" | "copied", "from": NAME}`` (the
+    checkpoint it was reused from). Both None in checkpoints of format version 1 (the keys are then absent).
+
+    Example:
+        >>> FileEntry("model-00001-of-00001.safetensors", 8, "xxh3_128:00", 0, origin={"kind": "written"}).reused
+        False
+    """
 
     path: str
     size: int
     checksum: str
     rank: int
+    stamp: str | None = None
+    origin: dict[str, str] | None = None
+
+    @property
+    def reused(self) -> bool:
+        """True when the save linked or copied the file from an earlier checkpoint instead of writing it."""
+        return self.origin is not None and self.origin.get("kind") in ("linked", "copied")
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        for name in ("stamp", "origin"):
+            if data[name] is None:
+                del data[name]
+        return data
 
     @classmethod
     def from_json(cls, data: Any) -> FileEntry:
@@ -79,7 +110,12 @@ class FileEntry:
                 f"file {path!r}: rank {rank!r} is not a non-negative integer")
         _expect(isinstance(checksum, str) and bool(_CHECKSUM_RE.match(checksum)),
                 f"file {path!r}: checksum {checksum!r} is not of the form 'algorithm:hex'")
-        return cls(path=path, size=size, checksum=checksum, rank=rank)
+        stamp, origin = data.get("stamp"), data.get("origin")
+        _expect(stamp is None or isinstance(stamp, str), f"file {path!r}: stamp {stamp!r} is not a string")
+        _expect(origin is None or (isinstance(origin, dict) and origin.get("kind") in ORIGIN_KINDS
+                                   and all(isinstance(v, str) for v in origin.values())),
+                f"file {path!r}: origin {origin!r} is not {{'kind': one of {ORIGIN_KINDS}, 'from': name}}")
+        return cls(path=path, size=size, checksum=checksum, rank=rank, stamp=stamp, origin=origin)
 
 
 @dataclass
@@ -118,6 +154,7 @@ class ComponentManifest:
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["size_bytes"] = self.size_bytes
+        data["files"] = [entry.to_json() for entry in self.files]
         if self.hf_model is None:  # components that wrap no transformers model keep the format they always had
             del data["hf_model"]
         else:
@@ -202,10 +239,10 @@ class CheckpointManifest:
         _expect(data.get("format") == FORMAT_NAME,
                 f"the manifest's format is {data.get('format')!r}, expected {FORMAT_NAME!r}")
         version = data.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_VERSIONS:
             raise ManifestError(
                 f"checkpoint format version {version!r} is not supported by this lightning_sharing "
-                f"(it reads version {FORMAT_VERSION}); upgrade lightning_sharing to read it"
+                f"(it reads versions {', '.join(map(str, READABLE_VERSIONS))}); upgrade lightning_sharing to read it"
             )
         world_size = data.get("world_size")
         _expect(isinstance(world_size, int) and world_size >= 1, f"world_size {world_size!r} is invalid")
@@ -237,6 +274,7 @@ class CheckpointManifest:
             metadata=data.get("metadata") if isinstance(data.get("metadata"), dict) else {},
             data_prefix=data_prefix,
         )
+        manifest.format_version = version
         paths = [f.path for f in manifest.all_files()]
         duplicates = sorted({p for p in paths if paths.count(p) > 1})
         _expect(not duplicates, f"the manifest lists files more than once: {duplicates}")

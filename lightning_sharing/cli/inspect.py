@@ -1,5 +1,6 @@
-"""``lightning-sharing inspect PATH [--files] [--json]``: what a checkpoint holds, and for SHARDED components
-the chunks each rank wrote (``--json``: the manifest and the chunk counts as one JSON document).
+"""``lightning-sharing inspect PATH [--files] [--json]``: what a checkpoint holds, the bytes its save wrote and reused
+(an incremental save's linked or copied files), and for SHARDED components the chunks each rank wrote (``--json``:
+the manifest, the chunk counts and the bytes as one JSON document).
 
 Example:
     >>> from lightning_sharing.cli import main
@@ -23,7 +24,7 @@ from lightning_sharing.errors import CheckpointError
 from lightning_sharing.sharded.index import ShardedIndex
 from lightning_sharing.storage import store_for
 
-__all__ = ["chunks_by_rank", "run_inspect"]
+__all__ = ["chunks_by_rank", "reuse_summary", "run_inspect"]
 
 
 def chunks_by_rank(index: ShardedIndex) -> dict[int, tuple[int, int, int]]:
@@ -78,7 +79,32 @@ def _as_json(path: str, manifest: CheckpointManifest, indexes: dict[str, Sharded
         files = {f.writer: f.path for f in index.files.values()}
         chunks[key] = {str(rank): {"tensors": tensors, "chunks": count, "bytes": size, "file": files.get(rank)}
                        for rank, (tensors, count, size) in chunks_by_rank(index).items()}
-    return json.dumps({"path": path, "manifest": manifest.to_json(), "chunks_by_rank": chunks})
+    return json.dumps({"path": path, "manifest": manifest.to_json(), "chunks_by_rank": chunks,
+                       "bytes": reuse_summary(manifest)})
+
+
+def reuse_summary(manifest: CheckpointManifest) -> dict[str, Any]:
+    """Bytes the save wrote and bytes it reused (linked or copied from earlier checkpoints, by name).
+
+    Example:
+        >>> reuse_summary(CheckpointManifest.load("runs/step=2.ckpt"))     # doctest: +SKIP
+        {'written': 1224, 'reused': 67224, 'from': {'step=1.ckpt': 67224}}
+    """
+    sources: dict[str, int] = {}
+    for entry in manifest.all_files():
+        if entry.reused and entry.origin is not None:
+            name = entry.origin.get("from", "?")
+            sources[name] = sources.get(name, 0) + entry.size
+    reused = sum(sources.values())
+    return {"written": sum(f.size for f in manifest.all_files()) - reused, "reused": reused, "from": sources}
+
+
+def _reuse_line(manifest: CheckpointManifest) -> str:
+    summary = reuse_summary(manifest)
+    line = f"bytes written {human_size(summary['written'])}, reused {human_size(summary['reused'])}"
+    if summary["from"]:
+        line += " (linked or copied from " + ", ".join(sorted(summary["from"])) + ")"
+    return line
 
 
 def run_inspect(args: argparse.Namespace, console: Console) -> int:
@@ -94,13 +120,15 @@ def run_inspect(args: argparse.Namespace, console: Console) -> int:
                   f"saved {manifest.created_at} (format {manifest.format_version}, "
                   f"lightning_sharing {manifest.library_version or '?'}, torch {manifest.torch_version or '?'})")
     table = Table(show_lines=False)
-    for column in ("component", "pattern", "group", "writer ranks", "files", "size", "validation"):
+    for column in ("component", "pattern", "group", "writer ranks", "files", "size", "reused", "validation"):
         table.add_column(column)
     for key, component in manifest.components.items():
         table.add_row(key, component.sharing_pattern.upper(), component.group_name or "-",
                       ",".join(str(r) for r in component.ranks), str(len(component.files)),
-                      human_size(component.size_bytes), component.validation)
+                      human_size(component.size_bytes), human_size(sum(f.size for f in component.files if f.reused)),
+                      component.validation)
     console.print(table)
+    console.print(_reuse_line(manifest), markup=False)
     for key, component in manifest.components.items():
         if component.hf_model is not None:
             record = component.hf_model
@@ -111,9 +139,11 @@ def run_inspect(args: argparse.Namespace, console: Console) -> int:
     _chunk_tables(indexes, console)
     if args.files:
         files = Table(title="files")
-        for column in ("path", "rank", "size", "checksum"):
+        for column in ("path", "rank", "size", "checksum", "origin"):
             files.add_column(column)
         for entry in manifest.all_files():
-            files.add_row(entry.path, str(entry.rank), str(entry.size), entry.checksum)
+            origin = entry.origin or {}
+            files.add_row(entry.path, str(entry.rank), str(entry.size), entry.checksum,
+                          " from ".join(origin[k] for k in ("kind", "from") if k in origin) or "-")
         console.print(files)
     return 0

@@ -2,9 +2,9 @@
 
 The coordinator, ``SharingCheckpointIO``, ``SharingStrategy`` and the Fabric strategies all take the
 same keyword arguments (``max_shard_size``, ``verify``, ``validation_level``, ``async_save``,
-``max_pending_saves``, ``background_staging``, ``read_once``); each turns them into one ``CheckpointOptions`` with
-``checkpoint_options``, once, at its constructor, and passes that object down whole: nothing below an entry
-point takes the fields one by one.
+``max_pending_saves``, ``background_staging``, ``read_once``, ``incremental``); each turns them into one
+``CheckpointOptions`` with ``checkpoint_options``, once, at its constructor, and passes that object down whole:
+nothing below an entry point takes the fields one by one.
 
 Example:
     >>> options = CheckpointOptions(verify="size", max_shard_size=2**30)
@@ -77,6 +77,9 @@ class CheckpointOptions:
             verified there, and broadcast to the others over the process group, the ranks splitting the files
             between them (``engine/read_once.py``). ``None`` (auto): on for object-store URLs and for jobs that
             span several nodes, off for one node on a local disk, where the page cache already shares the reads.
+        incremental: a save does not write again the files whose content equals the newest complete checkpoint's in
+            the same directory: it hard-links them (a local filesystem) or copies them server-side (an object
+            store), so every checkpoint stays self-contained (``engine/incremental.py``, docs/storage.md).
     """
 
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE
@@ -86,13 +89,14 @@ class CheckpointOptions:
     max_pending_saves: int = 1
     background_staging: bool = False
     read_once: bool | None = None
+    incremental: bool = False
 
     def __post_init__(self) -> None:
         _positive_int("max_shard_size", self.max_shard_size)
         _positive_int("max_pending_saves", self.max_pending_saves)
         object.__setattr__(self, "verify", VerifyMode.parse(self.verify))
         object.__setattr__(self, "validation_level", ValidationLevel.parse(self.validation_level))
-        for name in ("async_save", "background_staging"):
+        for name in ("async_save", "background_staging", "incremental"):
             if not isinstance(getattr(self, name), bool):
                 raise ComponentDeclarationError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.read_once is not None and not isinstance(self.read_once, bool):

@@ -41,6 +41,7 @@ from lightning_sharing.errors import ComponentDeclarationError
 
 __all__ = [
     "RULES",
+    "SHARD_GROUPS",
     "ChunkFiles",
     "CopyFiles",
     "Placement",
@@ -83,6 +84,10 @@ class Placement:
         return self.spread or (self.writer,)
 
 
+#: The shard groups of an incremental save: tensors that do not require grad (``frozen``) and tensors seen unchanged
+#: since the previous save (``stable``) go to shards of their own, so that whole files stay unchanged.
+SHARD_GROUPS = ("frozen", "stable")
+
 # The files any copy ``S`` may have besides its tensors: the structure of a non-flat state (``S.json``) and a
 # Hugging Face index (``S.safetensors.index.json``).
 _STRUCTURE_SUFFIXES = (r"\.json", r"\.safetensors\.index\.json")
@@ -94,22 +99,28 @@ class WholeTensorFiles:
 
     ``S-0000k-of-0000N.safetensors`` (no larger than the options' shard size; a larger tensor gets its own),
     ``S.safetensors.index.json`` and, for a non-flat state, ``S.json``. The engine's ``WholeTensorFormat``.
+    An incremental save keeps tensors that do not change in shards of their own group (``SHARD_GROUPS``), numbered
+    apart: ``S-frozen-0000k-of-0000N.safetensors`` (``engine/incremental.py``).
 
     Example:
         >>> WholeTensorFiles().shard_for("model", 1, 2)
         'model-00001-of-00002.safetensors'
+        >>> WholeTensorFiles().shard_for("model", 1, 1, "frozen")
+        'model-frozen-00001-of-00001.safetensors'
     """
 
-    shard: str = "{stem}-{number:05d}-of-{count:05d}.safetensors"
+    shard: str = "{stem}-{group}{number:05d}-of-{count:05d}.safetensors"
 
-    def shard_for(self, stem: str, number: int, count: int) -> str:
-        """Shard ``number`` (from 1) of ``count`` of copy ``stem``."""
-        return self.shard.format(stem=stem, number=number, count=count)
+    def shard_for(self, stem: str, number: int, count: int, group: str = "") -> str:
+        """Shard ``number`` (from 1) of ``count`` of copy ``stem`` (of shard group ``group``: "" or one of
+        ``SHARD_GROUPS``)."""
+        return self.shard.format(stem=stem, number=number, count=count, group=f"{group}-" if group else "")
 
     def regex(self, key: str) -> str:
         """A regular expression matching every file this format may write for component ``key``."""
-        suffixes = (*_STRUCTURE_SUFFIXES, _FIELD_RE.sub(lambda m: r"\d{5}", _escape_literals(
-            self.shard.replace("{stem}", ""))))
+        groups = "(?:(?:" + "|".join(SHARD_GROUPS) + ")-)?"
+        suffixes = (*_STRUCTURE_SUFFIXES, _FIELD_RE.sub(lambda m: groups if m[1] == "group" else r"\d{5}",
+                                                        _escape_literals(self.shard.replace("{stem}", ""))))
         return stem_regex(key) + "(" + "|".join(suffixes) + ")"
 
 
@@ -122,17 +133,22 @@ class ChunkFiles:
     whole, a Hugging Face index ``{key}.safetensors.index.json`` points into the chunk files. The engine's
     ``ChunkFormat``.
 
+    An incremental save puts the chunks of tensors that do not change in a file of their own per group
+    (``SHARD_GROUPS``): ``{key}/chunks-frozen-{rank:05d}.safetensors``.
+
     Example:
         >>> ChunkFiles().file_for("model", 3), ChunkFiles().index_for("model")
         ('model/chunks-00003.safetensors', 'model/index.json')
+        >>> ChunkFiles().file_for("model", 3, "frozen")
+        'model/chunks-frozen-00003.safetensors'
     """
 
-    file: str = "{key}/chunks-{rank:05d}.safetensors"
+    file: str = "{key}/chunks-{group}{rank:05d}.safetensors"
     index: str = "{key}/index.json"
 
-    def file_for(self, key: str, rank: int) -> str:
-        """The chunk file global ``rank`` writes for component ``key``."""
-        return self.file.format(key=key, rank=rank)
+    def file_for(self, key: str, rank: int, group: str = "") -> str:
+        """The chunk file global ``rank`` writes for component ``key`` (of shard group ``group``)."""
+        return self.file.format(key=key, rank=rank, group=f"{group}-" if group else "")
 
     def index_for(self, key: str) -> str:
         """The merged chunk index of component ``key`` (written by rank 0 at commit)."""
@@ -140,7 +156,7 @@ class ChunkFiles:
 
     def regex(self, key: str) -> str:
         """A regular expression matching every file this format may write for component ``key``."""
-        parts = {"key": re.escape(key), "rank": r"\d{5}"}
+        parts = {"key": re.escape(key), "rank": r"\d{5}", "group": "(?:(?:" + "|".join(SHARD_GROUPS) + ")-)?"}
         names = sorted({_FIELD_RE.sub(lambda m: parts[m[1]], _escape_literals(name)) for name in (self.file,
                                                                                                   self.index)})
         return "(?:" + stem_regex(key) + "(" + "|".join(_STRUCTURE_SUFFIXES) + "))|" + "|".join(names)

@@ -26,7 +26,7 @@ import torch
 from lightning_sharing.checkpoint.manifest import ComponentManifest, FileEntry
 from lightning_sharing.core.declarations import StateComponent
 from lightning_sharing.core.options import CheckpointOptions
-from lightning_sharing.core.rules import ChunkFiles, Placement
+from lightning_sharing.core.rules import SHARD_GROUPS, ChunkFiles, Placement
 from lightning_sharing.engine.chunk_load import ChunkedLoad, prepare_chunked_load, read_index
 from lightning_sharing.engine.copy_format import (
     CopyFormat,
@@ -36,6 +36,7 @@ from lightning_sharing.engine.copy_format import (
     LoadContext,
     SavedTensor,
     WrittenCopy,
+    reuse_file,
     tree_job,
     write_file,
 )
@@ -65,6 +66,7 @@ class ChunkFormat(CopyFormat):
     """Chunks of ``DTensor``s and plain tensors, each written once, with a merged index (module docstring)."""
 
     holds_dtensors = True
+    shared_layout = False  # each rank's chunk files are its own: their grouping needs no other rank
 
     def __init__(self, files: ChunkFiles) -> None:
         self.files = files
@@ -77,9 +79,14 @@ class ChunkFormat(CopyFormat):
         piece by piece). A rank writing no chunk still reports its part of the index (shapes and dtypes).
         """
         writes = plan_writes(encoded.tensors, rank=rank, group_ranks=placement.readers)
-        mine = {write.name: local_tensor(encoded.tensors[write.name]) for write in writes.mine()}
+        groups: dict[str, dict[str, torch.Tensor]] = {}  # an incremental save's shard groups: a file each
+        for write in writes.mine():
+            groups.setdefault(encoded.groups.get(write.name, ""), {})[write.name] = local_tensor(
+                encoded.tensors[write.name])
         plan = CopyPlan(key, placement.stem, detail=_Detail(writes, dict(encoded.ties)))
-        plan.jobs.append(FileJob(self.files.file_for(key, rank), tensors=mine))
+        for group in (*SHARD_GROUPS, ""):
+            if group in groups or (group == "" and not groups):  # a rank writing no chunk still reports its part
+                plan.jobs.append(FileJob(self.files.file_for(key, rank, group), tensors=groups.get(group, {})))
         if rank == placement.writer and not encoded.flat:
             plan.jobs.append(tree_job(placement.stem, encoded))
         return plan
@@ -87,18 +94,29 @@ class ChunkFormat(CopyFormat):
     def piece(self, tensor: torch.Tensor) -> torch.Tensor:
         return local_tensor(tensor)
 
+    def planned_file(self, tensors: dict[str, torch.Tensor]) -> None:
+        return None  # a chunk file's checksum needs its block layout: after a restart chunk files are written
+
     def write(self, store: CheckpointStore, root: str, plan: CopyPlan, rank: int) -> WrittenCopy:
-        """This rank's chunk file (none when it writes no chunk) and the structure; the detail is its index part."""
+        """This rank's chunk files (none when it writes no chunk; one per shard group of an incremental save) and
+        the structure; the detail is its parts of the index, one per chunk file (a reused file's from memory)."""
         entries: list[FileEntry] = []
-        part: dict[str, Any] | None = None
+        parts: list[dict[str, Any]] = []
         for job in plan.jobs:
             if job.data is not None:
                 entries.append(write_file(store, root, job, rank))
                 continue
-            index = write_chunks(root, job.rel, plan.detail.writes, job.tensors or {}, store=store)
-            part = dataclasses.replace(index, ties=plan.detail.ties).to_json()
-            entries.extend(FileEntry(f.path, f.size, f.checksum, rank) for f in index.files.values())
-        return WrittenCopy(plan.key, plan.stem, rank, entries, part)
+            reused = reuse_file(store, root, job, rank) if job.reuse is not None and job.reuse.detail else None
+            if reused is not None:
+                entries.append(reused)
+                parts.append(job.reuse.detail)  # type: ignore[union-attr]
+                continue
+            index = write_chunks(root, job.rel, plan.detail.writes, job.tensors or {}, store=store,
+                                 names=set(job.tensors or {}))
+            parts.append(dataclasses.replace(index, ties=plan.detail.ties).to_json())
+            entries.extend(FileEntry(f.path, f.size, f.checksum, rank, stamp=store.stamp(store.join(root, f.path)),
+                                     origin={"kind": "written"}) for f in index.files.values())
+        return WrittenCopy(plan.key, plan.stem, rank, entries, parts)
 
     def merge(self, component: StateComponent, copies: list[WrittenCopy]) -> list[FileJob]:
         """The merged chunk index and, when every tensor is whole, a Hugging Face index.
@@ -106,7 +124,7 @@ class ChunkFormat(CopyFormat):
         Raises ``CheckpointError`` naming the component when the ranks' chunks do not tile every tensor
         exactly once (the ranks did not hold the same tensors) or disagree on a shape, dtype or tie.
         """
-        parts = [ShardedIndex.from_json(c.detail, complete=False) for c in copies if c.detail is not None]
+        parts = [ShardedIndex.from_json(part, complete=False) for c in copies for part in c.detail or []]
         try:
             index = merge_indexes(parts)
         except CheckpointError as exc:

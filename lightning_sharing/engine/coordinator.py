@@ -68,6 +68,8 @@ class CheckpointCoordinator:
             wait for a pending save and raise its failure on every rank.
         read_once: loads fetch each file every rank reads (GLOBAL, REPLICATED) once, on one rank, and broadcast it;
             ``None`` (auto): on for object-store URLs and multi-node jobs, off for one node on a local disk.
+        incremental: a save hard-links (local) or copies server-side (object store) the files whose content equals
+            the newest complete checkpoint's in the same directory instead of writing them (``CheckpointOptions``).
         storage_options: passed to the object-store backend of a URL path (credentials, endpoint).
         plan_cache: the ``PlanCache`` of the previous saves' plans and the topology; pass one to share it between
             coordinators made one per save (as the Lightning and Fabric adapters do), so that a repeat save reuses
@@ -86,6 +88,7 @@ class CheckpointCoordinator:
         verify: VerifyMode | str | None = None,
         async_save: bool | BackgroundSaver | None = None,
         read_once: bool | None = None,
+        incremental: bool | None = None,
         storage_options: dict[str, Any] | None = None,
         plan_cache: PlanCache | None = None,
     ) -> None:
@@ -103,7 +106,8 @@ class CheckpointCoordinator:
         if async_save is not None and saver is None and not isinstance(async_save, bool):
             raise ComponentDeclarationError(f"async_save must be a bool or a BackgroundSaver, got {async_save!r}")
         self.options = checkpoint_options(options, max_shard_size=max_shard_size, verify=verify,
-                                          async_save=saver is not None or async_save, read_once=read_once)
+                                          async_save=saver is not None or async_save, read_once=read_once,
+                                          incremental=incremental)
         self.storage_options = storage_options
         self._topology: Topology | None = None
         self._plans = plan_cache if plan_cache is not None else PlanCache()

@@ -26,6 +26,7 @@ Example:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -39,20 +40,38 @@ from lightning_sharing.core.topology import Topology
 from lightning_sharing.engine.verified_files import ComponentFiles
 from lightning_sharing.format.codec import EncodedState, encode_state
 from lightning_sharing.format.copy_files import TREE_FORMAT, check_json_size, json_bytes, tree_name
-from lightning_sharing.format.safetensors_io import write_blob, write_tensors
+from lightning_sharing.format.safetensors_io import tensors_checksum, tensors_file_size, write_blob, write_tensors
 from lightning_sharing.storage import CheckpointStore
 
-__all__ = ["CopyFormat", "CopyPlan", "FileJob", "FullTensors", "LoadContext", "PreparedLoad", "SavedTensor",
-           "WrittenCopy", "tree_job", "write_file"]
+__all__ = ["CopyFormat", "CopyPlan", "FileJob", "FullTensors", "LoadContext", "PreparedLoad", "ReuseSource",
+           "SavedTensor", "WrittenCopy", "reuse_file", "tree_job", "write_file"]
+
+
+@dataclass(frozen=True)
+class ReuseSource:
+    """A file of an earlier checkpoint holding exactly what a ``FileJob`` would write (an incremental save):
+    ``location`` in the store, its manifest record (``size``, ``checksum``, ``stamp``) and the checkpoint's name."""
+
+    location: str
+    size: int
+    checksum: str
+    stamp: str
+    checkpoint: str
+    detail: Any = None  # the format's record of the file when it was written (a chunk file's part of the index)
 
 
 @dataclass
 class FileJob:
-    """One file a rank writes: tensors (``tensors``; the format decides how) or bytes (``data``, JSON)."""
+    """One file a rank writes: tensors (``tensors``; the format decides how) or bytes (``data``, JSON).
+
+    ``reuse``: an earlier checkpoint's file with the same content (``engine/incremental.py``): ``write_file`` links
+    or copies it instead of writing, and writes the tensors only when the store cannot.
+    """
 
     rel: str
     tensors: dict[str, torch.Tensor] | None = None
     data: bytes | None = None
+    reuse: ReuseSource | None = None
 
 
 @dataclass
@@ -147,9 +166,12 @@ class CopyFormat(ABC):
 
     ``holds_dtensors``: the format stores ``DTensor``s piece by piece (the state is encoded keeping them, and a
     replication check compares what each one is rather than its bytes).
+    ``shared_layout``: the writers of one copy must plan the same files (a REPLICATED copy's shards spread over its
+    ranks); an incremental save then groups its tensors only by what every rank knows alike (``requires_grad``).
     """
 
     holds_dtensors: bool = False
+    shared_layout: bool = True
 
     def encode(self, state: Any, key: str) -> EncodedState:
         """``state`` split into a JSON tree and tensors, as this format stores it."""
@@ -185,6 +207,11 @@ class CopyFormat(ABC):
                 jobs.append(FileJob(job.rel, data=job.data))
         return CopyPlan(plan.key, plan.stem, jobs, plan.detail)
 
+    def planned_file(self, tensors: dict[str, torch.Tensor]) -> tuple[int, Callable[[], str]] | None:
+        """The size of the file ``write`` makes of ``tensors`` and how to compute its checksum without writing it (an
+        incremental save without memory compares them with the previous checkpoint's); None: not known before."""
+        return tensors_file_size(tensors), lambda: tensors_checksum(tensors)
+
     @abstractmethod
     def write(self, store: CheckpointStore, root: str, plan: CopyPlan, rank: int) -> WrittenCopy:
         """Write this rank's files of ``plan`` under ``root``, checksummed as they are written."""
@@ -211,16 +238,35 @@ def tree_job(stem: str, encoded: EncodedState) -> FileJob:
     return FileJob(tree_name(stem), data=json_bytes(body))
 
 
+def reuse_file(store: CheckpointStore, root: str, job: FileJob, rank: int) -> FileEntry | None:
+    """``job.reuse`` linked or copied to ``job.rel`` under ``root`` (``CheckpointStore.reuse_file``: only when it still
+    is what its manifest recorded); its manifest entry, or None when the file is to be written."""
+    source = job.reuse
+    if source is None:
+        return None
+    stamp = store.reuse_file(source.location, source.size, source.stamp, store.join(root, job.rel))
+    if stamp is None:
+        return None
+    origin = {"kind": store.reuse_kind or "copied", "from": source.checkpoint}
+    return FileEntry(job.rel, source.size, source.checksum, rank, stamp=stamp, origin=origin)
+
+
 def write_file(store: CheckpointStore, root: str, job: FileJob, rank: int) -> FileEntry:
     """Write one file: ``job.tensors`` as one safetensors file, else ``job.data``; returns its manifest entry.
 
-    The checksum is computed from the bytes as they are written; no file is read back.
+    The checksum is computed from the bytes as they are written; no file is read back. With ``job.reuse`` the
+    earlier file is linked or copied (``CheckpointStore.reuse_file``: only when it still is what its manifest
+    recorded); it is written only when that is not possible.
     """
+    location = store.join(root, job.rel)
+    reused = reuse_file(store, root, job, rank)
+    if reused is not None:
+        return reused
     if job.tensors is None and job.rel.endswith(".json"):
         check_json_size(len(job.data or b""), job.rel)
-    with store.open_write(store.join(root, job.rel)) as sink:
+    with store.open_write(location) as sink:
         if job.tensors is not None:
             size, checksum = write_tensors(sink, job.tensors)
         else:
             size, checksum = write_blob(sink, job.data or b"")
-    return FileEntry(job.rel, size, checksum, rank)
+    return FileEntry(job.rel, size, checksum, rank, stamp=store.stamp(location), origin={"kind": "written"})

@@ -32,6 +32,7 @@ from lightning_sharing.core.rules import Placement
 from lightning_sharing.core.topology import Topology
 from lightning_sharing.distributed.collectives import get_rank, get_world_size
 from lightning_sharing.engine.copy_format import CopyFormat, CopyPlan, FileJob
+from lightning_sharing.engine.incremental import IncrementalMemory
 from lightning_sharing.format.codec import EncodedState
 from lightning_sharing.sharded.dtensor_boxes import is_dtensor
 
@@ -46,7 +47,8 @@ def _mesh(mesh: Any, seen: dict[int, Hashable]) -> Hashable:
 
 
 def signature(placement: Placement, encoded: EncodedState, options: CheckpointOptions) -> Hashable:
-    """What a copy's plan depends on: its placement, the options, and the layout of the encoded state."""
+    """What a copy's plan depends on: its placement, the options, and the layout of the encoded state (its shard
+    groups included)."""
     meshes: dict[int, Hashable] = {}
     tensors = []
     for name, tensor in encoded.tensors.items():
@@ -55,7 +57,8 @@ def signature(placement: Placement, encoded: EncodedState, options: CheckpointOp
             layout = (tuple(map(str, tensor.placements)), _mesh(tensor.device_mesh, meshes),
                       tuple(tensor.to_local().shape))
         tensors.append((name, tensor.dtype, tuple(tensor.shape), layout))
-    return placement, options, encoded.flat, tuple(sorted(encoded.ties.items())), tuple(tensors)
+    groups = tuple(sorted(encoded.groups.items()))
+    return placement, options, encoded.flat, tuple(sorted(encoded.ties.items())), tuple(tensors), groups
 
 
 def _skeleton(plan: CopyPlan) -> CopyPlan:
@@ -76,6 +79,8 @@ class PlanCache:
         self.report_size: int | None = None
         self._topologies: dict[Hashable, tuple[Topology, tuple[Any, ...]]] = {}
         self._planned_for: Topology | None = None
+        #: What an incremental save compares with: the last committed one's tensors and files on this rank.
+        self.incremental = IncrementalMemory()
 
     def topology(self, process_groups: Mapping[str, Any], gather: Callable[[], Topology]) -> Topology:
         """The topology for this world size and these process groups: ``gather()``ed (collective) the first time.
@@ -102,9 +107,12 @@ class PlanCache:
         self.stats = {"planned": 0, "reused": 0}
 
     def plan(self, fmt: CopyFormat, key: str, placement: Placement, state: Any, rank: int,
-             options: CheckpointOptions) -> CopyPlan:
-        """This rank's plan of copy ``placement`` of ``key``: the cached one refilled, or a new one."""
+             options: CheckpointOptions, groups: Callable[[EncodedState], dict[str, str]] | None = None) -> CopyPlan:
+        """This rank's plan of copy ``placement`` of ``key``: the cached one refilled, or a new one. ``groups``: the
+        shard group of each tensor (an incremental save's, ``IncrementalSave.grouping``), part of the layout."""
         encoded = fmt.encode(state, key)
+        if groups is not None:
+            encoded.groups = groups(encoded)
         wanted = signature(placement, encoded, options)
         cached = self._plans.get((key, placement.stem))
         if cached is not None and cached[0] == wanted:

@@ -68,6 +68,7 @@ from lightning_sharing.engine.commit import (
 from lightning_sharing.engine.component_errors import with_context
 from lightning_sharing.engine.copy_format import CopyFormat, CopyPlan, WrittenCopy, write_file
 from lightning_sharing.engine.formats import format_for
+from lightning_sharing.engine.incremental import IncrementalSave
 from lightning_sharing.engine.manifest_builder import build_manifest
 from lightning_sharing.engine.plan_cache import PlanCache
 from lightning_sharing.engine.staging import optimizer_owned
@@ -106,6 +107,7 @@ class PlannedSave:
     copies: list[PlannedCopy]
     write_root: str | None
     capacity: int | None
+    incremental: IncrementalSave | None = None
 
     def tensors(self) -> list[torch.Tensor]:
         """The tensors this rank writes (staged ones, after a background save's copy)."""
@@ -138,8 +140,10 @@ def plan_save(target: CheckpointTarget, components: Sequence[StateComponent], to
         ballot.record("collecting state dicts", collecting.error)
     digests = {c.key: _digest(ballot, c, states, topology) for c in folded}
     replicas.set([combined_digest(digests[c.key]) if digests[c.key] is not None else None for c in folded])
-    planned: list[PlannedCopy] = ballot.run(_PREPARING, lambda: _plan(components, topology, rank, options, saver,
-                                                                      cache, states, collecting, staging_roots)) or []
+    incremental = _Incremental()
+    planned: list[PlannedCopy] = ballot.run(_PREPARING, lambda: _plan(
+        target, components, topology, rank, options, saver, cache, states, collecting, staging_roots, incremental)
+    ) or []
     begun = ballot.run(f"preparing to write {target.target}", target.begin if saver is None and rank == 0 else None)
     set_root(root, begun, target.target)
     if ballot.ok:
@@ -156,7 +160,8 @@ def plan_save(target: CheckpointTarget, components: Sequence[StateComponent], to
             target.abort(begun)
         raise
     cache.end()
-    return PlannedSave(planned, shared_root(root, target.target), None if new_plan.value else capacity.value)
+    return PlannedSave(planned, shared_root(root, target.target), None if new_plan.value else capacity.value,
+                       incremental.save)
 
 
 def _foldable(component: StateComponent, topology: Topology) -> bool:
@@ -186,17 +191,33 @@ def _check(component: StateComponent, states: dict[str, Any], topology: Topology
                       instances=[p.readers for p in copies], pattern=component.sharing_pattern.name)
 
 
-def _plan(components: Sequence[StateComponent], topology: Topology, rank: int, options: CheckpointOptions,
-          saver: BackgroundSaver | None, cache: PlanCache, states: dict[str, Any], collecting: _Attempt,
-          staging_roots: Sequence[Any]) -> list[PlannedCopy]:
+@dataclass
+class _Incremental:
+    """An incremental save's state on this rank, once ``_plan`` made it (inside the agreement step)."""
+
+    save: IncrementalSave | None = None
+
+
+def _plan(target: CheckpointTarget, components: Sequence[StateComponent], topology: Topology, rank: int,
+          options: CheckpointOptions, saver: BackgroundSaver | None, cache: PlanCache, states: dict[str, Any],
+          collecting: _Attempt, staging_roots: Sequence[Any], incremental: _Incremental) -> list[PlannedCopy]:
     collecting.reraise()
     planned: list[PlannedCopy] = []
+    if options.incremental and any(rank in p.writers for c in components for p in _placements(c, topology)):
+        incremental.save = IncrementalSave(cache.incremental, target.store, target.target)
+    step = incremental.save
     for component in components:
         fmt = format_for(component.sharing_pattern)
         for placement in _placements(component, topology):
             if rank in placement.writers:
-                plan = with_context(component.key, "encoding", lambda c=component, p=placement, f=fmt:
-                                    cache.plan(f, c.key, p, states[c.key], rank, options))
+                # Tensors seen unchanged get files of their own only where no other rank must plan alike (its version
+                # counters may differ: DDP's buffer broadcast bumps them on every rank but the first).
+                observed = len(placement.writers) == 1 or not fmt.shared_layout
+                groups = step.grouping(component, placement.stem, observed) if step is not None else None
+                plan = with_context(component.key, "encoding", lambda c=component, p=placement, f=fmt, g=groups:
+                                    cache.plan(f, c.key, p, states[c.key], rank, options, g))
+                if step is not None:
+                    step.mark(component.key, plan, fmt)
                 planned.append(PlannedCopy(component, fmt, plan))
     if saver is not None:  # copy what this rank writes: training may change the originals meanwhile
         owned = optimizer_owned(components, staging_roots) if saver.background_staging else None
@@ -290,6 +311,8 @@ def commit_save(target: CheckpointTarget, components: Sequence[StateComponent], 
 
         settle_on_rank_zero(_WRITING, error, written, f"committing checkpoint {shown}", commit, capacity=capacity,
                             group=group)
+    if planned.incremental is not None:  # committed: what the next incremental save compares with
+        planned.incremental.remember(written)
     return size
 
 

@@ -21,6 +21,7 @@ import json
 import math
 import posixpath
 import struct
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +31,14 @@ import xxhash
 from lightning_sharing.checkpoint.manifest import ComponentManifest
 from lightning_sharing.core.declarations import StateComponent
 from lightning_sharing.core.options import CheckpointOptions, VerifyMode
-from lightning_sharing.core.rules import Placement, WholeTensorFiles, placement_for_reader, placements, rule
+from lightning_sharing.core.rules import (
+    SHARD_GROUPS,
+    Placement,
+    WholeTensorFiles,
+    placement_for_reader,
+    placements,
+    rule,
+)
 from lightning_sharing.engine.copy_format import (
     CopyFormat,
     CopyPlan,
@@ -103,6 +111,16 @@ def _plan_shards(tensors: dict[str, torch.Tensor], shard_size: int) -> list[list
     return shards
 
 
+def _grouped_shards(tensors: dict[str, torch.Tensor], groups: dict[str, str], shard_size: int
+                    ) -> list[tuple[str, list[str]]]:
+    """The shards of each shard group (``encoded.groups``: an incremental save's; else one group), groups apart."""
+    by_group: dict[str, dict[str, torch.Tensor]] = {}
+    for name, tensor in tensors.items():
+        by_group.setdefault(groups.get(name, ""), {})[name] = tensor
+    return [(group, names) for group in (*SHARD_GROUPS, "") if group in by_group
+            for names in _plan_shards(by_group[group], shard_size)]
+
+
 def plan_copy(stem: str, encoded: EncodedState, spread: tuple[int, ...], lead: int, rank: int,
               options: CheckpointOptions, files: WholeTensorFiles = _FILES) -> CopyPlan:
     """This rank's files of copy ``stem`` (empty if it writes none of them): shards no larger than ``options``
@@ -113,11 +131,14 @@ def plan_copy(stem: str, encoded: EncodedState, spread: tuple[int, ...], lead: i
     shard_size = options.max_shard_size
     if len(spread) > 1:
         shard_size = min(shard_size, max(MIN_SPREAD_SHARD_SIZE, math.ceil(total / len(spread))))
-    shards = _plan_shards(tensors, shard_size) if tensors else []
-    owners = assign_writers([sum(nbytes(tensors[n]) for n in names) for names in shards], spread)
+    shards = _grouped_shards(tensors, encoded.groups, shard_size)
+    owners = assign_writers([sum(nbytes(tensors[n]) for n in names) for _, names in shards], spread)
+    counts = Counter(group for group, _ in shards)
+    numbers: Counter[str] = Counter()
     weight_map: dict[str, str] = {}
-    for number, (names, owner) in enumerate(zip(shards, owners, strict=True), start=1):
-        rel = files.shard_for(stem, number, len(shards))
+    for (group, names), owner in zip(shards, owners, strict=True):
+        numbers[group] += 1
+        rel = files.shard_for(stem, numbers[group], counts[group], group)
         weight_map.update(dict.fromkeys(names, posixpath.basename(rel)))
         if owner == rank:
             plan.jobs.append(FileJob(rel, tensors={name: tensors[name] for name in names}))

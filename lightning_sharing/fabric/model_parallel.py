@@ -34,17 +34,18 @@ class FabricSharingModelParallelStrategy(FabricSharingBase, ModelParallelStrateg
     Args:
         parallelize_fn, data_parallel_size, tensor_parallel_size: as for Fabric's ``ModelParallelStrategy``.
         components, process_groups, rng, max_shard_size, verify, async_save, max_pending_saves, background_staging,
-            read_once, storage_options: as for ``FabricSharingStrategy``.
+            read_once, incremental, storage_options: as for ``FabricSharingStrategy``.
         **kwargs: ``process_group_backend``, ``timeout`` of ``ModelParallelStrategy``.
     """
 
     def __init__(self, parallelize_fn: Callable[[Any, Any], Any], data_parallel_size: Literal["auto"] | int = "auto",
                  tensor_parallel_size: Literal["auto"] | int = "auto", *, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
                  verify: str = "checksum", async_save: bool = False, max_pending_saves: int = 1,
-                 background_staging: bool = False, read_once: bool | None = None, **kwargs: Any) -> None:
+                 background_staging: bool = False, read_once: bool | None = None, incremental: bool = False,
+                 **kwargs: Any) -> None:
         options = checkpoint_options(max_shard_size=max_shard_size, verify=verify, async_save=async_save,
                                      max_pending_saves=max_pending_saves, background_staging=background_staging,
-                                     read_once=read_once)
+                                     read_once=read_once, incremental=incremental)
         super().__init__(parallelize_fn=parallelize_fn, data_parallel_size=data_parallel_size,
                          tensor_parallel_size=tensor_parallel_size, options=options, **kwargs)
 

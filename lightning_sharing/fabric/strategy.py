@@ -108,6 +108,7 @@ class FabricSharingStrategy(FabricSharingBase, DDPStrategy):
             the next ``optimizer.step()`` waits for the copy (as for ``SharingStrategy``).
         read_once: ``fabric.load`` fetches each file every rank reads once, on one rank, and broadcasts it
             (``None``, the default: on for object-store URLs and multi-node jobs; as for ``SharingStrategy``).
+        incremental: unchanged files are linked or copied server-side, not written again (as for ``SharingStrategy``).
         storage_options: fsspec filesystem arguments for checkpoint URLs (``s3://...``: ``endpoint_url``, ``key``,
             ``secret``, ...), used for every save and load of a URL (a ``storage_options`` given to one
             ``save_checkpoint`` replaces them for it). Local paths do not use them. Default: fsspec's own
@@ -144,6 +145,7 @@ class FabricSharingStrategy(FabricSharingBase, DDPStrategy):
         max_pending_saves: int = 1,
         background_staging: bool = False,
         read_once: bool | None = None,
+        incremental: bool = False,
         storage_options: Mapping[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
@@ -158,7 +160,7 @@ class FabricSharingStrategy(FabricSharingBase, DDPStrategy):
             start_method=start_method,
             options=checkpoint_options(max_shard_size=max_shard_size, verify=verify, async_save=async_save,
                                        max_pending_saves=max_pending_saves, background_staging=background_staging,
-                                       read_once=read_once),
+                                       read_once=read_once, incremental=incremental),
             components=components,
             process_groups=process_groups,
             rng=rng,

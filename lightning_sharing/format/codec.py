@@ -39,6 +39,8 @@ class EncodedState:
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     ties: dict[str, str] = field(default_factory=dict)  # alias name -> stored name
     flat: bool = False
+    #: Shard group of a tensor (an incremental save's ``frozen`` or ``stable``); absent: the default group.
+    groups: dict[str, str] = field(default_factory=dict)
 
 
 def is_flat_tensor_dict(state: Any) -> bool:

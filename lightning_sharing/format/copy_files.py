@@ -3,7 +3,8 @@
 For a copy with stem ``S`` (e.g. ``model`` or ``rng/rank-00001``) the files are:
 
 - ``S-00001-of-0000N.safetensors``: the tensors, at most ``max_shard_size`` bytes per shard
-  (a single larger tensor gets a shard of its own);
+  (a single larger tensor gets a shard of its own); an incremental save adds shards of their own for tensors that
+  do not change, ``S-frozen-00001-of-0000N.safetensors`` and ``S-stable-...`` (``core.rules.SHARD_GROUPS``);
 - ``S.safetensors.index.json``: ``{"metadata": {"total_size": ..., "tied": {...}}, "weight_map": ...}``
   exactly as Hugging Face writes it, so ``transformers`` and plain ``safetensors`` can read it;
 - ``S.json``: the structure of a non-flat state (optimizer, scheduler, RNG), tensors by reference.
@@ -26,6 +27,7 @@ from typing import Any
 
 import torch
 
+from lightning_sharing.core.rules import SHARD_GROUPS
 from lightning_sharing.errors import CheckpointError, CorruptCheckpointError
 from lightning_sharing.format.codec import decode_state
 from lightning_sharing.format.gc_pause import collection_paused
@@ -90,7 +92,8 @@ def tree_name(stem: str) -> str:
 
 def shard_pattern(stem: str) -> re.Pattern[str]:
     """The names (without folder) of copy ``stem``'s safetensors shards."""
-    return re.compile(re.escape(posixpath.basename(stem)) + r"-\d{5}-of-\d{5}\.safetensors")
+    groups = "|".join(SHARD_GROUPS)
+    return re.compile(re.escape(posixpath.basename(stem)) + rf"-(?:(?:{groups})-)?\d{{5}}-of-\d{{5}}\.safetensors")
 
 
 def json_bytes(data: Any) -> bytes:

@@ -46,6 +46,8 @@ __all__ = [
     "read_tensors",
     "stream_checksum",
     "tensor_bytes",
+    "tensors_checksum",
+    "tensors_file_size",
     "write_blob",
     "write_tensor_file",
     "write_tensors",
@@ -182,7 +184,7 @@ def write_tensors(sink: ByteSink, tensors: Mapping[str, torch.Tensor],
 
     Tensors are laid out largest element size first, so every tensor is aligned in the file.
     """
-    order = sorted(tensors, key=lambda name: (-tensors[name].element_size(), name))
+    order = _order(tensors)
     header = _header(tensors, order, metadata or {"format": "pt"})
     with _OverlappedDigest(sum(nbytes(t) for t in tensors.values())) as digest:
         size = _write_all(sink, memoryview(header), digest)
@@ -191,6 +193,25 @@ def write_tensors(sink: ByteSink, tensors: Mapping[str, torch.Tensor],
             if tensors[name].numel():
                 size += _write_all(sink, tensor_bytes(tensors[name]), digest)
         return size, digest.checksum()
+
+
+def _order(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    return sorted(tensors, key=lambda name: (-tensors[name].element_size(), name))
+
+
+class _Discard:
+    def write(self, data: memoryview | bytes) -> None:
+        pass
+
+
+def tensors_file_size(tensors: Mapping[str, torch.Tensor]) -> int:
+    """The size of the file ``write_tensors`` makes of ``tensors`` (its header is built; no data is touched)."""
+    return len(_header(tensors, _order(tensors), {"format": "pt"})) + sum(nbytes(t) for t in tensors.values())
+
+
+def tensors_checksum(tensors: Mapping[str, torch.Tensor]) -> str:
+    """The checksum of the file ``write_tensors`` makes of ``tensors``, computed without writing it."""
+    return write_tensors(_Discard(), tensors)[1]
 
 
 def write_blob(sink: ByteSink, data: bytes) -> tuple[int, str]:

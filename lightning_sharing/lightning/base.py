@@ -56,6 +56,7 @@ class SharingStrategyBase(ResumeMixin):
                  max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, verify: str = "checksum", strict: bool = True,
                  fallback: bool = False, async_save: bool = False, max_pending_saves: int = 1,
                  background_staging: bool = False, read_once: bool | None = None,
+                 incremental: bool = False,
                  preemption_checkpoint: bool | str | os.PathLike[str] | None = True,
                  storage_options: Mapping[str, Any] | None = None, elastic_data: bool = True, **kwargs: Any) -> None:
         storage_options = check_storage_options(storage_options)
@@ -64,7 +65,7 @@ class SharingStrategyBase(ResumeMixin):
             options = checkpoint_options(max_shard_size=max_shard_size, verify=verify,
                                          validation_level=validation_level, async_save=async_save,
                                          max_pending_saves=max_pending_saves, background_staging=background_staging,
-                                         read_once=read_once)
+                                         read_once=read_once, incremental=incremental)
             io = SharingCheckpointIO(options=options, storage_options=storage_options)
         elif storage_options is not None and isinstance(io, SharingCheckpointIO):
             io.adopt_storage_options(storage_options, type(self).__name__)

@@ -80,9 +80,9 @@ class SharingCheckpointIO(CheckpointHost, CheckpointIO):
 
     Args:
         options: a ``CheckpointOptions``; the keyword arguments below override its fields.
-        max_shard_size, verify, validation_level, async_save, max_pending_saves, background_staging, read_once: as for
-            ``CheckpointOptions`` (``validation_level`` is the replication check of the model weights at each
-            save; ``NONE`` turns it off).
+        max_shard_size, verify, validation_level, async_save, max_pending_saves, background_staging, read_once,
+            incremental: as for ``CheckpointOptions`` (``validation_level`` is the replication check of the model
+            weights at each save; ``NONE`` turns it off).
         storage_options: fsspec filesystem arguments for checkpoint URLs (``s3://...``: ``endpoint_url``,
             ``key``, ``secret``, ...), used for every save, load and removal of a URL; a ``storage_options``
             passed to one save (``trainer.save_checkpoint(path, storage_options=...)``) replaces them for it.
@@ -93,11 +93,11 @@ class SharingCheckpointIO(CheckpointHost, CheckpointIO):
                  verify: VerifyMode | str | None = None, validation_level: ValidationLevel | str | None = None,
                  async_save: bool | None = None, max_pending_saves: int | None = None,
                  background_staging: bool | None = None, read_once: bool | None = None,
-                 storage_options: Mapping[str, Any] | None = None) -> None:
+                 incremental: bool | None = None, storage_options: Mapping[str, Any] | None = None) -> None:
         super().__init__(checkpoint_options(options, max_shard_size=max_shard_size, verify=verify,
                                             validation_level=validation_level, async_save=async_save,
                                             max_pending_saves=max_pending_saves, background_staging=background_staging,
-                                            read_once=read_once),
+                                            read_once=read_once, incremental=incremental),
                          storage_options)
         self._warned_rank_local = False
 

@@ -72,7 +72,8 @@ class SharingModelParallelStrategy(SharingStrategyBase, ModelParallelStrategy):
     Args:
         data_parallel_size, tensor_parallel_size: the device mesh, as for ``ModelParallelStrategy``.
         process_groups, validation_level, max_shard_size, verify, strict, fallback, async_save, max_pending_saves,
-            background_staging, read_once, preemption_checkpoint, storage_options: as for ``SharingStrategy``.
+            background_staging, read_once, incremental, preemption_checkpoint, storage_options: as for
+            ``SharingStrategy``.
         **kwargs: the other arguments of ``ModelParallelStrategy`` (``process_group_backend``, ``timeout``).
 
     Example:

@@ -66,6 +66,9 @@ class SharingStrategy(SharingStrategyBase, DDPStrategy):
         read_once: on resume, each file every rank reads (the model's and optimizer's REPLICATED state, GLOBAL
             state) is fetched from storage by one rank and broadcast to the others. ``None`` (default, auto): on
             for object-store URLs and multi-node jobs, off for one node on a local disk.
+        incremental: a save hard-links (local) or copies server-side (object store) the files whose content equals
+            the newest complete checkpoint's in the same directory instead of writing them again; every checkpoint
+            stays self-contained (docs/storage.md). Off by default.
         strict: the loading rules on resume (see docs/patterns.md). ``False`` skips what cannot be
             loaded (undeclared or missing components, rank-specific state saved under another
             topology), logging each skip, instead of refusing the checkpoint.

@@ -183,12 +183,14 @@ def chunk_key(name: str, box: Box, global_shape: tuple[int, ...]) -> str:
 
 
 def write_chunks(root: str | Path, file: str, plan: WritePlan, state: Mapping[str, torch.Tensor], *,
-                 block_size: int = DEFAULT_BLOCK_SIZE, store: ChunkStore | None = None) -> ShardedIndex:
+                 block_size: int = DEFAULT_BLOCK_SIZE, store: ChunkStore | None = None,
+                 names: set[str] | None = None) -> ShardedIndex:
     """Write the chunks ``plan`` assigns to this rank into ``root/file``; return this rank's partial index.
 
     ``file`` is the relative path the index records (``{key}/chunks-{rank:05d}.safetensors``, say).
     With ``store`` (a ``CheckpointStore``), the file is written through ``store.open_write`` at
     ``store.join(root, file)`` (durable when that returns); without, to the local directory ``root``.
+    ``names``: only the chunks of these tensors go to ``file`` (the others of this rank to other files).
     No file is written when this rank writes no chunk. The partial index lists every tensor of the
     state (shape and dtype, also those with no chunk here) and this rank's chunks; ``merge_indexes``
     joins the ranks' parts.
@@ -197,7 +199,7 @@ def write_chunks(root: str | Path, file: str, plan: WritePlan, state: Mapping[st
         >>> part = write_chunks(root, f"model/chunks-{plan.rank:05d}.safetensors", plan, state)  # doctest: +SKIP
         >>> part.files  # this rank's file, with its size and checksum                        # doctest: +SKIP
     """
-    mine = plan.mine()
+    mine = [write for write in plan.mine() if names is None or write.name in names]
     entries: list[tuple[str, torch.Tensor]] = []
     for write in mine:
         layout = plan.layouts[write.name]

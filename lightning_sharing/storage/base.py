@@ -99,6 +99,22 @@ class CheckpointStore(ABC):
         """A context manager yielding a ``ByteSink`` for ``location``: leaving it normally makes the file durable
         (fsync, a completed upload), or, inside ``write_batch()``, the batch's end does; an exception discards it."""
 
+    # ------------------------------------------------------------------ incremental saves
+    #: How ``reuse_file`` puts an earlier file in a new checkpoint: ``"linked"`` (a hard link), ``"copied"`` (a
+    #: server-side copy); None: it cannot, and every file is written.
+    reuse_kind: str | None = None
+
+    def stamp(self, location: str) -> str | None:
+        """What identifies the file at ``location`` as written, cheaply (an inode and modification time, an ETag);
+        recorded in the manifest for ``reuse_file``'s check. None: the store has none."""
+        return None
+
+    def reuse_file(self, source: str, size: int, stamp: str, location: str) -> str | None:
+        """Put the file at ``source`` (an earlier committed checkpoint's) at ``location`` without sending its bytes
+        through this process, only if it still has ``size`` and ``stamp`` (what its manifest recorded; no re-read);
+        returns the new file's stamp, or None when it did not (the caller writes the file instead)."""
+        return None
+
     @contextmanager
     def write_batch(self) -> Iterator[None]:
         """A block whose files (``open_write``, this thread) are all durable when it ends normally; a store may

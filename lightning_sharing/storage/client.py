@@ -16,7 +16,7 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from lightning_sharing.errors import ObjectChangedError, ObjectExistsError, ObjectStoreError
@@ -29,10 +29,12 @@ OWN_OPTIONS = frozenset({"client", "retry"})
 
 @dataclass(frozen=True, order=True)
 class ObjectInfo:
-    """One object: its key (relative to the client's bucket) and size."""
+    """One object: its key (relative to the client's bucket), size and, from ``head``, its version (the ETag; None
+    where the client does not know it)."""
 
     key: str
     size: int
+    version: str | None = field(default=None, compare=False)
 
 
 class ObjectWriter(Protocol):
@@ -62,7 +64,7 @@ class ObjectClient(Protocol):
         starting past the end is the library's error, HTTP 416)."""
 
     def head(self, key: str) -> ObjectInfo | None:
-        """The object at ``key``, or None."""
+        """The object at ``key`` (with its version), or None."""
 
     def list(self, prefix: str, *, delimiter: bool) -> tuple[list[str], list[ObjectInfo]]:
         """Sorted ``(child prefixes, objects)`` right below ``prefix`` (``"a/b/"``; ``""``: the bucket), fresh

@@ -107,7 +107,8 @@ class FsspecClient:
             info = self.fs.info(self._path(key))
         except FileNotFoundError:
             return None
-        return ObjectInfo(key, int(info.get("size") or 0)) if info.get("type") == "file" else None
+        version = info.get("ETag") or info.get("etag")
+        return ObjectInfo(key, int(info.get("size") or 0), version) if info.get("type") == "file" else None
 
     def list(self, prefix: str, *, delimiter: bool) -> tuple[list[str], list[ObjectInfo]]:
         path = self._path(prefix.rstrip("/"))

@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import sys
 import threading
 import uuid
@@ -221,6 +222,14 @@ def _commit_directory(staging: Path, target: Path, token: str) -> None:
         log.warning("could not remove the replaced checkpoint %s (%s); the next save removes it", previous, exc)
 
 
+def _stamp(status: os.stat_result) -> str:
+    return f"{status.st_ino}:{status.st_mtime_ns}"
+
+
+def _unchanged(status: os.stat_result, size: int, stamp: str) -> bool:
+    return stat.S_ISREG(status.st_mode) and status.st_size == size and _stamp(status) == stamp
+
+
 def remove_checkpoint(path: str | os.PathLike[str]) -> None:
     """Delete a checkpoint so that it is never seen half-deleted.
 
@@ -276,6 +285,29 @@ class LocalStore(CheckpointStore):
             return "is a symbolic link; checkpoint files must be regular files"
         if not os.path.realpath(path).startswith(os.path.realpath(root) + os.sep):
             return "resolves outside the checkpoint directory"
+        return None
+
+    reuse_kind = "linked"
+
+    def stamp(self, location: str) -> str | None:
+        return _stamp(os.lstat(location))
+
+    def reuse_file(self, source: str, size: int, stamp: str, location: str) -> str | None:
+        """A hard link to ``source`` (same filesystem: the staging directory is beside the checkpoints), made only
+        when ``source`` still has ``size`` and ``stamp`` (inode, modification time): a file replaced or changed
+        in place since its save is never linked. Checked again on the new name, which names the inode linked."""
+        try:
+            if not _unchanged(os.lstat(source), size, stamp):
+                log.info("not linking %s: it changed since it was saved; writing the file again", source)
+                return None
+            os.makedirs(os.path.dirname(location), exist_ok=True)
+            os.link(source, location, follow_symlinks=False)
+        except OSError as exc:  # gone (retention removed it), no hard links here (EPERM, EXDEV), too many links
+            log.info("not linking %s (%s); writing the file again", source, exc)
+            return None
+        if _unchanged(os.lstat(location), size, stamp):
+            return stamp
+        os.unlink(location)  # replaced between the check and the link
         return None
 
     @contextmanager

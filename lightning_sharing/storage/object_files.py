@@ -44,6 +44,8 @@ class ObjectFileWriter:
     def __init__(self, calls: RetryingClient, key: str, location: str) -> None:
         self._calls, self._key, self._location = calls, key, location
         self._buffer, self._stream, self._open = bytearray(), None, True
+        #: The object's version (ETag) once a single PUT stored it; None for a multipart upload.
+        self.version: str | None = None
 
     def __enter__(self) -> ObjectFileWriter:
         return self
@@ -81,7 +83,8 @@ class ObjectFileWriter:
         try:
             if self._stream is None:
                 fault_point("save:write")
-                self._calls.put(self._key, bytes(self._buffer))
+                self.version = self._calls.put(self._key, bytes(self._buffer))
+                self._buffer = bytearray()
             else:
                 self._run("complete", self._stream.commit)
             self._open = False

@@ -84,6 +84,7 @@ class ObjectStore(CheckpointStore):
         self._replaced_files: dict[str, list[str]] = {}  # write root -> files of a replaced filesystem-layout copy
         self._sizes: dict[str, int] = {}  # sizes just looked up: opening the file needs no second HEAD
         self._listed: dict[str, int] = {}  # sizes from listings (objects are never rewritten in place)
+        self._writers: dict[str, ObjectFileWriter] = {}  # the last writer of each location, until ``stamp`` asks
 
     @classmethod
     def for_url(cls, url: str, storage_options: dict[str, Any] | None = None) -> ObjectStore:
@@ -164,9 +165,37 @@ class ObjectStore(CheckpointStore):
         dirs = self._calls.list(gen.below(self._key(directory)), delimiter=True)[0]
         return [self._url(key) for key in dirs if not key.rsplit("/", 1)[-1].startswith(".")]
 
+    # ------------------------------------------------------------------ incremental saves
+    reuse_kind = "copied"
+
+    def stamp(self, location: str) -> str | None:
+        writer = self._writers.pop(location, None)
+        if writer is not None and writer.version is not None:  # the PUT's answer: no request more
+            return writer.version
+        info = self._calls.head(self._key(location))
+        return None if info is None else info.version
+
+    def reuse_file(self, source: str, size: int, stamp: str, location: str) -> str | None:
+        """A server-side copy of ``source`` (no bytes through this process), made only when its size and ETag are
+        still what its manifest recorded; the copy's size is checked, and its ETag returned."""
+        try:
+            info = self._calls.head(self._key(source))
+            if info is None or info.size != size or info.version != stamp:
+                log.info("not copying %s: it changed since it was saved, or is gone; writing the file again", source)
+                return None
+            self._calls.copy(self._key(source), self._key(location))
+            copied = self._calls.head(self._key(location))
+        except (ObjectStoreError, FileNotFoundError) as exc:  # gone meanwhile, or no server-side copies: write it
+            log.info("not copying %s (%s); writing the file again", source, exc)
+            return None
+        if copied is None or copied.size != size or copied.version is None:
+            return None  # the caller writes it over
+        return copied.version
+
     # ------------------------------------------------------------------ writing and committing
     def open_write(self, location: str) -> ObjectFileWriter:
-        return ObjectFileWriter(self._calls, self._key(location), location)
+        writer = self._writers[location] = ObjectFileWriter(self._calls, self._key(location), location)
+        return writer
 
     def begin_save(self, target: str, token: str) -> str:
         key = self._key(target)
@@ -198,6 +227,7 @@ class ObjectStore(CheckpointStore):
         if write_root not in self._expected:
             raise CheckpointError(f"commit of {write_root} without begin_save on this store")
         expected, key = self._expected.pop(write_root), self._key(target)
+        self._writers.clear()  # stamps are asked for right after each write: none is pending now
         fault_point("commit:manifest")
         fault_point("commit:rename")  # the conditional put of the manifest is this store's rename
         try:
@@ -238,6 +268,7 @@ class ObjectStore(CheckpointStore):
 
     def abort(self, write_root: str, target: str) -> None:
         self._expected.pop(write_root, None)
+        self._writers.clear()
         self._replaced_files.pop(write_root, None)
         try:
             if gen.manifest_data_prefix(self.read_bytes(f"{target}/{MANIFEST_NAME}")) == self.basename(write_root):

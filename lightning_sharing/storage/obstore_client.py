@@ -120,7 +120,8 @@ class ObstoreClient:
 
     def head(self, key: str) -> ObjectInfo | None:
         try:
-            return ObjectInfo(key, obstore.head(self._store, key)["size"])
+            meta = obstore.head(self._store, key)
+            return ObjectInfo(key, meta["size"], meta.get("e_tag"))
         except FileNotFoundError:
             return None
 

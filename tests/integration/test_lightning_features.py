@@ -11,6 +11,7 @@ from support.launch import ROOT, free_port, start, wait
 from support.launch import run as run_process
 
 from lightning_sharing import CheckpointManifest
+from lightning_sharing.cli import main
 
 SCRIPT = str(ROOT / "tests" / "scripts" / "lightning_features.py")
 
@@ -142,3 +143,21 @@ def test_async_save_with_keep_last_k_retention_and_resume(tmp_path: Path) -> Non
     for name in result["after_resume"]:
         assert CheckpointManifest.load(ckpts / name).world_size == 2
     assert not [p for p in out.rglob(".*")]  # no staging or half-removed leftovers
+
+
+def test_incremental_saves_under_the_trainer_with_async_retention_and_resume(tmp_path: Path) -> None:
+    """SharingStrategy(incremental=True, async_save=True): the frozen backbone (found through the model state's
+    module) gets files of its own from the first save, linked by every later one; retention deletes older
+    checkpoints and what is kept verifies alone; training resumes from the newest."""
+    out = tmp_path / "incremental"
+    run_process([SCRIPT, "incremental", "--out", str(out)], tmp_path / "incremental.log")
+    results = _results(out, 2)
+    assert results[0] == results[1]
+    result = results[0]
+    assert result["kept"] == ["step=10.ckpt", "step=8.ckpt"]
+    for name in result["kept"]:
+        frozen = {path: origin for path, origin in result["origins"][name].items() if "-frozen-" in path}
+        assert frozen and all(origin["kind"] == "linked" for origin in frozen.values()), result["origins"][name]
+        assert main(["verify", str(out / "checkpoints" / name)]) == 0
+    assert result["origins"]["step=10.ckpt"]["model-00001-of-00001.safetensors"]["kind"] == "written"
+    assert result["resumed_at"] == 10 and result["global_step"] == 12

@@ -10,6 +10,8 @@ Modes:
     fallback         a corrupt last.ckpt: an error by default, the previous checkpoint with fallback=True.
     async-retention  async_save=True with keep-last-2 (ModelCheckpoint top-k on "step"), then a resume from an
                      older checkpoint, which retention must not delete.
+    incremental      SharingStrategy(incremental=True, async_save=True), a frozen backbone, keep-last-2 retention,
+                     then a resume from the newest checkpoint.
 Each mode writes OUT/result-rank{r}.json for the test to check.
 """
 
@@ -30,6 +32,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from lightning_sharing import (
     BuiltinState,
+    CheckpointManifest,
     MetricState,
     SharingPattern,
     SharingStrategy,
@@ -269,10 +272,46 @@ def async_retention(args: argparse.Namespace) -> None:
     })
 
 
+class Frozen(pl.LightningModule):
+    """A frozen backbone (about 97% of the weights) and a trainable head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(*[nn.Linear(4 if i == 0 else 64, 64) for i in range(4)])
+        self.backbone.requires_grad_(False)
+        self.head = nn.Linear(64, 1)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.mse_loss(self.head(self.backbone(x)), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.head.parameters(), lr=0.01)
+
+
+def incremental(args: argparse.Namespace) -> None:
+    ckpt_dir = args.out / "checkpoints"
+
+    def keep_last_two() -> ModelCheckpoint:
+        return ModelCheckpoint(dirpath=ckpt_dir, filename="{step}", every_n_train_steps=2, save_top_k=2,
+                               monitor="step", mode="max")
+
+    t = trainer(args, 10, [keep_last_two()], strategy=SharingStrategy(incremental=True, async_save=True))
+    t.fit(Frozen(), train_dataloaders=loader())
+    t.strategy.barrier()
+    kept = sorted(p.name for p in ckpt_dir.iterdir())
+    origins = {name: {f.path: f.origin for f in CheckpointManifest.load(ckpt_dir / name).all_files()}
+               for name in kept}
+    resumed = trainer(args, 12, [start := StartStep()], strategy=SharingStrategy(incremental=True))
+    resumed.fit(Frozen(), train_dataloaders=loader(), ckpt_path=ckpt_dir / "step=10.ckpt")
+    write(args.out, t.global_rank, {"kept": kept, "origins": origins, "resumed_at": start.step,
+                                    "global_step": resumed.global_step})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("mode", choices=["features", "bad-declaration", "spawn", "nodes", "fallback",
-                                         "async-retention"])
+                                         "async-retention", "incremental"])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--devices", type=int, default=2)
     parser.add_argument("--nodes", type=int, default=1)
@@ -281,7 +320,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(3)
     modes = {"features": features, "bad-declaration": bad_declaration, "spawn": spawn, "nodes": nodes,
-             "fallback": fallback, "async-retention": async_retention}
+             "fallback": fallback, "async-retention": async_retention, "incremental": incremental}
     modes[args.mode](args)
 
 

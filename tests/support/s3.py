@@ -10,7 +10,7 @@ fault: a 503 ``SlowDown`` (throttling), another S3 error, a reset connection, an
 moto carried the request out (the client never hears of its success), an answer reset mid-body, a
 stall past the client's timeout, or a hold until several matching requests are in flight at once
 (proving concurrency without timing). It also counts the body bytes it answers (``bytes_sent``): the traffic a
-client really fetched.
+client really fetched, and the request body bytes it receives (``bytes_received``): what a client really uploaded.
 """
 
 from __future__ import annotations
@@ -157,6 +157,7 @@ class FaultProxy:
         self.rules: list[Rule] = []
         self.requests: list[tuple[str, str]] = []
         self.answered: list[tuple[str, str, int]] = []  # (method, path, body bytes sent back): real traffic
+        self.received: list[tuple[str, str, int]] = []  # (method, path, request body bytes): what clients uploaded
         self.in_flight = 0
         self.max_in_flight: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -189,6 +190,11 @@ class FaultProxy:
         """The body bytes answered to requests with this method and these substrings (e.g. what GETs fetched)."""
         with self._lock:
             return sum(n for m, p, n in self.answered if m == method and all(text in p for text in contains))
+
+    def bytes_received(self, method: str, *contains: str) -> int:
+        """The request body bytes of requests with this method and these substrings (e.g. what PUTs uploaded)."""
+        with self._lock:
+            return sum(n for m, p, n in self.received if m == method and all(text in p for text in contains))
 
     def _decide(self, method: str, path: str) -> Rule | None:
         with self._lock:
@@ -252,6 +258,8 @@ class FaultProxy:
                     raise RuntimeError("the fault proxy does not handle chunked request bodies")
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
+                with proxy._lock:
+                    proxy.received.append((self.command, self.path, len(body)))
                 kind = f"{self.command} {'part' if 'partNumber=' in self.path else 'other'}"
                 proxy._track(kind, +1)  # from arrival to answer: what the client has in flight at once
                 try:

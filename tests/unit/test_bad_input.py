@@ -167,7 +167,25 @@ def test_unknown_format_version(saved):
     edit_manifest(path, lambda m: m.update(format_version=99))
     coordinator, _, _ = fresh_coordinator()
     refused(lambda: coordinator.load_checkpoint(path), ManifestError,
-            "format version 99 is not supported", "reads version 1", "upgrade lightning_sharing")
+            "format version 99 is not supported", "reads versions 1, 2", "upgrade lightning_sharing")
+
+
+def test_format_version_1_still_loads(saved):
+    """A checkpoint of format version 1 (no file stamps or origins) loads as before."""
+    path, model, _ = saved
+
+    def to_version_1(manifest):
+        manifest["format_version"] = 1
+        for component in manifest["components"].values():
+            for entry in component["files"]:
+                entry.pop("stamp", None)
+                entry.pop("origin", None)
+
+    edit_manifest(path, to_version_1)
+    coordinator, loaded, _ = fresh_coordinator()
+    coordinator.load_checkpoint(path)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values(),
+                                                 strict=True))
 
 
 def test_manifest_that_is_not_json(saved):
