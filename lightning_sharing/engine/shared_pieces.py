@@ -203,7 +203,7 @@ def read_and_send(prepared: Sequence[tuple[StateComponent, PreparedLoad]], route
                                 _key(key, read, piece) in routes.received)
                 with_context(component.key, "loading", lambda ld=load, p=plan: ld.read_now(store, root, p))
     _exchange(routes, pieces, phase)
-    return sum(pieces.by_key[key].size for _, keys in routes.sends for key in set(keys))
+    return sum(pieces.by_key[key].size for key in {key for _, keys in routes.sends for key in keys})
 
 
 def _without(plan: ReadPlan, leave: Callable[[TensorRead, ReadPiece], bool]) -> ReadPlan:
