@@ -23,8 +23,11 @@ A save with ``CheckpointOptions(incremental=True)``, on every rank that writes f
    hard-links it (local) or copies it server-side (object store) after checking its size and stamp, and writes it
    only when that is not possible. The manifest records each file's ``origin``.
 
-Not seen: a change that bypasses the version counter (``tensor.data.add_(...)``, writes through ``numpy()`` or
-``data_ptr``); such state must not be saved incrementally.
+Whole-tensor files are reused only when the content's checksum, computed in memory before anything is written,
+equals the one the previous checkpoint recorded, so a change that bypasses the version counter (``tensor.data
+.add_(...)``, writes through ``numpy()`` or ``data_ptr``) is written afresh, at the cost of hashing the unchanged
+bytes (xxh3-128, several GB/s). A SHARDED chunk file's checksum depends on its block layout, so there the
+fingerprints decide alone: such a change to a frozen DTensor is not seen.
 
 Example (every rank; ``save.plan_save`` does this):
     >>> step = IncrementalSave(cache.incremental, store, "/runs/step=2.ckpt")     # doctest: +SKIP
@@ -149,13 +152,18 @@ class IncrementalSave:
             if source is None or any(mark is None for _, mark in marks):
                 continue
             record = self.memory.files.get((key, job.rel))
+            planned = fmt.planned_file(job.tensors)
+            # The content's checksum, computed in memory (nothing written), must be the one the previous checkpoint
+            # recorded: the fingerprints only say which files are worth hashing, since a change through ``.data``
+            # (an EMA updated as ``p.data.mul_(...)``) does not move a version counter. A chunk file's checksum
+            # depends on its block layout (``planned_file`` is None): there the fingerprints decide alone.
+            same = planned is None or (planned[0] == source.size and planned[1]() == source.checksum)
             if record is not None:
-                if record.tensors == marks and (record.checksum, record.size) == (source.checksum, source.size):
+                if record.tensors == marks and (record.checksum, record.size) == (source.checksum, source.size) \
+                        and same:
                     job.reuse = dataclasses.replace(source, detail=record.detail)
-            elif (planned := fmt.planned_file(job.tensors)) is not None:  # no memory of it (a restart): compare
-                size, checksum = planned                                  # the content's checksum, not writing it
-                if size == source.size and checksum() == source.checksum:
-                    job.reuse = source
+            elif planned is not None and same:  # no memory of it (a restart): the content's checksum decides
+                job.reuse = source
 
     def remember(self, written: list[WrittenCopy]) -> None:
         """After the commit: this save's tensors and files are what the next save compares with."""

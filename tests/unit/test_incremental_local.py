@@ -87,3 +87,23 @@ def test_a_plain_save_records_stamps_and_a_version_1_checkpoint_is_never_a_sourc
     (tmp_path / "step=3.ckpt" / "checkpoint_manifest.json").write_text(json.dumps(data))
     incremental.save_checkpoint(tmp_path / "step=4.ckpt")
     assert _origins(tmp_path / "step=4.ckpt")["m-frozen-00001-of-00001.safetensors"] == "written"
+
+
+def test_a_frozen_tensor_changed_through_data_is_written_afresh(tmp_path: Path) -> None:
+    """``p.data.mul_()`` (an EMA updated the old way) does not move ``p``'s version counter: the fingerprint says
+    unchanged, the content's checksum does not, and the file is written again with the new values."""
+    model = torch.nn.Linear(64, 64)
+    model.requires_grad_(False)
+    coordinator = CheckpointCoordinator([StateComponent("m", model, SharingPattern.GLOBAL)], incremental=True)
+    coordinator.save_checkpoint(tmp_path / "step=1.ckpt")
+    version = model.weight._version
+    model.weight.data.mul_(0.5)
+    assert model.weight._version == version  # what the fingerprint cannot see
+    coordinator.save_checkpoint(tmp_path / "step=2.ckpt")
+    assert _origins(tmp_path / "step=2.ckpt")["m-frozen-00001-of-00001.safetensors"] == "written"
+    coordinator.save_checkpoint(tmp_path / "step=3.ckpt")  # unchanged since: linked again
+    assert _origins(tmp_path / "step=3.ckpt")["m-frozen-00001-of-00001.safetensors"] == "linked"
+    loaded = torch.nn.Linear(64, 64)
+    CheckpointCoordinator([StateComponent("m", loaded, SharingPattern.GLOBAL)]).load_checkpoint(
+        tmp_path / "step=3.ckpt")
+    assert torch.equal(loaded.weight, model.weight) and torch.equal(loaded.bias, model.bias)
