@@ -1,0 +1,415 @@
+"""The local tier at work: ``save_local`` (write on every node, copy to peer nodes) and ``restore`` (choose and load).
+
+Because the local tier is only used at the topology it was saved at, nothing is planned or resharded: every rank
+writes its own state of every component but the GLOBAL and REPLICATED ones, of which each node's first rank writes
+one copy, and a restore gives every rank back exactly that (``engine/local_files.py`` holds the files).
+
+**save_local(step)**: every rank writes its bundle into ``own/.tmp-step_<N>`` (one agreement step: a failure
+anywhere, a full disk say, is an error on every rank and nothing is committed); each node's first rank writes
+``COMPLETE.json`` and renames the directory into place (one more); then the rank with local rank ``j`` on node ``n``
+sends its files to local rank ``j`` of nodes ``n+1 .. n+replicas`` (point-to-point over the tier's own gloo group),
+which write them under ``replica_of_<n>`` (agreed) and rename them into place (agreed).
+
+**restore(directory)**: rank 0 finds the newest complete persistent checkpoint; every rank lists the steps it can
+serve (its own and the replicas it holds, saved at this very topology and declaration), and every rank learns
+every rank's list (one gather). The newest step at least as new as the persistent one that every rank can get
+(its own copy first, else a peer's replica) is chosen, the same way on every rank; holders read and verify the
+files and send them to ranks whose own copy is missing. A file that fails its checksum makes that source unusable:
+the ranks agree on it (one all-reduce, a gather only on failure) and choose again (the next replica, an older step,
+or the persistent checkpoint), the log naming the file and the source used instead. Any rank that finds a local
+checkpoint saved at another topology makes every rank skip the tier, with one log line.
+
+Example (every rank):
+    >>> runner = LocalTierRunner(LocalTier("/local/ckpt/{node}"))                                     # doctest: +SKIP
+    >>> runner.save_local(100, components, topology, declaration)                                     # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lightning_sharing.checkpoint.discovery import complete_checkpoints
+from lightning_sharing.core.declarations import StateComponent
+from lightning_sharing.core.local_tier import LocalTier
+from lightning_sharing.core.patterns import SharingPattern
+from lightning_sharing.core.topology import Topology
+from lightning_sharing.distributed.collectives import (
+    Ballot,
+    all_gather_object,
+    any_rank,
+    get_rank,
+    new_gloo_group,
+    on_rank_zero,
+    warn_on_rank_zero,
+)
+from lightning_sharing.distributed.peer_exchange import exchange_bytes
+from lightning_sharing.engine import local_files as files
+from lightning_sharing.errors import CheckpointError, ComponentDeclarationError, CorruptCheckpointError
+from lightning_sharing.format.codec import is_dtensor
+
+__all__ = ["LocalTierRunner", "restore_persistent"]
+
+log = logging.getLogger(__name__)
+
+_SHARED = (SharingPattern.GLOBAL, SharingPattern.REPLICATED)
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where a rank stands in the tier: its node, its place on the node, and which ranks hold copies of whom."""
+
+    rank: int
+    nodes: tuple[tuple[int, ...], ...]
+    replicas: int  # at most the number of other nodes
+
+    @property
+    def node(self) -> int:
+        return next(i for i, members in enumerate(self.nodes) if self.rank in members)
+
+    @property
+    def local(self) -> int:
+        return self.nodes[self.node].index(self.rank)
+
+    @property
+    def lead(self) -> int:
+        return self.nodes[self.node][0]
+
+    def holders(self, node: int, local: int) -> list[int]:
+        """The ranks holding replicas of rank (``node``, ``local``)'s files, nearest node first."""
+        return [self.nodes[(node + k) % len(self.nodes)][local] for k in range(1, self.replicas + 1)]
+
+    def origins(self) -> list[int]:
+        """The nodes whose files this rank holds replicas of (same order as ``holders``)."""
+        return [(self.node - k) % len(self.nodes) for k in range(1, self.replicas + 1)]
+
+
+def _layout(tier: LocalTier, topology: Topology, rank: int) -> _Layout:
+    sizes = sorted({len(members) for members in topology.nodes})
+    if len(sizes) != 1:
+        raise ComponentDeclarationError(
+            f"the local tier pairs the ranks of different nodes by local rank, so every node must run the same "
+            f"number of ranks; this job has nodes of {sizes} ranks ({topology.describe()})")
+    return _Layout(rank, topology.nodes, min(tier.replicas, len(topology.nodes) - 1))
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value))
+
+
+class LocalTierRunner:
+    """``save_local`` and ``restore`` of one coordinator (see the module docstring); holds the tier's gloo group."""
+
+    def __init__(self, tier: LocalTier) -> None:
+        self.tier = tier
+        self._group: Any = None
+        self._has_group = False
+
+    def group(self) -> Any:
+        """Collective the first time: the tier's own gloo group (CPU tensors whatever the default backend)."""
+        if not self._has_group:
+            self._group, self._has_group = new_gloo_group(), True
+        return self._group
+
+    def node_dir(self, topology: Topology, rank: int) -> Path:
+        """This rank's node directory of the tier."""
+        return Path(self.tier.directory_for(topology.node_index(rank)))
+
+    # ------------------------------------------------------------------------------------------------ save
+    def save_local(self, step: int, components: Sequence[StateComponent], topology: Topology,
+                   declaration: Any) -> None:
+        """Collective: write this node's files of ``step``, commit them, copy them to the peer nodes."""
+        group = self.group()
+        rank = get_rank()
+        lay = _layout(self.tier, topology, rank)
+        own = self.node_dir(topology, rank) / "own"
+        temp, final = files.temp_dir(own, step), files.step_dir(own, step)
+        what = f"local checkpoint step {step}"
+        ballot = Ballot(f"saving {what}", group)
+        ballot.run(f"writing {what}", lambda: _write_own(temp, components, lay))
+        ballot.agree()
+
+        def commit() -> None:
+            entries = {}
+            for member in lay.nodes[lay.node]:
+                entries.update(json.loads((temp / f"{files.rank_file(member)}.sum").read_bytes()))
+            record = files.complete_record(step, lay.node, topology.to_json(), _jsonable(declaration), entries)
+            files.commit_step(temp, final, record)
+            files.remove_old_steps(own, self.tier.keep)
+
+        ballot = Ballot(f"committing {what}", group)
+        ballot.run(f"committing {what}", commit if rank == lay.lead else None)
+        ballot.agree()
+        if lay.replicas:
+            self._replicate(step, lay, final, group)
+        log.info("saved %s in %s%s", what, final, f" and on {lay.replicas} peer node(s)" if lay.replicas else "")
+
+    def _replicate(self, step: int, lay: _Layout, final: Path, group: Any) -> None:
+        """Send this rank's files of ``step`` to its holders; receive and commit the replicas it holds."""
+        names = [files.rank_file(lay.rank)] + ([files.NODE_FILE, files.COMPLETE_NAME] if lay.rank == lay.lead else [])
+        what = f"local checkpoint step {step}"
+        ballot = Ballot(f"copying {what} to peer nodes", group)
+        message = ballot.run(f"reading {what} to send it", lambda: files.pack(
+            {name: (final / name).read_bytes() for name in names}))
+        sources = [lay.nodes[origin][lay.local] for origin in lay.origins()]
+        received = exchange_bytes(dict.fromkeys(lay.holders(lay.node, lay.local), message), sources, group)
+        parent = self.node_dir_of(lay)
+
+        def store() -> None:
+            with files.write_batch():
+                for origin, source in zip(lay.origins(), sources, strict=True):
+                    data = received[source]
+                    if data is None:
+                        raise CorruptCheckpointError(f"rank {source} (node {origin}) could not send its files")
+                    temp = files.temp_dir(parent / f"replica_of_{origin}", step)
+                    temp.mkdir(parents=True, exist_ok=True)
+                    for name, content in files.unpack(data, f"rank {source}").items():
+                        files.write_raw(temp, name, content)
+
+        ballot.run(f"storing the replicas of {what}", store)
+        ballot.agree()
+
+        def commit() -> None:
+            for origin in lay.origins():
+                replicas = parent / f"replica_of_{origin}"
+                files.place(files.temp_dir(replicas, step), files.step_dir(replicas, step))
+                files.remove_old_steps(replicas, self.tier.keep)
+
+        ballot = Ballot(f"committing the replicas of {what}", group)
+        ballot.run(f"committing the replicas of {what}", commit if lay.rank == lay.lead else None)
+        ballot.agree()
+
+    def node_dir_of(self, lay: _Layout) -> Path:
+        return Path(self.tier.directory_for(lay.node))
+
+    # --------------------------------------------------------------------------------------------- restore
+    def restore(self, directory: Any, components: Sequence[StateComponent], topology: Topology, declaration: Any,
+                load_persistent: Callable[[Any], None], storage_options: dict[str, Any] | None = None) -> int | None:
+        """Collective: load the newest of the local tier and the persistent checkpoints under ``directory``;
+        returns its step (None: nothing to restore). ``load_persistent(path)`` loads a persistent checkpoint."""
+        group = self.group()
+        rank = get_rank()
+        persistent = on_rank_zero("finding the newest persistent checkpoint",
+                                  lambda: _newest_persistent(directory, storage_options), group)
+        floor = None if persistent is None else persistent[1]
+        try:
+            lay: _Layout | None = _layout(self.tier, topology, rank)
+        except ComponentDeclarationError as exc:  # the same on every rank: the topology is
+            warn_on_rank_zero(log, "local tier skipped: %s", exc)
+            lay = None
+        if lay is not None:
+            report = _inventory(self.node_dir_of(lay), lay, topology, _jsonable(declaration))
+            reports = all_gather_object(report, group, phase="listing the local checkpoints")
+            skipped = [r for r in reports if r["skip"]]
+            if skipped:
+                warn_on_rank_zero(log, "local tier skipped: %s; %s", skipped[0]["skip"],
+                                  "loading the persistent checkpoint" if persistent else "nothing to restore")
+            else:
+                step = self._restore_local(lay, [{tuple(h) for h in r["held"]} for r in reports], floor, components,
+                                           group)
+                if step is not None:
+                    return step
+        return _load_persistent(persistent, directory, load_persistent)
+
+    def _restore_local(self, lay: _Layout, held: list[set[tuple[int, int]]], floor: int | None,
+                       components: Sequence[StateComponent], group: Any) -> int | None:
+        refused: set[tuple[int, int, int]] = set()  # (holder, target, step)
+        while (choice := _choose(lay, held, floor, refused)) is not None:
+            step, sources = choice
+            for target, source in enumerate(sources):
+                if source != target:
+                    warn_on_rank_zero(log, "local tier: rank %d (node %d) takes step %d from the replica on rank %d "
+                                      "(node %d): its own copy is missing or refused", target,
+                                      _node_of(lay, target), step, source, _node_of(lay, source))
+            states, failures = self._fetch(lay, step, sources, group)
+            if any_rank(bool(failures), group=group, phase="checking the local checkpoint files")[0]:
+                for per_rank in all_gather_object(failures, group, phase="naming the refused local files"):
+                    for holder, target, reason in per_rank:
+                        refused.add((holder, target, step))
+                        warn_on_rank_zero(log, "local tier: step %d for rank %d refused (%s); trying the next source",
+                                          step, target, reason)
+                continue
+            ballot = Ballot(f"loading local checkpoint step {step}", group)
+            ballot.run(f"loading local checkpoint step {step}", lambda s=states: _apply(components, s))
+            ballot.agree()
+            warn_on_rank_zero(log, "restored step %d from the local tier (%s)", step,
+                              "own copies" if all(s == t for t, s in enumerate(sources)) else "with peer replicas")
+            return step
+        return None
+
+    def _fetch(self, lay: _Layout, step: int, sources: list[int], group: Any
+               ) -> tuple[dict[str, Any], list[tuple[int, int, str]]]:
+        """This rank's states of ``step`` (read here, or sent by its holder), and the failures it saw."""
+        failures: list[tuple[int, int, str]] = []
+        sends: dict[int, bytes | None] = {}
+        mine: dict[str, bytes] | None = None
+        for target, source in enumerate(sources):
+            if source != lay.rank:
+                continue
+            origin = _node_of(lay, target)
+            parent = self.node_dir_of(lay) / ("own" if target == lay.rank else f"replica_of_{origin}")
+            folder = files.step_dir(parent, step)
+            try:
+                body = files.read_complete(folder)
+                data: dict[str, bytes] | None = files.read_verified(folder, [files.rank_file(target),
+                                                                             files.NODE_FILE], body)
+            except CorruptCheckpointError as exc:
+                log.warning("local tier: refusing %s for rank %d: %s", folder, target, exc)
+                failures.append((lay.rank, target, f"{'own copy' if target == lay.rank else 'replica'} on rank "
+                                 f"{lay.rank}: {exc}"))
+                data = None
+            if target == lay.rank:
+                mine = data
+            else:
+                sends[target] = None if data is None else files.pack(data)
+        source = sources[lay.rank]
+        received = exchange_bytes(sends, [source] if source != lay.rank else [], group,
+                                  phase=f"sending local checkpoint step {step} back to its nodes")
+        states: dict[str, Any] = {}
+        try:
+            if source != lay.rank:
+                message = received[source]
+                mine = None if message is None else files.unpack(message, f"rank {source}")
+            if mine is not None:
+                for name in (files.rank_file(lay.rank), files.NODE_FILE):
+                    states.update(files.parse_bundle(mine[name], name))
+        except CorruptCheckpointError as exc:
+            failures.append((source, lay.rank, f"files from rank {source}: {exc}"))
+        return states, failures
+
+
+def restore_persistent(directory: Any, load_persistent: Callable[[Any], None],
+                       storage_options: dict[str, Any] | None = None, group: Any = None) -> int | None:
+    """Collective: load the newest complete persistent checkpoint under ``directory``; its step (None: none)."""
+    persistent = on_rank_zero("finding the newest persistent checkpoint",
+                              lambda: _newest_persistent(directory, storage_options), group)
+    return _load_persistent(persistent, directory, load_persistent)
+
+
+def _load_persistent(persistent: tuple[str, int] | None, directory: Any,
+                     load_persistent: Callable[[Any], None]) -> int | None:
+    if persistent is None:
+        warn_on_rank_zero(log, "nothing to restore: no local checkpoint and no complete checkpoint under %s",
+                          directory)
+        return None
+    warn_on_rank_zero(log, "restoring step %s from the persistent checkpoint %s", persistent[1], persistent[0])
+    load_persistent(persistent[0])
+    return persistent[1]
+
+
+def _node_of(lay: _Layout, rank: int) -> int:
+    return next(i for i, members in enumerate(lay.nodes) if rank in members)
+
+
+def _newest_persistent(directory: Any, storage_options: dict[str, Any] | None) -> tuple[str, int] | None:
+    """Rank 0: the newest complete persistent checkpoint under ``directory`` and its step, or None."""
+    if directory is None:
+        return None
+    found = complete_checkpoints(directory, storage_options)
+    return None if not found else (str(found[0][0]), found[0][1])
+
+
+def _inventory(node_dir: Path, lay: _Layout, topology: Topology, declaration: Any) -> dict[str, Any]:
+    """What this rank can serve: ``held`` (origin node, step) pairs, or ``skip``: why the tier cannot be used."""
+    held: list[tuple[int, int]] = []
+    if not node_dir.is_dir():
+        log.warning("local tier: node %d's directory %s does not exist (a new machine or a wiped disk)", lay.node,
+                    node_dir)
+        return {"held": held, "skip": None}
+    wanted = topology.to_json()
+    places = [(lay.node, node_dir / "own", lay.rank)]
+    places += [(origin, node_dir / f"replica_of_{origin}", lay.nodes[origin][lay.local]) for origin in lay.origins()]
+    for origin, parent, owner in places:
+        for step in files.list_steps(parent):
+            folder = files.step_dir(parent, step)
+            try:
+                body = files.read_complete(folder)
+            except CorruptCheckpointError as exc:
+                log.warning("local tier: ignoring %s: %s", folder, exc)
+                continue
+            if body["topology"] != wanted:
+                saved = Topology.from_json(body["topology"]).describe()
+                return {"held": [], "skip": f"the local checkpoint {folder} was saved at {saved} and this job runs "
+                                            f"at {topology.describe()}"}
+            if body["declaration"] != declaration:
+                return {"held": [], "skip": f"the local checkpoint {folder} was saved with the components "
+                                            f"{body['declaration']}, this job declares {declaration}"}
+            listed = body["files"]
+            if body["node"] == origin and files.rank_file(owner) in listed and files.NODE_FILE in listed:
+                held.append((origin, step))
+    return {"held": held, "skip": None}
+
+
+def _choose(lay: _Layout, held: list[set[tuple[int, int]]], floor: int | None,
+            refused: set[tuple[int, int, int]]) -> tuple[int, list[int]] | None:
+    """The newest step (not older than ``floor``) every rank can get, and where each rank gets it (a pure function
+    of data every rank holds alike, so every rank makes the same choice)."""
+    for step in sorted({step for per_rank in held for _, step in per_rank}, reverse=True):
+        if floor is not None and step < floor:
+            return None
+        sources = _sources(lay, held, step, refused)
+        if sources is not None:
+            return step, sources
+    return None
+
+
+def _sources(lay: _Layout, held: list[set[tuple[int, int]]], step: int,
+             refused: set[tuple[int, int, int]]) -> list[int] | None:
+    """For every rank, the rank it gets ``step`` from (itself first, then its holders), or None if one cannot."""
+    sources = [-1] * len(held)  # by global rank
+    for node, members in enumerate(lay.nodes):
+        for local, target in enumerate(members):
+            found = next((h for h in [target, *lay.holders(node, local)]
+                          if (node, step) in held[h] and (h, target, step) not in refused), None)
+            if found is None:
+                return None
+            sources[target] = found
+    return sources
+
+
+def _write_own(temp: Path, components: Sequence[StateComponent], lay: _Layout) -> None:
+    """This rank's bundle (and, on the node's first rank, the node's copy of the shared state) into ``temp``."""
+    name = files.rank_file(lay.rank)
+    entries: dict[str, Any] = {}
+    try:
+        temp.mkdir(parents=True, exist_ok=True)
+        with files.write_batch():
+            entries[name] = files.write_file(temp, name, [(c.key, c.stateful.state_dict()) for c in components
+                                                          if c.sharing_pattern not in _SHARED])
+            if lay.rank == lay.lead:
+                entries[files.NODE_FILE] = files.write_file(temp, files.NODE_FILE, [
+                    (c.key, c.stateful.state_dict()) for c in components if c.sharing_pattern in _SHARED])
+        (temp / f"{name}.sum").write_text(json.dumps(entries))
+    except OSError as exc:
+        raise CheckpointError(f"writing into the local tier directory {temp} failed: {exc}") from exc
+
+
+def _apply(components: Sequence[StateComponent], states: Mapping[str, Any]) -> None:
+    """Hand each component its restored state (DTensor pieces wrapped like the live ones)."""
+    for component in components:
+        if component.key not in states:
+            raise CorruptCheckpointError(f"the local checkpoint has no state of component {component.key!r}")
+        state = states[component.key]
+        if component.sharing_pattern is SharingPattern.SHARDED:
+            state = _like_live(state, component.stateful.state_dict())
+        component.stateful.load_state_dict(state)
+
+
+def _like_live(saved: Any, live: Any) -> Any:
+    """``saved`` with every tensor that is a DTensor in ``live`` made one again (same mesh, placements, shape)."""
+    if isinstance(saved, torch.Tensor) and is_dtensor(live):
+        from torch.distributed.tensor import DTensor
+
+        return DTensor.from_local(saved.to(live.device), live.device_mesh, live.placements, run_check=False,
+                                  shape=live.shape, stride=live.stride())
+    if isinstance(saved, dict) and isinstance(live, Mapping):
+        return {key: _like_live(value, live[key]) if key in live else value for key, value in saved.items()}
+    if isinstance(saved, (list, tuple)) and isinstance(live, (list, tuple)) and len(saved) == len(live):
+        return type(saved)(_like_live(s, v) for s, v in zip(saved, live, strict=True))
+    return saved
