@@ -272,6 +272,18 @@ class CheckpointCoordinator:
         return self.local_tier.restore(directory, self.components, self._topology_now(), self._declaration(), load,
                                        self.storage_options)
 
+    def restore_local(self, newer_than: int | None = None) -> int | None:
+        """Collective: load the newest step of the local tier every rank can get (own copy or a peer's replica),
+        not older than ``newer_than``; its step, or None (nothing loaded) when there is none or the tier was saved
+        at another topology. ``restore`` is this plus the persistent checkpoints; the Trainer strategies use this
+        with the step of the checkpoint ``ckpt_path="last"`` finds."""
+        if self.local_tier is None:
+            raise ComponentDeclarationError("restore_local needs a local tier: CheckpointCoordinator(..., "
+                                            "local_tier=LocalTier('/local/ckpt/{node}'))")
+        self.wait()
+        return self.local_tier.restore_local(self.components, self._topology_now(), self._declaration(), newer_than,
+                                             "loading the persistent checkpoint")
+
     # ------------------------------------------------------------------ load
     def load_checkpoint(self, path: str | os.PathLike[str], strict: bool = True, *,
                         verify: VerifyMode | str | None = None, ignore: Collection[str] = ()) -> LoadResult:

@@ -193,29 +193,31 @@ class LocalTierRunner:
                 load_persistent: Callable[[Any], None], storage_options: dict[str, Any] | None = None) -> int | None:
         """Collective: load the newest of the local tier and the persistent checkpoints under ``directory``;
         returns its step (None: nothing to restore). ``load_persistent(path)`` loads a persistent checkpoint."""
-        group = self.group()
-        rank = get_rank()
         persistent = on_rank_zero("finding the newest persistent checkpoint",
-                                  lambda: _newest_persistent(directory, storage_options), group)
-        floor = None if persistent is None else persistent[1]
-        try:
-            lay: _Layout | None = _layout(self.tier, topology, rank)
-        except ComponentDeclarationError as exc:  # the same on every rank: the topology is
-            warn_on_rank_zero(log, "local tier skipped: %s", exc)
-            lay = None
-        if lay is not None:
-            report = _inventory(self.node_dir_of(lay), lay, topology, _jsonable(declaration))
-            reports = all_gather_object(report, group, phase="listing the local checkpoints")
-            skipped = [r for r in reports if r["skip"]]
-            if skipped:
-                warn_on_rank_zero(log, "local tier skipped: %s; %s", skipped[0]["skip"],
+                                  lambda: _newest_persistent(directory, storage_options), self.group())
+        step = self.restore_local(components, topology, declaration, None if persistent is None else persistent[1],
                                   "loading the persistent checkpoint" if persistent else "nothing to restore")
-            else:
-                step = self._restore_local(lay, [{tuple(h) for h in r["held"]} for r in reports], floor, components,
-                                           group)
-                if step is not None:
-                    return step
+        if step is not None:
+            return step
         return _load_persistent(persistent, directory, load_persistent)
+
+    def restore_local(self, components: Sequence[StateComponent], topology: Topology, declaration: Any,
+                      floor: int | None = None, otherwise: str = "nothing restored") -> int | None:
+        """Collective: load the newest local step (not older than ``floor``) every rank can get; its step, or None
+        when there is none (``otherwise`` says in the log what the caller does then)."""
+        group = self.group()
+        try:
+            lay = _layout(self.tier, topology, get_rank())
+        except ComponentDeclarationError as exc:  # the same on every rank: the topology is
+            warn_on_rank_zero(log, "local tier skipped: %s; %s", exc, otherwise)
+            return None
+        report = _inventory(self.node_dir_of(lay), lay, topology, _jsonable(declaration))
+        reports = all_gather_object(report, group, phase="listing the local checkpoints")
+        skipped = [r for r in reports if r["skip"]]
+        if skipped:
+            warn_on_rank_zero(log, "local tier skipped: %s; %s", skipped[0]["skip"], otherwise)
+            return None
+        return self._restore_local(lay, [{tuple(h) for h in r["held"]} for r in reports], floor, components, group)
 
     def _restore_local(self, lay: _Layout, held: list[set[tuple[int, int]]], floor: int | None,
                        components: Sequence[StateComponent], group: Any) -> int | None:
