@@ -54,7 +54,7 @@ from lightning_sharing.engine import local_files as files
 from lightning_sharing.errors import CheckpointError, ComponentDeclarationError, CorruptCheckpointError
 from lightning_sharing.format.codec import is_dtensor
 
-__all__ = ["LocalTierRunner", "restore_persistent"]
+__all__ = ["LocalTierRunner", "newest_persistent", "restore_persistent"]
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +194,7 @@ class LocalTierRunner:
         """Collective: load the newest of the local tier and the persistent checkpoints under ``directory``;
         returns its step (None: nothing to restore). ``load_persistent(path)`` loads a persistent checkpoint."""
         persistent = on_rank_zero("finding the newest persistent checkpoint",
-                                  lambda: _newest_persistent(directory, storage_options), self.group())
+                                  lambda: newest_persistent(directory, storage_options), self.group())
         step = self.restore_local(components, topology, declaration, None if persistent is None else persistent[1],
                                   "loading the persistent checkpoint" if persistent else "nothing to restore")
         if step is not None:
@@ -290,7 +290,7 @@ def restore_persistent(directory: Any, load_persistent: Callable[[Any], None],
                        storage_options: dict[str, Any] | None = None, group: Any = None) -> int | None:
     """Collective: load the newest complete persistent checkpoint under ``directory``; its step (None: none)."""
     persistent = on_rank_zero("finding the newest persistent checkpoint",
-                              lambda: _newest_persistent(directory, storage_options), group)
+                              lambda: newest_persistent(directory, storage_options), group)
     return _load_persistent(persistent, directory, load_persistent)
 
 
@@ -309,7 +309,7 @@ def _node_of(lay: _Layout, rank: int) -> int:
     return next(i for i, members in enumerate(lay.nodes) if rank in members)
 
 
-def _newest_persistent(directory: Any, storage_options: dict[str, Any] | None) -> tuple[str, int] | None:
+def newest_persistent(directory: Any, storage_options: dict[str, Any] | None) -> tuple[str, int] | None:
     """Rank 0: the newest complete persistent checkpoint under ``directory`` and its step, or None."""
     if directory is None:
         return None
