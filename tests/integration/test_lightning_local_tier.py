@@ -1,4 +1,4 @@
-"""The local tier under the Trainer (tests/scripts/lightning_local_tier.py, two nodes x one rank under torchrun):
+"""The local tier under the Trainer (examples/lightning_local_tier.py, two nodes x one rank under torchrun):
 every process SIGKILLed after local step 6 > persistent step 5; ``fit(ckpt_path="last")`` resumes from step 6, from
 each node's own copy or, with node 1's directory wiped, from node 0's replica, and ends bit-exact with an
 uninterrupted run."""
@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from support.launch import ROOT, free_port, start, wait
 
-SCRIPT = str(ROOT / "tests" / "scripts" / "lightning_local_tier.py")
+SCRIPT = str(ROOT / "examples" / "lightning_local_tier.py")
 
 
 def _launch(tmp_path: Path, name: str, out: Path, *extra: str) -> tuple[list[int], str]:
@@ -20,8 +20,8 @@ def _launch(tmp_path: Path, name: str, out: Path, *extra: str) -> tuple[list[int
     for node in (0, 1):
         logs.append(tmp_path / f"{name}-node{node}.log")
         procs.append(start(["-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}", "--nproc_per_node=1",
-                            "--master_addr=127.0.0.1", f"--master_port={port}", SCRIPT, "--out", str(out), *extra],
-                           logs[-1]))
+                            "--master_addr=127.0.0.1", f"--master_port={port}", SCRIPT, "run", "--out", str(out),
+                            *extra], logs[-1]))
     codes = wait(procs, logs, timeout=240)
     return codes, "\n".join(log.read_text() for log in logs)
 
