@@ -38,7 +38,8 @@ from lightning_sharing.storage.local import LocalStore, fsync_dir, rmtree_missin
 
 __all__ = ["COMPLETE_NAME", "NODE_FILE", "bundle_bytes", "bundle_tensors", "commit_step", "complete_record",
            "list_steps", "pack", "parse_bundle", "place", "rank_file", "read_complete", "read_verified",
-           "remove_old_steps", "step_dir", "temp_dir", "unpack", "write_batch", "write_file", "write_raw"]
+           "remove_old_steps", "remove_step", "step_dir", "temp_dir", "unpack", "write_batch", "write_file",
+           "write_raw"]
 
 COMPLETE_NAME = "COMPLETE.json"
 NODE_FILE = "node.safetensors"
@@ -214,7 +215,16 @@ def remove_old_steps(parent: Path, keep: int) -> None:
         if entry.name.startswith(".tmp-step_") and entry.is_dir():
             rmtree_missing_ok(entry)
     for step in list_steps(parent)[keep:]:
-        rmtree_missing_ok(step_dir(parent, step))
+        remove_step(parent, step)
+
+
+def remove_step(parent: Path, step: int) -> None:
+    """Remove a committed step directory (renamed to a hidden name first, so it is never seen half-removed)."""
+    doomed = temp_dir(parent, step)
+    if doomed.exists():
+        rmtree_missing_ok(doomed)
+    os.rename(step_dir(parent, step), doomed)
+    rmtree_missing_ok(doomed)
 
 
 def read_verified(folder: Path, names: Sequence[str], body: dict[str, Any]) -> dict[str, bytes]:

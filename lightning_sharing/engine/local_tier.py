@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +50,7 @@ from lightning_sharing.distributed.collectives import (
 )
 from lightning_sharing.distributed.peer_exchange import exchange_bytes
 from lightning_sharing.engine import local_files as files
+from lightning_sharing.engine.local_plan import Layout, choose, layout, node_of
 from lightning_sharing.errors import CheckpointError, ComponentDeclarationError, CorruptCheckpointError
 from lightning_sharing.format.codec import is_dtensor
 
@@ -59,44 +59,6 @@ __all__ = ["LocalTierRunner", "newest_persistent", "restore_persistent"]
 log = logging.getLogger(__name__)
 
 _SHARED = (SharingPattern.GLOBAL, SharingPattern.REPLICATED)
-
-
-@dataclass(frozen=True)
-class _Layout:
-    """Where a rank stands in the tier: its node, its place on the node, and which ranks hold copies of whom."""
-
-    rank: int
-    nodes: tuple[tuple[int, ...], ...]
-    replicas: int  # at most the number of other nodes
-
-    @property
-    def node(self) -> int:
-        return next(i for i, members in enumerate(self.nodes) if self.rank in members)
-
-    @property
-    def local(self) -> int:
-        return self.nodes[self.node].index(self.rank)
-
-    @property
-    def lead(self) -> int:
-        return self.nodes[self.node][0]
-
-    def holders(self, node: int, local: int) -> list[int]:
-        """The ranks holding replicas of rank (``node``, ``local``)'s files, nearest node first."""
-        return [self.nodes[(node + k) % len(self.nodes)][local] for k in range(1, self.replicas + 1)]
-
-    def origins(self) -> list[int]:
-        """The nodes whose files this rank holds replicas of (same order as ``holders``)."""
-        return [(self.node - k) % len(self.nodes) for k in range(1, self.replicas + 1)]
-
-
-def _layout(tier: LocalTier, topology: Topology, rank: int) -> _Layout:
-    sizes = sorted({len(members) for members in topology.nodes})
-    if len(sizes) != 1:
-        raise ComponentDeclarationError(
-            f"the local tier pairs the ranks of different nodes by local rank, so every node must run the same "
-            f"number of ranks; this job has nodes of {sizes} ranks ({topology.describe()})")
-    return _Layout(rank, topology.nodes, min(tier.replicas, len(topology.nodes) - 1))
 
 
 def _jsonable(value: Any) -> Any:
@@ -127,7 +89,7 @@ class LocalTierRunner:
         """Collective: write this node's files of ``step``, commit them, copy them to the peer nodes."""
         group = self.group()
         rank = get_rank()
-        lay = _layout(self.tier, topology, rank)
+        lay = layout(self.tier, topology, rank)
         own = self.node_dir(topology, rank) / "own"
         temp, final = files.temp_dir(own, step), files.step_dir(own, step)
         what = f"local checkpoint step {step}"
@@ -150,7 +112,7 @@ class LocalTierRunner:
             self._replicate(step, lay, final, group)
         log.info("saved %s in %s%s", what, final, f" and on {lay.replicas} peer node(s)" if lay.replicas else "")
 
-    def _replicate(self, step: int, lay: _Layout, final: Path, group: Any) -> None:
+    def _replicate(self, step: int, lay: Layout, final: Path, group: Any) -> None:
         """Send this rank's files of ``step`` to its holders; receive and commit the replicas it holds."""
         names = [files.rank_file(lay.rank)] + ([files.NODE_FILE, files.COMPLETE_NAME] if lay.rank == lay.lead else [])
         what = f"local checkpoint step {step}"
@@ -185,7 +147,7 @@ class LocalTierRunner:
         ballot.run(f"committing the replicas of {what}", commit if lay.rank == lay.lead else None)
         ballot.agree()
 
-    def node_dir_of(self, lay: _Layout) -> Path:
+    def node_dir_of(self, lay: Layout) -> Path:
         return Path(self.tier.directory_for(lay.node))
 
     # --------------------------------------------------------------------------------------------- restore
@@ -207,7 +169,7 @@ class LocalTierRunner:
         when there is none (``otherwise`` says in the log what the caller does then)."""
         group = self.group()
         try:
-            lay = _layout(self.tier, topology, get_rank())
+            lay = layout(self.tier, topology, get_rank())
         except ComponentDeclarationError as exc:  # the same on every rank: the topology is
             warn_on_rank_zero(log, "local tier skipped: %s; %s", exc, otherwise)
             return None
@@ -219,16 +181,16 @@ class LocalTierRunner:
             return None
         return self._restore_local(lay, [{tuple(h) for h in r["held"]} for r in reports], floor, components, group)
 
-    def _restore_local(self, lay: _Layout, held: list[set[tuple[int, int]]], floor: int | None,
+    def _restore_local(self, lay: Layout, held: list[set[tuple[int, int]]], floor: int | None,
                        components: Sequence[StateComponent], group: Any) -> int | None:
         refused: set[tuple[int, int, int]] = set()  # (holder, target, step)
-        while (choice := _choose(lay, held, floor, refused)) is not None:
+        while (choice := choose(lay, held, floor, refused)) is not None:
             step, sources = choice
             for target, source in enumerate(sources):
                 if source != target:
                     warn_on_rank_zero(log, "local tier: rank %d (node %d) takes step %d from the replica on rank %d "
                                       "(node %d): its own copy is missing or refused", target,
-                                      _node_of(lay, target), step, source, _node_of(lay, source))
+                                      node_of(lay, target), step, source, node_of(lay, source))
             states, failures = self._fetch(lay, step, sources, group)
             if any_rank(bool(failures), group=group, phase="checking the local checkpoint files")[0]:
                 for per_rank in all_gather_object(failures, group, phase="naming the refused local files"):
@@ -242,10 +204,29 @@ class LocalTierRunner:
             ballot.agree()
             warn_on_rank_zero(log, "restored step %d from the local tier (%s)", step,
                               "own copies" if all(s == t for t, s in enumerate(sources)) else "with peer replicas")
+            self._forget_newer(lay, step)
             return step
+        if floor is not None:
+            self._forget_newer(lay, floor)
         return None
 
-    def _fetch(self, lay: _Layout, step: int, sources: list[int], group: Any
+    def _forget_newer(self, lay: Layout, step: int) -> None:
+        """The node's first rank removes the local steps newer than ``step``, the one the run resumes from: they
+        could not be restored, and belong to a timeline the resumed run leaves (not a collective; never raises)."""
+        if lay.rank != lay.lead:
+            return
+        node_dir = self.node_dir_of(lay)
+        parents = [node_dir / "own"] + [node_dir / f"replica_of_{origin}" for origin in lay.origins()]
+        for parent in parents:
+            for newer in [s for s in files.list_steps(parent) if s > step]:
+                try:
+                    files.remove_step(parent, newer)
+                    log.info("local tier: removed %s (newer than the resumed step %d)", files.step_dir(parent, newer),
+                             step)
+                except OSError as exc:
+                    log.warning("local tier: could not remove %s: %s", files.step_dir(parent, newer), exc)
+
+    def _fetch(self, lay: Layout, step: int, sources: list[int], group: Any
                ) -> tuple[dict[str, Any], list[tuple[int, int, str]]]:
         """This rank's states of ``step`` (read here, or sent by its holder), and the failures it saw."""
         failures: list[tuple[int, int, str]] = []
@@ -254,7 +235,7 @@ class LocalTierRunner:
         for target, source in enumerate(sources):
             if source != lay.rank:
                 continue
-            origin = _node_of(lay, target)
+            origin = node_of(lay, target)
             parent = self.node_dir_of(lay) / ("own" if target == lay.rank else f"replica_of_{origin}")
             folder = files.step_dir(parent, step)
             try:
@@ -305,10 +286,6 @@ def _load_persistent(persistent: tuple[str, int] | None, directory: Any,
     return persistent[1]
 
 
-def _node_of(lay: _Layout, rank: int) -> int:
-    return next(i for i, members in enumerate(lay.nodes) if rank in members)
-
-
 def newest_persistent(directory: Any, storage_options: dict[str, Any] | None) -> tuple[str, int] | None:
     """Rank 0: the newest complete persistent checkpoint under ``directory`` and its step, or None."""
     if directory is None:
@@ -317,7 +294,7 @@ def newest_persistent(directory: Any, storage_options: dict[str, Any] | None) ->
     return None if not found else (str(found[0][0]), found[0][1])
 
 
-def _inventory(node_dir: Path, lay: _Layout, topology: Topology, declaration: Any) -> dict[str, Any]:
+def _inventory(node_dir: Path, lay: Layout, topology: Topology, declaration: Any) -> dict[str, Any]:
     """What this rank can serve: ``held`` (origin node, step) pairs, or ``skip``: why the tier cannot be used."""
     held: list[tuple[int, int]] = []
     if not node_dir.is_dir():
@@ -348,34 +325,7 @@ def _inventory(node_dir: Path, lay: _Layout, topology: Topology, declaration: An
     return {"held": held, "skip": None}
 
 
-def _choose(lay: _Layout, held: list[set[tuple[int, int]]], floor: int | None,
-            refused: set[tuple[int, int, int]]) -> tuple[int, list[int]] | None:
-    """The newest step (not older than ``floor``) every rank can get, and where each rank gets it (a pure function
-    of data every rank holds alike, so every rank makes the same choice)."""
-    for step in sorted({step for per_rank in held for _, step in per_rank}, reverse=True):
-        if floor is not None and step < floor:
-            return None
-        sources = _sources(lay, held, step, refused)
-        if sources is not None:
-            return step, sources
-    return None
-
-
-def _sources(lay: _Layout, held: list[set[tuple[int, int]]], step: int,
-             refused: set[tuple[int, int, int]]) -> list[int] | None:
-    """For every rank, the rank it gets ``step`` from (itself first, then its holders), or None if one cannot."""
-    sources = [-1] * len(held)  # by global rank
-    for node, members in enumerate(lay.nodes):
-        for local, target in enumerate(members):
-            found = next((h for h in [target, *lay.holders(node, local)]
-                          if (node, step) in held[h] and (h, target, step) not in refused), None)
-            if found is None:
-                return None
-            sources[target] = found
-    return sources
-
-
-def _write_own(temp: Path, components: Sequence[StateComponent], lay: _Layout) -> None:
+def _write_own(temp: Path, components: Sequence[StateComponent], lay: Layout) -> None:
     """This rank's bundle (and, on the node's first rank, the node's copy of the shared state) into ``temp``."""
     name = files.rank_file(lay.rank)
     entries: dict[str, Any] = {}

@@ -64,3 +64,21 @@ def test_one_process_round_trip(tmp_path: Path) -> None:
     assert torch.equal(box.values, torch.arange(3.0)) and torch.equal(mine.values, torch.ones(2))
     assert sorted(p.name for p in (tmp_path / "local" / "0" / "own" / "step_2").iterdir()) == [
         "COMPLETE.json", "node.safetensors", "rank-00000.safetensors", "rank-00000.safetensors.sum"]
+
+
+def test_the_choice_of_step_and_sources_is_a_pure_function_of_what_ranks_hold() -> None:
+    from lightning_sharing import Topology
+    from lightning_sharing.engine.local_plan import Layout, choose
+
+    nodes = Topology.build(4, node_of_rank=[0, 0, 1, 1]).nodes
+    lay = Layout(rank=0, nodes=nodes, replicas=1)
+    both = {(0, 5), (1, 5), (0, 4), (1, 4)}  # own copies and the other node's replicas, steps 4 and 5
+    assert choose(lay, [both] * 4, None, set()) == (5, [0, 1, 2, 3])
+    # Rank 1's own copy of step 5 refused: its replica on rank 3 (node 1, same local rank) is used.
+    assert choose(lay, [both] * 4, None, {(1, 1, 5)}) == (5, [0, 3, 2, 3])
+    # Its replica refused too: step 4; a persistent step 5 rules the local tier out (never older than it).
+    assert choose(lay, [both] * 4, None, {(1, 1, 5), (3, 1, 5)}) == (4, [0, 1, 2, 3])
+    assert choose(lay, [both] * 4, 5, {(1, 1, 5), (3, 1, 5)}) is None
+    # No replicas: a node that lost its disk cannot be restored from the local tier.
+    alone = Layout(rank=0, nodes=nodes, replicas=0)
+    assert choose(alone, [{(0, 5)}, {(0, 5)}, set(), set()], None, set()) is None
