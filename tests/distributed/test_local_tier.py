@@ -12,8 +12,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
+from support.compare import same_state
 from support.dist_harness import run_distributed
 from support.statefuls import Box
 
@@ -74,18 +74,6 @@ def _snapshot(components) -> dict[str, Any]:
     return {c.key: copy.deepcopy(c.stateful.state_dict()) for c in components}
 
 
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
-    if isinstance(a, np.ndarray):
-        return np.array_equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
-    return a == b
-
-
 def _worker(rank: int, world_size: int, root: str) -> dict[str, Any]:
     import torch.distributed as dist
 
@@ -102,7 +90,7 @@ def _worker(rank: int, world_size: int, root: str) -> dict[str, Any]:
         train(99)  # the live state moves on (the "crash" happens later)
         start = len(logs.lines)
         step = coordinator.restore(ckpts)
-        checks[name] = (step, {k: _same(v, expected[k]) for k, v in _snapshot(components).items()},
+        checks[name] = (step, {k: same_state(v, expected[k]) for k, v in _snapshot(components).items()},
                         logs.lines[start:])
         return step
 
@@ -223,4 +211,4 @@ def test_local_tier_restores_from_own_copies_replicas_and_the_persistent_tier(tm
     assert "local tier skipped: the local checkpoint" in text and "was saved at world_size=4" in text, text
     assert "restoring step 11 from the persistent checkpoint" in text, text
     for result in resized:
-        assert _same(result["model"], results[0]["model 11"])
+        assert same_state(result["model"], results[0]["model 11"])

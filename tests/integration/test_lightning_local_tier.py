@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from support.compare import same_state
 from support.launch import ROOT, free_port, start, wait
 
 SCRIPT = str(ROOT / "examples" / "lightning_local_tier.py")
@@ -24,16 +25,6 @@ def _launch(tmp_path: Path, name: str, out: Path, *extra: str) -> tuple[list[int
                             *extra], logs[-1]))
     codes = wait(procs, logs, timeout=240)
     return codes, "\n".join(log.read_text() for log in logs)
-
-
-def _same(a: object, b: object) -> bool:
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
-    return a == b
 
 
 def test_killed_run_resumes_from_the_local_tier_bit_exact(tmp_path: Path) -> None:
@@ -59,5 +50,5 @@ def test_killed_run_resumes_from_the_local_tier_bit_exact(tmp_path: Path) -> Non
             got = torch.load(out / f"final-rank{rank}.pt", weights_only=True)
             assert got["ckpt_path"].startswith("lightning_sharing local tier"), got["ckpt_path"]
             for key in ("model", "optimizer", "step", "rng", "seen", "lr"):
-                assert _same(got[key], want[key]), (name, rank, key, got[key], want[key])
+                assert same_state(got[key], want[key]), (name, rank, key, got[key], want[key])
     assert "from the replica on rank 0 (node 0)" in output
