@@ -233,8 +233,9 @@ class CheckpointCoordinator:
         Every node writes what its own ranks need to restore (their own state of every component, one copy of the
         GLOBAL and REPLICATED ones) into its directory, atomically, then sends its files to ``replicas`` peer nodes
         over the process group; returns once its files and the replicas it holds are durable. A failure on any rank
-        (a full disk) is an error on every rank, and no step is committed half-written. Always synchronous: with
-        ``async_save``, persistent saves still run in the background (docs/local_tier.md).
+        (a full disk) is an error on every rank, and no step is committed half-written. With ``async_save``, it
+        returns once the state is staged (copied) and the rest runs on the background saver after the pending saves:
+        ``wait()`` (or the next save or load) waits for it and raises its failure on every rank.
 
         Example:
             >>> tier = LocalTier("/local/ckpt/{node}", replicas=1)                   # doctest: +SKIP
@@ -247,8 +248,10 @@ class CheckpointCoordinator:
         if not isinstance(step, int) or isinstance(step, bool) or step < 0:
             raise ComponentDeclarationError(f"save_local(step={step!r}): step must be a non-negative integer")
         started = time.perf_counter()
-        self.local_tier.save_local(step, self.components, self._topology_now(), self._declaration())
-        log.debug("local save of step %d took %.2fs", step, time.perf_counter() - started)
+        saver = self._saver if self._saver is not None and may_run_in_background() else None
+        self.local_tier.save_local(step, self.components, self._topology_now(), self._declaration(), saver)
+        log.debug("local save of step %d %s in %.2fs", step, "staged" if saver else "done",
+                  time.perf_counter() - started)
 
     def restore(self, directory: str | os.PathLike[str] | None, strict: bool = True) -> int | None:
         """Collective: load the newest state of the local tier and of the persistent checkpoints under

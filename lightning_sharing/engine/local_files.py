@@ -108,11 +108,12 @@ def parse_bundle(data: bytes, name: str) -> dict[str, Any]:
     return states
 
 
-def write_file(folder: Path, name: str, states: Sequence[tuple[str, Any]]) -> dict[str, Any]:
-    """Write a bundle into ``folder`` (durable at the end of the caller's ``write_batch``); its size and checksum."""
+def write_file(folder: Path, name: str, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Write a bundle's tensors (``bundle_tensors``) into ``folder`` (durable at the end of the caller's
+    ``write_batch``); its size and checksum."""
     fault_point("local:write")
     with _STORE.open_write(str(folder / name)) as sink:
-        size, checksum = write_tensors(sink, bundle_tensors(states))
+        size, checksum = write_tensors(sink, tensors)
     return {"size": size, "checksum": checksum}
 
 

@@ -39,6 +39,7 @@ from lightning_sharing.core.declarations import StateComponent
 from lightning_sharing.core.local_tier import LocalTier
 from lightning_sharing.core.patterns import SharingPattern
 from lightning_sharing.core.topology import Topology
+from lightning_sharing.distributed.async_save import BackgroundSaver
 from lightning_sharing.distributed.collectives import (
     Ballot,
     all_gather_object,
@@ -85,16 +86,35 @@ class LocalTierRunner:
 
     # ------------------------------------------------------------------------------------------------ save
     def save_local(self, step: int, components: Sequence[StateComponent], topology: Topology,
-                   declaration: Any) -> None:
-        """Collective: write this node's files of ``step``, commit them, copy them to the peer nodes."""
-        group = self.group()
+                   declaration: Any, saver: BackgroundSaver | None = None) -> None:
+        """Collective: write this node's files of ``step``, commit them, copy them to the peer nodes. With ``saver``,
+        the state is collected and staged (copied) here, and written, committed and copied on the saver's thread,
+        after its earlier saves; ``saver.wait()`` waits for it and raises its failure on every rank."""
         rank = get_rank()
         lay = layout(self.tier, topology, rank)
-        own = self.node_dir(topology, rank) / "own"
+        what = f"local checkpoint step {step}"
+        if saver is not None:
+            saver.make_room()  # raises a failed earlier save's error, on every rank
+        ballot = Ballot(f"saving {what}", self.group())
+        bundles: dict[str, dict[str, torch.Tensor]] = ballot.run(f"collecting the state of {what}",
+                                                                 lambda: _collect(components, lay)) or {}
+        ballot.agree()
+        if saver is None:
+            self._write(step, lay, bundles, topology, declaration, self.group())
+            return
+        staged = {name: saver.stage(tensors) for name, tensors in bundles.items()}
+        group = saver.group()
+        saver.submit(Path(what), lambda: self._write(step, lay, staged, topology, declaration, group),
+                     [t for tensors in staged.values() for t in tensors.values()])
+
+    def _write(self, step: int, lay: Layout, bundles: dict[str, dict[str, torch.Tensor]], topology: Topology,
+               declaration: Any, group: Any) -> None:
+        """Collective over ``group``: write, commit and replicate ``step`` (the second half of ``save_local``)."""
+        own = self.node_dir_of(lay) / "own"
         temp, final = files.temp_dir(own, step), files.step_dir(own, step)
         what = f"local checkpoint step {step}"
         ballot = Ballot(f"saving {what}", group)
-        ballot.run(f"writing {what}", lambda: _write_own(temp, components, lay))
+        ballot.run(f"writing {what}", lambda: _write_own(temp, bundles, lay))
         ballot.agree()
 
         def commit() -> None:
@@ -106,7 +126,7 @@ class LocalTierRunner:
             files.remove_old_steps(own, self.tier.keep)
 
         ballot = Ballot(f"committing {what}", group)
-        ballot.run(f"committing {what}", commit if rank == lay.lead else None)
+        ballot.run(f"committing {what}", commit if lay.rank == lay.lead else None)
         ballot.agree()
         if lay.replicas:
             self._replicate(step, lay, final, group)
@@ -325,19 +345,24 @@ def _inventory(node_dir: Path, lay: Layout, topology: Topology, declaration: Any
     return {"held": held, "skip": None}
 
 
-def _write_own(temp: Path, components: Sequence[StateComponent], lay: Layout) -> None:
-    """This rank's bundle (and, on the node's first rank, the node's copy of the shared state) into ``temp``."""
-    name = files.rank_file(lay.rank)
-    entries: dict[str, Any] = {}
+def _collect(components: Sequence[StateComponent], lay: Layout) -> dict[str, dict[str, torch.Tensor]]:
+    """The tensors of this rank's bundles by file name: its own state, and on the node's first rank the node's copy
+    of the GLOBAL and REPLICATED state."""
+    bundles = {files.rank_file(lay.rank): files.bundle_tensors(
+        [(c.key, c.stateful.state_dict()) for c in components if c.sharing_pattern not in _SHARED])}
+    if lay.rank == lay.lead:
+        bundles[files.NODE_FILE] = files.bundle_tensors(
+            [(c.key, c.stateful.state_dict()) for c in components if c.sharing_pattern in _SHARED])
+    return bundles
+
+
+def _write_own(temp: Path, bundles: dict[str, dict[str, torch.Tensor]], lay: Layout) -> None:
+    """This rank's bundles into ``temp``, durable, and their sizes and checksums for the node's first rank."""
     try:
         temp.mkdir(parents=True, exist_ok=True)
         with files.write_batch():
-            entries[name] = files.write_file(temp, name, [(c.key, c.stateful.state_dict()) for c in components
-                                                          if c.sharing_pattern not in _SHARED])
-            if lay.rank == lay.lead:
-                entries[files.NODE_FILE] = files.write_file(temp, files.NODE_FILE, [
-                    (c.key, c.stateful.state_dict()) for c in components if c.sharing_pattern in _SHARED])
-        (temp / f"{name}.sum").write_text(json.dumps(entries))
+            entries = {name: files.write_file(temp, name, tensors) for name, tensors in bundles.items()}
+        (temp / f"{files.rank_file(lay.rank)}.sum").write_text(json.dumps(entries))
     except OSError as exc:
         raise CheckpointError(f"writing into the local tier directory {temp} failed: {exc}") from exc
 

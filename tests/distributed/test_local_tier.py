@@ -157,6 +157,15 @@ def _worker(rank: int, world_size: int, root: str) -> dict[str, Any]:
     snaps[11] = _snapshot(components)
     restore_and_compare(snaps[11], "after disk full")
     checks["model 11"] = snaps[11]["model"]
+    # 7. async_save: save_local returns once the state is staged; training changes it meanwhile; wait() completes it
+    background = CheckpointCoordinator(components, async_save=True,
+                                       local_tier=LocalTier(str(local / "{node}"), replicas=1, keep=2))
+    train(12)
+    background.save_local(12)
+    snaps[12] = _snapshot(components)
+    train(13)
+    background.wait()
+    restore_and_compare(snaps[12], "async")
     return checks
 
 
@@ -184,7 +193,7 @@ def test_local_tier_restores_from_own_copies_replicas_and_the_persistent_tier(tm
                 assert name in files, (name, files)
         assert not [f for f in files if "step_3" in f]
     expected_steps = {"own": 5, "wiped node 1": 5, "corrupt own": 6, "wiped both": 2, "persistent newer": 8,
-                      "local newer": 9, "after disk full": 11}
+                      "local newer": 9, "after disk full": 11, "async": 12}
     for rank, checks in enumerate(results):
         for name, step in expected_steps.items():
             got, same, _ = checks[name]
@@ -206,7 +215,7 @@ def test_local_tier_restores_from_own_copies_replicas_and_the_persistent_tier(tm
     # The same directories at another world size (one rank on each of two nodes): the tier is skipped, said once,
     # and the persistent checkpoint loads as load_checkpoint would (PER_RANK and PER_NODE state dropped, as declared).
     resized = run_distributed(_resized_worker, 2, str(tmp_path), node_of_rank=[0, 1], timeout=120)
-    assert [r["step"] for r in resized] == [11, 11]
+    assert [r["step"] for r in resized] == [11, 11]  # the newest persistent checkpoint
     text = "\n".join(resized[0]["logs"])
     assert "local tier skipped: the local checkpoint" in text and "was saved at world_size=4" in text, text
     assert "restoring step 11 from the persistent checkpoint" in text, text
