@@ -16,8 +16,8 @@ every rank's list (one gather). The newest step at least as new as the persisten
 (its own copy first, else a peer's replica) is chosen, the same way on every rank; holders read and verify the
 files and send them to ranks whose own copy is missing. A file that fails its checksum makes that source unusable:
 the ranks agree on it (one all-reduce, a gather only on failure) and choose again (the next replica, an older step,
-or the persistent checkpoint), the log naming the file and the source used instead. Any rank that finds a local
-checkpoint saved at another topology makes every rank skip the tier, with one log line.
+or the persistent checkpoint), the log naming the file and the source used instead. Local steps saved at another
+topology (or with other components) are ignored; when they are all there is, the tier is skipped with one log line.
 
 Example (every rank):
     >>> runner = LocalTierRunner(LocalTier("/local/ckpt/{node}"))                                     # doctest: +SKIP
@@ -195,10 +195,12 @@ class LocalTierRunner:
             return None
         report = _inventory(self.node_dir_of(lay), lay, topology, _jsonable(declaration))
         reports = all_gather_object(report, group, phase="listing the local checkpoints")
-        skipped = [r for r in reports if r["skip"]]
-        if skipped:
-            warn_on_rank_zero(log, "local tier skipped: %s; %s", skipped[0]["skip"], otherwise)
+        other = next((r["other"] for r in reports if r["other"]), None)
+        if other is not None and not any(r["held"] for r in reports):
+            warn_on_rank_zero(log, "local tier skipped: %s; %s", other, otherwise)
             return None
+        if other is not None:
+            warn_on_rank_zero(log, "local tier: ignoring the local checkpoints of another job layout (%s)", other)
         return self._restore_local(lay, [{tuple(h) for h in r["held"]} for r in reports], floor, components, group)
 
     def _restore_local(self, lay: Layout, held: list[set[tuple[int, int]]], floor: int | None,
@@ -315,12 +317,14 @@ def newest_persistent(directory: Any, storage_options: dict[str, Any] | None) ->
 
 
 def _inventory(node_dir: Path, lay: Layout, topology: Topology, declaration: Any) -> dict[str, Any]:
-    """What this rank can serve: ``held`` (origin node, step) pairs, or ``skip``: why the tier cannot be used."""
+    """What this rank can serve: ``held`` (origin node, step) pairs saved at this topology with these components, and
+    ``other``: why the first step saved otherwise (another world size, node count or declaration) is ignored."""
     held: list[tuple[int, int]] = []
+    other: str | None = None
     if not node_dir.is_dir():
         log.warning("local tier: node %d's directory %s does not exist (a new machine or a wiped disk)", lay.node,
                     node_dir)
-        return {"held": held, "skip": None}
+        return {"held": held, "other": other}
     wanted = topology.to_json()
     places = [(lay.node, node_dir / "own", lay.rank)]
     places += [(origin, node_dir / f"replica_of_{origin}", lay.nodes[origin][lay.local]) for origin in lay.origins()]
@@ -334,15 +338,17 @@ def _inventory(node_dir: Path, lay: Layout, topology: Topology, declaration: Any
                 continue
             if body["topology"] != wanted:
                 saved = Topology.from_json(body["topology"]).describe()
-                return {"held": [], "skip": f"the local checkpoint {folder} was saved at {saved} and this job runs "
-                                            f"at {topology.describe()}"}
+                other = other or (f"the local checkpoint {folder} was saved at {saved} and this job runs at "
+                                  f"{topology.describe()}")
+                continue
             if body["declaration"] != declaration:
-                return {"held": [], "skip": f"the local checkpoint {folder} was saved with the components "
-                                            f"{body['declaration']}, this job declares {declaration}"}
+                other = other or (f"the local checkpoint {folder} was saved with the components "
+                                  f"{body['declaration']}, this job declares {declaration}")
+                continue
             listed = body["files"]
             if body["node"] == origin and files.rank_file(owner) in listed and files.NODE_FILE in listed:
                 held.append((origin, step))
-    return {"held": held, "skip": None}
+    return {"held": held, "other": other}
 
 
 def _collect(components: Sequence[StateComponent], lay: Layout) -> dict[str, dict[str, torch.Tensor]]:
