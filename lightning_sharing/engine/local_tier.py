@@ -150,9 +150,13 @@ class LocalTierRunner:
                     if data is None:
                         raise CorruptCheckpointError(f"rank {source} (node {origin}) could not send its files")
                     temp = files.temp_dir(parent / f"replica_of_{origin}", step)
-                    temp.mkdir(parents=True, exist_ok=True)
-                    for name, content in files.unpack(data, f"rank {source}").items():
-                        files.write_raw(temp, name, content)
+                    try:
+                        temp.mkdir(parents=True, exist_ok=True)
+                        for name, content in files.unpack(data, f"rank {source}").items():
+                            files.write_raw(temp, name, content)
+                    except OSError as exc:
+                        raise CheckpointError(f"writing node {origin}'s replica into the local tier directory {temp} "
+                                              f"failed: {exc}") from exc
 
         ballot.run(f"storing the replicas of {what}", store)
         ballot.agree()

@@ -15,14 +15,15 @@ from support.launch import ROOT, free_port, start, wait
 SCRIPT = str(ROOT / "examples" / "lightning_local_tier.py")
 
 
-def _launch(tmp_path: Path, name: str, out: Path, *extra: str) -> tuple[list[int], str]:
+def _launch(tmp_path: Path, name: str, out: Path, *extra: str,
+            env: dict[str, str] | None = None) -> tuple[list[int], str]:
     port = free_port()
     procs, logs = [], []
     for node in (0, 1):
         logs.append(tmp_path / f"{name}-node{node}.log")
         procs.append(start(["-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}", "--nproc_per_node=1",
                             "--master_addr=127.0.0.1", f"--master_port={port}", SCRIPT, "run", "--out", str(out),
-                            *extra], logs[-1]))
+                            *extra], logs[-1], extra_env=env))
     codes = wait(procs, logs, timeout=240)
     return codes, "\n".join(log.read_text() for log in logs)
 
@@ -31,8 +32,15 @@ def test_killed_run_resumes_from_the_local_tier_bit_exact(tmp_path: Path) -> Non
     full, run = tmp_path / "full", tmp_path / "run"
     codes, output = _launch(tmp_path, "full", full)
     assert codes == [0, 0], output[-6000:]
-    codes, output = _launch(tmp_path, "killed", run, "--kill-at", "6")
+    # Rank 1's local disk is full at the local save of step 4 (its sixth local file: per save, a node of one rank
+    # writes its rank file, its node file and the other node's three files): that save fails on both ranks, training
+    # goes on unchanged, and the local save of step 6 and the persistent ones are unaffected.
+    codes, output = _launch(tmp_path, "killed", run, "--kill-at", "6",
+                            env={"LIGHTNING_SHARING_FAULTS": "local:write@1:enospc#6"})
     assert all(code != 0 for code in codes), (codes, output[-6000:])  # SIGKILLed workers: torchrun fails
+    assert output.count("the local save of step 4 failed on every rank; training continues") == 2, output[-6000:]
+    assert "No space left on device" in output
+    assert not (run / "local" / "0" / "own" / "step_4").exists()
     for node in (0, 1):
         assert (run / "local" / str(node) / "own" / "step_6" / "COMPLETE.json").is_file()
         assert (run / "local" / str(node) / f"replica_of_{1 - node}" / "step_6" / "COMPLETE.json").is_file()
