@@ -33,11 +33,11 @@ import torch
 from lightning_sharing._faults import fault_point
 from lightning_sharing.errors import CorruptCheckpointError
 from lightning_sharing.format.codec import decode_state, encode_state, is_dtensor
-from lightning_sharing.format.safetensors_io import bytes_checksum, read_tensors, write_tensors
+from lightning_sharing.format.safetensors_io import bytes_checksum, read_tensor_file, read_tensors, write_tensors
 from lightning_sharing.storage.local import LocalStore, fsync_dir, rmtree_missing_ok
 
 __all__ = ["COMPLETE_NAME", "NODE_FILE", "bundle_bytes", "bundle_tensors", "commit_step", "complete_record",
-           "list_steps", "pack", "parse_bundle", "place", "rank_file", "read_complete", "read_verified",
+           "list_steps", "pack", "parse_bundle", "place", "rank_file", "read_bundle", "read_complete", "read_verified",
            "remove_old_steps", "remove_step", "step_dir", "temp_dir", "unpack", "write_batch", "write_file",
            "write_raw"]
 
@@ -93,7 +93,28 @@ def bundle_bytes(states: Sequence[tuple[str, Any]]) -> bytes:
 
 def parse_bundle(data: bytes, name: str) -> dict[str, Any]:
     """The states of a bundle (already verified) by component key."""
-    tensors = read_tensors(io.BytesIO(data), len(data), name)
+    return _states(read_tensors(io.BytesIO(data), len(data), name), name)
+
+
+def read_bundle(folder: Path, name: str, body: dict[str, Any]) -> dict[str, Any]:
+    """The states of bundle ``name`` of a step directory, read from disk straight into new tensors while its
+    checksum is verified against ``COMPLETE.json`` (``body``); raises ``CorruptCheckpointError`` naming the file."""
+    path = folder / name
+    expected = body["files"].get(name)
+    if expected is None:
+        raise CorruptCheckpointError(f"{path} is not listed in {folder / COMPLETE_NAME}")
+    try:
+        size = path.stat().st_size
+        if size != expected["size"]:
+            raise CorruptCheckpointError(f"{path} has {size} bytes, {folder / COMPLETE_NAME} lists {expected['size']}")
+        return _states(read_tensor_file(path, expected["checksum"]), name)
+    except OSError as exc:
+        raise CorruptCheckpointError(f"{path} cannot be read: {exc}") from exc
+    except CorruptCheckpointError as exc:
+        raise CorruptCheckpointError(f"{folder}: {exc}") from exc
+
+
+def _states(tensors: dict[str, torch.Tensor], name: str) -> dict[str, Any]:
     if _TREES not in tensors:
         raise CorruptCheckpointError(f"local checkpoint file {name} has no component structures ({_TREES})")
     try:

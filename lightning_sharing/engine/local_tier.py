@@ -257,39 +257,37 @@ class LocalTierRunner:
         """This rank's states of ``step`` (read here, or sent by its holder), and the failures it saw."""
         failures: list[tuple[int, int, str]] = []
         sends: dict[int, bytes | None] = {}
-        mine: dict[str, bytes] | None = None
+        states: dict[str, Any] = {}
+        names = [files.rank_file(lay.rank), files.NODE_FILE]
         for target, source in enumerate(sources):
             if source != lay.rank:
                 continue
-            origin = node_of(lay, target)
-            parent = self.node_dir_of(lay) / ("own" if target == lay.rank else f"replica_of_{origin}")
+            own = target == lay.rank
+            parent = self.node_dir_of(lay) / ("own" if own else f"replica_of_{node_of(lay, target)}")
             folder = files.step_dir(parent, step)
             try:
                 body = files.read_complete(folder)
-                data: dict[str, bytes] | None = files.read_verified(folder, [files.rank_file(target),
-                                                                             files.NODE_FILE], body)
+                if own:  # read straight into new tensors, verified on the way
+                    for name in names:
+                        states.update(files.read_bundle(folder, name, body))
+                else:
+                    sends[target] = files.pack(files.read_verified(folder, [files.rank_file(target),
+                                                                            files.NODE_FILE], body))
             except CorruptCheckpointError as exc:
                 log.warning("local tier: refusing %s for rank %d: %s", folder, target, exc)
-                failures.append((lay.rank, target, f"{'own copy' if target == lay.rank else 'replica'} on rank "
-                                 f"{lay.rank}: {exc}"))
-                data = None
-            if target == lay.rank:
-                mine = data
-            else:
-                sends[target] = None if data is None else files.pack(data)
+                failures.append((lay.rank, target, f"{'own copy' if own else 'replica'} on rank {lay.rank}: {exc}"))
+                sends[target] = None
         source = sources[lay.rank]
-        received = exchange_bytes(sends, [source] if source != lay.rank else [], group,
+        received = exchange_bytes({t: m for t, m in sends.items() if t != lay.rank},
+                                  [source] if source != lay.rank else [], group,
                                   phase=f"sending local checkpoint step {step} back to its nodes")
-        states: dict[str, Any] = {}
-        try:
-            if source != lay.rank:
-                message = received[source]
-                mine = None if message is None else files.unpack(message, f"rank {source}")
-            if mine is not None:
-                for name in (files.rank_file(lay.rank), files.NODE_FILE):
-                    states.update(files.parse_bundle(mine[name], name))
-        except CorruptCheckpointError as exc:
-            failures.append((source, lay.rank, f"files from rank {source}: {exc}"))
+        if source != lay.rank and received[source] is not None:
+            try:
+                given = files.unpack(received[source], f"rank {source}")
+                for name in names:
+                    states.update(files.parse_bundle(given[name], name))
+            except (CorruptCheckpointError, KeyError) as exc:
+                failures.append((source, lay.rank, f"files from rank {source}: {exc}"))
         return states, failures
 
 
