@@ -37,7 +37,7 @@ from lightning_sharing.format.safetensors_io import bytes_checksum, read_tensor_
 from lightning_sharing.storage.local import LocalStore, fsync_dir, rmtree_missing_ok
 
 __all__ = ["COMPLETE_NAME", "NODE_FILE", "bundle_bytes", "bundle_tensors", "commit_step", "complete_record",
-           "list_steps", "pack", "parse_bundle", "place", "rank_file", "read_bundle", "read_complete", "read_verified",
+           "list_steps", "pack", "parse_bundle", "place", "rank_file", "read_bundle", "read_complete",
            "remove_old_steps", "remove_step", "step_dir", "temp_dir", "unpack", "write_batch", "write_file",
            "write_raw"]
 
@@ -47,6 +47,7 @@ FORMAT_VERSION = 1
 _TREES = "__trees__"
 _STEP_RE = re.compile(r"step_(\d+)")
 _MAX_COMPLETE_BYTES = 16 * 1024 * 1024
+_Bytes = bytes | bytearray | memoryview
 _STORE = LocalStore()
 
 
@@ -91,9 +92,9 @@ def bundle_bytes(states: Sequence[tuple[str, Any]]) -> bytes:
     return sink.getvalue()
 
 
-def parse_bundle(data: bytes, name: str) -> dict[str, Any]:
+def parse_bundle(data: _Bytes, name: str) -> dict[str, Any]:
     """The states of a bundle (already verified) by component key."""
-    return _states(read_tensors(io.BytesIO(data), len(data), name), name)
+    return _states(read_tensors(io.BytesIO(data), len(memoryview(data)), name), name)
 
 
 def read_bundle(folder: Path, name: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -191,27 +192,67 @@ def place(temp: Path, final: Path) -> None:
     fsync_dir(final.parent)
 
 
-def write_raw(folder: Path, name: str, data: bytes) -> None:
+def write_raw(folder: Path, name: str, data: _Bytes) -> None:
     """Write received bytes as ``folder/name`` (durable at the end of the caller's ``write_batch``)."""
     fault_point("local:write")
     with _STORE.open_write(str(folder / name)) as sink:
         sink.write(data)
 
 
-def pack(files: dict[str, bytes]) -> bytes:
-    """Files as one message: an 8-byte header length, a JSON header of names, sizes and checksums, the bytes."""
-    header = json.dumps([[name, len(data), bytes_checksum(data)] for name, data in files.items()]).encode()
-    return b"".join([len(header).to_bytes(8, "little"), header, *files.values()])
+def pack(folder: Path, names: Sequence[str], body: dict[str, Any] | None = None) -> bytearray:
+    """Files of ``folder`` as one message, read straight into it: an 8-byte header length, a JSON header of names,
+    sizes and checksums, then the bytes. With ``body`` (``COMPLETE.json``), each file is checked against its listed
+    size and checksum first; raises ``CorruptCheckpointError`` naming the file."""
+    sizes = {}
+    for name in names:
+        if body is not None and name not in body["files"]:
+            raise CorruptCheckpointError(f"{folder / name} is not listed in {folder / COMPLETE_NAME}")
+        try:
+            sizes[name] = (folder / name).stat().st_size
+        except OSError as exc:
+            raise CorruptCheckpointError(f"{folder / name} cannot be read: {exc}") from exc
+    # The header's length is known before the files are read: every checksum has the same length.
+    placeholder = bytes_checksum(b"")
+    length = len(json.dumps([[name, size, placeholder] for name, size in sizes.items()]).encode())
+    message = bytearray(8 + length + sum(sizes.values()))
+    view = memoryview(message)
+    header = []
+    start = 8 + length
+    for name, size in sizes.items():
+        part = view[start:start + size]
+        try:
+            with open(folder / name, "rb", buffering=0) as handle:
+                if handle.readinto(part) != size or handle.read(1):
+                    raise CorruptCheckpointError(f"{folder / name} changed size while being read")
+        except OSError as exc:
+            raise CorruptCheckpointError(f"{folder / name} cannot be read: {exc}") from exc
+        checksum = bytes_checksum(part)
+        if body is not None:
+            expected = body["files"][name]
+            if size != expected["size"]:
+                raise CorruptCheckpointError(f"{folder / name} has {size} bytes, {folder / COMPLETE_NAME} lists "
+                                             f"{expected['size']}")
+            if checksum != expected["checksum"]:
+                raise CorruptCheckpointError(f"{folder / name} fails its checksum (expected {expected['checksum']})")
+        header.append([name, size, checksum])
+        start += size
+    text = json.dumps(header).encode()
+    if len(text) != length:  # cannot happen: the checksums of one algorithm have one length
+        raise CorruptCheckpointError(f"the header of the files of {folder} changed length while being built")
+    view[:8] = length.to_bytes(8, "little")
+    view[8:8 + length] = text
+    return message
 
 
-def unpack(message: bytes, source: str) -> dict[str, bytes]:
-    """The files of a ``pack``ed message, each checked against the checksum sent with it."""
+def unpack(message: _Bytes, source: str) -> dict[str, memoryview]:
+    """The files of a ``pack``ed message (views into it, no copy), each checked against the checksum sent with it."""
+    view = memoryview(message).cast("B")
     try:
-        length = int.from_bytes(message[:8], "little")
-        header = json.loads(message[8:8 + length])
+        length = int.from_bytes(view[:8], "little")
+        header = json.loads(bytes(view[8:8 + length]))
         files, position = {}, 8 + length
         for name, size, checksum in header:
-            data = message[position:position + size]
+            data = view[position:position + size]
             position += size
             if len(data) != size or bytes_checksum(data) != checksum:
                 raise CorruptCheckpointError(f"{name} from {source} arrived damaged (size or checksum differs)")
@@ -247,26 +288,3 @@ def remove_step(parent: Path, step: int) -> None:
         rmtree_missing_ok(doomed)
     os.rename(step_dir(parent, step), doomed)
     rmtree_missing_ok(doomed)
-
-
-def read_verified(folder: Path, names: Sequence[str], body: dict[str, Any]) -> dict[str, bytes]:
-    """The bytes of the files ``names`` of a step directory, each checked against ``COMPLETE.json``'s size and
-    checksum; raises ``CorruptCheckpointError`` naming the file."""
-    result = {}
-    files = body["files"]
-    for name in names:
-        path = folder / name
-        if name not in files:
-            raise CorruptCheckpointError(f"{path} is not listed in {folder / COMPLETE_NAME}")
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise CorruptCheckpointError(f"{path} cannot be read: {exc}") from exc
-        expected = files[name]
-        if len(data) != expected["size"]:
-            raise CorruptCheckpointError(f"{path} has {len(data)} bytes, {folder / COMPLETE_NAME} lists "
-                                         f"{expected['size']}")
-        if bytes_checksum(data) != expected["checksum"]:
-            raise CorruptCheckpointError(f"{path} fails its checksum (expected {expected['checksum']})")
-        result[name] = data
-    return result

@@ -137,8 +137,7 @@ class LocalTierRunner:
         names = [files.rank_file(lay.rank)] + ([files.NODE_FILE, files.COMPLETE_NAME] if lay.rank == lay.lead else [])
         what = f"local checkpoint step {step}"
         ballot = Ballot(f"copying {what} to peer nodes", group)
-        message = ballot.run(f"reading {what} to send it", lambda: files.pack(
-            {name: (final / name).read_bytes() for name in names}))
+        message = ballot.run(f"reading {what} to send it", lambda: files.pack(final, names))
         sources = [lay.nodes[origin][lay.local] for origin in lay.origins()]
         received = exchange_bytes(dict.fromkeys(lay.holders(lay.node, lay.local), message), sources, group)
         parent = self.node_dir_of(lay)
@@ -256,7 +255,7 @@ class LocalTierRunner:
                ) -> tuple[dict[str, Any], list[tuple[int, int, str]]]:
         """This rank's states of ``step`` (read here, or sent by its holder), and the failures it saw."""
         failures: list[tuple[int, int, str]] = []
-        sends: dict[int, bytes | None] = {}
+        sends: dict[int, bytearray | None] = {}
         states: dict[str, Any] = {}
         names = [files.rank_file(lay.rank), files.NODE_FILE]
         for target, source in enumerate(sources):
@@ -271,8 +270,7 @@ class LocalTierRunner:
                     for name in names:
                         states.update(files.read_bundle(folder, name, body))
                 else:
-                    sends[target] = files.pack(files.read_verified(folder, [files.rank_file(target),
-                                                                            files.NODE_FILE], body))
+                    sends[target] = files.pack(folder, [files.rank_file(target), files.NODE_FILE], body)
             except CorruptCheckpointError as exc:
                 log.warning("local tier: refusing %s for rank %d: %s", folder, target, exc)
                 failures.append((lay.rank, target, f"{'own copy' if own else 'replica'} on rank {lay.rank}: {exc}"))
