@@ -38,26 +38,13 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
+from _bench_state import InPlaceTensors  # noqa: E402
 from support.dist_harness import free_port  # noqa: E402
 from support.s3 import BUCKET, MotoServer, s3_environment  # noqa: E402
 
 MIB = 1024 * 1024
 UNITS = ("persistent sync save", "save_local sync", "save_local async (blocked)", "restore from local",
          "load from S3 (moto)")
-
-
-class _Tensors:
-    """A stateful whose tensors are loaded in place."""
-
-    def __init__(self, tensors: dict[str, Any]) -> None:
-        self.tensors = tensors
-
-    def state_dict(self) -> dict[str, Any]:
-        return dict(self.tensors)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for name, tensor in state.items():
-            self.tensors[name].copy_(tensor)
 
 
 def _worker(rank: int, args: argparse.Namespace, port: int, scratch: str, s3: str, options: dict[str, Any],
@@ -84,8 +71,8 @@ def _worker(rank: int, args: argparse.Namespace, port: int, scratch: str, s3: st
         ckpts = Path(scratch) / "ckpts"
 
         def coordinator(**kwargs: Any) -> Any:
-            return CheckpointCoordinator([StateComponent("model", _Tensors(live), SharingPattern.REPLICATED),
-                                          StateComponent("mine", _Tensors(live_mine), SharingPattern.PER_RANK)],
+            return CheckpointCoordinator([StateComponent("model", InPlaceTensors(live), SharingPattern.REPLICATED),
+                                          StateComponent("mine", InPlaceTensors(live_mine), SharingPattern.PER_RANK)],
                                          local_tier=tier, **kwargs)
 
         sync, background, remote = coordinator(), coordinator(async_save=True), coordinator(storage_options=options)
