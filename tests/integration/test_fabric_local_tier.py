@@ -41,3 +41,25 @@ def test_save_local_when_due_and_restore_the_newest_tier(tmp_path: Path) -> None
     strategy.save_checkpoint(tmp_path / "ckpts" / "step=5.ckpt", {"model": model, "optimizer": optimizer, "step": 5})
     state = {"model": model, "optimizer": optimizer, "step": 0}
     assert strategy.restore(tmp_path / "ckpts", state) == 5 and state["step"] == 5
+
+
+def test_every_strategy_takes_a_local_tier_and_refuses_anything_else(tmp_path: Path) -> None:
+    import pytest
+
+    from lightning_sharing import (
+        ComponentDeclarationError,
+        FabricSharingModelParallelStrategy,
+        SharingModelParallelStrategy,
+        SharingStrategy,
+    )
+
+    tier = LocalTier(tmp_path / "{node}", every_n_steps=5)
+    made = [SharingStrategy(local_tier=tier), SharingModelParallelStrategy(local_tier=tier),
+            FabricSharingStrategy(local_tier=tier),
+            FabricSharingModelParallelStrategy(parallelize_fn=lambda module, mesh: module, local_tier=tier)]
+    assert [strategy.local_tier for strategy in made] == [tier] * 4
+    for make in (SharingStrategy, FabricSharingStrategy):
+        with pytest.raises(ComponentDeclarationError, match="local_tier must be a LocalTier, got str"):
+            make(local_tier=str(tmp_path))
+    with pytest.raises(ComponentDeclarationError, match=r"save_local needs FabricSharingStrategy\(local_tier="):
+        FabricSharingStrategy().save_local({}, 1)
