@@ -196,7 +196,11 @@ class LocalTierRunner:
         except ComponentDeclarationError as exc:  # the same on every rank: the topology is
             warn_on_rank_zero(log, "local tier skipped: %s; %s", exc, otherwise)
             return None
-        report = _inventory(self.node_dir_of(lay), lay, topology, _jsonable(declaration))
+        try:
+            report = _inventory(self.node_dir_of(lay), lay, topology, _jsonable(declaration))
+        except Exception as exc:  # this rank serves nothing, and still joins the gather below (no rank waits alone)
+            log.warning("local tier: cannot list %s: %s: %s", self.node_dir_of(lay), type(exc).__name__, exc)
+            report = {"held": [], "other": None}
         reports = all_gather_object(report, group, phase="listing the local checkpoints")
         other = next((r["other"] for r in reports if r["other"]), None)
         if other is not None and not any(r["held"] for r in reports):
@@ -271,7 +275,7 @@ class LocalTierRunner:
                         states.update(files.read_bundle(folder, name, body))
                 else:
                     sends[target] = files.pack(folder, [files.rank_file(target), files.NODE_FILE], body)
-            except CorruptCheckpointError as exc:
+            except Exception as exc:  # any failure is a refusal the ranks agree on below, never a rank leaving alone
                 log.warning("local tier: refusing %s for rank %d: %s", folder, target, exc)
                 failures.append((lay.rank, target, f"{'own copy' if own else 'replica'} on rank {lay.rank}: {exc}"))
                 sends[target] = None
@@ -284,8 +288,8 @@ class LocalTierRunner:
                 given = files.unpack(received[source], f"rank {source}")
                 for name in names:
                     states.update(files.parse_bundle(given[name], name))
-            except (CorruptCheckpointError, KeyError) as exc:
-                failures.append((source, lay.rank, f"files from rank {source}: {exc}"))
+            except Exception as exc:  # agreed on below, as a refusal of that source
+                failures.append((source, lay.rank, f"files from rank {source}: {type(exc).__name__}: {exc}"))
         return states, failures
 
 
