@@ -36,7 +36,6 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from _bench_state import InPlaceTensors  # noqa: E402
 from support.dist_harness import free_port  # noqa: E402
 from support.s3 import BUCKET, FaultProxy, MotoServer, s3_environment  # noqa: E402
 
@@ -59,10 +58,24 @@ def _coordinator(state: dict[str, Any], progress: dict[str, Any], read_once: boo
     from lightning_sharing import CheckpointCoordinator, SharingPattern, StateComponent
     from lightning_sharing.statefuls.holders import ValueHolder
 
-    components = [StateComponent("model", InPlaceTensors(state), SharingPattern.REPLICATED),
+    components = [StateComponent("model", _Tensors(state), SharingPattern.REPLICATED),
                   StateComponent("progress", ValueHolder(progress), SharingPattern.GLOBAL)]
     return CheckpointCoordinator(components, max_shard_size=shard_mib * MIB, read_once=read_once,
                                  storage_options=storage_options)
+
+
+class _Tensors:
+    """A stateful whose tensors are loaded in place (so a load allocates nothing of its own for them)."""
+
+    def __init__(self, tensors: dict[str, Any]) -> None:
+        self.tensors = tensors
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self.tensors)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name, tensor in state.items():
+            self.tensors[name].copy_(tensor)
 
 
 def _worker(rank: int, world: int, port: int, args: argparse.Namespace, paths: dict[str, str],
