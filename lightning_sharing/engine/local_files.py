@@ -13,9 +13,10 @@ one safetensors file: each component's tensors under ``<i>/<name>`` and the comp
 trees, ``format/codec.py``) as the uint8 tensor ``__trees__``, so one checksum covers everything.
 
 Example:
-    >>> data = bundle_bytes([("rng", {"seed": 3})])                  # doctest: +SKIP
-    >>> parse_bundle(data, "rank-00000.safetensors")                  # doctest: +SKIP
-    {'rng': {'seed': 3}}
+    >>> import torch
+    >>> data = bundle_bytes([("rng", {"seed": 3, "state": torch.arange(2)})])
+    >>> parse_bundle(data, "rank-00000.safetensors")
+    {'rng': {'seed': 3, 'state': tensor([0, 1])}}
 """
 
 from __future__ import annotations

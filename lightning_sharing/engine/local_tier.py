@@ -80,10 +80,6 @@ class LocalTierRunner:
             self._group, self._has_group = new_gloo_group(), True
         return self._group
 
-    def node_dir(self, topology: Topology, rank: int) -> Path:
-        """This rank's node directory of the tier."""
-        return Path(self.tier.directory_for(topology.node_index(rank)))
-
     # ------------------------------------------------------------------------------------------------ save
     def save_local(self, step: int, components: Sequence[StateComponent], topology: Topology,
                    declaration: Any, saver: BackgroundSaver | None = None) -> None:
@@ -171,6 +167,7 @@ class LocalTierRunner:
         ballot.agree()
 
     def node_dir_of(self, lay: Layout) -> Path:
+        """The tier's directory on ``lay``'s node (``{node}`` replaced by its index)."""
         return Path(self.tier.directory_for(lay.node))
 
     # --------------------------------------------------------------------------------------------- restore
