@@ -27,6 +27,20 @@ RAW_CHUNK = 16 * 1024 * 1024  # one reused buffer: the raw baseline measures the
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
+class InPlaceTensors:
+    """A stateful whose tensors are loaded in place (so a load allocates nothing of its own for them)."""
+
+    def __init__(self, tensors: dict[str, Any]) -> None:
+        self.tensors = tensors
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self.tensors)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name, tensor in state.items():
+            self.tensors[name].copy_(tensor)
+
+
 def layer_plan(size_gb: float) -> tuple[int, int]:
     """(width, layers) whose weights + two AdamW moments in float32 take about ``size_gb`` GB."""
     params = size_gb * GB / (4 * FLOAT32_COPIES)

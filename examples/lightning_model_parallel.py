@@ -15,6 +15,9 @@ group (its ranks read the same batches). The module adds a per-rank torchmetrics
 SIGKILL to every process at step N; ``--resume`` continues from ``last``. At the end each rank writes
 ``OUT/final-rank{r}.safetensors`` (full weights, full optimizer state, its metric) and ``OUT/final-rank{r}.json``.
 
+``--local-every N`` adds ``local_tier=LocalTier(OUT/local/{node}, every_n_steps=N)`` (docs/local_tier.md): a resume
+then starts from the newest of the local tier and the persistent checkpoints.
+
     lightning-sharing inspect runs/mp/checkpoints/last.ckpt                          # who wrote which chunk
     lightning-sharing export runs/mp/checkpoints/last.ckpt runs/mp/hf --component model
 """
@@ -37,7 +40,14 @@ from safetensors.torch import save_file
 from torch import nn
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from lightning_sharing import MetricState, OptimizerState, SharingModelParallelStrategy, SharingPattern, StateComponent
+from lightning_sharing import (
+    LocalTier,
+    MetricState,
+    OptimizerState,
+    SharingModelParallelStrategy,
+    SharingPattern,
+    StateComponent,
+)
 
 warnings.filterwarnings("ignore", message=r".*'set_vital' is deprecated")
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
@@ -136,7 +146,9 @@ def dump_final_state(module: TinyParallelRegression, trainer: pl.Trainer, out: P
 def make_trainer(args: argparse.Namespace, callbacks: list[Callback]) -> pl.Trainer:
     return pl.Trainer(
         strategy=SharingModelParallelStrategy(data_parallel_size=args.dp, tensor_parallel_size=args.tp,
-                                              async_save=args.async_save),
+                                              async_save=args.async_save, local_tier=LocalTier(
+                                                  args.out / "local" / "{node}", every_n_steps=args.local_every)
+                                              if args.local_every else None),
         accelerator="cpu", devices=args.dp * args.tp, max_steps=args.max_steps, callbacks=callbacks, logger=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, deterministic=True)
 
@@ -151,6 +163,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--kill-at-step", type=int, default=0)
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--async-save", action="store_true", help="write checkpoints in the background")
+    parser.add_argument("--local-every", type=int, default=0,
+                        help="also save into the local tier (docs/local_tier.md) every N steps; resume takes the newer")
     return parser.parse_args(argv)
 
 

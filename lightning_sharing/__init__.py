@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from lightning_sharing.checkpoint.discovery import find_latest_checkpoint
     from lightning_sharing.checkpoint.manifest import CheckpointManifest, ComponentManifest, FileEntry
     from lightning_sharing.core.declarations import StateComponent
+    from lightning_sharing.core.local_tier import LocalTier
     from lightning_sharing.core.options import CheckpointOptions, VerifyMode
     from lightning_sharing.core.patterns import SharingPattern, ValidationLevel
     from lightning_sharing.core.topology import Topology
@@ -75,6 +76,7 @@ _PUBLIC = {
     "HFExport": "lightning_sharing.engine.export",
     "HFLoadResult": "lightning_sharing.engine.hf_import",
     "LoadResult": "lightning_sharing.engine.load_plan",
+    "LocalTier": "lightning_sharing.core.local_tier",
     "ManifestError": "lightning_sharing.errors",
     "MetricState": "lightning_sharing.statefuls.metrics",
     "OptimizerState": "lightning_sharing.statefuls.optimizer",
@@ -114,6 +116,7 @@ __all__ = [
     "HFExport",
     "HFLoadResult",
     "LoadResult",
+    "LocalTier",
     "ManifestError",
     "MetricState",
     "OptimizerState",

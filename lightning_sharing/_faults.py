@@ -37,6 +37,7 @@ FAULT_POINTS = (
     "commit:rename",    # rank 0, the manifest is written, before the staging directory is renamed
     "commit:renamed",   # rank 0, the new checkpoint is in place, before the ranks hear of it
     "load:read",        # every rank, before a file of the checkpoint is read
+    "local:write",      # every rank, before a file of a local-tier save (LocalTier) is written
 )
 _ACTIONS = ("kill", "exit", "raise", "enospc", "eio", "hang")
 _hits: Counter[str] = Counter()

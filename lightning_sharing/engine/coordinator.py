@@ -25,6 +25,7 @@ from collections.abc import Collection, Iterable
 from typing import Any, TypeVar
 
 from lightning_sharing.core.declarations import StateComponent, check_unique_keys
+from lightning_sharing.core.local_tier import LocalTier
 from lightning_sharing.core.options import CheckpointOptions, VerifyMode, checkpoint_options
 from lightning_sharing.core.topology import Topology
 from lightning_sharing.distributed.async_save import BackgroundSaver
@@ -39,6 +40,7 @@ from lightning_sharing.engine.commit import CheckpointTarget
 from lightning_sharing.engine.export import HFExport, export_in_parallel
 from lightning_sharing.engine.load import load_components
 from lightning_sharing.engine.load_plan import LoadResult
+from lightning_sharing.engine.local_tier import LocalTierRunner, restore_persistent
 from lightning_sharing.engine.plan_cache import PlanCache
 from lightning_sharing.engine.save import commit_save, display, plan_save
 from lightning_sharing.errors import ComponentDeclarationError
@@ -74,6 +76,8 @@ class CheckpointCoordinator:
         plan_cache: the ``PlanCache`` of the previous saves' plans and the topology; pass one to share it between
             coordinators made one per save (as the Lightning and Fabric adapters do), so that a repeat save reuses
             the plan and gathers the topology once. Default: a cache of this coordinator's own.
+        local_tier: a ``LocalTier``: node-local checkpoints copied to peer nodes, written by ``save_local`` and
+            considered by ``restore`` (docs/local_tier.md).
 
     Both ``save_checkpoint`` and ``load_checkpoint`` are collective: every rank must call them.
     """
@@ -91,6 +95,7 @@ class CheckpointCoordinator:
         incremental: bool | None = None,
         storage_options: dict[str, Any] | None = None,
         plan_cache: PlanCache | None = None,
+        local_tier: LocalTier | LocalTierRunner | None = None,
     ) -> None:
         self.components = check_unique_keys(components)
         self.process_groups = resolve_process_groups(process_groups)
@@ -117,6 +122,10 @@ class CheckpointCoordinator:
         #: Modules and optimizers whose parameters and state reach the checkpoint through other statefuls
         #: (Lightning's checkpoint dict): background staging copies their tensors late, as those of the components.
         self.staging_roots: list[Any] = []
+        if local_tier is not None and not isinstance(local_tier, (LocalTier, LocalTierRunner)):
+            raise ComponentDeclarationError(f"local_tier must be a LocalTier, got {type(local_tier).__name__}")
+        #: The local tier's runner (it holds the tier's process group: adapters share one between coordinators).
+        self.local_tier = LocalTierRunner(local_tier) if isinstance(local_tier, LocalTier) else local_tier
 
     @property
     def max_shard_size(self) -> int:
@@ -220,6 +229,67 @@ class CheckpointCoordinator:
         """
         if self._saver is not None:
             self._saver.wait()
+
+    # ------------------------------------------------------------------ local tier
+    def save_local(self, step: int) -> None:
+        """Collective: save every rank's state of ``step`` into the local tier and copy it to peer nodes.
+
+        Every node writes what its own ranks need to restore (their own state of every component, one copy of the
+        GLOBAL and REPLICATED ones) into its directory, atomically, then sends its files to ``replicas`` peer nodes
+        over the process group; returns once its files and the replicas it holds are durable. A failure on any rank
+        (a full disk) is an error on every rank, and no step is committed half-written. With ``async_save``, it
+        returns once the state is staged (copied) and the rest runs on the background saver after the pending saves:
+        ``wait()`` (or the next save or load) waits for it and raises its failure on every rank.
+
+        Example:
+            >>> tier = LocalTier("/local/ckpt/{node}", replicas=1)                   # doctest: +SKIP
+            >>> coordinator = CheckpointCoordinator(components, local_tier=tier)     # doctest: +SKIP
+            >>> coordinator.save_local(step=120)                                     # doctest: +SKIP
+        """
+        if self.local_tier is None:
+            raise ComponentDeclarationError("save_local needs a local tier: CheckpointCoordinator(..., "
+                                            "local_tier=LocalTier('/local/ckpt/{node}'))")
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise ComponentDeclarationError(f"save_local(step={step!r}): step must be a non-negative integer")
+        started = time.perf_counter()
+        saver = self._saver if self._saver is not None and may_run_in_background() else None
+        self.local_tier.save_local(step, self.components, self._topology_now(), self._declaration(), saver)
+        log.debug("local save of step %d %s in %.2fs", step, "staged" if saver else "done",
+                  time.perf_counter() - started)
+
+    def restore(self, directory: str | os.PathLike[str] | None, strict: bool = True) -> int | None:
+        """Collective: load the newest state of the local tier and of the persistent checkpoints under
+        ``directory``; returns its step (None: nothing to restore).
+
+        The local step chosen is the newest one every node can restore from its own copy or a peer's replica, every
+        file verified; it is used when it is at least as new as the newest complete persistent checkpoint (whose
+        step is the one ``save_checkpoint(path, step=...)`` recorded), else that checkpoint is loaded as
+        ``load_checkpoint(path, strict)`` would. A local checkpoint saved at another topology makes the tier be
+        skipped (logged). Without a local tier this loads the newest persistent checkpoint.
+
+        Example:
+            >>> step = coordinator.restore("checkpoints")            # doctest: +SKIP
+        """
+        self.wait()
+        def load(path: Any) -> None:
+            self.load_checkpoint(path, strict=strict)
+
+        if self.local_tier is None:
+            return restore_persistent(directory, load, self.storage_options)
+        return self.local_tier.restore(directory, self.components, self._topology_now(), self._declaration(), load,
+                                       self.storage_options)
+
+    def restore_local(self, newer_than: int | None = None) -> int | None:
+        """Collective: load the newest step of the local tier every rank can get (own copy or a peer's replica),
+        not older than ``newer_than``; its step, or None (nothing loaded) when there is none or the tier was saved
+        at another topology. ``restore`` is this plus the persistent checkpoints; the Trainer strategies use this
+        with the step of the checkpoint ``ckpt_path="last"`` finds."""
+        if self.local_tier is None:
+            raise ComponentDeclarationError("restore_local needs a local tier: CheckpointCoordinator(..., "
+                                            "local_tier=LocalTier('/local/ckpt/{node}'))")
+        self.wait()
+        return self.local_tier.restore_local(self.components, self._topology_now(), self._declaration(), newer_than,
+                                             "loading the persistent checkpoint")
 
     # ------------------------------------------------------------------ load
     def load_checkpoint(self, path: str | os.PathLike[str], strict: bool = True, *,

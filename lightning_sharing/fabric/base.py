@@ -19,9 +19,12 @@ from torch.utils.data import DataLoader
 
 from lightning_sharing.checkpoint.manifest import CheckpointManifest
 from lightning_sharing.core.declarations import SharingPattern, StateComponent, check_unique_keys
+from lightning_sharing.core.local_tier import LocalTier
 from lightning_sharing.core.options import CheckpointOptions
+from lightning_sharing.distributed.collectives import on_rank_zero
 from lightning_sharing.engine.coordinator import CheckpointCoordinator
 from lightning_sharing.engine.load_plan import LoadResult
+from lightning_sharing.engine.local_tier import LocalTierRunner, newest_persistent
 from lightning_sharing.errors import CheckpointError, ComponentDeclarationError
 from lightning_sharing.fabric.state import EXTRA_KEY, FilterFn, check_filter, declare_state
 from lightning_sharing.integration.cleanup import adopt_default_group, default_group_exists
@@ -55,7 +58,7 @@ class FabricSharingBase:
 
     def __init__(self, *, options: CheckpointOptions, components: list[StateComponent] | None = None,
                  process_groups: Any = None, rng: bool = True, storage_options: Mapping[str, Any] | None = None,
-                 **kwargs: Any) -> None:
+                 local_tier: LocalTier | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._components = check_unique_keys(components or [])
         reserved = {EXTRA_KEY} | ({RNG_KEY} if rng else set())
@@ -72,6 +75,11 @@ class FabricSharingBase:
         self._host = CheckpointHost(options, storage_options)
         #: What the last ``load_checkpoint`` of a checkpoint directory loaded and skipped (with reasons).
         self.last_load_result: LoadResult | None = None
+        if local_tier is not None and not isinstance(local_tier, LocalTier):
+            raise ComponentDeclarationError(f"local_tier must be a LocalTier, got {type(local_tier).__name__}")
+        #: The fast recovery tier (``LocalTier``), or None; its runner keeps the tier's process group between saves.
+        self.local_tier = local_tier
+        self._local_runner = LocalTierRunner(local_tier) if local_tier is not None else None
 
     # ------------------------------------------------------------------ environment
     def setup_environment(self) -> None:
@@ -201,6 +209,56 @@ class FabricSharingBase:
             if key in saved_plain:
                 state[key] = saved_plain[key]  # type: ignore[index]  # Fabric copies these back to the caller
         return {key: value for key, value in saved_plain.items() if key not in state}  # type: ignore[operator]
+
+    # ------------------------------------------------------------------ the local tier
+    def save_local(self, state: dict[str, Any], step: int) -> bool:
+        """Collective: save ``state`` into the local tier as step ``step`` when it is due (``every_n_steps`` divides
+        it, or is None); returns whether it saved. A failure on any rank (a full local disk) raises on every rank.
+
+        Example:
+            >>> state = {"model": model, "optimizer": optimizer, "step": step}     # doctest: +SKIP
+            >>> fabric.strategy.save_local(state, step)                           # doctest: +SKIP
+        """
+        if self._local_runner is None:
+            raise ComponentDeclarationError(f"save_local needs {type(self).__name__}(local_tier=LocalTier(...))")
+        every = self._local_runner.tier.every_n_steps
+        if every and step % every:
+            return False
+        components, plain = self._declare(state, {}, strict=True, loading=False)
+        components.append(StateComponent(EXTRA_KEY, ValueHolder(plain), SharingPattern.GLOBAL))
+        self._local_coordinator(components).save_local(step)
+        return True
+
+    def restore(self, directory: str | os.PathLike[str], state: dict[str, Any], strict: bool = True) -> int | None:
+        """Collective: restore ``state`` in place (as ``fabric.load``) from the newest of the local tier and the
+        checkpoints under ``directory``; returns the step restored (None: nothing; ``state`` is left alone).
+
+        Example:
+            >>> state = {"model": model, "optimizer": optimizer}                  # doctest: +SKIP
+            >>> step = fabric.strategy.restore("checkpoints", state)              # doctest: +SKIP
+        """
+        if self._local_runner is None:
+            raise ComponentDeclarationError(f"restore needs {type(self).__name__}(local_tier=LocalTier(...))")
+        self.wait_for_checkpoint()
+        components, plain = self._declare(state, {}, strict=strict, loading=True)
+        extra = ValueHolder()
+        components.append(StateComponent(EXTRA_KEY, extra, SharingPattern.GLOBAL, required=False))
+        persistent = on_rank_zero("finding the newest persistent checkpoint", lambda: newest_persistent(
+            directory, self._host.storage_options_for(directory)))
+        step = self._local_coordinator(components).restore_local(None if persistent is None else persistent[1])
+        if step is None:
+            if persistent is None:
+                return None
+            self.load_checkpoint(persistent[0], state, strict=strict)
+            return persistent[1]
+        saved_plain = extra.value if isinstance(extra.value, dict) else {}
+        for key in plain:
+            if key in saved_plain:
+                state[key] = saved_plain[key]
+        return step
+
+    def _local_coordinator(self, components: list[StateComponent]) -> CheckpointCoordinator:
+        return CheckpointCoordinator(components, self._process_groups(), local_tier=self._local_runner)
 
     # ------------------------------------------------------------------ helpers
     def _strategy_components(self, loading: bool) -> list[StateComponent]:

@@ -68,6 +68,7 @@ from lightning.fabric.plugins.precision import Precision
 from lightning.fabric.strategies import STRATEGY_REGISTRY, DDPStrategy
 
 from lightning_sharing.core.declarations import StateComponent
+from lightning_sharing.core.local_tier import LocalTier
 from lightning_sharing.core.options import DEFAULT_MAX_SHARD_SIZE, checkpoint_options
 from lightning_sharing.fabric.base import RNG_KEY, FabricSharingBase
 from lightning_sharing.fabric.state import EXTRA_KEY
@@ -113,6 +114,9 @@ class FabricSharingStrategy(FabricSharingBase, DDPStrategy):
             ``secret``, ...), used for every save and load of a URL (a ``storage_options`` given to one
             ``save_checkpoint`` replaces them for it). Local paths do not use them. Default: fsspec's own
             configuration (for S3: the environment).
+        local_tier: a ``LocalTier``: ``fabric.strategy.save_local(state, step)`` saves into node-local storage (every
+            ``every_n_steps``-th step), copied to peer nodes, and ``fabric.strategy.restore(directory, state)`` loads
+            the newest of it and the persistent checkpoints under ``directory`` (docs/local_tier.md).
 
     Example:
         >>> from lightning.fabric import Fabric
@@ -147,6 +151,7 @@ class FabricSharingStrategy(FabricSharingBase, DDPStrategy):
         read_once: bool | None = None,
         incremental: bool = False,
         storage_options: Mapping[str, Any] | None = None,
+        local_tier: LocalTier | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(
@@ -165,6 +170,7 @@ class FabricSharingStrategy(FabricSharingBase, DDPStrategy):
             process_groups=process_groups,
             rng=rng,
             storage_options=storage_options,
+            local_tier=local_tier,
             **kwargs,
         )
     # ------------------------------------------------------------------ registry

@@ -49,6 +49,7 @@ __all__ = [
     "allow_launch_under_fabric_cli",
     "checkpoint_dir",
     "cluster_environment",
+    "dump_checkpoint",
     "given_checkpoint_io",
     "hook_checkpoint_filesystem",
     "hook_ignored_checkpoint_io",
@@ -265,6 +266,14 @@ def hook_checkpoint_filesystem() -> bool:
     return _wrap_once(model_checkpoint, "get_filesystem", wrap,
                       "this Lightning version has no lightning.pytorch.callbacks.model_checkpoint.get_filesystem: "
                       "ModelCheckpoint opens URLs without the strategy's storage_options")
+
+
+def dump_checkpoint(trainer: Any) -> dict[str, Any]:
+    """Lightning's full checkpoint dict of ``trainer`` now, as ``ModelCheckpoint`` saves it (the local tier's saves).
+
+    Relies on ``Trainer._checkpoint_connector.dump_checkpoint(weights_only=False)``.
+    """
+    return trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
 
 
 def trainer_of(module: Any) -> Any:

@@ -19,8 +19,10 @@ from collections.abc import Mapping
 from typing import Any
 
 from lightning_sharing.core.declarations import StateComponent, ValidationLevel, check_unique_keys
+from lightning_sharing.core.local_tier import LocalTier
 from lightning_sharing.core.options import DEFAULT_MAX_SHARD_SIZE, checkpoint_options
 from lightning_sharing.engine.coordinator import CheckpointCoordinator
+from lightning_sharing.engine.local_tier import LocalTierRunner
 from lightning_sharing.errors import ComponentDeclarationError
 from lightning_sharing.integration.cleanup import adopt_default_group, default_group_exists
 from lightning_sharing.integration.common import LazyProcessGroups, check_storage_options
@@ -35,6 +37,7 @@ from lightning_sharing.integration.compat import (
 from lightning_sharing.lightning.builtins import BUILTIN_KEYS, builtin_components, check_user_components
 from lightning_sharing.lightning.checkpoint_io import SharingCheckpointIO
 from lightning_sharing.lightning.elastic import ElasticData
+from lightning_sharing.lightning.local_tier import LocalResume, LocalTierSaves, resolve_last, save_local
 from lightning_sharing.lightning.locations import CheckpointLocations
 from lightning_sharing.lightning.preemption import PreemptionHandler
 from lightning_sharing.lightning.restore import ResumeMixin
@@ -58,7 +61,8 @@ class SharingStrategyBase(ResumeMixin):
                  background_staging: bool = False, read_once: bool | None = None,
                  incremental: bool = False,
                  preemption_checkpoint: bool | str | os.PathLike[str] | None = True,
-                 storage_options: Mapping[str, Any] | None = None, elastic_data: bool = True, **kwargs: Any) -> None:
+                 storage_options: Mapping[str, Any] | None = None, elastic_data: bool = True,
+                 local_tier: LocalTier | None = None, **kwargs: Any) -> None:
         storage_options = check_storage_options(storage_options)
         io = kwargs.pop("checkpoint_io", None)
         if io is None:  # the strategy's option keywords become its SharingCheckpointIO's one options object
@@ -81,6 +85,12 @@ class SharingStrategyBase(ResumeMixin):
         self._rng_at_first_batch = False
         self._resume_after_last_batch = False
         self.elastic = ElasticData(elastic_data)
+        if local_tier is not None and not isinstance(local_tier, LocalTier):
+            raise ComponentDeclarationError(f"local_tier must be a LocalTier, got {type(local_tier).__name__}")
+        #: The fast recovery tier (``LocalTier``), or None; its runner keeps the tier's process group between saves.
+        self.local_tier = local_tier
+        self._local_runner = LocalTierRunner(local_tier) if local_tier is not None else None
+        self._local_resume: LocalResume | None = None
 
     @property
     def sharing_io(self) -> SharingCheckpointIO:
@@ -154,6 +164,20 @@ class SharingStrategyBase(ResumeMixin):
     def setup(self, trainer: Any) -> None:
         super().setup(trainer)
         self._check_declarations()
+        every = self.local_tier.every_n_steps if self.local_tier is not None else None
+        if every and not any(isinstance(cb, LocalTierSaves) and cb.strategy is self for cb in trainer.callbacks):
+            trainer.callbacks.append(LocalTierSaves(self, every))
+
+    # ------------------------------------------------------------------ the local tier (lightning/local_tier.py)
+    def save_local(self, trainer: Any) -> None:
+        """Collective: save the Trainer's state now into the local tier (``LocalTier``; every rank calls it)."""
+        if self._local_runner is None:
+            raise ComponentDeclarationError(f"save_local needs {type(self).__name__}(local_tier=LocalTier(...))")
+        user, overrides = self.declared_components()
+        module = self.lightning_module
+        save_local(trainer, self._local_runner, user, overrides, self._resolve_process_groups(),
+                   unreplicated=self.unreplicated_entries(), metrics=module_metrics(module), module=module,
+                   sampler_positions=self.elastic.positions(trainer))
 
     # ------------------------------------------------------------------ preemption (see preemption.py)
     def setup_environment(self) -> None:
@@ -232,7 +256,11 @@ class SharingStrategyBase(ResumeMixin):
         then its creation time; None when there is none (training starts from scratch, with a warning).
         ``NotImplemented`` when every directory is local: there Lightning's own resolution is used unchanged.
         """
-        return self._locations.resolve_last(trainer)
+        resolved = self._locations.resolve_last(trainer)
+        if self.local_tier is None:
+            return resolved
+        self._local_resume = resolve_last(trainer, self.local_tier, resolved, self._options_for)
+        return None if self._local_resume is None else self._local_resume.marker
 
 
 def refuse_ignored_io(strategy: Any) -> None:

@@ -48,7 +48,7 @@ from lightning_sharing.statefuls.metrics import ModuleMetricsHolder, persistent_
 from lightning_sharing.statefuls.rng import RNGHolder, RNGState
 from lightning_sharing.storage import remove_checkpoint, store_for
 
-__all__ = ["SharingCheckpointIO"]
+__all__ = ["SharingCheckpointIO", "save_holders"]
 
 log = logging.getLogger(__name__)
 
@@ -139,24 +139,7 @@ class SharingCheckpointIO(CheckpointHost, CheckpointIO):
         is described in the manifest, for the export).
         ``sampler_positions``: the elastic training samplers' positions (the GLOBAL built-in ``sampler``).
         """
-        parts = split_checkpoint(checkpoint)
-        if sampler_positions is not None:
-            parts["sampler"] = list(sampler_positions)
-        model_state = parts.get("model")
-        metric_keys: list[str] = []
-        if metrics and isinstance(model_state, Mapping):
-            metric_keys = [key for name, metric in metrics.items() for key in persistent_state_keys(name, metric)
-                           if key in model_state]
-            if metric_keys:
-                parts["model_metrics"] = {
-                    "states": {key: model_state[key] for key in metric_keys},
-                    "update_counts": {name: int(metric._update_count) for name, metric in metrics.items()
-                                      if any(key.startswith(f"{name}.") for key in metric_keys)}}
-        holders: dict[str, Any] = {key: ValueHolder(value) for key, value in parts.items()}
-        if "model" in holders:
-            holders["model"].exempt = unreplicated | frozenset(metric_keys)
-            holders["model"].source_module = module
-        holders["rng"] = RNGState()
+        holders = save_holders(checkpoint, unreplicated, metrics, module, sampler_positions)
         keys = [key for key in BUILTIN_KEYS if key in holders]
         components = builtin_components(keys, holders, overrides, self.validation_level) + list(user_components)
         metadata = {"lightning": {key: checkpoint[key] for key in ("epoch", "global_step", "pytorch-lightning_version")
@@ -314,6 +297,32 @@ class SharingCheckpointIO(CheckpointHost, CheckpointIO):
         else:
             remove()
 
+
+
+def save_holders(checkpoint: Mapping[str, Any], unreplicated: frozenset[str] = frozenset(),
+                 metrics: Mapping[str, Any] | None = None, module: Any = None,
+                 sampler_positions: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The built-in components' statefuls of a save of Lightning's ``checkpoint`` dict, by key (see ``save_sharded``
+    for the arguments); ``rng`` is this process's live RNG state."""
+    parts = split_checkpoint(checkpoint)
+    if sampler_positions is not None:
+        parts["sampler"] = list(sampler_positions)
+    model_state = parts.get("model")
+    metric_keys: list[str] = []
+    if metrics and isinstance(model_state, Mapping):
+        metric_keys = [key for name, metric in metrics.items() for key in persistent_state_keys(name, metric)
+                       if key in model_state]
+        if metric_keys:
+            parts["model_metrics"] = {
+                "states": {key: model_state[key] for key in metric_keys},
+                "update_counts": {name: int(metric._update_count) for name, metric in metrics.items()
+                                  if any(key.startswith(f"{name}.") for key in metric_keys)}}
+    holders: dict[str, Any] = {key: ValueHolder(value) for key, value in parts.items()}
+    if "model" in holders:
+        holders["model"].exempt = unreplicated | frozenset(metric_keys)
+        holders["model"].source_module = module
+    holders["rng"] = RNGState()
+    return holders
 
 
 def _groups_gone(manifest: CheckpointManifest, overrides: Mapping[str, StateComponent], process_groups: Any,

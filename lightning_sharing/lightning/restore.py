@@ -25,6 +25,7 @@ from lightning_sharing.integration.compat import set_restored_path, trainer_of
 from lightning_sharing.integration.data import replace_shuffle_wrapper, set_sampler_epoch
 from lightning_sharing.lightning.builtins import METRIC_COUNTS_KEY, SAMPLER_KEY
 from lightning_sharing.lightning.elastic import ElasticData, pending_positions
+from lightning_sharing.lightning.local_tier import LocalResume, load_local
 from lightning_sharing.statefuls.metrics import module_metrics
 from lightning_sharing.statefuls.rng import restore_rng
 
@@ -41,12 +42,25 @@ class ResumeMixin:
     _rng_at_first_batch: bool
     _resume_after_last_batch: bool
     _resumed_from: str | None
+    _local_resume: LocalResume | None
+    _local_runner: Any
+    local_tier: Any
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         """Collective: restore user components in place and return Lightning's checkpoint dict.
 
         A regular file is an ordinary single-file Lightning checkpoint: see ``_migrate_from_file``.
         """
+        local, self._local_resume = self._local_resume, None
+        if local is not None and checkpoint_path == local.marker:  # ckpt_path="last" with a local tier
+            loaded = self._load_local_tier(local)
+            if loaded is not None:
+                return self._resumed(*loaded)
+            if local.persistent is None:
+                raise CheckpointNotFoundError(
+                    f'ckpt_path="last": no local step of {self.local_tier} can be restored on every node and the '
+                    "ModelCheckpoint directories hold no complete checkpoint; start without ckpt_path")
+            checkpoint_path = local.persistent
         user, overrides = self.declared_components(defaults=False)
         is_file = False
         with agreement(f"checking whether {checkpoint_path} is a file"):
@@ -70,6 +84,18 @@ class ResumeMixin:
             # Lightning's own "Restored all states from the checkpoint at ..." and trainer.ckpt_path must name
             # the checkpoint that was loaded, not the damaged one.
             set_restored_path(trainer_of(self.lightning_module), self._resumed_from)
+        return self._resumed(checkpoint, rng)
+
+    def _load_local_tier(self, local: LocalResume) -> tuple[dict[str, Any], Any] | None:
+        """Collective: Lightning's dict and the RNG state of the newest local step every node can get, when it is at
+        least as new as the persistent checkpoint ``ckpt_path="last"`` found; None otherwise (logged)."""
+        user, overrides = self.declared_components()  # as the local saves declared them
+        live, _, overrides = self.live_statefuls(overrides)
+        return load_local(self._local_runner, user, overrides, self._resolve_process_groups(), live,
+                          local.persistent_step)
+
+    def _resumed(self, checkpoint: dict[str, Any], rng: Any) -> dict[str, Any]:
+        """Lightning's dict after a load, made ready for an exact resume (metrics, sampler, RNG, epoch end)."""
         module = self.lightning_module
         _apply_update_counts(module, checkpoint.pop(METRIC_COUNTS_KEY, None))
         self.elastic.pending = pending_positions(checkpoint.pop(SAMPLER_KEY, None))

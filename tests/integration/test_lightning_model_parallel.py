@@ -221,3 +221,22 @@ def test_sharing_checkpoint_io_is_refused_where_it_would_be_ignored(name: str) -
                 r"checkpoint without calling the CheckpointIO plugin")
     with pytest.raises(ComponentDeclarationError, match=expected):
         strategy.setup_environment()
+
+
+def test_killed_run_resumes_from_the_local_tier_bit_exact(runs: dict[str, Path], tmp_path: Path) -> None:
+    """With ``local_tier=LocalTier(..., every_n_steps=2)``, the run killed at step 8 resumes from local step 8 (newer
+    than the persistent step 6): each rank gets its SHARDED pieces back as DTensors and ends equal to the reference."""
+    dp, tp = LAYOUTS["fsdp-tp-2x2"]
+    killed = tmp_path / "local-tier"
+    _example(killed, dp, tp, "--kill-at-step", str(KILL_AT), "--local-every", "2", expect=-9)
+    output = _example(killed, dp, tp, "--resume", "--local-every", "2")
+    assert "restored step 8 from the local tier (own copies)" in output, output[-4000:]
+    reference = runs["fsdp-tp-2x2-reference"]
+    for rank in range(dp * tp):
+        expected = load_file(reference / f"final-rank{rank}.safetensors")
+        actual = load_file(killed / f"final-rank{rank}.safetensors")
+        assert expected.keys() == actual.keys()
+        for key in expected:
+            assert torch.equal(expected[key], actual[key]), f"rank {rank}: {key} differs after the local resume"
+        assert json.loads((killed / f"final-rank{rank}.json").read_text()) == json.loads(
+            (reference / f"final-rank{rank}.json").read_text())

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,9 @@ from torch import nn
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from lightning_sharing import SharingPattern, SharingStrategy, StateComponent
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared support package
+from support.compare import same_state
 
 
 class Counter:
@@ -98,16 +102,6 @@ def trainer(strategy: Any, steps: int, callbacks: list[Callback]) -> pl.Trainer:
                       enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks)
 
 
-def _equal(a: Any, b: Any) -> bool:
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(map(_equal, a, b))
-    return a == b
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
@@ -130,9 +124,9 @@ def main() -> None:
     t2.fit(module, train_dataloaders=loader(), ckpt_path=files / "step=3.ckpt")
     result: dict[str, Any] = {
         "restored_step": restored.step, "final_step": t2.global_step,
-        "optimizer_equal": _equal(restored.optimizer, saved["optimizer_states"][0]),
-        "scheduler_equal": _equal(restored.scheduler, saved["lr_schedulers"][0]),
-        "weights_equal": _equal(restored.weights, saved["state_dict"]),
+        "optimizer_equal": same_state(restored.optimizer, saved["optimizer_states"][0]),
+        "scheduler_equal": same_state(restored.scheduler, saved["lr_schedulers"][0]),
+        "weights_equal": same_state(restored.weights, saved["state_dict"]),
         "callback_restored": restored.tally,
         "saved_callback_keys": sorted(saved["callbacks"]),
         "directories": sorted(p.name for p in directories.iterdir()),

@@ -1,0 +1,399 @@
+"""The local tier at work: ``save_local`` (write on every node, copy to peer nodes) and ``restore`` (choose and load).
+
+Because the local tier is only used at the topology it was saved at, nothing is planned or resharded: every rank
+writes its own state of every component but the GLOBAL and REPLICATED ones, of which each node's first rank writes
+one copy, and a restore gives every rank back exactly that (``engine/local_files.py`` holds the files).
+
+**save_local(step)**: every rank writes its bundle into ``own/.tmp-step_<N>`` (one agreement step: a failure
+anywhere, a full disk say, is an error on every rank and nothing is committed); each node's first rank writes
+``COMPLETE.json`` and renames the directory into place (one more); then the rank with local rank ``j`` on node ``n``
+sends its files to local rank ``j`` of nodes ``n+1 .. n+replicas`` (point-to-point over the tier's own gloo group),
+which write them under ``replica_of_<n>`` (agreed) and rename them into place (agreed).
+
+**restore(directory)**: rank 0 finds the newest complete persistent checkpoint; every rank lists the steps it can
+serve (its own and the replicas it holds, saved at this very topology and declaration), and every rank learns
+every rank's list (one gather). The newest step at least as new as the persistent one that every rank can get
+(its own copy first, else a peer's replica) is chosen, the same way on every rank; holders read and verify the
+files and send them to ranks whose own copy is missing. A file that fails its checksum makes that source unusable:
+the ranks agree on it (one all-reduce, a gather only on failure) and choose again (the next replica, an older step,
+or the persistent checkpoint), the log naming the file and the source used instead. Local steps saved at another
+topology (or with other components) are ignored; when they are all there is, the tier is skipped with one log line.
+
+Example (every rank):
+    >>> runner = LocalTierRunner(LocalTier("/local/ckpt/{node}"))                                     # doctest: +SKIP
+    >>> runner.save_local(100, components, topology, declaration)                                     # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lightning_sharing.checkpoint.discovery import complete_checkpoints
+from lightning_sharing.core.declarations import StateComponent
+from lightning_sharing.core.local_tier import LocalTier
+from lightning_sharing.core.patterns import SharingPattern
+from lightning_sharing.core.topology import Topology
+from lightning_sharing.distributed.async_save import BackgroundSaver
+from lightning_sharing.distributed.collectives import (
+    Ballot,
+    all_gather_object,
+    any_rank,
+    get_rank,
+    new_gloo_group,
+    on_rank_zero,
+    warn_on_rank_zero,
+)
+from lightning_sharing.distributed.peer_exchange import exchange_bytes
+from lightning_sharing.engine import local_files as files
+from lightning_sharing.engine.local_plan import Layout, choose, layout, node_of
+from lightning_sharing.errors import CheckpointError, ComponentDeclarationError, CorruptCheckpointError
+from lightning_sharing.format.codec import is_dtensor
+
+__all__ = ["LocalTierRunner", "newest_persistent", "restore_persistent"]
+
+log = logging.getLogger(__name__)
+
+_SHARED = (SharingPattern.GLOBAL, SharingPattern.REPLICATED)
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value))
+
+
+class LocalTierRunner:
+    """``save_local`` and ``restore`` of one coordinator (see the module docstring); holds the tier's gloo group."""
+
+    def __init__(self, tier: LocalTier) -> None:
+        self.tier = tier
+        self._group: Any = None
+        self._has_group = False
+
+    def group(self) -> Any:
+        """Collective the first time: the tier's own gloo group (CPU tensors whatever the default backend)."""
+        if not self._has_group:
+            self._group, self._has_group = new_gloo_group(), True
+        return self._group
+
+    # ------------------------------------------------------------------------------------------------ save
+    def save_local(self, step: int, components: Sequence[StateComponent], topology: Topology,
+                   declaration: Any, saver: BackgroundSaver | None = None) -> None:
+        """Collective: write this node's files of ``step``, commit them, copy them to the peer nodes. With ``saver``,
+        the state is collected and staged (copied) here, and written, committed and copied on the saver's thread,
+        after its earlier saves; ``saver.wait()`` waits for it and raises its failure on every rank."""
+        rank = get_rank()
+        lay = layout(self.tier, topology, rank)
+        what = f"local checkpoint step {step}"
+        if saver is not None:
+            saver.make_room()  # raises a failed earlier save's error, on every rank
+        ballot = Ballot(f"saving {what}", self.group())
+        bundles: dict[str, dict[str, torch.Tensor]] = ballot.run(f"collecting the state of {what}",
+                                                                 lambda: _collect(components, lay)) or {}
+        ballot.agree()
+        if saver is None:
+            self._write(step, lay, bundles, topology, declaration, self.group())
+            return
+        staged = {name: saver.stage(tensors) for name, tensors in bundles.items()}
+        group = saver.group()
+        saver.submit(Path(what), lambda: self._write(step, lay, staged, topology, declaration, group),
+                     [t for tensors in staged.values() for t in tensors.values()])
+
+    def _write(self, step: int, lay: Layout, bundles: dict[str, dict[str, torch.Tensor]], topology: Topology,
+               declaration: Any, group: Any) -> None:
+        """Collective over ``group``: write, commit and replicate ``step`` (the second half of ``save_local``)."""
+        own = self.node_dir_of(lay) / "own"
+        temp, final = files.temp_dir(own, step), files.step_dir(own, step)
+        what = f"local checkpoint step {step}"
+        ballot = Ballot(f"saving {what}", group)
+        ballot.run(f"writing {what}", lambda: _write_own(temp, bundles, lay))
+        ballot.agree()
+
+        def commit() -> None:
+            entries = {}
+            for member in lay.nodes[lay.node]:
+                entries.update(json.loads((temp / f"{files.rank_file(member)}.sum").read_bytes()))
+            record = files.complete_record(step, lay.node, topology.to_json(), _jsonable(declaration), entries)
+            files.commit_step(temp, final, record)
+            files.remove_old_steps(own, self.tier.keep)
+
+        ballot = Ballot(f"committing {what}", group)
+        ballot.run(f"committing {what}", commit if lay.rank == lay.lead else None)
+        ballot.agree()
+        if lay.replicas:
+            self._replicate(step, lay, final, group)
+        log.info("saved %s in %s%s", what, final, f" and on {lay.replicas} peer node(s)" if lay.replicas else "")
+
+    def _replicate(self, step: int, lay: Layout, final: Path, group: Any) -> None:
+        """Send this rank's files of ``step`` to its holders; receive and commit the replicas it holds."""
+        names = [files.rank_file(lay.rank)] + ([files.NODE_FILE, files.COMPLETE_NAME] if lay.rank == lay.lead else [])
+        what = f"local checkpoint step {step}"
+        ballot = Ballot(f"copying {what} to peer nodes", group)
+        message = ballot.run(f"reading {what} to send it", lambda: files.pack(final, names))
+        sources = [lay.nodes[origin][lay.local] for origin in lay.origins()]
+        received = exchange_bytes(dict.fromkeys(lay.holders(lay.node, lay.local), message), sources, group)
+        parent = self.node_dir_of(lay)
+
+        def store() -> None:
+            with files.write_batch():
+                for origin, source in zip(lay.origins(), sources, strict=True):
+                    data = received[source]
+                    if data is None:
+                        raise CorruptCheckpointError(f"rank {source} (node {origin}) could not send its files")
+                    temp = files.temp_dir(parent / f"replica_of_{origin}", step)
+                    try:
+                        temp.mkdir(parents=True, exist_ok=True)
+                        for name, content in files.unpack(data, f"rank {source}").items():
+                            files.write_raw(temp, name, content)
+                    except OSError as exc:
+                        raise CheckpointError(f"writing node {origin}'s replica into the local tier directory {temp} "
+                                              f"failed: {exc}") from exc
+
+        ballot.run(f"storing the replicas of {what}", store)
+        ballot.agree()
+
+        def commit() -> None:
+            for origin in lay.origins():
+                replicas = parent / f"replica_of_{origin}"
+                files.place(files.temp_dir(replicas, step), files.step_dir(replicas, step))
+                files.remove_old_steps(replicas, self.tier.keep)
+
+        ballot = Ballot(f"committing the replicas of {what}", group)
+        ballot.run(f"committing the replicas of {what}", commit if lay.rank == lay.lead else None)
+        ballot.agree()
+
+    def node_dir_of(self, lay: Layout) -> Path:
+        """The tier's directory on ``lay``'s node (``{node}`` replaced by its index)."""
+        return Path(self.tier.directory_for(lay.node))
+
+    # --------------------------------------------------------------------------------------------- restore
+    def restore(self, directory: Any, components: Sequence[StateComponent], topology: Topology, declaration: Any,
+                load_persistent: Callable[[Any], None], storage_options: dict[str, Any] | None = None) -> int | None:
+        """Collective: load the newest of the local tier and the persistent checkpoints under ``directory``;
+        returns its step (None: nothing to restore). ``load_persistent(path)`` loads a persistent checkpoint."""
+        persistent = on_rank_zero("finding the newest persistent checkpoint",
+                                  lambda: newest_persistent(directory, storage_options), self.group())
+        step = self.restore_local(components, topology, declaration, None if persistent is None else persistent[1],
+                                  "loading the persistent checkpoint" if persistent else "nothing to restore")
+        if step is not None:
+            return step
+        return _load_persistent(persistent, directory, load_persistent)
+
+    def restore_local(self, components: Sequence[StateComponent], topology: Topology, declaration: Any,
+                      floor: int | None = None, otherwise: str = "nothing restored") -> int | None:
+        """Collective: load the newest local step (not older than ``floor``) every rank can get; its step, or None
+        when there is none (``otherwise`` says in the log what the caller does then)."""
+        group = self.group()
+        try:
+            lay = layout(self.tier, topology, get_rank())
+        except ComponentDeclarationError as exc:  # the same on every rank: the topology is
+            warn_on_rank_zero(log, "local tier skipped: %s; %s", exc, otherwise)
+            return None
+        try:
+            report = _inventory(self.node_dir_of(lay), lay, topology, _jsonable(declaration))
+        except Exception as exc:  # this rank serves nothing, and still joins the gather below (no rank waits alone)
+            log.warning("local tier: cannot list %s: %s: %s", self.node_dir_of(lay), type(exc).__name__, exc)
+            report = {"held": [], "other": None}
+        reports = all_gather_object(report, group, phase="listing the local checkpoints")
+        other = next((r["other"] for r in reports if r["other"]), None)
+        if other is not None and not any(r["held"] for r in reports):
+            warn_on_rank_zero(log, "local tier skipped: %s; %s", other, otherwise)
+            return None
+        if other is not None:
+            warn_on_rank_zero(log, "local tier: ignoring the local checkpoints of another job layout (%s)", other)
+        return self._restore_local(lay, [{tuple(h) for h in r["held"]} for r in reports], floor, components, group)
+
+    def _restore_local(self, lay: Layout, held: list[set[tuple[int, int]]], floor: int | None,
+                       components: Sequence[StateComponent], group: Any) -> int | None:
+        refused: set[tuple[int, int, int]] = set()  # (holder, target, step)
+        while (choice := choose(lay, held, floor, refused)) is not None:
+            step, sources = choice
+            for target, source in enumerate(sources):
+                if source != target:
+                    warn_on_rank_zero(log, "local tier: rank %d (node %d) takes step %d from the replica on rank %d "
+                                      "(node %d): its own copy is missing or refused", target,
+                                      node_of(lay, target), step, source, node_of(lay, source))
+            states, failures = self._fetch(lay, step, sources, group)
+            if any_rank(bool(failures), group=group, phase="checking the local checkpoint files")[0]:
+                for per_rank in all_gather_object(failures, group, phase="naming the refused local files"):
+                    for holder, target, reason in per_rank:
+                        refused.add((holder, target, step))
+                        warn_on_rank_zero(log, "local tier: step %d for rank %d refused (%s); trying the next source",
+                                          step, target, reason)
+                continue
+            ballot = Ballot(f"loading local checkpoint step {step}", group)
+            ballot.run(f"loading local checkpoint step {step}", lambda s=states: _apply(components, s))
+            ballot.agree()
+            warn_on_rank_zero(log, "restored step %d from the local tier (%s)", step,
+                              "own copies" if all(s == t for t, s in enumerate(sources)) else "with peer replicas")
+            self._forget_newer(lay, step)
+            return step
+        if floor is not None:
+            self._forget_newer(lay, floor)
+        return None
+
+    def _forget_newer(self, lay: Layout, step: int) -> None:
+        """The node's first rank removes the local steps newer than ``step``, the one the run resumes from: they
+        could not be restored, and belong to a timeline the resumed run leaves (not a collective; never raises)."""
+        if lay.rank != lay.lead:
+            return
+        node_dir = self.node_dir_of(lay)
+        parents = [node_dir / "own"] + [node_dir / f"replica_of_{origin}" for origin in lay.origins()]
+        for parent in parents:
+            for newer in [s for s in files.list_steps(parent) if s > step]:
+                try:
+                    files.remove_step(parent, newer)
+                    log.info("local tier: removed %s (newer than the resumed step %d)", files.step_dir(parent, newer),
+                             step)
+                except OSError as exc:
+                    log.warning("local tier: could not remove %s: %s", files.step_dir(parent, newer), exc)
+
+    def _fetch(self, lay: Layout, step: int, sources: list[int], group: Any
+               ) -> tuple[dict[str, Any], list[tuple[int, int, str]]]:
+        """This rank's states of ``step`` (read here, or sent by its holder), and the failures it saw."""
+        failures: list[tuple[int, int, str]] = []
+        sends: dict[int, bytearray | None] = {}
+        states: dict[str, Any] = {}
+        names = [files.rank_file(lay.rank), files.NODE_FILE]
+        for target, source in enumerate(sources):
+            if source != lay.rank:
+                continue
+            own = target == lay.rank
+            parent = self.node_dir_of(lay) / ("own" if own else f"replica_of_{node_of(lay, target)}")
+            folder = files.step_dir(parent, step)
+            try:
+                body = files.read_complete(folder)
+                if own:  # read straight into new tensors, verified on the way
+                    for name in names:
+                        states.update(files.read_bundle(folder, name, body))
+                else:
+                    sends[target] = files.pack(folder, [files.rank_file(target), files.NODE_FILE], body)
+            except Exception as exc:  # any failure is a refusal the ranks agree on below, never a rank leaving alone
+                log.warning("local tier: refusing %s for rank %d: %s", folder, target, exc)
+                failures.append((lay.rank, target, f"{'own copy' if own else 'replica'} on rank {lay.rank}: {exc}"))
+                sends[target] = None
+        source = sources[lay.rank]
+        received = exchange_bytes({t: m for t, m in sends.items() if t != lay.rank},
+                                  [source] if source != lay.rank else [], group,
+                                  phase=f"sending local checkpoint step {step} back to its nodes")
+        if source != lay.rank and received[source] is not None:
+            try:
+                given = files.unpack(received[source], f"rank {source}")
+                for name in names:
+                    states.update(files.parse_bundle(given[name], name))
+            except Exception as exc:  # agreed on below, as a refusal of that source
+                failures.append((source, lay.rank, f"files from rank {source}: {type(exc).__name__}: {exc}"))
+        return states, failures
+
+
+def restore_persistent(directory: Any, load_persistent: Callable[[Any], None],
+                       storage_options: dict[str, Any] | None = None, group: Any = None) -> int | None:
+    """Collective: load the newest complete persistent checkpoint under ``directory``; its step (None: none)."""
+    persistent = on_rank_zero("finding the newest persistent checkpoint",
+                              lambda: newest_persistent(directory, storage_options), group)
+    return _load_persistent(persistent, directory, load_persistent)
+
+
+def _load_persistent(persistent: tuple[str, int] | None, directory: Any,
+                     load_persistent: Callable[[Any], None]) -> int | None:
+    if persistent is None:
+        warn_on_rank_zero(log, "nothing to restore: no local checkpoint and no complete checkpoint under %s",
+                          directory)
+        return None
+    warn_on_rank_zero(log, "restoring step %s from the persistent checkpoint %s", persistent[1], persistent[0])
+    load_persistent(persistent[0])
+    return persistent[1]
+
+
+def newest_persistent(directory: Any, storage_options: dict[str, Any] | None) -> tuple[str, int] | None:
+    """Rank 0: the newest complete persistent checkpoint under ``directory`` and its step, or None."""
+    if directory is None:
+        return None
+    found = complete_checkpoints(directory, storage_options)
+    return None if not found else (str(found[0][0]), found[0][1])
+
+
+def _inventory(node_dir: Path, lay: Layout, topology: Topology, declaration: Any) -> dict[str, Any]:
+    """What this rank can serve: ``held`` (origin node, step) pairs saved at this topology with these components, and
+    ``other``: why the first step saved otherwise (another world size, node count or declaration) is ignored."""
+    held: list[tuple[int, int]] = []
+    other: str | None = None
+    if not node_dir.is_dir():
+        log.warning("local tier: node %d's directory %s does not exist (a new machine or a wiped disk)", lay.node,
+                    node_dir)
+        return {"held": held, "other": other}
+    wanted = topology.to_json()
+    places = [(lay.node, node_dir / "own", lay.rank)]
+    places += [(origin, node_dir / f"replica_of_{origin}", lay.nodes[origin][lay.local]) for origin in lay.origins()]
+    for origin, parent, owner in places:
+        for step in files.list_steps(parent):
+            folder = files.step_dir(parent, step)
+            try:
+                body = files.read_complete(folder)
+            except CorruptCheckpointError as exc:
+                log.warning("local tier: ignoring %s: %s", folder, exc)
+                continue
+            if body["topology"] != wanted:
+                saved = Topology.from_json(body["topology"]).describe()
+                other = other or (f"the local checkpoint {folder} was saved at {saved} and this job runs at "
+                                  f"{topology.describe()}")
+                continue
+            if body["declaration"] != declaration:
+                other = other or (f"the local checkpoint {folder} was saved with the components "
+                                  f"{body['declaration']}, this job declares {declaration}")
+                continue
+            listed = body["files"]
+            if body["node"] == origin and files.rank_file(owner) in listed and files.NODE_FILE in listed:
+                held.append((origin, step))
+    return {"held": held, "other": other}
+
+
+def _collect(components: Sequence[StateComponent], lay: Layout) -> dict[str, dict[str, torch.Tensor]]:
+    """The tensors of this rank's bundles by file name: its own state, and on the node's first rank the node's copy
+    of the GLOBAL and REPLICATED state."""
+    bundles = {files.rank_file(lay.rank): files.bundle_tensors(
+        [(c.key, c.stateful.state_dict()) for c in components if c.sharing_pattern not in _SHARED])}
+    if lay.rank == lay.lead:
+        bundles[files.NODE_FILE] = files.bundle_tensors(
+            [(c.key, c.stateful.state_dict()) for c in components if c.sharing_pattern in _SHARED])
+    return bundles
+
+
+def _write_own(temp: Path, bundles: dict[str, dict[str, torch.Tensor]], lay: Layout) -> None:
+    """This rank's bundles into ``temp``, durable, and their sizes and checksums for the node's first rank."""
+    try:
+        temp.mkdir(parents=True, exist_ok=True)
+        with files.write_batch():
+            entries = {name: files.write_file(temp, name, tensors) for name, tensors in bundles.items()}
+        (temp / f"{files.rank_file(lay.rank)}.sum").write_text(json.dumps(entries))
+    except OSError as exc:
+        raise CheckpointError(f"writing into the local tier directory {temp} failed: {exc}") from exc
+
+
+def _apply(components: Sequence[StateComponent], states: Mapping[str, Any]) -> None:
+    """Hand each component its restored state (DTensor pieces wrapped like the live ones)."""
+    for component in components:
+        if component.key not in states:
+            raise CorruptCheckpointError(f"the local checkpoint has no state of component {component.key!r}")
+        state = states[component.key]
+        if component.sharing_pattern is SharingPattern.SHARDED:
+            state = _like_live(state, component.stateful.state_dict())
+        component.stateful.load_state_dict(state)
+
+
+def _like_live(saved: Any, live: Any) -> Any:
+    """``saved`` with every tensor that is a DTensor in ``live`` made one again (same mesh, placements, shape)."""
+    if isinstance(saved, torch.Tensor) and is_dtensor(live):
+        from torch.distributed.tensor import DTensor
+
+        return DTensor.from_local(saved.to(live.device), live.device_mesh, live.placements, run_check=False,
+                                  shape=live.shape, stride=live.stride())
+    if isinstance(saved, dict) and isinstance(live, Mapping):
+        return {key: _like_live(value, live[key]) if key in live else value for key, value in saved.items()}
+    if isinstance(saved, (list, tuple)) and isinstance(live, (list, tuple)) and len(saved) == len(live):
+        return type(saved)(_like_live(s, v) for s, v in zip(saved, live, strict=True))
+    return saved

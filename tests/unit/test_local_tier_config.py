@@ -1,0 +1,84 @@
+"""``LocalTier``: the settings validate themselves, with messages that say what to pass."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lightning_sharing import CheckpointCoordinator, ComponentDeclarationError, LocalTier
+
+
+def test_defaults_and_node_placeholder(tmp_path: Path) -> None:
+    tier = LocalTier(tmp_path / "{node}" / "ckpt")
+    assert (tier.replicas, tier.keep, tier.every_n_steps) == (1, 2, None)
+    assert tier.directory_for(1) == str(tmp_path / "1" / "ckpt")
+    assert LocalTier("/local/ckpt").directory_for(5) == "/local/ckpt"
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"directory": ""}, "directory must be a non-empty path on node-local storage"),
+    ({"directory": 3}, "directory must be a non-empty path"),
+    ({"directory": "s3://bucket/run"}, "the local tier lives on node-local storage, not a URL"),
+    ({"directory": "/local/{rank}"}, "the only placeholder a directory may hold is {node}"),
+    ({"replicas": -1}, "LocalTier(replicas=-1): replicas must be an integer >= 0"),
+    ({"replicas": True}, "replicas must be an integer >= 0"),
+    ({"keep": 0}, "LocalTier(keep=0): keep must be a positive integer"),
+    ({"every_n_steps": 0}, "LocalTier(every_n_steps=0): every_n_steps must be a positive integer"),
+    ({"every_n_steps": 2.5}, "every_n_steps must be a positive integer"),
+])
+def test_bad_settings_are_refused_with_what_to_pass(kwargs: dict, message: str) -> None:
+    settings = {"directory": "/local/ckpt/{node}", **kwargs}
+    with pytest.raises(ComponentDeclarationError) as error:
+        LocalTier(**settings)
+    assert message in str(error.value)
+
+
+def test_save_local_needs_a_tier_and_restore_without_one_finds_nothing(tmp_path: Path) -> None:
+    from support.statefuls import Box
+
+    from lightning_sharing import SharingPattern, StateComponent
+
+    coordinator = CheckpointCoordinator([StateComponent("box", Box("a"), SharingPattern.GLOBAL)])
+    with pytest.raises(ComponentDeclarationError, match=r"save_local needs a local tier"):
+        coordinator.save_local(3)
+    assert coordinator.restore(tmp_path / "none") is None
+    with pytest.raises(ComponentDeclarationError, match=r"local_tier must be a LocalTier"):
+        CheckpointCoordinator([], local_tier="/local")
+
+
+def test_one_process_round_trip(tmp_path: Path) -> None:
+    import torch
+    from support.statefuls import Box
+
+    from lightning_sharing import SharingPattern, StateComponent
+
+    box, mine = Box("a", torch.arange(3.0)), Box("r", torch.ones(2))
+    components = [StateComponent("box", box, SharingPattern.GLOBAL), StateComponent("mine", mine,
+                                                                                     SharingPattern.PER_RANK)]
+    coordinator = CheckpointCoordinator(components, local_tier=LocalTier(tmp_path / "local" / "{node}"))
+    coordinator.save_checkpoint(tmp_path / "ckpts" / "step=1.ckpt", step=1)
+    coordinator.save_local(2)
+    box.values, mine.values = torch.zeros(3), torch.zeros(2)
+    assert coordinator.restore(tmp_path / "ckpts") == 2
+    assert torch.equal(box.values, torch.arange(3.0)) and torch.equal(mine.values, torch.ones(2))
+    assert sorted(p.name for p in (tmp_path / "local" / "0" / "own" / "step_2").iterdir()) == [
+        "COMPLETE.json", "node.safetensors", "rank-00000.safetensors", "rank-00000.safetensors.sum"]
+
+
+def test_the_choice_of_step_and_sources_is_a_pure_function_of_what_ranks_hold() -> None:
+    from lightning_sharing import Topology
+    from lightning_sharing.engine.local_plan import Layout, choose
+
+    nodes = Topology.build(4, node_of_rank=[0, 0, 1, 1]).nodes
+    lay = Layout(rank=0, nodes=nodes, replicas=1)
+    both = {(0, 5), (1, 5), (0, 4), (1, 4)}  # own copies and the other node's replicas, steps 4 and 5
+    assert choose(lay, [both] * 4, None, set()) == (5, [0, 1, 2, 3])
+    # Rank 1's own copy of step 5 refused: its replica on rank 3 (node 1, same local rank) is used.
+    assert choose(lay, [both] * 4, None, {(1, 1, 5)}) == (5, [0, 3, 2, 3])
+    # Its replica refused too: step 4; a persistent step 5 rules the local tier out (never older than it).
+    assert choose(lay, [both] * 4, None, {(1, 1, 5), (3, 1, 5)}) == (4, [0, 1, 2, 3])
+    assert choose(lay, [both] * 4, 5, {(1, 1, 5), (3, 1, 5)}) is None
+    # No replicas: a node that lost its disk cannot be restored from the local tier.
+    alone = Layout(rank=0, nodes=nodes, replicas=0)
+    assert choose(alone, [{(0, 5)}, {(0, 5)}, set(), set()], None, set()) is None
