@@ -296,6 +296,21 @@ def set_restored_path(trainer: Any, path: str) -> None:
         connector._ckpt_path = path
 
 
+def restore_from(trainer: Any, path: str) -> None:
+    """Make the Trainer's coming restore load ``path`` on this rank, where its ``ckpt_path`` resolved to nothing.
+
+    Relies on ``Trainer._checkpoint_connector.resume_start(checkpoint_path, ...)``, which ``Trainer._run`` calls
+    after the strategy's ``setup_environment``: wrapped once, on this instance, to read ``path`` for a missing one.
+    """
+    connector = trainer._checkpoint_connector
+
+    def resume_start(checkpoint_path: Any = None, *args: Any, **kwargs: Any) -> Any:
+        del connector.resume_start  # once: the class's method again
+        return connector.resume_start(checkpoint_path or path, *args, **kwargs)
+
+    connector.resume_start = resume_start
+
+
 # ---------------------------------------------------------------------- Fabric
 def unwrap_fabric_objects(value: Any) -> Any:
     """The module, optimizer or loader inside Fabric's wrappers (``lightning.fabric.wrappers._unwrap_objects``)."""

@@ -37,7 +37,13 @@ from lightning_sharing.integration.compat import (
 from lightning_sharing.lightning.builtins import BUILTIN_KEYS, builtin_components, check_user_components
 from lightning_sharing.lightning.checkpoint_io import SharingCheckpointIO
 from lightning_sharing.lightning.elastic import ElasticData
-from lightning_sharing.lightning.local_tier import LocalResume, LocalTierSaves, resolve_last, save_local
+from lightning_sharing.lightning.local_tier import (
+    LocalResume,
+    LocalTierSaves,
+    agree_on_last,
+    resolve_last,
+    save_local,
+)
 from lightning_sharing.lightning.locations import CheckpointLocations
 from lightning_sharing.lightning.preemption import PreemptionHandler
 from lightning_sharing.lightning.restore import ResumeMixin
@@ -91,6 +97,7 @@ class SharingStrategyBase(ResumeMixin):
         self.local_tier = local_tier
         self._local_runner = LocalTierRunner(local_tier) if local_tier is not None else None
         self._local_resume: LocalResume | None = None
+        self._asked_last = False  # fit(ckpt_path="last") resolved here; agreed in setup_environment
 
     @property
     def sharing_io(self) -> SharingCheckpointIO:
@@ -189,6 +196,9 @@ class SharingStrategyBase(ResumeMixin):
         trainer = trainer_of(self.lightning_module)
         if trainer is not None:  # before Lightning registers its signal handlers for this stage
             self.preemption.attach(trainer)
+        if self._asked_last and self.local_tier is not None and trainer is not None:  # the same on every rank
+            self._asked_last = False
+            self._local_resume = agree_on_last(trainer, self.local_tier, self._local_resume)
 
     def on_exception(self, exception: BaseException) -> None:
         """Called by Lightning on every rank that raised; writes the final checkpoint for an agreed SIGTERM only."""
@@ -260,6 +270,7 @@ class SharingStrategyBase(ResumeMixin):
         if self.local_tier is None:
             return resolved
         self._local_resume = resolve_last(trainer, self.local_tier, resolved, self._options_for)
+        self._asked_last = True  # every rank asked: setup_environment agrees on the answer (agree_on_last)
         return None if self._local_resume is None else self._local_resume.marker
 
 

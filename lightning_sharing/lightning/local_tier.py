@@ -31,16 +31,18 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning_sharing.checkpoint.discovery import complete_checkpoints
 from lightning_sharing.core.declarations import StateComponent, ValidationLevel
 from lightning_sharing.core.local_tier import NODE_PLACEHOLDER, LocalTier
+from lightning_sharing.distributed.collectives import any_rank
 from lightning_sharing.engine.coordinator import CheckpointCoordinator
 from lightning_sharing.engine.local_tier import LocalTierRunner
 from lightning_sharing.errors import CheckpointError
-from lightning_sharing.integration.compat import checkpoint_dir, dump_checkpoint
+from lightning_sharing.integration.compat import checkpoint_dir, dump_checkpoint, restore_from
 from lightning_sharing.lightning.builtins import BUILTIN_KEYS, builtin_components, join_checkpoint
 from lightning_sharing.lightning.checkpoint_io import save_holders
 from lightning_sharing.statefuls.holders import ValueHolder
 from lightning_sharing.statefuls.rng import RNGHolder
 
-__all__ = ["LOCAL_TIER_MARKER", "LocalResume", "LocalTierSaves", "load_local", "resolve_last", "save_local"]
+__all__ = ["LOCAL_TIER_MARKER", "LocalResume", "LocalTierSaves", "agree_on_last", "load_local", "resolve_last",
+           "save_local"]
 
 log = logging.getLogger(__name__)
 
@@ -114,8 +116,36 @@ def resolve_last(trainer: Any, tier: LocalTier, persistent: Any, options_for: An
     elif persistent is not None:
         listed = complete_checkpoints(os.path.dirname(str(persistent).rstrip("/")), options_for(persistent))
         found = next(((p, s) for p, s in listed if str(p).rstrip("/") == str(persistent).rstrip("/")), (persistent, -1))
-    pattern = str(os.fspath(tier.directory)).replace(NODE_PLACEHOLDER, "*")
+    # This node's directory only (the others are on other machines in a real job): the strategy agrees on the answer
+    # once the process group exists (``agree_on_last``), so a node that lost its disk resumes with the others.
+    node = _this_node()
+    pattern = tier.directory_for(node) if node is not None else \
+        str(os.fspath(tier.directory)).replace(NODE_PLACEHOLDER, "*")
     if found is None and not glob.glob(os.path.join(pattern, "*", "step_*")):
         return None
     marker = f"{LOCAL_TIER_MARKER}{os.fspath(tier.directory)}"
     return LocalResume(marker, None if found is None else str(found[0]), None if found is None else found[1])
+
+
+def agree_on_last(trainer: Any, tier: LocalTier, mine: LocalResume | None) -> LocalResume | None:
+    """Collective (once the process group exists, before the restore): ``ckpt_path="last"`` as every rank resolved
+    it. Resolved on each rank alone from what its node holds, it differs where a node lost its local disk and no
+    persistent checkpoint exists (the persistent ones are on shared storage, seen alike): the other nodes found local
+    steps, this one nothing. Then this rank resumes too (from the peers' replicas, or the restore refuses on every
+    rank alike) instead of starting afresh beside ranks that restore. Returns this rank's resolution."""
+    if not any_rank(mine is not None, phase='agreeing on what ckpt_path="last" resumes from')[0] or mine is not None:
+        return mine
+    marker = f"{LOCAL_TIER_MARKER}{os.fspath(tier.directory)}"
+    log.warning('ckpt_path="last": this node holds no local step and no persistent checkpoint exists, but other '
+                "nodes hold local steps: resuming with them (this node's state comes from their replicas)")
+    restore_from(trainer, marker)
+    return LocalResume(marker, None, None)
+
+
+def _this_node() -> int | None:
+    """This node's index as torchrun (``GROUP_RANK``), Lightning (``NODE_RANK``) or SLURM set it; None: unknown."""
+    for var in ("GROUP_RANK", "NODE_RANK", "SLURM_NODEID"):
+        value = os.environ.get(var, "").strip()
+        if value.isdigit():
+            return int(value)
+    return None

@@ -60,3 +60,26 @@ def test_killed_run_resumes_from_the_local_tier_bit_exact(tmp_path: Path) -> Non
             for key in ("model", "optimizer", "step", "rng", "seen", "lr"):
                 assert same_state(got[key], want[key]), (name, rank, key, got[key], want[key])
     assert "from the replica on rank 0 (node 0)" in output
+
+
+def test_a_node_that_lost_its_disk_before_any_persistent_checkpoint_resumes_with_the_others(tmp_path: Path) -> None:
+    """Killed after local step 4, before the first persistent checkpoint (step 5), node 1's directory wiped: node 1
+    alone finds nothing to resume from (its node's directory is all a rank looks at before the process group
+    exists); the ranks agree once it exists, and node 1 restores from node 0's replica instead of starting afresh
+    beside a rank that restores. Bit-exact with an uninterrupted run."""
+    full, run = tmp_path / "full", tmp_path / "run"
+    codes, output = _launch(tmp_path, "full", full)
+    assert codes == [0, 0], output[-6000:]
+    codes, output = _launch(tmp_path, "killed", run, "--kill-at", "4")
+    assert all(code != 0 for code in codes), (codes, output[-6000:])
+    assert not (run / "checkpoints").exists() or not any((run / "checkpoints").iterdir())
+    shutil.rmtree(run / "local" / "1")
+    codes, output = _launch(tmp_path, "resumed", run, "--resume")
+    assert codes == [0, 0], output[-6000:]
+    assert "this node holds no local step and no persistent checkpoint exists" in output, output[-6000:]
+    assert "restored step 4 from the local tier (with peer replicas)" in output, output[-6000:]
+    for rank in (0, 1):
+        want = torch.load(full / f"final-rank{rank}.pt", weights_only=True)
+        got = torch.load(run / f"final-rank{rank}.pt", weights_only=True)
+        for key in ("model", "optimizer", "step", "rng", "seen", "lr"):
+            assert same_state(got[key], want[key]), (rank, key, got[key], want[key])
