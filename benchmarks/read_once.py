@@ -38,6 +38,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
+from _bench_state import InPlaceTensors  # noqa: E402
 from support.dist_harness import free_port  # noqa: E402
 from support.s3 import BUCKET, FaultProxy, MotoServer, s3_environment  # noqa: E402
 
@@ -62,24 +63,10 @@ def _coordinator(state: dict[str, Any], progress: dict[str, Any], read_once: boo
     from lightning_sharing.statefuls.holders import ValueHolder
 
     pattern = SharingPattern.SHARDED if PATTERN["sharded"] else SharingPattern.REPLICATED
-    components = [StateComponent("model", _Tensors(state), pattern),
+    components = [StateComponent("model", InPlaceTensors(state), pattern),
                   StateComponent("progress", ValueHolder(progress), SharingPattern.GLOBAL)]
     return CheckpointCoordinator(components, max_shard_size=shard_mib * MIB, read_once=read_once,
                                  storage_options=storage_options)
-
-
-class _Tensors:
-    """A stateful whose tensors are loaded in place (so a load allocates nothing of its own for them)."""
-
-    def __init__(self, tensors: dict[str, Any]) -> None:
-        self.tensors = tensors
-
-    def state_dict(self) -> dict[str, Any]:
-        return dict(self.tensors)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for name, tensor in state.items():
-            self.tensors[name].copy_(tensor)
 
 
 def _worker(rank: int, world: int, port: int, args: argparse.Namespace, paths: dict[str, str],
