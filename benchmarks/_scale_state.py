@@ -231,4 +231,6 @@ def simulated_write(plan: CopyPlan, rank: int, chunked: bool, own: bool = True) 
         order = sorted(tensors, key=lambda name: (-tensors[name].element_size(), name))
         size = len(encode_header(tensors, order, {"format": "pt"})) + sum(nbytes(t) for t in tensors.values())
         entries.append(FileEntry(job.rel, size, CHECKSUM, rank))
-    return WrittenCopy(plan.key, plan.stem, rank, entries, part if chunked else plan.detail)
+    # A chunk copy's detail is a list of index parts, one per chunk file (ChunkFormat.write).
+    return WrittenCopy(plan.key, plan.stem, rank, entries, ([part] if part is not None else []) if chunked
+                       else plan.detail)
