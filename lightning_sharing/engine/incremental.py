@@ -153,16 +153,20 @@ class IncrementalSave:
                 continue
             record = self.memory.files.get((key, job.rel))
             planned = fmt.planned_file(job.tensors)
+
             # The content's checksum, computed in memory (nothing written), must be the one the previous checkpoint
-            # recorded: the fingerprints only say which files are worth hashing, since a change through ``.data``
-            # (an EMA updated as ``p.data.mul_(...)``) does not move a version counter. A chunk file's checksum
-            # depends on its block layout (``planned_file`` is None): there the fingerprints decide alone.
-            same = planned is None or (planned[0] == source.size and planned[1]() == source.checksum)
+            # recorded: the fingerprints only say which files are worth hashing (so a file they show changed is not
+            # hashed), since a change through ``.data`` (an EMA updated as ``p.data.mul_(...)``) does not move a
+            # version counter. A chunk file's checksum depends on its block layout (``planned_file`` is None): there
+            # the fingerprints decide alone.
+            def same_content(planned: Any = planned, source: ReuseSource = source) -> bool:
+                return planned is None or (planned[0] == source.size and planned[1]() == source.checksum)
+
             if record is not None:
                 if record.tensors == marks and (record.checksum, record.size) == (source.checksum, source.size) \
-                        and same:
+                        and same_content():
                     job.reuse = dataclasses.replace(source, detail=record.detail)
-            elif planned is not None and same:  # no memory of it (a restart): the content's checksum decides
+            elif planned is not None and same_content():  # no memory of it (a restart): the content decides
                 job.reuse = source
 
     def remember(self, written: list[WrittenCopy]) -> None:

@@ -107,3 +107,23 @@ def test_a_frozen_tensor_changed_through_data_is_written_afresh(tmp_path: Path) 
     CheckpointCoordinator([StateComponent("m", loaded, SharingPattern.GLOBAL)]).load_checkpoint(
         tmp_path / "step=3.ckpt")
     assert torch.equal(loaded.weight, model.weight) and torch.equal(loaded.bias, model.bias)
+
+
+def test_files_whose_tensors_changed_are_not_hashed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Full fine-tuning: every fingerprint moved, so no file is worth hashing; an unchanged file is hashed once."""
+    import lightning_sharing.engine.copy_format as copy_format
+
+    hashed: list[int] = []
+    original = copy_format.tensors_checksum
+    monkeypatch.setattr(copy_format, "tensors_checksum", lambda tensors: hashed.append(1) or original(tensors))
+    model = torch.nn.Linear(64, 64)
+    coordinator = CheckpointCoordinator([StateComponent("m", model, SharingPattern.GLOBAL)], incremental=True)
+    for step in (1, 2, 3):
+        with torch.no_grad():
+            model.weight.add_(1)
+            model.bias.add_(1)
+        coordinator.save_checkpoint(tmp_path / f"step={step}.ckpt")
+    assert hashed == []
+    coordinator.save_checkpoint(tmp_path / "step=4.ckpt")  # unchanged since step 3: moved to the stable group
+    coordinator.save_checkpoint(tmp_path / "step=5.ckpt")  # and from there, hashed once and linked
+    assert len(hashed) == 1 and _origins(tmp_path / "step=5.ckpt")["m-stable-00001-of-00001.safetensors"] == "linked"
