@@ -57,7 +57,7 @@ from lightning_sharing.engine.read_once import (
     resolve_read_once,
 )
 from lightning_sharing.engine.resize import ResizedLoad
-from lightning_sharing.engine.shared_pieces import piece_report, read_and_send, route_pieces
+from lightning_sharing.engine.shared_pieces import find_pieces, read_and_send, route_pieces
 from lightning_sharing.errors import CheckpointError
 from lightning_sharing.storage import CheckpointStore, is_url
 
@@ -120,9 +120,9 @@ def load_components(path: Any, store: CheckpointStore, components: Sequence[Stat
 
     ballot.run(f"reading checkpoint {shown}", plan)
     # read_once for SHARDED state: the largest rank's list of chunk pieces (0: no chunked load, nothing to route)
-    pieces = ballot.maximum(report_size(piece_report(prepared))
-                            if result.read_once and ballot.ok and any(isinstance(load, ChunkedLoad)
-                                                                      for _, load in prepared) else 0)
+    pieces = find_pieces(prepared) if result.read_once and ballot.ok and any(
+        isinstance(load, ChunkedLoad) for _, load in prepared) else None
+    capacity = ballot.maximum(report_size(pieces.report()) if pieces is not None else 0)
     ballot.equal((root, result.manifest.created_at if result.manifest else ""), judge_equal(_different_checkpoints),
                  name="checkpoint")
     split = [(component.key, load) for component, load in prepared if load.entries]
@@ -140,10 +140,12 @@ def load_components(path: Any, store: CheckpointStore, components: Sequence[Stat
             _check_taken(key, load, held[key], strict, shown)
 
     phase, first = f"loading checkpoint {shown}", check_taken
-    if pieces.value:  # the chunk pieces several ranks load: read by one, sent to the others, before the loads finish
-        routes = route_pieces(prepared, pieces.value, phase)
+    if capacity.value:  # the chunk pieces several ranks load: read by one, sent to the others, before loads finish
+        assert pieces is not None  # every rank has chunked loads when one has (the same components, checked)
+        routes = route_pieces(pieces, capacity.value, phase)
         result.received_pieces = len(routes.received)
-        result.sent_piece_bytes = read_and_send(prepared, routes, store, files_root, phase, first=check_taken)
+        result.sent_piece_bytes = read_and_send(prepared, pieces, routes, store, files_root, phase,
+                                                first=check_taken)
         first = None
     result.shared_bytes_fetched = finish_loads(prepared, store, files_root, phase, shared, result.loaded.append,
                                                first=first, node_local=node_local)

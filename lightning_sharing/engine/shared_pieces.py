@@ -10,8 +10,9 @@ read-once each of them fetches those bytes from storage; with it (``read_once``,
 Which ranks hold a piece depends on every rank's live layout, which no rank knows alone, so the routes are decided on
 rank 0 from what each rank reports (O(N) coordination: each rank sends its own list and receives its own routes):
 
-1. ``piece_report``: this rank's pieces, each named by a key that only the saved bytes decide (component, tensor,
-   chunk, box inside the chunk), with its size. The largest report's size travels in the load's ballot.
+1. ``find_pieces``: this rank's pieces, each named by a key that only the saved bytes decide (component, tensor,
+   chunk, box inside the chunk), with its size (computed once per load). The largest ``report()``'s size travels in
+   the load's ballot.
 2. ``route_pieces`` (collective): the reports go to rank 0 (``settle_on_rank_zero``), which picks one reader per
    piece held by several ranks (``plan_routes``: largest pieces first, each to the holder with the fewest bytes to
    read so far) and scatters to every rank its routes: the pieces it does not read, and what it sends to and
@@ -22,8 +23,9 @@ rank 0 from what each rank reports (O(N) coordination: each rank sends its own l
    loads then only hand their state to ``load_state_dict``.
 
 Example (every rank, inside ``load_components``):
-    >>> routes = route_pieces(prepared, capacity, "loading checkpoint x")            # doctest: +SKIP
-    >>> read_and_send(prepared, routes, store, root, "loading checkpoint x")          # doctest: +SKIP
+    >>> pieces = find_pieces(prepared)                                                # doctest: +SKIP
+    >>> routes = route_pieces(pieces, capacity, "loading checkpoint x")               # doctest: +SKIP
+    >>> read_and_send(prepared, pieces, routes, store, root, "loading checkpoint x")  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ from lightning_sharing.engine.copy_format import PreparedLoad
 from lightning_sharing.sharded.load import ReadPiece, ReadPlan, TensorRead
 from lightning_sharing.storage import CheckpointStore
 
-__all__ = ["PieceRoutes", "piece_report", "plan_routes", "read_and_send", "route_pieces"]
+__all__ = ["ChunkPieces", "PieceRoutes", "find_pieces", "plan_routes", "read_and_send", "route_pieces"]
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +85,17 @@ class _Piece:
 
 
 @dataclass
-class _Pieces:
+class ChunkPieces:
+    """This rank's pieces of its chunked loads, each keyed once (``find_pieces``), for the whole routing."""
+
     by_key: dict[bytes, _Piece] = field(default_factory=dict)
     repeated: set[bytes] = field(default_factory=set)  # read twice on this rank (tied names): never shared
+
+    def report(self) -> Report:
+        """As (key, bytes, file tag), sorted by key: what this rank sends rank 0 in ``route_pieces``; the tag names
+        the chunk file (a CRC: equal tags only group pieces, never merge them)."""
+        return sorted((key, piece.size, zlib.crc32(piece.piece.chunk.file.encode()))
+                      for key, piece in self.by_key.items() if key not in self.repeated)
 
 
 def _key(component: str, read: TensorRead, piece: ReadPiece) -> bytes:
@@ -95,8 +105,9 @@ def _key(component: str, read: TensorRead, piece: ReadPiece) -> bytes:
     return hashlib.blake2b(described.encode(), digest_size=16).digest()
 
 
-def _pieces(prepared: Sequence[tuple[StateComponent, PreparedLoad]]) -> _Pieces:
-    found = _Pieces()
+def find_pieces(prepared: Sequence[tuple[StateComponent, PreparedLoad]]) -> ChunkPieces:
+    """The pieces of this rank's chunked loads among ``prepared``, each named by its key (computed here only)."""
+    found = ChunkPieces()
     for position, (component, load) in enumerate(prepared):
         if not isinstance(load, ChunkedLoad):
             continue
@@ -112,16 +123,8 @@ def _pieces(prepared: Sequence[tuple[StateComponent, PreparedLoad]]) -> _Pieces:
     return found
 
 
-def piece_report(prepared: Sequence[tuple[StateComponent, PreparedLoad]]) -> Report:
-    """This rank's chunk pieces, as (key, bytes, file tag), sorted by key (what it sends rank 0 in
-    ``route_pieces``); the tag names the chunk file (a CRC: equal tags only group pieces, never merge them)."""
-    pieces = _pieces(prepared)
-    return sorted((key, piece.size, zlib.crc32(piece.piece.chunk.file.encode()))
-                  for key, piece in pieces.by_key.items() if key not in pieces.repeated)
-
-
 def plan_routes(reports: Sequence[Report]) -> list[PieceRoutes]:
-    """Rank 0: every rank's routes from every rank's ``piece_report`` (a pure function).
+    """Rank 0: every rank's routes from every rank's ``ChunkPieces.report`` (a pure function).
 
     A piece one rank holds stays its own. The pieces several ranks hold are grouped by file and by the ranks holding
     them, and each group is read by one of its holders (the one with the fewest bytes to read so far, its own pieces
@@ -165,18 +168,17 @@ def plan_routes(reports: Sequence[Report]) -> list[PieceRoutes]:
             for rank in range(len(reports))]
 
 
-def route_pieces(prepared: Sequence[tuple[StateComponent, PreparedLoad]], capacity: int,
-                 phase: str) -> PieceRoutes:
+def route_pieces(pieces: ChunkPieces, capacity: int, phase: str) -> PieceRoutes:
     """Collective: this rank's routes (see the module docstring). ``capacity``: the largest ``report_size`` of any
-    rank's ``piece_report``, the same on every rank (agreed in the load's ballot). A gather, a verdict broadcast and a
-    scatter; rank 0 receives every report, every other rank only its own routes."""
+    rank's ``pieces.report()``, the same on every rank (agreed in the load's ballot). A gather, a verdict broadcast
+    and a scatter; rank 0 receives every report, every other rank only its own routes."""
     decided: list[list[PieceRoutes]] = []
 
     def decide(reports: list[Report]) -> int:
         decided.append(plan_routes(reports))
         return sum(len(r.received) for r in decided[0])
 
-    shared = settle_on_rank_zero(f"{phase}: listing the chunk pieces each rank loads", None, piece_report(prepared),
+    shared = settle_on_rank_zero(f"{phase}: listing the chunk pieces each rank loads", None, pieces.report(),
                                  f"{phase}: routing the chunk pieces several ranks load", decide, capacity=capacity)
     if get_world_size() == 1:
         return decided[0][0]
@@ -188,28 +190,29 @@ def route_pieces(prepared: Sequence[tuple[StateComponent, PreparedLoad]], capaci
     return mine[0]
 
 
-def read_and_send(prepared: Sequence[tuple[StateComponent, PreparedLoad]], routes: PieceRoutes,
-                  store: CheckpointStore, root: str, phase: str, first: Callable[[], None] | None = None) -> int:
-    """Collective: every chunked load reads its pieces but the ``routes.received`` ones (one agreement step, which
-    runs ``first`` before any read: the caller's checks), then the pieces travel as ``routes`` say. The loads are
-    left with their tensors filled (``ChunkedLoad.prefetched``). Returns the bytes this rank read for other ranks."""
-    pieces = _pieces(prepared)
+def read_and_send(prepared: Sequence[tuple[StateComponent, PreparedLoad]], pieces: ChunkPieces,
+                  routes: PieceRoutes, store: CheckpointStore, root: str, phase: str,
+                  first: Callable[[], None] | None = None) -> int:
+    """Collective: every chunked load of ``prepared`` (whose ``pieces`` they are) reads its pieces but the
+    ``routes.received`` ones (one agreement step, which runs ``first`` before any read: the caller's checks), then the
+    pieces travel as ``routes`` say. The loads are left with their tensors filled (``ChunkedLoad.prefetched``).
+    Returns the bytes this rank read for other ranks."""
+    arriving = {id(pieces.by_key[key].piece) for key in routes.received}
     with agreement(phase):
         if first is not None:
             first()
         for component, load in prepared:
             if isinstance(load, ChunkedLoad):
-                plan = _without(load.plan, lambda read, piece, key=component.key:
-                                _key(key, read, piece) in routes.received)
+                plan = _without(load.plan, lambda piece: id(piece) in arriving)
                 with_context(component.key, "loading", lambda ld=load, p=plan: ld.read_now(store, root, p))
     _exchange(routes, pieces, phase)
     return sum(pieces.by_key[key].size for key in {key for _, keys in routes.sends for key in keys})
 
 
-def _without(plan: ReadPlan, leave: Callable[[TensorRead, ReadPiece], bool]) -> ReadPlan:
+def _without(plan: ReadPlan, leave: Callable[[ReadPiece], bool]) -> ReadPlan:
     reads = []
     for read in plan.reads:
-        kept = tuple(piece for piece in read.pieces if not leave(read, piece))
+        kept = tuple(piece for piece in read.pieces if not leave(piece))
         if kept:
             reads.append(dataclasses.replace(read, pieces=kept))
     return dataclasses.replace(plan, reads=tuple(reads))
@@ -219,7 +222,7 @@ def _as_bytes(piece: _Piece) -> torch.Tensor:
     return piece.region().contiguous().reshape(-1).view(torch.uint8)
 
 
-def _exchange(routes: PieceRoutes, pieces: _Pieces, phase: str) -> None:
+def _exchange(routes: PieceRoutes, pieces: ChunkPieces, phase: str) -> None:
     """Post every send and receive of ``routes`` at once (no order between peers to deadlock on), wait for them,
     then copy what arrived into the live tensors. Peers sent the same pieces share one message buffer."""
     if not routes.sends and not routes.receives:
