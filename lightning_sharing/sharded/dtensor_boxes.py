@@ -160,7 +160,7 @@ def tensor_layout(name: str, tensor: torch.Tensor, *, rank: int, group_ranks: Se
         shape = tuple(tensor.shape)
         box = Box((0,) * len(shape), shape)
         chunks = (Chunk(box, group),) if box.numel and group else ()
-        return TensorLayout(name, shape, tensor.dtype, box, chunks, "plain")
+        return TensorLayout(name, shape, tensor.dtype, box, chunks, "plain", group_chunks(chunks))
     mesh = tensor.device_mesh
     ranks, boxes = _dtensor_boxes(name, tensor, rank)
     local = boxes[ranks.index(rank)]
