@@ -49,8 +49,8 @@ from lightning_sharing.errors import ComponentDeclarationError
 __all__ = ["ABSENT", "Ballot", "Field", "active", "agree", "agreed_error", "agreement", "all_gather_object",
            "all_ranks", "any_rank", "broadcast_bytes", "broadcast_object", "broadcast_tensor", "gather_topology",
            "get_rank", "get_world_size", "judge_equal", "local_only", "may_run_in_background", "new_gloo_group",
-           "on_rank_zero", "report_size", "resolve_process_groups", "settle_on_rank_zero", "stable_hash",
-           "warn_on_rank_zero"]
+           "node_index_from_env", "on_rank_zero", "report_size", "resolve_process_groups", "settle_on_rank_zero",
+           "stable_hash", "warn_on_rank_zero"]
 
 T = TypeVar("T")
 
@@ -152,13 +152,19 @@ def resolve_process_groups(process_groups: Any) -> dict[str, Any]:
     )
 
 
-def _local_node_id() -> Any:
-    # torchrun sets GROUP_RANK (the node's rank); Lightning and SLURM set NODE_RANK / SLURM_NODEID.
+def node_index_from_env() -> int | None:
+    """This node's index as the launcher set it, or None: torchrun's ``GROUP_RANK`` (the node's rank), else
+    Lightning's ``NODE_RANK`` or SLURM's ``SLURM_NODEID``."""
     for var in ("GROUP_RANK", "NODE_RANK", "SLURM_NODEID"):
         value = os.environ.get(var)
         if value is not None and value.strip().lstrip("-").isdigit():
-            return ("env", int(value))
-    return ("host", socket.gethostname())
+            return int(value)
+    return None
+
+
+def _local_node_id() -> Any:
+    index = node_index_from_env()
+    return ("env", index) if index is not None else ("host", socket.gethostname())
 
 
 def _group_members(group: Any) -> list[int]:

@@ -31,7 +31,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning_sharing.checkpoint.discovery import complete_checkpoints
 from lightning_sharing.core.declarations import StateComponent, ValidationLevel
 from lightning_sharing.core.local_tier import NODE_PLACEHOLDER, LocalTier
-from lightning_sharing.distributed.collectives import any_rank
+from lightning_sharing.distributed.collectives import any_rank, node_index_from_env
 from lightning_sharing.engine.coordinator import CheckpointCoordinator
 from lightning_sharing.engine.local_tier import LocalTierRunner
 from lightning_sharing.errors import CheckpointError
@@ -118,7 +118,7 @@ def resolve_last(trainer: Any, tier: LocalTier, persistent: Any, options_for: An
         found = next(((p, s) for p, s in listed if str(p).rstrip("/") == str(persistent).rstrip("/")), (persistent, -1))
     # This node's directory only (the others are on other machines in a real job): the strategy agrees on the answer
     # once the process group exists (``agree_on_last``), so a node that lost its disk resumes with the others.
-    node = _this_node()
+    node = node_index_from_env()
     pattern = tier.directory_for(node) if node is not None else \
         str(os.fspath(tier.directory)).replace(NODE_PLACEHOLDER, "*")
     if found is None and not glob.glob(os.path.join(pattern, "*", "step_*")):
@@ -140,12 +140,3 @@ def agree_on_last(trainer: Any, tier: LocalTier, mine: LocalResume | None) -> Lo
                 "nodes hold local steps: resuming with them (this node's state comes from their replicas)")
     restore_from(trainer, marker)
     return LocalResume(marker, None, None)
-
-
-def _this_node() -> int | None:
-    """This node's index as torchrun (``GROUP_RANK``), Lightning (``NODE_RANK``) or SLURM set it; None: unknown."""
-    for var in ("GROUP_RANK", "NODE_RANK", "SLURM_NODEID"):
-        value = os.environ.get(var, "").strip()
-        if value.isdigit():
-            return int(value)
-    return None
