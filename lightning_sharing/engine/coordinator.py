@@ -253,7 +253,8 @@ class CheckpointCoordinator:
             raise ComponentDeclarationError(f"save_local(step={step!r}): step must be a non-negative integer")
         started = time.perf_counter()
         saver = self._saver if self._saver is not None and may_run_in_background() else None
-        self.local_tier.save_local(step, self.components, self._topology_now(), self._declaration(), saver)
+        self.local_tier.save_local(step, self.components, self._topology_now(), self._declaration(), saver,
+                                   self.staging_roots)
         log.debug("local save of step %d %s in %.2fs", step, "staged" if saver else "done",
                   time.perf_counter() - started)
 

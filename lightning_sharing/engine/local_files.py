@@ -3,14 +3,16 @@
 Layout under a node's directory (``LocalTier.directory_for(node)``)::
 
     own/step_<N>/rank-<r>.safetensors       each rank of the node: its state of every component but GLOBAL/REPLICATED
-    own/step_<N>/node.safetensors           the node's first rank: one copy of the GLOBAL and REPLICATED components
+    own/step_<N>/shared-<j>.safetensors     local rank j: part j of the node's copy of the GLOBAL and REPLICATED
+                                            components (part 0 also holds the GLOBAL state and their structures)
     own/step_<N>/COMPLETE.json              the node's first rank, last: sizes and checksums of the files above
     replica_of_<m>/step_<N>/...             the same files of node m, received over the process group
 
 A step directory is written as ``.tmp-step_<N>`` beside its final name and renamed into place once every file and
 ``COMPLETE.json`` are durable, so a step directory without a valid ``COMPLETE.json`` is never used. A bundle file is
 one safetensors file: each component's tensors under ``<i>/<name>`` and the components' structures (the codec's JSON
-trees, ``format/codec.py``) as the uint8 tensor ``__trees__``, so one checksum covers everything.
+trees, ``format/codec.py``) as the uint8 tensor ``__trees__``, so one checksum covers everything. The parts of a
+node's shared copy are plain tensor files whose union is one such bundle (``__trees__`` in part 0).
 
 Example:
     >>> import torch
@@ -37,15 +39,15 @@ from lightning_sharing.format.codec import decode_state, encode_state, is_dtenso
 from lightning_sharing.format.safetensors_io import bytes_checksum, read_tensor_file, read_tensors, write_tensors
 from lightning_sharing.storage.local import LocalStore, fsync_dir, rmtree_missing_ok
 
-__all__ = ["COMPLETE_NAME", "NODE_FILE", "bundle_bytes", "bundle_tensors", "commit_step", "complete_record",
-           "list_steps", "pack", "parse_bundle", "place", "rank_file", "read_bundle", "read_complete",
-           "remove_old_steps", "remove_step", "step_dir", "temp_dir", "unpack", "write_batch", "write_file",
-           "write_raw"]
+__all__ = ["COMPLETE_NAME", "TREES", "bundle_bytes", "bundle_tensors", "commit_step", "complete_record",
+           "list_steps", "pack", "parse_bundle", "parse_tensors", "place", "rank_file", "read_bundle", "read_complete",
+           "read_verified", "remove_old_steps", "remove_step", "shared_file", "states_of", "step_dir", "temp_dir",
+           "unpack", "write_batch", "write_file", "write_raw"]
 
 COMPLETE_NAME = "COMPLETE.json"
-NODE_FILE = "node.safetensors"
-FORMAT_VERSION = 1
-_TREES = "__trees__"
+# 2: the node's shared copy spread over its ranks (shared-<j>); 1 had it whole in node.safetensors.
+FORMAT_VERSION = 2
+TREES = "__trees__"
 _STEP_RE = re.compile(r"step_(\d+)")
 _MAX_COMPLETE_BYTES = 16 * 1024 * 1024
 _Bytes = bytes | bytearray | memoryview
@@ -55,6 +57,11 @@ _STORE = LocalStore()
 def rank_file(rank: int) -> str:
     """The name of rank ``rank``'s bundle in a step directory."""
     return f"rank-{rank:05d}.safetensors"
+
+
+def shared_file(local: int) -> str:
+    """The name of part ``local`` (written by the node's rank ``local``) of a node's copy of the shared state."""
+    return f"shared-{local:05d}.safetensors"
 
 
 def step_dir(parent: Path, step: int) -> Path:
@@ -82,7 +89,7 @@ def bundle_tensors(states: Sequence[tuple[str, Any]]) -> dict[str, torch.Tensor]
         tensors.update({f"{index}/{name}": t for name, t in _local_tensors(encoded.tensors).items()})
         trees.append([key, encoded.tree, encoded.ties, encoded.flat])
     text = json.dumps(trees, allow_nan=False).encode("utf-8")
-    tensors[_TREES] = torch.frombuffer(bytearray(text), dtype=torch.uint8)
+    tensors[TREES] = torch.frombuffer(bytearray(text), dtype=torch.uint8)
     return tensors
 
 
@@ -95,12 +102,22 @@ def bundle_bytes(states: Sequence[tuple[str, Any]]) -> bytes:
 
 def parse_bundle(data: _Bytes, name: str) -> dict[str, Any]:
     """The states of a bundle (already verified) by component key."""
-    return _states(read_tensors(io.BytesIO(data), len(memoryview(data)), name), name)
+    return states_of(parse_tensors(data, name), name)
+
+
+def parse_tensors(data: _Bytes, name: str) -> dict[str, torch.Tensor]:
+    """The tensors of a file's bytes (already verified)."""
+    return read_tensors(io.BytesIO(data), len(memoryview(data)), name)
 
 
 def read_bundle(folder: Path, name: str, body: dict[str, Any]) -> dict[str, Any]:
-    """The states of bundle ``name`` of a step directory, read from disk straight into new tensors while its
-    checksum is verified against ``COMPLETE.json`` (``body``); raises ``CorruptCheckpointError`` naming the file."""
+    """The states of bundle ``name`` of a step directory (``read_verified``)."""
+    return states_of(read_verified(folder, name, body), name)
+
+
+def read_verified(folder: Path, name: str, body: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The tensors of file ``name`` of a step directory, read from disk straight into new tensors while its checksum
+    is verified against ``COMPLETE.json`` (``body``); raises ``CorruptCheckpointError`` naming the file."""
     path = folder / name
     expected = body["files"].get(name)
     if expected is None:
@@ -109,18 +126,19 @@ def read_bundle(folder: Path, name: str, body: dict[str, Any]) -> dict[str, Any]
         size = path.stat().st_size
         if size != expected["size"]:
             raise CorruptCheckpointError(f"{path} has {size} bytes, {folder / COMPLETE_NAME} lists {expected['size']}")
-        return _states(read_tensor_file(path, expected["checksum"]), name)
+        return read_tensor_file(path, expected["checksum"])
     except OSError as exc:
         raise CorruptCheckpointError(f"{path} cannot be read: {exc}") from exc
     except CorruptCheckpointError as exc:
         raise CorruptCheckpointError(f"{folder}: {exc}") from exc
 
 
-def _states(tensors: dict[str, torch.Tensor], name: str) -> dict[str, Any]:
-    if _TREES not in tensors:
-        raise CorruptCheckpointError(f"local checkpoint file {name} has no component structures ({_TREES})")
+def states_of(tensors: dict[str, torch.Tensor], name: str) -> dict[str, Any]:
+    """The states by component key of a bundle's tensors (``__trees__`` included; ``name`` is for errors)."""
+    if TREES not in tensors:
+        raise CorruptCheckpointError(f"local checkpoint file {name} has no component structures ({TREES})")
     try:
-        trees = json.loads(tensors.pop(_TREES).numpy().tobytes())
+        trees = json.loads(tensors.pop(TREES).numpy().tobytes())
     except (ValueError, UnicodeDecodeError) as exc:
         raise CorruptCheckpointError(f"local checkpoint file {name}: unreadable component structures: {exc}") from exc
     states = {}

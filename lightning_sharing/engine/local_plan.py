@@ -1,9 +1,11 @@
-"""Who holds whose files in the local tier, and which step and sources a restore uses: pure functions of the
-topology and of what every rank reported, identical on every rank (``engine/local_tier.py`` runs them).
+"""Who holds whose files in the local tier, which step and sources a restore uses, and how a node's copy of the
+shared state is spread over its ranks: pure functions of the topology and of what every rank reported, identical on
+every rank (``engine/local_tier.py`` runs them).
 
-Rank ``j`` of node ``n`` (``local`` = its place on the node) sends its files to rank ``j`` of nodes ``n+1 ..
-n+replicas`` (mod the node count); a restore takes each rank's files from its own copy, else from those holders in
-that order.
+Rank ``j`` of node ``n`` (``local`` = its place on the node) writes its own state and part ``j`` of the node's copy of
+the REPLICATED state (``assign_parts``), and sends those files to rank ``j`` of nodes ``n+1 .. n+replicas`` (mod the
+node count); a restore takes each rank's files from its own copy, else from those holders in that order
+(``choose``), and gives every rank its own file and every part of its node's copy (``needs``).
 
 Example:
     >>> from lightning_sharing.core.topology import Topology
@@ -13,17 +15,25 @@ Example:
     (1, 0, [3], [0])
     >>> choose(lay, [{(0, 5), (1, 5)}, {(0, 5), (1, 5)}, set(), set()], None, set())  # node 1 lost its disk
     (5, [0, 1, 0, 1])
+    >>> [(n.name, n.origin, n.provider) for n in needs(lay, [0, 1, 0, 1], 2)]  # rank 2's files come from node 0
+    [('rank-00002.safetensors', 2, 0), ('shared-00000.safetensors', 2, 0), ('shared-00001.safetensors', 3, 1)]
+    >>> assign_parts([("0/a", 8), ("0/b", 4), ("1/c", 4)], 2)
+    {'0/a': 0, '0/b': 1, '1/c': 1}
 """
 
 from __future__ import annotations
 
+import heapq
+from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 from lightning_sharing.core.local_tier import LocalTier
 from lightning_sharing.core.topology import Topology
+from lightning_sharing.engine.local_files import rank_file, shared_file
 from lightning_sharing.errors import ComponentDeclarationError
 
-__all__ = ["Layout", "choose", "layout", "node_of"]
+__all__ = ["Layout", "Need", "assign_parts", "choose", "copy_holder", "layout", "needs", "node_of"]
 
 
 @dataclass(frozen=True)
@@ -34,12 +44,12 @@ class Layout:
     nodes: tuple[tuple[int, ...], ...]
     replicas: int  # at most the number of other nodes
 
-    @property
+    @cached_property
     def node(self) -> int:
         """This rank's node index."""
         return next(i for i, members in enumerate(self.nodes) if self.rank in members)
 
-    @property
+    @cached_property
     def local(self) -> int:
         """This rank's place on its node (its local rank)."""
         return self.nodes[self.node].index(self.rank)
@@ -98,3 +108,45 @@ def sources_for(lay: Layout, held: list[set[tuple[int, int]]], step: int,
 def node_of(lay: Layout, rank: int) -> int:
     """The node index of global rank ``rank``."""
     return next(i for i, members in enumerate(lay.nodes) if rank in members)
+
+
+@dataclass(frozen=True)
+class Need:
+    """A file a rank needs to restore a step: its name, the rank that wrote it, and the rank that reads it (the rank
+    needing it reads it itself when ``provider`` is that rank; otherwise ``provider`` reads it and sends it)."""
+
+    name: str
+    origin: int
+    provider: int
+
+
+def needs(lay: Layout, sources: Sequence[int], target: int) -> list[Need]:
+    """The files ``target`` needs to restore a step whose sources ``choose`` gave: its own file, and every part of
+    its node's copy of the shared state. While every rank of the node reads its own copy, the node's ranks read each
+    other's parts from the node's disk; otherwise each part comes from whoever serves the rank that wrote it."""
+    node = node_of(lay, target)
+    members = lay.nodes[node]
+    own = all(sources[member] == member for member in members)
+    files = [Need(rank_file(target), target, sources[target])]
+    files += [Need(shared_file(local), member, target if own else sources[member])
+              for local, member in enumerate(members)]
+    return files
+
+
+def copy_holder(lay: Layout, provider: int, origin: int) -> int:
+    """The rank whose copy of ``origin``'s files ``provider`` reads: ``origin``'s own (a rank of its node reads
+    them from the node's disk), else ``provider``'s replica. A refusal of that copy names this rank."""
+    return origin if node_of(lay, provider) == node_of(lay, origin) else provider
+
+
+def assign_parts(sizes: Sequence[tuple[str, int]], parts: int) -> dict[str, int]:
+    """Which of ``parts`` files each tensor (name, bytes) of a node's copy of the REPLICATED state goes to: largest
+    first, each to the part with the fewest bytes so far (ties: the lower part), so that each rank of a node stages,
+    writes and sends about ``1/parts`` of the copy. Depends only on the names and sizes, so the ranks agree."""
+    loads = [(0, part) for part in range(parts)]
+    chosen: dict[str, int] = {}
+    for name, size in sorted(sizes, key=lambda item: (-item[1], item[0])):
+        load, part = heapq.heappop(loads)
+        chosen[name] = part
+        heapq.heappush(loads, (load + size, part))
+    return chosen

@@ -1,10 +1,11 @@
 """The local tier at work: ``save_local`` (write on every node, copy to peer nodes) and ``restore`` (choose and load).
 
 Because the local tier is only used at the topology it was saved at, nothing is planned or resharded: every rank
-writes its own state of every component but the GLOBAL and REPLICATED ones, of which each node's first rank writes
-one copy, and a restore gives every rank back exactly that (``engine/local_files.py`` holds the files).
+writes its own state of every component but the GLOBAL and REPLICATED ones, and its part of the node's one copy of
+those (``engine/local_state.py``: the copy is spread over the node's ranks), and a restore gives every rank back
+exactly that (``engine/local_files.py`` holds the files).
 
-**save_local(step)**: every rank writes its bundle into ``own/.tmp-step_<N>`` (one agreement step: a failure
+**save_local(step)**: every rank writes its files into ``own/.tmp-step_<N>`` (one agreement step: a failure
 anywhere, a full disk say, is an error on every rank and nothing is committed); each node's first rank writes
 ``COMPLETE.json`` and renames the directory into place (one more); then the rank with local rank ``j`` on node ``n``
 sends its files to local rank ``j`` of nodes ``n+1 .. n+replicas`` (point-to-point over the tier's own gloo group),
@@ -13,11 +14,13 @@ which write them under ``replica_of_<n>`` (agreed) and rename them into place (a
 **restore(directory)**: rank 0 finds the newest complete persistent checkpoint; every rank lists the steps it can
 serve (its own and the replicas it holds, saved at this very topology and declaration), and every rank learns
 every rank's list (one gather). The newest step at least as new as the persistent one that every rank can get
-(its own copy first, else a peer's replica) is chosen, the same way on every rank; holders read and verify the
-files and send them to ranks whose own copy is missing. A file that fails its checksum makes that source unusable:
-the ranks agree on it (one all-reduce, a gather only on failure) and choose again (the next replica, an older step,
-or the persistent checkpoint), the log naming the file and the source used instead. Local steps saved at another
-topology (or with other components) are ignored; when they are all there is, the tier is skipped with one log line.
+(its own copy first, else a peer's replica) is chosen, the same way on every rank (``local_plan.choose``); every rank
+reads its own file and its node's shared parts from the node's disk, and holders read and send the files of ranks
+whose own copy is missing (``local_plan.needs``), every file verified. A file that fails its checksum makes that
+copy unusable: the ranks agree on it (one all-reduce, a gather only on failure) and choose again (the next replica,
+an older step, or the persistent checkpoint), the log naming the file and the source used instead. Local steps saved
+at another topology (or with other components) are ignored; when they are all there is, the tier is skipped with
+one log line.
 
 Example (every rank):
     >>> runner = LocalTierRunner(LocalTier("/local/ckpt/{node}"))                                     # doctest: +SKIP
@@ -28,7 +31,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +40,6 @@ import torch
 from lightning_sharing.checkpoint.discovery import complete_checkpoints
 from lightning_sharing.core.declarations import StateComponent
 from lightning_sharing.core.local_tier import LocalTier
-from lightning_sharing.core.patterns import SharingPattern
 from lightning_sharing.core.topology import Topology
 from lightning_sharing.distributed.async_save import BackgroundSaver
 from lightning_sharing.distributed.collectives import (
@@ -51,15 +53,14 @@ from lightning_sharing.distributed.collectives import (
 )
 from lightning_sharing.distributed.peer_exchange import exchange_bytes
 from lightning_sharing.engine import local_files as files
-from lightning_sharing.engine.local_plan import Layout, choose, layout, node_of
+from lightning_sharing.engine.local_plan import Layout, Need, choose, copy_holder, layout, needs, node_of
+from lightning_sharing.engine.local_state import Collected, apply_states, collect
+from lightning_sharing.engine.staging import optimizer_owned
 from lightning_sharing.errors import CheckpointError, ComponentDeclarationError, CorruptCheckpointError
-from lightning_sharing.format.codec import is_dtensor
 
 __all__ = ["LocalTierRunner", "newest_persistent", "restore_persistent"]
 
 log = logging.getLogger(__name__)
-
-_SHARED = (SharingPattern.GLOBAL, SharingPattern.REPLICATED)
 
 
 def _jsonable(value: Any) -> Any:
@@ -82,23 +83,34 @@ class LocalTierRunner:
 
     # ------------------------------------------------------------------------------------------------ save
     def save_local(self, step: int, components: Sequence[StateComponent], topology: Topology,
-                   declaration: Any, saver: BackgroundSaver | None = None) -> None:
+                   declaration: Any, saver: BackgroundSaver | None = None, staging_roots: Sequence[Any] = ()) -> None:
         """Collective: write this node's files of ``step``, commit them, copy them to the peer nodes. With ``saver``,
         the state is collected and staged (copied) here, and written, committed and copied on the saver's thread,
-        after its earlier saves; ``saver.wait()`` waits for it and raises its failure on every rank."""
+        after its earlier saves; ``saver.wait()`` waits for it and raises its failure on every rank. Background
+        staging (``saver.background_staging``) copies the parameters and optimizer state late, as for persistent
+        saves (``staging_roots`` as there)."""
         rank = get_rank()
         lay = layout(self.tier, topology, rank)
         what = f"local checkpoint step {step}"
         if saver is not None:
             saver.make_room()  # raises a failed earlier save's error, on every rank
         ballot = Ballot(f"saving {what}", self.group())
-        bundles: dict[str, dict[str, torch.Tensor]] = ballot.run(f"collecting the state of {what}",
-                                                                 lambda: _collect(components, lay)) or {}
+        collected: Collected | None = ballot.run(f"collecting the state of {what}", lambda: collect(components, lay))
+        # The ranks split the node's shared copy alike only if they hold it alike: max(h) == -max(-h) iff all equal.
+        digest = collected.structure_hash() if collected is not None else 0
+        highest, lowest = ballot.maximum(digest), ballot.maximum(-digest)
         ballot.agree()
+        assert collected is not None  # agree() raised on every rank otherwise
+        spread = highest.value == -lowest.value
+        if not spread:
+            warn_on_rank_zero(log, "local tier: the ranks hold REPLICATED tensors of different names, shapes or "
+                              "dtypes; each node's first rank writes the node's whole copy of %s", what)
+        bundles = collected.bundles(lay, spread)
         if saver is None:
             self._write(step, lay, bundles, topology, declaration, self.group())
             return
-        staged = {name: saver.stage(tensors) for name, tensors in bundles.items()}
+        owned = optimizer_owned(components, staging_roots) if saver.background_staging else None
+        staged = {name: saver.stage(tensors, owned) for name, tensors in bundles.items()}
         group = saver.group()
         saver.submit(Path(what), lambda: self._write(step, lay, staged, topology, declaration, group),
                      [t for tensors in staged.values() for t in tensors.values()])
@@ -130,7 +142,8 @@ class LocalTierRunner:
 
     def _replicate(self, step: int, lay: Layout, final: Path, group: Any) -> None:
         """Send this rank's files of ``step`` to its holders; receive and commit the replicas it holds."""
-        names = [files.rank_file(lay.rank)] + ([files.NODE_FILE, files.COMPLETE_NAME] if lay.rank == lay.lead else [])
+        names = [files.rank_file(lay.rank), files.shared_file(lay.local)]
+        names += [files.COMPLETE_NAME] if lay.rank == lay.lead else []
         what = f"local checkpoint step {step}"
         ballot = Ballot(f"copying {what} to peer nodes", group)
         message = ballot.run(f"reading {what} to send it", lambda: files.pack(final, names))
@@ -226,7 +239,7 @@ class LocalTierRunner:
                                           step, target, reason)
                 continue
             ballot = Ballot(f"loading local checkpoint step {step}", group)
-            ballot.run(f"loading local checkpoint step {step}", lambda s=states: _apply(components, s))
+            ballot.run(f"loading local checkpoint step {step}", lambda s=states: apply_states(components, s))
             ballot.agree()
             warn_on_rank_zero(log, "restored step %d from the local tier (%s)", step,
                               "own copies" if all(s == t for t, s in enumerate(sources)) else "with peer replicas")
@@ -254,40 +267,62 @@ class LocalTierRunner:
 
     def _fetch(self, lay: Layout, step: int, sources: list[int], group: Any
                ) -> tuple[dict[str, Any], list[tuple[int, int, str]]]:
-        """This rank's states of ``step`` (read here, or sent by its holder), and the failures it saw."""
+        """This rank's states of ``step`` (read here, or sent by the ranks serving them), and the failures it saw, as
+        (rank whose copy failed, rank whose files they are, why)."""
+        me = lay.rank
         failures: list[tuple[int, int, str]] = []
+        bodies: dict[Path, dict[str, Any]] = {}
+
+        def read(need: Need, reader: Callable[[Path, dict[str, Any]], Any]) -> Any:
+            folder = self._folder(lay, need.origin, step)
+            try:
+                if folder not in bodies:
+                    bodies[folder] = files.read_complete(folder)
+                return reader(folder, bodies[folder])
+            except Exception as exc:  # a refusal the ranks agree on below, never a rank leaving alone
+                log.warning("local tier: refusing %s for rank %d: %s", folder / need.name, need.origin, exc)
+                holder = copy_holder(lay, me, need.origin)
+                failures.append((holder, need.origin, f"{'own copy' if holder == need.origin else 'replica'} on "
+                                 f"rank {holder}: {exc}"))
+                return None
+
+        got: dict[str, dict[str, torch.Tensor] | None] = {}
+        wanted = needs(lay, sources, me)
+        for need in wanted:
+            if need.provider == me:
+                got[need.name] = read(need, lambda folder, body, n=need.name: files.read_verified(folder, n, body))
         sends: dict[int, bytearray | None] = {}
-        states: dict[str, Any] = {}
-        names = [files.rank_file(lay.rank), files.NODE_FILE]
-        for target, source in enumerate(sources):
-            if source != lay.rank:
+        for target in range(len(sources)):
+            served = [need for need in needs(lay, sources, target) if need.provider == me] if target != me else []
+            if served:  # one folder: a holder's replica of the target's node, or a node-mate's own copy
+                sends[target] = read(served[0], lambda folder, body, s=served: files.pack(
+                    folder, [need.name for need in s], body))
+        providers = sorted({need.provider for need in wanted if need.provider != me})
+        received = exchange_bytes(sends, providers, group, phase=f"sending local checkpoint step {step} to its ranks")
+        for provider in providers:
+            data = received[provider]
+            if data is None:  # the provider could not read them: it reports that itself
                 continue
-            own = target == lay.rank
-            parent = self.node_dir_of(lay) / ("own" if own else f"replica_of_{node_of(lay, target)}")
-            folder = files.step_dir(parent, step)
             try:
-                body = files.read_complete(folder)
-                if own:  # read straight into new tensors, verified on the way
-                    for name in names:
-                        states.update(files.read_bundle(folder, name, body))
-                else:
-                    sends[target] = files.pack(folder, [files.rank_file(target), files.NODE_FILE], body)
-            except Exception as exc:  # any failure is a refusal the ranks agree on below, never a rank leaving alone
-                log.warning("local tier: refusing %s for rank %d: %s", folder, target, exc)
-                failures.append((lay.rank, target, f"{'own copy' if own else 'replica'} on rank {lay.rank}: {exc}"))
-                sends[target] = None
-        source = sources[lay.rank]
-        received = exchange_bytes({t: m for t, m in sends.items() if t != lay.rank},
-                                  [source] if source != lay.rank else [], group,
-                                  phase=f"sending local checkpoint step {step} back to its nodes")
-        if source != lay.rank and received[source] is not None:
-            try:
-                given = files.unpack(received[source], f"rank {source}")
-                for name in names:
-                    states.update(files.parse_bundle(given[name], name))
+                for name, content in files.unpack(data, f"rank {provider}").items():
+                    got[name] = files.parse_tensors(content, name)
             except Exception as exc:  # agreed on below, as a refusal of that source
-                failures.append((source, lay.rank, f"files from rank {source}: {type(exc).__name__}: {exc}"))
+                failures += [(provider, need.origin, f"files from rank {provider}: {type(exc).__name__}: {exc}")
+                             for need in wanted if need.provider == provider]
+        if failures or any(got.get(need.name) is None for need in wanted):
+            return {}, failures
+        states = files.states_of(got.pop(files.rank_file(me)), files.rank_file(me))  # type: ignore[arg-type]
+        shared: dict[str, torch.Tensor] = {}
+        for tensors in got.values():
+            shared.update(tensors or {})
+        states.update(files.states_of(shared, f"the shared files of node {lay.node}"))
         return states, failures
+
+    def _folder(self, lay: Layout, origin: int, step: int) -> Path:
+        """Where this rank finds ``origin``'s files of ``step``: its node's own copies, or a replica it holds."""
+        origin_node = node_of(lay, origin)
+        parent = "own" if origin_node == lay.node else f"replica_of_{origin_node}"
+        return files.step_dir(self.node_dir_of(lay) / parent, step)
 
 
 def restore_persistent(directory: Any, load_persistent: Callable[[Any], None],
@@ -347,24 +382,13 @@ def _inventory(node_dir: Path, lay: Layout, topology: Topology, declaration: Any
                                   f"{body['declaration']}, this job declares {declaration}")
                 continue
             listed = body["files"]
-            if body["node"] == origin and files.rank_file(owner) in listed and files.NODE_FILE in listed:
+            if body["node"] == origin and files.rank_file(owner) in listed and files.shared_file(lay.local) in listed:
                 held.append((origin, step))
     return {"held": held, "other": other}
 
 
-def _collect(components: Sequence[StateComponent], lay: Layout) -> dict[str, dict[str, torch.Tensor]]:
-    """The tensors of this rank's bundles by file name: its own state, and on the node's first rank the node's copy
-    of the GLOBAL and REPLICATED state."""
-    bundles = {files.rank_file(lay.rank): files.bundle_tensors(
-        [(c.key, c.stateful.state_dict()) for c in components if c.sharing_pattern not in _SHARED])}
-    if lay.rank == lay.lead:
-        bundles[files.NODE_FILE] = files.bundle_tensors(
-            [(c.key, c.stateful.state_dict()) for c in components if c.sharing_pattern in _SHARED])
-    return bundles
-
-
 def _write_own(temp: Path, bundles: dict[str, dict[str, torch.Tensor]], lay: Layout) -> None:
-    """This rank's bundles into ``temp``, durable, and their sizes and checksums for the node's first rank."""
+    """This rank's files into ``temp``, durable, and their sizes and checksums for the node's first rank."""
     try:
         temp.mkdir(parents=True, exist_ok=True)
         with files.write_batch():
@@ -372,28 +396,3 @@ def _write_own(temp: Path, bundles: dict[str, dict[str, torch.Tensor]], lay: Lay
         (temp / f"{files.rank_file(lay.rank)}.sum").write_text(json.dumps(entries))
     except OSError as exc:
         raise CheckpointError(f"writing into the local tier directory {temp} failed: {exc}") from exc
-
-
-def _apply(components: Sequence[StateComponent], states: Mapping[str, Any]) -> None:
-    """Hand each component its restored state (DTensor pieces wrapped like the live ones)."""
-    for component in components:
-        if component.key not in states:
-            raise CorruptCheckpointError(f"the local checkpoint has no state of component {component.key!r}")
-        state = states[component.key]
-        if component.sharing_pattern is SharingPattern.SHARDED:
-            state = _like_live(state, component.stateful.state_dict())
-        component.stateful.load_state_dict(state)
-
-
-def _like_live(saved: Any, live: Any) -> Any:
-    """``saved`` with every tensor that is a DTensor in ``live`` made one again (same mesh, placements, shape)."""
-    if isinstance(saved, torch.Tensor) and is_dtensor(live):
-        from torch.distributed.tensor import DTensor
-
-        return DTensor.from_local(saved.to(live.device), live.device_mesh, live.placements, run_check=False,
-                                  shape=live.shape, stride=live.stride())
-    if isinstance(saved, dict) and isinstance(live, Mapping):
-        return {key: _like_live(value, live[key]) if key in live else value for key, value in saved.items()}
-    if isinstance(saved, (list, tuple)) and isinstance(live, (list, tuple)) and len(saved) == len(live):
-        return type(saved)(_like_live(s, v) for s, v in zip(saved, live, strict=True))
-    return saved

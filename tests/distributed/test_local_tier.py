@@ -104,6 +104,9 @@ def _worker(rank: int, world_size: int, root: str) -> dict[str, Any]:
         coordinator.save_local(step)
         snaps[step] = _snapshot(components)
     checks["files"] = sorted(str(p.relative_to(local)) for p in local.rglob("*") if p.is_file())
+    from safetensors.torch import load_file
+
+    checks["parts"] = [set(load_file(local / "0" / "own" / "step_5" / f"shared-0000{j}.safetensors")) for j in (0, 1)]
 
     # 1. every rank's own copy (the newest of both tiers: local 5 > persistent 2)
     restore_and_compare(snaps[5], "own")
@@ -113,15 +116,17 @@ def _worker(rank: int, world_size: int, root: str) -> dict[str, Any]:
         shutil.rmtree(local / "1")
     dist.barrier()
     restore_and_compare(snaps[5], "wiped node 1")
-    # 3. a corrupt file: rank 1's own copy of step 6 fails its checksum, node 1's replica is used
+    # 3. corrupt files: rank 1's own copy of step 6 fails its checksum, node 1's replica of it is used; node 1's
+    # own copy of the shared part rank 3 wrote (which rank 2 reads too) fails, node 0's replica of it is used
     coordinator.save_local(6)
     snaps[6] = _snapshot(components)
     dist.barrier()
     if rank == 0:
-        target = local / "0" / "own" / "step_6" / "rank-00001.safetensors"
-        data = bytearray(target.read_bytes())
-        data[-1] ^= 0xFF
-        target.write_bytes(bytes(data))
+        for target in (local / "0" / "own" / "step_6" / "rank-00001.safetensors",
+                       local / "1" / "own" / "step_6" / "shared-00001.safetensors"):
+            data = bytearray(target.read_bytes())
+            data[-1] ^= 0xFF
+            target.write_bytes(bytes(data))
     dist.barrier()
     restore_and_compare(snaps[6], "corrupt own")
     # 4. both nodes wiped: the persistent checkpoint of step 2
@@ -187,11 +192,17 @@ def test_local_tier_restores_from_own_copies_replicas_and_the_persistent_tier(tm
             own, replica = f"{node}/own/step_{step}", f"{node}/replica_of_{other}/step_{step}"
             expected = [f"{own}/rank-{r:05d}.safetensors" for r in (2 * node, 2 * node + 1)]
             expected += [f"{replica}/rank-{r:05d}.safetensors" for r in (2 * other, 2 * other + 1)]
-            expected += [f"{where}/{name}" for where in (own, replica) for name in ("node.safetensors",
-                                                                                  "COMPLETE.json")]
+            expected += [f"{where}/{name}" for where in (own, replica)
+                         for name in ("shared-00000.safetensors", "shared-00001.safetensors", "COMPLETE.json")]
             for name in expected:
                 assert name in files, (name, files)
         assert not [f for f in files if "step_3" in f]
+    # The node's copy of the REPLICATED state is spread over its two ranks: disjoint parts, both holding some of it;
+    # the GLOBAL state and the structures are in part 0 (the node's first rank's).
+    parts = results[0]["parts"]
+    assert "__trees__" in parts[0] and "0/values" in parts[0], parts  # "progress" (GLOBAL) is component 0
+    assert parts[1] and not parts[0] & parts[1] and all(name[:2] in ("1/", "2/") for name in parts[1]), parts
+    assert {name[:2] for name in parts[0] | parts[1]} == {"0/", "1/", "2/", "__"}, parts
     expected_steps = {"own": 5, "wiped node 1": 5, "corrupt own": 6, "wiped both": 2, "persistent newer": 8,
                       "local newer": 9, "after disk full": 11, "async": 12}
     for rank, checks in enumerate(results):
@@ -208,6 +219,10 @@ def test_local_tier_restores_from_own_copies_replicas_and_the_persistent_tier(tm
     assert "step_6: rank-00001.safetensors has checksum" in rank1 and "the file is corrupt" in rank1, rank1
     assert "step 6 for rank 1 refused" in logs["corrupt own"], logs["corrupt own"]
     assert "rank 1 (node 0) takes step 6 from the replica on rank 3 (node 1)" in logs["corrupt own"]
+    rank2 = "\n".join(results[2]["corrupt own"][2])
+    assert "step_6: shared-00001.safetensors has checksum" in rank2, rank2  # a node-mate's part, read by rank 2
+    assert "step 6 for rank 3 refused" in logs["corrupt own"], logs["corrupt own"]
+    assert "rank 3 (node 1) takes step 6 from the replica on rank 1 (node 0)" in logs["corrupt own"]
     assert "restoring step 2 from the persistent checkpoint" in logs["wiped both"], logs["wiped both"]
     assert "restoring step 8 from the persistent checkpoint" in logs["persistent newer"]
     assert "restored step 9 from the local tier" in logs["local newer"]

@@ -63,7 +63,7 @@ def test_one_process_round_trip(tmp_path: Path) -> None:
     assert coordinator.restore(tmp_path / "ckpts") == 2
     assert torch.equal(box.values, torch.arange(3.0)) and torch.equal(mine.values, torch.ones(2))
     assert sorted(p.name for p in (tmp_path / "local" / "0" / "own" / "step_2").iterdir()) == [
-        "COMPLETE.json", "node.safetensors", "rank-00000.safetensors", "rank-00000.safetensors.sum"]
+        "COMPLETE.json", "rank-00000.safetensors", "rank-00000.safetensors.sum", "shared-00000.safetensors"]
 
 
 def test_the_choice_of_step_and_sources_is_a_pure_function_of_what_ranks_hold() -> None:
