@@ -82,3 +82,53 @@ def test_the_choice_of_step_and_sources_is_a_pure_function_of_what_ranks_hold() 
     # No replicas: a node that lost its disk cannot be restored from the local tier.
     alone = Layout(rank=0, nodes=nodes, replicas=0)
     assert choose(alone, [{(0, 5)}, {(0, 5)}, set(), set()], None, set()) is None
+
+
+def test_each_rank_needs_its_file_and_every_part_of_its_nodes_shared_copy() -> None:
+    from lightning_sharing import Topology
+    from lightning_sharing.engine.local_plan import Layout, needs
+
+    nodes = Topology.build(6, node_of_rank=[0, 0, 0, 1, 1, 1]).nodes
+    lay = Layout(rank=0, nodes=nodes, replicas=1)
+
+    def of(sources: list[int], target: int) -> list[tuple[str, int, int]]:
+        return [(n.name, n.origin, n.provider) for n in needs(lay, sources, target)]
+
+    # Every own copy usable: each rank reads its file and its node-mates' parts itself, from its node's disk.
+    assert of([0, 1, 2, 3, 4, 5], 1) == [("rank-00001.safetensors", 1, 1), ("shared-00000.safetensors", 0, 1),
+                                         ("shared-00001.safetensors", 1, 1), ("shared-00002.safetensors", 2, 1)]
+    # Rank 4's own copy refused (its replica is on rank 1): its node-mates take its part from rank 1 as well, and the
+    # parts of ranks 3 and 5 from those ranks (their own copies), no longer each from the disk.
+    sources = [0, 1, 2, 3, 1, 5]
+    assert of(sources, 3) == [("rank-00003.safetensors", 3, 3), ("shared-00000.safetensors", 3, 3),
+                              ("shared-00001.safetensors", 4, 1), ("shared-00002.safetensors", 5, 5)]
+    assert of(sources, 4)[:2] == [("rank-00004.safetensors", 4, 1), ("shared-00000.safetensors", 3, 3)]
+    # Node 0 is untouched by node 1's trouble.
+    assert [n.provider for n in needs(lay, sources, 2)] == [2, 2, 2, 2]
+
+
+def test_the_shared_copy_is_split_by_bytes_and_only_replicated_tensors_move() -> None:
+    import torch
+
+    from lightning_sharing import Topology
+    from lightning_sharing.engine.local_plan import Layout, assign_parts
+    from lightning_sharing.engine.local_state import Collected
+
+    sizes = [(f"1/w{i}", size) for i, size in enumerate([40, 30, 20, 10, 10, 5, 5])]
+    chosen = assign_parts(sizes, 3)
+    loads = [sum(size for name, size in sizes if chosen[name] == part) for part in range(3)]
+    assert sorted(loads) == [40, 40, 40], loads  # 120 bytes over 3 parts, every tensor placed once
+    assert assign_parts(list(reversed(sizes)), 3) == chosen  # a function of the names and sizes, not their order
+
+    shared = {"__trees__": torch.zeros(3, dtype=torch.uint8), "0/step": torch.ones(1),
+              **{name: torch.zeros(size) for name, size in sizes}}
+    collected = Collected({"own": torch.ones(2)}, shared, frozenset(name for name, _ in sizes))
+    nodes = Topology.build(6, node_of_rank=[0, 0, 0, 1, 1, 1]).nodes
+    parts = [collected.bundles(Layout(rank, nodes, 1), spread=True) for rank in (3, 4, 5)]
+    names = [set(part[f"shared-0000{j}.safetensors"]) for j, part in enumerate(parts)]
+    assert {"__trees__", "0/step"} <= names[0] and all(n.startswith("1/") for n in names[1] | names[2])
+    assert set().union(*names) == set(shared) and sum(map(len, names)) == len(shared)  # disjoint, complete
+    assert parts[1]["rank-00004.safetensors"] is collected.own
+    whole = collected.bundles(Layout(3, nodes, 1), spread=False)["shared-00000.safetensors"]
+    assert set(whole) == set(shared) and not collected.bundles(Layout(4, nodes, 1), spread=False)[
+        "shared-00001.safetensors"]
