@@ -14,8 +14,10 @@ CPU process each, joined over loopback):
 
 The only lines about the tier are ``SharingStrategy(local_tier=LocalTier(OUT/local/{node}, every_n_steps=2))``:
 ``{node}`` keeps the simulated nodes' directories apart. ``run`` (what each torchrun agent executes) takes
-``--kill-at N`` (SIGKILL after step N's hooks, its local save included) and ``--resume``; each rank writes
-``OUT/final-rank{r}.pt`` with its final model, optimizer, RNG and last batches for the comparison.
+``--kill-at N`` (SIGKILL after step N's hooks, its local save included), ``--resume`` and ``--async-save`` (the
+strategy's ``async_save=True``: local and persistent saves are staged and written behind training; ``--kill-at``
+then waits for them first, a crash right after they completed); each rank writes ``OUT/final-rank{r}.pt`` with its
+final model, optimizer, RNG and last batches for the comparison.
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ class KillAt(Callback):
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         if trainer.global_step == self.step:
+            trainer.strategy.checkpoint_io.wait()  # background saves of step N done (per rank; no-op when sync)
             os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -77,7 +80,8 @@ def run(args: argparse.Namespace) -> None:
                                             save_last=True)]
     if args.kill_at is not None:
         callbacks.append(KillAt(args.kill_at))
-    strategy = SharingStrategy(local_tier=LocalTier(str(args.out / "local" / "{node}"), every_n_steps=2))
+    strategy = SharingStrategy(local_tier=LocalTier(str(args.out / "local" / "{node}"), every_n_steps=2),
+                               async_save=args.async_save)
     trainer = pl.Trainer(strategy=strategy, accelerator="cpu", devices=1, num_nodes=2, max_steps=args.max_steps,
                          callbacks=callbacks, logger=False, enable_progress_bar=False, enable_model_summary=False,
                          num_sanity_val_steps=0)
@@ -123,6 +127,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--kill-at", type=int, default=None)
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--async-save", action="store_true")
     parser.add_argument("--max-steps", type=int, default=10)
     args = parser.parse_args()
     (demo if args.mode == "demo" else run)(args)

@@ -198,10 +198,14 @@ class BackgroundSaver:
         while len(self._pending) >= self.max_pending:
             self._wait_oldest()
 
-    def submit(self, target: Path, work: Callable[[], None], staged: list[torch.Tensor]) -> None:
+    def submit(self, target: Path, work: Callable[[], None], staged: list[torch.Tensor],
+               tolerated: Callable[[CheckpointError], None] | None = None) -> None:
         """Run ``work`` (which writes and commits ``target``) in the background, after earlier saves.
 
-        ``staged`` are the staging buffers the save holds; they are reused once it has committed.
+        ``staged`` are the staging buffers the save holds; they are reused once it has committed. With
+        ``tolerated``, a ``CheckpointError`` of this save (which ``work``'s agreement steps raise alike on every
+        rank) is handed to it instead of failing the saver: later calls do not raise it (a local tier save whose
+        failure must not stop training or the persistent saves).
         """
         copies, self._deferred = self._deferred, []  # before make_room(), which forgets them
         self.make_room()
@@ -223,6 +227,11 @@ class BackgroundSaver:
                         finally:  # training may go on as soon as this rank's copies are made, before the agreement
                             self._copied_one()
                 work()
+            except CheckpointError as error:
+                if tolerated is None:
+                    self._last_failed = True
+                    raise
+                tolerated(error)
             except BaseException:
                 self._last_failed = True
                 raise

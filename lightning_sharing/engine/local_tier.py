@@ -70,7 +70,11 @@ def _jsonable(value: Any) -> Any:
 class LocalTierRunner:
     """``save_local`` and ``restore`` of one coordinator (see the module docstring); holds the tier's gloo group."""
 
-    def __init__(self, tier: LocalTier) -> None:
+    def __init__(self, tier: LocalTier, on_background_failure: Callable[[int, CheckpointError], None] | None = None
+                 ) -> None:
+        #: With it, a background save's failure (agreed on every rank) is handed to it with the step, on every rank,
+        #: instead of being raised by the saver's next wait (the Trainer goes on training).
+        self.on_background_failure = on_background_failure
         self.tier = tier
         self._group: Any = None
         self._has_group = False
@@ -112,8 +116,10 @@ class LocalTierRunner:
         owned = optimizer_owned(components, staging_roots) if saver.background_staging else None
         staged = {name: saver.stage(tensors, owned) for name, tensors in bundles.items()}
         group = saver.group()
+        handler = self.on_background_failure
         saver.submit(Path(what), lambda: self._write(step, lay, staged, topology, declaration, group),
-                     [t for tensors in staged.values() for t in tensors.values()])
+                     [t for tensors in staged.values() for t in tensors.values()],
+                     None if handler is None else lambda error: handler(step, error))
 
     def _write(self, step: int, lay: Layout, bundles: dict[str, dict[str, torch.Tensor]], topology: Topology,
                declaration: Any, group: Any) -> None:

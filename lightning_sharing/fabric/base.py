@@ -214,6 +214,9 @@ class FabricSharingBase:
     def save_local(self, state: dict[str, Any], step: int) -> bool:
         """Collective: save ``state`` into the local tier as step ``step`` when it is due (``every_n_steps`` divides
         it, or is None); returns whether it saved. A failure on any rank (a full local disk) raises on every rank.
+        With the strategy's ``async_save=True`` it returns once the state is staged; the write runs on the strategy's
+        background saver, and a failure is raised, on every rank, by the next save, load, restore or
+        ``wait_for_checkpoint()``.
 
         Example:
             >>> state = {"model": model, "optimizer": optimizer, "step": step}     # doctest: +SKIP
@@ -258,7 +261,8 @@ class FabricSharingBase:
         return step
 
     def _local_coordinator(self, components: list[StateComponent]) -> CheckpointCoordinator:
-        return CheckpointCoordinator(components, self._process_groups(), local_tier=self._local_runner)
+        return CheckpointCoordinator(components, self._process_groups(), local_tier=self._local_runner,
+                                     async_save=self._host.saver)
 
     # ------------------------------------------------------------------ helpers
     def _strategy_components(self, loading: bool) -> list[StateComponent]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
+from functools import partial
 from typing import Any
 
 from lightning_sharing.core.declarations import StateComponent, ValidationLevel, check_unique_keys
@@ -41,6 +42,7 @@ from lightning_sharing.lightning.local_tier import (
     LocalResume,
     LocalTierSaves,
     agree_on_last,
+    log_failed_local_save,
     resolve_last,
     save_local,
 )
@@ -95,7 +97,8 @@ class SharingStrategyBase(ResumeMixin):
             raise ComponentDeclarationError(f"local_tier must be a LocalTier, got {type(local_tier).__name__}")
         #: The fast recovery tier (``LocalTier``), or None; its runner keeps the tier's process group between saves.
         self.local_tier = local_tier
-        self._local_runner = LocalTierRunner(local_tier) if local_tier is not None else None
+        failed = partial(log_failed_local_save, background=True)  # an async local save's failure: logged
+        self._local_runner = LocalTierRunner(local_tier, failed) if local_tier is not None else None
         self._local_resume: LocalResume | None = None
         self._asked_last = False  # fit(ckpt_path="last") resolved here; agreed in setup_environment
 
@@ -183,6 +186,7 @@ class SharingStrategyBase(ResumeMixin):
         user, overrides = self.declared_components()
         module = self.lightning_module
         save_local(trainer, self._local_runner, user, overrides, self._resolve_process_groups(),
+                   saver=self.sharing_io.saver, staging_roots=[module, *self.optimizers],
                    unreplicated=self.unreplicated_entries(), metrics=module_metrics(module), module=module,
                    sampler_positions=self.elastic.positions(trainer))
 

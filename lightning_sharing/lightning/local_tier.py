@@ -3,8 +3,10 @@
 ``SharingStrategy(local_tier=LocalTier("/local/ckpt/{node}", every_n_steps=50))`` (and
 ``SharingModelParallelStrategy``) adds ``LocalTierSaves`` to the Trainer's callbacks: after every N-th training
 step, Lightning's checkpoint dict (the one ``ModelCheckpoint`` would save at that point) is split into the built-in
-components, as for a persistent save, and saved with the coordinator's ``save_local``. A failed local save (a full
-local disk) is an error on every rank, logged; training continues and persistent saves are unaffected.
+components, as for a persistent save, and saved with the coordinator's ``save_local``; with the strategy's
+``async_save=True``, on its background saver (staged, then written behind training, as persistent async saves are).
+A failed local save (a full local disk) is an error on every rank, logged (``log_failed_local_save``, also for a
+background one); training continues and persistent saves are unaffected.
 
 ``fit(ckpt_path="last")`` cannot agree on anything across ranks when it resolves the path (the process group does
 not exist yet), so it resolves to a marker (``LOCAL_TIER_MARKER`` and the tier's directory) remembering the newest
@@ -22,7 +24,7 @@ from __future__ import annotations
 import glob
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +33,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning_sharing.checkpoint.discovery import complete_checkpoints
 from lightning_sharing.core.declarations import StateComponent, ValidationLevel
 from lightning_sharing.core.local_tier import NODE_PLACEHOLDER, LocalTier
+from lightning_sharing.distributed.async_save import BackgroundSaver
 from lightning_sharing.distributed.collectives import any_rank, node_index_from_env
 from lightning_sharing.engine.coordinator import CheckpointCoordinator
 from lightning_sharing.engine.local_tier import LocalTierRunner
@@ -41,8 +44,8 @@ from lightning_sharing.lightning.checkpoint_io import save_holders
 from lightning_sharing.statefuls.holders import ValueHolder
 from lightning_sharing.statefuls.rng import RNGHolder
 
-__all__ = ["LOCAL_TIER_MARKER", "LocalResume", "LocalTierSaves", "agree_on_last", "load_local", "resolve_last",
-           "save_local"]
+__all__ = ["LOCAL_TIER_MARKER", "LocalResume", "LocalTierSaves", "agree_on_last", "load_local",
+           "log_failed_local_save", "resolve_last", "save_local"]
 
 log = logging.getLogger(__name__)
 
@@ -75,18 +78,27 @@ class LocalTierSaves(Callback):
         try:
             self.strategy.save_local(trainer)
         except CheckpointError as exc:  # raised alike on every rank (agreed): every rank goes on training
-            log.error("the local save of step %d failed on every rank; training continues and the persistent "
-                      "checkpoints are unaffected: %s", step, exc)
+            log_failed_local_save(step, exc)
+
+
+def log_failed_local_save(step: int, error: CheckpointError, background: bool = False) -> None:
+    """What every rank logs when a local save failed (agreed on every rank), and then goes on training."""
+    log.error("the local save of step %d failed on every rank%s; training continues and the persistent checkpoints "
+              "are unaffected: %s", step, " (written in the background)" if background else "", error)
 
 
 def save_local(trainer: Any, runner: LocalTierRunner, user: list[StateComponent],
-               overrides: Mapping[str, StateComponent], groups: Any, **holder_args: Any) -> None:
-    """Collective: the Trainer's state now (as ``ModelCheckpoint`` would save it) into the local tier."""
+               overrides: Mapping[str, StateComponent], groups: Any, saver: BackgroundSaver | None = None,
+               staging_roots: Sequence[Any] = (), **holder_args: Any) -> None:
+    """Collective: the Trainer's state now (as ``ModelCheckpoint`` would save it) into the local tier; with
+    ``saver``, staged now and written in the background (``staging_roots`` as for persistent saves)."""
     holders = save_holders(dump_checkpoint(trainer), **holder_args)
     for key in BUILTIN_KEYS:  # every built-in, present or not: the restore declares the same components
         holders.setdefault(key, ValueHolder(None))
     components = builtin_components(list(BUILTIN_KEYS), holders, overrides, ValidationLevel.NONE) + list(user)
-    CheckpointCoordinator(components, groups, local_tier=runner).save_local(trainer.global_step)
+    coordinator = CheckpointCoordinator(components, groups, local_tier=runner, async_save=saver)
+    coordinator.staging_roots = list(staging_roots)
+    coordinator.save_local(trainer.global_step)
 
 
 def load_local(runner: LocalTierRunner, user: list[StateComponent], overrides: Mapping[str, StateComponent],
