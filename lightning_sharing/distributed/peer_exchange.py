@@ -29,7 +29,7 @@ _LENGTH_TAG, _DATA_TAG = 7301, 7302
 
 
 def exchange_bytes(sends: Mapping[int, bytes | bytearray | memoryview | None], receives: Sequence[int], group: Any,
-                   phase: str = "sending local checkpoint files to peer nodes") -> dict[int, bytearray | None]:
+                   phase: str = "sending local checkpoint files to peer nodes") -> dict[int, memoryview | None]:
     """Send ``sends[dst]`` (any bytes-like object, sent without a copy) to each ``dst`` and receive one message from
     each rank of ``receives``; returns the received bytes by source (None: the source sent a failure notice).
     ``group`` spans every rank (a gloo group: the tensors stay on the CPU whatever the default backend); ranks are
@@ -41,13 +41,16 @@ def exchange_bytes(sends: Mapping[int, bytes | bytearray | memoryview | None], r
         incoming = {src: torch.zeros(1, dtype=torch.int64) for src in receives}
         _wait([dist.isend(lengths[dst], dst, group=group, tag=_LENGTH_TAG) for dst in lengths]
               + [dist.irecv(incoming[src], src, group=group, tag=_LENGTH_TAG) for src in incoming])
-        buffers = {src: bytearray(int(length.item())) for src, length in incoming.items() if length.item() > 0}
+        # Not zero-filled first (a bytearray would be): the receive writes every byte.
+        buffers = {src: torch.empty(int(length.item()), dtype=torch.uint8) for src, length in incoming.items()
+                   if length.item() > 0}
         requests = [dist.isend(_tensor_of(view), dst, group=group, tag=_DATA_TAG)
                     for dst, view in views.items() if view is not None and len(view)]
-        requests += [dist.irecv(torch.frombuffer(buffer, dtype=torch.uint8), src, group=group, tag=_DATA_TAG)
-                     for src, buffer in buffers.items()]
+        requests += [dist.irecv(buffer, src, group=group, tag=_DATA_TAG) for src, buffer in buffers.items()]
         _wait(requests)
-    return {src: (None if length.item() < 0 else buffers.get(src, bytearray())) for src, length in incoming.items()}
+    empty = memoryview(b"")
+    return {src: (None if length.item() < 0 else memoryview(buffers[src].numpy()) if src in buffers else empty)
+            for src, length in incoming.items()}
 
 
 def _tensor_of(view: memoryview) -> torch.Tensor:

@@ -218,7 +218,7 @@ def write_raw(folder: Path, name: str, data: _Bytes) -> None:
         sink.write(data)
 
 
-def pack(folder: Path, names: Sequence[str], body: dict[str, Any] | None = None) -> bytearray:
+def pack(folder: Path, names: Sequence[str], body: dict[str, Any] | None = None) -> memoryview:
     """Files of ``folder`` as one message, read straight into it: an 8-byte header length, a JSON header of names,
     sizes and checksums, then the bytes. With ``body`` (``COMPLETE.json``), each file is checked against its listed
     size and checksum first; raises ``CorruptCheckpointError`` naming the file."""
@@ -233,8 +233,8 @@ def pack(folder: Path, names: Sequence[str], body: dict[str, Any] | None = None)
     # The header's length is known before the files are read: every checksum has the same length.
     placeholder = bytes_checksum(b"")
     length = len(json.dumps([[name, size, placeholder] for name, size in sizes.items()]).encode())
-    message = bytearray(8 + length + sum(sizes.values()))
-    view = memoryview(message)
+    # Not zero-filled first (a bytearray would be): every byte is written below.
+    view = memoryview(torch.empty(8 + length + sum(sizes.values()), dtype=torch.uint8).numpy())
     header = []
     start = 8 + length
     for name, size in sizes.items():
@@ -260,7 +260,7 @@ def pack(folder: Path, names: Sequence[str], body: dict[str, Any] | None = None)
         raise CorruptCheckpointError(f"the header of the files of {folder} changed length while being built")
     view[:8] = length.to_bytes(8, "little")
     view[8:8 + length] = text
-    return message
+    return view
 
 
 def unpack(message: _Bytes, source: str) -> dict[str, memoryview]:

@@ -297,7 +297,7 @@ class LocalTierRunner:
         for need in wanted:
             if need.provider == me:
                 got[need.name] = read(need, lambda folder, body, n=need.name: files.read_verified(folder, n, body))
-        sends: dict[int, bytearray | None] = {}
+        sends: dict[int, memoryview | None] = {}
         for target in range(len(sources)):
             served = [need for need in needs(lay, sources, target) if need.provider == me] if target != me else []
             if served:  # one folder: a holder's replica of the target's node, or a node-mate's own copy
