@@ -34,6 +34,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+import torchmetrics
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 from torchdata.stateful_dataloader import StatefulDataLoader
@@ -45,12 +46,16 @@ class Module(pl.LightningModule):
     def __init__(self) -> None:
         super().__init__()
         self.net = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.3), nn.Tanh(), nn.Linear(8, 1))
+        self.loss_mean = torchmetrics.MeanMetric()  # this rank's running mean: saved and restored per rank,
+        self.loss_mean.persistent(True)  # as a state of the module (torchmetrics' default keeps it out of it)
         self.seen: list[float] = []
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch
         self.seen.append(float(x.sum()))
-        return nn.functional.mse_loss(self.net(x), y)
+        loss = nn.functional.mse_loss(self.net(x), y)
+        self.loss_mean.update(loss.detach())
+        return loss
 
     def configure_optimizers(self) -> Any:
         optimizer = torch.optim.Adam(self.parameters(), lr=0.01)
@@ -90,6 +95,7 @@ def run(args: argparse.Namespace) -> None:
     optimizer = trainer.optimizers[0]
     torch.save({"model": module.state_dict(), "optimizer": optimizer.state_dict(), "step": trainer.global_step,
                 "rng": torch.get_rng_state(), "seen": module.seen[-3:], "ckpt_path": str(trainer.ckpt_path),
+                "metric": {"mean_value": module.loss_mean.mean_value, "weight": module.loss_mean.weight},
                 "lr": optimizer.param_groups[0]["lr"]}, args.out / f"final-rank{trainer.global_rank}.pt")
 
 

@@ -60,7 +60,7 @@ def test_killed_run_resumes_from_the_local_tier_bit_exact(tmp_path: Path) -> Non
             want = torch.load(full / f"final-rank{rank}.pt", weights_only=True)
             got = torch.load(out / f"final-rank{rank}.pt", weights_only=True)
             assert got["ckpt_path"].startswith("lightning_sharing local tier"), got["ckpt_path"]
-            for key in ("model", "optimizer", "step", "rng", "seen", "lr"):
+            for key in ("model", "optimizer", "step", "rng", "seen", "lr", "metric"):
                 assert same_state(got[key], want[key]), (name, rank, key, got[key], want[key])
     assert "from the replica on rank 0 (node 0)" in output
 
@@ -84,5 +84,5 @@ def test_a_node_that_lost_its_disk_before_any_persistent_checkpoint_resumes_with
     for rank in (0, 1):
         want = torch.load(full / f"final-rank{rank}.pt", weights_only=True)
         got = torch.load(run / f"final-rank{rank}.pt", weights_only=True)
-        for key in ("model", "optimizer", "step", "rng", "seen", "lr"):
+        for key in ("model", "optimizer", "step", "rng", "seen", "lr", "metric"):
             assert same_state(got[key], want[key]), (rank, key, got[key], want[key])
