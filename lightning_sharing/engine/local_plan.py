@@ -33,7 +33,7 @@ from lightning_sharing.core.topology import Topology
 from lightning_sharing.engine.local_files import rank_file, shared_file
 from lightning_sharing.errors import ComponentDeclarationError
 
-__all__ = ["Layout", "Need", "assign_parts", "choose", "copy_holder", "layout", "needs", "node_of"]
+__all__ = ["Layout", "Need", "assign_parts", "choose", "copy_holder", "layout", "needs", "node_of", "served_by"]
 
 
 @dataclass(frozen=True)
@@ -45,9 +45,14 @@ class Layout:
     replicas: int  # at most the number of other nodes
 
     @cached_property
+    def node_by_rank(self) -> dict[int, int]:
+        """Every global rank's node index."""
+        return {rank: node for node, members in enumerate(self.nodes) for rank in members}
+
+    @cached_property
     def node(self) -> int:
         """This rank's node index."""
-        return next(i for i, members in enumerate(self.nodes) if self.rank in members)
+        return self.node_by_rank[self.rank]
 
     @cached_property
     def local(self) -> int:
@@ -107,7 +112,7 @@ def sources_for(lay: Layout, held: list[set[tuple[int, int]]], step: int,
 
 def node_of(lay: Layout, rank: int) -> int:
     """The node index of global rank ``rank``."""
-    return next(i for i, members in enumerate(lay.nodes) if rank in members)
+    return lay.node_by_rank[rank]
 
 
 @dataclass(frozen=True)
@@ -131,6 +136,15 @@ def needs(lay: Layout, sources: Sequence[int], target: int) -> list[Need]:
     files += [Need(shared_file(local), member, target if own else sources[member])
               for local, member in enumerate(members)]
     return files
+
+
+def served_by(lay: Layout, sources: Sequence[int]) -> dict[int, list[Need]]:
+    """What this rank reads for other ranks and sends them, by target rank. Only its node-mates and the ranks of the
+    nodes it holds replicas of can need anything from it, so only those are looked at."""
+    candidates = [*lay.nodes[lay.node], *(rank for origin in lay.origins() for rank in lay.nodes[origin])]
+    served = {target: [n for n in needs(lay, sources, target) if n.provider == lay.rank]
+              for target in dict.fromkeys(candidates) if target != lay.rank}
+    return {target: files for target, files in served.items() if files}
 
 
 def copy_holder(lay: Layout, provider: int, origin: int) -> int:

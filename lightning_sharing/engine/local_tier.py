@@ -53,7 +53,16 @@ from lightning_sharing.distributed.collectives import (
 )
 from lightning_sharing.distributed.peer_exchange import exchange_bytes
 from lightning_sharing.engine import local_files as files
-from lightning_sharing.engine.local_plan import Layout, Need, choose, copy_holder, layout, needs, node_of
+from lightning_sharing.engine.local_plan import (
+    Layout,
+    Need,
+    choose,
+    copy_holder,
+    layout,
+    needs,
+    node_of,
+    served_by,
+)
 from lightning_sharing.engine.local_state import Collected, apply_states, collect
 from lightning_sharing.engine.staging import optimizer_owned
 from lightning_sharing.errors import CheckpointError, ComponentDeclarationError, CorruptCheckpointError
@@ -298,11 +307,10 @@ class LocalTierRunner:
             if need.provider == me:
                 got[need.name] = read(need, lambda folder, body, n=need.name: files.read_verified(folder, n, body))
         sends: dict[int, memoryview | None] = {}
-        for target in range(len(sources)):
-            served = [need for need in needs(lay, sources, target) if need.provider == me] if target != me else []
-            if served:  # one folder: a holder's replica of the target's node, or a node-mate's own copy
-                sends[target] = read(served[0], lambda folder, body, s=served: files.pack(
-                    folder, [need.name for need in s], body))
+        for target, served in served_by(lay, sources).items():
+            # One folder: a holder's replica of the target's node, or a node-mate's own copy.
+            sends[target] = read(served[0], lambda folder, body, s=served: files.pack(
+                folder, [need.name for need in s], body))
         providers = sorted({need.provider for need in wanted if need.provider != me})
         received = exchange_bytes(sends, providers, group, phase=f"sending local checkpoint step {step} to its ranks")
         for provider in providers:

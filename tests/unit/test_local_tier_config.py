@@ -132,3 +132,20 @@ def test_the_shared_copy_is_split_by_bytes_and_only_replicated_tensors_move() ->
     whole = collected.bundles(Layout(3, nodes, 1), spread=False)["shared-00000.safetensors"]
     assert set(whole) == set(shared) and not collected.bundles(Layout(4, nodes, 1), spread=False)[
         "shared-00001.safetensors"]
+
+
+def test_what_a_rank_sends_is_what_the_others_need_from_it() -> None:
+    import itertools
+
+    from lightning_sharing import Topology
+    from lightning_sharing.engine.local_plan import Layout, needs, served_by
+
+    nodes = Topology.build(8, node_of_rank=[0, 0, 1, 1, 2, 2, 3, 3]).nodes
+    layouts = [Layout(rank, nodes, 2) for rank in range(8)]
+    # Every way of sourcing ranks 2 and 3 (node 1) from themselves or their two holders, the rest their own copies.
+    for source_2, source_3 in itertools.product([2, 4, 6], [3, 5, 7]):
+        sources = [0, 1, source_2, source_3, 4, 5, 6, 7]
+        for lay in layouts:  # the candidates served_by looks at miss no one (checked against every target)
+            brute = {target: [n for n in needs(lay, sources, target) if n.provider == lay.rank]
+                     for target in range(8) if target != lay.rank}
+            assert served_by(lay, sources) == {t: files for t, files in brute.items() if files}, (sources, lay.rank)
