@@ -1,5 +1,5 @@
 """What a rank puts into a local tier step and takes back out: its own bundle, its part of the node's shared copy,
-and the states handed back to the components on restore.
+the steps it can serve on restore (``inventory``), and the states handed back to the components.
 
 Every rank of a node holds the same REPLICATED state, so the node's one copy of it is spread over the node's ranks:
 rank ``j`` stages, writes and sends part ``j`` (``local_plan.assign_parts``, by tensor, largest first), which cuts
@@ -15,21 +15,26 @@ Example (every rank):
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from lightning_sharing.core.declarations import StateComponent
 from lightning_sharing.core.patterns import SharingPattern
+from lightning_sharing.core.topology import Topology
 from lightning_sharing.distributed.ballot import stable_hash
 from lightning_sharing.engine import local_files as files
 from lightning_sharing.engine.local_plan import Layout, assign_parts
 from lightning_sharing.errors import CorruptCheckpointError
 from lightning_sharing.format.codec import is_dtensor
 
-__all__ = ["SHARED", "Collected", "apply_states", "collect"]
+__all__ = ["SHARED", "Collected", "apply_states", "collect", "inventory"]
+
+log = logging.getLogger(__name__)
 
 #: The patterns of which each node keeps one copy, spread over its ranks.
 SHARED = (SharingPattern.GLOBAL, SharingPattern.REPLICATED)
@@ -73,6 +78,41 @@ def collect(components: Sequence[StateComponent], lay: Layout) -> Collected:
 
 def _nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
+
+
+def inventory(node_dir: Path, lay: Layout, topology: Topology, declaration: Any) -> dict[str, Any]:
+    """What this rank can serve: ``held`` (origin node, step) pairs saved at this topology with these components, and
+    ``other``: why the first step saved otherwise (another world size, node count or declaration) is ignored."""
+    held: list[tuple[int, int]] = []
+    other: str | None = None
+    if not node_dir.is_dir():
+        log.warning("local tier: node %d's directory %s does not exist (a new machine or a wiped disk)", lay.node,
+                    node_dir)
+        return {"held": held, "other": other}
+    wanted = topology.to_json()
+    places = [(lay.node, node_dir / "own", lay.rank)]
+    places += [(origin, node_dir / f"replica_of_{origin}", lay.nodes[origin][lay.local]) for origin in lay.origins()]
+    for origin, parent, owner in places:
+        for step in files.list_steps(parent):
+            folder = files.step_dir(parent, step)
+            try:
+                body = files.read_complete(folder)
+            except CorruptCheckpointError as exc:
+                log.warning("local tier: ignoring %s: %s", folder, exc)
+                continue
+            if body["topology"] != wanted:
+                saved = Topology.from_json(body["topology"]).describe()
+                other = other or (f"the local checkpoint {folder} was saved at {saved} and this job runs at "
+                                  f"{topology.describe()}")
+                continue
+            if body["declaration"] != declaration:
+                other = other or (f"the local checkpoint {folder} was saved with the components "
+                                  f"{body['declaration']}, this job declares {declaration}")
+                continue
+            listed = body["files"]
+            if body["node"] == origin and files.rank_file(owner) in listed and files.shared_file(lay.local) in listed:
+                held.append((origin, step))
+    return {"held": held, "other": other}
 
 
 def apply_states(components: Sequence[StateComponent], states: Mapping[str, Any]) -> None:

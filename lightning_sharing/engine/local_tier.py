@@ -63,7 +63,7 @@ from lightning_sharing.engine.local_plan import (
     node_of,
     served_by,
 )
-from lightning_sharing.engine.local_state import Collected, apply_states, collect
+from lightning_sharing.engine.local_state import Collected, apply_states, collect, inventory
 from lightning_sharing.engine.staging import optimizer_owned
 from lightning_sharing.errors import CheckpointError, ComponentDeclarationError, CorruptCheckpointError
 
@@ -222,7 +222,7 @@ class LocalTierRunner:
             warn_on_rank_zero(log, "local tier skipped: %s; %s", exc, otherwise)
             return None
         try:
-            report = _inventory(self.node_dir_of(lay), lay, topology, _jsonable(declaration))
+            report = inventory(self.node_dir_of(lay), lay, topology, _jsonable(declaration))
         except Exception as exc:  # this rank serves nothing, and still joins the gather below (no rank waits alone)
             log.warning("local tier: cannot list %s: %s: %s", self.node_dir_of(lay), type(exc).__name__, exc)
             report = {"held": [], "other": None}
@@ -318,7 +318,11 @@ class LocalTierRunner:
             if data is None:  # the provider could not read them: it reports that itself
                 continue
             try:
-                for name, content in files.unpack(data, f"rank {provider}").items():
+                given = files.unpack(data, f"rank {provider}")
+                asked = {need.name for need in wanted if need.provider == provider}
+                if set(given) != asked:
+                    raise CorruptCheckpointError(f"rank {provider} sent the files {sorted(given)}, not {sorted(asked)}")
+                for name, content in given.items():
                     got[name] = files.parse_tensors(content, name)
             except Exception as exc:  # agreed on below, as a refusal of that source
                 failures += [(provider, need.origin, f"files from rank {provider}: {type(exc).__name__}: {exc}")
@@ -364,41 +368,6 @@ def newest_persistent(directory: Any, storage_options: dict[str, Any] | None) ->
         return None
     found = complete_checkpoints(directory, storage_options)
     return None if not found else (str(found[0][0]), found[0][1])
-
-
-def _inventory(node_dir: Path, lay: Layout, topology: Topology, declaration: Any) -> dict[str, Any]:
-    """What this rank can serve: ``held`` (origin node, step) pairs saved at this topology with these components, and
-    ``other``: why the first step saved otherwise (another world size, node count or declaration) is ignored."""
-    held: list[tuple[int, int]] = []
-    other: str | None = None
-    if not node_dir.is_dir():
-        log.warning("local tier: node %d's directory %s does not exist (a new machine or a wiped disk)", lay.node,
-                    node_dir)
-        return {"held": held, "other": other}
-    wanted = topology.to_json()
-    places = [(lay.node, node_dir / "own", lay.rank)]
-    places += [(origin, node_dir / f"replica_of_{origin}", lay.nodes[origin][lay.local]) for origin in lay.origins()]
-    for origin, parent, owner in places:
-        for step in files.list_steps(parent):
-            folder = files.step_dir(parent, step)
-            try:
-                body = files.read_complete(folder)
-            except CorruptCheckpointError as exc:
-                log.warning("local tier: ignoring %s: %s", folder, exc)
-                continue
-            if body["topology"] != wanted:
-                saved = Topology.from_json(body["topology"]).describe()
-                other = other or (f"the local checkpoint {folder} was saved at {saved} and this job runs at "
-                                  f"{topology.describe()}")
-                continue
-            if body["declaration"] != declaration:
-                other = other or (f"the local checkpoint {folder} was saved with the components "
-                                  f"{body['declaration']}, this job declares {declaration}")
-                continue
-            listed = body["files"]
-            if body["node"] == origin and files.rank_file(owner) in listed and files.shared_file(lay.local) in listed:
-                held.append((origin, step))
-    return {"held": held, "other": other}
 
 
 def _write_own(temp: Path, bundles: dict[str, dict[str, torch.Tensor]], lay: Layout) -> None:
