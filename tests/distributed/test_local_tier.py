@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from support.compare import same_state
 from support.dist_harness import run_distributed
 from support.statefuls import Box
@@ -104,8 +105,6 @@ def _worker(rank: int, world_size: int, root: str) -> dict[str, Any]:
         coordinator.save_local(step)
         snaps[step] = _snapshot(components)
     checks["files"] = sorted(str(p.relative_to(local)) for p in local.rglob("*") if p.is_file())
-    from safetensors.torch import load_file
-
     checks["parts"] = [set(load_file(local / "0" / "own" / "step_5" / f"shared-0000{j}.safetensors")) for j in (0, 1)]
 
     # 1. every rank's own copy (the newest of both tiers: local 5 > persistent 2)
@@ -171,6 +170,20 @@ def _worker(rank: int, world_size: int, root: str) -> dict[str, Any]:
     train(13)
     background.wait()
     restore_and_compare(snaps[12], "async")
+    # 8. REPLICATED state whose shape differs between ranks (a misdeclaration): the split is refused alike on every
+    # rank, each node's first rank writes the node's whole copy, and a restore gives each node that rank's state
+    from lightning_sharing import SharingPattern, StateComponent
+
+    odd = Box("odd", torch.arange(float(2 + rank % 2)))  # 2 values on ranks 0 and 2, 3 on ranks 1 and 3
+    start = len(logs.lines)
+    odd_tier = LocalTier(str(root_path / "odd" / "{node}"), replicas=1)
+    odd_coordinator = CheckpointCoordinator([StateComponent("odd", odd, SharingPattern.REPLICATED)],
+                                            local_tier=odd_tier)
+    odd_coordinator.save_local(1)
+    own_1 = root_path / "odd" / str(int(os.environ["GROUP_RANK"])) / "own" / "step_1"
+    checks["odd parts"] = [sorted(load_file(own_1 / f"shared-0000{j}.safetensors")) for j in (0, 1)]
+    odd.values = torch.zeros(1)
+    checks["odd"] = (odd_coordinator.restore(root_path / "no checkpoints"), odd.values, logs.lines[start:])
     return checks
 
 
@@ -226,6 +239,11 @@ def test_local_tier_restores_from_own_copies_replicas_and_the_persistent_tier(tm
     assert "restoring step 2 from the persistent checkpoint" in logs["wiped both"], logs["wiped both"]
     assert "restoring step 8 from the persistent checkpoint" in logs["persistent newer"]
     assert "restored step 9 from the local tier" in logs["local newer"]
+    for rank, checks in enumerate(results):
+        step, values, _ = checks["odd"]
+        assert step == 1 and torch.equal(values, torch.arange(2.0)), (rank, step, values)  # the node's first rank's
+        assert checks["odd parts"] == [["0/values", "__trees__"], []], checks["odd parts"]
+    assert "hold REPLICATED tensors of different names, shapes or dtypes" in "\n".join(results[0]["odd"][2])
 
     # The same directories at another world size (one rank on each of two nodes): the tier is skipped, said once,
     # and the persistent checkpoint loads as load_checkpoint would (PER_RANK and PER_NODE state dropped, as declared).
