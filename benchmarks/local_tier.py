@@ -155,6 +155,7 @@ def main() -> int:
     import torch.multiprocessing as mp
 
     world = args.nodes * args.ranks_per_node
+    replicas = min(1, args.nodes - 1)  # what LocalTier(replicas=1) gives: no peer on one node
     with tempfile.TemporaryDirectory(prefix="local-tier-") as scratch:
         server = MotoServer(Path(scratch) / "moto.log")
         server.start()
@@ -186,7 +187,7 @@ def main() -> int:
             server.stop()
     print(f"local tier benchmark: {args.nodes} simulated nodes x {args.ranks_per_node} ranks (gloo, {os.cpu_count()} "
           f"cores), REPLICATED model + AdamW of {per_rank[0]['state'] / MIB:.0f} MiB + a small PER_RANK state, "
-          f"replicas={min(1, args.nodes - 1)}; {args.repeats} rounds, median (min-max) of the slowest rank; total "
+          f"replicas={replicas}; {args.repeats} rounds, median (min-max) of the slowest rank; total "
           f"{time.perf_counter() - started:.0f}s")
     medians = {}
     for unit in UNITS:
@@ -205,7 +206,7 @@ def main() -> int:
         ranks = range(node * args.ranks_per_node, (node + 1) * args.ranks_per_node)
         own, replica = per_rank[ranks[0]]["own"], per_rank[ranks[0]]["replica"]
         print(f"node {node}: own step {own} bytes, received replicas {replica} bytes per save "
-              f"({replica / own:.3f} x its own; replicas={min(1, args.nodes - 1)}, nodes of equal state)")
+              f"({replica / own:.3f} x its own; replicas={replicas}, nodes of equal state)")
     return 0
 
 

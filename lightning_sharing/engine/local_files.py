@@ -40,9 +40,9 @@ from lightning_sharing.format.safetensors_io import bytes_checksum, read_tensor_
 from lightning_sharing.storage.local import LocalStore, fsync_dir, rmtree_missing_ok
 
 __all__ = ["COMPLETE_NAME", "TREES", "bundle_bytes", "bundle_tensors", "commit_step", "complete_record",
-           "list_steps", "pack", "parse_bundle", "parse_tensors", "place", "rank_file", "read_bundle", "read_complete",
-           "read_verified", "remove_old_steps", "remove_step", "shared_file", "states_of", "step_dir", "temp_dir",
-           "unpack", "write_batch", "write_file", "write_raw"]
+           "list_steps", "own_dir", "pack", "parse_bundle", "parse_tensors", "place", "rank_file", "read_bundle",
+           "read_complete", "read_verified", "remove_old_steps", "remove_step", "replica_dir", "shared_file",
+           "states_of", "step_dir", "temp_dir", "unpack", "write_batch", "write_file", "write_raw"]
 
 COMPLETE_NAME = "COMPLETE.json"
 # 2: the node's shared copy spread over its ranks (shared-<j>); 1 had it whole in node.safetensors.
@@ -62,6 +62,16 @@ def rank_file(rank: int) -> str:
 def shared_file(local: int) -> str:
     """The name of part ``local`` (written by the node's rank ``local``) of a node's copy of the shared state."""
     return f"shared-{local:05d}.safetensors"
+
+
+def own_dir(node_dir: Path) -> Path:
+    """Where a node keeps its own steps, under its tier directory."""
+    return node_dir / "own"
+
+
+def replica_dir(node_dir: Path, origin: int) -> Path:
+    """Where a node keeps the steps it holds of node ``origin``, under its tier directory."""
+    return node_dir / f"replica_of_{origin}"
 
 
 def step_dir(parent: Path, step: int) -> Path:

@@ -31,6 +31,7 @@ from lightning_sharing.engine import local_files as files
 from lightning_sharing.engine.local_plan import Layout, assign_parts
 from lightning_sharing.errors import CorruptCheckpointError
 from lightning_sharing.format.codec import is_dtensor
+from lightning_sharing.format.safetensors_io import nbytes
 
 __all__ = ["SHARED", "Collected", "apply_states", "collect", "inventory"]
 
@@ -59,7 +60,7 @@ class Collected:
         """The files this rank writes, by name: its own bundle and its part of the node's shared copy (with
         ``spread=False``, the node's first rank writes the whole copy and the other ranks empty parts)."""
         parts = len(lay.nodes[lay.node]) if spread else 1
-        chosen = assign_parts([(name, _nbytes(self.shared[name])) for name in self.spreadable], parts)
+        chosen = assign_parts([(name, nbytes(self.shared[name])) for name in self.spreadable], parts)
         local = lay.local
         mine = {name: tensor for name, tensor in self.shared.items() if chosen.get(name, 0) == local}
         return {files.rank_file(lay.rank): self.own, files.shared_file(local): mine}
@@ -76,10 +77,6 @@ def collect(components: Sequence[StateComponent], lay: Layout) -> Collected:
     return Collected(own, shared, frozenset(name for name in shared if name.startswith(prefixes)))
 
 
-def _nbytes(tensor: torch.Tensor) -> int:
-    return tensor.numel() * tensor.element_size()
-
-
 def inventory(node_dir: Path, lay: Layout, topology: Topology, declaration: Any) -> dict[str, Any]:
     """What this rank can serve: ``held`` (origin node, step) pairs saved at this topology with these components, and
     ``other``: why the first step saved otherwise (another world size, node count or declaration) is ignored."""
@@ -90,8 +87,8 @@ def inventory(node_dir: Path, lay: Layout, topology: Topology, declaration: Any)
                     node_dir)
         return {"held": held, "other": other}
     wanted = topology.to_json()
-    places = [(lay.node, node_dir / "own", lay.rank)]
-    places += [(origin, node_dir / f"replica_of_{origin}", lay.nodes[origin][lay.local]) for origin in lay.origins()]
+    places = [(lay.node, files.own_dir(node_dir), lay.rank)]
+    places += [(origin, files.replica_dir(node_dir, origin), lay.nodes[origin][lay.local]) for origin in lay.origins()]
     for origin, parent, owner in places:
         for step in files.list_steps(parent):
             folder = files.step_dir(parent, step)

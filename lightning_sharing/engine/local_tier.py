@@ -133,7 +133,7 @@ class LocalTierRunner:
     def _write(self, step: int, lay: Layout, bundles: dict[str, dict[str, torch.Tensor]], topology: Topology,
                declaration: Any, group: Any) -> None:
         """Collective over ``group``: write, commit and replicate ``step`` (the second half of ``save_local``)."""
-        own = self.node_dir_of(lay) / "own"
+        own = files.own_dir(self.node_dir_of(lay))
         temp, final = files.temp_dir(own, step), files.step_dir(own, step)
         what = f"local checkpoint step {step}"
         ballot = Ballot(f"saving {what}", group)
@@ -172,7 +172,7 @@ class LocalTierRunner:
                     data = received[source]
                     if data is None:
                         raise CorruptCheckpointError(f"rank {source} (node {origin}) could not send its files")
-                    temp = files.temp_dir(parent / f"replica_of_{origin}", step)
+                    temp = files.temp_dir(files.replica_dir(parent, origin), step)
                     try:
                         temp.mkdir(parents=True, exist_ok=True)
                         for name, content in files.unpack(data, f"rank {source}").items():
@@ -186,7 +186,7 @@ class LocalTierRunner:
 
         def commit() -> None:
             for origin in lay.origins():
-                replicas = parent / f"replica_of_{origin}"
+                replicas = files.replica_dir(parent, origin)
                 files.place(files.temp_dir(replicas, step), files.step_dir(replicas, step))
                 files.remove_old_steps(replicas, self.tier.keep)
 
@@ -270,7 +270,7 @@ class LocalTierRunner:
         if lay.rank != lay.lead:
             return
         node_dir = self.node_dir_of(lay)
-        parents = [node_dir / "own"] + [node_dir / f"replica_of_{origin}" for origin in lay.origins()]
+        parents = [files.own_dir(node_dir)] + [files.replica_dir(node_dir, origin) for origin in lay.origins()]
         for parent in parents:
             for newer in [s for s in files.list_steps(parent) if s > step]:
                 try:
@@ -338,9 +338,9 @@ class LocalTierRunner:
 
     def _folder(self, lay: Layout, origin: int, step: int) -> Path:
         """Where this rank finds ``origin``'s files of ``step``: its node's own copies, or a replica it holds."""
-        origin_node = node_of(lay, origin)
-        parent = "own" if origin_node == lay.node else f"replica_of_{origin_node}"
-        return files.step_dir(self.node_dir_of(lay) / parent, step)
+        origin_node, node_dir = node_of(lay, origin), self.node_dir_of(lay)
+        parent = files.own_dir(node_dir) if origin_node == lay.node else files.replica_dir(node_dir, origin_node)
+        return files.step_dir(parent, step)
 
 
 def restore_persistent(directory: Any, load_persistent: Callable[[Any], None],

@@ -135,8 +135,7 @@ def resolve_last(trainer: Any, tier: LocalTier, persistent: Any, options_for: An
         str(os.fspath(tier.directory)).replace(NODE_PLACEHOLDER, "*")
     if found is None and not glob.glob(os.path.join(pattern, "*", "step_*")):
         return None
-    marker = f"{LOCAL_TIER_MARKER}{os.fspath(tier.directory)}"
-    return LocalResume(marker, None if found is None else str(found[0]), None if found is None else found[1])
+    return LocalResume(_marker(tier), None if found is None else str(found[0]), None if found is None else found[1])
 
 
 def agree_on_last(trainer: Any, tier: LocalTier, mine: LocalResume | None) -> LocalResume | None:
@@ -147,8 +146,13 @@ def agree_on_last(trainer: Any, tier: LocalTier, mine: LocalResume | None) -> Lo
     rank alike) instead of starting afresh beside ranks that restore. Returns this rank's resolution."""
     if not any_rank(mine is not None, phase='agreeing on what ckpt_path="last" resumes from')[0] or mine is not None:
         return mine
-    marker = f"{LOCAL_TIER_MARKER}{os.fspath(tier.directory)}"
+    marker = _marker(tier)
     log.warning('ckpt_path="last": this node holds no local step and no persistent checkpoint exists, but other '
                 "nodes hold local steps: resuming with them (this node's state comes from their replicas)")
     restore_from(trainer, marker)
     return LocalResume(marker, None, None)
+
+
+def _marker(tier: LocalTier) -> str:
+    """What ``ckpt_path="last"`` resolves to with ``tier``."""
+    return f"{LOCAL_TIER_MARKER}{os.fspath(tier.directory)}"
